@@ -1,0 +1,3 @@
+"""driverd: syringe-driver daemon for burst subcutaneous ketamine courses."""
+
+__version__ = "0.1.0"

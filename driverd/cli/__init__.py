@@ -1,0 +1,1 @@
+"""The typer CLI: one module per command group, joined in main.py with add_typer."""

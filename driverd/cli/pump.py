@@ -1,0 +1,7 @@
+"""`driverd pump ...` commands."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(help="pump commands", no_args_is_help=True)

@@ -1,0 +1,199 @@
+"""The drug-library entry (protocol spec): hard limits loaded from TOML text and validated.
+
+Parsing takes text, not a path: the shell reads the file, the core judges it. Unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tomllib
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from driverd.core.errors import ConfigError, Problem, QuantityError
+from driverd.core.quantities import (
+    MAX_CONCENTRATION_MG_PER_ML,
+    MAX_DIAMETER_MM,
+    MAX_DOSE_MG_PER_24H,
+    MAX_RATE_ML_PER_H,
+    MAX_VOLUME_ML,
+    parse_decimal,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class SyringeSpec:
+    model: str
+    inner_diameter_mm: Decimal
+    max_fill_ml: Decimal
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolSpec:
+    id: str
+    version: str
+    content_sha256: str
+    drug: str
+    route: str
+    diluent: str
+    bolus_allowed: bool
+    ceiling_mg_per_24h: Decimal
+    start_max_mg_per_24h: Decimal
+    allowed_mg_per_24h: tuple[Decimal, ...]
+    max_step_mg_per_24h: Decimal
+    step_interval_hours: Decimal
+    max_titration_steps: int
+    hold_days_max: Decimal
+    max_course_days: Decimal
+    taper_max_hours: Decimal
+    concentrations_mg_per_ml: tuple[Decimal, ...]
+    syringes: tuple[SyringeSpec, ...]
+    min_rate_ml_per_h: Decimal
+    max_rate_ml_per_h: Decimal
+
+    @property
+    def library_version(self) -> str:
+        """What is logged as the drug-library version in force: declared version + content hash."""
+        return f"{self.id}@{self.version}+sha256:{self.content_sha256}"
+
+    def syringe(self, model: str) -> SyringeSpec | None:
+        return next((s for s in self.syringes if s.model == model), None)
+
+
+_SCHEMA: dict[str, dict[str, str]] = {
+    "library": {"id": "str", "version": "str", "drug": "str", "route": "str", "diluent": "str", "bolus_allowed": "bool"},
+    "dose": {
+        "ceiling_mg_per_24h": "dose",
+        "start_max_mg_per_24h": "dose",
+        "allowed_mg_per_24h": "doses",
+        "max_step_mg_per_24h": "dose",
+        "step_interval_hours": "hours",
+        "max_titration_steps": "int",
+    },
+    "course": {"hold_days_max": "days", "max_course_days": "days", "taper_max_hours": "hours"},
+    "concentrations": {"allowed_mg_per_ml": "concs"},
+    "device": {"min_rate_ml_per_h": "rate", "max_rate_ml_per_h": "rate"},
+}
+_SYRINGE_KEYS = {"inner_diameter_mm": MAX_DIAMETER_MM, "max_fill_ml": MAX_VOLUME_ML}
+_MAX = {
+    "dose": MAX_DOSE_MG_PER_24H,
+    "hours": Decimal(24 * 60),
+    "days": Decimal(60),
+    "rate": MAX_RATE_ML_PER_H,
+}
+
+
+def _field(value: Any, kind: str, path: str, problems: list[Problem]) -> Any:
+    try:
+        if kind == "str":
+            if not isinstance(value, str) or not value.strip():
+                raise QuantityError(path, "type", "expected a non-empty string")
+            return value
+        if kind == "bool":
+            if not isinstance(value, bool):
+                raise QuantityError(path, "type", "expected true or false")
+            return value
+        if kind == "int":
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 100:
+                raise QuantityError(path, "type", "expected an integer 1..100")
+            return value
+        if kind in ("doses", "concs"):
+            if not isinstance(value, list) or not value:
+                raise QuantityError(path, "type", "expected a non-empty list of numbers")
+            mx = MAX_DOSE_MG_PER_24H if kind == "doses" else MAX_CONCENTRATION_MG_PER_ML
+            items = [parse_decimal(v, f"{path}[{i}]", maximum=mx, allow_zero=False) for i, v in enumerate(value)]
+            if items != sorted(set(items)):
+                raise QuantityError(path, "ascending", "values must be strictly increasing")
+            return tuple(items)
+        return parse_decimal(value, path, maximum=_MAX[kind], allow_zero=False)
+    except QuantityError as exc:
+        problems.extend(exc.problems)
+        return None
+
+
+def parse_protocol(text: str) -> ProtocolSpec:
+    """Parse and validate a drug-library TOML document. Raises ConfigError listing every problem."""
+    problems: list[Problem] = []
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([Problem("/", "toml", f"not valid TOML: {exc}")]) from None
+    values: dict[str, Any] = {}
+    for key in doc:
+        if key not in _SCHEMA and key != "syringes":
+            problems.append(Problem(key, "unknown-key", f"unknown section {key!r}"))
+    for section, fields in _SCHEMA.items():
+        table = doc.get(section)
+        if not isinstance(table, dict):
+            problems.append(Problem(section, "required", f"missing section [{section}]"))
+            continue
+        for key in table:
+            if key not in fields:
+                problems.append(Problem(f"{section}.{key}", "unknown-key", f"unknown key {key!r}"))
+        for key, kind in fields.items():
+            if key not in table:
+                problems.append(Problem(f"{section}.{key}", "required", "missing"))
+            else:
+                values[key] = _field(table[key], kind, f"{section}.{key}", problems)
+    syringes: list[SyringeSpec] = []
+    raw_syringes = doc.get("syringes")
+    if not isinstance(raw_syringes, dict) or not raw_syringes:
+        problems.append(Problem("syringes", "required", "at least one [syringes.\"model\"] table"))
+    else:
+        for model, table in raw_syringes.items():
+            base = f"syringes.{model}"
+            if not isinstance(table, dict):
+                problems.append(Problem(base, "type", "expected a table"))
+                continue
+            for key in table:
+                if key not in _SYRINGE_KEYS:
+                    problems.append(Problem(f"{base}.{key}", "unknown-key", f"unknown key {key!r}"))
+            got = {}
+            for key, mx in _SYRINGE_KEYS.items():
+                if key not in table:
+                    problems.append(Problem(f"{base}.{key}", "required", "missing"))
+                    continue
+                try:
+                    got[key] = parse_decimal(table[key], f"{base}.{key}", maximum=mx, allow_zero=False)
+                except QuantityError as exc:
+                    problems.extend(exc.problems)
+            if len(got) == 2:
+                syringes.append(SyringeSpec(model, got["inner_diameter_mm"], got["max_fill_ml"]))
+    if not problems:
+        _check_coherence(values, problems)
+    if problems:
+        raise ConfigError(problems)
+    return ProtocolSpec(
+        id=values["id"],
+        version=values["version"],
+        content_sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(),
+        drug=values["drug"],
+        route=values["route"],
+        diluent=values["diluent"],
+        bolus_allowed=values["bolus_allowed"],
+        ceiling_mg_per_24h=values["ceiling_mg_per_24h"],
+        start_max_mg_per_24h=values["start_max_mg_per_24h"],
+        allowed_mg_per_24h=values["allowed_mg_per_24h"],
+        max_step_mg_per_24h=values["max_step_mg_per_24h"],
+        step_interval_hours=values["step_interval_hours"],
+        max_titration_steps=values["max_titration_steps"],
+        hold_days_max=values["hold_days_max"],
+        max_course_days=values["max_course_days"],
+        taper_max_hours=values["taper_max_hours"],
+        concentrations_mg_per_ml=values["allowed_mg_per_ml"],
+        syringes=tuple(syringes),
+        min_rate_ml_per_h=values["min_rate_ml_per_h"],
+        max_rate_ml_per_h=values["max_rate_ml_per_h"],
+    )
+
+
+def _check_coherence(v: dict[str, Any], problems: list[Problem]) -> None:
+    if v["bolus_allowed"]:
+        problems.append(Problem("library.bolus_allowed", "no-bolus", "this daemon has no bolus path; must be false"))
+    if max(v["allowed_mg_per_24h"]) > v["ceiling_mg_per_24h"]:
+        problems.append(Problem("dose.allowed_mg_per_24h", "ceiling", "an allowed dose exceeds the ceiling"))
+    if v["start_max_mg_per_24h"] > v["ceiling_mg_per_24h"]:
+        problems.append(Problem("dose.start_max_mg_per_24h", "ceiling", "start maximum exceeds the ceiling"))
+    if v["min_rate_ml_per_h"] >= v["max_rate_ml_per_h"]:
+        problems.append(Problem("device.min_rate_ml_per_h", "range", "must be below device.max_rate_ml_per_h"))

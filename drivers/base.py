@@ -1,0 +1,166 @@
+"""The PumpDriver contract every driver implements, and the driver error hierarchy.
+
+Drivers are dumb transports for setpoints that the safety kernel already approved and quantized: a driver
+never invents, rounds up or clamps a rate. It reports what the pump says, verbatim, as exact Decimals.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from driverd.core.errors import DriverdError
+from driverd.core.quantities import Resolution
+
+if TYPE_CHECKING:
+    from drivers.url import DriverURL
+
+
+class DriverError(DriverdError):
+    """Root of driver errors."""
+
+
+class DriverIOError(DriverError):
+    """The transport failed (port gone, connection reset, write failed)."""
+
+
+class DriverTimeout(DriverError):
+    """No (valid) reply within the driver's timeout, after any permitted retries."""
+
+
+class ProtocolError(DriverError):
+    """Bytes that are not a valid frame/reply of the protocol (bad CRC, wrong length, garbage)."""
+
+
+class PumpRejected(DriverError):
+    """The pump understood the command and refused it (New Era ?OOR/?NA/?COM, Modbus exception 02/03/04)."""
+
+    def __init__(self, message: str, *, code: str) -> None:
+        self.code = code
+        super().__init__(message)
+
+
+class PumpAlarm(DriverError):
+    """The pump is in an alarm condition that blocks the requested operation."""
+
+    def __init__(self, message: str, *, alarms: frozenset[AlarmKind]) -> None:
+        self.alarms = alarms
+        super().__init__(message)
+
+
+class PumpState(enum.Enum):
+    STOPPED = "stopped"
+    INFUSING = "infusing"
+    PAUSED = "paused"
+    ALARM = "alarm"
+
+
+class AlarmKind(enum.Enum):
+    OCCLUSION = "occlusion"  # motor stalled
+    NEAR_END = "near_end"  # warning: syringe nearly empty (infusion continues)
+    END_OF_SYRINGE = "end_of_syringe"
+    LOW_BATTERY = "low_battery"  # warning
+    POWER_INTERRUPTED = "power_interrupted"
+    SAFE_MODE_TIMEOUT = "safe_mode_timeout"  # the pump's dead-man fired: host went silent
+    PROGRAM_ERROR = "program_error"
+    OTHER = "other"
+
+
+# Alarms that are warnings: the pump keeps infusing. All others stop the pump.
+WARNING_ALARMS: frozenset[AlarmKind] = frozenset({AlarmKind.NEAR_END, AlarmKind.LOW_BATTERY})
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    model: str
+    firmware: str
+    address: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class PumpStatus:
+    """One read of the pump. `rate_ml_per_h` is the programmed rate; `delivered_ml` the infused volume."""
+
+    state: PumpState
+    rate_ml_per_h: Decimal
+    delivered_ml: Decimal
+    diameter_mm: Decimal | None = None
+    alarms: frozenset[AlarmKind] = frozenset()
+
+    @property
+    def running(self) -> bool:
+        return self.state is PumpState.INFUSING
+
+
+@dataclass(frozen=True, slots=True)
+class DriverOptions:
+    """Knobs the runtime passes to every driver. Timeouts are real (wall-clock) seconds."""
+
+    timeout_s: float = 1.0
+    retries: int = 1  # retries for idempotent queries only
+    deadman_s: int = 10  # pump stops itself if the host is silent this long (0 disables; never in production)
+    world: Any = field(default=None, compare=False)  # simulators.world.World for sim:// (in-process)
+
+
+class PumpDriver(abc.ABC):
+    """Async driver for one pump. Methods are idempotent where the hardware allows it.
+
+    Every setter reads back what the pump now holds and returns or checks it; callers log that read-back.
+    """
+
+    #: URL scheme prefix this driver serves (``newera`` for ``newera+serial://``).
+    scheme: ClassVar[str]
+    #: Rate values the pump accepts; the safety kernel quantizes to this (toward less drug).
+    resolution: ClassVar[Resolution]
+
+    def __init__(self, url: DriverURL, options: DriverOptions | None = None) -> None:
+        self.url = url
+        self.options = options or DriverOptions()
+
+    @abc.abstractmethod
+    async def connect(self) -> None:
+        """Open the transport and arm the pump's dead-man (safe mode / watchdog) if configured."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Close the transport. Does not stop the pump (its dead-man does, if the host stays away)."""
+
+    @abc.abstractmethod
+    async def identify(self) -> Identity: ...
+
+    @abc.abstractmethod
+    async def configure_syringe(self, diameter_mm: Decimal) -> Decimal:
+        """Set the syringe inner diameter; return the diameter read back from the pump."""
+
+    @abc.abstractmethod
+    async def set_rate(self, rate_ml_per_h: Decimal) -> Decimal:
+        """Program an already-quantized rate (mL/h, infuse direction); return the rate read back."""
+
+    @abc.abstractmethod
+    async def run(self) -> None:
+        """Start infusing at the programmed rate (continuous: no target volume)."""
+
+    @abc.abstractmethod
+    async def stop(self) -> None:
+        """Stop infusing. Always allowed; idempotent."""
+
+    @abc.abstractmethod
+    async def read_status(self) -> PumpStatus: ...
+
+    @abc.abstractmethod
+    async def clear_alarm(self) -> None:
+        """Acknowledge the pump's alarm so it accepts data again (does not restart it)."""
+
+    async def heartbeat(self) -> PumpStatus:
+        """Keep the dead-man armed; the default is a status read (any valid packet re-arms it)."""
+        return await self.read_status()
+
+    async def __aenter__(self) -> PumpDriver:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
