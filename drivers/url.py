@@ -30,7 +30,8 @@ class DriverURL:
         if raw is None:
             return default
         if not re.fullmatch(r"\d{1,9}", raw) or not lo <= int(raw) <= hi:
-            raise ValidationError([Problem(f"url.{name}", "range", f"{name} must be an integer {lo}..{hi}, got {raw!r}")])
+            detail = f"{name} must be an integer {lo}..{hi}, got {raw!r}"
+            raise ValidationError([Problem(f"url.{name}", "range", detail)])
         return int(raw)
 
 

@@ -12,6 +12,7 @@ class ApplySetpoint:
     """Send this kernel-approved setpoint to the pump (rate 0 = stop). Write-ahead logged first."""
 
     setpoint: Setpoint
+    attempt: int = 1  # 2 = the single retry after a read-back mismatch
 
 
 @dataclass(frozen=True, slots=True)

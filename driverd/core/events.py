@@ -88,4 +88,6 @@ class LinkRestored:
     at: datetime
 
 
-Event = ScheduleAccepted | PumpVerified | Tick | PumpReport | SetpointResult | ClinicianCommand | LinkLost | LinkRestored
+Event = (
+    ScheduleAccepted | PumpVerified | Tick | PumpReport | SetpointResult | ClinicianCommand | LinkLost | LinkRestored
+)

@@ -1,14 +1,27 @@
 """The safety kernel: the single gate every setpoint passes before it can reach a driver.
 
-(Interface first; the checks are filled in below.)
+`gate()` takes the course state, the drug-library limits, a proposed dose and the time, quantizes the rate the
+pump will really receive (toward less drug) and checks *that* value. It returns a `Setpoint` (which only this
+module can construct) or a `Refusal` with a stable reason code. Decreases and stop are always allowed.
 """
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
-from decimal import Decimal
+from datetime import datetime, timedelta
+from decimal import Decimal, localcontext
+from typing import Literal
+
+from driverd.core.protocol import ProtocolSpec
+from driverd.core.quantities import _CTX, dose_to_rate, quantize_down, rate_to_dose
+from driverd.core.state import CourseState, Phase
 
 _KERNEL_TOKEN = object()
+WINDOW = timedelta(hours=24)
+
+#: What a proposal is for; only "escalate" and "start" may raise the dose level.
+Intent = Literal["start", "escalate", "resume", "reduce", "taper", "stop"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,6 +32,7 @@ class Setpoint:
     rate_ml_per_h: Decimal  # quantized toward less drug: exactly what goes on the wire (0 = stop)
     dose_mg_per_24h: Decimal  # what that quantized rate delivers
     requested_mg_per_24h: Decimal
+    intent: str
     source: str
     reason: str
     token: object = field(default=None, repr=False, compare=False)
@@ -30,3 +44,201 @@ class Setpoint:
     @property
     def is_stop(self) -> bool:
         return self.rate_ml_per_h == 0
+
+
+@dataclass(frozen=True, slots=True)
+class Proposal:
+    dose_mg_per_24h: Decimal
+    intent: Intent
+    source: str  # "schedule" | "clinician" | "recovery" | "push" | "machine"
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    reason: str  # stable code
+    detail: str
+
+
+def gate(state: CourseState, protocol: ProtocolSpec, proposal: Proposal, now: datetime) -> Setpoint | Refusal:
+    """The one gate. Pure: the same inputs always give the same answer (replay depends on it)."""
+    dose = proposal.dose_mg_per_24h
+    if not isinstance(dose, Decimal) or not dose.is_finite():
+        return Refusal("not_a_number", f"dose {dose!r} is not a finite decimal")
+    if dose < 0:
+        return Refusal("negative", f"negative dose {dose} mg/24h")
+    schedule = state.schedule
+    if schedule is None or state.resolution is None:
+        if dose == 0:  # stopping needs no schedule
+            return _approve(state, proposal, Decimal(0), Decimal(0))
+        return Refusal("not_primed", "no verified schedule and pump")
+    conc = schedule.concentration_mg_per_ml
+    rate = quantize_down(dose_to_rate(dose, conc), state.resolution)
+    delivered_dose = rate_to_dose(rate, conc)
+    if rate == 0:
+        if dose > 0:
+            return Refusal("below_resolution", f"{dose} mg/24h quantizes to 0 mL/h at this pump's resolution")
+        return _approve(state, proposal, rate, delivered_dose)
+
+    # Checks that hold for every non-zero rate, decreases included: these are about what the pump can do
+    # and whether this is the drug/syringe that was approved, not about raising the dose.
+    if conc not in protocol.concentrations_mg_per_ml:
+        return Refusal("concentration", f"{conc} mg/mL is not in the drug library")
+    spec = protocol.syringe(schedule.syringe_model)
+    if spec is None or spec.inner_diameter_mm != schedule.inner_diameter_mm:
+        return Refusal("syringe", f"syringe {schedule.syringe_model!r} does not match the drug library")
+    if state.pump_diameter_mm != schedule.inner_diameter_mm:
+        return Refusal(
+            "syringe_mismatch",
+            f"pump reads back {state.pump_diameter_mm} mm, schedule says {schedule.inner_diameter_mm} mm",
+        )
+    if rate < protocol.min_rate_ml_per_h:
+        return Refusal("device_min", f"{rate} mL/h is below the device minimum {protocol.min_rate_ml_per_h}")
+    if rate > protocol.max_rate_ml_per_h:
+        return Refusal("device_max", f"{rate} mL/h exceeds the device maximum {protocol.max_rate_ml_per_h}")
+    if delivered_dose > protocol.ceiling_mg_per_24h:
+        # Also for decreases: a value above the hard ceiling is never sent, whatever is running now.
+        return Refusal("ceiling", f"{delivered_dose} mg/24h exceeds the ceiling {protocol.ceiling_mg_per_24h}")
+
+    if rate <= state.commanded_rate and proposal.intent in ("reduce", "taper", "stop"):
+        return _approve(state, proposal, rate, delivered_dose)  # a decrease: always allowed
+    # Everything else may raise the rate (a resume raises it from a stopped pump): full checks.
+    return _check_increase(state, protocol, proposal, now, rate, delivered_dose)
+
+
+def _check_increase(
+    state: CourseState, protocol: ProtocolSpec, proposal: Proposal, now: datetime, rate: Decimal, dose: Decimal
+) -> Setpoint | Refusal:
+    schedule = state.schedule
+    assert schedule is not None and state.resolution is not None
+    if state.phase is Phase.STOPPED:
+        return Refusal("course_stopped", "the course has stopped; a new approved course is needed")
+    if state.phase is Phase.ALARM and proposal.intent != "resume":
+        return Refusal("alarm", f"no increase while in alarm ({state.alarm_code})")
+    if state.pending is not None:
+        return Refusal("uncertain", f"setpoint {state.pending.setpoint.id} is not yet verified")
+    if state.taper_lock and (state.lock_ceiling_rate is None or rate > state.lock_ceiling_rate):
+        return Refusal("taper_lock", f"taper lock: no rate above {state.lock_ceiling_rate} mL/h")
+    if state.started_at is not None and now >= state.started_at + timedelta(days=float(protocol.max_course_days)):
+        return Refusal("course_length", f"course reached its {protocol.max_course_days}-day cap")
+    schedule_max = quantize_down(dose_to_rate(schedule.max_dose_mg_per_24h, schedule.concentration_mg_per_ml),
+                                 state.resolution)
+    if rate > schedule_max:
+        return Refusal("schedule_max", f"{dose} mg/24h is above the approved schedule's highest step")
+    level_rate = quantize_down(dose_to_rate(state.level_mg_per_24h, schedule.concentration_mg_per_ml),
+                               state.resolution)
+    if proposal.intent in ("start", "escalate"):
+        refusal = _check_step(state, protocol, proposal, now)
+        if refusal is not None:
+            return refusal
+    elif proposal.intent == "resume":
+        if rate > level_rate:
+            return Refusal("above_level", f"resume may not exceed the course level {state.level_mg_per_24h} mg/24h")
+        if rate > state.verified_run_rate:
+            return Refusal("unverified", f"resume capped at the last verified rate {state.verified_run_rate} mL/h")
+    else:
+        return Refusal("not_an_increase", f"a {proposal.intent} may not raise the rate")
+    window_ml = max_window_ml(state, rate, now)
+    ceiling_ml = protocol.ceiling_mg_per_24h / schedule.concentration_mg_per_ml
+    if window_ml > ceiling_ml:
+        return Refusal(
+            "rolling_24h",
+            f"delivered + proposed would reach {rate_to_dose(window_ml / 24, schedule.concentration_mg_per_ml)} "
+            f"mg in a 24-h window (ceiling {protocol.ceiling_mg_per_24h})",
+        )
+    return _approve(state, proposal, rate, dose)
+
+
+def _check_step(state: CourseState, protocol: ProtocolSpec, proposal: Proposal, now: datetime) -> Refusal | None:
+    schedule = state.schedule
+    assert schedule is not None
+    target = proposal.dose_mg_per_24h
+    index = schedule.next_step_index(state.level_mg_per_24h)
+    if index is None:
+        return Refusal("no_next_step", "already at the schedule's highest step")
+    step = schedule.steps[index]
+    if target != step.dose_mg_per_24h:
+        return Refusal("not_next_step", f"only the next scheduled step ({step.dose_mg_per_24h} mg/24h) is allowed")
+    if target not in protocol.allowed_mg_per_24h:
+        return Refusal("allowed_dose", f"{target} mg/24h is not an allowed step")
+    if state.level_mg_per_24h == 0 and target > protocol.start_max_mg_per_24h:
+        return Refusal("start_max", f"start dose above {protocol.start_max_mg_per_24h} mg/24h")
+    if target - state.level_mg_per_24h > protocol.max_step_mg_per_24h:
+        return Refusal("max_step", f"step of {target - state.level_mg_per_24h} exceeds {protocol.max_step_mg_per_24h}")
+    if now < step.not_before:
+        return Refusal("not_before", f"step {index} not before {step.not_before.isoformat()}")
+    interval = timedelta(hours=float(protocol.step_interval_hours))
+    if state.last_change_at is not None and now < state.last_change_at + interval:
+        return Refusal("interval", f"next change not before {(state.last_change_at + interval).isoformat()}")
+    if proposal.intent == "start" and state.phase is not Phase.PRIMED:
+        return Refusal("not_primed", "a course starts only from primed")
+    if proposal.intent == "escalate" and state.phase not in (Phase.TITRATING, Phase.HOLDING):
+        return Refusal("phase", f"no escalation in {state.phase.value}")
+    return None
+
+
+def max_window_ml(state: CourseState, rate: Decimal, now: datetime) -> Decimal:
+    """Largest volume any 24-h window ending in [now, now+24h] would hold if `rate` ran from now on.
+
+    The past part comes from the pump's delivered-volume read-backs (linear between samples; the newest
+    read-back is extrapolated at the commanded rate up to `now`), so over-delivery already seen counts.
+    The volume is piecewise linear in the window's end, so checking every breakpoint finds the maximum.
+    """
+    samples = list(state.samples)
+    if state.last_sample is not None and (not samples or samples[-1].at < state.last_sample.at):
+        samples.append(state.last_sample)
+    with localcontext(_CTX):
+        running = state.commanded_rate if state.pump_infusing else Decimal(0)
+        if samples:
+            last = samples[-1]
+            cum_now = last.delivered_ml + running * _hours(now - last.at) if now > last.at else last.delivered_ml
+        else:
+            cum_now = Decimal(0)
+        times = [s.at for s in samples]
+
+        def cum_at(t: datetime) -> Decimal:
+            if not samples or t <= samples[0].at:
+                return samples[0].delivered_ml if samples else Decimal(0)
+            if t >= samples[-1].at:
+                return samples[-1].delivered_ml if t == samples[-1].at else _interp_tail(t)
+            i = bisect.bisect_right(times, t)
+            a, b = samples[i - 1], samples[i]
+            span = _hours(b.at - a.at)
+            if span == 0:
+                return b.delivered_ml
+            return a.delivered_ml + (b.delivered_ml - a.delivered_ml) * _hours(t - a.at) / span
+
+        def _interp_tail(t: datetime) -> Decimal:
+            last = samples[-1]
+            return last.delivered_ml + running * _hours(t - last.at)
+
+        ends = {now, now + WINDOW}
+        ends.update(s.at + WINDOW for s in samples if now - WINDOW < s.at <= now)
+        best = Decimal(0)
+        for end in ends:
+            start = end - WINDOW
+            past = cum_now - cum_at(start) if start < now else Decimal(0)
+            future = rate * _hours(end - max(now, start))
+            best = max(best, past + future)
+        return best
+
+
+def _hours(delta: timedelta) -> Decimal:
+    micro = (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+    with localcontext(_CTX):
+        return Decimal(micro) / Decimal(3_600_000_000)
+
+
+def _approve(state: CourseState, proposal: Proposal, rate: Decimal, dose: Decimal) -> Setpoint:
+    return Setpoint(
+        id=state.next_setpoint_id,
+        rate_ml_per_h=rate,
+        dose_mg_per_24h=dose,
+        requested_mg_per_24h=proposal.dose_mg_per_24h,
+        intent=proposal.intent,
+        source=proposal.source,
+        reason=proposal.reason,
+        token=_KERNEL_TOKEN,
+    )
+
+

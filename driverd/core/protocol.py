@@ -62,7 +62,9 @@ class ProtocolSpec:
 
 
 _SCHEMA: dict[str, dict[str, str]] = {
-    "library": {"id": "str", "version": "str", "drug": "str", "route": "str", "diluent": "str", "bolus_allowed": "bool"},
+    "library": {
+        "id": "str", "version": "str", "drug": "str", "route": "str", "diluent": "str", "bolus_allowed": "bool",
+    },
     "dose": {
         "ceiling_mg_per_24h": "dose",
         "start_max_mg_per_24h": "dose",

@@ -1,0 +1,547 @@
+"""The course state machine: `reduce(state, event, protocol) -> (state, commands)`.
+
+Pure and synchronous. Which events a phase accepts is one table (`TRANSITIONS`); anything else raises
+`IllegalTransition`. Every setpoint is produced by `_propose`, which goes through the safety kernel's `gate` —
+there is no other way to build an `ApplySetpoint` (a `Setpoint` can only be constructed by the kernel).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import datetime, timedelta
+from decimal import Decimal
+
+from driverd.core.commands import ApplySetpoint, Command, Notice, RaiseAlarm, Refused, Transitioned
+from driverd.core.errors import IllegalTransition
+from driverd.core.events import (
+    WARNING_ALARMS,
+    ClinicianCommand,
+    Event,
+    LinkLost,
+    LinkRestored,
+    PumpReport,
+    PumpVerified,
+    ScheduleAccepted,
+    SetpointResult,
+    Tick,
+)
+from driverd.core.kernel import Intent, Proposal, Refusal, Setpoint, gate
+from driverd.core.protocol import ProtocolSpec
+from driverd.core.quantities import dose_to_rate, quantize_down, rate_to_dose
+from driverd.core.state import ACTIVE, RUNNING, CourseState, Pending, Phase, Sample
+
+Out = tuple[CourseState, tuple[Command, ...]]
+Handler = Callable[[CourseState, Event, ProtocolSpec], Out]
+
+P = Phase
+_ALL = frozenset(Phase)
+SAMPLE_SPACING = timedelta(seconds=60)  # thinning of delivered-volume history kept for the 24-h window
+WINDOW = timedelta(hours=24)
+DEVIATION_WINDOW = timedelta(minutes=15)  # over/under-infusion must persist this long before an alarm
+DEVIATION_LIMIT = Decimal("0.10")
+
+
+def initial_state(pump_id: str) -> CourseState:
+    return CourseState(pump_id=pump_id)
+
+
+def reduce(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
+    """Apply one event. Raises IllegalTransition if the current phase does not accept it."""
+    state, pre = _enforce_cap(state, event.at, protocol)
+    key: type | str = type(event)
+    if isinstance(event, ClinicianCommand):
+        key = f"clinician:{event.action}"
+    phases_handler = TRANSITIONS.get(key)
+    if phases_handler is None or state.phase not in phases_handler[0]:
+        raise IllegalTransition(state.phase.value, _event_name(event))
+    state, cmds = phases_handler[1](state, event, protocol)
+    return state, pre + cmds
+
+
+def step(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
+    """`reduce`, but an illegal transition becomes a logged refusal and leaves the state unchanged.
+
+    The daemon and the audit replay both use this, so they agree on what an illegal event produces.
+    """
+    try:
+        return reduce(state, event, protocol)
+    except IllegalTransition as exc:
+        source = "clinician" if isinstance(event, ClinicianCommand) else "machine"
+        return state, (Refused(source, "illegal_transition", str(exc)),)
+
+
+def _event_name(event: Event) -> str:
+    if isinstance(event, ClinicianCommand):
+        return f"clinician:{event.action}"
+    return type(event).__name__
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _goto(state: CourseState, phase: Phase, cause: str) -> Out:
+    if state.phase is phase:
+        return state, ()
+    return replace(state, phase=phase), (Transitioned(state.phase.value, phase.value, cause),)
+
+
+def _level_rate(state: CourseState, dose: Decimal) -> Decimal:
+    assert state.schedule is not None and state.resolution is not None
+    return quantize_down(dose_to_rate(dose, state.schedule.concentration_mg_per_ml), state.resolution)
+
+
+def _propose(
+    state: CourseState, protocol: ProtocolSpec, now: datetime, dose: Decimal, intent: Intent, source: str, reason: str
+) -> tuple[CourseState, Setpoint | Refusal, tuple[Command, ...]]:
+    """Ask the kernel; on approval record the setpoint as pending and emit it."""
+    verdict = gate(state, protocol, Proposal(dose, intent, source, reason), now)
+    if isinstance(verdict, Refusal):
+        return state, verdict, (Refused(source, verdict.reason, verdict.detail),)
+    state = replace(
+        state,
+        commanded_rate=verdict.rate_ml_per_h,
+        pending=Pending(verdict, attempts=1),
+        next_setpoint_id=state.next_setpoint_id + 1,
+        started_at=state.started_at if state.started_at or verdict.is_stop else now,
+        last_refusal="",
+    )
+    return state, verdict, (ApplySetpoint(verdict),)
+
+
+def _set_level(state: CourseState, dose: Decimal, now: datetime) -> CourseState:
+    if dose == state.level_mg_per_24h:
+        return state
+    lock = state.lock_ceiling_rate
+    if state.taper_lock and state.schedule is not None and state.resolution is not None:
+        lvl = _level_rate(state, dose)
+        lock = lvl if lock is None else min(lock, lvl)
+    return replace(state, level_mg_per_24h=dose, last_change_at=now, lock_ceiling_rate=lock)
+
+
+def _stop(state: CourseState, protocol: ProtocolSpec, now: datetime, source: str, reason: str) -> Out:
+    state, verdict, cmds = _propose(state, protocol, now, Decimal(0), "stop", source, reason)
+    assert isinstance(verdict, Setpoint), "the kernel always allows a stop"
+    state = replace(state, taper_lock=True, lock_ceiling_rate=Decimal(0), level_mg_per_24h=Decimal(0),
+                    resume_to=None)
+    state, t = _goto(state, P.STOPPED, reason)
+    return state, cmds + t
+
+
+def _alarm(state: CourseState, code: str, detail: str) -> Out:
+    cmds: tuple[Command, ...] = (RaiseAlarm(code, detail),)
+    if state.phase is P.ALARM:
+        return replace(state, alarm_code=code), cmds
+    resume_to = state.resume_to if state.phase is P.PAUSED else state.phase
+    state = replace(state, alarm_code=code, resume_to=resume_to)
+    state, t = _goto(state, P.ALARM, code)
+    return state, cmds + t
+
+
+def _cap_times(state: CourseState, protocol: ProtocolSpec) -> tuple[datetime, datetime] | None:
+    if state.started_at is None or state.schedule is None:
+        return None
+    cap = state.started_at + timedelta(days=float(protocol.max_course_days))
+    taper_len = state.schedule.taper[-1].after_hours if state.schedule.taper else Decimal(0)
+    return cap - timedelta(hours=float(taper_len)), cap
+
+
+def _enforce_cap(state: CourseState, now: datetime, protocol: ProtocolSpec) -> Out:
+    """The course-length cap holds on every event, not only on ticks: at the cap the course is stopped."""
+    times = _cap_times(state, protocol)
+    if times is None or state.phase not in ACTIVE:
+        return state, ()
+    taper_at, cap = times
+    if now >= cap:
+        return _stop(state, protocol, now, "machine", "course_cap")
+    if now >= taper_at and state.phase in (P.TITRATING, P.HOLDING):
+        return _begin_taper(state, protocol, now, "machine", "course_cap")
+    return state, ()
+
+
+# ---------------------------------------------------------------------------------------------- schedule
+
+
+def _on_schedule(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
+    assert isinstance(event, ScheduleAccepted)
+    new = event.schedule
+    if new.pump_id != state.pump_id:
+        return state, (Refused("push", "wrong_pump", f"schedule is for {new.pump_id!r}, not {state.pump_id!r}"),)
+    if new.protocol != protocol.id:
+        return state, (Refused("push", "protocol", f"schedule protocol {new.protocol!r} is not {protocol.id!r}"),)
+    old = state.schedule
+    if state.phase in (P.IDLE, P.STOPPED):
+        if old is not None and old.schedule_id == new.schedule_id:
+            if state.phase is P.STOPPED:
+                return state, (Refused("push", "course_ended", "this course has stopped; a new course needs a new "
+                                       "schedule_id"),)
+            if new.version <= old.version:
+                return state, (Refused("push", "version", f"version {new.version} is not above {old.version}"),)
+        fresh = CourseState(pump_id=state.pump_id, schedule=new, next_setpoint_id=state.next_setpoint_id,
+                            link_up=state.link_up)
+        note = Notice("schedule_accepted", f"{new.schedule_id} v{new.version} ({new.digest[:16]})")
+        fresh, t = _goto(replace(fresh, phase=state.phase), P.IDLE, "new_course")
+        return fresh, (note, *t)
+    assert old is not None
+    if new.schedule_id != old.schedule_id:
+        return state, (Refused("push", "course_active", f"course {old.schedule_id} is still active"),)
+    if new.version <= old.version:
+        return state, (Refused("push", "version", f"version {new.version} is not above {old.version}"),)
+    if (new.drug_name, new.concentration_mg_per_ml, new.syringe_model, new.inner_diameter_mm) != (
+        old.drug_name, old.concentration_mg_per_ml, old.syringe_model, old.inner_diameter_mm
+    ):
+        return state, (Refused("push", "course_mismatch", "drug, concentration or syringe differ: a new course"),)
+    if state.phase is P.TAPERING:
+        return state, (Refused("push", "taper_lock", "no schedule update once the taper has begun"),)
+    state = replace(state, schedule=new)
+    cmds: tuple[Command, ...] = (Notice("schedule_updated", f"{new.schedule_id} v{new.version}"),)
+    if state.level_mg_per_24h > new.max_dose_mg_per_24h:
+        state, more = _reduce_to(state, protocol, event.at, new.max_dose_mg_per_24h, "push", "schedule_lowered")
+        cmds += more
+    return state, cmds
+
+
+def _on_verified(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
+    assert isinstance(event, PumpVerified)
+    sch = state.schedule
+    if sch is None:
+        return state, (Refused("machine", "no_schedule", "pump verified before any schedule"),)
+    spec = protocol.syringe(sch.syringe_model)
+    if event.diameter_mm != sch.inner_diameter_mm or spec is None or spec.inner_diameter_mm != event.diameter_mm:
+        state, t = _goto(replace(state, pump_diameter_mm=event.diameter_mm), P.IDLE, "syringe_mismatch")
+        return state, (Refused("machine", "syringe_mismatch",
+                               f"pump reads back {event.diameter_mm} mm; schedule {sch.inner_diameter_mm} mm"), *t)
+    state = replace(state, pump_diameter_mm=event.diameter_mm, resolution=event.resolution, pump_model=event.model)
+    return _goto(state, P.PRIMED, "pump_verified")
+
+
+# ---------------------------------------------------------------------------------------------- time
+
+
+def _on_tick(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
+    now = event.at
+    sch = state.schedule
+    if sch is None:
+        return state, ()
+    if state.phase is P.PRIMED:
+        if sch.steps[0].auto and now >= sch.steps[0].not_before:
+            return _auto(state, protocol, now, sch.steps[0].dose_mg_per_24h, "start")
+    elif state.phase is P.TITRATING:
+        i = sch.next_step_index(state.level_mg_per_24h)
+        interval = timedelta(hours=float(protocol.step_interval_hours))
+        if i is None:
+            return _begin_hold(state, now, "top_step")
+        due = state.last_change_at is None or now >= state.last_change_at + interval
+        if sch.steps[i].auto and due and now >= sch.steps[i].not_before and state.pending is None:
+            return _auto(state, protocol, now, sch.steps[i].dose_mg_per_24h, "escalate")
+    elif state.phase is P.HOLDING:
+        assert state.hold_started_at is not None
+        if now >= state.hold_started_at + timedelta(days=float(sch.hold_days)):
+            return _begin_taper(state, protocol, now, "schedule", "hold_complete")
+    elif state.phase is P.TAPERING:
+        return _taper_steps(state, protocol, now)
+    return state, ()
+
+
+def _auto(state: CourseState, protocol: ProtocolSpec, now: datetime, dose: Decimal, intent: Intent) -> Out:
+    """An automatic step from the schedule; a refusal is logged once per (step, reason), not on every tick."""
+    before = state
+    state, verdict, cmds = _propose(state, protocol, now, dose, intent, "schedule", "step_due")
+    if isinstance(verdict, Refusal):
+        tag = f"{dose}:{verdict.reason}"
+        if before.last_refusal == tag:
+            return before, ()
+        return replace(before, last_refusal=tag), cmds
+    return _after_step(state, now, dose, cmds)
+
+
+def _after_step(state: CourseState, now: datetime, dose: Decimal, cmds: tuple[Command, ...]) -> Out:
+    state = _set_level(state, dose, now)
+    assert state.schedule is not None
+    if state.schedule.next_step_index(dose) is None:
+        state, t = _begin_hold(state, now, "top_step")
+    else:
+        state, t = _goto(state, P.TITRATING, "step")
+    return state, cmds + t
+
+
+def _begin_hold(state: CourseState, now: datetime, cause: str) -> Out:
+    state = replace(state, hold_started_at=state.hold_started_at or now)
+    return _goto(state, P.HOLDING, cause)
+
+
+def _begin_taper(state: CourseState, protocol: ProtocolSpec, now: datetime, source: str, cause: str) -> Out:
+    assert state.schedule is not None
+    if not state.schedule.taper:
+        return _stop(state, protocol, now, source, cause)
+    ceiling = _level_rate(state, state.level_mg_per_24h) if state.resolution else Decimal(0)
+    state = replace(state, taper_lock=True, lock_ceiling_rate=min(ceiling, state.commanded_rate) if
+                    state.phase in RUNNING else ceiling, taper_started_at=now, taper_index=0)
+    state, t = _goto(state, P.TAPERING, cause)
+    state, more = _taper_steps(state, protocol, now)
+    return state, t + more
+
+
+def _taper_steps(state: CourseState, protocol: ProtocolSpec, now: datetime) -> Out:
+    sch = state.schedule
+    assert sch is not None and state.taper_started_at is not None
+    cmds: tuple[Command, ...] = ()
+    while state.taper_index < len(sch.taper):
+        entry = sch.taper[state.taper_index]
+        if now < state.taper_started_at + timedelta(hours=float(entry.after_hours)):
+            break
+        state = replace(state, taper_index=state.taper_index + 1)
+        if entry.dose_mg_per_24h == 0:
+            state, more = _stop(state, protocol, now, "schedule", "taper_complete")
+            return state, cmds + more
+        if entry.dose_mg_per_24h >= state.level_mg_per_24h:
+            cmds += (Notice("taper_step_skipped", f"{entry.dose_mg_per_24h} mg/24h is not below the current level"),)
+            continue
+        state, more = _reduce_to(state, protocol, now, entry.dose_mg_per_24h, "schedule", "taper_step", "taper")
+        cmds += more
+    return state, cmds
+
+
+# ---------------------------------------------------------------------------------------------- clinician
+
+
+def _reduce_to(
+    state: CourseState, protocol: ProtocolSpec, now: datetime, dose: Decimal, source: str, reason: str,
+    intent: Intent = "reduce",
+) -> Out:
+    """Lower the level. While the pump should run, send the lower rate; while paused/alarmed, only the level."""
+    if state.phase in RUNNING:
+        state, verdict, cmds = _propose(state, protocol, now, dose, intent, source, reason)
+        if isinstance(verdict, Refusal):
+            return state, cmds
+        return _set_level(state, dose, now), cmds
+    return _set_level(state, dose, now), (Notice("level_lowered", f"{dose} mg/24h (applies on resume)"),)
+
+
+def _on_hold(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
+    assert isinstance(event, ClinicianCommand)
+    return _begin_hold(state, event.at, "clinician_hold")
+
+
+def _on_escalate(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
+    assert isinstance(event, ClinicianCommand) and state.schedule is not None
+    i = state.schedule.next_step_index(state.level_mg_per_24h)
+    if i is None:
+        return state, (Refused("clinician", "no_next_step", "already at the schedule's highest step"),)
+    dose = state.schedule.steps[i].dose_mg_per_24h
+    if event.dose_mg_per_24h is not None and event.dose_mg_per_24h != dose:
+        return state, (Refused("clinician", "not_next_step", f"the next step is {dose} mg/24h"),)
+    intent: Intent = "start" if state.phase is P.PRIMED else "escalate"
+    state, verdict, cmds = _propose(state, protocol, event.at, dose, intent, "clinician", event.reason)
+    if isinstance(verdict, Refusal):
+        return state, cmds
+    if intent == "escalate" and state.phase is P.HOLDING:
+        state = replace(state, hold_started_at=None)
+    return _after_step(state, event.at, dose, cmds)
+
+
+def _on_reduce(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
+    assert isinstance(event, ClinicianCommand) and state.schedule is not None
+    level = state.level_mg_per_24h
+    target = event.dose_mg_per_24h
+    if target is None:
+        lower = [s.dose_mg_per_24h for s in state.schedule.steps if s.dose_mg_per_24h < level]
+        if not lower:
+            return state, (Refused("clinician", "no_lower_step", "no lower step: give a dose, or stop"),)
+        target = lower[-1]
+    if target <= 0:
+        return state, (Refused("clinician", "use_stop", "reduce to 0 is a stop: use stop"),)
+    if target >= level:
+        return state, (Refused("clinician", "not_a_reduction", f"{target} is not below {level} mg/24h"),)
+    state, cmds = _reduce_to(state, protocol, event.at, target, "clinician", event.reason)
+    if state.phase is P.TITRATING and state.level_mg_per_24h == target:
+        state, t = _begin_hold(state, event.at, "reduced")
+        cmds += t
+    return state, cmds
+
+
+def _on_taper(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
+    assert isinstance(event, ClinicianCommand)
+    return _begin_taper(state, protocol, event.at, "clinician", "clinician_taper")
+
+
+def _on_stop(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
+    assert isinstance(event, ClinicianCommand)
+    return _stop(state, protocol, event.at, "clinician", "clinician_stop")
+
+
+def _on_resume(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
+    assert isinstance(event, ClinicianCommand)
+    if not state.link_up:
+        return state, (Refused("clinician", "link_down", "no link to the pump"),)
+    blocking = [a for a in state.pump_alarms if a not in WARNING_ALARMS]
+    if blocking:
+        return state, (Refused("clinician", "alarm_active", f"pump still reports {', '.join(blocking)}"),)
+    if state.pending is not None:
+        return state, (Refused("clinician", "uncertain", "a setpoint is still unverified"),)
+    target_phase = state.resume_to or P.HOLDING
+    if target_phase is P.PRIMED or state.level_mg_per_24h == 0:
+        state = replace(state, alarm_code="", resume_to=None)
+        return _goto(state, P.PRIMED if state.started_at is None else P.HOLDING, "clinician_resume")
+    assert state.schedule is not None
+    verified_dose = rate_to_dose(state.verified_run_rate, state.schedule.concentration_mg_per_ml)
+    dose = min(state.level_mg_per_24h, verified_dose)
+    state, verdict, cmds = _propose(state, protocol, event.at, dose, "resume", "clinician", event.reason)
+    if isinstance(verdict, Refusal):
+        return state, cmds
+    state = replace(_set_level(state, dose, event.at), alarm_code="", resume_to=None,
+                    hold_started_at=state.hold_started_at or event.at)
+    state, t = _goto(state, target_phase, "clinician_resume")
+    return state, cmds + t
+
+
+# ---------------------------------------------------------------------------------------------- pump
+
+
+def _accumulate(state: CourseState, event: PumpReport) -> CourseState:
+    raw = event.delivered_ml
+    prev = state.raw_delivered_ml
+    # The pump's counter can reset (power cycle, new syringe, cleared): count only what it added.
+    increment = Decimal(0) if prev is None else (raw - prev if raw >= prev else raw)
+    cum = state.delivered_ml + increment
+    sample = Sample(event.at, cum)
+    samples = state.samples
+    if not samples or event.at - samples[-1].at >= SAMPLE_SPACING:
+        horizon = event.at - WINDOW - SAMPLE_SPACING
+        keep = [s for s in samples if s.at >= horizon] if samples and samples[0].at < horizon else list(samples)
+        samples = (*keep, sample)
+    return replace(state, samples=samples, last_sample=sample, raw_delivered_ml=raw,
+                   pump_alarms=event.alarms, pump_infusing=event.state == "infusing")
+
+
+def _on_report(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
+    assert isinstance(event, PumpReport)
+    before = state
+    state = _accumulate(state, event)
+    cmds: tuple[Command, ...] = ()
+    new_warnings = sorted(set(event.alarms) & WARNING_ALARMS - set(before.pump_alarms))
+    cmds += tuple(Notice(f"pump_warning:{w}", "the pump warns") for w in new_warnings)
+    if state.phase not in ACTIVE:
+        if event.state == "infusing" and state.phase is P.STOPPED:
+            state, more = _stop(replace(state, phase=P.ALARM), protocol, event.at, "machine", "unexpected_infusion")
+            return state, (*cmds, RaiseAlarm("unexpected_infusion", "pump infusing after the course stopped"), *more)
+        return state, cmds
+    pending = state.pending
+    if pending is not None and pending.uncertain:
+        state, more = _check_readback(state, protocol, event.at, event.rate_ml_per_h)
+        return state, cmds + more
+    blocking = sorted(a for a in event.alarms if a not in WARNING_ALARMS)
+    if blocking and state.phase is not P.ALARM:
+        state, more = _alarm(state, f"pump_alarm:{blocking[0]}", f"pump reports {', '.join(blocking)}")
+        return state, cmds + more
+    if state.phase not in RUNNING or pending is not None:
+        return state, cmds
+    if event.state == "infusing" and event.rate_ml_per_h != state.commanded_rate:
+        state, more = _alarm(state, "rate_mismatch",
+                             f"pump runs {event.rate_ml_per_h} mL/h, commanded {state.commanded_rate}")
+        if event.rate_ml_per_h > state.commanded_rate:
+            state, stop = _stop_in_alarm(state, protocol, event.at, "over_rate")
+            more += stop
+        return state, cmds + more
+    if event.state != "infusing" and state.commanded_rate > 0:
+        state = replace(state, resume_to=state.phase)
+        state, t = _goto(state, P.PAUSED, "stopped_at_pump")
+        return state, (*cmds, Notice("stopped_at_pump", f"pump reports {event.state}"), *t)
+    return _check_deviation(state, protocol, event.at, cmds)
+
+
+def _check_deviation(state: CourseState, protocol: ProtocolSpec, now: datetime, cmds: tuple[Command, ...]) -> Out:
+    """Delivered volume since the rate was verified vs what that rate should have delivered (GIP 1.2.2-1.2.3)."""
+    if state.verified_at is None or now - state.verified_at < DEVIATION_WINDOW or state.commanded_rate == 0:
+        return state, cmds
+    from driverd.core.kernel import _hours  # shared exact time arithmetic
+
+    expected = state.commanded_rate * _hours(now - state.verified_at)
+    actual = state.delivered_ml - state.verified_delivered_ml
+    if abs(actual - expected) <= expected * DEVIATION_LIMIT:
+        return state, cmds
+    code = "over_infusion" if actual > expected else "under_infusion"
+    detail = f"delivered {actual} mL vs expected {expected:.4f} mL over {now - state.verified_at}"
+    state, more = _alarm(state, code, detail)
+    if code == "over_infusion":
+        state, stop = _stop_in_alarm(state, protocol, now, code)
+        more += stop
+    return state, cmds + more
+
+
+def _stop_in_alarm(state: CourseState, protocol: ProtocolSpec, now: datetime, reason: str) -> Out:
+    """Stop the pump but keep the course (in alarm) so a clinician can decide; the rate is never raised."""
+    state, _, cmds = _propose(state, protocol, now, Decimal(0), "stop", "machine", reason)
+    return state, cmds
+
+
+def _on_result(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
+    assert isinstance(event, SetpointResult)
+    pending = state.pending
+    if pending is None or pending.setpoint.id != event.setpoint_id:
+        return state, (Notice("stale_result", f"result for setpoint {event.setpoint_id} not pending"),)
+    if event.readback_ml_per_h is None:
+        state = replace(state, pending=replace(pending, uncertain=True))
+        return state, (Notice("setpoint_uncertain", f"setpoint {event.setpoint_id} unacknowledged: {event.error}"),)
+    return _check_readback(state, protocol, event.at, event.readback_ml_per_h)
+
+
+def _check_readback(state: CourseState, protocol: ProtocolSpec, now: datetime, readback: Decimal) -> Out:
+    pending = state.pending
+    assert pending is not None
+    sp = pending.setpoint
+    if readback == sp.rate_ml_per_h:
+        state = replace(
+            state,
+            pending=None,
+            verified_rate=readback,
+            verified_run_rate=readback if readback > 0 else state.verified_run_rate,
+            verified_at=now,
+            verified_delivered_ml=state.delivered_ml,
+        )
+        return state, ()
+    if pending.attempts == 1 and state.link_up:
+        state = replace(state, pending=Pending(sp, attempts=2))
+        return state, (Notice("readback_retry", f"read back {readback}, sent {sp.rate_ml_per_h}"),
+                       ApplySetpoint(sp, attempt=2))
+    state = replace(state, pending=None)
+    state, cmds = _alarm(state, "readback_mismatch", f"read back {readback} mL/h, sent {sp.rate_ml_per_h}")
+    if readback > sp.rate_ml_per_h and not sp.is_stop:
+        state, stop = _stop_in_alarm(state, protocol, now, "readback_over")
+        cmds += stop
+    return state, cmds
+
+
+def _on_link_lost(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
+    assert isinstance(event, LinkLost)
+    pending = state.pending
+    state = replace(state, link_up=False, pending=replace(pending, uncertain=True) if pending else None)
+    if state.phase in ACTIVE:
+        return _alarm(state, "link_lost", event.detail)
+    return state, (Notice("link_lost", event.detail),)
+
+
+def _on_link_restored(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
+    return replace(state, link_up=True), (Notice("link_restored", "pump answers again; clinician must resume"),)
+
+
+# ---------------------------------------------------------------------------------------------- the table
+
+_LIVE = frozenset({P.PRIMED, P.TITRATING, P.HOLDING, P.TAPERING, P.PAUSED, P.ALARM})
+
+#: event kind -> (phases that accept it, handler). Everything not listed is an IllegalTransition.
+TRANSITIONS: dict[type | str, tuple[frozenset[Phase], Handler]] = {
+    ScheduleAccepted: (_ALL, _on_schedule),
+    PumpVerified: (frozenset({P.IDLE, P.PRIMED}), _on_verified),
+    Tick: (_ALL, _on_tick),
+    PumpReport: (_ALL, _on_report),
+    SetpointResult: (_ALL, _on_result),
+    LinkLost: (_ALL, _on_link_lost),
+    LinkRestored: (_ALL, _on_link_restored),
+    "clinician:hold": (frozenset({P.TITRATING}), _on_hold),
+    "clinician:escalate": (frozenset({P.PRIMED, P.TITRATING, P.HOLDING}), _on_escalate),
+    "clinician:reduce": (frozenset({P.TITRATING, P.HOLDING, P.TAPERING, P.PAUSED, P.ALARM}), _on_reduce),
+    "clinician:taper": (frozenset({P.TITRATING, P.HOLDING}), _on_taper),
+    "clinician:stop": (_LIVE, _on_stop),
+    "clinician:resume": (frozenset({P.PAUSED, P.ALARM}), _on_resume),
+}

@@ -1,0 +1,91 @@
+"""Course state: one frozen value per pump. The machine returns a new one for every event."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import TYPE_CHECKING
+
+from driverd.core.quantities import Resolution
+from driverd.core.schedule import Schedule
+
+if TYPE_CHECKING:
+    from driverd.core.kernel import Setpoint
+
+
+class Phase(enum.Enum):
+    IDLE = "idle"
+    PRIMED = "primed"
+    TITRATING = "titrating"
+    HOLDING = "holding"
+    TAPERING = "tapering"
+    STOPPED = "stopped"
+    PAUSED = "paused"
+    ALARM = "alarm"
+
+
+#: Phases in which the pump is meant to be infusing under the course.
+RUNNING = frozenset({Phase.TITRATING, Phase.HOLDING, Phase.TAPERING})
+#: Phases with a live course (anything between accepting a verified schedule and stopping).
+ACTIVE = frozenset({Phase.PRIMED, Phase.TITRATING, Phase.HOLDING, Phase.TAPERING, Phase.PAUSED, Phase.ALARM})
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """Course-cumulative delivered volume at a time (from pump read-backs, corrected for counter resets)."""
+
+    at: datetime
+    delivered_ml: Decimal
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """A setpoint sent but not yet verified by read-back."""
+
+    setpoint: Setpoint
+    attempts: int  # 1 on first send, 2 after the single permitted retry
+    uncertain: bool = False  # no acknowledgement: must be reconciled from a pump report
+
+
+@dataclass(frozen=True, slots=True)
+class CourseState:
+    pump_id: str
+    phase: Phase = Phase.IDLE
+    schedule: Schedule | None = None
+    resolution: Resolution | None = None
+    pump_diameter_mm: Decimal | None = None
+    pump_model: str = ""
+    level_mg_per_24h: Decimal = Decimal(0)  # the dose the course is at (kept while paused/alarmed)
+    commanded_rate: Decimal = Decimal(0)  # last rate sent (mL/h, quantized)
+    verified_rate: Decimal = Decimal(0)  # last rate the pump read back equal to what was sent
+    verified_run_rate: Decimal = Decimal(0)  # last non-zero verified rate: the resume ceiling
+    verified_at: datetime | None = None  # when the current rate was verified (over/under-infusion window)
+    verified_delivered_ml: Decimal = Decimal(0)  # course-cumulative delivered at verified_at
+    pending: Pending | None = None
+    last_change_at: datetime | None = None  # last change of the dose level
+    started_at: datetime | None = None  # first setpoint of the course
+    hold_started_at: datetime | None = None
+    taper_started_at: datetime | None = None
+    taper_index: int = 0  # next taper entry to apply
+    taper_lock: bool = False
+    lock_ceiling_rate: Decimal | None = None  # under taper lock no rate above this, ever
+    resume_to: Phase | None = None  # where PAUSED/ALARM returns to
+    alarm_code: str = ""
+    link_up: bool = True
+    pump_alarms: tuple[str, ...] = ()  # alarms in the last pump report
+    pump_infusing: bool = False
+    next_setpoint_id: int = 1
+    samples: tuple[Sample, ...] = ()  # thinned history for the rolling 24-h window
+    last_sample: Sample | None = None  # newest report (always kept, even between thinned samples)
+    raw_delivered_ml: Decimal | None = None  # the pump's own counter at the last report (to detect resets)
+    last_refusal: str = ""  # de-duplicates automatic refusals so a blocked step is logged once
+
+    @property
+    def course_id(self) -> str | None:
+        return self.schedule.schedule_id if self.schedule else None
+
+    @property
+    def delivered_ml(self) -> Decimal:
+        return self.last_sample.delivered_ml if self.last_sample else Decimal(0)
