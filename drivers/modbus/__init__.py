@@ -1,0 +1,1 @@
+"""Modbus pumps: a register map as data (regmap), a pure codec (codec) and an async driver (driver)."""
