@@ -1,0 +1,244 @@
+"""Events and commands <-> audit record fields (JSON-safe dicts). Pure.
+
+Inputs are logged with their exact event time in `at` (the record's `ts` is when it was written), so a replay
+folds exactly what the daemon folded. Decimals are plain strings, times RFC 3339 UTC with "Z".
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from driverd.core.commands import ApplySetpoint, Command, RaiseAlarm, Refused, Transitioned
+from driverd.core.errors import Problem, ValidationError
+from driverd.core.events import (
+    CLINICIAN_ACTIONS,
+    ClinicianCommand,
+    Event,
+    LinkLost,
+    LinkRestored,
+    PumpReport,
+    PumpVerified,
+    ScheduleAccepted,
+    SetpointResult,
+    Tick,
+)
+from driverd.core.quantities import Resolution
+from driverd.core.schedule import Approval, Schedule, Signature, Step, TaperStep
+
+INPUT_EVENTS = frozenset(
+    {"schedule_accepted", "pump_verified", "tick", "pump_report", "setpoint_result", "clinician_command",
+     "link_lost", "link_restored"}
+)
+OUTPUT_EVENTS = frozenset({"setpoint", "refused", "transition", "alarm", "notice"})
+PUMP_STATES = ("stopped", "infusing", "paused", "alarm")
+
+
+def fmt_time(t: datetime) -> str:
+    if t.tzinfo is None:
+        raise ValueError("naive datetime in an audit record")
+    return t.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def fmt_dec(d: Decimal) -> str:
+    return format(d, "f")
+
+
+def _dec(fields: dict[str, Any], key: str) -> Decimal:
+    raw = fields.get(key)
+    if not isinstance(raw, str):
+        raise ValidationError([Problem(key, "type", f"expected a decimal string, got {raw!r}")])
+    try:
+        d = Decimal(raw)
+    except InvalidOperation:
+        raise ValidationError([Problem(key, "number", f"not a decimal: {raw!r}")]) from None
+    if not d.is_finite():
+        raise ValidationError([Problem(key, "finite", f"not finite: {raw!r}")])
+    return d
+
+
+def _time(fields: dict[str, Any], key: str) -> datetime:
+    raw = fields.get(key)
+    try:
+        t = datetime.fromisoformat(raw) if isinstance(raw, str) else None
+    except ValueError:
+        t = None
+    if t is None or t.tzinfo is None:
+        raise ValidationError([Problem(key, "format", f"expected an RFC 3339 time with offset, got {raw!r}")])
+    return t
+
+
+def _str(fields: dict[str, Any], key: str) -> str:
+    raw = fields.get(key)
+    if not isinstance(raw, str):
+        raise ValidationError([Problem(key, "type", f"expected a string, got {raw!r}")])
+    return raw
+
+
+# ------------------------------------------------------------------------------------------------ schedule
+
+
+def schedule_to_fields(s: Schedule) -> dict[str, Any]:
+    return {
+        "schedule_id": s.schedule_id,
+        "version": s.version,
+        "pump_id": s.pump_id,
+        "protocol": s.protocol,
+        "patient_ref": s.patient_ref,
+        "drug_name": s.drug_name,
+        "concentration_mg_per_ml": fmt_dec(s.concentration_mg_per_ml),
+        "syringe_model": s.syringe_model,
+        "inner_diameter_mm": fmt_dec(s.inner_diameter_mm),
+        "fill_volume_ml": fmt_dec(s.fill_volume_ml),
+        "steps": [
+            {"dose_mg_per_24h": fmt_dec(x.dose_mg_per_24h), "not_before": fmt_time(x.not_before), "auto": x.auto}
+            for x in s.steps
+        ],
+        "hold_days": fmt_dec(s.hold_days),
+        "taper": [{"dose_mg_per_24h": fmt_dec(x.dose_mg_per_24h), "after_hours": fmt_dec(x.after_hours)}
+                  for x in s.taper],
+        "approved_by": [{"role": a.role, "id": a.id} for a in s.approved_by],
+        "approved_at": fmt_time(s.approved_at),
+        "expires_at": fmt_time(s.expires_at),
+        "signature": None if s.signature is None else {"key_id": s.signature.key_id, "value": s.signature.value},
+        "digest": s.digest,
+    }
+
+
+def schedule_from_fields(f: dict[str, Any]) -> Schedule:
+    sig = f.get("signature")
+    version = f.get("version")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ValidationError([Problem("version", "type", "expected an integer")])
+    return Schedule(
+        schedule_id=_str(f, "schedule_id"),
+        version=version,
+        pump_id=_str(f, "pump_id"),
+        protocol=_str(f, "protocol"),
+        patient_ref=_str(f, "patient_ref"),
+        drug_name=_str(f, "drug_name"),
+        concentration_mg_per_ml=_dec(f, "concentration_mg_per_ml"),
+        syringe_model=_str(f, "syringe_model"),
+        inner_diameter_mm=_dec(f, "inner_diameter_mm"),
+        fill_volume_ml=_dec(f, "fill_volume_ml"),
+        steps=tuple(Step(_dec(x, "dose_mg_per_24h"), _time(x, "not_before"), bool(x["auto"])) for x in f["steps"]),
+        hold_days=_dec(f, "hold_days"),
+        taper=tuple(TaperStep(_dec(x, "dose_mg_per_24h"), _dec(x, "after_hours")) for x in f["taper"]),
+        approved_by=tuple(Approval(_str(x, "role"), _str(x, "id")) for x in f["approved_by"]),
+        approved_at=_time(f, "approved_at"),
+        expires_at=_time(f, "expires_at"),
+        signature=None if sig is None else Signature(_str(sig, "key_id"), _str(sig, "value")),
+        digest=_str(f, "digest"),
+    )
+
+
+# ------------------------------------------------------------------------------------------------ events
+
+
+def event_to_record(ev: Event) -> tuple[str, dict[str, Any]]:
+    at = {"at": fmt_time(ev.at)}
+    if isinstance(ev, ScheduleAccepted):
+        return "schedule_accepted", {**at, "schedule": schedule_to_fields(ev.schedule)}
+    if isinstance(ev, PumpVerified):
+        return "pump_verified", {**at, "diameter_mm": fmt_dec(ev.diameter_mm), "model": ev.model,
+                                 "resolution": {"decimals": ev.resolution.decimals,
+                                                "significant": ev.resolution.significant}}
+    if isinstance(ev, Tick):
+        return "tick", at
+    if isinstance(ev, PumpReport):
+        return "pump_report", {**at, "state": ev.state, "rate_ml_per_h": fmt_dec(ev.rate_ml_per_h),
+                               "delivered_ml": fmt_dec(ev.delivered_ml), "alarms": list(ev.alarms)}
+    if isinstance(ev, SetpointResult):
+        rb = None if ev.readback_ml_per_h is None else fmt_dec(ev.readback_ml_per_h)
+        return "setpoint_result", {**at, "setpoint_id": ev.setpoint_id, "readback_ml_per_h": rb, "error": ev.error}
+    if isinstance(ev, ClinicianCommand):
+        dose = None if ev.dose_mg_per_24h is None else fmt_dec(ev.dose_mg_per_24h)
+        return "clinician_command", {**at, "action": ev.action, "by": ev.by, "reason": ev.reason,
+                                     "dose_mg_per_24h": dose}
+    if isinstance(ev, LinkLost):
+        return "link_lost", {**at, "detail": ev.detail}
+    return "link_restored", at
+
+
+def event_from_record(record: dict[str, Any]) -> Event:
+    """Rebuild the core event from an input record (as parsed from the log). Raises ValidationError."""
+    name = record.get("event")
+    at = _time(record, "at")
+    if name == "schedule_accepted":
+        sched = record.get("schedule")
+        if not isinstance(sched, dict):
+            raise ValidationError([Problem("schedule", "type", "expected an object")])
+        return ScheduleAccepted(at, schedule_from_fields(sched))
+    if name == "pump_verified":
+        res = record.get("resolution")
+        if not isinstance(res, dict):
+            raise ValidationError([Problem("resolution", "type", "expected an object")])
+        return PumpVerified(at, _dec(record, "diameter_mm"), Resolution(int(res["decimals"]), res.get("significant")),
+                            _str(record, "model"))
+    if name == "tick":
+        return Tick(at)
+    if name == "pump_report":
+        state = _str(record, "state")
+        if state not in PUMP_STATES:
+            raise ValidationError([Problem("state", "enum", f"unknown pump state {state!r}")])
+        alarms = record.get("alarms", [])
+        if not isinstance(alarms, list) or not all(isinstance(a, str) for a in alarms):
+            raise ValidationError([Problem("alarms", "type", "expected a list of strings")])
+        return PumpReport(at, state, _dec(record, "rate_ml_per_h"), _dec(record, "delivered_ml"),  # type: ignore[arg-type]
+                          tuple(alarms))
+    if name == "setpoint_result":
+        sid = record.get("setpoint_id")
+        if isinstance(sid, bool) or not isinstance(sid, int):
+            raise ValidationError([Problem("setpoint_id", "type", "expected an integer")])
+        rb = None if record.get("readback_ml_per_h") is None else _dec(record, "readback_ml_per_h")
+        return SetpointResult(at, sid, rb, str(record.get("error", "")))
+    if name == "clinician_command":
+        action = _str(record, "action")
+        if action not in CLINICIAN_ACTIONS:
+            raise ValidationError([Problem("action", "enum", f"unknown action {action!r}")])
+        dose = None if record.get("dose_mg_per_24h") is None else _dec(record, "dose_mg_per_24h")
+        return ClinicianCommand(at, action, _str(record, "by"), _str(record, "reason"), dose)
+    if name == "link_lost":
+        return LinkLost(at, _str(record, "detail"))
+    if name == "link_restored":
+        return LinkRestored(at)
+    raise ValidationError([Problem("event", "enum", f"{name!r} is not a core input")])
+
+
+# ------------------------------------------------------------------------------------------------ commands
+
+
+def command_to_record(cmd: Command) -> tuple[str, dict[str, Any]]:
+    if isinstance(cmd, ApplySetpoint):
+        sp = cmd.setpoint
+        return "setpoint", {
+            "setpoint_id": sp.id,
+            "rate_ml_per_h": fmt_dec(sp.rate_ml_per_h),
+            "dose_mg_per_24h": fmt_dec(sp.dose_mg_per_24h),
+            "requested_mg_per_24h": fmt_dec(sp.requested_mg_per_24h),
+            "intent": sp.intent,
+            "source": sp.source,
+            "reason": sp.reason,
+            "attempt": cmd.attempt,
+        }
+    if isinstance(cmd, Refused):
+        return "refused", {"source": cmd.source, "reason": cmd.reason, "detail": cmd.detail}
+    if isinstance(cmd, Transitioned):
+        return "transition", {"from": cmd.frm, "to": cmd.to, "cause": cmd.cause}
+    if isinstance(cmd, RaiseAlarm):
+        return "alarm", {"code": cmd.code, "detail": cmd.detail}
+    return "notice", {"code": cmd.code, "detail": cmd.detail}
+
+
+__all__ = [
+    "INPUT_EVENTS",
+    "OUTPUT_EVENTS",
+    "command_to_record",
+    "event_from_record",
+    "event_to_record",
+    "fmt_dec",
+    "fmt_time",
+    "schedule_from_fields",
+    "schedule_to_fields",
+]
