@@ -1,0 +1,48 @@
+"""Reading records back (export, report, replay). Verification is verify.py's job; this only parses."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from driverd.audit.canonical import loads_line
+from driverd.audit.segments import resolve_log
+from driverd.core.errors import AuditError
+
+
+@dataclass(frozen=True, slots=True)
+class Line:
+    file: Path
+    lineno: int
+    raw: bytes  # exact bytes without the newline
+    record: dict[str, Any]
+
+
+def total_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for _, p in resolve_log(path))
+
+
+def iter_lines(path: Path, progress: Callable[[int], None] | None = None) -> Iterator[Line]:
+    """Every record of LOG|DIR in order. A torn or non-canonical line raises AuditError naming file:line."""
+    for _, seg in resolve_log(path):
+        try:
+            with seg.open("rb") as f:
+                for n, raw in enumerate(f, start=1):
+                    if progress is not None:
+                        progress(len(raw))
+                    if not raw.endswith(b"\n"):
+                        raise AuditError(f"{seg}:{n}: torn last line (partial write); run `driverd audit verify`")
+                    try:
+                        rec = loads_line(raw[:-1])
+                    except ValueError as exc:
+                        raise AuditError(f"{seg}:{n}: not a canonical audit record: {exc}") from None
+                    yield Line(seg, n, raw[:-1], rec)
+        except OSError as exc:
+            raise AuditError(f"{seg}: cannot read: {exc.strerror}") from None
+
+
+def iter_records(path: Path, progress: Callable[[int], None] | None = None) -> Iterator[dict[str, Any]]:
+    for line in iter_lines(path, progress):
+        yield line.record

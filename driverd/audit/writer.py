@@ -1,0 +1,596 @@
+"""The audit writer: structlog processors -> canonical JSON line -> hash chain -> write -> fdatasync.
+
+Durability contract:
+- `append(..., durable=True)` returns only after the record is written and fdatasync'd (write-ahead: the
+  runtime logs a setpoint intent this way before the command goes on the wire).
+- `durable=False` records (bulk telemetry) are group-committed: synced once `group_commit_records` are pending
+  or the oldest pending one is `group_commit_ms` old (real monotonic time), whichever comes first. The check
+  runs synchronously inside append; there is no background thread, so the runtime calls `flush()` on a timer
+  (every `group_commit_ms`) to bound the delay when no further records arrive. `close()` always syncs.
+- Any error on write or sync (ENOSPC, EIO, ...) raises AuditError and kills the writer: every later call
+  raises. Nothing is retried: after a failed fsync the kernel may have dropped the dirty pages, so a retry
+  that "succeeds" would lie.
+- On open, a torn last line (crash mid-write) is truncated and a `torn_tail_truncated` record is appended;
+  nothing before it is touched.
+
+The writer is synchronous and single-threaded; one process may hold a log directory at a time (flock).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from collections.abc import Callable, MutableMapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final
+
+import structlog
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from driverd.audit.canonical import (
+    ENVELOPE_FIELDS,
+    ZERO_HASH,
+    AuditFieldError,
+    canonicalize,
+    dumps,
+    format_ts,
+    loads_line,
+    parse_ts,
+    record_hash,
+    sha256_hex,
+)
+from driverd.audit.segments import list_segments, segment_name
+from driverd.audit.signing import fingerprint, public_b64, sign_checkpoint
+from driverd.core.errors import AuditError, ConfigError, Problem
+
+FORMAT: Final = "driverd-audit/1"
+_DURABLE_KEY: Final = "_durable"
+_RESERVED: Final = ENVELOPE_FIELDS | {_DURABLE_KEY}
+# Records only the writer itself may produce (a caller-made "checkpoint" would be signed by our key).
+WRITER_EVENTS: Final = frozenset({"segment_start", "checkpoint", "torn_tail_truncated", "log_reopened"})
+
+EventDict = MutableMapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class AuditConfig:
+    """Writer tuning. Checkpoint time is measured with the injected clock; group commit with real time."""
+
+    segment_max_records: int = 100_000
+    checkpoint_every_records: int = 1000
+    checkpoint_every_s: int | Decimal = 60
+    group_commit_ms: int = 200
+    group_commit_records: int = 256
+
+    def __post_init__(self) -> None:
+        problems: list[Problem] = []
+        for name in ("segment_max_records", "checkpoint_every_records", "group_commit_records"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                problems.append(Problem(f"audit.{name}", "positive-int", "must be an integer >= 1"))
+        for name in ("checkpoint_every_s", "group_commit_ms"):
+            v = getattr(self, name)
+            ok_type = isinstance(v, int | Decimal) and not isinstance(v, bool)
+            if not ok_type or not Decimal(v).is_finite() or Decimal(v) < 0:
+                problems.append(Problem(f"audit.{name}", "non-negative", "must be a finite number >= 0 (no float)"))
+        if isinstance(self.segment_max_records, int) and self.segment_max_records < 3:
+            # segment_start + one record + the sealing checkpoint
+            problems.append(Problem("audit.segment_max_records", "minimum", "must be at least 3"))
+        if problems:
+            raise ConfigError(problems)
+
+    @property
+    def checkpoint_interval(self) -> timedelta:
+        return timedelta(microseconds=int(Decimal(self.checkpoint_every_s) * 1_000_000))
+
+
+class _Sink:
+    """The structlog "logger" at the end of the pipeline: writes the rendered line durably."""
+
+    def __init__(self, writer: AuditWriter) -> None:
+        self._writer = writer
+
+    def _write(self, *, line: bytes, record: dict[str, Any], durable: bool) -> dict[str, Any]:
+        return self._writer._commit_user(line, record, durable)
+
+    # Every level writes: audit records have no levels, and none may be filtered out.
+    msg = info = debug = warning = warn = error = critical = exception = fatal = log = _write
+
+
+class AuditWriter:
+    """Append-only, hash-chained, checkpoint-signed audit log in a directory of segments."""
+
+    def __init__(
+        self,
+        directory: Path,
+        config: AuditConfig,
+        signing_key: Ed25519PrivateKey | None,
+        clock: Callable[[], datetime],
+        dir_fd: int,
+    ) -> None:
+        self.directory = directory
+        self.config = config
+        self._key = signing_key
+        self._fingerprint = fingerprint(signing_key.public_key()) if signing_key else None
+        self._clock = clock
+        self._dir_fd = dir_fd
+        self._fd = -1
+        self._segment = 0
+        self._segment_records = 0
+        self._seq = 0
+        self._prev = ZERO_HASH
+        self._last_event = ""
+        self._pending = 0
+        self._pending_since_ns = 0
+        self._since_checkpoint = 0
+        self._last_checkpoint_at: datetime | None = None
+        self._last_ts: datetime | None = None
+        self._dead: AuditError | None = None
+        self._closed = False
+        self._processors: list[Callable[[Any, str, EventDict], Any]] = [
+            self._p_user_gate,
+            self._p_envelope,
+            self._p_canonicalize,
+            self._p_chain,
+            self._p_render,
+        ]
+        self._logger: Any = structlog.wrap_logger(
+            _Sink(self), processors=self._processors, wrapper_class=structlog.BoundLogger
+        )
+
+    # ----------------------------------------------------------------------------------------- public API
+
+    @classmethod
+    def open(
+        cls,
+        path_dir: Path,
+        config: AuditConfig,
+        signing_key: Ed25519PrivateKey | None,
+        clock: Callable[[], datetime],
+    ) -> AuditWriter:
+        """Open (creating if needed) the log directory, recover a torn tail, and start appending."""
+        path_dir = Path(path_dir)
+        try:
+            created = not path_dir.exists()
+            path_dir.mkdir(parents=True, exist_ok=True)
+            if created:
+                _fsync_dir(path_dir.parent)
+            dir_fd = os.open(path_dir, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            raise AuditError(f"{path_dir}: cannot open audit directory: {exc.strerror}") from None
+        try:
+            fcntl.flock(dir_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(dir_fd)
+            raise AuditError(f"{path_dir}: audit log is in use by another writer") from None
+        writer = cls(path_dir, config, signing_key, clock, dir_fd)
+        try:
+            writer._start()
+        except BaseException:
+            writer._release()
+            raise
+        return writer
+
+    def append(
+        self, event: str, *, pump_id: str | None, course_id: str | None, durable: bool, **fields: Any
+    ) -> dict[str, Any]:
+        """Write one record; returns it as written. durable=True: fdatasync'd before returning."""
+        self._check_usable()
+        bad = sorted(set(fields) & _RESERVED)
+        if bad:
+            raise AuditFieldError(bad[0], "reserved", f"field name {bad[0]!r} is reserved for the record envelope")
+        result: dict[str, Any] = self._logger.info(
+            event, pump_id=pump_id, course_id=course_id, **{_DURABLE_KEY: durable}, **fields
+        )
+        return result
+
+    def flush(self) -> None:
+        """Group-commit now: fdatasync everything written so far."""
+        self._check_usable()
+        self._sync()
+
+    def checkpoint(self, reason: str = "manual") -> dict[str, Any] | None:
+        """Force a signed checkpoint (None without a signing key: there is nothing to sign with)."""
+        self._check_usable()
+        return self._write_checkpoint(reason)
+
+    def close(self) -> None:
+        """Checkpoint, sync and close. A dead writer releases its files and raises its error."""
+        if self._closed:
+            return
+        if self._dead is not None:
+            self._release()
+            raise AuditError(f"audit writer is dead: {self._dead}") from self._dead
+        try:
+            if self._last_event != "checkpoint":
+                self._write_checkpoint("close")
+            self._sync()
+        finally:
+            self._release()
+
+    def __enter__(self) -> AuditWriter:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._dead is not None:
+            self._release()
+            return
+        self.close()
+
+    @property
+    def seq(self) -> int:
+        """Seq of the last record written."""
+        return self._seq
+
+    @property
+    def head(self) -> str:
+        """SHA-256 of the last line written (the next record's `prev`)."""
+        return self._prev
+
+    @property
+    def segment(self) -> int:
+        return self._segment
+
+    @property
+    def dead(self) -> bool:
+        return self._dead is not None
+
+    # --------------------------------------------------------------------------------------- processors
+
+    def _p_user_gate(self, _logger: Any, _method: str, event_dict: EventDict) -> EventDict:
+        # Only caller records pass through here (internal ones skip it), so rotation cannot recurse.
+        if event_dict.get("event") in WRITER_EVENTS:
+            name = event_dict["event"]
+            raise AuditFieldError("event", "reserved", f"event {name!r} is written only by the audit writer")
+        if self._segment_records >= self.config.segment_max_records:
+            self._rotate()
+        return event_dict
+
+    def _p_envelope(self, _logger: Any, _method: str, event_dict: EventDict) -> EventDict:
+        event = event_dict.get("event")
+        if not isinstance(event, str) or not event:
+            raise AuditFieldError("event", "required", "event name must be a non-empty string")
+        for name in ("seq", "ts", "prev", "hash"):
+            if name in event_dict:
+                raise AuditFieldError(name, "reserved", f"field name {name!r} is reserved for the record envelope")
+        for name in ("pump_id", "course_id"):
+            v = event_dict.setdefault(name, None)
+            if v is not None and not isinstance(v, str):
+                raise AuditFieldError(name, "type", f"{name} must be a string or None")
+        now = self._clock()
+        event_dict["ts"] = format_ts(now)
+        event_dict["seq"] = self._seq + 1
+        return event_dict
+
+    def _p_canonicalize(self, _logger: Any, _method: str, event_dict: EventDict) -> EventDict:
+        durable = event_dict.pop(_DURABLE_KEY, True)
+        if not isinstance(durable, bool):
+            raise AuditFieldError("durable", "type", "durable must be true or false")
+        record = {k: canonicalize(v, k) for k, v in event_dict.items()}
+        return {_DURABLE_KEY: durable, "record": record}
+
+    def _p_chain(self, _logger: Any, _method: str, event_dict: EventDict) -> EventDict:
+        record = event_dict["record"]
+        record["prev"] = self._prev
+        if record["event"] == "checkpoint" and self._key is not None:
+            record["sig"] = sign_checkpoint(self._key, record)
+        record["hash"] = record_hash(record)
+        return event_dict
+
+    def _p_render(self, _logger: Any, _method: str, event_dict: EventDict) -> dict[str, Any]:
+        record = event_dict["record"]
+        return {"line": dumps(record), "record": record, "durable": event_dict[_DURABLE_KEY]}
+
+    def _pipeline_internal(self, event: str, fields: dict[str, Any]) -> dict[str, Any]:
+        """Run the same processors (minus rotation) for a writer-generated record and commit it durably."""
+        ed: EventDict = {"event": event, "pump_id": None, "course_id": None, _DURABLE_KEY: True, **fields}
+        for proc in self._processors[1:]:
+            ed = proc(None, "info", ed)
+        return self._commit(ed["line"], ed["record"], True)
+
+    # ------------------------------------------------------------------------------------------ commit
+
+    def _commit_user(self, line: bytes, record: dict[str, Any], durable: bool) -> dict[str, Any]:
+        self._commit(line, record, durable)
+        self._since_checkpoint += 1
+        if not durable:
+            now_ns = time.monotonic_ns()
+            if self._pending == 1:
+                self._pending_since_ns = now_ns
+            due = now_ns - self._pending_since_ns >= Decimal(self.config.group_commit_ms) * 1_000_000
+            if self._pending >= self.config.group_commit_records or due:
+                self._sync()
+        self._maybe_checkpoint()
+        return record
+
+    def _commit(self, line: bytes, record: dict[str, Any], durable: bool) -> dict[str, Any]:
+        data = line + b"\n"
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(self._fd, view)
+                view = view[n:]
+        except OSError as exc:
+            self._die(f"write to {segment_name(self._segment)} failed", exc)
+        self._seq = record["seq"]
+        self._prev = sha256_hex(line)
+        self._last_event = record["event"]
+        self._last_ts = parse_ts(record["ts"])
+        self._segment_records += 1
+        self._pending += 1
+        if durable:
+            self._sync()
+        return record
+
+    def _sync(self) -> None:
+        if self._pending == 0:
+            return
+        try:
+            os.fdatasync(self._fd)
+        except OSError as exc:
+            self._die(f"fdatasync of {segment_name(self._segment)} failed", exc)
+        self._pending = 0
+
+    def _die(self, what: str, exc: OSError) -> None:
+        err = AuditError(f"{what}: {exc.strerror or exc} (errno {exc.errno}); audit writer stopped, not retried")
+        self._dead = err
+        raise err from exc
+
+    def _check_usable(self) -> None:
+        if self._dead is not None:
+            raise AuditError(f"audit writer is dead: {self._dead}") from self._dead
+        if self._closed:
+            raise AuditError("audit writer is closed")
+
+    # ------------------------------------------------------------------------------- checkpoint/rotate
+
+    def _maybe_checkpoint(self) -> None:
+        if self._key is None or self._since_checkpoint == 0:
+            return
+        if self._since_checkpoint >= self.config.checkpoint_every_records:
+            self._write_checkpoint("records")
+            return
+        if (
+            self._last_checkpoint_at is not None
+            and self._last_ts is not None
+            and self._last_ts - self._last_checkpoint_at >= self.config.checkpoint_interval
+        ):
+            self._write_checkpoint("interval")
+
+    def _write_checkpoint(self, reason: str) -> dict[str, Any] | None:
+        if self._key is None:
+            return None
+        # count = number of records before this checkpoint = seq of the head record; head = its line hash.
+        rec = self._pipeline_internal(
+            "checkpoint",
+            {"count": self._seq, "head": self._prev, "key_fingerprint": self._fingerprint, "reason": reason},
+        )
+        self._since_checkpoint = 0
+        self._last_checkpoint_at = self._last_ts
+        return rec
+
+    def _rotate(self) -> None:
+        self._write_checkpoint("rotate")
+        self._sync()
+        try:
+            os.close(self._fd)
+        except OSError as exc:
+            self._die("close of full segment failed", exc)
+        self._fd = -1
+        self._create_segment(self._segment + 1)
+
+    def _create_segment(self, number: int) -> None:
+        name = segment_name(number)
+        try:
+            self._fd = os.open(
+                name, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640, dir_fd=self._dir_fd
+            )
+            os.fsync(self._dir_fd)  # the new name itself must survive a crash
+        except OSError as exc:
+            self._die(f"cannot create segment {name}", exc)
+        self._segment = number
+        self._segment_records = 0
+        self._write_segment_start()
+
+    def _write_segment_start(self) -> None:
+        self._pipeline_internal(
+            "segment_start",
+            {
+                "format": FORMAT,
+                "segment": self._segment,
+                "prev_segment_hash": self._prev,
+                "key_fingerprint": self._fingerprint,
+                "public_key": public_b64(self._key.public_key()) if self._key else None,
+            },
+        )
+        self._last_checkpoint_at = self._last_ts
+
+    # ----------------------------------------------------------------------------------- open/recover
+
+    def _start(self) -> None:
+        segs = list_segments(self.directory)
+        if not segs:
+            self._create_segment(1)
+            return
+        numbers = [n for n, _ in segs]
+        if numbers != list(range(numbers[0], numbers[0] + len(numbers))):
+            raise AuditError(f"{self.directory}: segment numbers are not consecutive: {numbers}")
+        self._check_key(segs[0][1], len(segs) == 1)
+        number, path = segs[-1]
+        torn = _recover_tail(path)
+        data = _read(path)
+        if not data:
+            # The crash tore this segment's very first line: restart the segment from the previous one.
+            if len(segs) > 1:
+                last = _last_line(_read(segs[-2][1]))
+                if last is None:
+                    raise AuditError(f"{segs[-2][1]}: previous segment is empty; refusing to continue")
+                self._adopt_last_line(last, segs[-2][1])
+            try:
+                self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+            except OSError as exc:
+                raise AuditError(f"{path}: cannot open segment: {exc.strerror}") from None
+            self._segment = number
+            self._segment_records = 0
+            self._write_segment_start()
+        else:
+            last = _last_line(data)
+            assert last is not None
+            self._adopt_last_line(last, path)
+            try:
+                self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+            except OSError as exc:
+                raise AuditError(f"{path}: cannot open segment: {exc.strerror}") from None
+            self._segment = number
+            self._segment_records = data.count(b"\n")
+        if torn is not None:
+            offset, removed = torn
+            self._pipeline_internal(
+                "torn_tail_truncated",
+                {
+                    "segment": number,
+                    "offset": offset,
+                    "removed_bytes": len(removed),
+                    "removed_sha256": sha256_hex(removed),
+                },
+            )
+        self._pipeline_internal("log_reopened", {"segment": number, "recovered_seq": self._seq})
+        self._last_checkpoint_at = self._last_ts
+        self._write_checkpoint("open")
+
+    def _adopt_last_line(self, line: bytes, path: Path) -> None:
+        try:
+            rec = loads_line(line)
+        except ValueError as exc:
+            raise AuditError(f"{path}: last record is damaged ({exc}); refusing to append") from None
+        seq = rec.get("seq")
+        if isinstance(seq, bool) or not isinstance(seq, int) or rec.get("hash") != record_hash(rec):
+            raise AuditError(f"{path}: last record fails its own hash; refusing to append (run audit verify)")
+        self._seq = seq
+        self._prev = sha256_hex(line)
+        self._last_event = str(rec.get("event"))
+        self._last_ts = parse_ts(rec["ts"])
+
+    def _check_key(self, first_segment: Path, only_segment: bool) -> None:
+        line = _first_line(first_segment)
+        if line is None:
+            return
+        try:
+            rec = loads_line(line)
+        except ValueError:
+            if only_segment and _read(first_segment).count(b"\n") == 1:
+                return  # the torn first line of a brand-new log: recovery truncates it
+            raise AuditError(f"{first_segment}: first record is damaged; refusing to append") from None
+        logged = rec.get("key_fingerprint")
+        if rec.get("event") != "segment_start":
+            raise AuditError(f"{first_segment}: does not start with segment_start; refusing to append")
+        if logged != self._fingerprint:
+            raise AuditError(
+                f"{self.directory}: signing key fingerprint {self._fingerprint} does not match the log's "
+                f"{logged}; refusing to append (start a new log directory for a new key)"
+            )
+
+    def _release(self) -> None:
+        self._closed = True
+        for fd in (self._fd, self._dir_fd):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass  # closing after a fatal error: the error itself is already reported
+        self._fd = -1
+        self._dir_fd = -1
+
+
+def get_audit_logger(writer: AuditWriter) -> Any:
+    """A structlog logger over the writer's pipeline: `log.info("event", pump_id=..., course_id=..., **fields)`.
+
+    Records are durable by default on this path; pass `durable=False` for telemetry. Returns the record.
+    """
+    return structlog.wrap_logger(
+        _Sink(writer),
+        processors=[_durable_kwarg, *writer._processors],
+        wrapper_class=structlog.BoundLogger,
+    )
+
+
+def _durable_kwarg(_logger: Any, _method: str, event_dict: EventDict) -> EventDict:
+    if "durable" in event_dict:
+        event_dict[_DURABLE_KEY] = event_dict.pop("durable")
+    if _DURABLE_KEY not in event_dict:
+        event_dict[_DURABLE_KEY] = True
+    return event_dict
+
+
+# ----------------------------------------------------------------------------------------- file helpers
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise AuditError(f"{path}: cannot read segment: {exc.strerror}") from None
+
+
+def _first_line(path: Path) -> bytes | None:
+    with path.open("rb") as f:
+        line = f.readline()
+    if not line.endswith(b"\n"):
+        return None
+    return line[:-1]
+
+
+def _last_line(data: bytes) -> bytes | None:
+    if not data:
+        return None
+    body = data[:-1] if data.endswith(b"\n") else data
+    return body[body.rfind(b"\n") + 1 :]
+
+
+def _line_parses(line: bytes) -> bool:
+    try:
+        loads_line(line)
+    except ValueError:
+        return False
+    return True
+
+
+def _recover_tail(path: Path) -> tuple[int, bytes] | None:
+    """Truncate a torn last line (no newline, or not parseable). Returns (offset, removed bytes) or None."""
+    data = _read(path)
+    if not data:
+        return None
+    if data.endswith(b"\n"):
+        last = _last_line(data)
+        assert last is not None
+        if _line_parses(last):
+            return None
+        cut = len(data) - len(last) - 1
+    else:
+        cut = data.rfind(b"\n") + 1
+    removed = data[cut:]
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.ftruncate(fd, cut)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise AuditError(f"{path}: cannot truncate torn tail: {exc.strerror}") from None
+    return cut, removed
