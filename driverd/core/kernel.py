@@ -223,6 +223,11 @@ def max_window_ml(state: CourseState, rate: Decimal, now: datetime) -> Decimal:
         return best
 
 
+def hours_between(a: datetime, b: datetime) -> Decimal:
+    """Exact hours from a to b (microsecond resolution, no float)."""
+    return _hours(b - a)
+
+
 def _hours(delta: timedelta) -> Decimal:
     micro = (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
     with localcontext(_CTX):

@@ -26,7 +26,7 @@ from driverd.core.events import (
     SetpointResult,
     Tick,
 )
-from driverd.core.kernel import Intent, Proposal, Refusal, Setpoint, gate
+from driverd.core.kernel import Intent, Proposal, Refusal, Setpoint, gate, hours_between
 from driverd.core.protocol import ProtocolSpec
 from driverd.core.quantities import dose_to_rate, quantize_down, rate_to_dose
 from driverd.core.state import ACTIVE, RUNNING, CourseState, Pending, Phase, Sample
@@ -452,16 +452,19 @@ def _on_report(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
 
 def _check_deviation(state: CourseState, protocol: ProtocolSpec, now: datetime, cmds: tuple[Command, ...]) -> Out:
     """Delivered volume since the rate was verified vs what that rate should have delivered (GIP 1.2.2-1.2.3)."""
-    if state.verified_at is None or now - state.verified_at < DEVIATION_WINDOW or state.commanded_rate == 0:
+    base = state.deviation_base
+    if base is None or state.commanded_rate == 0:
+        if state.commanded_rate > 0 and state.last_sample is not None:
+            state = replace(state, deviation_base=state.last_sample)
         return state, cmds
-    from driverd.core.kernel import _hours  # shared exact time arithmetic
-
-    expected = state.commanded_rate * _hours(now - state.verified_at)
-    actual = state.delivered_ml - state.verified_delivered_ml
+    if now - base.at < DEVIATION_WINDOW:
+        return state, cmds
+    expected = state.commanded_rate * hours_between(base.at, now)
+    actual = state.delivered_ml - base.delivered_ml
     if abs(actual - expected) <= expected * DEVIATION_LIMIT:
         return state, cmds
     code = "over_infusion" if actual > expected else "under_infusion"
-    detail = f"delivered {actual} mL vs expected {expected:.4f} mL over {now - state.verified_at}"
+    detail = f"delivered {actual} mL vs expected {expected:.4f} mL over {now - base.at}"
     state, more = _alarm(state, code, detail)
     if code == "over_infusion":
         state, stop = _stop_in_alarm(state, protocol, now, code)
@@ -496,10 +499,13 @@ def _check_readback(state: CourseState, protocol: ProtocolSpec, now: datetime, r
             pending=None,
             verified_rate=readback,
             verified_run_rate=readback if readback > 0 else state.verified_run_rate,
-            verified_at=now,
-            verified_delivered_ml=state.delivered_ml,
+            deviation_base=None,
         )
         return state, ()
+    if state.phase is P.ALARM:
+        # Reconciling after a fault: the pump did not take it. Never re-send (that could raise the rate in alarm).
+        state = replace(state, pending=None)
+        return state, (Notice("setpoint_not_applied", f"pump holds {readback} mL/h, not {sp.rate_ml_per_h}"),)
     if pending.attempts == 1 and state.link_up:
         state = replace(state, pending=Pending(sp, attempts=2))
         return state, (Notice("readback_retry", f"read back {readback}, sent {sp.rate_ml_per_h}"),

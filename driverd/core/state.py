@@ -61,8 +61,9 @@ class CourseState:
     commanded_rate: Decimal = Decimal(0)  # last rate sent (mL/h, quantized)
     verified_rate: Decimal = Decimal(0)  # last rate the pump read back equal to what was sent
     verified_run_rate: Decimal = Decimal(0)  # last non-zero verified rate: the resume ceiling
-    verified_at: datetime | None = None  # when the current rate was verified (over/under-infusion window)
-    verified_delivered_ml: Decimal = Decimal(0)  # course-cumulative delivered at verified_at
+    # Over/under-infusion baseline: the first pump report after the current rate was verified (a report,
+    # not the verification time, so delivery at the previous rate is never counted against the new one).
+    deviation_base: Sample | None = None
     pending: Pending | None = None
     last_change_at: datetime | None = None  # last change of the dose level
     started_at: datetime | None = None  # first setpoint of the course
