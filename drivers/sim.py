@@ -1,0 +1,135 @@
+"""``sim://<name>``: the pump physics model in-process, for fast virtual-time runs.
+
+There is no wire, so wire faults do not exist here; physical alarms and the dead-man do. Every operation counts
+as a valid packet from the host (``model.host_contact()``) before it acts, as on a real pump in safe mode.
+
+The model comes from ``options.world`` (a ``simulators.world.World``) or, when none is given, from a
+module-level default world on the system clock (shared by every sim:// driver in the process).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from decimal import Decimal
+from typing import ClassVar, TypeVar
+
+from driverd.core.errors import Problem, ValidationError
+from driverd.core.quantities import NEW_ERA_RESOLUTION, Resolution
+from drivers.base import (
+    DriverIOError,
+    DriverOptions,
+    Identity,
+    PumpAlarm,
+    PumpDriver,
+    PumpRejected,
+    PumpStatus,
+)
+from drivers.url import DriverURL
+from simulators.clock import SystemClock
+from simulators.pump import ModelError, PumpModel
+from simulators.world import World
+
+__all__ = ["SimDriver", "default_world"]
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_T = TypeVar("_T")
+_default_world: World | None = None
+
+
+def default_world() -> World:
+    """The process-wide world used when ``options.world`` is None (created on first use, system clock)."""
+    global _default_world
+    if _default_world is None:
+        _default_world = World(SystemClock())
+    return _default_world
+
+
+class SimDriver(PumpDriver):
+    scheme: ClassVar[str] = "sim"
+    resolution: ClassVar[Resolution] = NEW_ERA_RESOLUTION
+
+    def __init__(self, url: DriverURL, options: DriverOptions | None = None) -> None:
+        super().__init__(url, options)
+        problems: list[Problem] = []
+        if url.driver != "sim":
+            problems.append(Problem("url.scheme", "driver", f"sim driver cannot serve {url.driver!r} URLs"))
+        if url.transport:
+            problems.append(Problem("url.scheme", "transport", "sim:// has no transport: use sim://<name>"))
+        if not _NAME.match(url.path):
+            problems.append(
+                Problem("url.name", "format", f"pump name must be 1-64 of [A-Za-z0-9._-], got {url.path!r}")
+            )
+        problems += [Problem(f"url.{k}", "known-param", f"sim:// takes no parameter {k!r}") for k in url.params]
+        world = self.options.world
+        if world is not None and not isinstance(world, World):
+            problems.append(Problem("options.world", "type", f"expected a World, got {type(world).__name__}"))
+        deadman = self.options.deadman_s
+        if isinstance(deadman, bool) or not isinstance(deadman, int) or deadman < 0:
+            problems.append(Problem("options.deadman_s", "range", f"must be an int >= 0, got {deadman!r}"))
+        if problems:
+            raise ValidationError(problems)
+        self.name = url.path
+        self._model: PumpModel | None = None
+
+    @property
+    def model(self) -> PumpModel:
+        if self._model is None:
+            raise DriverIOError(f"sim://{self.name}: not connected")
+        return self._model
+
+    def _call(self, op: Callable[[PumpModel], _T]) -> _T:
+        """One 'packet': contact (re-arms the dead-man), then the operation, with refusals mapped."""
+        model = self.model
+        model.host_contact()
+        try:
+            return op(model)
+        except ModelError as exc:
+            if exc.code == "ALARM":
+                raise PumpAlarm(str(exc), alarms=model.status().alarms) from None
+            raise PumpRejected(str(exc), code=exc.code) from None
+
+    async def connect(self) -> None:
+        world = self.options.world if self.options.world is not None else default_world()
+        model = world.pump(self.name)
+        if self.options.deadman_s > 0:
+            try:
+                model.set_deadman(self.options.deadman_s)
+            except ModelError as exc:
+                raise PumpRejected(f"options.deadman_s: {exc}", code=exc.code) from None
+        self._model = model
+        model.host_contact()  # the first valid packet arms the dead-man
+
+    async def close(self) -> None:
+        self._model = None  # the pump keeps running; its dead-man stops it if we stay away
+
+    async def identify(self) -> Identity:
+        model, firmware = self._call(lambda m: m.identity)
+        return Identity(model=model, firmware=firmware, address=self.name)
+
+    async def configure_syringe(self, diameter_mm: Decimal) -> Decimal:
+        self._call(lambda m: m.set_diameter(diameter_mm))
+        return self._call(lambda m: m.status().diameter_mm)
+
+    async def set_rate(self, rate_ml_per_h: Decimal) -> Decimal:
+        self._call(lambda m: m.set_rate(rate_ml_per_h))
+        return self._call(lambda m: m.status().rate_ml_per_h)
+
+    async def run(self) -> None:
+        self._call(lambda m: m.run())
+
+    async def stop(self) -> None:
+        self._call(lambda m: m.stop())
+
+    async def clear_alarm(self) -> None:
+        self._call(lambda m: m.clear_alarm())
+
+    async def read_status(self) -> PumpStatus:
+        s = self._call(lambda m: m.status())
+        return PumpStatus(
+            state=s.state,
+            rate_ml_per_h=s.rate_ml_per_h,
+            delivered_ml=s.delivered_ml,
+            diameter_mm=s.diameter_mm,
+            alarms=s.alarms,
+        )
