@@ -1,7 +1,89 @@
-"""`driverd pump ...` commands."""
+"""`driverd pump ...`: read-only look at any pump or simulator."""
 
 from __future__ import annotations
 
+import asyncio
+import math
+from typing import Annotated, Any
+
 import typer
 
-app = typer.Typer(help="pump commands", no_args_is_help=True)
+from driverd.cli.output import emit_json, fail, usage
+from driverd.core.errors import DriverdError
+from driverd.core.quantities import fmt
+
+app = typer.Typer(help="Talk to one pump (read-only).", no_args_is_help=True)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable JSON output")]
+
+
+@app.callback()
+def _group() -> None:
+    """Talk to one pump (read-only)."""  # a callback keeps `probe` a subcommand even as the only one
+
+
+async def _probe(url: str, timeout_s: float) -> dict[str, Any]:
+    from drivers.base import DriverOptions
+    from drivers.registry import open_driver
+
+    # deadman_s=0: a probe must not arm (or change) the pump's dead-man; it only identifies and reads.
+    driver = open_driver(url, DriverOptions(timeout_s=timeout_s, retries=1, deadman_s=0))
+    await driver.connect()
+    try:
+        ident = await driver.identify()
+        status = await driver.read_status()
+    finally:
+        await driver.close()
+    return {
+        "ok": True,
+        "url": url,
+        "model": ident.model,
+        "firmware": ident.firmware,
+        "address": ident.address,
+        "state": status.state.value,
+        "rate_ml_per_h": fmt(status.rate_ml_per_h),
+        "diameter_mm": None if status.diameter_mm is None else fmt(status.diameter_mm),
+        "delivered_ml": fmt(status.delivered_ml),
+        "alarms": sorted(a.value for a in status.alarms),
+    }
+
+
+@app.command()
+def probe(
+    url: Annotated[str, typer.Argument(help="driver URL, e.g. sim://bed-1 or newera+socket://127.0.0.1:7001")],
+    timeout: Annotated[float, typer.Option("--timeout", help="reply timeout per exchange, seconds")] = 1.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Identify a pump and read its status: model, firmware, state, rate, diameter, delivered volume, alarms.
+
+    Read-only: never sets anything and never arms the pump's dead-man.
+    """
+    if not math.isfinite(timeout) or not 0 < timeout <= 60:
+        usage(f"--timeout must be > 0 and <= 60 seconds, got {timeout}")
+    bound = timeout * 10 + 5  # connect + two exchanges with retries; a probe must never hang
+    try:
+        info = asyncio.run(asyncio.wait_for(_probe(url, timeout), bound))
+    except DriverdError as exc:
+        fail(f"{url}: {exc}", as_json=as_json, kind=type(exc).__name__)
+    except TimeoutError:
+        fail(f"{url}: no answer within {bound:g} s", as_json=as_json, kind="Timeout")
+    except ImportError as exc:  # a registered driver whose module (or a dependency) is missing
+        fail(f"{url}: driver unavailable: {exc}", as_json=as_json, kind="ImportError")
+    except OSError as exc:
+        fail(f"{url}: {exc.strerror or exc}", as_json=as_json, kind="OSError")
+    if as_json:
+        emit_json(info)
+        return
+    alarms = ", ".join(info["alarms"]) or "none"
+    diameter = "unknown" if info["diameter_mm"] is None else f"{info['diameter_mm']} mm"
+    for label, value in (
+        ("pump", url),
+        ("model", info["model"]),
+        ("firmware", info["firmware"]),
+        ("state", info["state"]),
+        ("rate", f"{info['rate_ml_per_h']} mL/h"),
+        ("diameter", diameter),
+        ("delivered", f"{info['delivered_ml']} mL"),
+        ("alarms", alarms),
+    ):
+        typer.echo(f"{label:<10}{value}")

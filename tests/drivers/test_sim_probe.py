@@ -1,0 +1,77 @@
+"""`driverd pump probe URL [--json]` against sim:// (in-process default world) and against bad input."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+
+from typer.testing import CliRunner
+
+from driverd.cli.main import app
+from drivers.base import AlarmKind
+from drivers.sim import default_world
+
+runner = CliRunner()
+
+
+def test_probe_json_reports_identity_and_status_and_changes_nothing() -> None:
+    pump = default_world().pump("probe-json")
+    pump.set_rate(Decimal("2.083"))
+    pump.inject_alarm(AlarmKind.LOW_BATTERY)
+    result = runner.invoke(app, ["pump", "probe", "sim://probe-json", "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info == {
+        "ok": True,
+        "url": "sim://probe-json",
+        "model": "NE-1000",
+        "firmware": "V3.928",
+        "address": "probe-json",
+        "state": "stopped",
+        "rate_ml_per_h": "2.083",
+        "diameter_mm": "19.13",
+        "delivered_ml": "0",
+        "alarms": ["low_battery"],
+    }
+    s = pump.status()
+    assert s.deadman_s == 0 and not s.deadman_armed  # read-only: no dead-man armed
+    assert s.rate_ml_per_h == Decimal("2.083") and AlarmKind.LOW_BATTERY in s.unacknowledged
+
+
+def test_probe_text_is_readable() -> None:
+    result = runner.invoke(app, ["pump", "probe", "sim://probe-text"])
+    assert result.exit_code == 0, result.output
+    lines = dict(line.split(None, 1) for line in result.stdout.splitlines())
+    assert lines["model"] == "NE-1000" and lines["state"] == "stopped" and lines["alarms"] == "none"
+    assert lines["rate"] == "0 mL/h" and lines["diameter"] == "19.13 mm" and lines["delivered"] == "0 mL"
+
+
+def test_probe_malformed_url_exits_1_with_a_clear_message() -> None:
+    for url in ("not-a-url", "sim://", "sim://bed 1", "sim://bed-1?fill=3", "BAD SCHEME://x", "nosuchdriver://x"):
+        result = runner.invoke(app, ["pump", "probe", url])
+        assert result.exit_code == 1, (url, result.output)
+        assert result.stderr.startswith("error: ") and "Traceback" not in result.output
+    result = runner.invoke(app, ["pump", "probe", "nosuchdriver://x", "--json"])
+    assert result.exit_code == 1
+    out = json.loads(result.stdout)
+    assert out["ok"] is False and "nosuchdriver" in out["error"] and out["kind"] == "ValidationError"
+
+
+def test_probe_usage_errors_exit_2() -> None:
+    assert runner.invoke(app, ["pump", "probe"]).exit_code == 2
+    assert runner.invoke(app, ["pump", "probe", "sim://x", "--timeout", "0"]).exit_code == 2
+    assert runner.invoke(app, ["pump", "probe", "sim://x", "--timeout", "nan"]).exit_code == 2
+    assert runner.invoke(app, ["pump", "probe", "sim://x", "--bogus"]).exit_code == 2
+
+
+def test_probe_unreachable_pump_exits_1_without_traceback() -> None:
+    import socket
+
+    # a port that was just free: nothing listens there
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for url in (f"newera+socket://127.0.0.1:{port}", f"modbus+tcp://127.0.0.1:{port}?unit=1"):
+        result = runner.invoke(app, ["pump", "probe", url, "--timeout", "0.5"])
+        assert result.exit_code == 1, (url, result.output)
+        assert result.stderr.startswith("error: ") and "Traceback" not in result.output
