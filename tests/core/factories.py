@@ -31,6 +31,7 @@ def schedule(
     version: int = 1,
     pump_id: str = "pump-1",
     start: datetime = T0,
+    spacing_hours: int = 24,
 ) -> Schedule:
     autos = auto if isinstance(auto, tuple) else (auto,) * len(doses)
     return Schedule(
@@ -44,7 +45,7 @@ def schedule(
         syringe_model="BD Plastipak 20 mL",
         inner_diameter_mm=D("19.13"),
         fill_volume_ml=D("17"),
-        steps=tuple(Step(D(d), start + timedelta(hours=24 * i), a) for i, (d, a) in enumerate(zip(doses, autos,
+        steps=tuple(Step(D(d), start + timedelta(hours=spacing_hours * i), a) for i, (d, a) in enumerate(zip(doses, autos,
                                                                                                strict=True))),
         hold_days=D(hold_days),
         taper=tuple(TaperStep(D(d), D(h)) for d, h in taper),
