@@ -181,9 +181,7 @@ def parse_dispensed(data: str) -> Dispensed:
     m = _DIS.fullmatch(data)
     if not m:
         raise ProtocolError(f"dispensed: expected I<n>W<n><UL|ML>, got {data!r}")
-    return Dispensed(
-        parse_number(m["i"], field="infused"), parse_number(m["w"], field="withdrawn"), VolumeUnit(m["u"])
-    )
+    return Dispensed(parse_number(m["i"], field="infused"), parse_number(m["w"], field="withdrawn"), VolumeUnit(m["u"]))
 
 
 def parse_diameter(data: str) -> Decimal:
@@ -361,11 +359,12 @@ class FrameDecoder:
     consumed, so calling it again continues with the rest of the stream (resynchronising on the next STX).
 
     - TO_HOST, safe=False: STX payload ETX.     TO_HOST, safe=True: STX LEN payload CRC CRC ETX.
+      TO_HOST, safe=None: either, told apart by the byte after STX.
     - TO_PUMP: a safe frame when a packet starts with STX, otherwise a basic packet ending at CR; the pump
       accepts both framings at any time (that is how ``SAF`` switches modes, see nesp-lib).
     """
 
-    def __init__(self, direction: Direction, *, safe: bool = False) -> None:
+    def __init__(self, direction: Direction, *, safe: bool | None = False) -> None:
         self.direction = direction
         self.safe = safe
         self._buf = bytearray()
@@ -399,6 +398,13 @@ class FrameDecoder:
             noise = bytes(buf[:cut])
             del buf[:cut]
             raise ProtocolError(f"noise before STX: {noise[:16]!r}")
+        if self.safe is None:
+            # Auto-detect (used for the SAF handshake, whose reply framing depends on the pump's state):
+            # a basic reply starts STX + an address digit; a safe one STX + LEN, and a LEN of 0x30..0x39
+            # would mean a 44..53-byte reply, which no New Era reply is.
+            if len(buf) < 2:
+                return None
+            return self._basic_reply() if 0x30 <= buf[1] <= 0x39 else self._safe()
         return self._safe() if self.safe else self._basic_reply()
 
     def _safe(self) -> Frame | None:

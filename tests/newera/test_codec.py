@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from decimal import Decimal
 
 import pytest
@@ -267,8 +268,7 @@ def test_parse_reply(text: bytes, reply: Reply) -> None:
 
 @pytest.mark.parametrize(
     "bad",
-    [b"", b"0", b"00", b"0S", b"00Q", b"00A", b"00A?", b"00A?Z", b"00A?RX", b"00S?XYZ", b"00S\x01", b"\xff0S",
-     b"aaS"],
+    [b"", b"0", b"00", b"0S", b"00Q", b"00A", b"00A?", b"00A?Z", b"00A?RX", b"00S?XYZ", b"00S\x01", b"\xff0S", b"aaS"],
 )
 def test_parse_reply_malformed(bad: bytes) -> None:
     with pytest.raises(ProtocolError):
@@ -276,19 +276,25 @@ def test_parse_reply_malformed(bad: bytes) -> None:
 
 
 replies = st.one_of(
-    st.builds(lambda a, s, d: Reply(a, s, data=d), st.integers(0, 99),
-              st.sampled_from([s for s in Status if s is not Status.ALARM]),
-              st.text(alphabet="0123456789.MHLINFWVE", max_size=16)),
+    st.builds(
+        lambda a, s, d: Reply(a, s, data=d),
+        st.integers(0, 99),
+        st.sampled_from([s for s in Status if s is not Status.ALARM]),
+        st.text(alphabet="0123456789.MHLINFWVE", max_size=16),
+    ),
     st.builds(lambda a, c: Reply(a, Status.ALARM, alarm=c), st.integers(0, 99), st.sampled_from(AlarmCode)),
-    st.builds(lambda a, s, e: Reply(a, s, error=e), st.integers(0, 99),
-              st.sampled_from([s for s in Status if s is not Status.ALARM]), st.sampled_from(ErrorCode)),
+    st.builds(
+        lambda a, s, e: Reply(a, s, error=e),
+        st.integers(0, 99),
+        st.sampled_from([s for s in Status if s is not Status.ALARM]),
+        st.sampled_from(ErrorCode),
+    ),
 )
 
 
 @given(replies, st.booleans(), st.lists(st.integers(1, 7), max_size=6))
 def test_reply_round_trip_any_chunking(reply: Reply, safe: bool, cuts: list[int]) -> None:
-    wire = encode_reply(reply.address, reply.status, alarm=reply.alarm, error=reply.error, data=reply.data,
-                        safe=safe)
+    wire = encode_reply(reply.address, reply.status, alarm=reply.alarm, error=reply.error, data=reply.data, safe=safe)
     decoder = FrameDecoder(Direction.TO_HOST, safe=safe)
     frames = []
     pos = 0
@@ -398,8 +404,7 @@ def test_pump_side_mixed_framings_and_crlf() -> None:
     d.feed(b"0RUN\r\n\r" + encode_command(0, "STP", safe=True) + b"0 dis\r")
     frames, errors = _drain(d)
     assert errors == 0
-    assert [(parse_command(f.payload).name, f.safe) for f in frames] == [("RUN", False), ("STP", True),
-                                                                         ("DIS", False)]
+    assert [(parse_command(f.payload).name, f.safe) for f in frames] == [("RUN", False), ("STP", True), ("DIS", False)]
 
 
 def test_pump_side_unterminated_basic_before_safe() -> None:
@@ -417,10 +422,8 @@ def test_noise_never_crashes(noise: bytes, safe: bool, direction: Direction) -> 
     d.feed(noise)
     frames, _ = _drain(d)
     for f in frames:
-        try:
+        with contextlib.suppress(ProtocolError):
             parse_reply(f.payload) if direction is Direction.TO_HOST else parse_command(f.payload)
-        except ProtocolError:
-            pass
 
 
 @given(st.binary(max_size=40), st.binary(max_size=40))
