@@ -55,6 +55,8 @@ _US_PER_H: Final = Decimal(3_600_000_000)  # rate [mL/h] * t [µs] / this = mL
 # never round: the integral is exact. Only the final division to mL rounds, at 34 significant digits.
 _EXACT: Final = Context(prec=80)
 _REPORT: Final = Context(prec=34)
+# pi to 34 digits: plunger travel is informational geometry, never a setpoint, so a rounded pi is fine.
+_PI: Final = Decimal("3.141592653589793238462643383279503")
 
 
 class ModelError(DriverdError):
@@ -83,6 +85,7 @@ class ModelStatus:
     fill_volume_ml: Decimal = DEFAULT_FILL_ML
     deadman_armed: bool = False
     unacknowledged: frozenset[AlarmKind] = frozenset()
+    plunger_travel_mm: Decimal = Decimal(0)  # how far the plunger moved since the syringe was loaded
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,7 +330,14 @@ class PumpModel:
             fill_volume_ml=self._fill,
             deadman_armed=self._deadman_armed,
             unacknowledged=frozenset(self._unacked),
+            plunger_travel_mm=self._travel_mm(),
         )
+
+    def _travel_mm(self) -> Decimal:
+        # volume [mm^3] / cross-section [mm^2]; 1 mL = 1000 mm^3
+        with localcontext(_REPORT):
+            area = _PI * self._diameter * self._diameter / 4
+            return self._ml(self._used()) * 1000 / area
 
     def events(self) -> tuple[ModelEvent, ...]:
         """Everything that happened so far (after advancing to now), oldest first."""

@@ -286,3 +286,15 @@ def test_manual_clock_rules() -> None:
     with pytest.raises(ValueError, match="naive"):
         ManualClock(datetime(2026, 1, 1))
     assert c.now() == datetime(2026, 1, 1, 0, 0, 1, 500000, tzinfo=UTC)
+
+
+def test_plunger_travel_follows_volume_and_diameter() -> None:
+    clock, p = make(diameter_mm=D("20"), fill_volume_ml=D(50))
+    p.set_rate(D("31.42"))
+    p.run()
+    clock.advance(3600)  # 31.42 mL through a 20 mm bore (314.159 mm^2): ~100 mm
+    travel = p.status().plunger_travel_mm
+    assert D("100.01") < travel < D("100.02")
+    p.stop()
+    p.load_syringe(D(50))
+    assert p.status().plunger_travel_mm == 0
