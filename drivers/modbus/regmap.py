@@ -59,6 +59,7 @@ _NUM = NUMERIC_TYPES
 REQUIRED: Final[dict[str, Requirement]] = {
     "run": Requirement("coils", frozenset({"bool"}), True),
     "running": Requirement("discrete_inputs", frozenset({"bool"}), False),
+    "alarm_active": Requirement("discrete_inputs", frozenset({"bool"}), False),
     "rate_setpoint": Requirement("holding_registers", _NUM, True),
     "diameter_setpoint": Requirement("holding_registers", _NUM, True),
     "target_volume": Requirement("holding_registers", _NUM, True),
