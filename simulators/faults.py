@@ -12,7 +12,8 @@ A front-end computes its reply from the model as usual, then asks the plan what 
 Faults are queued (``drop_next(2)`` affects the next two replies) or scripted in a scenario file counted in
 replies: ``after_requests = N`` means the first N replies go out normally and the fault starts at reply N+1.
 ``kind = "alarm"`` is a physical fault: it calls ``alarm_hook`` (wired by ``World`` to the pump model's
-``inject_alarm``) right after reply N, so request N+1 already sees it.
+``inject_alarm``, or ``power_cycle`` for power_interrupted) right after reply N, so request N+1 already sees
+it; with N = 0 it fires when the first reply is consulted.
 
 Scenario file (TOML)::
 
@@ -168,7 +169,7 @@ class FaultPlan:
         with self._lock:
             self._scheduled.append(fault)
             self._scheduled.sort(key=lambda f: f.after_requests)
-        self._activate()
+        # Not activated here: an alarm due "after 0 requests" fires at the first reply, once a hook is wired.
 
     @property
     def pending(self) -> int:

@@ -50,7 +50,11 @@ class World:
 
     def _alarm_hook(self, name: str) -> Any:
         def hook(kind: AlarmKind) -> None:
-            self.pump(name).inject_alarm(kind)
+            # A power interruption is more than a flag: it also disarms the dead-man (see power_cycle).
+            if kind is AlarmKind.POWER_INTERRUPTED:
+                self.pump(name).power_cycle()
+            else:
+                self.pump(name).inject_alarm(kind)
 
         return hook
 

@@ -155,3 +155,17 @@ def test_scenario_reports_every_problem_and_missing_files(tmp_path: Path) -> Non
     with pytest.raises(FaultScenarioError) as exc:
         FaultPlan.from_scenario(tmp_path / "missing.toml")
     assert exc.value.problems[0].rule == "readable"
+
+
+def test_scenario_power_interruption_is_a_power_cycle() -> None:
+    world = World(ManualClock(datetime(2026, 1, 1, tzinfo=UTC)))
+    pump = world.pump("p")
+    pump.set_deadman(5)
+    pump.host_contact()
+    plan = world.set_faults(
+        "p", FaultPlan.from_scenario('[[fault]]\nafter_requests = 0\nkind = "alarm"\nalarm = "power_interrupted"')
+    )
+    assert plan.on_reply(REPLY).kind == "send"
+    s = pump.status()
+    assert AlarmKind.POWER_INTERRUPTED in s.alarms and not s.deadman_armed
+    assert [e.kind for e in pump.events()][-2:] == ["power_cycle", "power_interrupted"]
