@@ -115,7 +115,7 @@ def verify_log(
             expect_desc = expected_seq
             try:
                 if not had_newline:
-                    raise _Fail("torn tail: the last line has no newline (partial write; reopening the writer truncates it)")
+                    raise _Fail("torn tail: no newline at the end (partial write; the writer truncates it on reopen)")
                 try:
                     rec = loads_line(line)
                 except ValueError as exc:

@@ -18,6 +18,7 @@ The writer is synchronous and single-threaded; one process may hold a log direct
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import time
@@ -501,10 +502,9 @@ class AuditWriter:
         self._closed = True
         for fd in (self._fd, self._dir_fd):
             if fd >= 0:
-                try:
+                # closing after a fatal error: the error itself is already reported
+                with contextlib.suppress(OSError):
                     os.close(fd)
-                except OSError:
-                    pass  # closing after a fatal error: the error itself is already reported
         self._fd = -1
         self._dir_fd = -1
 

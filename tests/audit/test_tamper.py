@@ -71,7 +71,8 @@ def test_fixture_logs_verify(small: Log, big: Log) -> None:
 
 
 def test_every_single_byte_change_detected(small: Log) -> None:
-    # Exhaustive over every byte of a real multi-segment log, with two kinds of change per byte (hypothesis covers arbitrary values below).
+    # Exhaustive over every byte of a real multi-segment log, two kinds of change per byte
+    # (test_random_byte_change_detected covers arbitrary values).
     for seg in small.segments:
         data = small.original[seg]
         for i in range(len(data)):

@@ -97,7 +97,7 @@ def test_naive_clock_refused(tmp_path: Path, key: Ed25519PrivateKey) -> None:
     from datetime import datetime
 
     with pytest.raises(AuditFieldError):
-        AuditWriter.open(tmp_path / "log", small_config(), key, lambda: datetime(2026, 1, 1))  # noqa: DTZ001
+        AuditWriter.open(tmp_path / "log", small_config(), key, lambda: datetime(2026, 1, 1))
 
 
 @pytest.mark.parametrize(
@@ -119,7 +119,8 @@ def test_config_malformed(kw: dict, field: str) -> None:
 
 def test_checkpoints_by_count_and_time_are_signed(tmp_path: Path, key: Ed25519PrivateKey) -> None:
     clock = StepClock(step=timedelta(seconds=1))
-    w = AuditWriter.open(tmp_path / "log", small_config(checkpoint_every_records=3, checkpoint_every_s=3600), key, clock)
+    cfg = small_config(checkpoint_every_records=3, checkpoint_every_s=3600)
+    w = AuditWriter.open(tmp_path / "log", cfg, key, clock)
     for _ in range(3):
         w.append("x", pump_id=None, course_id=None, durable=False)
     recs = records(tmp_path / "log")
@@ -139,7 +140,8 @@ def test_checkpoints_by_count_and_time_are_signed(tmp_path: Path, key: Ed25519Pr
 
 
 def test_rotation_links_segments(tmp_path: Path, key: Ed25519PrivateKey) -> None:
-    w = AuditWriter.open(tmp_path / "log", small_config(segment_max_records=5, checkpoint_every_records=100), key, StepClock())
+    cfg = small_config(segment_max_records=5, checkpoint_every_records=100)
+    w = AuditWriter.open(tmp_path / "log", cfg, key, StepClock())
     for i in range(12):
         w.append("x", pump_id=None, course_id=None, durable=i % 2 == 0, i=i)
     w.close()

@@ -1,0 +1,250 @@
+"""Replay: fold the logged core inputs through the pure core again and compare every recomputed output with
+what the log says was commanded.
+
+For each pump, records are taken in log order. Each input record (`INPUT_EVENTS`) is decoded with
+`event_from_record` and folded with the machine's `step` (the daemon's own entry point: an illegal event
+becomes a logged refusal); its commands, converted with `command_to_record`, must equal, in order, the output
+records (`OUTPUT_EVENTS`) the log has for that pump after the input and before the pump's next input.
+Any missing, extra or different output is a divergence (seq, expected, found).
+
+The state is kept per pump across courses (as the daemon does: setpoint ids and the memory of a stopped
+course carry over); the summary is reported per (pump, course). The drug library in force is the last
+`library_loaded` record's `text`, parsed with the core's own `parse_protocol`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from driverd.audit.canonical import canonicalize
+from driverd.audit.reader import Line
+from driverd.audit.report import Report, ReportBuilder, report_lines
+from driverd.core.errors import DriverdError
+from driverd.core.protocol import ProtocolSpec, parse_protocol
+
+ENVELOPE = frozenset({"seq", "ts", "event", "pump_id", "course_id", "prev", "hash"})
+
+
+@dataclass(frozen=True, slots=True)
+class Divergence:
+    seq: int  # the output record that differs, or the input whose output is missing
+    pump_id: str
+    course_id: str | None
+    kind: str  # "different" | "missing" | "unexpected" | "input" | "no_library"
+    expected: dict[str, Any] | None
+    found: dict[str, Any] | None
+    detail: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "seq": self.seq,
+            "pump_id": self.pump_id,
+            "course_id": self.course_id,
+            "kind": self.kind,
+            "expected": self.expected,
+            "found": self.found,
+            "detail": self.detail,
+        }
+
+
+@dataclass(slots=True)
+class ReplayResult:
+    divergences: list[Divergence] = field(default_factory=list)
+    inputs: int = 0
+    outputs_checked: int = 0
+    report: Report = field(default_factory=Report)
+
+    @property
+    def ok(self) -> bool:
+        return not self.divergences
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "inputs": self.inputs,
+            "outputs_checked": self.outputs_checked,
+            "divergences": [d.as_dict() for d in self.divergences],
+            **self.report.as_dict(),
+        }
+
+    def text_lines(self) -> list[str]:
+        head = (
+            f"replay {'OK' if self.ok else 'FAILED'}: {self.inputs} inputs folded, "
+            f"{self.outputs_checked} logged outputs compared, {len(self.divergences)} divergence(s)"
+        )
+        out = [head]
+        for d in self.divergences:
+            out.append(f"  DIVERGENCE at seq {d.seq} (pump {d.pump_id}, course {d.course_id or '-'}): {d.kind}")
+            if d.detail:
+                out.append(f"    {d.detail}")
+            if d.expected is not None:
+                out.append(f"    expected: {d.expected}")
+            if d.found is not None:
+                out.append(f"    found:    {d.found}")
+        return [*out, "", *report_lines(self.report)]
+
+
+Reduce = Callable[[Any, Any, ProtocolSpec], tuple[Any, tuple[Any, ...]]]
+
+
+@dataclass(slots=True)
+class _Pump:
+    state: Any
+    expected: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # outputs still to be matched
+    input_seq: int = 0
+    course_id: str | None = None
+
+
+class Replayer:
+    """Streaming replay. The core functions are injectable so the comparison logic can be tested alone."""
+
+    def __init__(
+        self,
+        *,
+        initial_state: Callable[[str], Any] | None = None,
+        reduce: Reduce | None = None,
+        event_from_record: Callable[[dict[str, Any]], Any] | None = None,
+        command_to_record: Callable[[Any], tuple[str, dict[str, Any]]] | None = None,
+        input_events: frozenset[str] | None = None,
+        output_events: frozenset[str] | None = None,
+    ) -> None:
+        if None in (initial_state, reduce, event_from_record, command_to_record, input_events, output_events):
+            from driverd.core import machine, records
+
+            initial_state = initial_state or machine.initial_state
+            # `step` is what the daemon folds with (illegal events become refusals); plain reduce otherwise.
+            reduce = reduce or getattr(machine, "step", machine.reduce)
+            event_from_record = event_from_record or records.event_from_record
+            command_to_record = command_to_record or records.command_to_record
+            input_events = input_events if input_events is not None else records.INPUT_EVENTS
+            output_events = output_events if output_events is not None else records.OUTPUT_EVENTS
+        assert initial_state and reduce and event_from_record and command_to_record
+        assert input_events is not None and output_events is not None
+        self._initial_state = initial_state
+        self._reduce = reduce
+        self._event_from_record = event_from_record
+        self._command_to_record = command_to_record
+        self._inputs = input_events
+        self._outputs = output_events
+        self._protocol: ProtocolSpec | None = None
+        self._pumps: dict[str, _Pump] = {}
+        self._summary = ReportBuilder()
+        self.result = ReplayResult(report=self._summary.report)
+
+    def add(self, rec: dict[str, Any]) -> None:
+        self._summary.add(rec)
+        event = rec.get("event")
+        if event == "library_loaded":
+            self._load_library(rec)
+            return
+        pump_id = rec.get("pump_id")
+        if not isinstance(pump_id, str):
+            return
+        if event in self._inputs:
+            self._input(pump_id, rec)
+        elif event in self._outputs:
+            self._output(pump_id, rec)
+
+    def finish(self) -> ReplayResult:
+        for pump_id, p in self._pumps.items():
+            self._flush_missing(pump_id, p)
+        return self.result
+
+    # ------------------------------------------------------------------------------------------ steps
+
+    def _load_library(self, rec: dict[str, Any]) -> None:
+        text = rec.get("text")
+        try:
+            if not isinstance(text, str):
+                raise ValueError("library_loaded has no `text`")
+            self._protocol = parse_protocol(text)
+        except (DriverdError, ValueError) as exc:
+            self._protocol = None
+            self._diverge(rec, "", None, "no_library", None, None, f"drug library in the log does not parse: {exc}")
+
+    def _input(self, pump_id: str, rec: dict[str, Any]) -> None:
+        p = self._pumps.get(pump_id)
+        if p is None:
+            p = self._pumps[pump_id] = _Pump(self._initial_state(pump_id))
+        self._flush_missing(pump_id, p)
+        p.input_seq = rec["seq"]
+        p.course_id = rec.get("course_id")
+        self.result.inputs += 1
+        if self._protocol is None:
+            self._diverge(rec, pump_id, p.course_id, "no_library", None, None, "input before any library_loaded")
+            return
+        try:
+            event = self._event_from_record(rec)
+            p.state, cmds = self._reduce(p.state, event, self._protocol)
+        except DriverdError as exc:
+            self._diverge(rec, pump_id, p.course_id, "input", None, _fields(rec), f"cannot fold this input: {exc}")
+            return
+        p.expected = [(name, _canon(fields)) for name, fields in map(self._command_to_record, cmds)]
+
+    def _output(self, pump_id: str, rec: dict[str, Any]) -> None:
+        p = self._pumps.get(pump_id)
+        found = {"event": rec["event"], **_fields(rec)}
+        self.result.outputs_checked += 1
+        if p is None or not p.expected:
+            why = "the core produced nothing here" if p is not None else "no input for this pump yet"
+            self._diverge(rec, pump_id, rec.get("course_id"), "unexpected", None, found, why)
+            return
+        name, fields = p.expected.pop(0)
+        expected = {"event": name, **fields}
+        # Compare the fields the core defines; extra fields the runtime adds (e.g. wire details) are context.
+        got = {k: found.get(k) for k in expected}
+        if got != expected:
+            diff = sorted(k for k in expected if expected[k] != found.get(k))
+            self._diverge(rec, pump_id, p.course_id, "different", expected, found, f"differs in: {', '.join(diff)}")
+
+    def _flush_missing(self, pump_id: str, p: _Pump) -> None:
+        for name, fields in p.expected:
+            self.result.divergences.append(
+                Divergence(
+                    p.input_seq,
+                    pump_id,
+                    p.course_id,
+                    "missing",
+                    {"event": name, **fields},
+                    None,
+                    f"the core produced this after input seq {p.input_seq} but the log does not have it",
+                )
+            )
+        p.expected = []
+
+    def _diverge(
+        self,
+        rec: dict[str, Any],
+        pump_id: str,
+        course_id: Any,
+        kind: str,
+        expected: dict[str, Any] | None,
+        found: dict[str, Any] | None,
+        detail: str,
+    ) -> None:
+        course = course_id if isinstance(course_id, str) else None
+        self.result.divergences.append(Divergence(rec["seq"], pump_id, course, kind, expected, found, detail))
+
+
+def _fields(rec: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in rec.items() if k not in ENVELOPE}
+
+
+def _canon(fields: dict[str, Any]) -> dict[str, Any]:
+    """Expected fields in their logged form (Decimal -> plain string, datetime -> RFC 3339 Z)."""
+    out = canonicalize(fields, "")
+    assert isinstance(out, dict)
+    return out
+
+
+def replay_records(records: Iterable[dict[str, Any]], replayer: Replayer | None = None) -> ReplayResult:
+    r = replayer or Replayer()
+    for rec in records:
+        r.add(rec)
+    return r.finish()
+
+
+def replay_lines(lines: Iterable[Line], replayer: Replayer | None = None) -> ReplayResult:
+    return replay_records((line.record for line in lines), replayer)
