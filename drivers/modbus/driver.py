@@ -1,0 +1,312 @@
+"""Modbus pump driver on pymodbus 3.16's async clients (TCP and RTU), addressed through a register map.
+
+URLs: ``modbus+tcp://host:port?unit=N`` (port 502 by default) and ``modbus+rtu:///dev/ttyX?baud=B&unit=N``;
+optional ``map=PATH`` names another register map file (default: config/drivers/modbus-pump.toml).
+
+Rules this driver keeps:
+- Every write is followed by a read of the matching read-back point, and that read-back is what is returned.
+- Values are encoded exactly by the map's codec; a value the map cannot carry exactly is refused before
+  anything is sent (PumpRejected, code "modbus:encode"): never rounded.
+- Only reads are retried (timeouts and invalid replies, ``options.retries`` times). A write that got no reply
+  raises DriverTimeout: the caller must read the pump to learn what it holds.
+- Exception responses become PumpRejected(code="modbus:0xNN"); 0x04 while the pump reports an unacknowledged
+  alarm becomes PumpAlarm. No reply in time (or only stale/mismatched ones) -> DriverTimeout; a lost
+  connection or a port that cannot be opened -> DriverIOError; a reply of the wrong shape -> ProtocolError.
+- connect() writes the watchdog timeout (``options.deadman_s``) and reads it back; any request re-arms it,
+  so ``heartbeat()`` is a status read. The driver never writes anything that could withdraw (the map has no
+  direction point at all).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from decimal import Decimal
+from typing import Any, ClassVar, Final
+
+from pymodbus import FramerType
+from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
+from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
+from pymodbus.pdu import ExceptionResponse, ModbusPDU
+
+from driverd.core.errors import Problem, ValidationError
+from driverd.core.quantities import Resolution
+from drivers.base import (
+    DriverError,
+    DriverIOError,
+    DriverOptions,
+    DriverTimeout,
+    Identity,
+    ProtocolError,
+    PumpAlarm,
+    PumpDriver,
+    PumpRejected,
+    PumpState,
+    PumpStatus,
+)
+from drivers.modbus import codec
+from drivers.modbus.codec import CodecError
+from drivers.modbus.regmap import BIT_TABLES, DEFAULT_MAP, Point, RegisterMap, Table, load_map
+from drivers.url import DriverURL
+
+_READ_FC: Final[dict[Table, int]] = {"coils": 1, "discrete_inputs": 2, "holding_registers": 3, "input_registers": 4}
+_MAX_REGS: Final = 125  # per read request (Modbus limit)
+_MAX_BITS: Final = 2000
+
+
+class ModbusDriver(PumpDriver):
+    scheme: ClassVar[str] = "modbus"
+    #: The shipped map carries rates in µL/h (scale 0.001 mL/h): three decimals, exactly. Instances derive
+    #: theirs from the map they load (``self.resolution``), which for the shipped map equals this.
+    resolution: ClassVar[Resolution] = Resolution(decimals=3)
+
+    def __init__(self, url: DriverURL, options: DriverOptions | None = None, *, regmap: RegisterMap | None = None):
+        super().__init__(url, options)
+        problems: list[Problem] = []
+        if url.transport not in ("tcp", "rtu"):
+            problems.append(
+                Problem("url.scheme", "transport", "modbus needs modbus+tcp://host:port or modbus+rtu:///dev/x")
+            )
+        known = {"unit", "map"} | ({"baud"} if url.transport == "rtu" else set())
+        problems += [
+            Problem(f"url.{k}", "unknown-parameter", f"unknown parameter {k!r}") for k in url.params if k not in known
+        ]
+        if url.transport == "tcp" and not url.host:
+            problems.append(Problem("url.host", "required", "modbus+tcp needs a host"))
+        if url.transport == "rtu" and not url.path.strip("/"):
+            problems.append(Problem("url.path", "required", "modbus+rtu needs a serial device path"))
+        if problems:
+            raise ValidationError(problems)
+        self.unit = url.int_param("unit", 1, lo=1, hi=247)
+        self.baud = url.int_param("baud", 19200, lo=50, hi=4_000_000) if url.transport == "rtu" else 0
+        self.map = regmap or load_map(url.params.get("map") or DEFAULT_MAP)
+        self.resolution = self.map.rate_resolution()  # type: ignore[misc]  # per-instance: from the map
+        self._client: AsyncModbusTcpClient | AsyncModbusSerialClient | None = None
+        self._lock = asyncio.Lock()
+        self._disconnects = 0  # bumped by the client's connection callback: tells a lost link from silence
+
+    # ---- transport -----------------------------------------------------------------------------------------
+
+    def _on_connection(self, connected: bool) -> None:
+        if not connected:
+            self._disconnects += 1
+
+    def _make_client(self) -> AsyncModbusTcpClient | AsyncModbusSerialClient:
+        common: dict[str, Any] = {
+            "timeout": self.options.timeout_s,
+            "retries": 0,  # our own loop retries reads only; writes are never repeated blindly
+            "reconnect_delay": 0,  # reconnect on demand (next request), not behind our back
+            "trace_connect": self._on_connection,
+        }
+        if self.url.transport == "tcp":
+            return AsyncModbusTcpClient(self.url.host, port=self.url.port or 502, **common)
+        return AsyncModbusSerialClient(self.url.path, framer=FramerType.RTU, baudrate=self.baud, **common)
+
+    async def connect(self) -> None:
+        async with self._lock:
+            self._client = self._make_client()
+            try:
+                ok = await self._client.connect()
+            except (OSError, ModbusException) as exc:
+                raise DriverIOError(f"{self.url.raw}: cannot connect: {exc}") from None
+            if not ok:
+                raise DriverIOError(f"{self.url.raw}: cannot connect")
+            version = await self._read_value("map_version")
+            if version != self.map.map_version:
+                raise ProtocolError(
+                    f"{self.url.raw}: device implements map version {version}, ours is {self.map.map_version}"
+                )
+            deadman = Decimal(self.options.deadman_s)
+            await self._write_value("watchdog_timeout", deadman)
+            got = await self._read_value("watchdog_timeout")
+            if got != deadman:
+                raise DriverError(f"watchdog read back {got} s after writing {deadman} s")
+
+    async def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    async def _execute(self, call: str, *args: Any, read: bool, **kwargs: Any) -> ModbusPDU:
+        """One request with the retry policy: reads retried on no/invalid reply, writes never."""
+        client = self._client
+        if client is None:
+            raise DriverIOError(f"{self.url.raw}: not connected")
+        attempts = 1 + (max(self.options.retries, 0) if read else 0)
+        for attempt in range(attempts):
+            before = self._disconnects
+            try:
+                response: ModbusPDU = await getattr(client, call)(*args, device_id=self.unit, **kwargs)
+            except ConnectionException as exc:
+                raise DriverIOError(f"{self.url.raw}: {exc}") from None
+            except ModbusIOException as exc:
+                if self._disconnects != before:
+                    raise DriverIOError(f"{self.url.raw}: connection lost") from None
+                if attempt + 1 < attempts:
+                    continue
+                raise DriverTimeout(
+                    f"{self.url.raw}: no valid reply to {call} within {self.options.timeout_s} s"
+                ) from exc
+            except (OSError, ModbusException) as exc:
+                raise DriverIOError(f"{self.url.raw}: {exc}") from None
+            return response  # exception responses are answers too: the caller decides
+        raise AssertionError("unreachable")
+
+    # ---- points --------------------------------------------------------------------------------------------
+
+    async def _read_points(self, points: Sequence[Point]) -> dict[str, Decimal | str | bool]:
+        """Read points, grouped into contiguous requests per table; decode each exactly."""
+        out: dict[str, Decimal | str | bool] = {}
+        by_table: dict[Table, list[Point]] = {}
+        for p in points:
+            by_table.setdefault(p.table, []).append(p)
+        for table, pts in by_table.items():
+            for span in _spans(sorted(pts, key=lambda p: p.address), table):
+                start, end = span[0].address, max(p.end for p in span)
+                values = await self._read_span(table, start, end - start)
+                for p in span:
+                    chunk = values[p.address - start : p.end - start]
+                    try:
+                        out[p.name] = codec.decode_bit(p, chunk[0]) if table in BIT_TABLES else codec.decode(p, chunk)
+                    except CodecError as exc:
+                        raise ProtocolError(f"{self.url.raw}: {exc}") from None
+        return out
+
+    async def _read_span(self, table: Table, address: int, count: int) -> list[Any]:
+        call = {
+            "coils": "read_coils",
+            "discrete_inputs": "read_discrete_inputs",
+            "holding_registers": "read_holding_registers",
+            "input_registers": "read_input_registers",
+        }[table]
+        response = await self._execute(call, address, count=count, read=True)
+        self._raise_for_exception(response, f"read {table} {address}..{address + count - 1}")
+        if response.function_code != _READ_FC[table]:
+            raise ProtocolError(f"{self.url.raw}: reply function {response.function_code} to a {call}")
+        values: list[Any] = list(response.bits if table in BIT_TABLES else response.registers)
+        # Bits come padded to whole bytes; registers must be exactly what was asked.
+        if len(values) < count or (table not in BIT_TABLES and len(values) != count):
+            raise ProtocolError(f"{self.url.raw}: {call} returned {len(values)} values for {count}")
+        return [bool(v) for v in values[:count]] if table in BIT_TABLES else values
+
+    async def _read_value(self, name: str) -> Decimal | str | bool:
+        return (await self._read_points([self.map[name]]))[name]
+
+    async def _read_decimal(self, name: str) -> Decimal:
+        value = await self._read_value(name)
+        if not isinstance(value, Decimal):
+            raise ProtocolError(f"{name} is not numeric in this map")
+        return value
+
+    async def _write_value(self, name: str, value: Decimal | bool) -> None:
+        point = self.map[name]
+        try:
+            if point.table == "coils":
+                assert isinstance(value, bool)
+                response = await self._execute("write_coil", point.address, codec.encode_bit(point, value), read=False)
+            else:
+                assert isinstance(value, Decimal)
+                registers = codec.encode(point, value)
+                if len(registers) == 1:
+                    response = await self._execute("write_register", point.address, registers[0], read=False)
+                else:
+                    response = await self._execute("write_registers", point.address, registers, read=False)
+        except CodecError as exc:
+            raise PumpRejected(f"refused before sending: {exc}", code="modbus:encode") from None
+        await self._raise_for_exception_async(response, f"write {point.path}")
+
+    def _raise_for_exception(self, response: ModbusPDU, what: str) -> None:
+        if isinstance(response, ExceptionResponse) or response.isError():
+            code = int(getattr(response, "exception_code", 0))
+            raise PumpRejected(f"{self.url.raw}: {what}: Modbus exception {code:#04x}", code=f"modbus:{code:#04x}")
+
+    async def _raise_for_exception_async(self, response: ModbusPDU, what: str) -> None:
+        """Like _raise_for_exception, but a 0x04 refusal during an unacknowledged alarm is a PumpAlarm."""
+        if not (isinstance(response, ExceptionResponse) or response.isError()):
+            return
+        code = int(getattr(response, "exception_code", 0))
+        if code == 0x04:
+            status = await self._status()
+            if status.state is PumpState.ALARM:
+                raise PumpAlarm(
+                    f"{what}: refused, pump in alarm {sorted(a.value for a in status.alarms)}", alarms=status.alarms
+                )
+        raise PumpRejected(f"{self.url.raw}: {what}: Modbus exception {code:#04x}", code=f"modbus:{code:#04x}")
+
+    # ---- PumpDriver ----------------------------------------------------------------------------------------
+
+    async def identify(self) -> Identity:
+        async with self._lock:
+            values = await self._read_points([self.map["model"], self.map["firmware"]])
+        model, firmware = values["model"], values["firmware"]
+        assert isinstance(model, str) and isinstance(firmware, str)
+        return Identity(model=model, firmware=firmware, address=f"unit {self.unit}")
+
+    async def configure_syringe(self, diameter_mm: Decimal) -> Decimal:
+        async with self._lock:
+            await self._write_value("diameter_setpoint", diameter_mm)
+            return await self._read_decimal("diameter_readback")
+
+    async def set_rate(self, rate_ml_per_h: Decimal) -> Decimal:
+        if not isinstance(rate_ml_per_h, Decimal) or not rate_ml_per_h.is_finite() or rate_ml_per_h < 0:
+            # Negative would mean withdraw: never. Refused here, before the codec or the wire.
+            raise PumpRejected(
+                f"rate must be a finite, non-negative Decimal, got {rate_ml_per_h!r}", code="modbus:encode"
+            )
+        async with self._lock:
+            await self._write_value("rate_setpoint", rate_ml_per_h)
+            return await self._read_decimal("rate_readback")
+
+    async def run(self) -> None:
+        async with self._lock:
+            await self._write_value("run", True)
+            status = await self._status()
+        if not status.running:
+            if status.state is PumpState.ALARM:
+                raise PumpAlarm("pump did not start: in alarm", alarms=status.alarms)
+            raise PumpRejected("pump accepted run but reads back stopped", code="modbus:readback")
+
+    async def stop(self) -> None:
+        async with self._lock:
+            await self._write_value("run", False)
+            status = await self._status()
+        if status.running:
+            raise DriverError(f"{self.url.raw}: pump still reads running after stop")
+
+    async def clear_alarm(self) -> None:
+        async with self._lock:
+            await self._write_value("command", Decimal(self.map.command("acknowledge_alarms")))
+            status = await self._status()
+        if status.state is PumpState.ALARM:
+            raise PumpAlarm("alarm still active after acknowledge", alarms=status.alarms)
+
+    async def read_status(self) -> PumpStatus:
+        async with self._lock:
+            return await self._status()
+
+    async def _status(self) -> PumpStatus:
+        names = ["running", "alarm_active", "rate_readback", "delivered_volume", "diameter_readback"]
+        points = [self.map[n] for n in names] + self.map.alarm_points()
+        values = await self._read_points(points)
+        alarms = frozenset(p.alarm for p in self.map.alarm_points() if p.alarm is not None and values[p.name] is True)
+        if values["running"] is True:
+            state = PumpState.INFUSING
+        elif values["alarm_active"] is True:
+            state = PumpState.ALARM
+        else:
+            state = PumpState.STOPPED
+        rate, delivered, diameter = values["rate_readback"], values["delivered_volume"], values["diameter_readback"]
+        assert isinstance(rate, Decimal) and isinstance(delivered, Decimal) and isinstance(diameter, Decimal)
+        return PumpStatus(state=state, rate_ml_per_h=rate, delivered_ml=delivered, diameter_mm=diameter, alarms=alarms)
+
+
+def _spans(points: Sequence[Point], table: Table) -> list[list[Point]]:
+    """Group address-sorted points into runs with no gap, within the per-request limit."""
+    limit = _MAX_BITS if table in BIT_TABLES else _MAX_REGS
+    spans: list[list[Point]] = []
+    for p in points:
+        if spans and p.address <= max(q.end for q in spans[-1]) and p.end - spans[-1][0].address <= limit:
+            spans[-1].append(p)  # adjacent or overlapping (maps forbid overlaps): one request
+        else:
+            spans.append([p])
+    return spans
