@@ -74,7 +74,7 @@ class ReplayResult:
             f"replay {'OK' if self.ok else 'FAILED'}: {self.inputs} inputs folded, "
             f"{self.outputs_checked} logged outputs compared, {len(self.divergences)} divergence(s)"
         )
-        out = [head]
+        out = [head, "  (replay checks decisions, not integrity: run `driverd audit verify` for the chain and signatures)"]
         for d in self.divergences:
             out.append(f"  DIVERGENCE at seq {d.seq} (pump {d.pump_id}, course {d.course_id or '-'}): {d.kind}")
             if d.detail:
@@ -146,6 +146,10 @@ class Replayer:
             self._input(pump_id, rec)
         elif event in self._outputs:
             self._output(pump_id, rec)
+
+    def states(self) -> dict[str, Any]:
+        """Each pump's course state after everything added so far (crash recovery starts from these)."""
+        return {pump_id: p.state for pump_id, p in self._pumps.items()}
 
     def finish(self) -> ReplayResult:
         for pump_id, p in self._pumps.items():

@@ -105,3 +105,12 @@ def test_report_text_json_and_png_without_matplotlib(generic_log: Path, tmp_path
     else:
         res = runner.invoke(app, ["audit", "report", str(generic_log), "--png", str(tmp_path / "x.png")])
         assert res.exit_code == 0 and (tmp_path / "x.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_progress_callback_sees_every_byte(generic_log: Path) -> None:
+    from driverd.audit.reader import total_bytes
+    from driverd.audit.verify import verify_log
+
+    seen: list[int] = []
+    assert verify_log(generic_log, progress=seen.append).ok
+    assert sum(seen) == total_bytes(generic_log)
