@@ -74,7 +74,8 @@ class ReplayResult:
             f"replay {'OK' if self.ok else 'FAILED'}: {self.inputs} inputs folded, "
             f"{self.outputs_checked} logged outputs compared, {len(self.divergences)} divergence(s)"
         )
-        out = [head, "  (replay checks decisions, not integrity: `driverd audit verify` checks the chain and signatures)"]
+        note = "  (replay checks decisions, not integrity: `driverd audit verify` checks the chain and signatures)"
+        out = [head, note]
         for d in self.divergences:
             out.append(f"  DIVERGENCE at seq {d.seq} (pump {d.pump_id}, course {d.course_id or '-'}): {d.kind}")
             if d.detail:
