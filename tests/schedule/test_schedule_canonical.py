@@ -185,3 +185,11 @@ def test_decimal_text_is_exact_and_plain(d: Decimal) -> None:
     assert "E" not in text and "e" not in text
     assert not (("." in text) and text.endswith("0"))
     assert not text.endswith(".")
+
+
+def test_worked_example_in_docs() -> None:
+    """The vector printed in docs/schedules.md, so a third-party implementation can check itself."""
+    text = '{ "b": "x", "a": [1, 2.50, 1E+2, true, null], "\\u00e9": "tab\\there", "signature": {"key_id": "0"} }'
+    body = canonical_bytes(signed_content(load(text)))
+    assert body == '{"a":[1,2.5,100,true,null],"b":"x","é":"tab\\there"}'.encode()
+    assert content_digest(load(text)) == "03f238ed21eed80f99676e8255971bec9eabca8fc1d5649baeebe068d02aa0f9"
