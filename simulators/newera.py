@@ -32,6 +32,7 @@ import os
 import socket
 import termios
 import tty
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
@@ -94,7 +95,8 @@ class NewEraPumpProtocol:
     address: int = 0
     rate_unit: RateUnit = RateUnit.ML_PER_H
     volume_unit: VolumeUnit = VolumeUnit.ML
-    requests: list[Command] = field(default_factory=list)  # every valid command seen, for tests
+    # The most recent valid commands (for tests and benches); bounded, since a bench simulator runs for days.
+    requests: deque[Command] = field(default_factory=lambda: deque(maxlen=4096))
     _reported: frozenset[AlarmKind] = frozenset()  # alarms already announced with A?x (acknowledged)
 
     @property

@@ -14,6 +14,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Final, TypeVar
 
@@ -40,7 +41,9 @@ class SerialTransport:
         self.baudrate = baudrate
         self._serial: serial.SerialBase | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-        self.sent: list[bytes] = []  # every request written (tests check what the driver never sends)
+        # The most recent requests written (tests check what the driver never sends); bounded: a daemon runs
+        # for days.
+        self.sent: deque[bytes] = deque(maxlen=1024)
 
     @property
     def is_open(self) -> bool:

@@ -292,10 +292,11 @@ replies = st.one_of(
 )
 
 
-@given(replies, st.booleans(), st.lists(st.integers(1, 7), max_size=6))
-def test_reply_round_trip_any_chunking(reply: Reply, safe: bool, cuts: list[int]) -> None:
+@given(replies, st.booleans(), st.booleans(), st.lists(st.integers(1, 7), max_size=6))
+def test_reply_round_trip_any_chunking(reply: Reply, safe: bool, auto: bool, cuts: list[int]) -> None:
     wire = encode_reply(reply.address, reply.status, alarm=reply.alarm, error=reply.error, data=reply.data, safe=safe)
-    decoder = FrameDecoder(Direction.TO_HOST, safe=safe)
+    # auto: the decoder tells the framings apart itself (the SAF handshake)
+    decoder = FrameDecoder(Direction.TO_HOST, safe=None if auto else safe)
     frames = []
     pos = 0
     for cut in [*cuts, len(wire)]:
@@ -415,8 +416,8 @@ def test_pump_side_unterminated_basic_before_safe() -> None:
     assert d.next_frame() == Frame(b"0STP", safe=True)
 
 
-@given(st.binary(max_size=300), st.booleans(), st.sampled_from(Direction))
-def test_noise_never_crashes(noise: bytes, safe: bool, direction: Direction) -> None:
+@given(st.binary(max_size=300), st.sampled_from([True, False, None]), st.sampled_from(Direction))
+def test_noise_never_crashes(noise: bytes, safe: bool | None, direction: Direction) -> None:
     """Arbitrary bytes: only frames or ProtocolError, and the decoder always makes progress."""
     d = FrameDecoder(direction, safe=safe)
     d.feed(noise)

@@ -94,7 +94,7 @@ def test_basic_mode_when_the_deadman_is_disabled() -> None:
             assert model.status().deadman_s == 0
             # SAF0 goes safe-framed (accepted in any mode); everything after it is basic mode
             assert driver.transport.sent[0].startswith(b"\x02")
-            assert all(frame.endswith(b"\r") for frame in driver.transport.sent[1:])
+            assert all(frame.endswith(b"\r") for frame in list(driver.transport.sent)[1:])
 
     run(body)
 
