@@ -1,0 +1,247 @@
+"""One channel per pump: poll, feed the core, write ahead, apply setpoints, read back, reconcile.
+
+The channel is the only code that calls a driver's setters, and it only ever sends a `Setpoint` that came out of
+the core's `ApplySetpoint` command — which only the safety kernel can construct. Every input is logged before
+the core sees it; every command is logged (setpoints fdatasync'd) before any byte goes on the wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from driverd.audit.writer import AuditWriter
+from driverd.core.commands import ApplySetpoint, Command, Refused
+from driverd.core.events import Event, LinkLost, LinkRestored, PumpReport, PumpVerified, SetpointResult, Tick
+from driverd.core.machine import step
+from driverd.core.protocol import ProtocolSpec
+from driverd.core.records import command_to_record, event_to_record
+from driverd.core.state import CourseState, Phase
+from driverd.runtime.clock import RuntimeClock
+from drivers.base import DriverError, PumpDriver, PumpRejected, PumpState, PumpStatus
+
+# Inputs that must survive a crash the moment they are acted on; telemetry and ticks use group commit.
+_BULK_INPUTS = frozenset({"tick", "pump_report"})
+
+
+@dataclass
+class Request:
+    """Something from outside (control API, demo script) for this pump, processed in the channel's task."""
+
+    make_event: Callable[[datetime], Event]
+    reply: asyncio.Future[dict[str, Any]] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+class Channel:
+    def __init__(
+        self,
+        pump_id: str,
+        driver: PumpDriver,
+        state: CourseState,
+        protocol: ProtocolSpec,
+        audit: AuditWriter,
+        clock: RuntimeClock,
+        *,
+        poll_period: timedelta,
+        link_timeout: timedelta,
+        io_timeout: float,
+        on_change: Callable[[Channel], None] | None = None,
+    ) -> None:
+        self.pump_id = pump_id
+        self.driver = driver
+        self.state = state
+        self.protocol = protocol
+        self.audit = audit
+        self.clock = clock
+        self.poll_period = poll_period
+        self.link_timeout = link_timeout
+        self.io_timeout = io_timeout
+        self.inbox: asyncio.Queue[Request] = asyncio.Queue()
+        self.connected = False
+        self.failing_since: datetime | None = None
+        self.link_lost = False
+        self.last_status: PumpStatus | None = None
+        self.last_error = ""
+        self.polls = 0
+        self.stopping = False
+        self._primed_for: str | None = None
+        self._on_change = on_change
+
+    # ------------------------------------------------------------------------------------------ the core
+
+    def feed(self, event: Event) -> tuple[Command, ...]:
+        """Log the input, step the core, log its commands (setpoints durably). No I/O to the pump here."""
+        name, fields = event_to_record(event)
+        self.audit.append(name, pump_id=self.pump_id, course_id=self.state.course_id,
+                          durable=name not in _BULK_INPUTS, **fields)
+        self.state, cmds = step(self.state, event, self.protocol)
+        for cmd in cmds:
+            cname, cfields = command_to_record(cmd)
+            # Write-ahead: a setpoint is on disk (fdatasync) before the driver is called.
+            self.audit.append(cname, pump_id=self.pump_id, course_id=self.state.course_id,
+                              durable=isinstance(cmd, ApplySetpoint) or cname == "alarm", **cfields)
+        if self._on_change is not None:
+            self._on_change(self)
+        return cmds
+
+    async def handle(self, event: Event) -> tuple[Command, ...]:
+        cmds = self.feed(event)
+        await self.execute(cmds)
+        return cmds
+
+    async def execute(self, cmds: tuple[Command, ...]) -> None:
+        for cmd in cmds:
+            if isinstance(cmd, ApplySetpoint):
+                result = await self._apply(cmd)
+                await self.execute(self.feed(result))
+
+    # ------------------------------------------------------------------------------------------ I/O
+
+    async def _io(self, op: Awaitable[Any]) -> Any:
+        return await asyncio.wait_for(op, timeout=self.io_timeout * 4)
+
+    async def _apply(self, cmd: ApplySetpoint) -> SetpointResult:
+        sp = cmd.setpoint
+        try:
+            if sp.is_stop:
+                await self._io(self.driver.stop())
+                status = await self._io(self.driver.read_status())
+                readback = Decimal(0) if status.state is not PumpState.INFUSING else status.rate_ml_per_h
+            else:
+                status = await self._io(self.driver.read_status())
+                if status.state is PumpState.ALARM:
+                    await self._io(self.driver.clear_alarm())
+                readback = await self._io(self.driver.set_rate(sp.rate_ml_per_h))
+                if readback == sp.rate_ml_per_h and status.state is not PumpState.INFUSING:
+                    await self._io(self.driver.run())
+            return SetpointResult(self.clock.now(), sp.id, readback)
+        except PumpRejected as exc:
+            # The pump refused: what does it hold now? That read-back decides (retry once, then alarm).
+            try:
+                status = await self._io(self.driver.read_status())
+                return SetpointResult(self.clock.now(), sp.id, status.rate_ml_per_h, f"rejected: {exc}")
+            except (DriverError, TimeoutError) as exc2:
+                return SetpointResult(self.clock.now(), sp.id, None, f"rejected, then {exc2}")
+        except (DriverError, TimeoutError) as exc:
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            return SetpointResult(self.clock.now(), sp.id, None, self.last_error)
+
+    async def connect(self) -> None:
+        try:
+            await self._io(self.driver.connect())
+            self.connected = True
+        except (DriverError, TimeoutError) as exc:
+            self.connected = False
+            self.last_error = f"connect: {type(exc).__name__}: {exc}"
+            with contextlib.suppress(Exception):
+                await self.driver.close()
+
+    async def poll(self) -> None:
+        now = self.clock.now()
+        if not self.connected:
+            await self.connect()
+        status: PumpStatus | None = None
+        if self.connected:
+            try:
+                status = await self._io(self.driver.read_status())
+            except (DriverError, TimeoutError) as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                if not isinstance(exc, (TimeoutError,)) and "Timeout" not in type(exc).__name__:
+                    # A broken transport: reopen it on the next poll.
+                    self.connected = False
+                    with contextlib.suppress(Exception):
+                        await self.driver.close()
+        self.polls += 1
+        if status is None:
+            self.failing_since = self.failing_since or now
+            if not self.link_lost and now - self.failing_since >= self.link_timeout:
+                self.link_lost = True
+                await self.handle(LinkLost(now, self.last_error or "no valid reply"))
+            return
+        self.failing_since = None
+        self.last_status = status
+        if self.link_lost:
+            self.link_lost = False
+            await self.handle(LinkRestored(self.clock.now()))
+        alarms = tuple(sorted(a.value for a in status.alarms))
+        await self.handle(PumpReport(self.clock.now(), status.state.value, status.rate_ml_per_h,
+                                     status.delivered_ml, alarms))
+
+    async def prime(self) -> None:
+        """A newly accepted schedule: stop the pump, load the syringe diameter, read it back, tell the core."""
+        sched = self.state.schedule
+        if self.state.phase is not Phase.IDLE or sched is None or self._primed_for == sched.digest:
+            return
+        if not self.connected:
+            return
+        self._primed_for = sched.digest
+        try:
+            await self._io(self.driver.stop())
+            status = await self._io(self.driver.read_status())
+            if status.state is PumpState.ALARM:
+                await self._io(self.driver.clear_alarm())
+            diameter = await self._io(self.driver.configure_syringe(sched.inner_diameter_mm))
+            identity = await self._io(self.driver.identify())
+        except (DriverError, TimeoutError) as exc:
+            self._primed_for = None  # try again on the next poll
+            self.last_error = f"prime: {type(exc).__name__}: {exc}"
+            return
+        await self.handle(PumpVerified(self.clock.now(), diameter, self.driver.resolution, identity.model))
+
+    # ------------------------------------------------------------------------------------------ loop
+
+    async def run(self) -> None:
+        self.clock.register()
+        try:
+            await self.connect()
+            next_poll = self.clock.now()
+            while not self.stopping:
+                await self.poll()
+                await self.handle(Tick(self.clock.now()))
+                await self.prime()
+                next_poll += self.poll_period
+                if next_poll <= self.clock.now():
+                    next_poll = self.clock.now() + self.poll_period
+                await self._wait(next_poll)
+        finally:
+            self.clock.unregister()
+
+    async def _wait(self, until: datetime) -> None:
+        while not self.stopping:
+            while not self.inbox.empty():
+                await self._serve(self.inbox.get_nowait())
+            sleeper = asyncio.ensure_future(self.clock.sleep_until(until))
+            getter = asyncio.ensure_future(self.inbox.get())
+            done, _ = await asyncio.wait({sleeper, getter}, return_when=asyncio.FIRST_COMPLETED)
+            if getter in done:
+                sleeper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sleeper
+                await self._serve(getter.result())
+                continue
+            getter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await getter
+            return
+
+    async def _serve(self, request: Request) -> None:
+        try:
+            cmds = await self.handle(request.make_event(self.clock.now()))
+            await self.prime()
+        except Exception as exc:  # a bad request must never kill the channel
+            if not request.reply.done():
+                request.reply.set_result({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+            return
+        refusals = [{"reason": c.reason, "detail": c.detail} for c in cmds if isinstance(c, Refused)]
+        if not request.reply.done():
+            request.reply.set_result({"ok": not refusals, "refusals": refusals, "phase": self.state.phase.value})
+
+    async def submit(self, make_event: Callable[[datetime], Event]) -> dict[str, Any]:
+        request = Request(make_event)
+        await self.inbox.put(request)
+        return await request.reply

@@ -1,0 +1,207 @@
+"""The daemon: drug library, trust store, audit log, crash recovery, one channel per pump, the request API.
+
+It holds no course logic: every decision is the core's (through the channels). It is the imperative shell
+that checks signatures, replay protection and validation of pushed schedules before the core sees them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import driverd
+from driverd.audit.writer import AuditConfig, AuditWriter
+from driverd.core.errors import DriverdError, SignatureError, ValidationError
+from driverd.core.events import CLINICIAN_ACTIONS, ClinicianCommand, Event, LinkLost, ScheduleAccepted
+from driverd.core.machine import initial_state
+from driverd.core.protocol import ProtocolSpec, parse_protocol
+from driverd.core.records import fmt_dec, fmt_time
+from driverd.core.schedule_parse import parse_schedule
+from driverd.runtime.channel import Channel
+from driverd.runtime.clock import RuntimeClock
+from driverd.runtime.config import DaemonConfig
+from driverd.runtime.recovery import recover
+from driverd.signing import TrustStore, load_private_key
+from drivers.base import DriverOptions
+from drivers.registry import open_driver
+
+MAX_TEXT = 256
+
+
+@dataclass
+class Reply:
+    ok: bool
+    body: dict[str, Any]
+
+
+class Daemon:
+    def __init__(self, config: DaemonConfig, clock: RuntimeClock, *, world: Any = None) -> None:
+        self.config = config
+        self.clock = clock
+        self.world = world
+        self.protocol: ProtocolSpec | None = None
+        self.protocol_text = ""
+        self.trust: TrustStore | None = None
+        self.audit: AuditWriter | None = None
+        self.channels: dict[str, Channel] = {}
+        self.versions: dict[str, int] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self.changed = asyncio.Event()  # set whenever any course state changes (demo progress, status)
+
+    # ------------------------------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        cfg = self.config
+        self.protocol_text = cfg.protocol.read_text(encoding="utf-8")
+        self.protocol = parse_protocol(self.protocol_text)  # refuse to start on an unknown/invalid library
+        self.trust = TrustStore.load(cfg.trust_dir)
+        key = load_private_key(cfg.audit_key) if cfg.audit_key else None
+        recovered = recover(cfg.audit_dir)
+        self.versions = dict(recovered.versions)
+        a = cfg.audit
+        self.audit = AuditWriter.open(
+            cfg.audit_dir,
+            AuditConfig(segment_max_records=a.segment_max_records, checkpoint_every_records=a.checkpoint_every_records,
+                        checkpoint_every_s=a.checkpoint_every_s, group_commit_ms=a.group_commit_ms,
+                        group_commit_records=a.group_commit_records),
+            key,
+            self.clock.now,
+        )
+        self.audit.append("daemon_start", pump_id=None, course_id=None, durable=True, version=driverd.__version__,
+                          config_sha256=cfg.sha256, pumps=[p.id for p in cfg.pumps],
+                          recovered_records=recovered.records, trust_keys=sorted(self.trust.keys))
+        self.audit.append("library_loaded", pump_id=None, course_id=None, durable=True,
+                          library=self.protocol.library_version, text=self.protocol_text)
+        for pump in cfg.pumps:
+            options = DriverOptions(timeout_s=cfg.driver_timeout_s, retries=1, deadman_s=cfg.deadman_s,
+                                    world=self.world)
+            driver = open_driver(pump.url, options)
+            state = recovered.states.get(pump.id) or initial_state(pump.id)
+            channel = Channel(pump.id, driver, state, self.protocol, self.audit, self.clock,
+                              poll_period=timedelta(seconds=cfg.poll_period_s),
+                              link_timeout=timedelta(seconds=cfg.link_timeout_s),
+                              io_timeout=cfg.driver_timeout_s, on_change=lambda _c: self.changed.set())
+            if state.pending is not None:
+                # Crashed between sending a setpoint and its read-back: that setpoint is uncertain. Treat the
+                # restart like a lost link (alarm; a clinician resumes at most at the last verified rate).
+                detail = f"restart with setpoint {state.pending.setpoint.id} unverified"
+                channel.feed(LinkLost(self.clock.now(), detail))
+            self.channels[pump.id] = channel
+        self.audit.flush()
+        self._tasks = [asyncio.create_task(ch.run(), name=f"channel-{pid}") for pid, ch in self.channels.items()]
+
+    async def stop(self) -> None:
+        for ch in self.channels.values():
+            ch.stopping = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for ch in self.channels.values():
+            with contextlib.suppress(Exception):
+                await ch.driver.close()
+        if self.audit is not None:
+            self.audit.append("daemon_stop", pump_id=None, course_id=None, durable=True)
+            self.audit.close()
+
+    def tick_audit(self) -> None:
+        """Called on a timer: bounded group-commit delay for telemetry."""
+        if self.audit is not None:
+            self.audit.flush()
+
+    # ------------------------------------------------------------------------------------------ requests
+
+    def _refuse(self, pump_id: str | None, source: str, reason: str, detail: str) -> dict[str, Any]:
+        assert self.audit is not None
+        self.audit.append("request_refused", pump_id=pump_id, course_id=None, durable=True, source=source,
+                          reason=reason, detail=detail[:1000])
+        return {"ok": False, "refusals": [{"reason": reason, "detail": detail}]}
+
+    async def push_schedule(self, doc: Any) -> dict[str, Any]:
+        """Signed, trusted, unexpired, version-increasing, for a configured pump, valid: or refused, logged."""
+        assert self.trust is not None and self.protocol is not None
+        if not isinstance(doc, Mapping):
+            return self._refuse(None, "push", "malformed", "schedule must be a JSON object")
+        pump_id = doc.get("pump_id") if isinstance(doc.get("pump_id"), str) else None
+        try:
+            key_id = self.trust.verify(doc)
+        except SignatureError as exc:
+            return self._refuse(pump_id, "push", getattr(exc, "reason", "signature"), str(exc))
+        try:
+            schedule = parse_schedule(doc, self.protocol, now=self.clock.now())
+        except ValidationError as exc:
+            detail = "; ".join(str(p) for p in exc.problems)
+            return self._refuse(pump_id, "push", "invalid", detail)
+        channel = self.channels.get(schedule.pump_id)
+        if channel is None:
+            return self._refuse(schedule.pump_id, "push", "unknown_pump", f"no pump {schedule.pump_id!r} configured")
+        seen = self.versions.get(schedule.schedule_id, 0)
+        if schedule.version <= seen:
+            return self._refuse(schedule.pump_id, "push", "replay",
+                                f"version {schedule.version} of {schedule.schedule_id} is not above {seen}")
+        # The accepted schedule reaches the log (fdatasync) inside the channel before we reply: that durable
+        # record is the replay protection, rebuilt from the log on restart.
+        reply = await channel.submit(lambda at: ScheduleAccepted(at, schedule))
+        if reply.get("ok"):
+            self.versions[schedule.schedule_id] = schedule.version
+        return {**reply, "key_id": key_id, "schedule_id": schedule.schedule_id, "version": schedule.version}
+
+    async def command(self, pump_id: Any, action: Any, by: Any, reason: Any, dose: Any = None) -> dict[str, Any]:
+        problems = []
+        if not isinstance(pump_id, str) or pump_id not in self.channels:
+            problems.append(f"pump: unknown pump {str(pump_id)[:64]!r}")
+        if action not in CLINICIAN_ACTIONS:
+            problems.append(f"action: must be one of {', '.join(CLINICIAN_ACTIONS)}")
+        for name, value in (("by", by), ("reason", reason)):
+            if not isinstance(value, str) or not value.strip() or len(value) > MAX_TEXT:
+                problems.append(f"{name}: required text of 1..{MAX_TEXT} characters")
+        dose_d: Decimal | None = None
+        if dose is not None:
+            try:
+                dose_d = Decimal(str(dose))
+                if not dose_d.is_finite() or dose_d < 0 or dose_d > 100_000 or isinstance(dose, bool | float):
+                    raise ValueError
+            except (ArithmeticError, ValueError):
+                problems.append("dose_mg_per_24h: a non-negative decimal string")
+        if problems:
+            pid = pump_id if isinstance(pump_id, str) else None
+            return self._refuse(pid, "clinician", "invalid", "; ".join(problems))
+        channel = self.channels[pump_id]
+        return await channel.submit(lambda at: ClinicianCommand(at, action, by, reason, dose_d))
+
+    async def submit_event(self, pump_id: str, make_event: Callable[[datetime], Event]) -> dict[str, Any]:
+        return await self.channels[pump_id].submit(make_event)
+
+    def status(self) -> dict[str, Any]:
+        pumps = []
+        for pid, ch in self.channels.items():
+            s = ch.state
+            st = ch.last_status
+            pumps.append({
+                "pump_id": pid,
+                "phase": s.phase.value,
+                "course_id": s.course_id,
+                "level_mg_per_24h": fmt_dec(s.level_mg_per_24h),
+                "commanded_ml_per_h": fmt_dec(s.commanded_rate),
+                "verified_ml_per_h": fmt_dec(s.verified_rate),
+                "delivered_ml": fmt_dec(s.delivered_ml),
+                "taper_lock": s.taper_lock,
+                "alarm": s.alarm_code or None,
+                "link": "lost" if ch.link_lost else ("up" if ch.connected else "down"),
+                "pump_state": st.state.value if st else None,
+                "pump_rate_ml_per_h": fmt_dec(st.rate_ml_per_h) if st else None,
+                "started_at": fmt_time(s.started_at) if s.started_at else None,
+                "last_error": ch.last_error or None,
+            })
+        assert self.protocol is not None
+        return {"ok": True, "now": fmt_time(self.clock.now()), "library": self.protocol.library_version,
+                "pumps": pumps}
+
+
+__all__ = ["Daemon", "DriverdError"]

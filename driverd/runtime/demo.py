@@ -1,0 +1,203 @@
+"""`driverd demo`: simulators + the daemon in one process, a whole burst course on the real driver path.
+
+Each simulated pump gets its own schedule, generated from config/schedules/example.json and signed with the DEMO
+key at start (the key is for demos only). The daemon sees exactly what a ward system would push.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import driverd
+from driverd.core.records import fmt_time
+from driverd.core.schedule_parse import load_json
+from driverd.core.state import Phase
+from driverd.runtime.clock import RuntimeClock, ScaledClock, VirtualClock
+from driverd.runtime.config import AuditSettings, DaemonConfig, PumpConfig
+from driverd.runtime.daemon import Daemon
+from driverd.signing import generate_keypair, sign_document
+from simulators.world import World
+
+CONFIG_DIR = Path(driverd.__file__).resolve().parent.parent / "config"
+DEMO_KEY = CONFIG_DIR / "keys" / "demo" / "demo-NOT-FOR-CLINICAL-USE.key"
+DEMO_TRUST = CONFIG_DIR / "keys" / "demo" / "trusted"
+START = datetime(2026, 12, 1, 8, 55, tzinfo=UTC)  # five minutes before the first step is due
+# A 30 mL syringe at 100 mg/mL holds the whole course (about 19 mL): no syringe change inside the demo.
+SYRINGE = {"model": "BD Plastipak 30 mL", "inner_diameter_mm": "21.59", "fill_volume_ml": "22"}
+CONCENTRATION = "100"
+DRIVERS = ("sim", "newera", "modbus")
+
+
+@dataclass
+class DemoOptions:
+    driver: str = "sim"
+    pumps: int = 1
+    speed: float | None = None  # None = as fast as the CPU allows (virtual time)
+    audit_dir: Path | None = None
+    faults: bool = False
+    poll_period_s: float = 60.0
+    deadman_s: int = 180
+
+
+@dataclass
+class DemoResult:
+    audit_dir: Path
+    audit_public_key: Path
+    virtual_seconds: float
+    pumps: list[dict[str, Any]] = field(default_factory=list)
+    faults: list[str] = field(default_factory=list)
+    timed_out: bool = False
+
+
+def demo_schedule(pump_id: str, index: int, start: datetime) -> dict[str, Any]:
+    """The example schedule re-dated to `start`, for `pump_id`, signed with the DEMO key."""
+    doc = load_json((CONFIG_DIR / "schedules" / "example.json").read_bytes())
+    assert isinstance(doc, dict)
+    first = start + timedelta(minutes=5)
+    doc["schedule_id"] = f"demo-{pump_id}-{start:%Y%m%d}"
+    doc["pump_id"] = pump_id
+    doc["patient_ref"] = f"DEMO-PATIENT-{index:04d}"
+    doc["drug"] = {"name": "ketamine", "concentration_mg_per_ml": CONCENTRATION}
+    doc["syringe"] = dict(SYRINGE)
+    for i, step in enumerate(doc["steps"]):
+        step["not_before"] = fmt_time(first + timedelta(hours=24 * i))
+    doc["approved_at"] = fmt_time(start - timedelta(hours=1))
+    doc["expires_at"] = fmt_time(start + timedelta(days=30))
+    doc.pop("signature", None)
+    return sign_document(doc, DEMO_KEY)
+
+
+async def run_demo(opts: DemoOptions, progress: Callable[[float, str], None] | None = None) -> DemoResult:
+    if opts.driver not in DRIVERS:
+        raise ValueError(f"driver must be one of {', '.join(DRIVERS)}")
+    clock: RuntimeClock = VirtualClock(START) if opts.speed is None else ScaledClock(START, opts.speed)
+    world = World(clock)
+    names = [f"bed-{i + 1}" for i in range(opts.pumps)]
+    resolution_kw: dict[str, Any] = {}
+    if opts.driver == "modbus":
+        from drivers.modbus.regmap import load_map
+
+        resolution_kw["rate_resolution"] = load_map().rate_resolution()
+    for name in names:
+        world.pump(name, diameter_mm=Decimal(SYRINGE["inner_diameter_mm"]),
+                   fill_volume_ml=Decimal(SYRINGE["fill_volume_ml"]), **resolution_kw)
+    work = Path(tempfile.mkdtemp(prefix="driverd-demo-"))
+    audit_dir = opts.audit_dir or work / "audit"
+    key_path, pub_path = generate_keypair(work / "keys", "audit")
+    async with contextlib.AsyncExitStack() as stack:
+        urls = await _start_simulators(stack, opts.driver, world, names)
+        config = DaemonConfig(
+            path=work / "driverd.toml", sha256="demo", protocol=CONFIG_DIR / "protocols" / "ketamine-burst.toml",
+            audit_dir=audit_dir, audit_key=key_path, trust_dir=DEMO_TRUST, control_socket=work / "control.sock",
+            socket_mode=0o660, poll_period_s=opts.poll_period_s, link_timeout_s=opts.poll_period_s * 2,
+            deadman_s=opts.deadman_s, driver_timeout_s=1.0,
+            pumps=tuple(PumpConfig(n, urls[n]) for n in names),
+            audit=AuditSettings(checkpoint_every_records=1000, checkpoint_every_s=3600, group_commit_ms=200,
+                                group_commit_records=512),
+        )
+        daemon = Daemon(config, clock, world=world)
+        await daemon.start()
+        try:
+            for i, name in enumerate(names):
+                reply = await daemon.push_schedule(demo_schedule(name, i + 1, START))
+                if not reply.get("ok"):
+                    raise RuntimeError(f"demo schedule refused for {name}: {json.dumps(reply)}")
+            fault_log: list[str] = []
+            script = asyncio.create_task(_fault_script(daemon, world, clock, names[0], fault_log)) if opts.faults \
+                else None
+            timed_out = await _wait_for_courses(daemon, clock, progress)
+            if script is not None:
+                script.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await script
+        finally:
+            await daemon.stop()
+    elapsed = (clock.now() - START).total_seconds()
+    result = DemoResult(audit_dir=audit_dir, audit_public_key=pub_path, virtual_seconds=elapsed, timed_out=timed_out,
+                        faults=fault_log)
+    for name in names:
+        ch = daemon.channels[name]
+        result.pumps.append({"pump_id": name, "phase": ch.state.phase.value, "url": ch.driver.url.raw,
+                             "delivered_ml": ch.state.delivered_ml, "polls": ch.polls})
+    return result
+
+
+async def _start_simulators(stack: contextlib.AsyncExitStack, driver: str, world: World, names: list[str]) -> dict[
+        str, str]:
+    if driver == "sim":
+        return {n: f"sim://{n}" for n in names}
+    if driver == "newera":
+        from simulators.newera import serve_newera
+
+        urls = {}
+        for n in names:
+            ep = await stack.enter_async_context(serve_newera(world.pump(n), world.faults(n), pty=True))
+            urls[n] = ep.url
+        return urls
+    from simulators.modbus import serve_modbus
+
+    units = {i + 1: n for i, n in enumerate(names)}
+    ep = await stack.enter_async_context(serve_modbus(world, units, tcp_port=0))
+    return {n: ep.url(u) for u, n in units.items()}
+
+
+async def _wait_for_courses(daemon: Daemon, clock: RuntimeClock, progress: Callable[[float, str], None] | None) -> bool:
+    """Until every course has stopped (True if it had to give up at the 10-day virtual limit)."""
+    limit = START + timedelta(days=10)
+    total = timedelta(days=5, minutes=5).total_seconds()
+    while True:
+        phases = [ch.state.phase for ch in daemon.channels.values()]
+        if progress is not None:
+            done = min((clock.now() - START).total_seconds() / total, 1.0)
+            progress(done, ", ".join(sorted({p.value for p in phases})))
+        if all(p is Phase.STOPPED for p in phases):
+            return False
+        if clock.now() >= limit:
+            return True
+        daemon.changed.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(daemon.changed.wait(), timeout=5.0)
+        daemon.tick_audit()
+
+
+async def _fault_script(daemon: Daemon, world: World, clock: RuntimeClock, name: str, log: list[str]) -> None:
+    """--faults: an occlusion on day 2 and a lost link on day 3; a clinician resumes each after checking."""
+    from drivers.base import AlarmKind
+
+    clock.register()
+    try:
+        await clock.sleep_until(START + timedelta(hours=36))
+        world.pump(name).inject_alarm(AlarmKind.OCCLUSION)
+        log.append(f"{fmt_time(clock.now())} {name}: occlusion injected at the pump")
+        await clock.sleep_until(START + timedelta(hours=37))
+        reply = await daemon.command(name, "resume", "demo-nurse", "line checked, occlusion cleared")
+        log.append(f"{fmt_time(clock.now())} {name}: clinician resume -> {_reply(reply)}")
+        await clock.sleep_until(START + timedelta(hours=60))
+        plan = world.faults(name)
+        plan.drop_next(1_000_000)
+        log.append(f"{fmt_time(clock.now())} {name}: link cut (every reply dropped)")
+        await clock.sleep_until(START + timedelta(hours=61))
+        plan.clear()
+        log.append(f"{fmt_time(clock.now())} {name}: link restored")
+        await clock.sleep_until(START + timedelta(hours=62))
+        reply = await daemon.command(name, "resume", "demo-nurse", "pump checked after link loss")
+        log.append(f"{fmt_time(clock.now())} {name}: clinician resume -> {_reply(reply)}")
+        await clock.sleep_until(START + timedelta(days=30))
+    finally:
+        clock.unregister()
+
+
+def _reply(reply: dict[str, Any]) -> str:
+    if reply.get("ok"):
+        return f"ok ({reply.get('phase')})"
+    return "refused: " + "; ".join(r["reason"] for r in reply.get("refusals", [])) if reply.get("refusals") \
+        else f"error: {reply.get('error')}"
