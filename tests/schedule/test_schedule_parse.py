@@ -273,3 +273,12 @@ def test_random_damage_is_reported_not_raised(make_doc: MakeDoc, spec: ProtocolS
         for p in exc.problems:
             assert p.rule and p.detail
             assert p.path == "" or p.path.startswith("/")
+
+
+@settings(max_examples=200)
+@given(data=st.one_of(st.binary(max_size=200), st.text(max_size=200).map(lambda t: t.encode("utf-8", "replace"))))
+def test_load_json_never_raises_anything_else(data: bytes) -> None:
+    try:
+        load_json(data)
+    except ValidationError as exc:
+        assert exc.problems and exc.problems[0].rule in {"json", "encoding", "duplicate-key", "range", "size"}
