@@ -15,7 +15,9 @@ app = typer.Typer(help="Signing keys for schedules.", no_args_is_help=True)
 
 @app.command()
 def generate(
-    dir: Annotated[Path, typer.Argument(help="Directory for the key pair (created if missing).", show_default=False, metavar="DIR")],
+    dir: Annotated[
+        Path, typer.Argument(help="Directory for the key pair (created if missing).", show_default=False, metavar="DIR")
+    ],
     name: Annotated[str, typer.Option("--name", help="File name stem: NAME.key and NAME.pub.")] = "schedule-signer",
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")] = False,
 ) -> None:
