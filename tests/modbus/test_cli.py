@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import selectors
 import signal
 import subprocess
@@ -19,24 +20,24 @@ from driverd.cli.main import app
 DRIVERD = [sys.executable, "-c", "from driverd.cli.main import main; main()"]
 
 
-def _start(*args: str) -> tuple[subprocess.Popen[str], list[str]]:
-    proc = subprocess.Popen(
-        [*DRIVERD, "sim", "modbus", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+def _start(*args: str) -> tuple[subprocess.Popen[bytes], list[str]]:
+    proc = subprocess.Popen([*DRIVERD, "sim", "modbus", *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     assert proc.stdout is not None
-    n_units = len(args[args.index("--units") + 1].split(","))
-    lines: list[str] = []
+    wanted = 1 + len(args[args.index("--units") + 1].split(","))  # port/path, then one URL per unit
+    fd, buf = proc.stdout.fileno(), b""
     with selectors.DefaultSelector() as sel:  # bounded wait: a simulator that never prints fails, never hangs
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        while len(lines) < 1 + n_units:  # port/path, then one URL per unit
-            if not sel.select(timeout=20):
+        sel.register(fd, selectors.EVENT_READ)
+        while buf.count(b"\n") < wanted:
+            chunk = os.read(fd, 4096) if sel.select(timeout=20) else b""
+            if not chunk:
                 proc.kill()
-                raise AssertionError(f"no output from the simulator; got {lines}")
-            lines.append(proc.stdout.readline().strip())
-    return proc, lines
+                proc.wait(timeout=20)
+                raise AssertionError(f"simulator printed only {buf!r}")
+            buf += chunk
+    return proc, buf.decode().splitlines()[:wanted]
 
 
-def _stop(proc: subprocess.Popen[str]) -> int:
+def _stop(proc: subprocess.Popen[bytes]) -> int:
     proc.send_signal(signal.SIGTERM)
     try:
         return proc.wait(timeout=20)
