@@ -57,7 +57,7 @@ def test_tcp_prints_the_port_and_serves_each_unit() -> None:
             client = AsyncModbusTcpClient("127.0.0.1", port=port, timeout=2, retries=1)
             assert await client.connect()
             try:
-                return (await client.read_input_registers(100, count=1, device_id=2)).registers
+                return list((await client.read_input_registers(100, count=1, device_id=2)).registers)
             finally:
                 client.close()
 
@@ -76,7 +76,7 @@ def test_pty_prints_the_device_path() -> None:
             client = AsyncModbusSerialClient(path, framer=FramerType.RTU, timeout=2, retries=1)
             assert await client.connect()
             try:
-                return (await client.read_input_registers(100, count=1, device_id=3)).registers
+                return list((await client.read_input_registers(100, count=1, device_id=3)).registers)
             finally:
                 client.close()
 

@@ -7,7 +7,7 @@ independent reading of the map), not taken from our regmap/codec modules.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 
@@ -30,7 +30,7 @@ def u32(hi: int, lo: int) -> int:
     return (hi << 16) | lo  # the map: big-endian word order, high word at the lower address
 
 
-def ascii_of(regs: list[int]) -> str:
+def ascii_of(regs: Sequence[int]) -> str:
     return b"".join(r.to_bytes(2, "big") for r in regs).rstrip(b"\x00").decode("ascii")
 
 
@@ -38,7 +38,7 @@ def run(body: Body, *, pty: bool = False, units: dict[int, str] | None = None) -
     async def main() -> None:
         world = World(ManualClock(datetime(2026, 1, 1, tzinfo=UTC)))
         where = {"pty": True} if pty else {"tcp_port": 0}
-        async with serve_modbus(world, units or {1: "a", 2: "b"}, **where) as ep:  # type: ignore[arg-type]
+        async with serve_modbus(world, units or {1: "a", 2: "b"}, **where) as ep:
             client: Client
             if pty:
                 client = AsyncModbusSerialClient(ep.path, framer=FramerType.RTU, timeout=0.5, retries=0)
