@@ -151,8 +151,11 @@ def float32_shortest(bits: int) -> Decimal:
         raise ValueError("not finite")
     for digits in range(1, 10):  # 9 significant digits always round-trip a float32
         text = f"{f:.{digits}g}"
-        if struct.pack(">f", float(text)) == bits.to_bytes(4, "big"):
-            return Decimal(text)
+        try:
+            if struct.pack(">f", float(text)) == bits.to_bytes(4, "big"):
+                return Decimal(text)
+        except OverflowError:
+            continue  # near FLOAT32's maximum a short form rounds past it: try more digits
     raise AssertionError("unreachable: 9 digits round-trip every float32")
 
 

@@ -137,6 +137,17 @@ def test_float32_big_endian_matches_pymodbus(f: float) -> None:
     assert ModbusClientMixin.convert_from_registers(regs, ModbusClientMixin.DATATYPE.FLOAT32) == f
 
 
+def test_float32_largest_finite_value_round_trips() -> None:
+    p = point("float32")
+    biggest = 0x7F7FFFFF  # 3.4028235e38
+    value = codec.decode(p, [biggest >> 16, biggest & 0xFFFF])
+    assert isinstance(value, Decimal) and codec.encode(p, value) == [0x7F7F, 0xFFFF]
+    # found by hypothesis: its 4-digit form (3.403e38) is past FLOAT32's maximum
+    near = int.from_bytes(struct.pack(">f", 3.4025001647762064e38), "big")
+    value = codec.decode(p, [near >> 16, near & 0xFFFF])
+    assert isinstance(value, Decimal) and codec.encode(p, value) == [near >> 16, near & 0xFFFF]
+
+
 def test_float32_vectors() -> None:
     p = point("float32")
     assert codec.encode(p, Decimal("12.5")) == [0x4148, 0x0000]
