@@ -148,6 +148,9 @@ class NewEraPumpProtocol:
             return None if cmd.address is None else self._reply(self._status_char(), error=err)
         except _WireError as exc:
             return None if cmd.address is None else self._reply(self._status_char(), error=exc.code)
+        except QuantityError:
+            # A value the 4-digit display cannot show (e.g. 1000 mL/h read in uL/h): out of range.
+            return None if cmd.address is None else self._reply(self._status_char(), error=ErrorCode.OUT_OF_RANGE)
         return None if cmd.address is None else self._reply(self._status_char(), data=data)
 
     # ---- internals -----

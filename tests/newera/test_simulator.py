@@ -247,3 +247,10 @@ def test_wire_time_imitation_still_answers(clock: ManualClock) -> None:
         assert out == b"\x0200SNE1000V3.928\x03"
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_value_the_display_cannot_show_is_out_of_range_not_a_crash(pump: NewEraPumpProtocol) -> None:
+    ask(pump, "0RAT1000MH")
+    pump.rate_unit = RateUnit.UL_PER_H  # 1,000,000 uL/h does not fit 4 digits
+    assert ask(pump, "0RAT").error is ErrorCode.OUT_OF_RANGE
+    assert ask(pump, "0").status is Status.STOPPED
