@@ -1,7 +1,112 @@
-"""`driverd course ...` commands."""
+"""`driverd course hold|resume|escalate|reduce|taper|stop PUMP --by ID --reason TEXT`: clinician commands.
+
+Each is sent to the running daemon, which feeds it to the course state machine and the safety kernel; a
+command the core refuses is exit 1 with its reason (and is in the audit log either way).
+"""
 
 from __future__ import annotations
 
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Annotated, Any
+
 import typer
 
-app = typer.Typer(help="course commands", no_args_is_help=True)
+from driverd.cli.output import EXIT_USAGE, emit_json, fail
+from driverd.cli.status import (
+    DEFAULT_CONFIG,
+    DEFAULT_TIMEOUT_S,
+    ConfigOpt,
+    JsonOpt,
+    SocketOpt,
+    TimeoutOpt,
+    call,
+    report_refusal,
+    resolve_socket,
+)
+
+app = typer.Typer(help="Clinician commands for a running course (sent to the daemon).", no_args_is_help=True)
+
+PumpArg = Annotated[str, typer.Argument(help="Pump id, as in the daemon config.", show_default=False)]
+ByOpt = Annotated[str, typer.Option("--by", help="Clinician id (recorded in the audit log).", show_default=False)]
+ReasonOpt = Annotated[str, typer.Option("--reason", help="Why (recorded in the audit log).", show_default=False)]
+
+
+def _send(action: str, pump: str, by: str, reason: str, dose: str | None, as_json: bool, socket: Path | None,
+          config: Path, timeout: float) -> None:
+    payload: dict[str, Any] = {"op": "command", "pump_id": pump, "action": action, "by": by, "reason": reason}
+    if dose is not None:
+        try:
+            value = Decimal(dose)
+            if not value.is_finite() or value < 0:
+                raise InvalidOperation
+        except InvalidOperation:
+            fail(f"--dose must be a non-negative decimal number of mg/24h, got {dose!r}", as_json=as_json,
+                 code=EXIT_USAGE)
+        payload["dose_mg_per_24h"] = dose.strip()
+    path = resolve_socket(socket, config, as_json)
+    reply = call(path, payload, as_json, timeout)
+    what = f"{action} {pump}"
+    if not reply.get("ok"):
+        report_refusal(what, reply, as_json)
+    if as_json:
+        emit_json(reply)
+    else:
+        typer.echo(f"OK  {what}: phase {reply.get('phase')}")
+
+
+@app.callback()
+def _group() -> None:
+    """Clinician commands for a running course (sent to the daemon)."""
+
+
+@app.command()
+def hold(pump: PumpArg, by: ByOpt, reason: ReasonOpt, as_json: JsonOpt = False, socket: SocketOpt = None,
+         config: ConfigOpt = DEFAULT_CONFIG, timeout: TimeoutOpt = DEFAULT_TIMEOUT_S) -> None:
+    """Keep the current dose (no further escalation)."""
+    _send("hold", pump, by, reason, None, as_json, socket, config, timeout)
+
+
+@app.command()
+def resume(pump: PumpArg, by: ByOpt, reason: ReasonOpt, as_json: JsonOpt = False, socket: SocketOpt = None,
+           config: ConfigOpt = DEFAULT_CONFIG, timeout: TimeoutOpt = DEFAULT_TIMEOUT_S) -> None:
+    """Resume after hold, pause or alarm (at most at the last verified rate)."""
+    _send("resume", pump, by, reason, None, as_json, socket, config, timeout)
+
+
+@app.command()
+def escalate(pump: PumpArg, by: ByOpt, reason: ReasonOpt, as_json: JsonOpt = False, socket: SocketOpt = None,
+             config: ConfigOpt = DEFAULT_CONFIG, timeout: TimeoutOpt = DEFAULT_TIMEOUT_S) -> None:
+    """Confirm escalation to the schedule's next step (only if the kernel allows it now)."""
+    _send("escalate", pump, by, reason, None, as_json, socket, config, timeout)
+
+
+@app.command()
+def reduce(
+    pump: PumpArg,
+    by: ByOpt,
+    reason: ReasonOpt,
+    dose: Annotated[
+        str | None, typer.Option("--dose", help="Target dose in mg/24h (default: the step below).")
+    ] = None,
+    as_json: JsonOpt = False,
+    socket: SocketOpt = None,
+    config: ConfigOpt = DEFAULT_CONFIG,
+    timeout: TimeoutOpt = DEFAULT_TIMEOUT_S,
+) -> None:
+    """Reduce the dose (always allowed)."""
+    _send("reduce", pump, by, reason, dose, as_json, socket, config, timeout)
+
+
+@app.command()
+def taper(pump: PumpArg, by: ByOpt, reason: ReasonOpt, as_json: JsonOpt = False, socket: SocketOpt = None,
+          config: ConfigOpt = DEFAULT_CONFIG, timeout: TimeoutOpt = DEFAULT_TIMEOUT_S) -> None:
+    """Start the taper now (taper lock: the rate can no longer rise)."""
+    _send("taper", pump, by, reason, None, as_json, socket, config, timeout)
+
+
+@app.command()
+def stop(pump: PumpArg, by: ByOpt, reason: ReasonOpt, as_json: JsonOpt = False, socket: SocketOpt = None,
+         config: ConfigOpt = DEFAULT_CONFIG, timeout: TimeoutOpt = DEFAULT_TIMEOUT_S) -> None:
+    """Stop the infusion and end the course (always allowed)."""
+    _send("stop", pump, by, reason, None, as_json, socket, config, timeout)

@@ -328,3 +328,49 @@ def sign(
         typer.echo(text, nl=False)
     raise typer.Exit(EXIT_OK)
 
+
+
+@app.command()
+def push(
+    file: Annotated[Path, typer.Argument(help="Signed schedule JSON file.", show_default=False, metavar="FILE")],
+    as_json: JsonOpt = False,
+    socket: Annotated[
+        Path | None,
+        typer.Option("--socket", help="Control socket (default: control_socket of --config).", show_default=False),
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="Daemon config, used to find the control socket.")
+    ] = None,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for the daemon's reply.")] = 40.0,
+) -> None:
+    """Push a signed schedule to the running daemon. It checks signature, trust, expiry, version and limits."""
+    # Imported here: the runtime client is only needed by push (validate/sign stay offline tools).
+    from driverd.cli.status import DEFAULT_CONFIG, call, report_refusal, resolve_socket
+    from driverd.runtime.control import MAX_REQUEST_BYTES, encode_request
+
+    data = _read_document_bytes(file, as_json)
+    name = _show_path(file)
+    try:
+        doc = load_json(data)
+    except ValidationError as exc:
+        _report_invalid(name, list(exc.problems), as_json)
+    if not isinstance(doc, Mapping):
+        _report_invalid(name, check_structure(doc), as_json)
+    payload = {"op": "push", "schedule": doc}
+    try:
+        size = len(encode_request(payload))
+    except (TypeError, ValueError) as exc:
+        _report_invalid(name, [Problem("", "json", f"cannot be sent exactly: {exc}")], as_json)
+    if size > MAX_REQUEST_BYTES:
+        _report_invalid(name, [Problem("", "size", f"larger than the control API's {MAX_REQUEST_BYTES} bytes")],
+                        as_json)
+    path = resolve_socket(socket, config or DEFAULT_CONFIG, as_json)
+    reply = call(path, payload, as_json, timeout)
+    if not reply.get("ok"):
+        report_refusal(f"push {name}", reply, as_json)
+    if as_json:
+        emit_json({**reply, "file": name})
+    else:
+        typer.echo(f"ACCEPTED  {name}: schedule {reply.get('schedule_id')} v{reply.get('version')}"
+                   f" (key {reply.get('key_id')}), pump phase {reply.get('phase')}")
+    raise typer.Exit(EXIT_OK)
