@@ -159,9 +159,7 @@ def load_map(path: str | Path = DEFAULT_MAP) -> RegisterMap:
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(
-            [Problem(str(p), "readable", f"cannot read register map: {exc.strerror or exc}")]
-        ) from None
+        raise ConfigError([Problem(str(p), "readable", f"cannot read register map: {exc.strerror or exc}")]) from None
     return parse_map_text(text, source=str(p))
 
 
@@ -178,9 +176,7 @@ def parse_map(data: Mapping[str, object], *, source: str = "<data>") -> Register
     problems: list[Problem] = []
     for key in data:
         if key != "device" and key not in TABLES:
-            problems.append(
-                Problem(key, "unknown-key", f"unknown top-level key {key!r}; expected device or a table")
-            )
+            problems.append(Problem(key, "unknown-key", f"unknown top-level key {key!r}; expected device or a table"))
 
     device = data.get("device")
     name, version, word_order, description = "", 0, "big", ""
@@ -211,9 +207,7 @@ def parse_map(data: Mapping[str, object], *, source: str = "<data>") -> Register
         raw_order = device.get("word_order", "big")
         if raw_order not in WORD_ORDERS:
             problems.append(
-                Problem(
-                    "device.word_order", "word-order", f"word_order must be big or little, got {raw_order!r}"
-                )
+                Problem("device.word_order", "word-order", f"word_order must be big or little, got {raw_order!r}")
             )
         else:
             word_order = str(raw_order)
@@ -234,9 +228,7 @@ def parse_map(data: Mapping[str, object], *, source: str = "<data>") -> Register
             path = f"{table}.{pname}"
             if pname in points:
                 problems.append(
-                    Problem(
-                        path, "unique-name", f"point name {pname!r} already used in {points[pname].table}"
-                    )
+                    Problem(path, "unique-name", f"point name {pname!r} already used in {points[pname].table}")
                 )
                 continue
             present.add(pname)
@@ -258,9 +250,7 @@ def parse_map(data: Mapping[str, object], *, source: str = "<data>") -> Register
     )
 
 
-def _parse_point(
-    table: Table, name: str, spec: object, default_order: str, problems: list[Problem]
-) -> Point | None:
+def _parse_point(table: Table, name: str, spec: object, default_order: str, problems: list[Problem]) -> Point | None:
     path = f"{table}.{name}"
     if not isinstance(spec, Mapping):
         problems.append(Problem(path, "type", "a point must be a table of keys"))
@@ -277,9 +267,7 @@ def _parse_point(
         )
         ptype = None
     elif (ptype == "bool") != (table in BIT_TABLES):
-        rule = (
-            "bool only in coils and discrete_inputs" if ptype == "bool" else f"{table} hold bool points only"
-        )
+        rule = "bool only in coils and discrete_inputs" if ptype == "bool" else f"{table} hold bool points only"
         problems.append(Problem(f"{path}.type", "table-type", f"type {ptype!r} not allowed here: {rule}"))
 
     length = 0
@@ -295,9 +283,7 @@ def _parse_point(
     address = spec.get("address")
     width = length if ptype == "ascii" else TYPE_WIDTH.get(str(ptype), 1)
     if isinstance(address, bool) or not isinstance(address, int) or not 0 <= address <= 65535:
-        problems.append(
-            Problem(f"{path}.address", "range", f"address must be an integer 0..65535, got {address!r}")
-        )
+        problems.append(Problem(f"{path}.address", "range", f"address must be an integer 0..65535, got {address!r}"))
         address = None
     elif address + max(width, 1) - 1 > 65535:
         problems.append(Problem(f"{path}.address", "range", "point extends past address 65535"))
@@ -325,13 +311,9 @@ def _parse_point(
 
     order = spec.get("word_order", default_order)
     if "word_order" in spec and ptype not in {"uint32", "int32", "float32"}:
-        problems.append(
-            Problem(f"{path}.word_order", "not-applicable", "word_order applies to 32-bit types only")
-        )
+        problems.append(Problem(f"{path}.word_order", "not-applicable", "word_order applies to 32-bit types only"))
     elif order not in WORD_ORDERS:
-        problems.append(
-            Problem(f"{path}.word_order", "word-order", f"word_order must be big or little, got {order!r}")
-        )
+        problems.append(Problem(f"{path}.word_order", "word-order", f"word_order must be big or little, got {order!r}"))
 
     alarm: AlarmKind | None = None
     if "alarm" in spec:
@@ -343,22 +325,16 @@ def _parse_point(
         except ValueError:
             known = sorted(k.value for k in AlarmKind)
             problems.append(
-                Problem(
-                    f"{path}.alarm", "known-alarm", f"unknown alarm {raw_alarm!r}; expected one of {known}"
-                )
+                Problem(f"{path}.alarm", "known-alarm", f"unknown alarm {raw_alarm!r}; expected one of {known}")
             )
 
     commands: dict[str, int] = {}
     if "commands" in spec:
         raw_cmds = spec["commands"]
         if ptype != "uint16" or table != "holding_registers":
-            problems.append(
-                Problem(f"{path}.commands", "not-applicable", "commands apply to uint16 holding registers")
-            )
+            problems.append(Problem(f"{path}.commands", "not-applicable", "commands apply to uint16 holding registers"))
         if not isinstance(raw_cmds, Mapping):
-            problems.append(
-                Problem(f"{path}.commands", "type", "commands must be a table name = magic value")
-            )
+            problems.append(Problem(f"{path}.commands", "type", "commands must be a table name = magic value"))
         else:
             for cname, magic in raw_cmds.items():
                 cpath = f"{path}.commands.{cname}"
@@ -371,9 +347,7 @@ def _parse_point(
                         )
                     )
                 elif isinstance(magic, bool) or not isinstance(magic, int) or not 1 <= magic <= 0xFFFF:
-                    problems.append(
-                        Problem(cpath, "range", "a magic value must be an integer 0x0001..0xFFFF")
-                    )
+                    problems.append(Problem(cpath, "range", "a magic value must be an integer 0x0001..0xFFFF"))
                 elif magic in commands.values():
                     problems.append(Problem(cpath, "unique-magic", f"magic value {magic:#06x} used twice"))
                 else:
@@ -406,9 +380,7 @@ def _parse_scale(raw: object, ptype: object, path: str, problems: list[Problem])
     if isinstance(raw, float):
         # A TOML float already went through binary; a scale must be exact.
         problems.append(
-            Problem(
-                path, "scale", f'scale must be a decimal string like "0.001" or an integer, got float {raw!r}'
-            )
+            Problem(path, "scale", f'scale must be a decimal string like "0.001" or an integer, got float {raw!r}')
         )
         return None
     if isinstance(raw, bool) or not isinstance(raw, (str, int)):
@@ -445,9 +417,7 @@ def _check_required(points: Mapping[str, Point], present: set[str], problems: li
         if point is None and name in present:
             continue  # defined but invalid: its own problems are already listed
         if point is None:
-            problems.append(
-                Problem(path, "missing-point", f"required point {name!r} is missing from {req.table}")
-            )
+            problems.append(Problem(path, "missing-point", f"required point {name!r} is missing from {req.table}"))
             continue
         if point.table != req.table:
             problems.append(Problem(point.path, "required-table", f"point {name!r} must be in {req.table}"))
@@ -456,9 +426,7 @@ def _check_required(points: Mapping[str, Point], present: set[str], problems: li
                 Problem(f"{point.path}.type", "required-type", f"{name} must be one of {sorted(req.kinds)}")
             )
         if req.writable and not point.writable:
-            problems.append(
-                Problem(f"{point.path}.access", "required-writable", f"{name} must be writable (rw or w)")
-            )
+            problems.append(Problem(f"{point.path}.access", "required-writable", f"{name} must be writable (rw or w)"))
     command = points.get("command")
     if command is not None and "acknowledge_alarms" not in command.commands:
         problems.append(
@@ -476,8 +444,6 @@ def _check_required(points: Mapping[str, Point], present: set[str], problems: li
         if p.alarm is not None:
             if p.alarm in seen:
                 problems.append(
-                    Problem(
-                        f"{p.path}.alarm", "unique-alarm", f"alarm {p.alarm.value!r} also on {seen[p.alarm]}"
-                    )
+                    Problem(f"{p.path}.alarm", "unique-alarm", f"alarm {p.alarm.value!r} also on {seen[p.alarm]}")
                 )
             seen[p.alarm] = p.name
