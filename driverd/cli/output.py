@@ -18,9 +18,9 @@ def _default(obj: object) -> Any:
     if isinstance(obj, Decimal):
         return format(obj, "f")
     if hasattr(obj, "isoformat"):
-        return obj.isoformat()  # type: ignore[no-any-return]
+        return obj.isoformat()
     if hasattr(obj, "as_dict"):
-        return obj.as_dict()  # type: ignore[no-any-return]
+        return obj.as_dict()
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 

@@ -34,6 +34,9 @@ class Request:
     """Something from outside (control API, demo script) for this pump, processed in the channel's task."""
 
     make_event: Callable[[datetime], Event]
+    # A clinician resume: the clinician has dealt with the cause, so acknowledge the pump's latched alarm and
+    # read it again first. If the condition persists the pump reports it again and the core refuses.
+    acknowledge_alarm: bool = False
     reply: asyncio.Future[dict[str, Any]] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -231,6 +234,10 @@ class Channel:
 
     async def _serve(self, request: Request) -> None:
         try:
+            if request.acknowledge_alarm and self.connected:
+                with contextlib.suppress(DriverError, TimeoutError):
+                    await self._io(self.driver.clear_alarm())
+                await self.poll()
             cmds = await self.handle(request.make_event(self.clock.now()))
             await self.prime()
         except Exception as exc:  # a bad request must never kill the channel
@@ -241,7 +248,8 @@ class Channel:
         if not request.reply.done():
             request.reply.set_result({"ok": not refusals, "refusals": refusals, "phase": self.state.phase.value})
 
-    async def submit(self, make_event: Callable[[datetime], Event]) -> dict[str, Any]:
-        request = Request(make_event)
+    async def submit(self, make_event: Callable[[datetime], Event], *, acknowledge_alarm: bool = False
+                     ) -> dict[str, Any]:
+        request = Request(make_event, acknowledge_alarm=acknowledge_alarm)
         await self.inbox.put(request)
         return await request.reply

@@ -76,7 +76,7 @@ class Daemon:
                           config_sha256=cfg.sha256, pumps=[p.id for p in cfg.pumps],
                           recovered_records=recovered.records, trust_keys=sorted(self.trust.keys))
         self.audit.append("library_loaded", pump_id=None, course_id=None, durable=True,
-                          library=self.protocol.library_version, text=self.protocol_text)
+                          version=self.protocol.library_version, text=self.protocol_text)
         for pump in cfg.pumps:
             options = DriverOptions(timeout_s=cfg.driver_timeout_s, retries=1, deadman_s=cfg.deadman_s,
                                     world=self.world)
@@ -173,7 +173,8 @@ class Daemon:
             pid = pump_id if isinstance(pump_id, str) else None
             return self._refuse(pid, "clinician", "invalid", "; ".join(problems))
         channel = self.channels[pump_id]
-        return await channel.submit(lambda at: ClinicianCommand(at, action, by, reason, dose_d))
+        return await channel.submit(lambda at: ClinicianCommand(at, action, by, reason, dose_d),
+                                    acknowledge_alarm=action == "resume")
 
     async def submit_event(self, pump_id: str, make_event: Callable[[datetime], Event]) -> dict[str, Any]:
         return await self.channels[pump_id].submit(make_event)

@@ -146,8 +146,8 @@ async def _start_simulators(stack: contextlib.AsyncExitStack, driver: str, world
     from simulators.modbus import serve_modbus
 
     units = {i + 1: n for i, n in enumerate(names)}
-    ep = await stack.enter_async_context(serve_modbus(world, units, tcp_port=0))
-    return {n: ep.url(u) for u, n in units.items()}
+    gateway = await stack.enter_async_context(serve_modbus(world, units, tcp_port=0))
+    return {n: gateway.url(u) for u, n in units.items()}
 
 
 async def _wait_for_courses(daemon: Daemon, clock: RuntimeClock, progress: Callable[[float, str], None] | None) -> bool:
