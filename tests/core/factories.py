@@ -45,8 +45,10 @@ def schedule(
         syringe_model="BD Plastipak 20 mL",
         inner_diameter_mm=D("19.13"),
         fill_volume_ml=D("17"),
-        steps=tuple(Step(D(d), start + timedelta(hours=spacing_hours * i), a) for i, (d, a) in enumerate(zip(doses, autos,
-                                                                                               strict=True))),
+        steps=tuple(
+            Step(D(d), start + timedelta(hours=spacing_hours * i), a)
+            for i, (d, a) in enumerate(zip(doses, autos, strict=True))
+        ),
         hold_days=D(hold_days),
         taper=tuple(TaperStep(D(d), D(h)) for d, h in taper),
         approved_by=(Approval("prescriber", "dr-a"), Approval("pharmacist", "ph-b")),

@@ -165,7 +165,7 @@ class CourseSafety(RuleBasedStateMachine):
     def clinician(self, action: str, dose: Decimal | None) -> None:
         self._feed(ClinicianCommand(self.now, action, "dr-a", "test", dose))  # type: ignore[arg-type]
 
-    @rule(kind=st.sampled_from(STOPPING + ("near_end", "low_battery")))
+    @rule(kind=st.sampled_from((*STOPPING, "near_end", "low_battery")))
     def pump_alarm(self, kind: str) -> None:
         self.alarms = (*self.alarms, kind)
         if kind in STOPPING and self.infusing:
