@@ -182,6 +182,25 @@ class DaemonAPI(Protocol):
     def status(self) -> dict[str, Any]: ...
 
 
+def _reasons(reply: Mapping[str, Any]) -> list[Any]:
+    refusals = reply.get("refusals")
+    if not isinstance(refusals, list):
+        return []
+    return [r.get("reason") for r in refusals if isinstance(r, Mapping)]
+
+
+def _log_late(op: str, peer: dict[str, int], fut: asyncio.Future[dict[str, Any]]) -> None:
+    """The outcome of a request whose client was already told "unknown" (for the operational log)."""
+    if fut.cancelled():
+        log.error("control_request_late_result", op=op, outcome="cancelled", **peer)
+    elif fut.exception() is not None:
+        log.error("control_request_late_result", op=op, outcome=f"error: {fut.exception()!r}", **peer)
+    else:
+        reply = fut.result()
+        log.warning("control_request_late_result", op=op, ok=reply.get("ok") is True, refusals=_reasons(reply),
+                    **peer)
+
+
 def _peer(writer: asyncio.StreamWriter) -> dict[str, int]:
     """The connecting process (pid, uid, gid) from SO_PEERCRED, for the operational log."""
     sock = writer.get_extra_info("socket")
@@ -331,20 +350,21 @@ class ControlServer:
             log.warning("control_request_rejected", error=exc.message, field=exc.field, **peer)
             return exc.reply()
         op = type(request).__name__.removesuffix("Request").lower()
+        call = asyncio.ensure_future(self._call(request))
         try:
             # shield: a slow channel must not turn a timeout into a half-done request. The daemon finishes
             # (and logs) what it started; the client is told the outcome is unknown.
-            reply = await asyncio.wait_for(asyncio.shield(self._call(request)), timeout=self.request_timeout_s)
+            reply = await asyncio.wait_for(asyncio.shield(call), timeout=self.request_timeout_s)
         except TimeoutError:
             log.error("control_request_timeout", op=op, **peer)
+            call.add_done_callback(lambda f: _log_late(op, peer, f))
             return {"ok": False, "field": None,
                     "error": f"no answer within {self.request_timeout_s:g} s; the request may still take effect: "
                              "check `driverd status`"}
         except Exception as exc:
             log.exception("control_request_failed", op=op, **peer)
             return {"ok": False, "error": f"internal error: {type(exc).__name__}", "field": None}
-        log.info("control_request", op=op, ok=bool(reply.get("ok")),
-                 refusals=[r.get("reason") for r in reply.get("refusals", []) if isinstance(r, Mapping)], **peer)
+        log.info("control_request", op=op, ok=reply.get("ok") is True, refusals=_reasons(reply), **peer)
         return reply
 
     async def _call(self, request: Request) -> dict[str, Any]:

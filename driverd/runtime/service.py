@@ -223,11 +223,14 @@ async def serve_config(
     try:
         log.info("daemon_starting", config=str(config.path), pumps=[p.id for p in config.pumps])
         try:
+            started = True  # from here on, stop() cleans up whatever part of start() happened
             await daemon.start()
-            started = True
             await server.start()
-        except (DriverdError, OSError) as exc:
-            log.error("daemon_start_failed", error=f"{type(exc).__name__}: {exc}")
+        except Exception as exc:
+            if isinstance(exc, (DriverdError, OSError)):
+                log.error("daemon_start_failed", error=f"{type(exc).__name__}: {exc}")
+            else:  # a bug: keep the traceback in the (JSON) log, not on the console
+                log.exception("daemon_start_failed", error=f"{type(exc).__name__}: {exc}")
             print(f"driverd: cannot start: {exc}", file=sys.stderr)
             code = EXIT_FAILED
             return code

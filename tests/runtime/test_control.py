@@ -28,6 +28,7 @@ from typer.testing import CliRunner
 from driverd.cli.main import app
 from driverd.core.canonical import to_json_text
 from driverd.core.schedule_parse import load_json
+from driverd.runtime.channel import Channel
 from driverd.runtime.clock import ScaledClock
 from driverd.runtime.config import load_config
 from driverd.runtime.control import (
@@ -596,3 +597,22 @@ def test_socket_path_removed_after_stop_even_with_open_client() -> None:
         reader.close()
         s.close()
         assert not os.path.exists(live.socket)
+
+
+def test_request_to_a_stuck_channel_times_out_as_unknown_outcome(monkeypatch: pytest.MonkeyPatch) -> None:
+    original = Channel.poll
+    stuck = threading.Event()
+
+    async def poll(self: Channel) -> None:
+        if self.pump_id == "bed-2" and self.polls >= 1:
+            stuck.set()
+            await asyncio.Event().wait()  # stuck: never gets back to its inbox
+        await original(self)
+
+    monkeypatch.setattr(Channel, "poll", poll)
+    with short_dir() as d, LiveDaemon(d, BEFORE_FIRST_STEP, request_timeout_s=0.3) as live:
+        assert stuck.wait(TIMEOUT)
+        reply = live.call({"op": "command", "pump_id": "bed-2", "action": "stop", "by": "a", "reason": "b"})
+        assert reply["ok"] is False
+        assert "may still take effect" in reply["error"]
+        assert live.call({"op": "status"})["ok"] is True  # the server is not held up by the stuck channel

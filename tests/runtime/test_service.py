@@ -170,7 +170,8 @@ async def run_service(
         on_ready=lambda *parts: ready.set_result(parts), ping_every_s=0.01, stall_after_s=stall_after_s,
     ))
     try:
-        done, _ = await asyncio.wait({ready, task}, timeout=TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
+        waiters: set[asyncio.Future[Any]] = {ready, task}
+        done, _ = await asyncio.wait(waiters, timeout=TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
         assert ready in done, "daemon did not become ready"
         await scenario(*ready.result())
     finally:
