@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import termios
 import time
 from collections import deque
 from collections.abc import Callable
@@ -101,7 +102,7 @@ class SerialTransport:
                 timeout=READ_SLICE_S,
                 write_timeout=1.0,
             )
-        except (serial.SerialException, OSError, ValueError) as exc:
+        except (serial.SerialException, OSError, termios.error, ValueError) as exc:
             raise DriverIOError(f"{self.port_url}: cannot open: {exc}") from None
 
     def _close_blocking(self) -> None:
@@ -139,6 +140,7 @@ class SerialTransport:
                         return frame
         except ProtocolError:
             raise
-        except (serial.SerialException, OSError) as exc:
+        # termios.error is not an OSError: a hung-up PTY raises it from pyserial's tcsetattr/flush.
+        except (serial.SerialException, OSError, termios.error) as exc:
             self._close_blocking()
             raise DriverIOError(f"{self.port_url}: {exc}") from None
