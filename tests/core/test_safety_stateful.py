@@ -134,8 +134,8 @@ class CourseSafety(RuleBasedStateMachine):
         if not self.link:
             return
         state = "alarm" if any(a in STOPPING for a in self.alarms) else ("infusing" if self.infusing else "stopped")
-        if self.infusing and self.rate > 0:
-            self.verified_run = self.rate  # the machine has now seen the pump run at this rate
+        if self.rate > 0:
+            self.verified_run = self.rate  # the pump read back this programmed rate (reconciles uncertain ones)
         self._feed(PumpReport(self.now, state, self.rate, self.delivered, self.alarms))  # type: ignore[arg-type]
 
     @rule(mode=st.sampled_from(["ok", "ok", "ok", "wrong", "rejected", "none"]))
