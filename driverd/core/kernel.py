@@ -60,6 +60,12 @@ class Refusal:
     detail: str
 
 
+def pump_rate(state: CourseState, dose: Decimal) -> Decimal:
+    """The rate (mL/h) this pump would really run for `dose`: dose / 24 / concentration, quantized down."""
+    assert state.schedule is not None and state.resolution is not None
+    return quantize_down(dose_to_rate(dose, state.schedule.concentration_mg_per_ml), state.resolution)
+
+
 def gate(state: CourseState, protocol: ProtocolSpec, proposal: Proposal, now: datetime) -> Setpoint | Refusal:
     """The one gate. Pure: the same inputs always give the same answer (replay depends on it)."""
     dose = proposal.dose_mg_per_24h
@@ -73,7 +79,7 @@ def gate(state: CourseState, protocol: ProtocolSpec, proposal: Proposal, now: da
             return _approve(state, proposal, Decimal(0), Decimal(0))
         return Refusal("not_primed", "no verified schedule and pump")
     conc = schedule.concentration_mg_per_ml
-    rate = quantize_down(dose_to_rate(dose, conc), state.resolution)
+    rate = pump_rate(state, dose)
     delivered_dose = rate_to_dose(rate, conc)
     if rate == 0:
         if dose > 0:
@@ -121,12 +127,9 @@ def _check_increase(
         return Refusal("taper_lock", f"taper lock: no rate above {state.lock_ceiling_rate} mL/h")
     if state.started_at is not None and now >= state.started_at + timedelta(days=float(protocol.max_course_days)):
         return Refusal("course_length", f"course reached its {protocol.max_course_days}-day cap")
-    schedule_max = quantize_down(dose_to_rate(schedule.max_dose_mg_per_24h, schedule.concentration_mg_per_ml),
-                                 state.resolution)
-    if rate > schedule_max:
+    if rate > pump_rate(state, schedule.max_dose_mg_per_24h):
         return Refusal("schedule_max", f"{dose} mg/24h is above the approved schedule's highest step")
-    level_rate = quantize_down(dose_to_rate(state.level_mg_per_24h, schedule.concentration_mg_per_ml),
-                               state.resolution)
+    level_rate = pump_rate(state, state.level_mg_per_24h)
     if proposal.intent in ("start", "escalate"):
         refusal = _check_step(state, protocol, proposal, now)
         if refusal is not None:
@@ -189,18 +192,17 @@ def max_window_ml(state: CourseState, rate: Decimal, now: datetime) -> Decimal:
         samples.append(state.last_sample)
     with localcontext(_CTX):
         running = state.commanded_rate if state.pump_infusing else Decimal(0)
-        if samples:
-            last = samples[-1]
-            cum_now = last.delivered_ml + running * _hours(now - last.at) if now > last.at else last.delivered_ml
-        else:
-            cum_now = Decimal(0)
         times = [s.at for s in samples]
 
         def cum_at(t: datetime) -> Decimal:
-            if not samples or t <= samples[0].at:
-                return samples[0].delivered_ml if samples else Decimal(0)
-            if t >= samples[-1].at:
-                return samples[-1].delivered_ml if t == samples[-1].at else _interp_tail(t)
+            """Course-cumulative delivered volume at t (after the newest read-back: at the commanded rate)."""
+            if not samples:
+                return Decimal(0)
+            if t <= samples[0].at:
+                return samples[0].delivered_ml
+            last = samples[-1]
+            if t >= last.at:
+                return last.delivered_ml + running * _hours(t - last.at)
             i = bisect.bisect_right(times, t)
             a, b = samples[i - 1], samples[i]
             span = _hours(b.at - a.at)
@@ -208,9 +210,7 @@ def max_window_ml(state: CourseState, rate: Decimal, now: datetime) -> Decimal:
                 return b.delivered_ml
             return a.delivered_ml + (b.delivered_ml - a.delivered_ml) * _hours(t - a.at) / span
 
-        def _interp_tail(t: datetime) -> Decimal:
-            last = samples[-1]
-            return last.delivered_ml + running * _hours(t - last.at)
+        cum_now = cum_at(now)
 
         ends = {now, now + WINDOW}
         ends.update(s.at + WINDOW for s in samples if now - WINDOW < s.at <= now)

@@ -26,9 +26,9 @@ from driverd.core.events import (
     SetpointResult,
     Tick,
 )
-from driverd.core.kernel import Intent, Proposal, Refusal, Setpoint, gate, hours_between
+from driverd.core.kernel import Intent, Proposal, Refusal, Setpoint, gate, hours_between, pump_rate
 from driverd.core.protocol import ProtocolSpec
-from driverd.core.quantities import dose_to_rate, quantize_down, rate_to_dose
+from driverd.core.quantities import rate_to_dose
 from driverd.core.state import ACTIVE, RUNNING, CourseState, Pending, Phase, Sample
 
 Out = tuple[CourseState, tuple[Command, ...]]
@@ -86,11 +86,6 @@ def _goto(state: CourseState, phase: Phase, cause: str) -> Out:
     return replace(state, phase=phase), (Transitioned(state.phase.value, phase.value, cause),)
 
 
-def _level_rate(state: CourseState, dose: Decimal) -> Decimal:
-    assert state.schedule is not None and state.resolution is not None
-    return quantize_down(dose_to_rate(dose, state.schedule.concentration_mg_per_ml), state.resolution)
-
-
 def _propose(
     state: CourseState, protocol: ProtocolSpec, now: datetime, dose: Decimal, intent: Intent, source: str, reason: str
 ) -> tuple[CourseState, Setpoint | Refusal, tuple[Command, ...]]:
@@ -114,7 +109,7 @@ def _set_level(state: CourseState, dose: Decimal, now: datetime) -> CourseState:
         return state
     lock = state.lock_ceiling_rate
     if state.taper_lock and state.schedule is not None and state.resolution is not None:
-        lvl = _level_rate(state, dose)
+        lvl = pump_rate(state, dose)
         lock = lvl if lock is None else min(lock, lvl)
     return replace(state, level_mg_per_24h=dose, last_change_at=now, lock_ceiling_rate=lock)
 
@@ -274,7 +269,7 @@ def _begin_taper(state: CourseState, protocol: ProtocolSpec, now: datetime, sour
     assert state.schedule is not None
     if not state.schedule.taper:
         return _stop(state, protocol, now, source, cause)
-    ceiling = _level_rate(state, state.level_mg_per_24h) if state.resolution else Decimal(0)
+    ceiling = pump_rate(state, state.level_mg_per_24h) if state.resolution else Decimal(0)
     state = replace(state, taper_lock=True, lock_ceiling_rate=min(ceiling, state.commanded_rate) if
                     state.phase in RUNNING else ceiling, taper_started_at=now, taper_index=0)
     state, t = _goto(state, P.TAPERING, cause)

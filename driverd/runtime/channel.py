@@ -23,7 +23,7 @@ from driverd.core.protocol import ProtocolSpec
 from driverd.core.records import command_to_record, event_to_record
 from driverd.core.state import CourseState, Phase
 from driverd.runtime.clock import RuntimeClock
-from drivers.base import DriverError, PumpDriver, PumpRejected, PumpState, PumpStatus
+from drivers.base import DriverError, DriverTimeout, PumpDriver, PumpRejected, PumpState, PumpStatus
 
 # Inputs that must survive a crash the moment they are acted on; telemetry and ticks use group commit.
 _BULK_INPUTS = frozenset({"tick", "pump_report"})
@@ -154,8 +154,8 @@ class Channel:
                 status = await self._io(self.driver.read_status())
             except (DriverError, TimeoutError) as exc:
                 self.last_error = f"{type(exc).__name__}: {exc}"
-                if not isinstance(exc, (TimeoutError,)) and "Timeout" not in type(exc).__name__:
-                    # A broken transport: reopen it on the next poll.
+                if not isinstance(exc, (TimeoutError, DriverTimeout)):
+                    # A broken transport (not merely a late reply): reopen it on the next poll.
                     self.connected = False
                     with contextlib.suppress(Exception):
                         await self.driver.close()

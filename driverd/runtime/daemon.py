@@ -95,6 +95,10 @@ class Daemon:
         self.audit.flush()
         self._tasks = [asyncio.create_task(ch.run(), name=f"channel-{pid}") for pid, ch in self.channels.items()]
 
+    def channel_tasks(self) -> dict[str, asyncio.Task[None]]:
+        """pump id -> the task running that pump's channel (the service's watchdog checks they are alive)."""
+        return dict(zip(self.channels, self._tasks, strict=True)) if self._tasks else {}
+
     async def stop(self) -> None:
         for ch in self.channels.values():
             ch.stopping = True

@@ -14,7 +14,7 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -102,9 +102,7 @@ class ControlLoop:
         self._reported: tuple[str, ...] = ()
 
     def _channel_tasks(self) -> dict[str, asyncio.Task[None]]:
-        # Daemon keeps its channel tasks in `_tasks`, named "channel-<pump id>".
-        tasks: Iterable[asyncio.Task[None]] = getattr(self.daemon, "_tasks", ())
-        return {t.get_name().removeprefix("channel-"): t for t in tasks}
+        return self.daemon.channel_tasks()
 
     def check(self) -> tuple[str, ...]:
         """Problems that must stop the watchdog pings (empty when healthy).

@@ -11,6 +11,7 @@ import asyncio
 import json
 import sys
 from datetime import datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 
 from driverd.audit.reader import iter_records
@@ -36,8 +37,7 @@ async def main(audit_dir: Path, key_dir: Path) -> None:
     resumed_from = last_time(audit_dir)
     clock = VirtualClock((resumed_from + timedelta(seconds=1)) if resumed_from else START)
     world = World(clock)
-    world.pump("bed-1", diameter_mm=__import__("decimal").Decimal("21.59"),
-               fill_volume_ml=__import__("decimal").Decimal("22"))
+    world.pump("bed-1", diameter_mm=Decimal("21.59"), fill_volume_ml=Decimal("22"))
     config = DaemonConfig(
         path=key_dir / "x.toml", sha256="crash-test", protocol=CONFIG_DIR / "protocols" / "ketamine-burst.toml",
         audit_dir=audit_dir, audit_key=key_dir / "audit.key", trust_dir=DEMO_TRUST,
