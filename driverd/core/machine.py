@@ -125,6 +125,9 @@ def _stop(state: CourseState, protocol: ProtocolSpec, now: datetime, source: str
 
 def _alarm(state: CourseState, code: str, detail: str) -> Out:
     cmds: tuple[Command, ...] = (RaiseAlarm(code, detail),)
+    if state.phase not in ACTIVE:
+        # A stopped (or not yet started) course stays where it is: an alarm there is raised, never a way back in.
+        return replace(state, alarm_code=code), cmds
     if state.phase is P.ALARM:
         return replace(state, alarm_code=code), cmds
     resume_to = state.resume_to if state.phase is P.PAUSED else state.phase
@@ -376,8 +379,10 @@ def _on_resume(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
         return state, (Refused("clinician", "uncertain", "a setpoint is still unverified"),)
     target_phase = state.resume_to or P.HOLDING
     if target_phase is P.PRIMED or state.level_mg_per_24h == 0:
-        state = replace(state, alarm_code="", resume_to=None)
-        return _goto(state, P.PRIMED if state.started_at is None else P.HOLDING, "clinician_resume")
+        if state.started_at is None:
+            return _goto(replace(state, alarm_code="", resume_to=None), P.PRIMED, "clinician_resume")
+        state = replace(state, alarm_code="", resume_to=None, hold_started_at=state.hold_started_at or event.at)
+        return _goto(state, P.HOLDING, "clinician_resume")
     assert state.schedule is not None
     verified_dose = rate_to_dose(state.verified_run_rate, state.schedule.concentration_mg_per_ml)
     dose = min(state.level_mg_per_24h, verified_dose)

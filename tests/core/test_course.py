@@ -101,6 +101,25 @@ def test_readback_mismatch_retries_once_then_alarms_and_stops_over_rate() -> Non
     assert p.state.phase is Phase.ALARM
 
 
+def test_stop_not_confirmed_alarms_but_the_course_stays_stopped() -> None:
+    """Regression (found by the stateful test in CI): a stop whose read-back fails twice raised an alarm that moved
+    the course from STOPPED to ALARM, and a clinician "resume" then took a stopped course to HOLDING."""
+    p = play()
+    p.run_until(T0 + 2 * H)
+    cmds = p.feed(ClinicianCommand(T0 + 2 * H, "stop", "dr-a", "done"), ack=False)
+    stop = next(c.setpoint for c in cmds if isinstance(c, ApplySetpoint))
+    assert p.state.phase is Phase.STOPPED
+    again = p.feed(SetpointResult(T0 + 2 * H, stop.id, D("0.083")), ack=False)  # the pump still runs
+    assert [(c.setpoint.rate_ml_per_h, c.attempt) for c in again if isinstance(c, ApplySetpoint)] == [(D(0), 2)]
+    final = p.feed(SetpointResult(T0 + 2 * H, stop.id, D("0.084")), ack=False)
+    assert any(isinstance(c, RaiseAlarm) and c.code == "readback_mismatch" for c in final)
+    assert p.state.phase is Phase.STOPPED and p.state.taper_lock
+    refused = p.feed(ClinicianCommand(T0 + 3 * H, "resume", "dr-a", "try"))
+    assert [c.reason for c in refused if isinstance(c, Refused)] == ["illegal_transition"]
+    assert p.state.phase is Phase.STOPPED
+    assert not [c for c in p.feed(Tick(T0 + 4 * H)) if isinstance(c, ApplySetpoint)]
+
+
 def test_link_loss_alarms_and_resume_capped_at_last_verified() -> None:
     p = play()
     p.run_until(T0 + 24 * H - timedelta(minutes=1))  # verified at 100 mg/24h
