@@ -60,6 +60,8 @@ class CourseSafety(RuleBasedStateMachine):
         self.alarms: tuple[str, ...] = ()
         self.link = True
         self.unacked: list[int] = []
+        self.last_sent: int | None = None  # the setpoint the pump received last
+        self.disobeyed_stop = False  # the pump refused a stop: it infuses on; software can only retry and alarm
         # reference bookkeeping
         self.segments: list[tuple[datetime, Decimal]] = [(self.now, Decimal(0))]  # (from, commanded mL/h running)
         self.last_nonzero: Decimal | None = None
@@ -90,6 +92,8 @@ class CourseSafety(RuleBasedStateMachine):
             if isinstance(cmd, ApplySetpoint):
                 self._check_setpoint(cmd)
                 if self.link:
+                    self.last_sent = cmd.setpoint.id
+                    self.disobeyed_stop = False
                     self.prev_rate = self.rate
                     self.rate = cmd.setpoint.rate_ml_per_h
                     blocked = any(a in STOPPING for a in self.alarms)
@@ -149,8 +153,10 @@ class CourseSafety(RuleBasedStateMachine):
             self._feed(SetpointResult(self.now, sid, self.rate))
         elif mode == "wrong" and self.link:
             self._feed(SetpointResult(self.now, sid, self.rate + Decimal("0.001")))
-        elif mode == "rejected" and self.link:
-            # the pump refused the new rate and kept the old one
+        elif mode == "rejected" and self.link and sid == self.last_sent:
+            # the pump refused the rate it was just sent and kept the old one (only the latest can be refused: the
+            # channel sends one setpoint at a time and waits for its read-back)
+            self.disobeyed_stop = self.rate == 0 and self.prev_rate > 0
             self.rate = self.prev_rate
             self.infusing = self.rate > 0 and not any(a in STOPPING for a in self.alarms)
             self.segments.append((self.now, self.rate if self.infusing else Decimal(0)))
@@ -216,7 +222,7 @@ class CourseSafety(RuleBasedStateMachine):
     def course_never_longer_than_cap(self) -> None:
         if self.started is not None and self.now >= self.started + CAP:
             assert self.state.phase is Phase.STOPPED
-            assert not (self.infusing and self.link), "pump still infusing past the cap"
+            assert not (self.infusing and self.link and not self.disobeyed_stop), "pump still infusing past the cap"
 
     @invariant()
     def stopped_means_locked(self) -> None:
