@@ -162,6 +162,9 @@ class PumpModel:
         self._deadman_armed = False
         self._last_contact = Decimal(0)
         self._events: list[ModelEvent] = []
+        # Every rate the pump accepted, in order: what really reached it (end-to-end tests check it against
+        # the safety kernel's setpoints, whatever the transport).
+        self._rates: list[tuple[datetime, Decimal]] = []
 
     # ---- identity -----
 
@@ -345,6 +348,11 @@ class PumpModel:
             self._advance()
             return tuple(self._events)
 
+    def rate_history(self) -> tuple[tuple[datetime, Decimal], ...]:
+        """Every rate the pump accepted (``set_rate``), with the time it was accepted, oldest first."""
+        with self._lock:
+            return tuple(self._rates)
+
     # ---- commands -----
 
     def set_diameter(self, mm: Decimal) -> None:
@@ -373,6 +381,7 @@ class PumpModel:
                     + "); the pump does not round",
                 )
             self._rate = r + Decimal(0) if r != 0 else Decimal(0)
+            self._rates.append((self._at(self._t), self._rate))
 
     def run(self) -> None:
         with self._lock:
