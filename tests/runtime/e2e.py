@@ -1,0 +1,282 @@
+"""Shared helpers for the end-to-end and fault tests: simulators on real transports + a Daemon on a VirtualClock.
+
+`rig(...)` starts the simulated pumps (New Era on a PTY or loopback TCP, or Modbus/TCP on loopback), a Daemon on
+the real driver path, and optionally its control socket. The test itself is a participant of the virtual clock
+from the start, so virtual time moves only while the test waits in `Rig.advance_to`: between two waits the test
+sees (and commands) a frozen instant. Instants passed to `advance_to` must lie between the channels' polls
+(the poll grid is START + k * poll period), so no poll runs concurrently with the test's checks.
+
+What reached the pump is read from the simulated pump model (`PumpModel.rate_history()`), whatever the wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import socket
+import tempfile
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from driverd.audit.reader import iter_records
+from driverd.audit.replay import ReplayResult, replay_records
+from driverd.audit.segments import list_segments
+from driverd.audit.verify import VerifyReport, verify_log
+from driverd.core.quantities import NEW_ERA_RESOLUTION, Resolution, dose_to_rate, quantize_down
+from driverd.runtime.channel import Channel
+from driverd.runtime.clock import VirtualClock
+from driverd.runtime.config import AuditSettings, DaemonConfig, PumpConfig
+from driverd.runtime.control import ControlServer, request
+from driverd.runtime.daemon import Daemon
+from driverd.runtime.demo import CONCENTRATION, CONFIG_DIR, DEMO_TRUST, START, SYRINGE, demo_schedule
+from driverd.signing import generate_keypair, load_public_key
+from simulators.faults import FaultPlan
+from simulators.pump import PumpModel
+from simulators.world import World
+
+TRANSPORTS = ("newera-pty", "newera-tcp", "modbus-tcp")
+BOUND_S = 60.0  # real seconds any single wait may take before the test fails (never a timing assertion)
+FIRST_STEP = START + timedelta(minutes=5)  # demo_schedule: steps at START + 5 min + 24 h * i
+DOSES = (Decimal(100), Decimal(300), Decimal(500))
+HOLD = timedelta(days=3)
+
+
+def resolution_for(transport: str) -> Resolution:
+    if transport.startswith("modbus"):
+        from drivers.modbus.regmap import load_map
+
+        return load_map().rate_resolution()
+    return NEW_ERA_RESOLUTION
+
+
+def kernel_rate(dose: Decimal, transport: str) -> Decimal:
+    """The rate the safety kernel sends for `dose` at the demo concentration (quantized toward less drug)."""
+    return quantize_down(dose_to_rate(dose, Decimal(CONCENTRATION)), resolution_for(transport))
+
+
+def closed_port() -> int:
+    """A loopback port nobody listens on (bound then released): connecting is refused at once."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Rig:
+    clock: VirtualClock
+    world: World
+    daemon: Daemon
+    transport: str
+    names: list[str]
+    poll: timedelta
+    audit_dir: Path
+    audit_pub: Path
+    socket: Path | None
+    endpoints: dict[str, Any] = field(default_factory=dict)  # pump -> newera Endpoint | ModbusEndpoint
+    stopped: bool = False  # the daemon has stopped (its audit log is closed)
+
+    # ---- the pumps -----
+
+    def model(self, name: str) -> PumpModel:
+        return self.world.pump(name)
+
+    def faults(self, name: str) -> FaultPlan:
+        return self.world.faults(name)
+
+    def channel(self, name: str) -> Channel:
+        return self.daemon.channels[name]
+
+    def wire_rates(self, name: str) -> list[Decimal]:
+        """Every rate the simulated pump accepted, in order."""
+        return [rate for _, rate in self.model(name).rate_history()]
+
+    def rate(self, dose: int | Decimal) -> Decimal:
+        return kernel_rate(Decimal(dose), self.transport)
+
+    # ---- time -----
+
+    def on_grid(self, when: datetime) -> bool:
+        return (when - START) % self.poll == timedelta(0)
+
+    async def advance_to(self, when: datetime) -> None:
+        """Let virtual time run to `when` (between two polls), then freeze it again for the test's checks."""
+        if self.on_grid(when):
+            raise ValueError(f"{when} is a poll instant: pick a time between polls")
+        if when < self.clock.now():
+            raise ValueError(f"{when} is in the past (now {self.clock.now()})")
+        await asyncio.wait_for(self.clock.sleep_until(when), timeout=BOUND_S)
+
+    async def wait_until(self, predicate: Any, *, step: timedelta, limit: datetime) -> datetime:
+        """Advance by `step` (off grid) until `predicate()` holds; fail at `limit`. Returns the time it held."""
+        while not predicate():
+            if self.clock.now() >= limit:
+                raise AssertionError(f"condition not reached by {limit} (now {self.clock.now()})")
+            await self.advance_to(self.clock.now() + step)
+        return self.clock.now()
+
+    # ---- the daemon's API -----
+
+    async def push(self, name: str, doc: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Push the signed demo schedule for `name` through the control socket (or the daemon if none)."""
+        index = self.names.index(name) + 1
+        doc = doc if doc is not None else demo_schedule(name, index, START)
+        if self.socket is None:
+            return await asyncio.wait_for(self.daemon.push_schedule(doc), timeout=BOUND_S)
+        return await request(self.socket, {"op": "push", "schedule": doc}, timeout_s=BOUND_S)
+
+    async def status(self) -> dict[str, dict[str, Any]]:
+        reply = (await request(self.socket, {"op": "status"}, timeout_s=BOUND_S) if self.socket is not None
+                 else self.daemon.status())
+        assert reply["ok"] is True, reply
+        return {p["pump_id"]: p for p in reply["pumps"]}
+
+    async def command(self, name: str, action: str, *, by: str = "nurse-1", reason: str = "test",
+                      dose: Any = None) -> dict[str, Any]:
+        return await asyncio.wait_for(self.daemon.command(name, action, by, reason, dose), timeout=BOUND_S)
+
+    # ---- the audit log -----
+
+    def records(self) -> list[dict[str, Any]]:
+        if not self.stopped:
+            self.daemon.tick_audit()  # group-committed telemetry onto disk first
+        return [r for _, p in list_segments(self.audit_dir) for r in iter_records(p)]
+
+    def verify(self) -> VerifyReport:
+        return verify_log(self.audit_dir, public_key=load_public_key(self.audit_pub))
+
+    def replay(self) -> ReplayResult:
+        return replay_records(self.records())
+
+
+def events(records: Iterable[dict[str, Any]], name: str, pump: str | None = None) -> list[dict[str, Any]]:
+    return [r for r in records if r["event"] == name and (pump is None or r.get("pump_id") == pump)]
+
+
+def setpoints(records: Iterable[dict[str, Any]], pump: str) -> list[dict[str, Any]]:
+    return events(records, "setpoint", pump)
+
+
+def verified_setpoints(records: list[dict[str, Any]], pump: str) -> list[tuple[datetime, Decimal]]:
+    """(time, rate) of every setpoint whose read-back equalled what was sent."""
+    sent = {r["setpoint_id"]: Decimal(r["rate_ml_per_h"]) for r in setpoints(records, pump)}
+    out = []
+    for r in events(records, "setpoint_result", pump):
+        rb = r.get("readback_ml_per_h")
+        if rb is not None and sent.get(r["setpoint_id"]) == Decimal(rb):
+            out.append((datetime.fromisoformat(r["ts"]), Decimal(rb)))
+    return out
+
+
+def transitions(records: Iterable[dict[str, Any]], pump: str) -> list[tuple[datetime, str]]:
+    return [(datetime.fromisoformat(r["ts"]), r["to"]) for r in events(records, "transition", pump)]
+
+
+def build_world(clock: VirtualClock, transport: str, names: Iterable[str]) -> World:
+    world = World(clock)
+    kw: dict[str, Any] = {}
+    if transport.startswith("modbus"):
+        kw["rate_resolution"] = resolution_for(transport)
+        from simulators.modbus import SIM_FIRMWARE, SIM_MODEL
+
+        kw.update(model=SIM_MODEL, firmware=SIM_FIRMWARE)
+    for n in names:
+        world.pump(n, diameter_mm=Decimal(SYRINGE["inner_diameter_mm"]),
+                   fill_volume_ml=Decimal(SYRINGE["fill_volume_ml"]), **kw)
+    return world
+
+
+async def _serve(stack: contextlib.AsyncExitStack, transport: str, world: World, names: list[str],
+                 dead: set[str]) -> tuple[dict[str, str], dict[str, Any]]:
+    urls: dict[str, str] = {}
+    endpoints: dict[str, Any] = {}
+    live = [n for n in names if n not in dead]
+    if transport.startswith("newera"):
+        from simulators.newera import serve_newera
+
+        for n in live:
+            if transport == "newera-pty":
+                ep = await stack.enter_async_context(serve_newera(world.pump(n), world.faults(n), pty=True))
+            else:
+                ep = await stack.enter_async_context(serve_newera(world.pump(n), world.faults(n), tcp_port=0))
+            urls[n], endpoints[n] = ep.url, ep
+        for n in dead:
+            urls[n] = f"newera+socket://127.0.0.1:{closed_port()}?address=0"
+    elif transport == "modbus-tcp":
+        from simulators.modbus import serve_modbus
+
+        if live:
+            units = {i + 1: n for i, n in enumerate(live)}
+            gw = await stack.enter_async_context(serve_modbus(world, units, tcp_port=0))
+            for u, n in units.items():
+                urls[n], endpoints[n] = gw.url(u), gw
+        for n in dead:
+            urls[n] = f"modbus+tcp://127.0.0.1:{closed_port()}?unit=1"
+    else:
+        raise ValueError(f"unknown transport {transport!r}")
+    return urls, endpoints
+
+
+@contextlib.asynccontextmanager
+async def rig(
+    transport: str,
+    work: Path,
+    names: Iterable[str] = ("bed-1",),
+    *,
+    poll_s: int = 60,
+    deadman_s: int = 180,
+    link_timeout_s: float | None = None,
+    driver_timeout_s: float = 0.4,
+    dead: Iterable[str] = (),
+    control: bool = False,
+    start: datetime = START,
+) -> AsyncIterator[Rig]:
+    names = list(names)
+    dead_set = set(dead)
+    sock_dir = Path(tempfile.mkdtemp(prefix="dde2e", dir="/tmp"))  # short: Unix socket paths are <= 107 bytes
+    clock = VirtualClock(start)
+    # The test is a participant from the start: time never runs ahead of it (see the module docstring).
+    clock.register()
+    world = build_world(clock, transport, names)
+    key, pub = generate_keypair(work / "keys", "audit")
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            urls, endpoints = await _serve(stack, transport, world, names, dead_set)
+            config = DaemonConfig(
+                path=work / "driverd.toml", sha256="e2e", protocol=CONFIG_DIR / "protocols" / "ketamine-burst.toml",
+                audit_dir=work / "audit", audit_key=key, trust_dir=DEMO_TRUST, control_socket=sock_dir / "ctl.sock",
+                socket_mode=0o600, poll_period_s=float(poll_s),
+                link_timeout_s=float(link_timeout_s if link_timeout_s is not None else 2 * poll_s),
+                deadman_s=deadman_s, driver_timeout_s=driver_timeout_s,
+                pumps=tuple(PumpConfig(n, urls[n]) for n in names),
+                audit=AuditSettings(checkpoint_every_records=500, checkpoint_every_s=3600, group_commit_ms=200,
+                                    group_commit_records=512),
+            )
+            daemon = Daemon(config, clock, world=world)
+            await asyncio.wait_for(daemon.start(), timeout=BOUND_S)
+            server: ControlServer | None = None
+            try:
+                if control:
+                    server = ControlServer(daemon, config.control_socket, 0o600)
+                    await server.start()
+                the_rig = Rig(clock, world, daemon, transport, names, timedelta(seconds=poll_s), config.audit_dir,
+                              pub, config.control_socket if control else None, endpoints)
+                yield the_rig
+            finally:
+                clock.unregister()
+                if server is not None:
+                    await server.close()
+                await asyncio.wait_for(daemon.stop(), timeout=BOUND_S)
+                with contextlib.suppress(NameError):
+                    the_rig.stopped = True
+    finally:
+        shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+def run(coro: Any, timeout: float = 120.0) -> Any:
+    """Run an async test body with a hard bound (a test must never hang)."""
+    return asyncio.run(asyncio.wait_for(coro, timeout))
