@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import threading
 import tty
@@ -68,6 +69,7 @@ __all__ = ["SIM_FIRMWARE", "SIM_MODEL", "ExceptionPlan", "ModbusEndpoint", "serv
 
 SIM_MODEL: Final = "DRV-MB1"
 SIM_FIRMWARE: Final = "1.0.0-sim"
+TCP_BACKLOG: Final = 1024  # listen backlog of a TCP gateway: see _TcpServer
 _TABLE_OF_FC: Final[dict[int, Table]] = {
     1: "coils",
     5: "coils",
@@ -408,6 +410,14 @@ def _make_handler(server: Any, gateway: _Gateway) -> _FaultyHandler:
 
 class _TcpServer(ModbusTcpServer):
     gateway: _Gateway
+
+    def __init__(self, *args: Any, backlog: int = TCP_BACKLOG, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # pymodbus 3.16 listens with asyncio's default backlog (100). A daemon that starts with more pumps than
+        # that behind one gateway connects all at once; the kernel drops the excess SYNs and those masters'
+        # connects time out (the first SYN retransmit is 1 s later). A gateway's limit is its connection table.
+        create: Any = self.call_create  # a partial of loop.create_server (pymodbus 3.16 transport)
+        self.call_create = functools.partial(create, backlog=backlog)
 
     def callback_new_connection(self) -> _FaultyHandler:
         return _make_handler(self, self.gateway)

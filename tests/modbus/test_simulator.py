@@ -221,3 +221,26 @@ def test_endpoint_rejects_bad_arguments() -> None:
                 ep.url(2)
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_gateway_accepts_a_burst_of_simultaneous_connections() -> None:
+    """A daemon starting with many pumps connects to the gateway all at once: every connect must succeed.
+
+    (asyncio's default listen backlog is 100; beyond it the kernel drops SYNs and a 1 s connect times out.)
+    """
+    n = 300
+
+    async def main() -> None:
+        world = World(ManualClock(datetime(2026, 1, 1, tzinfo=UTC)))
+        async with serve_modbus(world, {1: "a"}, tcp_port=0) as ep:
+            clients = [AsyncModbusTcpClient(ep.host, port=ep.port, timeout=1.0, retries=0) for _ in range(n)]
+            try:
+                connected = await asyncio.gather(*(c.connect() for c in clients))
+                assert all(connected), f"{connected.count(False)} of {n} connects failed"
+                replies = await asyncio.gather(*(c.read_input_registers(100, count=1, device_id=1) for c in clients))
+                assert all(r.registers == [1] for r in replies)
+            finally:
+                for c in clients:
+                    c.close()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
