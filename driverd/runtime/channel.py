@@ -37,6 +37,10 @@ class Request:
     # A clinician resume: the clinician has dealt with the cause, so acknowledge the pump's latched alarm and
     # read it again first. If the condition persists the pump reports it again and the core refuses.
     acknowledge_alarm: bool = False
+    what: str = ""  # what the request is, for the audit record if it expires
+    # Called with the outcome once the request has been applied, whether or not anybody still awaits `reply`.
+    on_done: Callable[[dict[str, Any]], None] | None = None
+    # Cancelled (or already done) = the caller gave up: the request has expired and is never applied.
     reply: asyncio.Future[dict[str, Any]] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -233,23 +237,47 @@ class Channel:
             return
 
     async def _serve(self, request: Request) -> None:
+        if self._expired(request):
+            return
         try:
             if request.acknowledge_alarm and self.connected:
                 with contextlib.suppress(DriverError, TimeoutError):
                     await self._io(self.driver.clear_alarm())
                 await self.poll()
+                if self._expired(request):  # the acknowledgement and read took real time: check again
+                    return
             cmds = await self.handle(request.make_event(self.clock.now()))
             await self.prime()
         except Exception as exc:  # a bad request must never kill the channel
-            if not request.reply.done():
-                request.reply.set_result({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
-            return
-        refusals = [{"reason": c.reason, "detail": c.detail} for c in cmds if isinstance(c, Refused)]
+            result: dict[str, Any] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        else:
+            refusals = [{"reason": c.reason, "detail": c.detail} for c in cmds if isinstance(c, Refused)]
+            result = {"ok": not refusals, "refusals": refusals, "phase": self.state.phase.value}
+        if request.on_done is not None:
+            request.on_done(result)
         if not request.reply.done():
-            request.reply.set_result({"ok": not refusals, "refusals": refusals, "phase": self.state.phase.value})
+            request.reply.set_result(result)
 
-    async def submit(self, make_event: Callable[[datetime], Event], *, acknowledge_alarm: bool = False
-                     ) -> dict[str, Any]:
-        request = Request(make_event, acknowledge_alarm=acknowledge_alarm)
+    def _expired(self, request: Request) -> bool:
+        """A request whose caller gave up (its reply cancelled or already settled) is never applied late:
+        a clinician command acted on minutes after the clinician was told "outcome unknown" is a hazard."""
+        if not request.reply.done():
+            return False
+        self.audit.append("request_expired", pump_id=self.pump_id, course_id=self.state.course_id, durable=True,
+                          request=request.what[:512] or "unnamed request",
+                          detail="the caller gave up before the channel reached it; not applied")
+        return True
+
+    async def submit(
+        self,
+        make_event: Callable[[datetime], Event],
+        *,
+        acknowledge_alarm: bool = False,
+        what: str = "",
+        on_done: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """Queue a request for this channel's task and wait for its outcome. Cancelling the wait withdraws the
+        request if the channel has not started it yet (it is then logged as `request_expired`)."""
+        request = Request(make_event, acknowledge_alarm=acknowledge_alarm, what=what, on_done=on_done)
         await self.inbox.put(request)
         return await request.reply

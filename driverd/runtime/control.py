@@ -192,7 +192,8 @@ def _reasons(reply: Mapping[str, Any]) -> list[Any]:
 def _log_late(op: str, peer: dict[str, int], fut: asyncio.Future[dict[str, Any]]) -> None:
     """The outcome of a request whose client was already told "unknown" (for the operational log)."""
     if fut.cancelled():
-        log.error("control_request_late_result", op=op, outcome="cancelled", **peer)
+        # Skipped by the channel unless it had already started it (then it completed: see the audit log).
+        log.warning("control_request_late_result", op=op, outcome="withdrawn", **peer)
     elif fut.exception() is not None:
         log.error("control_request_late_result", op=op, outcome=f"error: {fut.exception()!r}", **peer)
     else:
@@ -352,15 +353,17 @@ class ControlServer:
         op = type(request).__name__.removesuffix("Request").lower()
         call = asyncio.ensure_future(self._call(request))
         try:
-            # shield: a slow channel must not turn a timeout into a half-done request. The daemon finishes
-            # (and logs) what it started; the client is told the outcome is unknown.
             reply = await asyncio.wait_for(asyncio.shield(call), timeout=self.request_timeout_s)
         except TimeoutError:
-            log.error("control_request_timeout", op=op, **peer)
+            # Withdraw it: a pump channel that has not reached the request yet skips it and logs
+            # `request_expired` (a command applied minutes after the client gave up is a hazard). One the channel
+            # has already started is finished and logged there (never half done): so the outcome is unknown.
+            call.cancel()
+            log.error("control_request_timeout", op=op, outcome="withdrawn unless already started", **peer)
             call.add_done_callback(lambda f: _log_late(op, peer, f))
             return {"ok": False, "field": None,
-                    "error": f"no answer within {self.request_timeout_s:g} s; the request may still take effect: "
-                             "check `driverd status`"}
+                    "error": f"no answer within {self.request_timeout_s:g} s; the request is withdrawn unless the "
+                             "daemon had already started it, so it may still take effect: check `driverd status`"}
         except Exception as exc:
             log.exception("control_request_failed", op=op, **peer)
             return {"ok": False, "error": f"internal error: {type(exc).__name__}", "field": None}

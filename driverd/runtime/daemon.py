@@ -151,9 +151,14 @@ class Daemon:
                                 f"version {schedule.version} of {schedule.schedule_id} is not above {seen}")
         # The accepted schedule reaches the log (fdatasync) inside the channel before we reply: that durable
         # record is the replay protection, rebuilt from the log on restart.
-        reply = await channel.submit(lambda at: ScheduleAccepted(at, schedule))
-        if reply.get("ok"):
-            self.versions[schedule.schedule_id] = schedule.version
+        def applied(result: dict[str, Any]) -> None:
+            # Also when the caller has given up meanwhile: once applied, this version is used.
+            if result.get("ok"):
+                self.versions[schedule.schedule_id] = max(self.versions.get(schedule.schedule_id, 0),
+                                                          schedule.version)
+
+        reply = await channel.submit(lambda at: ScheduleAccepted(at, schedule), on_done=applied,
+                                     what=f"push {schedule.schedule_id} v{schedule.version}")
         return {**reply, "key_id": key_id, "schedule_id": schedule.schedule_id, "version": schedule.version}
 
     async def command(self, pump_id: Any, action: Any, by: Any, reason: Any, dose: Any = None) -> dict[str, Any]:
@@ -177,8 +182,9 @@ class Daemon:
             pid = pump_id if isinstance(pump_id, str) else None
             return self._refuse(pid, "clinician", "invalid", "; ".join(problems))
         channel = self.channels[pump_id]
+        what = f"clinician {action}" + (f" {dose_d} mg/24h" if dose_d is not None else "") + f" by {by}: {reason}"
         return await channel.submit(lambda at: ClinicianCommand(at, action, by, reason, dose_d),
-                                    acknowledge_alarm=action == "resume")
+                                    acknowledge_alarm=action == "resume", what=what)
 
     async def submit_event(self, pump_id: str, make_event: Callable[[datetime], Event]) -> dict[str, Any]:
         return await self.channels[pump_id].submit(make_event)

@@ -616,3 +616,39 @@ def test_request_to_a_stuck_channel_times_out_as_unknown_outcome(monkeypatch: py
         assert reply["ok"] is False
         assert "may still take effect" in reply["error"]
         assert live.call({"op": "status"})["ok"] is True  # the server is not held up by the stuck channel
+
+
+def test_a_request_whose_caller_gave_up_is_never_applied_later(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The client was told "outcome unknown"; when the stuck channel comes back it must skip the request (and
+    log `request_expired`), not act on a clinician command minutes late."""
+    original = Channel.poll
+    stuck, release = threading.Event(), threading.Event()
+
+    async def poll(self: Channel) -> None:
+        if self.pump_id == "bed-2" and self.polls == 1:
+            stuck.set()
+            for _ in range(int(TIMEOUT / 0.01)):  # bounded: never hangs the test
+                if release.is_set():
+                    break
+                await asyncio.sleep(0.01)
+        await original(self)
+
+    monkeypatch.setattr(Channel, "poll", poll)
+    with short_dir() as d, LiveDaemon(d, BEFORE_FIRST_STEP, request_timeout_s=0.3) as live:
+        assert stuck.wait(TIMEOUT)
+        reply = live.call({"op": "command", "pump_id": "bed-2", "action": "stop", "by": "dr-late",
+                           "reason": "urgent"})
+        assert reply["ok"] is False and "withdrawn" in reply["error"]
+        release.set()
+        for _ in range(600):
+            expired = [r for r in live.audit_records() if r["event"] == "request_expired"]
+            if expired:
+                break
+            threading.Event().wait(0.05)
+        assert [(r["pump_id"], r["request"]) for r in expired] == [("bed-2", "clinician stop by dr-late: urgent")]
+        assert not [r for r in live.audit_records() if r["event"] == "clinician_command"]
+        # The channel is alive and answers new requests at once.
+        fresh = live.call({"op": "command", "pump_id": "bed-2", "action": "stop", "by": "dr-now", "reason": "x"})
+        assert fresh["refusals"][0]["reason"] == "illegal_transition"  # idle: nothing to stop, but it was applied
+        commands = [r for r in live.audit_records() if r["event"] == "clinician_command"]
+        assert [(r["pump_id"], r["by"]) for r in commands] == [("bed-2", "dr-now")]
