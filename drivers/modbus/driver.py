@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, ClassVar, Final
 
@@ -52,6 +53,39 @@ from drivers.url import DriverURL
 _READ_FC: Final[dict[Table, int]] = {"coils": 1, "discrete_inputs": 2, "holding_registers": 3, "input_registers": 4}
 _MAX_REGS: Final = 125  # per read request (Modbus limit)
 _MAX_BITS: Final = 2000
+_READ_CALL: Final[dict[Table, str]] = {
+    "coils": "read_coils",
+    "discrete_inputs": "read_discrete_inputs",
+    "holding_registers": "read_holding_registers",
+    "input_registers": "read_input_registers",
+}
+_STATUS_POINTS: Final = ("running", "alarm_active", "rate_readback", "delivered_volume", "diameter_readback")
+
+
+@dataclass(frozen=True, slots=True)
+class ReadSpan:
+    """One read request: `count` registers (or bits) of `table` from `start`, and the points decoded from it."""
+
+    table: Table
+    start: int
+    count: int
+    points: tuple[Point, ...]
+
+
+def plan_reads(points: Sequence[Point]) -> tuple[ReadSpan, ...]:
+    """The read requests for `points`: contiguous runs per table, within the per-request limits.
+
+    Pure: the driver computes the status poll's plan once per map, not on every poll.
+    """
+    by_table: dict[Table, list[Point]] = {}
+    for p in points:
+        by_table.setdefault(p.table, []).append(p)
+    plan: list[ReadSpan] = []
+    for table, pts in by_table.items():
+        for span in _spans(sorted(pts, key=lambda p: p.address), table):
+            start, end = span[0].address, max(p.end for p in span)
+            plan.append(ReadSpan(table, start, end - start, tuple(span)))
+    return tuple(plan)
 
 
 class ModbusDriver(PumpDriver):
@@ -81,6 +115,8 @@ class ModbusDriver(PumpDriver):
         self.baud = url.int_param("baud", 19200, lo=50, hi=4_000_000) if url.transport == "rtu" else 0
         self.map = regmap or load_map(url.params.get("map") or DEFAULT_MAP)
         self.resolution = self.map.rate_resolution()  # type: ignore[misc]  # per-instance: from the map
+        self._alarm_points = tuple(self.map.alarm_points())
+        self._status_plan = plan_reads([self.map[n] for n in _STATUS_POINTS] + list(self._alarm_points))
         self._client: AsyncModbusTcpClient | AsyncModbusSerialClient | None = None
         self._lock = asyncio.Lock()
         self._disconnects = 0  # bumped by the client's connection callback: tells a lost link from silence
@@ -156,29 +192,26 @@ class ModbusDriver(PumpDriver):
 
     async def _read_points(self, points: Sequence[Point]) -> dict[str, Decimal | str | bool]:
         """Read points, grouped into contiguous requests per table; decode each exactly."""
+        return await self._read_plan(plan_reads(points))
+
+    async def _read_plan(self, plan: Sequence[ReadSpan]) -> dict[str, Decimal | str | bool]:
         out: dict[str, Decimal | str | bool] = {}
-        by_table: dict[Table, list[Point]] = {}
-        for p in points:
-            by_table.setdefault(p.table, []).append(p)
-        for table, pts in by_table.items():
-            for span in _spans(sorted(pts, key=lambda p: p.address), table):
-                start, end = span[0].address, max(p.end for p in span)
-                values = await self._read_span(table, start, end - start)
-                for p in span:
-                    chunk = values[p.address - start : p.end - start]
-                    try:
-                        out[p.name] = codec.decode_bit(p, chunk[0]) if table in BIT_TABLES else codec.decode(p, chunk)
-                    except CodecError as exc:
-                        raise ProtocolError(f"{self.url.raw}: {exc}") from None
+        for span in plan:
+            table, start = span.table, span.start
+            values = await self._read_span(table, start, span.count)
+            bits = table in BIT_TABLES
+            for p in span.points:
+                try:
+                    if bits:
+                        out[p.name] = codec.decode_bit(p, values[p.address - start])
+                    else:
+                        out[p.name] = codec.decode(p, values[p.address - start : p.end - start])
+                except CodecError as exc:
+                    raise ProtocolError(f"{self.url.raw}: {exc}") from None
         return out
 
     async def _read_span(self, table: Table, address: int, count: int) -> list[Any]:
-        call = {
-            "coils": "read_coils",
-            "discrete_inputs": "read_discrete_inputs",
-            "holding_registers": "read_holding_registers",
-            "input_registers": "read_input_registers",
-        }[table]
+        call = _READ_CALL[table]
         response = await self._execute(call, address, count=count, read=True)
         self._raise_for_exception(response, f"read {table} {address}..{address + count - 1}")
         if response.function_code != _READ_FC[table]:
@@ -285,10 +318,8 @@ class ModbusDriver(PumpDriver):
             return await self._status()
 
     async def _status(self) -> PumpStatus:
-        names = ["running", "alarm_active", "rate_readback", "delivered_volume", "diameter_readback"]
-        points = [self.map[n] for n in names] + self.map.alarm_points()
-        values = await self._read_points(points)
-        alarms = frozenset(p.alarm for p in self.map.alarm_points() if p.alarm is not None and values[p.name] is True)
+        values = await self._read_plan(self._status_plan)
+        alarms = frozenset(p.alarm for p in self._alarm_points if p.alarm is not None and values[p.name] is True)
         if values["running"] is True:
             state = PumpState.INFUSING
         elif values["alarm_active"] is True:
@@ -304,9 +335,13 @@ def _spans(points: Sequence[Point], table: Table) -> list[list[Point]]:
     """Group address-sorted points into runs with no gap, within the per-request limit."""
     limit = _MAX_BITS if table in BIT_TABLES else _MAX_REGS
     spans: list[list[Point]] = []
+    span_end = 0  # one past the last address of the current span
     for p in points:
-        if spans and p.address <= max(q.end for q in spans[-1]) and p.end - spans[-1][0].address <= limit:
+        end = p.end
+        if spans and p.address <= span_end and end - spans[-1][0].address <= limit:
             spans[-1].append(p)  # adjacent or overlapping (maps forbid overlaps): one request
+            span_end = max(span_end, end)
         else:
             spans.append([p])
+            span_end = end
     return spans

@@ -128,16 +128,29 @@ class RegisterMap:
     description: str
     points: Mapping[str, Point]  # by name; names are unique across tables
     source: str = ""
+    # Derived once (the map is immutable): the driver asks for these on every status poll, the simulator on
+    # every request, and sorting them each time was a measurable share of a poll (bench/scale.py).
+    _tables: Mapping[Table, tuple[Point, ...]] = field(init=False, repr=False, compare=False)
+    _alarms: tuple[Point, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        tables = {
+            t: tuple(sorted((p for p in self.points.values() if p.table == t), key=lambda p: p.address))
+            for t in TABLES
+        }
+        object.__setattr__(self, "_tables", tables)
+        alarms = tuple(p for p in tables["discrete_inputs"] + tables["coils"] if p.alarm is not None)
+        object.__setattr__(self, "_alarms", alarms)
 
     def __getitem__(self, name: str) -> Point:
         return self.points[name]
 
     def table(self, table: Table) -> list[Point]:
         """The points of one table, by address."""
-        return sorted((p for p in self.points.values() if p.table == table), key=lambda p: p.address)
+        return list(self._tables[table])
 
     def alarm_points(self) -> list[Point]:
-        return [p for p in self.table("discrete_inputs") + self.table("coils") if p.alarm is not None]
+        return list(self._alarms)
 
     def command(self, name: str) -> int:
         """The magic value of a command of the command register."""
