@@ -421,14 +421,17 @@ def _on_report(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
     cmds: tuple[Command, ...] = ()
     new_warnings = sorted(set(event.alarms) & WARNING_ALARMS - set(before.pump_alarms))
     cmds += tuple(Notice(f"pump_warning:{w}", "the pump warns") for w in new_warnings)
+    pending = state.pending
     if state.phase not in ACTIVE:
         if event.state == "infusing" and state.phase is P.STOPPED:
             state, more = _stop(replace(state, phase=P.ALARM), protocol, event.at, "machine", "unexpected_infusion")
             return state, (*cmds, RaiseAlarm("unexpected_infusion", "pump infusing after the course stopped"), *more)
+        if pending is not None and pending.uncertain:  # e.g. the final stop was sent while the link was down
+            state, more = _check_readback(state, protocol, event.at, _reported_readback(pending, event))
+            return state, cmds + more
         return state, cmds
-    pending = state.pending
     if pending is not None and pending.uncertain:
-        state, more = _check_readback(state, protocol, event.at, event.rate_ml_per_h)
+        state, more = _check_readback(state, protocol, event.at, _reported_readback(pending, event))
         return state, cmds + more
     blocking = sorted(a for a in event.alarms if a not in WARNING_ALARMS)
     if blocking and state.phase is not P.ALARM:
@@ -448,6 +451,14 @@ def _on_report(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
         state, t = _goto(state, P.PAUSED, "stopped_at_pump")
         return state, (*cmds, Notice("stopped_at_pump", f"pump reports {event.state}"), *t)
     return _check_deviation(state, protocol, event.at, cmds)
+
+
+def _reported_readback(pending: Pending, event: PumpReport) -> Decimal:
+    """What a report tells about an uncertain setpoint: for a stop, whether the pump infuses (a stopped pump keeps
+    its programmed rate); for a rate, the programmed rate."""
+    if pending.setpoint.is_stop:
+        return event.rate_ml_per_h if event.state == "infusing" else Decimal(0)
+    return event.rate_ml_per_h
 
 
 def _check_deviation(state: CourseState, protocol: ProtocolSpec, now: datetime, cmds: tuple[Command, ...]) -> Out:

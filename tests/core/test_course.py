@@ -120,6 +120,20 @@ def test_stop_not_confirmed_alarms_but_the_course_stays_stopped() -> None:
     assert not [c for c in p.feed(Tick(T0 + 4 * H)) if isinstance(c, ApplySetpoint)]
 
 
+def test_stop_sent_while_link_down_is_reconciled_by_the_next_report() -> None:
+    p = play()
+    p.run_until(T0 + 2 * H)
+    p.feed(LinkLost(T0 + 2 * H, "no reply"))
+    cmds = p.feed(ClinicianCommand(T0 + 2 * H, "stop", "dr-a", "done"), ack=False)
+    stop = next(c.setpoint for c in cmds if isinstance(c, ApplySetpoint))
+    p.feed(SetpointResult(T0 + 2 * H, stop.id, None, "timeout"), ack=False)
+    assert p.state.phase is Phase.STOPPED and p.state.pending is not None and p.state.pending.uncertain
+    p.feed(LinkRestored(T0 + 3 * H))
+    # the pump stopped (dead-man or the stop got through) but still holds its programmed rate: that is a stop
+    assert not p.feed(PumpReport(T0 + 3 * H, "stopped", D("0.083"), p.pump.delivered, ()))
+    assert p.state.pending is None and p.state.verified_rate == 0 and p.state.phase is Phase.STOPPED
+
+
 def test_link_loss_alarms_and_resume_capped_at_last_verified() -> None:
     p = play()
     p.run_until(T0 + 24 * H - timedelta(minutes=1))  # verified at 100 mg/24h
