@@ -79,6 +79,7 @@ class Rig:
     socket: Path | None
     endpoints: dict[str, Any] = field(default_factory=dict)  # pump -> newera Endpoint | ModbusEndpoint
     stopped: bool = False  # the daemon has stopped (its audit log is closed)
+    config: DaemonConfig | None = None
 
     # ---- the pumps -----
 
@@ -116,8 +117,18 @@ class Rig:
         while not predicate():
             if self.clock.now() >= limit:
                 raise AssertionError(f"condition not reached by {limit} (now {self.clock.now()})")
-            await self.advance_to(self.clock.now() + step)
+            nxt = self.clock.now() + step
+            await self.advance_to(nxt + step / 2 if self.on_grid(nxt) else nxt)
         return self.clock.now()
+
+    async def restart(self, silent_for: timedelta) -> None:
+        """The daemon goes away (stopped: no packet reaches any pump) for `silent_for` of virtual time, then a
+        new one starts on the same audit log and recovers every course from it."""
+        assert self.config is not None
+        await asyncio.wait_for(self.daemon.stop(), timeout=BOUND_S)
+        await self.advance_to(self.clock.now() + silent_for)
+        self.daemon = Daemon(self.config, self.clock, world=self.world)
+        await asyncio.wait_for(self.daemon.start(), timeout=BOUND_S)
 
     # ---- the daemon's API -----
 
@@ -176,7 +187,7 @@ def transitions(records: Iterable[dict[str, Any]], pump: str) -> list[tuple[date
     return [(datetime.fromisoformat(r["ts"]), r["to"]) for r in events(records, "transition", pump)]
 
 
-def build_world(clock: VirtualClock, transport: str, names: Iterable[str]) -> World:
+def build_world(clock: VirtualClock, transport: str, names: Iterable[str], fill_ml: Decimal | None = None) -> World:
     world = World(clock)
     kw: dict[str, Any] = {}
     if transport.startswith("modbus"):
@@ -186,7 +197,7 @@ def build_world(clock: VirtualClock, transport: str, names: Iterable[str]) -> Wo
         kw.update(model=SIM_MODEL, firmware=SIM_FIRMWARE)
     for n in names:
         world.pump(n, diameter_mm=Decimal(SYRINGE["inner_diameter_mm"]),
-                   fill_volume_ml=Decimal(SYRINGE["fill_volume_ml"]), **kw)
+                   fill_volume_ml=fill_ml if fill_ml is not None else Decimal(SYRINGE["fill_volume_ml"]), **kw)
     return world
 
 
@@ -234,6 +245,7 @@ async def rig(
     dead: Iterable[str] = (),
     control: bool = False,
     start: datetime = START,
+    fill_ml: Decimal | None = None,
 ) -> AsyncIterator[Rig]:
     names = list(names)
     dead_set = set(dead)
@@ -241,7 +253,7 @@ async def rig(
     clock = VirtualClock(start)
     # The test is a participant from the start: time never runs ahead of it (see the module docstring).
     clock.register()
-    world = build_world(clock, transport, names)
+    world = build_world(clock, transport, names, fill_ml)
     key, pub = generate_keypair(work / "keys", "audit")
     try:
         async with contextlib.AsyncExitStack() as stack:
@@ -264,12 +276,14 @@ async def rig(
                     server = ControlServer(daemon, config.control_socket, 0o600)
                     await server.start()
                 the_rig = Rig(clock, world, daemon, transport, names, timedelta(seconds=poll_s), config.audit_dir,
-                              pub, config.control_socket if control else None, endpoints)
+                              pub, config.control_socket if control else None, endpoints, config=config)
                 yield the_rig
             finally:
                 clock.unregister()
                 if server is not None:
                     await server.close()
+                with contextlib.suppress(NameError):
+                    daemon = the_rig.daemon  # restart() may have replaced it
                 await asyncio.wait_for(daemon.stop(), timeout=BOUND_S)
                 with contextlib.suppress(NameError):
                     the_rig.stopped = True

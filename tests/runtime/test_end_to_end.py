@@ -28,9 +28,9 @@ from tests.runtime.e2e import (
     verified_setpoints,
 )
 
-POLL_S = 600  # a coarse poll keeps a 5-day course to ~720 polls; the dead-man is covered in test_faults.py
+POLL_S = 1200  # a coarse poll keeps a 5-day course to ~360 polls; the dead-man is covered in test_faults.py
 DAY = timedelta(days=1)
-MIN = timedelta(minutes=1)  # polls fall on whole ten minutes + 5: one minute off is between polls
+MIN = timedelta(minutes=1)  # polls fall on START + k * 20 min: one minute off is between polls
 POLL = timedelta(seconds=POLL_S)
 
 
