@@ -122,7 +122,14 @@ class Channel:
             else:
                 status = await self._io(self.driver.read_status())
                 if status.state is PumpState.ALARM:
-                    await self._io(self.driver.clear_alarm())
+                    # Never acknowledge a pump alarm on the way to a setpoint: one that struck since the last poll
+                    # (an occlusion) would be swallowed and the pump restarted. Report it to the core instead
+                    # (-> alarm); only a clinician's resume acknowledges it. The setpoint is not sent.
+                    self.last_status = status
+                    await self.handle(self._report(status))
+                    return SetpointResult(self.clock.now(), sp.id, status.rate_ml_per_h,
+                                          f"pump in alarm ({', '.join(sorted(a.value for a in status.alarms))}): "
+                                          "not sent")
                 readback = await self._io(self.driver.set_rate(sp.rate_ml_per_h))
                 if readback == sp.rate_ml_per_h and status.state is not PumpState.INFUSING:
                     await self._io(self.driver.run())
@@ -175,9 +182,11 @@ class Channel:
         if self.link_lost:
             self.link_lost = False
             await self.handle(LinkRestored(self.clock.now()))
+        await self.handle(self._report(status))
+
+    def _report(self, status: PumpStatus) -> PumpReport:
         alarms = tuple(sorted(a.value for a in status.alarms))
-        await self.handle(PumpReport(self.clock.now(), status.state.value, status.rate_ml_per_h,
-                                     status.delivered_ml, alarms))
+        return PumpReport(self.clock.now(), status.state.value, status.rate_ml_per_h, status.delivered_ml, alarms)
 
     async def prime(self) -> None:
         """A newly accepted schedule: stop the pump, load the syringe diameter, read it back, tell the core."""

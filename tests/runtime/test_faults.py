@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from driverd.runtime.demo import DEMO_KEY, START, demo_schedule
 from driverd.signing import sign_document
 from drivers.base import AlarmKind, PumpState
+from simulators.faults import ScheduledFault
 from tests.runtime.e2e import FIRST_STEP, Rig, events, rig, run, setpoints, verified_setpoints
 
 NAME = "bed-1"
@@ -82,7 +83,8 @@ async def _resume_ok(r: Rig, verified: Decimal) -> None:
     reply = await r.command(NAME, "resume", reason="cause cleared")
     assert reply["ok"] is True, reply
     ch = r.channel(NAME)
-    assert ch.state.phase.value in ("titrating", "holding", "tapering"), ch.state.phase
+    running = ("titrating", "holding", "tapering")
+    assert ch.state.phase.value in (running if verified else (*running, "primed")), ch.state.phase
     assert ch.state.commanded_rate <= verified and ch.state.verified_rate == ch.state.commanded_rate
     assert all(rate <= verified for _, rate in r.model(NAME).rate_history()[before:])
     pump = r.model(NAME).status()
@@ -271,6 +273,35 @@ async def _occlusion_persists(tmp_path: Path) -> None:
 
 def test_resume_refused_while_occlusion_persists(tmp_path: Path) -> None:
     run(_occlusion_persists(tmp_path))
+
+
+async def _alarm_before_setpoint(tmp_path: Path, transport: str, k: int) -> None:
+    async with rig(transport, tmp_path, **FAST) as r:
+        assert (await r.push(NAME))["ok"] is True
+        await r.advance_to(FIRST_STEP - HALF)
+        # The occlusion strikes after the k-th reply from now: during the poll that starts the course, between
+        # that poll and the start setpoint, or during the setpoint's own requests.
+        plan = r.faults(NAME)
+        plan.schedule(ScheduledFault(after_requests=plan.replies_seen + k, kind="alarm", alarm=AlarmKind.OCCLUSION))
+        await r.advance_to(FIRST_STEP + timedelta(minutes=5) + HALF)
+        ch = r.channel(NAME)
+        assert (ch.state.phase.value, ch.state.alarm_code) == ("alarm", "pump_alarm:occlusion")
+        assert _alarm_codes(r) == ["pump_alarm:occlusion"]
+        pump = r.model(NAME).status()
+        # Nobody but a clinician acknowledges a pump alarm: the pump is still stopped in alarm.
+        assert pump.state is PumpState.ALARM and AlarmKind.OCCLUSION in pump.unacknowledged
+        _never_above(r, FIRST_STEP - HALF, r.rate(100))
+        await _resume_ok(r, ch.state.verified_run_rate)
+    _audit_ok(r)
+
+
+@NO_DEADLINE
+@example(transport="newera-pty", k=4)  # struck between the poll and the setpoint: was acknowledged by the daemon
+@example(transport="modbus-tcp", k=2)  # struck during the poll's status read: ditto
+@given(transport=st.sampled_from(WIRE), k=st.integers(0, 15))
+def test_a_pump_alarm_just_before_a_setpoint_is_reported_not_acknowledged(tmp_path: Path, transport: str,
+                                                                          k: int) -> None:
+    run(_alarm_before_setpoint(Path(tempfile.mkdtemp(dir=tmp_path)), transport, k))
 
 
 async def _end_of_syringe(tmp_path: Path, transport: str) -> None:
