@@ -233,7 +233,14 @@ class Channel:
                 await self._serve(self.inbox.get_nowait())
             sleeper = asyncio.ensure_future(self.clock.sleep_until(until))
             getter = asyncio.ensure_future(self.inbox.get())
-            done, _ = await asyncio.wait({sleeper, getter}, return_when=asyncio.FIRST_COMPLETED)
+            try:
+                done, _ = await asyncio.wait({sleeper, getter}, return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:
+                # asyncio.wait leaves both running when we are cancelled (daemon stop). A leaked sleeper still
+                # counts as a sleeping participant of a virtual clock, which could then jump while others work.
+                sleeper.cancel()
+                getter.cancel()
+                raise
             if getter in done:
                 sleeper.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

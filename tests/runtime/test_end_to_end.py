@@ -162,3 +162,29 @@ def test_rate_history_records_what_the_pump_accepted() -> None:
         pump.set_rate(Decimal("0.0415"))  # not representable: refused, not recorded
     pump.set_rate(Decimal("0.125"))
     assert pump.rate_history() == ((START, Decimal("0.041")), (START + timedelta(seconds=60), Decimal("0.125")))
+
+
+async def _stop_leaves_nothing(tmp_path: Path) -> None:
+    import asyncio
+
+    async with rig("newera-pty", tmp_path) as r:
+        assert (await r.push("bed-1"))["ok"] is True
+        await r.advance_to(FIRST_STEP + timedelta(seconds=30))
+        before, tasks_before = r.clock.now(), set(asyncio.all_tasks())
+        await r.daemon.stop()
+        r.stopped = True
+        for _ in range(20):
+            await asyncio.sleep(0.01)  # real time passes; virtual time must not: the test is awake
+        assert r.clock.now() == before
+        leftovers = [t for t in asyncio.all_tasks() - tasks_before if not t.done()]
+        assert leftovers == []
+        assert r.verify().ok
+
+        async def already_stopped() -> None:
+            return None
+
+        r.daemon.stop = already_stopped  # type: ignore[method-assign]
+
+
+def test_stopping_the_daemon_leaves_no_task_and_does_not_move_virtual_time(tmp_path: Path) -> None:
+    run(_stop_leaves_nothing(tmp_path))
