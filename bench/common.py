@@ -138,3 +138,50 @@ def telemetry_records(n: int, pump_id: str = "bed-1") -> list[tuple[str, dict[st
 def say(*parts: object) -> None:
     print(*parts, flush=True)
     sys.stdout.flush()
+
+
+# ----------------------------------------------------------------------------------- proposed core change
+
+
+def _bisect_accumulate(state: Any, event: Any) -> Any:
+    """driverd.core.machine._accumulate with the proposed change: the 24-h sample window is trimmed with a
+    bisect on the (time-ordered) samples instead of a list comprehension over all of them (~1,440 samples at
+    a 60 s spacing, rebuilt on every report). Same result: samples are appended only when at least
+    SAMPLE_SPACING newer than the last one, so they are strictly increasing in time."""
+    import bisect
+    from dataclasses import replace
+
+    from driverd.core import machine
+    from driverd.core.state import Sample
+
+    raw = event.delivered_ml
+    prev = state.raw_delivered_ml
+    increment = Decimal(0) if prev is None else (raw - prev if raw >= prev else raw)
+    cum = state.delivered_ml + increment
+    sample = Sample(event.at, cum)
+    samples = state.samples
+    if not samples or event.at - samples[-1].at >= machine.SAMPLE_SPACING:
+        horizon = event.at - machine.WINDOW - machine.SAMPLE_SPACING
+        cut = bisect.bisect_left(samples, horizon, key=_sample_at) if samples and samples[0].at < horizon else 0
+        samples = (*samples[cut:], sample)
+    return replace(state, samples=samples, last_sample=sample, raw_delivered_ml=raw,
+                   pump_alarms=event.alarms, pump_infusing=event.state == "infusing")
+
+
+def _sample_at(s: Any) -> Any:
+    return s.at
+
+
+class ProposedCoreBisect:
+    """Install the proposed _accumulate in driverd.core.machine for the duration of a measurement only."""
+
+    def __enter__(self) -> None:
+        from driverd.core import machine
+
+        self._saved = machine._accumulate
+        machine._accumulate = _bisect_accumulate
+
+    def __exit__(self, *exc: object) -> None:
+        from driverd.core import machine
+
+        machine._accumulate = self._saved

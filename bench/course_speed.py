@@ -5,19 +5,22 @@ Runs alternate between variants (and repeat --rounds times) so that load from ot
 
 Variants:
   as-is      the code in this checkout.
-  proposed   the same, with the runtime change proposed in bench/results/audit.md applied in-process for the
+  flush      the same, with the runtime change proposed in bench/results/audit.md applied in-process for the
              measurement only: the demo's wait loop calls Daemon.tick_audit() on every wake-up (every poll in
-             virtual time), i.e. one fdatasync per poll; the proposal makes tick_audit group-commit only when
-             due (AuditWriter.flush_due(): the oldest unsynced record is group_commit_ms old). Setpoints and
+             virtual time), i.e. one fdatasync per poll; the proposal makes it group-commit only when due
+             (AuditWriter.flush_due(): the oldest unsynced record is group_commit_ms old). Setpoints and
              alarms stay fdatasync'd before the wire; this only changes how often telemetry is synced.
+  flush+bisect  also the proposed core change (bench/common.py: the 24-h sample window trimmed by bisect).
 
 usage: python bench/course_speed.py [sim newera modbus] [--rounds N] [--proposed] [--profile FILE]
+(--proposed adds the flush and flush+bisect variants; --profile FILE profiles one run, the last variant)
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import cProfile
 import sys
 import time
@@ -26,7 +29,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine, median, say, table
+from common import ProposedCoreBisect, machine, median, say, table
 
 from driverd.runtime.daemon import Daemon
 from driverd.runtime.demo import DemoOptions, run_demo
@@ -40,11 +43,12 @@ def _tick_when_due(self: Daemon) -> None:
 
 
 def run_once(driver: str, variant: str) -> tuple[float, Any]:
-    Daemon.tick_audit = _tick_when_due if variant == "proposed" else _ORIGINAL_TICK  # type: ignore[method-assign]
+    Daemon.tick_audit = _ORIGINAL_TICK if variant == "as-is" else _tick_when_due  # type: ignore[method-assign]
     try:
-        t0 = time.perf_counter()
-        result = asyncio.run(run_demo(DemoOptions(driver=driver)))
-        return time.perf_counter() - t0, result
+        with ProposedCoreBisect() if variant == "flush+bisect" else contextlib.nullcontext():
+            t0 = time.perf_counter()
+            result = asyncio.run(run_demo(DemoOptions(driver=driver)))
+            return time.perf_counter() - t0, result
     finally:
         Daemon.tick_audit = _ORIGINAL_TICK  # type: ignore[method-assign]
 
@@ -53,19 +57,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("drivers", nargs="*", default=["sim", "newera", "modbus"])
     ap.add_argument("--rounds", type=int, default=1)
-    ap.add_argument("--proposed", action="store_true", help="also run the proposed tick_audit variant")
+    ap.add_argument("--proposed", action="store_true", help="also run the proposed variants")
+    ap.add_argument("--only", choices=["as-is", "flush", "flush+bisect"], help="run just this variant")
     ap.add_argument("--profile", type=Path, help="cProfile one run into FILE")
     args = ap.parse_args()
     say("machine:", machine())
     if args.profile is not None:
         prof = cProfile.Profile()
         prof.enable()
-        run_once(args.drivers[0], "proposed" if args.proposed else "as-is")
+        run_once(args.drivers[0], "flush+bisect" if args.proposed else "as-is")
         prof.disable()
         prof.dump_stats(args.profile)
         say(f"profile written to {args.profile}")
         return
-    variants = ["as-is", "proposed"] if args.proposed else ["as-is"]
+    variants = ["as-is", "flush", "flush+bisect"] if args.proposed else ["as-is"]
+    if args.only:
+        variants = [args.only]
     rows = []
     for driver in args.drivers:
         walls: dict[str, list[float]] = {v: [] for v in variants}
@@ -75,7 +82,8 @@ def main() -> None:
                 wall, result = run_once(driver, v)
                 walls[v].append(wall)
                 info[v] = result
-                say(f"  {driver:7s} {v:8s} wall {wall:6.2f} s  phase {result.pumps[0]['phase']}")
+                say(f"  {driver:7s} {v:12s} wall {wall:6.2f} s  phase {result.pumps[0]['phase']}  "
+                    f"delivered {result.pumps[0]['delivered_ml']} mL")
         for v in variants:
             result = info[v]
             polls = result.pumps[0]["polls"]
