@@ -23,7 +23,7 @@ from driverd.core.protocol import ProtocolSpec
 from driverd.core.records import command_to_record, event_to_record
 from driverd.core.state import CourseState, Phase
 from driverd.runtime.clock import RuntimeClock
-from drivers.base import DriverError, DriverTimeout, PumpDriver, PumpRejected, PumpState, PumpStatus
+from drivers.base import DriverError, DriverTimeout, PumpAlarm, PumpDriver, PumpRejected, PumpState, PumpStatus
 
 # Inputs that must survive a crash the moment they are acted on; telemetry and ticks use group commit.
 _BULK_INPUTS = frozenset({"tick", "pump_report"})
@@ -134,11 +134,14 @@ class Channel:
                 if readback == sp.rate_ml_per_h and status.state is not PumpState.INFUSING:
                     await self._io(self.driver.run())
             return SetpointResult(self.clock.now(), sp.id, readback)
-        except PumpRejected as exc:
-            # The pump refused: what does it hold now? That read-back decides (retry once, then alarm).
+        except (PumpRejected, PumpAlarm) as exc:
+            # The pump refused: what does it deliver now? That read-back decides (retry once, then alarm). A
+            # stopped pump delivers nothing, whatever rate it has programmed: a refused RUN (empty syringe, alarm)
+            # must not read back as the new rate, or a rate that never ran would count as verified.
             try:
                 status = await self._io(self.driver.read_status())
-                return SetpointResult(self.clock.now(), sp.id, status.rate_ml_per_h, f"rejected: {exc}")
+                delivering = status.rate_ml_per_h if status.state is PumpState.INFUSING else Decimal(0)
+                return SetpointResult(self.clock.now(), sp.id, delivering, f"rejected: {exc}")
             except (DriverError, TimeoutError) as exc2:
                 return SetpointResult(self.clock.now(), sp.id, None, f"rejected, then {exc2}")
         except (DriverError, TimeoutError) as exc:

@@ -126,9 +126,11 @@ class Rig:
         new one starts on the same audit log and recovers every course from it."""
         assert self.config is not None
         await asyncio.wait_for(self.daemon.stop(), timeout=BOUND_S)
+        self.stopped = True
         await self.advance_to(self.clock.now() + silent_for)
         self.daemon = Daemon(self.config, self.clock, world=self.world)
         await asyncio.wait_for(self.daemon.start(), timeout=BOUND_S)
+        self.stopped = False
 
     # ---- the daemon's API -----
 
@@ -282,9 +284,11 @@ async def rig(
                 clock.unregister()
                 if server is not None:
                     await server.close()
+                stopped = False
                 with contextlib.suppress(NameError):
-                    daemon = the_rig.daemon  # restart() may have replaced it
-                await asyncio.wait_for(daemon.stop(), timeout=BOUND_S)
+                    daemon, stopped = the_rig.daemon, the_rig.stopped  # restart() may have replaced or stopped it
+                if not stopped:
+                    await asyncio.wait_for(daemon.stop(), timeout=BOUND_S)
                 with contextlib.suppress(NameError):
                     the_rig.stopped = True
     finally:

@@ -180,11 +180,6 @@ async def _stop_leaves_nothing(tmp_path: Path) -> None:
         assert leftovers == []
         assert r.verify().ok
 
-        async def already_stopped() -> None:
-            return None
-
-        r.daemon.stop = already_stopped  # type: ignore[method-assign]
-
 
 def test_stopping_the_daemon_leaves_no_task_and_does_not_move_virtual_time(tmp_path: Path) -> None:
     run(_stop_leaves_nothing(tmp_path))
