@@ -193,14 +193,14 @@ class _Unit:
                 else:
                     self._write_registers(address, [int(v) for v in set_values])
             elif function_code not in _WRITE_FCS:
-                self._refresh(table, start_address, registers)
+                self._refresh(table, start_address, address, count, registers)
         except _Refused as refused:
             return refused.code
         return None
 
     # -- reads: every point from the model, by name ----------------------------------------------------------
 
-    def _refresh(self, table: Table, start_address: int, registers: list[int]) -> None:
+    def _refresh(self, table: Table, start_address: int, address: int, count: int, registers: list[int]) -> None:
         points = self.map.table(table)
         if table in ("coils", "discrete_inputs"):
             status = self.model.status()
@@ -212,6 +212,10 @@ class _Unit:
                     bits[p.address - base] = self._bit(p, status.state, status.alarms)
             registers[: len(registers) - 1] = SimUtils.bitsToRegisters(bits)
             return
+        # Only the points the request touches: a status poll need not encode the model and firmware text
+        # (measured: 32 -> 19 µs of the ~130 µs a loopback request costs the simulator; bench/scale.py).
+        end = address + count
+        points = [p for p in points if p.address < end and address < p.end]
         values = self._register_values(points)
         for p in points:
             offset = p.address - start_address

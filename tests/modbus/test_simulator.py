@@ -244,3 +244,20 @@ def test_gateway_accepts_a_burst_of_simultaneous_connections() -> None:
                     c.close()
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_a_read_refreshes_exactly_the_points_it_touches() -> None:
+    """A read of part of the table (even one half of a 32-bit point) sees the model's current values."""
+
+    async def body(c: Client, ep: ModbusEndpoint, world: World) -> None:
+        assert not (await c.write_registers(0, [0x0001, 0x0004], device_id=1)).isError()  # 65.540 mL/h
+        low = await c.read_input_registers(1, count=1, device_id=1)
+        assert low.registers == [0x0004]  # the low word of rate_readback, fresh
+        high = await c.read_input_registers(0, count=1, device_id=1)
+        assert high.registers == [0x0001]
+        assert not (await c.write_register(2, 1457, device_id=1)).isError()
+        assert (await c.read_input_registers(2, count=1, device_id=1)).registers == [1457]
+        ident = await c.read_input_registers(100, count=17, device_id=1)
+        assert ident.registers[0] == 1 and ascii_of(ident.registers[1:9]) == SIM_MODEL
+
+    run(body)
