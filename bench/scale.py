@@ -45,6 +45,9 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 PERIOD_S = 1.0
 KINDS = ("reference", "idle", "course")
+# Not product behaviour: the channel with the two changes proposed to driverd/runtime (see the results), so their
+# effect can be measured on the same machine in the same way. Not in the default run.
+EXPERIMENTS = ("idle-proposed", "course-proposed")
 
 # ---------------------------------------------------------------------------------------------- measuring
 
@@ -194,7 +197,7 @@ async def run_reference(urls: dict[str, str], seconds: float, warmup: float, sim
 
 
 async def run_daemon(urls: dict[str, str], course: bool, seconds: float, warmup: float, sim_pid: int,
-                     profile: Path | None) -> dict[str, Any]:
+                     profile: Path | None, *, proposed: bool = False) -> dict[str, Any]:
     import driverd.runtime.daemon as daemon_mod
     from driverd.core.state import Phase
     from driverd.runtime.channel import Channel
@@ -223,7 +226,49 @@ async def run_daemon(urls: dict[str, str], course: bool, seconds: float, warmup:
             self._scheduled = None  # a poll from a request (resume) is not a scheduled one
             await super().poll()
 
-    daemon_mod.Channel = TimedChannel  # type: ignore[attr-defined]  # the bench's instrumented subclass, this process only
+    class ProposedChannel(TimedChannel):
+        """EXPERIMENT: one timer and one future per wait instead of two tasks + asyncio.wait; driver calls
+        bounded with asyncio.timeout (no extra task per I/O). Only for measuring the proposal."""
+
+        _wake: asyncio.Future[None] | None = None
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            channel = self
+
+            class WakingQueue(asyncio.Queue[Any]):
+                def put_nowait(self, item: Any) -> None:  # Queue.put ends here too
+                    super().put_nowait(item)
+                    if channel._wake is not None and not channel._wake.done():
+                        channel._wake.set_result(None)
+
+            self.inbox = WakingQueue()
+
+        async def _io(self, op: Any) -> Any:
+            async with asyncio.timeout(self.io_timeout * 4):
+                return await op
+
+        async def _wait(self, until: datetime) -> None:
+            self._scheduled = until
+            loop = asyncio.get_running_loop()
+            while not self.stopping:
+                while not self.inbox.empty():
+                    await self._serve(self.inbox.get_nowait())
+                delay = (until - self.clock.now()).total_seconds()
+                if delay <= 0:
+                    return
+                wake = self._wake = loop.create_future()
+                timer = loop.call_later(delay, _settle, wake)
+                try:
+                    await wake
+                finally:
+                    timer.cancel()
+                    self._wake = None
+                if self.inbox.empty():
+                    return
+
+    # the bench's instrumented subclass, in this worker process only
+    daemon_mod.Channel = ProposedChannel if proposed else TimedChannel  # type: ignore[attr-defined]
 
     work = Path(tempfile.mkdtemp(prefix="driverd-scale-"))
     key_path, _ = generate_keypair(work / "keys", "audit")
@@ -294,6 +339,11 @@ async def run_daemon(urls: dict[str, str], course: bool, seconds: float, warmup:
     if prof and profile:
         _dump_profile(prof, profile)
     return out
+
+
+def _settle(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 async def _until(daemon: Any, done: Any, deadline: float) -> None:
@@ -411,7 +461,7 @@ def orchestrate(args: argparse.Namespace) -> None:
             lines.append(row)
             print(row, flush=True)
         ref = results[n].get("reference")
-        for kind in ("idle", "course"):
+        for kind in ("idle", "course", *EXPERIMENTS):
             if ref and kind in results[n]:
                 ratio = results[n][kind]["cpu_s"] / ref["cpu_s"]
                 print(f"#   N={n} {kind}/reference CPU = {ratio:.2f}x", flush=True)
@@ -423,14 +473,15 @@ def orchestrate(args: argparse.Namespace) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, nargs="+", default=[16, 64, 256, 1024])
-    ap.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
+    ap.add_argument("--kinds", nargs="+", choices=KINDS + EXPERIMENTS, default=list(KINDS),
+                    help="runs per N; the *-proposed experiments are not in the default run")
     ap.add_argument("--seconds", type=float, default=20.0, help="measured window per run")
     ap.add_argument("--warmup", type=float, default=4.0, help="after every pump polled (and courses started)")
     ap.add_argument("--per-gateway", type=int, default=128, help="unit ids per simulated gateway (TCP port)")
     ap.add_argument("--profile", metavar="KIND:N", help="one cProfiled run instead, e.g. course:1024")
     ap.add_argument("--json", help="write all results as JSON here")
     # worker mode (internal)
-    ap.add_argument("--worker", choices=KINDS, help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=KINDS + EXPERIMENTS, help=argparse.SUPPRESS)
     ap.add_argument("--urls", help=argparse.SUPPRESS)
     ap.add_argument("--sim-pid", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--profile-out", help=argparse.SUPPRESS)
@@ -442,7 +493,9 @@ def main() -> None:
         if args.worker == "reference":
             coro = run_reference(urls, args.seconds, args.warmup, args.sim_pid, profile)
         else:
-            coro = run_daemon(urls, args.worker == "course", args.seconds, args.warmup, args.sim_pid, profile)
+            kind = args.worker
+            coro = run_daemon(urls, kind.startswith("course"), args.seconds, args.warmup, args.sim_pid, profile,
+                              proposed=kind.endswith("-proposed"))
         print(json.dumps(asyncio.run(coro)))
         return
     if args.profile:
