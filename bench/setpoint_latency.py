@@ -101,12 +101,13 @@ class ByteCounter:
         ser.read, ser.write = counted_read, counted_write
 
 
-async def run(n: int, baud: int, work: Path) -> dict[str, Any]:
+async def run(n: int, baud: int | None, work: Path) -> dict[str, Any]:
     world = World(SystemClock())
     model = world.pump("bed-1", diameter_mm=D("19.13"))
     plan = world.faults("bed-1")
-    plan.set_baud(baud)
-    per_byte = 10 / baud
+    if baud is not None:
+        plan.set_baud(baud)
+    per_byte = 10 / (baud or 19200)  # the reference is always the real line's wire time
     state, protocol = primed_state((ROOT / "config" / "protocols" / "ketamine-burst.toml").read_text())
     audit = AuditWriter.open(work / "audit", AuditConfig(checkpoint_every_s=3600), Ed25519PrivateKey.generate(),
                              lambda: datetime.now(UTC))
@@ -157,6 +158,8 @@ def main() -> None:
     try:
         say("machine:", machine(work))
         out = asyncio.run(run(args.n, args.baud, work))
+        # The same path with the wire-time emulation off: the software's own share (PTY, threads, asyncio, audit).
+        floor = asyncio.run(run(max(20, args.n // 4), None, work / "floor"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     rows = out["rows"][1:]  # the first setpoint also sends RUN: reported separately
@@ -177,6 +180,12 @@ def main() -> None:
         ["**end to end**", ms("total", 50), ms("total", 99)],
         ["wire time of the same bytes (reference)", ms("wire", 50), ms("wire", 99)],
     ]))
+    f_rows = floor["rows"][1:]
+    say(f"\nsame path without wire-time emulation ({len(f_rows)} setpoints): end to end p50 "
+        f"{percentile([r['total'] for r in f_rows], 50) * 1e3:.2f} ms, p99 "
+        f"{percentile([r['total'] for r in f_rows], 99) * 1e3:.2f} ms; Channel._apply p50 "
+        f"{percentile([r['apply'] for r in f_rows], 50) * 1e3:.2f} ms for "
+        f"{sorted({int(r['bytes']) for r in f_rows})} bytes")
     say(f"\nratio end-to-end / wire time: p50 {percentile(ratios, 50):.3f}x, p99 {percentile(ratios, 99):.3f}x "
         f"(goal <= 1.5x)")
     say("load at end:", machine())
