@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import ProposedCoreBisect, machine, median, say, sha256sum_seconds, table, warm
 
-from driverd.audit.canonical import loads_line, loads_line_hashed, record_hash
+from driverd.audit.canonical import loads_line, record_hash
 from driverd.audit.reader import iter_lines
 from driverd.audit.replay import replay_lines
 from driverd.audit.segments import list_segments
@@ -58,10 +58,8 @@ def anatomy(files: list[Path]) -> dict[str, float]:
     run("+ sha256 per line", lambda line: hashlib.sha256(line).hexdigest())
     run("+ json.loads", lambda line: (hashlib.sha256(line).hexdigest(), json.loads(line)))
     run("+ canonical check (loads_line: 1 dumps)", lambda line: (hashlib.sha256(line).hexdigest(), loads_line(line)))
-    run("old verify core: + record_hash (2nd dumps + sha256)",
+    run("+ record_hash (2nd dumps + sha256): verify's per-line core",
         lambda line: (hashlib.sha256(line).hexdigest(), record_hash(loads_line(line))))
-    run("new verify core: loads_line_hashed (check + hash, 1 pass)",
-        lambda line: (hashlib.sha256(line).hexdigest(), loads_line_hashed(line)))
     return out
 
 

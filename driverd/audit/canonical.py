@@ -197,31 +197,3 @@ def loads_line(line: bytes) -> dict[str, Any]:
     if dumps(obj) != line:
         raise ValueError("line is not in canonical form")
     return obj
-
-
-def loads_line_hashed(line: bytes) -> tuple[dict[str, Any], str]:
-    """loads_line plus record_hash of the result, with one encoding pass instead of two (for verify).
-
-    Same checks and errors as loads_line; the hash is what record_hash(record) returns.
-    """
-    obj = _parse(line)
-    before: dict[str, Any] = {}
-    after: dict[str, Any] = {}
-    for k, v in obj.items():
-        if k < "hash":
-            before[k] = v
-        elif k > "hash":
-            after[k] = v
-    b, a = dumps(before), dumps(after)
-    body = _join(b, a)
-    if "hash" in obj:
-        h = obj["hash"]
-        # ASCII letters/digits (a well-formed hash) encode as themselves; anything else goes through dumps.
-        member = b'{"hash":"' + h.encode("ascii") + b'"}' if type(h) is str and h.isascii() and h.isalnum() \
-            else dumps({"hash": h})
-        full = _join(_join(b, member), a)
-    else:
-        full = body
-    if full != line:
-        raise ValueError("line is not in canonical form")
-    return obj, sha256_hex(body)

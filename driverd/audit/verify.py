@@ -14,7 +14,7 @@ from typing import Any, Final
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from driverd.audit.canonical import ZERO_HASH, loads_line_hashed, parse_ts, sha256_hex
+from driverd.audit.canonical import ZERO_HASH, loads_line, parse_ts, record_hash, sha256_hex
 from driverd.audit.segments import resolve_log
 from driverd.audit.signing import checkpoint_signature_ok, fingerprint, public_from_b64
 from driverd.core.errors import AuditError
@@ -117,12 +117,12 @@ def verify_log(
                 if not had_newline:
                     raise _Fail("torn tail: no newline at the end (partial write; the writer truncates it on reopen)")
                 try:
-                    rec, content_hash = loads_line_hashed(line)
+                    rec = loads_line(line)
                 except ValueError as exc:
                     raise _Fail(f"not a canonical JSON record: {exc}") from None
                 seq = _envelope(rec)
                 expect_desc = seq
-                if rec["hash"] != content_hash:
+                if rec["hash"] != record_hash(rec):
                     raise _Fail("hash field does not match the record's content")
                 if expected_seq is None:
                     if not (standalone and number != 1) and seq != 1:

@@ -2,7 +2,6 @@
 
 - `dumps` (a C encoder built once) == json.dumps with the canonical options (`_reference_dumps`);
 - `hashed_line` (one encoding pass for line and hash) == dumps(record + hash) and record_hash;
-- `loads_line_hashed` (verify) accepts and rejects exactly what loads_line does, with record_hash's value;
 - `format_ts` (isoformat) == the strftime form it replaced;
 - the writer's canonicalize fast path still refuses what canonicalize refuses, naming the field;
 - a golden log written by the writer before this work (tests/audit/data/golden-log) is reproduced byte for byte
@@ -34,7 +33,6 @@ from driverd.audit.canonical import (
     format_ts,
     hashed_line,
     loads_line,
-    loads_line_hashed,
     record_hash,
 )
 from driverd.audit.verify import verify_log
@@ -81,44 +79,12 @@ def test_hashed_line_refuses_a_record_with_hash() -> None:
         hashed_line({"hash": "x"})
 
 
-def _same_verdict(line: bytes) -> None:
-    try:
-        expected = loads_line(line)
-    except ValueError:
-        with pytest.raises(ValueError):
-            loads_line_hashed(line)
-        return
-    obj, digest = loads_line_hashed(line)
-    assert obj == expected
-    assert digest == record_hash(expected)
-
-
-@given(RECORDS, st.text(alphabet="0123456789abcdefABC\\\"é ", min_size=0, max_size=70))
-def test_loads_line_hashed_accepts_canonical_lines(record: dict[str, Any], h: str) -> None:
-    record["hash"] = h
-    _same_verdict(_reference_dumps(record))
-
-
-@given(RECORDS, st.randoms(use_true_random=False))
-def test_loads_line_hashed_rejects_reordered_members(record: dict[str, Any], rnd: Any) -> None:
-    record["hash"] = "ab" * 32
-    members = [_reference_dumps({k: v})[1:-1] for k, v in sorted(record.items())]
-    rnd.shuffle(members)
-    _same_verdict(b"{" + b",".join(members) + b"}")
-
-
 @pytest.mark.parametrize(
-    "line",
-    [
-        b"", b"not json", b"[1,2]", b'{"a": 1}', b'{"b":1,"a":2}', b'{"a":1.5}', b'{"a":NaN}', b'{"a":"\\u00fc"}',
-        b'{"a":"\xff"}', b'{"hash":1}', b'{"hash":"\\u0041"}', b'{"hash":"A","a":1}', b'{"a":1,"hash":"x","hash":"x"}',
-        b'{"a":{"hash":"x"},"hash":"y"}', b'{"a":{"hash":"x"}}', b'{"hash":"x","z":{"hash":"y"}}',
-        b'{"hash" :"x"}', b'{"a":1,"hash":"x" }', b'{"hash":"x"} ', b'{"has":1,"hash":"x","hasi":2}',
-        b'{"hash":"x","has":1}',
-    ],
+    "line", [b"\xef\xbb\xbf{}", b'{"a":1.0}', b'{"a":-Infinity}', b'{"a":1} ', b"{} {}", b'"text"', b"null"]
 )
-def test_loads_line_hashed_matches_loads_line_on_edge_cases(line: bytes) -> None:
-    _same_verdict(line)
+def test_loads_line_with_the_prebuilt_decoder_still_rejects(line: bytes) -> None:
+    with pytest.raises(ValueError):
+        loads_line(line)
 
 
 def _old_format_ts(value: datetime) -> str:
