@@ -7,6 +7,7 @@ there is no other way to build an `ApplySetpoint` (a `Setpoint` can only be cons
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime, timedelta
@@ -408,10 +409,15 @@ def _accumulate(state: CourseState, event: PumpReport) -> CourseState:
     samples = state.samples
     if not samples or event.at - samples[-1].at >= SAMPLE_SPACING:
         horizon = event.at - WINDOW - SAMPLE_SPACING
-        keep = [s for s in samples if s.at >= horizon] if samples and samples[0].at < horizon else list(samples)
-        samples = (*keep, sample)
+        # Samples are strictly increasing in time (appended only SAMPLE_SPACING apart): bisect, don't scan ~1,440.
+        cut = bisect_left(samples, horizon, key=_sample_at) if samples and samples[0].at < horizon else 0
+        samples = (*samples[cut:], sample)
     return replace(state, samples=samples, last_sample=sample, raw_delivered_ml=raw,
                    pump_alarms=event.alarms, pump_infusing=event.state == "infusing")
+
+
+def _sample_at(sample: Sample) -> datetime:
+    return sample.at
 
 
 def _on_report(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
