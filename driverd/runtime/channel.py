@@ -18,6 +18,7 @@ from typing import Any
 from driverd.audit.writer import AuditWriter
 from driverd.core.commands import ApplySetpoint, Command, Refused
 from driverd.core.events import Event, LinkLost, LinkRestored, PumpReport, PumpVerified, SetpointResult, Tick
+from driverd.core.kernel import Setpoint
 from driverd.core.machine import step
 from driverd.core.protocol import ProtocolSpec
 from driverd.core.records import command_to_record, event_to_record
@@ -135,18 +136,24 @@ class Channel:
                     await self._io(self.driver.run())
             return SetpointResult(self.clock.now(), sp.id, readback)
         except (PumpRejected, PumpAlarm) as exc:
-            # The pump refused: what does it deliver now? That read-back decides (retry once, then alarm). A
-            # stopped pump delivers nothing, whatever rate it has programmed: a refused RUN (empty syringe, alarm)
-            # must not read back as the new rate, or a rate that never ran would count as verified.
-            try:
-                status = await self._io(self.driver.read_status())
-                delivering = status.rate_ml_per_h if status.state is PumpState.INFUSING else Decimal(0)
-                return SetpointResult(self.clock.now(), sp.id, delivering, f"rejected: {exc}")
-            except (DriverError, TimeoutError) as exc2:
-                return SetpointResult(self.clock.now(), sp.id, None, f"rejected, then {exc2}")
+            # The pump refused: what it delivers now decides (retry once, then alarm).
+            return await self._delivering(sp, f"rejected: {exc}")
         except (DriverError, TimeoutError) as exc:
+            # No (valid) answer somewhere on the way: the setpoint may or may not have landed, and a RUN may never
+            # have gone out. Read the pump once more; only if that fails too is the result left uncertain.
             self.last_error = f"{type(exc).__name__}: {exc}"
-            return SetpointResult(self.clock.now(), sp.id, None, self.last_error)
+            return await self._delivering(sp, self.last_error)
+
+    async def _delivering(self, sp: Setpoint, error: str) -> SetpointResult:
+        """The read-back after a failed or refused setpoint: the rate the pump delivers now. A stopped pump
+        delivers nothing, whatever rate it has programmed: a refused or lost RUN must not read back as the new
+        rate, or a rate that never ran would count as verified (and the course would then look paused)."""
+        try:
+            status = await self._io(self.driver.read_status())
+        except (DriverError, TimeoutError) as exc:
+            return SetpointResult(self.clock.now(), sp.id, None, f"{error}; then {type(exc).__name__}: {exc}")
+        delivering = status.rate_ml_per_h if status.state is PumpState.INFUSING else Decimal(0)
+        return SetpointResult(self.clock.now(), sp.id, delivering, error)
 
     async def connect(self) -> None:
         try:

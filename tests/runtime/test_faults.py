@@ -163,6 +163,35 @@ def test_wire_fault_ends_in_link_lost_alarm_and_no_unsafe_setpoint(tmp_path: Pat
     run(_wire_fault(tmp_path, transport, kind))
 
 
+async def _lost_reply_at_start(tmp_path: Path, transport: str, kind: str, k: int, count: int) -> None:
+    async with rig(transport, tmp_path, **FAST) as r:
+        assert (await r.push(NAME))["ok"] is True
+        await r.advance_to(FIRST_STEP - HALF)
+        # `count` replies from the k-th on are lost or corrupted: in the poll, the start's status read, its
+        # set-rate or read-back, or its RUN.
+        plan = r.faults(NAME)
+        plan.schedule(ScheduledFault(after_requests=plan.replies_seen + k, kind=kind, count=count))  # type: ignore[arg-type]
+        await r.advance_to(FIRST_STEP + timedelta(minutes=10) + HALF)
+        ch = r.channel(NAME)
+        pump = r.model(NAME).status()
+        # Retried (or reconciled from a fresh read) and running: a lost RUN is not taken for a running pump.
+        assert (ch.state.phase.value, _alarm_codes(r)) == ("titrating", []), (ch.state.phase, ch.state.alarm_code)
+        assert pump.state is PumpState.INFUSING
+        assert pump.rate_ml_per_h == ch.state.commanded_rate == ch.state.verified_rate == r.rate(100)
+        _never_above(r, FIRST_STEP - HALF, r.rate(100))
+    _audit_ok(r)
+
+
+@NO_DEADLINE
+@example(transport="newera-pty", kind="drop", k=9, count=2)  # read-back of RAT lost: RUN never sent -> "paused"
+@example(transport="modbus-tcp", kind="garble", k=4, count=1)  # ditto on Modbus
+@given(transport=st.sampled_from(WIRE), kind=st.sampled_from(["drop", "garble"]), k=st.integers(0, 13),
+       count=st.integers(1, 2))
+def test_a_reply_lost_while_starting_is_retried_not_taken_for_running(tmp_path: Path, transport: str, kind: str,
+                                                                      k: int, count: int) -> None:
+    run(_lost_reply_at_start(Path(tempfile.mkdtemp(dir=tmp_path)), transport, kind, k, count))
+
+
 # ------------------------------------------------------------------------------------------------ Modbus exceptions
 
 
