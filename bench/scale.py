@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,7 @@ PERIOD_S = 1.0
 KINDS = ("reference", "idle", "course")
 # Not product behaviour: the channel with the two changes proposed to driverd/runtime (see the results), so their
 # effect can be measured on the same machine in the same way. Not in the default run.
-EXPERIMENTS = ("idle-proposed", "course-proposed")
+EXPERIMENTS = ("idle-proposed", "course-proposed", "idle-spread", "course-spread")
 
 # ---------------------------------------------------------------------------------------------- measuring
 
@@ -73,6 +74,11 @@ def _self_cpu_s() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
+def _self_sys_csw() -> tuple[float, int]:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_stime, ru.ru_nvcsw + ru.ru_nivcsw
+
+
 def _raise_fd_limit(need: int) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < need:
@@ -89,6 +95,7 @@ class Window:
     def start(self) -> None:
         self.t0 = time.monotonic()
         self.cpu0 = _self_cpu_s()
+        self.sys0, self.csw0 = _self_sys_csw()
         self.sim0 = _proc_cpu_s(self.sim_pid)
         self.busy0 = _machine_busy_s()
 
@@ -97,12 +104,26 @@ class Window:
         return {
             "window_s": wall,
             "cpu_s": _self_cpu_s() - self.cpu0,
+            "sys_s": _self_sys_csw()[0] - self.sys0,
+            "ctx_switches": _self_sys_csw()[1] - self.csw0,
             "sim_cpu_s": _proc_cpu_s(self.sim_pid) - self.sim0,
             "machine_busy_s": _machine_busy_s() - self.busy0,
         }
 
 
-def _summary(lateness_s: list[float], polls: int, n: int, measured: dict[str, float]) -> dict[str, Any]:
+def herd(phases_s: list[float], slot_s: float = 0.05) -> float:
+    """Share of polls scheduled in the busiest `slot_s` of the period (1/20 = evenly spread at 50 ms)."""
+    if not phases_s:
+        return float("nan")
+    counts: dict[int, int] = {}
+    for ph in phases_s:
+        k = int((ph % PERIOD_S) / slot_s)
+        counts[k] = counts.get(k, 0) + 1
+    return max(counts.values()) / len(phases_s)
+
+
+def _summary(lateness_s: list[float], polls: int, n: int, measured: dict[str, float],
+             phases_s: list[float] | None = None) -> dict[str, Any]:
     lat = sorted(lateness_s)
 
     def q(p: float) -> float:
@@ -121,6 +142,7 @@ def _summary(lateness_s: list[float], polls: int, n: int, measured: dict[str, fl
         "late_p99": q(0.99),
         "late_max": lat[-1] / PERIOD_S if lat else float("nan"),
         "late_mean": statistics.fmean(lat) / PERIOD_S if lat else float("nan"),
+        "herd_50ms": herd(phases_s or []),
     }
 
 
@@ -134,6 +156,7 @@ async def run_reference(urls: dict[str, str], seconds: float, warmup: float, sim
     from pymodbus.client import AsyncModbusTcpClient
 
     lateness: list[float] = []
+    phases: list[float] = []
     recording = False
     polls = 0
     errors = 0
@@ -152,6 +175,7 @@ async def run_reference(urls: dict[str, str], seconds: float, warmup: float, sim
                 started = loop.time()
                 if recording:
                     lateness.append(started - next_poll)
+                    phases.append(next_poll)
                     polls += 1
                 try:
                     if not client.connected:
@@ -186,7 +210,7 @@ async def run_reference(urls: dict[str, str], seconds: float, warmup: float, sim
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    out = _summary(lateness, polls, len(urls), measured)
+    out = _summary(lateness, polls, len(urls), measured, phases)
     out["errors"] = errors
     if prof and profile:
         _dump_profile(prof, profile)
@@ -197,7 +221,7 @@ async def run_reference(urls: dict[str, str], seconds: float, warmup: float, sim
 
 
 async def run_daemon(urls: dict[str, str], course: bool, seconds: float, warmup: float, sim_pid: int,
-                     profile: Path | None, *, proposed: bool = False) -> dict[str, Any]:
+                     profile: Path | None, *, proposed: bool = False, spread: bool = False) -> dict[str, Any]:
     import driverd.runtime.daemon as daemon_mod
     from driverd.core.state import Phase
     from driverd.runtime.channel import Channel
@@ -208,6 +232,7 @@ async def run_daemon(urls: dict[str, str], course: bool, seconds: float, warmup:
     from driverd.signing import generate_keypair
 
     lateness: list[float] = []
+    phases: list[float] = []
     rec = {"on": False, "polls": 0}
 
     class TimedChannel(Channel):
@@ -222,15 +247,18 @@ async def run_daemon(urls: dict[str, str], course: bool, seconds: float, warmup:
         async def poll(self) -> None:
             if rec["on"] and self._scheduled is not None:
                 lateness.append((self.clock.now() - self._scheduled).total_seconds())
+                phases.append(self._scheduled.timestamp())
                 rec["polls"] += 1
             self._scheduled = None  # a poll from a request (resume) is not a scheduled one
             await super().poll()
 
     class ProposedChannel(TimedChannel):
         """EXPERIMENT: one timer and one future per wait instead of two tasks + asyncio.wait; driver calls
-        bounded with asyncio.timeout (no extra task per I/O). Only for measuring the proposal."""
+        bounded with asyncio.timeout (no extra task per I/O). *-spread also stretches the first wait by a
+        per-pump phase (crc32 of the id, over the period) so polls do not all fall due at once. Measuring only."""
 
         _wake: asyncio.Future[None] | None = None
+        _phased = False
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
@@ -249,6 +277,12 @@ async def run_daemon(urls: dict[str, str], course: bool, seconds: float, warmup:
                 return await op
 
         async def _wait(self, until: datetime) -> None:
+            if spread and not self._phased:
+                # One period plus the phase: run()'s next deadline is then overdue, and it re-bases it to
+                # now + period, so the phase persists. (In the product: start run()'s schedule at now + phase.)
+                self._phased = True
+                phase = PERIOD_S * (zlib.crc32(self.pump_id.encode()) % 1000) / 1000
+                until += timedelta(seconds=PERIOD_S + phase)
             self._scheduled = until
             loop = asyncio.get_running_loop()
             while not self.stopping:
@@ -334,7 +368,7 @@ async def run_daemon(urls: dict[str, str], course: bool, seconds: float, warmup:
         with contextlib.suppress(asyncio.CancelledError):
             await tick_task
         await daemon.stop()
-    out = _summary(lateness, rec["polls"], len(urls), measured)
+    out = _summary(lateness, rec["polls"], len(urls), measured, phases)
     out.update(info)
     if prof and profile:
         _dump_profile(prof, profile)
@@ -441,13 +475,14 @@ def run_one(kind: str, n: int, args: argparse.Namespace, profile: Path | None = 
 def _fmt_row(kind: str, r: dict[str, Any]) -> str:
     return (f"| {r['n']} | {kind} | {r['cpu_ms_per_pump_s']:.3f} | {r['late_p50'] * 100:.2f} % | "
             f"{r['late_p99'] * 100:.2f} % | {r['late_max'] * 100:.1f} % | {r['poll_rate']:.3f} | "
-            f"{r['sim_cpu_frac'] * 100:.0f} % | {r['machine_busy_frac'] * 100:.0f} % |")
+            f"{r['herd_50ms'] * 100:.0f} % | {r['sim_cpu_frac'] * 100:.0f} % | {r['machine_busy_frac'] * 100:.0f} % |")
 
 
 def orchestrate(args: argparse.Namespace) -> None:
     results: dict[int, dict[str, dict[str, Any]]] = {}
-    lines = ["| N | run | CPU ms/pump/s | p50 late | p99 late | max late | polls/scheduled | sim CPU | machine busy |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| N | run | CPU ms/pump/s | p50 late | p99 late | max late | polls/scheduled | busiest 50 ms | sim CPU "
+             "| machine busy |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     print(f"# {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.python_version()}, {os.cpu_count()} cores, "
           f"loadavg {Path('/proc/loadavg').read_text().split()[:3]}", flush=True)
     print(lines[0], flush=True)
@@ -495,7 +530,7 @@ def main() -> None:
         else:
             kind = args.worker
             coro = run_daemon(urls, kind.startswith("course"), args.seconds, args.warmup, args.sim_pid, profile,
-                              proposed=kind.endswith("-proposed"))
+                              proposed=kind.endswith(("-proposed", "-spread")), spread=kind.endswith("-spread"))
         print(json.dumps(asyncio.run(coro)))
         return
     if args.profile:
