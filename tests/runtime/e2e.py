@@ -46,6 +46,16 @@ DOSES = (Decimal(100), Decimal(300), Decimal(500))
 HOLD = timedelta(days=3)
 
 
+@dataclass(frozen=True, slots=True)
+class Timing:
+    """Daemon timing for a rig. Poll, link timeout and dead-man are virtual seconds; the driver timeout is real."""
+
+    poll_s: int = 60
+    deadman_s: int = 180  # the pump's own dead-man (New Era safe mode, Modbus watchdog); 0 = off
+    link_timeout_s: float | None = None  # default: two polls
+    driver_timeout_s: float = 0.4
+
+
 def resolution_for(transport: str) -> Resolution:
     if transport.startswith("modbus"):
         from drivers.modbus.regmap import load_map
@@ -240,10 +250,7 @@ async def rig(
     work: Path,
     names: Iterable[str] = ("bed-1",),
     *,
-    poll_s: int = 60,
-    deadman_s: int = 180,
-    link_timeout_s: float | None = None,
-    driver_timeout_s: float = 0.4,
+    timing: Timing = Timing(),
     dead: Iterable[str] = (),
     control: bool = False,
     start: datetime = START,
@@ -263,9 +270,9 @@ async def rig(
             config = DaemonConfig(
                 path=work / "driverd.toml", sha256="e2e", protocol=CONFIG_DIR / "protocols" / "ketamine-burst.toml",
                 audit_dir=work / "audit", audit_key=key, trust_dir=DEMO_TRUST, control_socket=sock_dir / "ctl.sock",
-                socket_mode=0o600, poll_period_s=float(poll_s),
-                link_timeout_s=float(link_timeout_s if link_timeout_s is not None else 2 * poll_s),
-                deadman_s=deadman_s, driver_timeout_s=driver_timeout_s,
+                socket_mode=0o600, poll_period_s=float(timing.poll_s),
+                link_timeout_s=float(timing.link_timeout_s or 2 * timing.poll_s),
+                deadman_s=timing.deadman_s, driver_timeout_s=timing.driver_timeout_s,
                 pumps=tuple(PumpConfig(n, urls[n]) for n in names),
                 audit=AuditSettings(checkpoint_every_records=500, checkpoint_every_s=3600, group_commit_ms=200,
                                     group_commit_records=512),
@@ -277,8 +284,9 @@ async def rig(
                 if control:
                     server = ControlServer(daemon, config.control_socket, 0o600)
                     await server.start()
-                the_rig = Rig(clock, world, daemon, transport, names, timedelta(seconds=poll_s), config.audit_dir,
-                              pub, config.control_socket if control else None, endpoints, config=config)
+                the_rig = Rig(clock, world, daemon, transport, names, timedelta(seconds=timing.poll_s),
+                              config.audit_dir, pub, config.control_socket if control else None, endpoints,
+                              config=config)
                 yield the_rig
             finally:
                 clock.unregister()

@@ -9,6 +9,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,6 +21,7 @@ from tests.runtime.e2e import (
     HOLD,
     TRANSPORTS,
     Rig,
+    Timing,
     events,
     rig,
     run,
@@ -60,7 +62,7 @@ async def _expect_status(r: Rig, name: str, phase: str, dose: int) -> None:
         assert pump.state is not PumpState.INFUSING
 
 
-def _check_wire(r: Rig, name: str, records: list[dict]) -> None:
+def _check_wire(r: Rig, name: str, records: list[dict[str, Any]]) -> None:
     """What reached the pump equals what the kernel approved and the pump verified, in order, never more."""
     wire = r.model(name).rate_history()
     sent = [Decimal(s["rate_ml_per_h"]) for s in setpoints(records, name) if Decimal(s["rate_ml_per_h"]) > 0]
@@ -72,7 +74,7 @@ def _check_wire(r: Rig, name: str, records: list[dict]) -> None:
 
 
 async def _course(tmp_path: Path, transport: str) -> None:
-    async with rig(transport, tmp_path, poll_s=POLL_S, deadman_s=0, link_timeout_s=3 * POLL_S, control=True) as r:
+    async with rig(transport, tmp_path, timing=Timing(POLL_S, 0, 3 * POLL_S), control=True) as r:
         name = "bed-1"
         reply = await r.push(name)
         assert reply["ok"] is True, reply
@@ -122,8 +124,7 @@ def test_whole_course_over_a_real_transport(tmp_path: Path, transport: str) -> N
 
 async def _one_dead(tmp_path: Path, transport: str) -> None:
     names = ["bed-1", "bed-2", "bed-3"]
-    async with rig(transport, tmp_path, names, poll_s=POLL_S, deadman_s=0, link_timeout_s=2 * POLL_S,
-                   dead={"bed-2"}) as r:
+    async with rig(transport, tmp_path, names, timing=Timing(POLL_S, 0, 2 * POLL_S), dead={"bed-2"}) as r:
         for n in ("bed-1", "bed-3"):
             assert (await r.push(n))["ok"] is True
         # The dead pump's schedule is accepted (it is a configured pump), but it can never be primed.

@@ -23,14 +23,14 @@ from driverd.runtime.demo import DEMO_KEY, START, demo_schedule
 from driverd.signing import sign_document
 from drivers.base import AlarmKind, PumpState
 from simulators.faults import ScheduledFault
-from tests.runtime.e2e import FIRST_STEP, Rig, events, rig, run, setpoints, verified_setpoints
+from tests.runtime.e2e import FIRST_STEP, Rig, Timing, events, rig, run, setpoints, verified_setpoints
 
 NAME = "bed-1"
 WIRE = ("newera-pty", "modbus-tcp")
 HALF = timedelta(seconds=30)  # polls every 60 s on whole minutes: +30 s is between two polls
 RUNNING_AT = FIRST_STEP + timedelta(hours=1) + HALF  # titrating at 100 mg/24h, rate verified
-FAST = {"poll_s": 60, "deadman_s": 180, "link_timeout_s": 60, "driver_timeout_s": 0.25}
-SLOW_POLL = {"poll_s": 600, "deadman_s": 0, "link_timeout_s": 600, "driver_timeout_s": 0.25}
+FAST = Timing(poll_s=60, deadman_s=180, link_timeout_s=60, driver_timeout_s=0.25)
+SLOW_POLL = Timing(poll_s=600, deadman_s=0, link_timeout_s=600, driver_timeout_s=0.25)
 NO_DEADLINE = settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
@@ -123,7 +123,7 @@ def _inject_wire(r: Rig, kind: str) -> None:
 
 
 async def _wire_fault(tmp_path: Path, transport: str, kind: str) -> None:
-    async with rig(transport, tmp_path, **FAST) as r:
+    async with rig(transport, tmp_path, timing=FAST) as r:
         verified = await _running(r)
         fault_at = r.clock.now()
         _inject_wire(r, kind)
@@ -140,7 +140,7 @@ async def _wire_fault(tmp_path: Path, transport: str, kind: str) -> None:
         permanent = kind == "disconnect" and transport == "newera-pty"
         if permanent:
             # Nobody can reach the pump any more: its own dead-man stops it (the daemon armed it at connect).
-            await r.advance_to(r.clock.now() + timedelta(seconds=FAST["deadman_s"]))
+            await r.advance_to(r.clock.now() + timedelta(seconds=FAST.deadman_s))
             pump = r.model(NAME).status()
             assert pump.state is PumpState.ALARM and AlarmKind.SAFE_MODE_TIMEOUT in pump.alarms
             await _refused(r, "resume", "link_down")
@@ -164,7 +164,7 @@ def test_wire_fault_ends_in_link_lost_alarm_and_no_unsafe_setpoint(tmp_path: Pat
 
 
 async def _lost_reply_at_start(tmp_path: Path, transport: str, kind: str, k: int, count: int) -> None:
-    async with rig(transport, tmp_path, **FAST) as r:
+    async with rig(transport, tmp_path, timing=FAST) as r:
         assert (await r.push(NAME))["ok"] is True
         await r.advance_to(FIRST_STEP - HALF)
         # `count` replies from the k-th on are lost or corrupted: in the poll, the start's status read, its
@@ -196,7 +196,7 @@ def test_a_reply_lost_while_starting_is_retried_not_taken_for_running(tmp_path: 
 
 
 async def _modbus_exceptions(tmp_path: Path, code: int, count: int, minute: int) -> None:
-    async with rig("modbus-tcp", tmp_path, **FAST) as r:
+    async with rig("modbus-tcp", tmp_path, timing=FAST) as r:
         assert (await r.push(NAME))["ok"] is True
         # Strike around the first step (due 09:00): on a poll's status read or on the step's write/read-back.
         await r.advance_to(FIRST_STEP + timedelta(minutes=minute) + HALF)
@@ -231,7 +231,7 @@ def test_modbus_exception_responses_never_give_an_unsafe_setpoint(tmp_path: Path
 
 
 async def _modbus_exceptions_persist(tmp_path: Path) -> None:
-    async with rig("modbus-tcp", tmp_path, **FAST) as r:
+    async with rig("modbus-tcp", tmp_path, timing=FAST) as r:
         verified = await _running(r)
         fault_at = r.clock.now()
         r.endpoints[NAME].exception_next(1, 0x04, 1_000_000)
@@ -255,7 +255,7 @@ def test_persistent_modbus_exceptions_end_in_link_lost_then_resume(tmp_path: Pat
 
 
 async def _occlusion(tmp_path: Path, transport: str) -> None:
-    async with rig(transport, tmp_path, **FAST) as r:
+    async with rig(transport, tmp_path, timing=FAST) as r:
         verified = await _running(r)
         fault_at = r.clock.now()
         r.model(NAME).inject_alarm(AlarmKind.OCCLUSION)
@@ -279,7 +279,7 @@ def test_occlusion_alarm_then_clinician_resume(tmp_path: Path, transport: str) -
 
 
 async def _occlusion_persists(tmp_path: Path) -> None:
-    async with rig("modbus-tcp", tmp_path, **FAST) as r:
+    async with rig("modbus-tcp", tmp_path, timing=FAST) as r:
         verified = await _running(r)
         fault_at = r.clock.now()
         r.model(NAME).inject_alarm(AlarmKind.OCCLUSION)
@@ -305,7 +305,7 @@ def test_resume_refused_while_occlusion_persists(tmp_path: Path) -> None:
 
 
 async def _alarm_before_setpoint(tmp_path: Path, transport: str, k: int) -> None:
-    async with rig(transport, tmp_path, **FAST) as r:
+    async with rig(transport, tmp_path, timing=FAST) as r:
         assert (await r.push(NAME))["ok"] is True
         await r.advance_to(FIRST_STEP - HALF)
         # The occlusion strikes after the k-th reply from now: during the poll that starts the course, between
@@ -335,7 +335,7 @@ def test_a_pump_alarm_just_before_a_setpoint_is_reported_not_acknowledged(tmp_pa
 
 async def _end_of_syringe(tmp_path: Path, transport: str) -> None:
     # 0.1 mL at 0.041 mL/h empties about 2.4 h into the first step.
-    async with rig(transport, tmp_path, fill_ml=Decimal("0.1"), **FAST) as r:
+    async with rig(transport, tmp_path, fill_ml=Decimal("0.1"), timing=FAST) as r:
         verified = await _running(r)
         fault_at = r.clock.now()
         await _until_phase(r, "alarm", timedelta(hours=3))
@@ -373,7 +373,7 @@ def test_end_of_syringe_alarm(tmp_path: Path, transport: str) -> None:
 
 
 async def _power(tmp_path: Path, transport: str) -> None:
-    async with rig(transport, tmp_path, **FAST) as r:
+    async with rig(transport, tmp_path, timing=FAST) as r:
         verified = await _running(r)
         fault_at = r.clock.now()
         r.model(NAME).power_cycle()
@@ -395,11 +395,11 @@ def test_power_interrupted_alarm(tmp_path: Path, transport: str) -> None:
 
 
 async def _silent_daemon(tmp_path: Path, transport: str) -> None:
-    async with rig(transport, tmp_path, **FAST) as r:
+    async with rig(transport, tmp_path, timing=FAST) as r:
         verified = await _running(r)
         fault_at = r.clock.now()
         # The daemon goes silent (stopped, hung, killed) for longer than the pump's dead-man: the pump stops itself.
-        await r.restart(silent_for=timedelta(seconds=FAST["deadman_s"] * 2))
+        await r.restart(silent_for=timedelta(seconds=FAST.deadman_s * 2))
         pump = r.model(NAME).status()
         assert AlarmKind.SAFE_MODE_TIMEOUT in pump.alarms and pump.state is not PumpState.INFUSING
         await _until_phase(r, "alarm", timedelta(minutes=5))
@@ -418,7 +418,7 @@ def test_pump_deadman_fires_when_the_daemon_goes_silent(tmp_path: Path, transpor
 
 
 async def _warnings(tmp_path: Path, transport: str) -> None:
-    async with rig(transport, tmp_path, **SLOW_POLL) as r:
+    async with rig(transport, tmp_path, timing=SLOW_POLL) as r:
         assert (await r.push(NAME))["ok"] is True
         await r.advance_to(FIRST_STEP + timedelta(hours=1, minutes=1))
         r.model(NAME).set_battery(15)
@@ -450,7 +450,7 @@ def test_low_battery_and_near_end_are_warnings_that_do_not_stop_the_course(tmp_p
 
 
 async def _alarm_over_step(tmp_path: Path, transport: str, offset_min: int) -> None:
-    async with rig(transport, tmp_path, **SLOW_POLL) as r:
+    async with rig(transport, tmp_path, timing=SLOW_POLL) as r:
         assert (await r.push(NAME))["ok"] is True
         step_due = FIRST_STEP + timedelta(days=1, minutes=5)  # 24 h after the first step (taken at 09:05)
         strike = step_due + timedelta(minutes=offset_min)
@@ -490,7 +490,7 @@ def _taper_schedule() -> dict[str, Any]:
 
 
 async def _taper_lock(tmp_path: Path, transport: str) -> None:
-    async with rig(transport, tmp_path, **SLOW_POLL) as r:
+    async with rig(transport, tmp_path, timing=SLOW_POLL) as r:
         assert (await r.push(NAME, _taper_schedule()))["ok"] is True
         await r.advance_to(FIRST_STEP + timedelta(days=1, hours=1, minutes=1))
         assert r.channel(NAME).state.level_mg_per_24h == 300
