@@ -74,7 +74,7 @@ def _check_wire(r: Rig, name: str, records: list[dict[str, Any]]) -> None:
 
 
 async def _course(tmp_path: Path, transport: str) -> None:
-    async with rig(transport, tmp_path, timing=Timing(POLL_S, 0, 3 * POLL_S), control=True) as r:
+    async with rig(transport, tmp_path, timing=Timing(POLL_S, 0, 3 * POLL_S, 1.0), control=True) as r:
         name = "bed-1"
         reply = await r.push(name)
         assert reply["ok"] is True, reply
@@ -124,7 +124,7 @@ def test_whole_course_over_a_real_transport(tmp_path: Path, transport: str) -> N
 
 async def _one_dead(tmp_path: Path, transport: str) -> None:
     names = ["bed-1", "bed-2", "bed-3"]
-    async with rig(transport, tmp_path, names, timing=Timing(POLL_S, 0, 2 * POLL_S), dead={"bed-2"}) as r:
+    async with rig(transport, tmp_path, names, timing=Timing(POLL_S, 0, 2 * POLL_S, 1.0), dead={"bed-2"}) as r:
         for n in ("bed-1", "bed-3"):
             assert (await r.push(n))["ok"] is True
         # The dead pump's schedule is accepted (it is a configured pump), but it can never be primed.

@@ -29,8 +29,11 @@ NAME = "bed-1"
 WIRE = ("newera-pty", "modbus-tcp")
 HALF = timedelta(seconds=30)  # polls every 60 s on whole minutes: +30 s is between two polls
 RUNNING_AT = FIRST_STEP + timedelta(hours=1) + HALF  # titrating at 100 mg/24h, rate verified
-FAST = Timing(poll_s=60, deadman_s=180, link_timeout_s=60, driver_timeout_s=0.25)
-SLOW_POLL = Timing(poll_s=600, deadman_s=0, link_timeout_s=600, driver_timeout_s=0.25)
+# Wire faults wait out real driver timeouts: keep them short there. Elsewhere nothing times out, so a generous
+# timeout costs nothing and keeps a loaded machine from turning a slow reply into a spurious link loss.
+WIRE_FAST = Timing(poll_s=60, deadman_s=180, link_timeout_s=60, driver_timeout_s=0.25)
+FAST = Timing(poll_s=60, deadman_s=180, link_timeout_s=120, driver_timeout_s=1.0)
+SLOW_POLL = Timing(poll_s=600, deadman_s=0, link_timeout_s=1200, driver_timeout_s=1.0)
 NO_DEADLINE = settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
@@ -123,7 +126,7 @@ def _inject_wire(r: Rig, kind: str) -> None:
 
 
 async def _wire_fault(tmp_path: Path, transport: str, kind: str) -> None:
-    async with rig(transport, tmp_path, timing=FAST) as r:
+    async with rig(transport, tmp_path, timing=WIRE_FAST) as r:
         verified = await _running(r)
         fault_at = r.clock.now()
         _inject_wire(r, kind)
@@ -164,7 +167,7 @@ def test_wire_fault_ends_in_link_lost_alarm_and_no_unsafe_setpoint(tmp_path: Pat
 
 
 async def _lost_reply_at_start(tmp_path: Path, transport: str, kind: str, k: int, count: int) -> None:
-    async with rig(transport, tmp_path, timing=FAST) as r:
+    async with rig(transport, tmp_path, timing=WIRE_FAST) as r:
         assert (await r.push(NAME))["ok"] is True
         await r.advance_to(FIRST_STEP - HALF)
         # `count` replies from the k-th on are lost or corrupted: in the poll, the start's status read, its
@@ -196,7 +199,7 @@ def test_a_reply_lost_while_starting_is_retried_not_taken_for_running(tmp_path: 
 
 
 async def _modbus_exceptions(tmp_path: Path, code: int, count: int, minute: int) -> None:
-    async with rig("modbus-tcp", tmp_path, timing=FAST) as r:
+    async with rig("modbus-tcp", tmp_path, timing=WIRE_FAST) as r:
         assert (await r.push(NAME))["ok"] is True
         # Strike around the first step (due 09:00): on a poll's status read or on the step's write/read-back.
         await r.advance_to(FIRST_STEP + timedelta(minutes=minute) + HALF)
@@ -231,7 +234,7 @@ def test_modbus_exception_responses_never_give_an_unsafe_setpoint(tmp_path: Path
 
 
 async def _modbus_exceptions_persist(tmp_path: Path) -> None:
-    async with rig("modbus-tcp", tmp_path, timing=FAST) as r:
+    async with rig("modbus-tcp", tmp_path, timing=WIRE_FAST) as r:
         verified = await _running(r)
         fault_at = r.clock.now()
         r.endpoints[NAME].exception_next(1, 0x04, 1_000_000)
