@@ -484,10 +484,11 @@ def test_no_escalation_while_in_alarm_whenever_the_alarm_strikes(tmp_path: Path,
 # ------------------------------------------------------------------------------------------------ taper lock
 
 
-def _taper_schedule() -> dict[str, Any]:
+def _taper_schedule(version: int = 1) -> dict[str, Any]:
     doc = demo_schedule(NAME, 1, START)
     doc.pop("signature")
     doc["schedule_id"] = "taper-course"
+    doc["version"] = version
     doc["taper"] = [{"dose_mg_per_24h": "100", "after_hours": "0"}, {"dose_mg_per_24h": "0", "after_hours": "24"}]
     return sign_document(doc, DEMO_KEY)
 
@@ -505,6 +506,8 @@ async def _taper_lock(tmp_path: Path, transport: str) -> None:
         assert ch.state.taper_lock and ch.state.verified_rate == lock
         await _refused(r, "escalate", "illegal_transition")
         await _refused(r, "reduce", "not_a_reduction", dose="300")
+        update = await r.push(NAME, _taper_schedule(version=2))  # a newer, signed version of the same course
+        assert update["ok"] is False and [x["reason"] for x in update["refusals"]] == ["taper_lock"], update
         # An alarm while tapering, then a resume asking for more: never above the lock.
         r.model(NAME).inject_alarm(AlarmKind.OCCLUSION)
         await _until_phase(r, "alarm", timedelta(hours=1))
