@@ -17,8 +17,10 @@ worker (product code unchanged); reported as a fraction of the 1 s period. CPU p
 window seconds / N, in ms of CPU per pump per second. Load: the whole machine's busy CPU in the window (from
 /proc/stat) and the simulator process's share, so other engineers' load shows next to the figures.
 
-usage: python bench/scale.py [--n 16 64 256 1024] [--seconds 25] [--kinds reference idle course]
-                             [--profile KIND:N] [--md bench/results/scale.md]
+usage: python bench/scale.py [--n 16 64 256 1024] [--seconds 20] [--kinds reference idle course]
+                             [--profile KIND:N] [--json OUT.json]
+Experiments (not product behaviour, not in the default run): --kinds idle-proposed course-proposed idle-spread
+course-spread; see bench/results/scale.md.
 """
 
 from __future__ import annotations
