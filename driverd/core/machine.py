@@ -390,8 +390,9 @@ def _on_resume(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
     state, verdict, cmds = _propose(state, protocol, event.at, dose, "resume", "clinician", event.reason)
     if isinstance(verdict, Refusal):
         return state, cmds
-    state = replace(_set_level(state, dose, event.at), alarm_code="", resume_to=None,
-                    hold_started_at=state.hold_started_at or event.at)
+    # The hold clock starts only when the course holds: a resume during titration must not start it early.
+    hold_at = state.hold_started_at or event.at if target_phase is P.HOLDING else state.hold_started_at
+    state = replace(_set_level(state, dose, event.at), alarm_code="", resume_to=None, hold_started_at=hold_at)
     state, t = _goto(state, target_phase, "clinician_resume")
     return state, cmds + t
 
@@ -433,11 +434,11 @@ def _on_report(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
             state, more = _stop(replace(state, phase=P.ALARM), protocol, event.at, "machine", "unexpected_infusion")
             return state, (*cmds, RaiseAlarm("unexpected_infusion", "pump infusing after the course stopped"), *more)
         if pending is not None and pending.uncertain:  # e.g. the final stop was sent while the link was down
-            state, more = _check_readback(state, protocol, event.at, _reported_readback(pending, event))
+            state, more = _check_readback(state, protocol, event.at, _reported_readback(event))
             return state, cmds + more
         return state, cmds
     if pending is not None and pending.uncertain:
-        state, more = _check_readback(state, protocol, event.at, _reported_readback(pending, event))
+        state, more = _check_readback(state, protocol, event.at, _reported_readback(event))
         return state, cmds + more
     blocking = sorted(a for a in event.alarms if a not in WARNING_ALARMS)
     if blocking and state.phase is not P.ALARM:
@@ -459,12 +460,11 @@ def _on_report(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
     return _check_deviation(state, protocol, event.at, cmds)
 
 
-def _reported_readback(pending: Pending, event: PumpReport) -> Decimal:
-    """What a report tells about an uncertain setpoint: for a stop, whether the pump infuses (a stopped pump keeps
-    its programmed rate); for a rate, the programmed rate."""
-    if pending.setpoint.is_stop:
-        return event.rate_ml_per_h if event.state == "infusing" else Decimal(0)
-    return event.rate_ml_per_h
+def _reported_readback(event: PumpReport) -> Decimal:
+    """What a report tells about an uncertain setpoint: the rate the pump delivers. A stopped pump keeps its
+    programmed rate, but a rate it does not run was never delivered: counting it as verified would raise the
+    ceiling a clinician may resume to."""
+    return event.rate_ml_per_h if event.state == "infusing" else Decimal(0)
 
 
 def _check_deviation(state: CourseState, protocol: ProtocolSpec, now: datetime, cmds: tuple[Command, ...]) -> Out:

@@ -134,6 +134,36 @@ def test_stop_sent_while_link_down_is_reconciled_by_the_next_report() -> None:
     assert p.state.pending is None and p.state.verified_rate == 0 and p.state.phase is Phase.STOPPED
 
 
+def test_uncertain_rate_is_not_verified_by_a_stopped_pump_that_holds_it() -> None:
+    p = play()
+    p.run_until(T0 + 24 * H - timedelta(minutes=1))  # verified at 100 mg/24h (0.041 mL/h at 100 mg/mL)
+    before = p.state.verified_run_rate
+    cmds = p.feed(Tick(T0 + 24 * H), ack=False)
+    sp = next(c.setpoint for c in cmds if isinstance(c, ApplySetpoint))
+    p.feed(SetpointResult(T0 + 24 * H, sp.id, None, "timeout"), ack=False)
+    # the pump took the new rate but never ran it (e.g. RUN was lost): programmed, not delivered
+    p.feed(PumpReport(T0 + 24 * H + timedelta(minutes=1), "stopped", sp.rate_ml_per_h, p.pump.delivered, ()),
+           ack=False)
+    assert p.state.verified_run_rate == before < sp.rate_ml_per_h
+
+
+def test_resume_during_titration_does_not_start_the_hold_clock() -> None:
+    """Regression (seen in `driverd demo --faults`): an occlusion on day 2 resumed during titration started the
+    hold clock then, so the hold at the top step was 11 h short of its 3 days."""
+    p = play()
+    p.run_until(T0 + 36 * H)
+    p.pump.alarms = ("occlusion",)
+    p.pump.infusing = False
+    p.run_until(T0 + 37 * H)
+    assert p.state.phase is Phase.ALARM
+    p.pump.alarms = ()
+    p.feed(p.pump.report())
+    p.feed(ClinicianCommand(T0 + 37 * H, "resume", "dr-a", "line cleared"))
+    assert p.state.phase is Phase.TITRATING and p.state.hold_started_at is None
+    p.run_until(T0 + 48 * H + timedelta(minutes=10))
+    assert p.state.phase is Phase.HOLDING and p.state.hold_started_at == T0 + 48 * H
+
+
 def test_link_loss_alarms_and_resume_capped_at_last_verified() -> None:
     p = play()
     p.run_until(T0 + 24 * H - timedelta(minutes=1))  # verified at 100 mg/24h

@@ -142,8 +142,8 @@ class CourseSafety(RuleBasedStateMachine):
             return
         state = "alarm" if any(a in STOPPING for a in self.alarms) else ("infusing" if self.infusing else "stopped")
         self.reported_since_restore = True
-        if self.rate > 0:
-            self.verified_run = self.rate  # the pump read back this programmed rate (reconciles uncertain ones)
+        if self.rate > 0 and self.infusing:
+            self.verified_run = self.rate  # the pump delivers this rate (reconciles uncertain ones)
         self._feed(PumpReport(self.now, state, self.rate, self.delivered, self.alarms))  # type: ignore[arg-type]
 
     @rule(mode=st.sampled_from(["ok", "ok", "ok", "wrong", "rejected", "none"]))
