@@ -39,8 +39,6 @@ class Request:
     # read it again first. If the condition persists the pump reports it again and the core refuses.
     acknowledge_alarm: bool = False
     what: str = ""  # what the request is, for the audit record if it expires
-    # Called with the outcome once the request has been applied, whether or not anybody still awaits `reply`.
-    on_done: Callable[[dict[str, Any]], None] | None = None
     # Cancelled (or already done) = the caller gave up: the request has expired and is never applied.
     reply: asyncio.Future[dict[str, Any]] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
@@ -279,8 +277,6 @@ class Channel:
         else:
             refusals = [{"reason": c.reason, "detail": c.detail} for c in cmds if isinstance(c, Refused)]
             result = {"ok": not refusals, "refusals": refusals, "phase": self.state.phase.value}
-        if request.on_done is not None:
-            request.on_done(result)
         if not request.reply.done():
             request.reply.set_result(result)
 
@@ -300,10 +296,9 @@ class Channel:
         *,
         acknowledge_alarm: bool = False,
         what: str = "",
-        on_done: Callable[[dict[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
         """Queue a request for this channel's task and wait for its outcome. Cancelling the wait withdraws the
         request if the channel has not started it yet (it is then logged as `request_expired`)."""
-        request = Request(make_event, acknowledge_alarm=acknowledge_alarm, what=what, on_done=on_done)
+        request = Request(make_event, acknowledge_alarm=acknowledge_alarm, what=what)
         await self.inbox.put(request)
         return await request.reply

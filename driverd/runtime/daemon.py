@@ -151,14 +151,13 @@ class Daemon:
                                 f"version {schedule.version} of {schedule.schedule_id} is not above {seen}")
         # The accepted schedule reaches the log (fdatasync) inside the channel before we reply: that durable
         # record is the replay protection, rebuilt from the log on restart.
-        def applied(result: dict[str, Any]) -> None:
-            # Also when the caller has given up meanwhile: once applied, this version is used.
-            if result.get("ok"):
-                self.versions[schedule.schedule_id] = max(self.versions.get(schedule.schedule_id, 0),
-                                                          schedule.version)
+        def accepted_at(at: datetime) -> ScheduleAccepted:
+            # A version is used once it reaches the course (the channel logs it next), whatever the core then
+            # decides: the same rule recovery applies to the logged `schedule_accepted` records after a restart.
+            self.versions[schedule.schedule_id] = max(self.versions.get(schedule.schedule_id, 0), schedule.version)
+            return ScheduleAccepted(at, schedule)
 
-        reply = await channel.submit(lambda at: ScheduleAccepted(at, schedule), on_done=applied,
-                                     what=f"push {schedule.schedule_id} v{schedule.version}")
+        reply = await channel.submit(accepted_at, what=f"push {schedule.schedule_id} v{schedule.version}")
         return {**reply, "key_id": key_id, "schedule_id": schedule.schedule_id, "version": schedule.version}
 
     async def command(self, pump_id: Any, action: Any, by: Any, reason: Any, dose: Any = None) -> dict[str, Any]:
