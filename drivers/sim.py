@@ -1,7 +1,11 @@
 """``sim://<name>``: the pump physics model in-process, for fast virtual-time runs.
 
-There is no wire, so wire faults do not exist here; physical alarms and the dead-man do. Every operation counts
-as a valid packet from the host (``model.host_contact()``) before it acts, as on a real pump in safe mode.
+There is no wire, but the pump's wire fault plan (``world.faults(name)``) is honoured as if there were one, so a
+lost link can be rehearsed on ``sim://`` too: each operation is one request and one reply; the operation takes
+effect, then a dropped reply (or one delayed past ``timeout_s``) is a ``DriverTimeout``, a garbled one a
+``ProtocolError`` and a disconnect a ``DriverIOError`` (reconnect to go on). Physical alarms and the dead-man are
+the model's. Every operation counts as a valid packet from the host (``model.host_contact()``) before it acts, as
+on a real pump in safe mode. Like the New Era display, readings have 4 significant digits (at most 3 decimals).
 
 The model comes from ``options.world`` (a ``simulators.world.World``) or, when none is given, from a
 module-level default world on the system clock (shared by every sim:// driver in the process).
@@ -15,11 +19,13 @@ from decimal import Decimal
 from typing import ClassVar, TypeVar
 
 from driverd.core.errors import Problem, ValidationError
-from driverd.core.quantities import NEW_ERA_RESOLUTION, Resolution
+from driverd.core.quantities import NEW_ERA_RESOLUTION, Resolution, quantize_down
 from drivers.base import (
     DriverIOError,
     DriverOptions,
+    DriverTimeout,
     Identity,
+    ProtocolError,
     PumpAlarm,
     PumpDriver,
     PumpRejected,
@@ -27,6 +33,7 @@ from drivers.base import (
 )
 from drivers.url import DriverURL
 from simulators.clock import SystemClock
+from simulators.faults import FaultPlan
 from simulators.pump import ModelError, PumpModel
 from simulators.world import World
 
@@ -71,6 +78,7 @@ class SimDriver(PumpDriver):
             raise ValidationError(problems)
         self.name = url.path
         self._model: PumpModel | None = None
+        self._faults: FaultPlan | None = None
 
     @property
     def model(self) -> PumpModel:
@@ -83,11 +91,27 @@ class SimDriver(PumpDriver):
         model = self.model
         model.host_contact()
         try:
-            return op(model)
+            result = op(model)
         except ModelError as exc:
+            self._reply()
             if exc.code == "ALARM":
                 raise PumpAlarm(str(exc), alarms=model.status().alarms) from None
             raise PumpRejected(str(exc), code=exc.code) from None
+        self._reply()
+        return result
+
+    def _reply(self) -> None:
+        """The reply's fate on the (imagined) wire, from the pump's fault plan."""
+        if self._faults is None:
+            return
+        action = self._faults.on_reply(b"")
+        if action.kind == "drop" or (action.kind == "delay" and action.delay_s >= self.options.timeout_s):
+            raise DriverTimeout(f"sim://{self.name}: no reply (fault plan: {action.kind})")
+        if action.kind == "garble":
+            raise ProtocolError(f"sim://{self.name}: garbled reply (fault plan)")
+        if action.kind == "disconnect":
+            self._model = None
+            raise DriverIOError(f"sim://{self.name}: disconnected (fault plan)")
 
     async def connect(self) -> None:
         world = self.options.world if self.options.world is not None else default_world()
@@ -98,6 +122,7 @@ class SimDriver(PumpDriver):
             except ModelError as exc:
                 raise PumpRejected(f"options.deadman_s: {exc}", code=exc.code) from None
         self._model = model
+        self._faults = world.faults(self.name)
         model.host_contact()  # the first valid packet arms the dead-man
 
     async def close(self) -> None:
@@ -129,7 +154,7 @@ class SimDriver(PumpDriver):
         return PumpStatus(
             state=s.state,
             rate_ml_per_h=s.rate_ml_per_h,
-            delivered_ml=s.delivered_ml,
+            delivered_ml=quantize_down(s.delivered_ml, self.resolution),
             diameter_mm=s.diameter_mm,
             alarms=s.alarms,
         )

@@ -96,3 +96,51 @@ def test_without_a_world_the_default_world_is_used() -> None:
 
     run(body())
     assert default_world() is default_world()
+
+
+def test_wire_fault_plan_is_honoured_without_a_wire(world: World) -> None:
+    """sim:// rehearses a lost link like the real transports: the operation acts, its reply is lost or bad."""
+    from drivers.base import DriverTimeout, ProtocolError
+
+    plan = world.faults("a")
+
+    async def body() -> None:
+        d = open_driver("sim://a", DriverOptions(world=world, deadman_s=0, timeout_s=1.0))
+        await d.connect()
+        plan.drop_next(1)
+        with pytest.raises(DriverTimeout):
+            await d.set_rate(Decimal("0.5"))
+        assert world.pump("a").status().rate_ml_per_h == Decimal("0.5")  # it acted; only the reply was lost
+        plan.garble_next(1)
+        with pytest.raises(ProtocolError):
+            await d.read_status()
+        plan.delay_next(1, 0.5)  # within the timeout: just late
+        assert (await d.read_status()).rate_ml_per_h == Decimal("0.5")
+        plan.delay_next(1, 2.0)  # beyond it: a timeout
+        with pytest.raises(DriverTimeout):
+            await d.read_status()
+        plan.disconnect_next()
+        with pytest.raises(DriverIOError):
+            await d.read_status()
+        with pytest.raises(DriverIOError, match="not connected"):
+            await d.read_status()
+        await d.connect()
+        assert (await d.read_status()).rate_ml_per_h == Decimal("0.5")
+
+    run(body())
+
+
+def test_delivered_volume_is_read_as_the_display_shows_it(world: World, manual_clock: ManualClock) -> None:
+    """4 significant digits, at most 3 decimals, rounded down: what a New Era display would read."""
+
+    async def body() -> None:
+        async with open_driver("sim://a", DriverOptions(world=world, deadman_s=0)) as d:
+            model = world.pump("a")
+            model.set_rate(Decimal("0.333"))
+            model.run()
+            manual_clock.advance(3 * 3600 + 7)
+            status = await d.read_status()
+            assert status.delivered_ml == Decimal("0.999")
+            assert model.status().delivered_ml > status.delivered_ml
+
+    run(body())
