@@ -26,6 +26,8 @@ from driverd.core.state import CourseState, Phase
 from driverd.runtime.clock import RuntimeClock
 from drivers.base import DriverError, DriverTimeout, PumpAlarm, PumpDriver, PumpRejected, PumpState, PumpStatus
 
+_REQUEST = object()  # what `submit` completes a waiting channel's wake future with (the clock uses None)
+
 # Inputs that must survive a crash the moment they are acted on; telemetry and ticks use group commit.
 _BULK_INPUTS = frozenset({"tick", "pump_report"})
 
@@ -76,16 +78,31 @@ class Channel:
         self.polls = 0
         self.stopping = False
         self._primed_for: str | None = None
+        self._wake: asyncio.Future[Any] | None = None  # the channel's current wait, if it is waiting
         self._on_change = on_change
 
     # ------------------------------------------------------------------------------------------ the core
 
     def feed(self, event: Event) -> tuple[Command, ...]:
-        """Log the input, step the core, log its commands (setpoints durably). No I/O to the pump here."""
-        name, fields = event_to_record(event)
-        self.audit.append(name, pump_id=self.pump_id, course_id=self.state.course_id,
-                          durable=name not in _BULK_INPUTS, **fields)
-        self.state, cmds = step(self.state, event, self.protocol)
+        """Log the input, step the core, log its commands (setpoints durably). No I/O to the pump here.
+
+        A tick that changes nothing (same state, no command) is not logged: it decides nothing, and replay folds
+        to the same states without it. That is most ticks, and it halves the log (pump reports stay, each poll).
+        """
+        before = self.state
+        if isinstance(event, Tick):
+            try:
+                after, cmds = step(before, event, self.protocol)
+            except BaseException:
+                self._log_input(event)  # what the core choked on
+                raise
+            if after is before and not cmds:
+                return ()
+            self._log_input(event)
+            self.state = after
+        else:
+            self._log_input(event)
+            self.state, cmds = step(before, event, self.protocol)
         for cmd in cmds:
             cname, cfields = command_to_record(cmd)
             # Write-ahead: a setpoint is on disk (fdatasync) before the driver is called.
@@ -94,6 +111,11 @@ class Channel:
         if self._on_change is not None:
             self._on_change(self)
         return cmds
+
+    def _log_input(self, event: Event) -> None:
+        name, fields = event_to_record(event)
+        self.audit.append(name, pump_id=self.pump_id, course_id=self.state.course_id,
+                          durable=name not in _BULK_INPUTS, **fields)
 
     async def handle(self, event: Event) -> tuple[Command, ...]:
         cmds = self.feed(event)
@@ -109,7 +131,9 @@ class Channel:
     # ------------------------------------------------------------------------------------------ I/O
 
     async def _io(self, op: Awaitable[Any]) -> Any:
-        return await asyncio.wait_for(op, timeout=self.io_timeout * 4)
+        # A backstop above the driver's own timeouts. asyncio.timeout, not wait_for: no extra task per call.
+        async with asyncio.timeout(self.io_timeout * 4):
+            return await op
 
     async def _apply(self, cmd: ApplySetpoint) -> SetpointResult:
         sp = cmd.setpoint
@@ -236,29 +260,21 @@ class Channel:
             self.clock.unregister()
 
     async def _wait(self, until: datetime) -> None:
+        """Serve requests until `until`. One future per wait, completed by the clock's timer or by `submit`
+        (no helper tasks: with hundreds of pumps the per-poll wait is a measurable share of the CPU)."""
         while not self.stopping:
             while not self.inbox.empty():
                 await self._serve(self.inbox.get_nowait())
-            sleeper = asyncio.ensure_future(self.clock.sleep_until(until))
-            getter = asyncio.ensure_future(self.inbox.get())
+            wake: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            self._wake = wake
             try:
-                done, _ = await asyncio.wait({sleeper, getter}, return_when=asyncio.FIRST_COMPLETED)
-            except asyncio.CancelledError:
-                # asyncio.wait leaves both running when we are cancelled (daemon stop). A leaked sleeper still
-                # counts as a sleeping participant of a virtual clock, which could then jump while others work.
-                sleeper.cancel()
-                getter.cancel()
-                raise
-            if getter in done:
-                sleeper.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await sleeper
-                await self._serve(getter.result())
-                continue
-            getter.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await getter
-            return
+                await self.clock.sleep_until(until, wake=wake)
+            finally:
+                self._wake = None
+                if not wake.done():  # cancelled (daemon stop): the clock must not count us asleep any more
+                    wake.cancel()
+            if wake.cancelled() or wake.result() is not _REQUEST:
+                return
 
     async def _serve(self, request: Request) -> None:
         if self._expired(request):
@@ -300,5 +316,8 @@ class Channel:
         """Queue a request for this channel's task and wait for its outcome. Cancelling the wait withdraws the
         request if the channel has not started it yet (it is then logged as `request_expired`)."""
         request = Request(make_event, acknowledge_alarm=acknowledge_alarm, what=what)
-        await self.inbox.put(request)
+        self.inbox.put_nowait(request)
+        wake = self._wake
+        if wake is not None and not wake.done():
+            wake.set_result(_REQUEST)
         return await request.reply

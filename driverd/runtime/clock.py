@@ -12,26 +12,44 @@ import heapq
 import itertools
 import time
 from datetime import UTC, datetime, timedelta
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class RuntimeClock(Protocol):
     def now(self) -> datetime: ...
 
-    async def sleep_until(self, when: datetime) -> None: ...
+    async def sleep_until(self, when: datetime, *, wake: asyncio.Future[Any] | None = None) -> None:
+        """Return at `when`, or earlier once `wake` is done (someone else completes it: a request arrived)."""
+        ...
 
     def register(self) -> None: ...
 
     def unregister(self) -> None: ...
 
 
+async def _sleep_real(delay_s: float, wake: asyncio.Future[Any] | None) -> None:
+    if wake is None:
+        await asyncio.sleep(max(delay_s, 0.0))
+        return
+    # One timer on the caller's own future: no task and no asyncio.wait per sleep (one per pump per poll).
+    timer = asyncio.get_running_loop().call_later(max(delay_s, 0.0), _settle, wake)
+    try:
+        await wake
+    finally:
+        timer.cancel()
+
+
+def _settle(fut: asyncio.Future[Any]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 class RealClock:
     def now(self) -> datetime:
         return datetime.now(UTC)
 
-    async def sleep_until(self, when: datetime) -> None:
-        delay = (when - self.now()).total_seconds()
-        await asyncio.sleep(max(delay, 0.0))
+    async def sleep_until(self, when: datetime, *, wake: asyncio.Future[Any] | None = None) -> None:
+        await _sleep_real((when - self.now()).total_seconds(), wake)
 
     def register(self) -> None:
         pass
@@ -53,9 +71,8 @@ class ScaledClock:
     def now(self) -> datetime:
         return self._start + timedelta(seconds=(time.monotonic() - self._t0) * self._speed)
 
-    async def sleep_until(self, when: datetime) -> None:
-        delay = (when - self.now()).total_seconds() / self._speed
-        await asyncio.sleep(max(delay, 0.0))
+    async def sleep_until(self, when: datetime, *, wake: asyncio.Future[Any] | None = None) -> None:
+        await _sleep_real((when - self.now()).total_seconds() / self._speed, wake)
 
     def register(self) -> None:
         pass
@@ -72,7 +89,7 @@ class VirtualClock:
             raise ValueError("start must be timezone-aware")
         self._now = start
         self._participants = 0
-        self._waiters: list[tuple[datetime, int, asyncio.Future[None]]] = []
+        self._waiters: list[tuple[datetime, int, asyncio.Future[Any]]] = []
         self._seq = itertools.count()
 
     def now(self) -> datetime:
@@ -85,11 +102,16 @@ class VirtualClock:
         self._participants -= 1
         self._maybe_advance()
 
-    async def sleep_until(self, when: datetime) -> None:
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    async def sleep_until(self, when: datetime, *, wake: asyncio.Future[Any] | None = None) -> None:
+        # A participant counts as asleep while its future is pending; completing `wake` early wakes it (awake
+        # participants hold time still).
+        fut: asyncio.Future[Any] = wake if wake is not None else asyncio.get_running_loop().create_future()
         heapq.heappush(self._waiters, (max(when, self._now), next(self._seq), fut))
         self._maybe_advance()
         try:
+            if fut.done():
+                # Woken at once (a lone participant): still yield, or this task would starve the event loop.
+                await asyncio.sleep(0)
             await fut
         finally:
             if not fut.done():  # cancelled: forget the wake-up
