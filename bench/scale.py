@@ -19,8 +19,8 @@ window seconds / N, in ms of CPU per pump per second. Load: the whole machine's 
 
 usage: python bench/scale.py [--n 16 64 256 1024] [--seconds 20] [--kinds reference idle course]
                              [--profile KIND:N] [--json OUT.json]
-Experiments (not product behaviour, not in the default run): --kinds idle-proposed course-proposed idle-spread
-course-spread; see bench/results/scale.md.
+Experiments (not product behaviour, not in the default run): --kinds idle-spread course-spread; see
+bench/README.md.
 """
 
 from __future__ import annotations
@@ -48,9 +48,9 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 PERIOD_S = 1.0
 KINDS = ("reference", "idle", "course")
-# Not product behaviour: the channel with the two changes proposed to driverd/runtime (see the results), so their
-# effect can be measured on the same machine in the same way. Not in the default run.
-EXPERIMENTS = ("idle-proposed", "course-proposed", "idle-spread", "course-spread")
+# Not product behaviour: polls spread over the period by a per-pump phase (see bench/README.md), to measure what
+# that would change. Not in the default run.
+EXPERIMENTS = ("idle-spread", "course-spread")
 
 # ---------------------------------------------------------------------------------------------- measuring
 
@@ -223,7 +223,7 @@ async def run_reference(urls: dict[str, str], seconds: float, warmup: float, sim
 
 
 async def run_daemon(urls: dict[str, str], course: bool, seconds: float, warmup: float, sim_pid: int,
-                     profile: Path | None, *, proposed: bool = False, spread: bool = False) -> dict[str, Any]:
+                     profile: Path | None, *, spread: bool = False) -> dict[str, Any]:
     import driverd.runtime.daemon as daemon_mod
     from driverd.core.state import Phase
     from driverd.runtime.channel import Channel
@@ -254,57 +254,23 @@ async def run_daemon(urls: dict[str, str], course: bool, seconds: float, warmup:
             self._scheduled = None  # a poll from a request (resume) is not a scheduled one
             await super().poll()
 
-    class ProposedChannel(TimedChannel):
-        """EXPERIMENT: one timer and one future per wait instead of two tasks + asyncio.wait; driver calls
-        bounded with asyncio.timeout (no extra task per I/O). *-spread also stretches the first wait by a
-        per-pump phase (crc32 of the id, over the period) so polls do not all fall due at once. Measuring only."""
+    class SpreadChannel(TimedChannel):
+        """EXPERIMENT (*-spread): stretch the first wait by a per-pump phase (crc32 of the id, over the period) so
+        polls do not all fall due at once; run() then keeps that phase. Measuring only, not product behaviour."""
 
-        _wake: asyncio.Future[None] | None = None
         _phased = False
 
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            channel = self
-
-            class WakingQueue(asyncio.Queue[Any]):
-                def put_nowait(self, item: Any) -> None:  # Queue.put ends here too
-                    super().put_nowait(item)
-                    if channel._wake is not None and not channel._wake.done():
-                        channel._wake.set_result(None)
-
-            self.inbox = WakingQueue()
-
-        async def _io(self, op: Any) -> Any:
-            async with asyncio.timeout(self.io_timeout * 4):
-                return await op
-
         async def _wait(self, until: datetime) -> None:
-            if spread and not self._phased:
+            if not self._phased:
                 # One period plus the phase: run()'s next deadline is then overdue, and it re-bases it to
                 # now + period, so the phase persists. (In the product: start run()'s schedule at now + phase.)
                 self._phased = True
                 phase = PERIOD_S * (zlib.crc32(self.pump_id.encode()) % 1000) / 1000
                 until += timedelta(seconds=PERIOD_S + phase)
-            self._scheduled = until
-            loop = asyncio.get_running_loop()
-            while not self.stopping:
-                while not self.inbox.empty():
-                    await self._serve(self.inbox.get_nowait())
-                delay = (until - self.clock.now()).total_seconds()
-                if delay <= 0:
-                    return
-                wake = self._wake = loop.create_future()
-                timer = loop.call_later(delay, _settle, wake)
-                try:
-                    await wake
-                finally:
-                    timer.cancel()
-                    self._wake = None
-                if self.inbox.empty():
-                    return
+            await super()._wait(until)
 
     # the bench's instrumented subclass, in this worker process only
-    daemon_mod.Channel = ProposedChannel if proposed else TimedChannel  # type: ignore[attr-defined]
+    daemon_mod.Channel = SpreadChannel if spread else TimedChannel  # type: ignore[attr-defined]
 
     work = Path(tempfile.mkdtemp(prefix="driverd-scale-"))
     key_path, _ = generate_keypair(work / "keys", "audit")
@@ -375,11 +341,6 @@ async def run_daemon(urls: dict[str, str], course: bool, seconds: float, warmup:
     if prof and profile:
         _dump_profile(prof, profile)
     return out
-
-
-def _settle(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
 
 
 async def _until(daemon: Any, done: Any, deadline: float) -> None:
@@ -511,7 +472,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, nargs="+", default=[16, 64, 256, 1024])
     ap.add_argument("--kinds", nargs="+", choices=KINDS + EXPERIMENTS, default=list(KINDS),
-                    help="runs per N; the *-proposed experiments are not in the default run")
+                    help="runs per N; the *-spread experiments are not in the default run")
     ap.add_argument("--seconds", type=float, default=20.0, help="measured window per run")
     ap.add_argument("--warmup", type=float, default=4.0, help="after every pump polled (and courses started)")
     ap.add_argument("--per-gateway", type=int, default=128, help="unit ids per simulated gateway (TCP port)")
@@ -532,7 +493,7 @@ def main() -> None:
         else:
             kind = args.worker
             coro = run_daemon(urls, kind.startswith("course"), args.seconds, args.warmup, args.sim_pid, profile,
-                              proposed=kind.endswith(("-proposed", "-spread")), spread=kind.endswith("-spread"))
+                              spread=kind.endswith("-spread"))
         print(json.dumps(asyncio.run(coro)))
         return
     if args.profile:

@@ -24,7 +24,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ProposedCoreBisect, machine, median, say, sha256sum_seconds, table, warm
+from common import machine, median, say, sha256sum_seconds, table, warm
 
 from driverd.audit.canonical import loads_line, record_hash
 from driverd.audit.reader import iter_lines
@@ -74,7 +74,7 @@ def main() -> None:
         make_log(args.log, args.pumps)
     files = [p for _, p in list_segments(args.log)]
     size = warm(files)
-    t_sha, t_ver, t_rep, t_rep2 = [], [], [], []
+    t_sha, t_ver, t_rep = [], [], []
     records = 0
     replay_ok = None
     for _ in range(args.rounds):
@@ -88,12 +88,7 @@ def main() -> None:
         res = replay_lines(iter_lines(args.log))
         t_rep.append(time.perf_counter() - t0)
         replay_ok = res.ok
-        with ProposedCoreBisect():
-            t0 = time.perf_counter()
-            res2 = replay_lines(iter_lines(args.log))
-            t_rep2.append(time.perf_counter() - t0)
-        assert res2.ok and res2.inputs == res.inputs, "the proposed core change must replay the log identically"
-    sha, ver, rpl, rpl2 = median(t_sha), median(t_ver), median(t_rep), median(t_rep2)
+    sha, ver, rpl = median(t_sha), median(t_ver), median(t_rep)
     t0 = time.perf_counter()
     for p in files:
         hashlib.sha256(p.read_bytes()).hexdigest()
@@ -109,8 +104,6 @@ def main() -> None:
          f"{sha / ver:.4f}"],
         ["driverd audit replay (iter_lines + replay_lines)", f"{rpl:.3f}", f"{records / rpl:,.0f}",
          f"{mb / rpl:.1f}", f"{sha / rpl:.4f}"],
-        ["replay with the proposed core change (bisect window)", f"{rpl2:.3f}", f"{records / rpl2:,.0f}",
-         f"{mb / rpl2:.1f}", f"{sha / rpl2:.4f}"],
     ]
     say(table(["", "seconds", "records/s", "MB/s", "speed vs sha256sum"], rows))
     say("\nanatomy of the per-line work (one pass each, cumulative):\n")
