@@ -188,6 +188,10 @@ def report_lines(rep: Report) -> list[str]:
     for c in rep.courses.values():
         d = c.as_dict()
         out.append("")
+        if c.course_id is None and not (c.states or c.setpoints or c.refusals or c.alarms):
+            # Telemetry of a pump before any course: one line, not an empty course.
+            out.append(f"pump {c.pump_id}  no course: {c.records} record(s) ({_t(c.first_at)} .. {_t(c.last_at)})")
+            continue
         out.append(f"pump {c.pump_id}  course {c.course_id or '-'}  ({_t(c.first_at)} .. {_t(c.last_at)})")
         if c.states:
             out.append("  states: " + " -> ".join(f"{s} @{_t(at)}" for at, s in c.states))

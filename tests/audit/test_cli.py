@@ -114,3 +114,15 @@ def test_progress_callback_sees_every_byte(generic_log: Path) -> None:
     seen: list[int] = []
     assert verify_log(generic_log, progress=seen.append).ok
     assert sum(seen) == total_bytes(generic_log)
+
+
+def test_report_shows_telemetry_before_any_course_as_one_line() -> None:
+    from datetime import UTC, datetime
+
+    from driverd.audit.report import build_report, report_lines
+
+    at = datetime(2026, 12, 1, 8, 55, tzinfo=UTC).isoformat().replace("+00:00", "Z")
+    rec = {"seq": 1, "ts": at, "event": "pump_report", "pump_id": "bed-1", "course_id": None, "at": at,
+           "state": "stopped", "rate_ml_per_h": "0", "delivered_ml": "0", "alarms": []}
+    lines = report_lines(build_report([rec]))
+    assert lines[-1] == "pump bed-1  no course: 1 record(s) (2026-12-01 08:55 .. 2026-12-01 08:55)"
