@@ -72,21 +72,20 @@ def generate_keypair(dir: Path, name: str) -> tuple[Path, Path]:
     pub_pem = private.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    # O_EXCL + mode at creation: the private key is never readable by others, not even briefly.
-    try:
-        fd = os.open(priv_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        raise KeyFileError(f"{priv_path} already exists; refusing to overwrite a key") from None
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(priv_pem)
+    _create_key_file(priv_path, priv_pem, 0o600)
     os.chmod(priv_path, 0o600)  # in case a umask-independent mode is needed on odd filesystems
-    try:
-        fd = os.open(pub_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileExistsError:
-        raise KeyFileError(f"{pub_path} already exists; refusing to overwrite a key") from None
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(pub_pem)
+    _create_key_file(pub_path, pub_pem, 0o644)
     return priv_path, pub_path
+
+
+def _create_key_file(path: Path, data: bytes, mode: int) -> None:
+    # O_EXCL + mode at creation: a private key is never readable by others, not even briefly.
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    except FileExistsError:
+        raise KeyFileError(f"{path} already exists; refusing to overwrite a key") from None
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
 
 
 def _read_key_file(path: Path) -> bytes:

@@ -94,6 +94,11 @@ class PumpStatus:
     def running(self) -> bool:
         return self.state is PumpState.INFUSING
 
+    @property
+    def delivering_ml_per_h(self) -> Decimal:
+        """The rate the pump delivers now: a stopped pump delivers nothing, whatever rate it has programmed."""
+        return self.rate_ml_per_h if self.running else Decimal(0)
+
 
 @dataclass(frozen=True, slots=True)
 class DriverOptions:

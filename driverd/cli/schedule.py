@@ -63,6 +63,18 @@ def _read_document_bytes(path: Path, as_json: bool) -> bytes:
         _usage(f"cannot read {_show_path(path)}: {exc.strerror or exc}", as_json)
 
 
+def _read_document(path: Path, as_json: bool) -> tuple[str, Mapping[str, Any]]:
+    """The schedule document in PATH as a JSON object; anything else is reported (exit 1) with its problems."""
+    name = _show_path(path)
+    try:
+        doc = load_json(_read_document_bytes(path, as_json))
+    except ValidationError as exc:
+        _report_invalid(name, list(exc.problems), as_json)
+    if not isinstance(doc, Mapping):
+        _report_invalid(name, check_structure(doc), as_json)
+    return name, doc
+
+
 def load_protocol(path: Path | None, as_json: bool) -> ProtocolSpec:
     path = path or DEFAULT_PROTOCOL
     try:
@@ -289,14 +301,7 @@ def sign(
 ) -> None:
     """Sign a valid schedule (Ed25519 over its canonical JSON). Invalid schedules are refused."""
     spec = load_protocol(protocol, as_json)
-    data = _read_document_bytes(file, as_json)
-    name = _show_path(file)
-    try:
-        doc = load_json(data)
-    except ValidationError as exc:
-        _report_invalid(name, list(exc.problems), as_json)
-    if not isinstance(doc, Mapping):
-        _report_invalid(name, check_structure(doc), as_json)
+    name, doc = _read_document(file, as_json)
     try:
         # No time checks: signing ahead of approval time is the signer's business; the daemon checks expiry.
         schedule = parse_schedule(doc, spec, now=None)
@@ -348,14 +353,7 @@ def push(
     from driverd.cli.status import DEFAULT_CONFIG, call, report_refusal, resolve_socket
     from driverd.runtime.control import MAX_REQUEST_BYTES, encode_request
 
-    data = _read_document_bytes(file, as_json)
-    name = _show_path(file)
-    try:
-        doc = load_json(data)
-    except ValidationError as exc:
-        _report_invalid(name, list(exc.problems), as_json)
-    if not isinstance(doc, Mapping):
-        _report_invalid(name, check_structure(doc), as_json)
+    name, doc = _read_document(file, as_json)
     payload = {"op": "push", "schedule": doc}
     try:
         size = len(encode_request(payload))

@@ -12,7 +12,6 @@ import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from decimal import Decimal
 from typing import Any
 
 from driverd.audit.writer import AuditWriter
@@ -140,8 +139,7 @@ class Channel:
         try:
             if sp.is_stop:
                 await self._io(self.driver.stop())
-                status = await self._io(self.driver.read_status())
-                readback = Decimal(0) if status.state is not PumpState.INFUSING else status.rate_ml_per_h
+                readback = (await self._io(self.driver.read_status())).delivering_ml_per_h
             else:
                 status = await self._io(self.driver.read_status())
                 if status.state is PumpState.ALARM:
@@ -174,8 +172,7 @@ class Channel:
             status = await self._io(self.driver.read_status())
         except (DriverError, TimeoutError) as exc:
             return SetpointResult(self.clock.now(), sp.id, None, f"{error}; then {type(exc).__name__}: {exc}")
-        delivering = status.rate_ml_per_h if status.state is PumpState.INFUSING else Decimal(0)
-        return SetpointResult(self.clock.now(), sp.id, delivering, error)
+        return SetpointResult(self.clock.now(), sp.id, status.delivering_ml_per_h, error)
 
     async def connect(self) -> None:
         try:

@@ -44,12 +44,8 @@ def _settle(fut: asyncio.Future[Any]) -> None:
         fut.set_result(None)
 
 
-class RealClock:
-    def now(self) -> datetime:
-        return datetime.now(UTC)
-
-    async def sleep_until(self, when: datetime, *, wake: asyncio.Future[Any] | None = None) -> None:
-        await _sleep_real((when - self.now()).total_seconds(), wake)
+class _FreeRunning:
+    """A clock that runs on its own: nobody needs to be counted (unlike VirtualClock's participants)."""
 
     def register(self) -> None:
         pass
@@ -58,7 +54,15 @@ class RealClock:
         pass
 
 
-class ScaledClock:
+class RealClock(_FreeRunning):
+    def now(self) -> datetime:
+        return datetime.now(UTC)
+
+    async def sleep_until(self, when: datetime, *, wake: asyncio.Future[Any] | None = None) -> None:
+        await _sleep_real((when - self.now()).total_seconds(), wake)
+
+
+class ScaledClock(_FreeRunning):
     """Virtual time running `speed` times faster than real time, from `start`."""
 
     def __init__(self, start: datetime, speed: float) -> None:
@@ -73,12 +77,6 @@ class ScaledClock:
 
     async def sleep_until(self, when: datetime, *, wake: asyncio.Future[Any] | None = None) -> None:
         await _sleep_real((when - self.now()).total_seconds() / self._speed, wake)
-
-    def register(self) -> None:
-        pass
-
-    def unregister(self) -> None:
-        pass
 
 
 class VirtualClock:
