@@ -5,7 +5,12 @@ For each pump, records are taken in log order. Each input record (`INPUT_EVENTS`
 `event_from_record` and folded with the machine's `step` (the daemon's own entry point: an illegal event
 becomes a logged refusal); its commands, converted with `command_to_record`, must equal, in order, the output
 records (`OUTPUT_EVENTS`) the log has for that pump after the input and before the pump's next input.
-Any missing, extra or different output is a divergence (seq, expected, found).
+Any missing, extra or different output is a divergence (seq, expected, found), with one exception: outputs
+missing at a crash boundary (the end of the log, or the writer's `log_reopened` after a restart). The daemon logs an
+input and then its decisions as separate durable writes, so a crash can fall between them. The decisions are not
+lost: the core is deterministic and recomputes them from the input, which is what replay and recovery continue
+from. They provably never acted either: write-ahead means a setpoint that is not in the log was never sent. They
+are reported as `interrupted` (see docs/audit.md, "Crash consistency").
 
 The state is kept per pump across courses (as the daemon does: setpoint ids and the memory of a stopped
 course carry over); the summary is reported per (pump, course). The drug library in force is the last
@@ -25,6 +30,8 @@ from driverd.core.errors import DriverdError
 from driverd.core.protocol import ProtocolSpec, parse_protocol
 
 ENVELOPE = frozenset({"seq", "ts", "event", "pump_id", "course_id", "prev", "hash"})
+#: Records the writer puts first after a restart: whatever the previous process had not logged yet, it never will.
+CRASH_BOUNDARIES = frozenset({"torn_tail_truncated", "log_reopened"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,9 +56,24 @@ class Divergence:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class Interrupted:
+    """Outputs the core recomputes for the last input before a crash boundary that the log does not hold."""
+
+    input_seq: int
+    pump_id: str
+    course_id: str | None
+    outputs: tuple[dict[str, Any], ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"input_seq": self.input_seq, "pump_id": self.pump_id, "course_id": self.course_id,
+                "outputs": list(self.outputs)}
+
+
 @dataclass(slots=True)
 class ReplayResult:
     divergences: list[Divergence] = field(default_factory=list)
+    interrupted: list[Interrupted] = field(default_factory=list)
     inputs: int = 0
     outputs_checked: int = 0
     report: Report = field(default_factory=Report)
@@ -66,6 +88,7 @@ class ReplayResult:
             "inputs": self.inputs,
             "outputs_checked": self.outputs_checked,
             "divergences": [d.as_dict() for d in self.divergences],
+            "interrupted": [i.as_dict() for i in self.interrupted],
             **self.report.as_dict(),
         }
 
@@ -76,6 +99,10 @@ class ReplayResult:
         )
         note = "  (replay checks decisions, not integrity: `driverd audit verify` checks the chain and signatures)"
         out = [head, note]
+        for i in self.interrupted:
+            names = ", ".join(str(o.get("event")) for o in i.outputs)
+            out.append(f"  interrupted by a crash after input seq {i.input_seq} (pump {i.pump_id}): {names} "
+                       "recomputed, never logged (so never sent)")
         for d in self.divergences:
             out.append(f"  DIVERGENCE at seq {d.seq} (pump {d.pump_id}, course {d.course_id or '-'}): {d.kind}")
             if d.detail:
@@ -140,6 +167,9 @@ class Replayer:
         if event == "library_loaded":
             self._load_library(rec)
             return
+        if event in CRASH_BOUNDARIES:
+            self._interrupt_all()
+            return
         pump_id = rec.get("pump_id")
         if not isinstance(pump_id, str):
             return
@@ -153,9 +183,16 @@ class Replayer:
         return {pump_id: p.state for pump_id, p in self._pumps.items()}
 
     def finish(self) -> ReplayResult:
-        for pump_id, p in self._pumps.items():
-            self._flush_missing(pump_id, p)
+        """End of the log: it may end at a crash, so outputs still expected here are interrupted, not missing."""
+        self._interrupt_all()
         return self.result
+
+    def _interrupt_all(self) -> None:
+        for pump_id, p in self._pumps.items():
+            if p.expected:
+                outputs = tuple({"event": name, **fields} for name, fields in p.expected)
+                self.result.interrupted.append(Interrupted(p.input_seq, pump_id, p.course_id, outputs))
+                p.expected = []
 
     # ------------------------------------------------------------------------------------------ steps
 

@@ -18,6 +18,7 @@ The writer is synchronous and single-threaded; one process may hold a log direct
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
 import os
@@ -54,6 +55,8 @@ _DURABLE_KEY: Final = "_durable"
 _RESERVED: Final = ENVELOPE_FIELDS | {_DURABLE_KEY}
 # Records only the writer itself may produce (a caller-made "checkpoint" would be signed by our key).
 WRITER_EVENTS: Final = frozenset({"segment_start", "checkpoint", "torn_tail_truncated", "log_reopened"})
+
+TORN_KEEP_BYTES: Final = 64 * 1024  # how much of a torn tail its record keeps (base64); the hash covers all of it
 
 EventDict = MutableMapping[str, Any]
 
@@ -227,6 +230,12 @@ class AuditWriter:
             self._sync()
         finally:
             self._release()
+
+    def abandon(self) -> None:
+        """Release the files without writing anything more (start-up refused after the log was opened)."""
+        with contextlib.suppress(AuditError):
+            self._sync()
+        self._release()
 
     def __enter__(self) -> AuditWriter:
         return self
@@ -483,6 +492,8 @@ class AuditWriter:
                     "offset": offset,
                     "removed_bytes": len(removed),
                     "removed_sha256": sha256_hex(removed),
+                    # What was cut, for the auditor (a torn record is at most one line; bounded all the same).
+                    "removed_b64": base64.b64encode(removed[:TORN_KEEP_BYTES]).decode("ascii"),
                 },
             )
         self._pipeline_internal("log_reopened", {"segment": number, "recovered_seq": self._seq})

@@ -173,6 +173,9 @@ def _check_step(state: CourseState, protocol: ProtocolSpec, proposal: Proposal, 
     interval = timedelta(hours=float(protocol.step_interval_hours))
     if state.last_change_at is not None and now < state.last_change_at + interval:
         return Refusal("interval", f"next change not before {(state.last_change_at + interval).isoformat()}")
+    if proposal.intent == "start" and now >= schedule.expires_at:
+        # Approval is for a course that starts while it is current; a primed pump never starts on a stale one.
+        return Refusal("expired", f"the schedule expired at {schedule.expires_at.isoformat()}; not started")
     if proposal.intent == "start" and state.phase is not Phase.PRIMED:
         return Refusal("not_primed", "a course starts only from primed")
     if proposal.intent == "escalate" and state.phase not in (Phase.TITRATING, Phase.HOLDING):

@@ -25,7 +25,7 @@ from driverd.core.schedule_parse import parse_schedule
 from driverd.runtime.channel import Channel
 from driverd.runtime.clock import RuntimeClock
 from driverd.runtime.config import DaemonConfig
-from driverd.runtime.recovery import recover
+from driverd.runtime.recovery import open_log
 from driverd.signing import TrustStore, load_private_key
 from drivers.base import DriverOptions
 from drivers.registry import open_driver
@@ -61,10 +61,9 @@ class Daemon:
         self.protocol = parse_protocol(self.protocol_text)  # refuse to start on an unknown/invalid library
         self.trust = TrustStore.load(cfg.trust_dir)
         key = load_private_key(cfg.audit_key) if cfg.audit_key else None
-        recovered = recover(cfg.audit_dir)
-        self.versions = dict(recovered.versions)
         a = cfg.audit
-        self.audit = AuditWriter.open(
+        # The writer opens first: it repairs a torn tail (logged) before recovery reads the log.
+        self.audit, recovered = open_log(
             cfg.audit_dir,
             AuditConfig(segment_max_records=a.segment_max_records, checkpoint_every_records=a.checkpoint_every_records,
                         checkpoint_every_s=a.checkpoint_every_s, group_commit_ms=a.group_commit_ms,
@@ -72,9 +71,13 @@ class Daemon:
             key,
             self.clock.now,
         )
+        self.versions = dict(recovered.versions)
         self.audit.append("daemon_start", pump_id=None, course_id=None, durable=True, version=driverd.__version__,
                           config_sha256=cfg.sha256, pumps=[p.id for p in cfg.pumps],
-                          recovered_records=recovered.records, trust_keys=sorted(self.trust.keys))
+                          recovered_records=recovered.records, trust_keys=sorted(self.trust.keys),
+                          interrupted=[{"pump_id": i.pump_id, "input_seq": i.input_seq,
+                                        "outputs": [str(o.get("event")) for o in i.outputs]}
+                                       for i in recovered.interrupted])
         self.audit.append("library_loaded", pump_id=None, course_id=None, durable=True,
                           version=self.protocol.library_version, text=self.protocol_text)
         for pump in cfg.pumps:

@@ -1,18 +1,26 @@
 """Crash recovery: rebuild every pump's course state by replaying the audit log through the pure core.
 
-The log is verified first (chain, seqs, checkpoint signatures); a log that does not verify, or whose replay
-diverges from what was logged, stops the daemon from starting (fail loudly: never guess a state).
+Start-up opens the writer first (`open_log`): that cuts a torn last line back to the last whole record and logs the
+cut, so a crash mid-write never blocks the next start. Then the log is verified (chain, seqs, checkpoint
+signatures) and replayed. Decisions a crash cut off after their input are recomputed by the core (`interrupted`:
+never sent, see replay.py); a log that does not verify, or whose replay really diverges from what was logged,
+stops the daemon from starting (fail loudly: never guess a state).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from driverd.audit.reader import iter_lines
-from driverd.audit.replay import Replayer
+from driverd.audit.replay import Interrupted, Replayer
 from driverd.audit.segments import list_segments
 from driverd.audit.verify import verify_log
+from driverd.audit.writer import AuditConfig, AuditWriter
 from driverd.core.errors import AuditError
 from driverd.core.state import CourseState
 
@@ -22,6 +30,19 @@ class Recovered:
     states: dict[str, CourseState] = field(default_factory=dict)
     versions: dict[str, int] = field(default_factory=dict)  # schedule_id -> highest accepted version
     records: int = 0
+    interrupted: list[Interrupted] = field(default_factory=list)  # decisions a crash cut off (recomputed)
+
+
+def open_log(
+    audit_dir: Path, config: AuditConfig, key: Ed25519PrivateKey | None, clock: Callable[[], datetime]
+) -> tuple[AuditWriter, Recovered]:
+    """Start-up: open the writer (torn-tail repair, logged), then rebuild every course from the log."""
+    writer = AuditWriter.open(audit_dir, config, key, clock)
+    try:
+        return writer, recover(audit_dir)
+    except BaseException:
+        writer.abandon()
+        raise
 
 
 def recover(audit_dir: Path) -> Recovered:
@@ -48,4 +69,5 @@ def recover(audit_dir: Path) -> Recovered:
         first = result.divergences[0]
         raise AuditError(f"audit replay diverges at seq {first.seq} ({first.kind}: {first.detail}); refusing to start")
     out.states = replayer.states()
+    out.interrupted = list(result.interrupted)
     return out

@@ -121,6 +121,15 @@ def test_comparison_logic_with_a_fake_core() -> None:
         {"seq": 4, "event": "in", "pump_id": "p", "course_id": "c", "v": 5},
         {"seq": 5, "event": "out", "pump_id": "p", "course_id": "c", "v": 11},
         {"seq": 6, "event": "in", "pump_id": "p", "course_id": "c", "v": 7},
+        {"seq": 7, "event": "in", "pump_id": "p", "course_id": "c", "v": 8},
+        {"seq": 8, "event": "out", "pump_id": "p", "course_id": "c", "v": 16},
+        {"seq": 9, "event": "in", "pump_id": "p", "course_id": "c", "v": 9},
+        {"seq": 10, "event": "log_reopened", "pump_id": None, "course_id": None},  # a crash came before the output
+        {"seq": 11, "event": "in", "pump_id": "p", "course_id": "c", "v": 10},
     ]
     result = replay_records(recs, fake)
+    # An output missing before the next input of the same process is a divergence; one cut off by a crash (before
+    # the writer's restart marker, or at the end of the log) is `interrupted`: recomputed, never logged, never sent.
     assert [(d.seq, d.kind) for d in result.divergences] == [(5, "different"), (6, "missing")]
+    assert [(i.input_seq, i.outputs) for i in result.interrupted] == [(9, ({"event": "out", "v": 18},)),
+                                                                      (11, ({"event": "out", "v": 20},))]

@@ -255,6 +255,7 @@ async def rig(
     control: bool = False,
     start: datetime = START,
     fill_ml: Decimal | None = None,
+    audit: AuditSettings | None = None,
 ) -> AsyncIterator[Rig]:
     names = list(names)
     dead_set = set(dead)
@@ -274,8 +275,8 @@ async def rig(
                 link_timeout_s=float(timing.link_timeout_s or 2 * timing.poll_s),
                 deadman_s=timing.deadman_s, driver_timeout_s=timing.driver_timeout_s,
                 pumps=tuple(PumpConfig(n, urls[n]) for n in names),
-                audit=AuditSettings(checkpoint_every_records=500, checkpoint_every_s=3600, group_commit_ms=200,
-                                    group_commit_records=512),
+                audit=audit or AuditSettings(checkpoint_every_records=500, checkpoint_every_s=3600,
+                                             group_commit_ms=200, group_commit_records=512),
             )
             daemon = Daemon(config, clock, world=world)
             await asyncio.wait_for(daemon.start(), timeout=BOUND_S)
