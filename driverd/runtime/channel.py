@@ -20,7 +20,7 @@ from driverd.core.events import Event, LinkLost, LinkRestored, PumpReport, PumpV
 from driverd.core.kernel import Setpoint
 from driverd.core.machine import step
 from driverd.core.protocol import ProtocolSpec
-from driverd.core.records import command_to_record, event_to_record
+from driverd.core.records import command_to_record, event_to_record, fmt_dec
 from driverd.core.state import CourseState, Phase
 from driverd.runtime.clock import RuntimeClock
 from drivers.base import DriverError, DriverTimeout, PumpAlarm, PumpDriver, PumpRejected, PumpState, PumpStatus
@@ -77,6 +77,7 @@ class Channel:
         self.polls = 0
         self.stopping = False
         self._primed_for: str | None = None
+        self.last_input_seq = 0  # seq of the last input record logged (a reply names its request's record)
         self._wake: asyncio.Future[Any] | None = None  # the channel's current wait, if it is waiting
         self._on_change = on_change
 
@@ -113,8 +114,9 @@ class Channel:
 
     def _log_input(self, event: Event) -> None:
         name, fields = event_to_record(event)
-        self.audit.append(name, pump_id=self.pump_id, course_id=self.state.course_id,
-                          durable=name not in _BULK_INPUTS, **fields)
+        record = self.audit.append(name, pump_id=self.pump_id, course_id=self.state.course_id,
+                                   durable=name not in _BULK_INPUTS, **fields)
+        self.last_input_seq = int(record["seq"])
 
     async def handle(self, event: Event) -> tuple[Command, ...]:
         cmds = self.feed(event)
@@ -283,15 +285,34 @@ class Channel:
                 await self.poll()
                 if self._expired(request):  # the acknowledgement and read took real time: check again
                     return
-            cmds = await self.handle(request.make_event(self.clock.now()))
+            event = request.make_event(self.clock.now())
+            cmds = self.feed(event)
+            seq = self.last_input_seq  # the request's own record
+            await self.execute(cmds)
             await self.prime()
+            # Nothing acknowledged may be lost: every record the reply depends on is on disk before it is sent.
+            self.audit.flush()
         except Exception as exc:  # a bad request must never kill the channel
             result: dict[str, Any] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
         else:
             refusals = [{"reason": c.reason, "detail": c.detail} for c in cmds if isinstance(c, Refused)]
-            result = {"ok": not refusals, "refusals": refusals, "phase": self.state.phase.value}
+            result = {"ok": not refusals, "refusals": refusals, "phase": self.state.phase.value, "seq": seq,
+                      "durable_seq": self.audit.seq, **self.pump_view()}
         if not request.reply.done():
             request.reply.set_result(result)
+
+    def pump_view(self) -> dict[str, Any]:
+        """What the pump does now, as last read, for a reply: a clinician is told what the pump runs, and whether
+        the last setpoint was verified, never just "OK"."""
+        st = self.last_status
+        pending = self.state.pending
+        return {
+            "pump_state": st.state.value if st else None,
+            "pump_rate_ml_per_h": fmt_dec(st.delivering_ml_per_h) if st else None,
+            "commanded_ml_per_h": fmt_dec(self.state.commanded_rate),
+            "verified": pending is None,
+            "unverified_setpoint": None if pending is None else pending.setpoint.id,
+        }
 
     def _expired(self, request: Request) -> bool:
         """A request whose caller gave up (its reply cancelled or already settled) is never applied late:

@@ -126,9 +126,9 @@ class Daemon:
 
     def _refuse(self, pump_id: str | None, source: str, reason: str, detail: str) -> dict[str, Any]:
         assert self.audit is not None
-        self.audit.append("request_refused", pump_id=pump_id, course_id=None, durable=True, source=source,
-                          reason=reason, detail=detail[:1000])
-        return {"ok": False, "refusals": [{"reason": reason, "detail": detail}]}
+        record = self.audit.append("request_refused", pump_id=pump_id, course_id=None, durable=True, source=source,
+                                   reason=reason, detail=detail[:1000])
+        return {"ok": False, "refusals": [{"reason": reason, "detail": detail}], "seq": record["seq"]}
 
     async def push_schedule(self, doc: Any) -> dict[str, Any]:
         """Signed, trusted, unexpired, version-increasing, for a configured pump, valid: or refused, logged."""
