@@ -92,3 +92,18 @@ def test_probe_unreachable_pump_exits_1_without_traceback() -> None:
         result = runner.invoke(app, ["pump", "probe", url, "--timeout", "0.5"])
         assert result.exit_code == 1, (url, result.output)
         assert result.stderr.startswith("error: ") and "Traceback" not in result.output
+
+
+def test_a_driver_without_its_own_probe_refuses_rather_than_connecting() -> None:
+    import asyncio
+
+    import pytest
+
+    from drivers.base import DriverError, DriverOptions, PumpDriver
+    from drivers.registry import open_driver
+
+    pump = default_world().pump("probe-base")
+    driver = open_driver("sim://probe-base", DriverOptions(deadman_s=9))
+    with pytest.raises(DriverError, match="no read-only probe"):
+        asyncio.run(PumpDriver.probe(driver))  # the base class's default, as a third-party driver would inherit it
+    assert pump.status().deadman_s == 0  # nothing reached the pump
