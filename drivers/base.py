@@ -101,6 +101,22 @@ class PumpStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class ProbeReport:
+    """What a read-only probe saw. Everything in it was read from the pump; the probe set nothing.
+
+    ``deadman_s``: the pump's dead-man timeout as read (New Era ``SAF``, Modbus watchdog register; 0 = off).
+    ``acknowledged``: alarms the pump answered one of the probe's queries with (New Era ``A?x``). On such a
+    pump that reply acknowledges the alarm: whoever talks to the pump next no longer gets it, so the probe
+    must say so. Empty on pumps whose alarms stay latched until an explicit acknowledge command.
+    """
+
+    identity: Identity
+    status: PumpStatus
+    deadman_s: int
+    acknowledged: frozenset[AlarmKind] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
 class DriverOptions:
     """Knobs the runtime passes to every driver. Timeouts are real (wall-clock) seconds."""
 
@@ -158,6 +174,14 @@ class PumpDriver(abc.ABC):
     @abc.abstractmethod
     async def clear_alarm(self) -> None:
         """Acknowledge the pump's alarm so it accepts data again (does not restart it)."""
+
+    async def probe(self) -> ProbeReport:
+        """Identify the pump and read its status and dead-man setting with queries only, on a driver that is
+        not connected: opens its own transport and closes it again, never sends a write (no ``connect()``
+        set-up: the dead-man of a pump in service stays as it is). A driver that cannot guarantee that has
+        no probe: this default refuses rather than falling back to ``connect()``.
+        """
+        raise DriverError(f"{type(self).__name__} has no read-only probe")
 
     async def heartbeat(self) -> PumpStatus:
         """Keep the dead-man armed; the default is a status read (any valid packet re-arms it)."""

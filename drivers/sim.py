@@ -25,6 +25,7 @@ from drivers.base import (
     DriverOptions,
     DriverTimeout,
     Identity,
+    ProbeReport,
     ProtocolError,
     PumpAlarm,
     PumpDriver,
@@ -127,6 +128,18 @@ class SimDriver(PumpDriver):
 
     async def close(self) -> None:
         self._model = None  # the pump keeps running; its dead-man stops it if we stay away
+
+    async def probe(self) -> ProbeReport:
+        """Reads only (identity, status, the dead-man setting): no ``set_deadman``, nothing else set."""
+        world = self.options.world if self.options.world is not None else default_world()
+        self._model, self._faults = world.pump(self.name), world.faults(self.name)
+        try:
+            identity = await self.identify()
+            status = await self.read_status()
+            deadman_s = self._call(lambda m: m.status().deadman_s)
+        finally:
+            self._model = None
+        return ProbeReport(identity, status, deadman_s)
 
     async def identify(self) -> Identity:
         model, firmware = self._call(lambda m: m.identity)

@@ -343,14 +343,24 @@ class _Unit:
 class _Gateway:
     """What the server's connections share: units, their fault plans, and the contact hook."""
 
-    def __init__(self, units: Mapping[int, _Unit], plans: Mapping[int, FaultPlan], *, serial: bool) -> None:
+    def __init__(
+        self,
+        units: Mapping[int, _Unit],
+        plans: Mapping[int, FaultPlan],
+        *,
+        serial: bool,
+        on_request: Callable[[ModbusPDU], None] | None = None,
+    ) -> None:
         self.units = units
         self.plans = plans
         self.serial = serial
+        self.on_request = on_request
         self.hang_up: Callable[[], None] = lambda: None
 
     def trace_pdu(self, sending: bool, pdu: ModbusPDU) -> ModbusPDU:
         if not sending:
+            if self.on_request is not None:
+                self.on_request(pdu)
             unit = self.units.get(pdu.dev_id)
             if unit is not None:
                 unit.model.host_contact()  # any request re-arms the watchdog, even one that fails
@@ -538,11 +548,14 @@ async def serve_modbus(
     pty: bool = False,
     host: str = "127.0.0.1",
     regmap: RegisterMap | None = None,
+    on_request: Callable[[ModbusPDU], None] | None = None,
 ) -> AsyncIterator[ModbusEndpoint]:
     """Serve `unit_ids` (unit -> pump name in `world`) over TCP (`tcp_port`, 0 = ephemeral) or RTU on a PTY.
 
     Pumps that do not exist yet are created with this device's identity and the map's rate resolution.
     Each unit's wire faults come from `faults[unit]`, else from ``world.faults(name)``.
+    ``on_request`` is called with every request PDU the server decodes, for any unit, before it is handled
+    (tests record what a master sent).
     """
     if (tcp_port is None) == (not pty):
         raise ValidationError([Problem("transport", "exactly-one", "give exactly one of tcp_port or pty=True")])
@@ -558,7 +571,7 @@ async def serve_modbus(
         units[unit] = _Unit(unit, model, regmap, exceptions[unit])
         plans[unit] = (faults or {}).get(unit) or world.faults(name)
     devices = [u.device() for u in units.values()]
-    gateway = _Gateway(units, plans, serial=pty)
+    gateway = _Gateway(units, plans, serial=pty, on_request=on_request)
 
     bridge: _PtyBridge | None = None
     server: _TcpServer | _SerialServer

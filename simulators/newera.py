@@ -97,6 +97,8 @@ class NewEraPumpProtocol:
     volume_unit: VolumeUnit = VolumeUnit.ML
     # The most recent valid commands (for tests and benches); bounded, since a bench simulator runs for days.
     requests: deque[Command] = field(default_factory=lambda: deque(maxlen=4096))
+    # Called with every whole frame from the host, before it is parsed or addressed (tests record the wire).
+    tap: Callable[[Frame], None] | None = None
     _reported: frozenset[AlarmKind] = frozenset()  # alarms already announced with A?x (acknowledged)
 
     @property
@@ -117,6 +119,8 @@ class NewEraPumpProtocol:
         return self._reply(self._status_char(), error=ErrorCode.COMMUNICATION)
 
     def handle(self, frame: Frame) -> bytes | None:
+        if self.tap is not None:
+            self.tap(frame)
         try:
             cmd = parse_command(frame.payload)
         except ProtocolError as exc:

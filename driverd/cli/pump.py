@@ -26,14 +26,9 @@ async def _probe(url: str, timeout_s: float) -> dict[str, Any]:
     from drivers.base import DriverOptions
     from drivers.registry import open_driver
 
-    # deadman_s=0: a probe must not arm (or change) the pump's dead-man; it only identifies and reads.
-    driver = open_driver(url, DriverOptions(timeout_s=timeout_s, retries=1, deadman_s=0))
-    await driver.connect()
-    try:
-        ident = await driver.identify()
-        status = await driver.read_status()
-    finally:
-        await driver.close()
+    # probe() never uses options.deadman_s: it sends queries only, so a pump's dead-man stays as it is.
+    report = await open_driver(url, DriverOptions(timeout_s=timeout_s, retries=1)).probe()
+    ident, status = report.identity, report.status
     return {
         "ok": True,
         "url": url,
@@ -45,6 +40,8 @@ async def _probe(url: str, timeout_s: float) -> dict[str, Any]:
         "diameter_mm": None if status.diameter_mm is None else fmt(status.diameter_mm),
         "delivered_ml": fmt(status.delivered_ml),
         "alarms": sorted(a.value for a in status.alarms),
+        "deadman_s": report.deadman_s,
+        "acknowledged_alarms": sorted(a.value for a in report.acknowledged),
     }
 
 
@@ -54,13 +51,16 @@ def probe(
     timeout: Annotated[float, typer.Option("--timeout", help="reply timeout per exchange, seconds")] = 1.0,
     as_json: JsonOpt = False,
 ) -> None:
-    """Identify a pump and read its status: model, firmware, state, rate, diameter, delivered volume, alarms.
+    """Identify a pump and read its status: model, firmware, state, rate, diameter, delivered volume, alarms,
+    and its dead-man (safe mode / watchdog) timeout.
 
-    Read-only: never sets anything and never arms the pump's dead-man.
+    Read-only: sends queries only, never sets anything, never changes the pump's dead-man. A pump that answers
+    with a latched alarm (New Era: that reply acknowledges it on the pump) is reported under "acked".
     """
     if not math.isfinite(timeout) or not 0 < timeout <= 60:
         usage(f"--timeout must be > 0 and <= 60 seconds, got {timeout}")
-    bound = timeout * 10 + 5  # connect + two exchanges with retries; a probe must never hang
+    # Six queries, each retried once, plus resends after an alarm reply: a probe must never hang.
+    bound = timeout * 20 + 5
     try:
         info = asyncio.run(asyncio.wait_for(_probe(url, timeout), bound))
     except DriverdError as exc:
@@ -76,6 +76,9 @@ def probe(
         return
     alarms = ", ".join(info["alarms"]) or "none"
     diameter = "unknown" if info["diameter_mm"] is None else f"{info['diameter_mm']} mm"
+    deadman = f"{info['deadman_s']} s" if info["deadman_s"] else "off"
+    acked = ", ".join(info["acknowledged_alarms"])
+    acked = f"{acked} (the pump answered with this latched alarm; that reply acknowledged it)" if acked else "none"
     for label, value in (
         ("pump", url),
         ("model", info["model"]),
@@ -84,6 +87,8 @@ def probe(
         ("rate", f"{info['rate_ml_per_h']} mL/h"),
         ("diameter", diameter),
         ("delivered", f"{info['delivered_ml']} mL"),
+        ("dead-man", deadman),
         ("alarms", alarms),
+        ("acked", acked),
     ):
         typer.echo(f"{label:<10}{value}")

@@ -12,6 +12,7 @@ Rules this driver keeps:
 - Exception responses become PumpRejected(code="modbus:0xNN"); 0x04 while the pump reports an unacknowledged
   alarm becomes PumpAlarm. No reply in time (or only stale/mismatched ones) -> DriverTimeout; a lost
   connection or a port that cannot be opened -> DriverIOError; a reply of the wrong shape -> ProtocolError.
+- ``probe()`` only reads (function codes 1-4); it never writes the watchdog or anything else.
 - connect() writes the watchdog timeout (``options.deadman_s``) and reads it back; any request re-arms it,
   so ``heartbeat()`` is a status read. The driver never writes anything that could withdraw (the map has no
   direction point at all).
@@ -38,6 +39,7 @@ from drivers.base import (
     DriverOptions,
     DriverTimeout,
     Identity,
+    ProbeReport,
     ProtocolError,
     PumpAlarm,
     PumpDriver,
@@ -138,20 +140,24 @@ class ModbusDriver(PumpDriver):
             return AsyncModbusTcpClient(self.url.host, port=self.url.port or 502, **common)
         return AsyncModbusSerialClient(self.url.path, framer=FramerType.RTU, baudrate=self.baud, **common)
 
+    async def _open(self) -> None:
+        """Connect the client and check the device's map version: reads only."""
+        self._client = self._make_client()
+        try:
+            ok = await self._client.connect()
+        except (OSError, ModbusException) as exc:
+            raise DriverIOError(f"{self.url.raw}: cannot connect: {exc}") from None
+        if not ok:
+            raise DriverIOError(f"{self.url.raw}: cannot connect")
+        version = await self._read_value("map_version")
+        if version != self.map.map_version:
+            raise ProtocolError(
+                f"{self.url.raw}: device implements map version {version}, ours is {self.map.map_version}"
+            )
+
     async def connect(self) -> None:
         async with self._lock:
-            self._client = self._make_client()
-            try:
-                ok = await self._client.connect()
-            except (OSError, ModbusException) as exc:
-                raise DriverIOError(f"{self.url.raw}: cannot connect: {exc}") from None
-            if not ok:
-                raise DriverIOError(f"{self.url.raw}: cannot connect")
-            version = await self._read_value("map_version")
-            if version != self.map.map_version:
-                raise ProtocolError(
-                    f"{self.url.raw}: device implements map version {version}, ours is {self.map.map_version}"
-                )
+            await self._open()
             deadman = Decimal(self.options.deadman_s)
             await self._write_value("watchdog_timeout", deadman)
             got = await self._read_value("watchdog_timeout")
@@ -162,6 +168,20 @@ class ModbusDriver(PumpDriver):
         if self._client is not None:
             self._client.close()
             self._client = None
+
+    async def probe(self) -> ProbeReport:
+        """Register and coil reads only (function codes 1-4): identity, watchdog timeout, the status points."""
+        async with self._lock:
+            try:
+                await self._open()
+                identity = await self._identity()
+                watchdog = await self._read_decimal("watchdog_timeout")
+                status = await self._status()
+            finally:
+                await self.close()
+        if watchdog != watchdog.to_integral_value():
+            raise ProtocolError(f"{self.url.raw}: watchdog_timeout reads {watchdog} s, not whole seconds")
+        return ProbeReport(identity, status, int(watchdog))
 
     async def _execute(self, call: str, *args: Any, read: bool, **kwargs: Any) -> ModbusPDU:
         """One request with the retry policy: reads retried on no/invalid reply, writes never."""
@@ -270,7 +290,10 @@ class ModbusDriver(PumpDriver):
 
     async def identify(self) -> Identity:
         async with self._lock:
-            values = await self._read_points([self.map["model"], self.map["firmware"]])
+            return await self._identity()
+
+    async def _identity(self) -> Identity:
+        values = await self._read_points([self.map["model"], self.map["firmware"]])
         model, firmware = values["model"], values["firmware"]
         assert isinstance(model, str) and isinstance(firmware, str)
         return Identity(model=model, firmware=firmware, address=f"unit {self.unit}")

@@ -17,6 +17,8 @@ Policy (see DESIGN.md and the reference file):
   which the pump accepts in either mode) and uses safe framing from then on. The runtime must call
   ``heartbeat()`` more often than the timeout: every ``deadman_s / 3`` seconds. If the daemon dies the pump
   raises ``A?T`` and stops by itself.
+- ``probe()`` (``driverd pump probe``) sends queries only (SAF, VER, status, RAT, DIS, DIA, none with an
+  argument) and leaves safe mode, direction and volume settings as they are.
 - Alarms: the pump answers the first valid packet after an alarm with ``A?x`` instead of executing it; that
   reply acknowledges the alarm on the pump. The driver latches what it saw and reports it (``read_status``
   state ALARM) until ``clear_alarm()``; meanwhile it refuses ``set_rate``/``configure_syringe``/``run`` with
@@ -45,6 +47,7 @@ from drivers.base import (
     DriverOptions,
     DriverTimeout,
     Identity,
+    ProbeReport,
     ProtocolError,
     PumpAlarm,
     PumpDriver,
@@ -105,6 +108,12 @@ def _direction(data: str) -> str:
     if data not in ("INF", "WDR", "REV"):
         raise ProtocolError(f"DIR: expected INF|WDR|REV, got {data!r}")
     return data
+
+
+def _safe_timeout(data: str) -> int:
+    if not (data.isdigit() and len(data) <= 3 and int(data) <= MAX_SAFE_TIMEOUT_S):
+        raise ProtocolError(f"SAF: expected the safe-mode timeout 0..{MAX_SAFE_TIMEOUT_S}, got {data!r}")
+    return int(data)
 
 
 def _rate_ml_per_h(data: str) -> Decimal:
@@ -185,6 +194,28 @@ class NewEraDriver(PumpDriver):
 
     async def close(self) -> None:
         await self.transport.close()
+
+    async def probe(self) -> ProbeReport:
+        """Queries only: ``SAF`` (no argument), ``VER``, status, ``RAT``, ``DIS``, ``DIA``. Never SAF<n>/DIR/VOL.
+
+        The first valid packet after an alarm is answered ``A?x`` and that reply acknowledges the alarm on the
+        pump (it cannot be avoided: any packet does it); the report lists it in ``acknowledged``.
+        """
+        await self.transport.open()
+        try:
+            async with self._lock:
+                # The safe-mode query goes in safe framing, which the pump accepts in either mode (as connect's
+                # SAF<n> does); its answer tells the framing of everything after it.
+                reply = await self._request(
+                    "SAF", retry=True, send_safe=True, any_reply_framing=True, expect=_safe_timeout
+                )
+                deadman_s = _safe_timeout(reply.data)
+                self._safe = deadman_s > 0
+            identity = await self.identify()
+            status = await self.read_status()
+        finally:
+            await self.transport.close()
+        return ProbeReport(identity, status, deadman_s, acknowledged=frozenset(self._latched))
 
     # ---- queries -----
 

@@ -40,6 +40,12 @@ runs one ``asyncio.run(asyncio.wait_for(...))``, so no async pytest plugin is ne
 
 Wire faults (dropped, garbled, delayed replies, disconnects) live in the ``WireFaultContract`` mixin: include it
 only when the driver has a wire (sim:// has none, so it does not include it).
+
+``ProbeContract`` (every driver) checks that ``probe()`` is read-only. Its harness also fills in
+``Harness.reopen`` (build another, unconnected driver for the same pump) and ``Harness.requests`` (a
+``RequestLog`` the pump side appends every request it receives to, classified query or not by the protocol's
+own definition: record at the simulator or transport, never by mocking the driver, and classify by an
+allow-list of queries so anything unknown counts as a write).
 """
 
 from __future__ import annotations
@@ -61,6 +67,7 @@ from drivers.base import (
     DriverIOError,
     DriverOptions,
     DriverTimeout,
+    ProbeReport,
     ProtocolError,
     PumpAlarm,
     PumpDriver,
@@ -72,7 +79,28 @@ from simulators.clock import Clock, ManualClock
 from simulators.faults import FaultPlan
 from simulators.pump import PumpModel
 
-__all__ = ["DriverContract", "Harness", "WireFaultContract"]
+__all__ = ["DriverContract", "Harness", "ProbeContract", "RequestLog", "WireFaultContract", "WireRequest"]
+
+
+@dataclass(frozen=True, slots=True)
+class WireRequest:
+    """One request as the pump side received it. ``query`` only if the protocol defines it as a pure read."""
+
+    text: str
+    query: bool
+
+
+class RequestLog:
+    """Requests as the pump side received them, oldest first (the harness's simulator hook appends)."""
+
+    def __init__(self) -> None:
+        self.entries: list[WireRequest] = []
+
+    def record(self, text: str, *, query: bool) -> None:
+        self.entries.append(WireRequest(text, query))
+
+    def since(self, mark: int) -> list[WireRequest]:
+        return self.entries[mark:]
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +111,9 @@ class Harness:
     model: PumpModel
     clock: ManualClock | Clock
     faults: FaultPlan
+    # For ProbeContract: another, unconnected driver for the same pump, and what the pump side received.
+    reopen: Callable[[DriverOptions], PumpDriver] | None = None
+    requests: RequestLog | None = None
 
 
 def _norm(text: str) -> str:
@@ -480,3 +511,74 @@ class WireFaultContract(_ContractBase):
         """After the fault is gone the same driver works again and reads true values."""
         status = await h.driver.read_status()
         assert status.rate_ml_per_h == (h.model.status().rate_ml_per_h if rate is None else rate)
+
+
+class ProbeContract(_ContractBase):
+    """``probe()`` is read-only: it sends queries only, so a pump in service keeps its dead-man, its rate and its
+    state. The harness must fill in ``Harness.reopen`` and ``Harness.requests`` (see the module docstring).
+
+    ``probe_acknowledges_alarms``: True for a protocol whose reply to the first packet after an alarm
+    acknowledges it (New Era): the probe must then report the alarm in ``ProbeReport.acknowledged``.
+    """
+
+    probe_acknowledges_alarms: ClassVar[bool] = False
+
+    async def probe_recorded(self, h: Harness, probe_deadman_s: int = 0) -> tuple[ProbeReport, list[WireRequest]]:
+        """Close the harness driver (the pump keeps going), probe with a fresh driver; return what the pump got."""
+        assert h.reopen is not None and h.requests is not None, "ProbeContract needs Harness.reopen and .requests"
+        await h.driver.close()  # an idle master on the same serial line would read the probe's replies
+        mark = len(h.requests.entries)
+        report = await h.reopen(self.driver_options(deadman_s=probe_deadman_s)).probe()
+        sent = h.requests.since(mark)
+        assert sent, "the pump side recorded no request from the probe: the harness's recording hook is not wired"
+        writes = [r.text for r in sent if not r.query]
+        assert not writes, f"probe sent writes: {writes} (all requests: {[r.text for r in sent]})"
+        return report, sent
+
+    def test_probe_reports_the_pump_and_sends_only_queries(self) -> None:
+        async def body(h: Harness) -> None:
+            await h.driver.configure_syringe(Decimal("26.7"))
+            await h.driver.set_rate(Decimal("2.5"))
+            report, _ = await self.probe_recorded(h)
+            model, firmware = h.model.identity
+            assert _norm(report.identity.model) == _norm(model) and _norm(firmware) in _norm(report.identity.firmware)
+            assert report.status.state is PumpState.STOPPED and report.status.rate_ml_per_h == Decimal("2.5")
+            assert report.status.diameter_mm in (None, Decimal("26.7"))
+            assert report.deadman_s == h.model.status().deadman_s == self.deadman_s
+            assert report.acknowledged == frozenset()
+
+        self.run_with_harness(body)
+
+    @pytest.mark.parametrize("probe_deadman_s", [0, 9])  # options.deadman_s must not reach the pump either way
+    def test_probe_of_a_running_pump_in_safe_mode_changes_nothing(self, probe_deadman_s: int) -> None:
+        async def body(h: Harness) -> None:
+            await self.ready_to_infuse(h, Decimal("1.5"))
+            before = h.model.status()
+            assert before.state is PumpState.INFUSING and before.deadman_s == self.deadman_s and before.deadman_armed
+            report, _ = await self.probe_recorded(h, probe_deadman_s)
+            assert report.status.state is PumpState.INFUSING and report.status.rate_ml_per_h == Decimal("1.5")
+            assert report.deadman_s == self.deadman_s
+            after = h.model.status()
+            assert after.state is PumpState.INFUSING and after.rate_ml_per_h == Decimal("1.5")
+            assert after.deadman_s == self.deadman_s and after.deadman_armed
+            assert after.diameter_mm == before.diameter_mm and after.alarms == frozenset()
+            # ...and the dead-man still works: with the host silent, the pump stops itself.
+            await self.pass_time(h, self.deadman_s + 1)
+            fired = h.model.status()
+            assert fired.state is PumpState.ALARM and AlarmKind.SAFE_MODE_TIMEOUT in fired.alarms
+
+        self.run_with_harness(body)
+
+    def test_probe_reports_a_latched_alarm_and_changes_nothing(self) -> None:
+        async def body(h: Harness) -> None:
+            await self.ready_to_infuse(h, Decimal(1))
+            h.model.inject_alarm(AlarmKind.OCCLUSION)
+            report, _ = await self.probe_recorded(h)
+            assert report.status.state is PumpState.ALARM and AlarmKind.OCCLUSION in report.status.alarms
+            wanted = frozenset({AlarmKind.OCCLUSION}) if self.probe_acknowledges_alarms else frozenset()
+            assert report.acknowledged == wanted
+            after = h.model.status()
+            assert after.state is PumpState.ALARM and AlarmKind.OCCLUSION in after.unacknowledged  # not cleared
+            assert after.rate_ml_per_h == 1 and after.deadman_s == self.deadman_s
+
+        self.run_with_harness(body)

@@ -8,7 +8,7 @@ from decimal import Decimal
 from typer.testing import CliRunner
 
 from driverd.cli.main import app
-from drivers.base import AlarmKind
+from drivers.base import AlarmKind, PumpState
 from drivers.sim import default_world
 
 runner = CliRunner()
@@ -32,6 +32,8 @@ def test_probe_json_reports_identity_and_status_and_changes_nothing() -> None:
         "diameter_mm": "19.13",
         "delivered_ml": "0",
         "alarms": ["low_battery"],
+        "deadman_s": 0,
+        "acknowledged_alarms": [],
     }
     s = pump.status()
     assert s.deadman_s == 0 and not s.deadman_armed  # read-only: no dead-man armed
@@ -44,6 +46,21 @@ def test_probe_text_is_readable() -> None:
     lines = dict(line.split(None, 1) for line in result.stdout.splitlines())
     assert lines["model"] == "NE-1000" and lines["state"] == "stopped" and lines["alarms"] == "none"
     assert lines["rate"] == "0 mL/h" and lines["diameter"] == "19.13 mm" and lines["delivered"] == "0 mL"
+    assert lines["dead-man"] == "off" and lines["acked"] == "none"
+
+
+def test_probe_of_a_running_pump_reports_its_deadman_and_leaves_it() -> None:
+    pump = default_world().pump("probe-running")
+    pump.set_deadman(7)
+    pump.set_rate(Decimal("1.25"))
+    pump.run()
+    result = runner.invoke(app, ["pump", "probe", "sim://probe-running", "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["state"] == "infusing" and info["rate_ml_per_h"] == "1.25" and info["deadman_s"] == 7
+    s = pump.status()
+    assert s.state is PumpState.INFUSING and s.rate_ml_per_h == Decimal("1.25") and s.deadman_s == 7
+    pump.stop()  # the default world is shared with other tests; its clock is the real one
 
 
 def test_probe_malformed_url_exits_1_with_a_clear_message() -> None:
@@ -75,3 +92,18 @@ def test_probe_unreachable_pump_exits_1_without_traceback() -> None:
         result = runner.invoke(app, ["pump", "probe", url, "--timeout", "0.5"])
         assert result.exit_code == 1, (url, result.output)
         assert result.stderr.startswith("error: ") and "Traceback" not in result.output
+
+
+def test_a_driver_without_its_own_probe_refuses_rather_than_connecting() -> None:
+    import asyncio
+
+    import pytest
+
+    from drivers.base import DriverError, DriverOptions, PumpDriver
+    from drivers.registry import open_driver
+
+    pump = default_world().pump("probe-base")
+    driver = open_driver("sim://probe-base", DriverOptions(deadman_s=9))
+    with pytest.raises(DriverError, match="no read-only probe"):
+        asyncio.run(PumpDriver.probe(driver))  # the base class's default, as a third-party driver would inherit it
+    assert pump.status().deadman_s == 0  # nothing reached the pump

@@ -12,23 +12,42 @@ A driver guessing these from a simulator-only query would pass the contract and 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from decimal import Decimal
 
 import pytest
 
+from driverd.core.errors import DriverdError
 from drivers.base import AlarmKind, PumpAlarm, PumpState
+from drivers.newera.codec import Frame, parse_command
 from drivers.newera.driver import NewEraDriver
 from drivers.registry import open_driver
-from drivers.testing.contract import DriverContract, Harness, WireFaultContract
+from drivers.testing.contract import DriverContract, Harness, ProbeContract, RequestLog, WireFaultContract
 from simulators.clock import ManualClock
 from simulators.newera import serve_newera
 from simulators.world import World
 
+# The protocol's queries: these commands with no argument only read. Anything else (an argument, RUN, STP, CLD,
+# an unknown or unparseable command) acts on the pump.
+QUERIES = frozenset({"", "VER", "DIS", "SAF", "RAT", "DIA", "DIR", "VOL"})
 
-class _NewEraContract(WireFaultContract, DriverContract):
+
+def record_frame(log: RequestLog) -> Callable[[Frame], None]:
+    def tap(frame: Frame) -> None:
+        try:
+            cmd = parse_command(frame.payload)
+        except DriverdError:
+            log.record(repr(frame.payload), query=False)
+            return
+        log.record(f"{cmd.name or '(status)'}{cmd.data}", query=cmd.name in QUERIES and not cmd.data)
+
+    return tap
+
+
+class _NewEraContract(WireFaultContract, ProbeContract, DriverContract):
     use_pty: bool = True
+    probe_acknowledges_alarms = True  # the A?x reply to the probe's first query acknowledges the alarm
 
     @contextlib.asynccontextmanager
     async def harness(self) -> AsyncIterator[Harness]:
@@ -37,11 +56,15 @@ class _NewEraContract(WireFaultContract, DriverContract):
         faults = world.faults("p1")
         kwargs: dict[str, object] = {"pty": True} if self.use_pty else {"tcp_port": 0}
         async with serve_newera(model, faults, **kwargs) as endpoint:  # type: ignore[arg-type]
+            log = RequestLog()
+            endpoint.protocol.tap = record_frame(log)
             driver = open_driver(endpoint.url, self.driver_options())
             assert isinstance(driver, NewEraDriver)
             await driver.connect()
             try:
-                yield Harness(driver, model, world.clock, faults)
+                yield Harness(
+                    driver, model, world.clock, faults, reopen=lambda o: open_driver(endpoint.url, o), requests=log
+                )
             finally:
                 await driver.close()
 
