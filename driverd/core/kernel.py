@@ -15,7 +15,7 @@ from typing import Literal
 
 from driverd.core.protocol import ProtocolSpec
 from driverd.core.quantities import _CTX, dose_to_rate, quantize_down, rate_to_dose
-from driverd.core.state import CourseState, Phase
+from driverd.core.state import CourseState, Phase, Sample
 
 _KERNEL_TOKEN = object()
 WINDOW = timedelta(hours=24)
@@ -224,6 +224,40 @@ def max_window_ml(state: CourseState, rate: Decimal, now: datetime) -> Decimal:
             future = rate * _hours(end - max(now, start))
             best = max(best, past + future)
         return best
+
+
+def window_volume(state: CourseState, start: datetime, end: datetime) -> Decimal:
+    """Volume the pump's read-backs show delivered in [start, end] (end <= the newest report): the
+    course-cumulative counter, linear between kept samples. O(log n): checked on every report."""
+    return _cumulative(state, end) - _cumulative(state, start)
+
+
+def _cumulative(state: CourseState, t: datetime) -> Decimal:
+    """Course-cumulative delivered volume at t from the kept samples and the newest report (no copy of the
+    history: this runs on every report)."""
+    samples, last = state.samples, state.last_sample
+    if last is None:
+        return Decimal(0)
+    if t >= last.at:
+        return last.delivered_ml
+    if not samples or t <= samples[0].at:
+        return samples[0].delivered_ml if samples else last.delivered_ml
+    if t >= samples[-1].at:
+        return _between(samples[-1], last, t)
+    i = bisect.bisect_right(samples, t, key=_at)
+    return _between(samples[i - 1], samples[i], t)
+
+
+def _between(a: Sample, b: Sample, t: datetime) -> Decimal:
+    span = _hours(b.at - a.at)
+    if span == 0:
+        return b.delivered_ml
+    with localcontext(_CTX):
+        return a.delivered_ml + (b.delivered_ml - a.delivered_ml) * _hours(t - a.at) / span
+
+
+def _at(sample: Sample) -> datetime:
+    return sample.at
 
 
 def hours_between(a: datetime, b: datetime) -> Decimal:

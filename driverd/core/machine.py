@@ -7,7 +7,7 @@ there is no other way to build an `ApplySetpoint` (a `Setpoint` can only be cons
 
 from __future__ import annotations
 
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime, timedelta
@@ -27,7 +27,7 @@ from driverd.core.events import (
     SetpointResult,
     Tick,
 )
-from driverd.core.kernel import Intent, Proposal, Refusal, Setpoint, gate, hours_between, pump_rate
+from driverd.core.kernel import Intent, Proposal, Refusal, Setpoint, gate, hours_between, pump_rate, window_volume
 from driverd.core.protocol import ProtocolSpec
 from driverd.core.quantities import rate_to_dose
 from driverd.core.state import ACTIVE, RUNNING, CourseState, Pending, Phase, Sample
@@ -39,8 +39,7 @@ P = Phase
 _ALL = frozenset(Phase)
 SAMPLE_SPACING = timedelta(seconds=60)  # thinning of delivered-volume history kept for the 24-h window
 WINDOW = timedelta(hours=24)
-DEVIATION_WINDOW = timedelta(minutes=15)  # over/under-infusion must persist this long before an alarm
-DEVIATION_LIMIT = Decimal("0.10")
+CEILING_LOOKAHEAD = timedelta(hours=1)  # the delivered-dose check looks this far ahead at the reported rate
 
 
 def initial_state(pump_id: str) -> CourseState:
@@ -65,11 +64,14 @@ def step(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
 
     The daemon and the audit replay both use this, so they agree on what an illegal event produces.
     """
+    source = "clinician" if isinstance(event, ClinicianCommand) else "machine"
     try:
         return reduce(state, event, protocol)
     except IllegalTransition as exc:
-        source = "clinician" if isinstance(event, ClinicianCommand) else "machine"
         return state, (Refused(source, "illegal_transition", str(exc)),)
+    except ArithmeticError as exc:
+        # A NaN, an infinity or a huge exponent somewhere in the event: refused, the state unchanged.
+        return state, (Refused(source, "invalid_number", f"{type(exc).__name__}: a number is out of range"),)
 
 
 def _event_name(event: Event) -> str:
@@ -125,7 +127,10 @@ def _stop(state: CourseState, protocol: ProtocolSpec, now: datetime, source: str
 
 
 def _alarm(state: CourseState, code: str, detail: str) -> Out:
+    if code in state.alarm_causes and (state.phase is P.ALARM or state.phase not in ACTIVE):
+        return state, ()  # already an active cause: raised once, acknowledged once
     cmds: tuple[Command, ...] = (RaiseAlarm(code, detail),)
+    state = replace(state, alarm_causes=(*state.alarm_causes, code))
     if state.phase not in ACTIVE:
         # A stopped (or not yet started) course stays where it is: an alarm there is raised, never a way back in.
         return replace(state, alarm_code=code), cmds
@@ -190,7 +195,8 @@ def _on_schedule(state: CourseState, event: Event, protocol: ProtocolSpec) -> Ou
         old.drug_name, old.concentration_mg_per_ml, old.syringe_model, old.inner_diameter_mm
     ):
         return state, (Refused("push", "course_mismatch", "drug, concentration or syringe differ: a new course"),)
-    if state.phase is P.TAPERING:
+    if state.phase is P.TAPERING or state.taper_lock:
+        # In every phase (alarm and paused included): the approved tail-off cannot be moved once it began.
         return state, (Refused("push", "taper_lock", "no schedule update once the taper has begun"),)
     state = replace(state, schedule=new)
     cmds: tuple[Command, ...] = (Notice("schedule_updated", f"{new.schedule_id} v{new.version}"),)
@@ -308,8 +314,11 @@ def _reduce_to(
     state: CourseState, protocol: ProtocolSpec, now: datetime, dose: Decimal, source: str, reason: str,
     intent: Intent = "reduce",
 ) -> Out:
-    """Lower the level. While the pump should run, send the lower rate; while paused/alarmed, only the level."""
-    if state.phase in RUNNING:
+    """Lower the level and send the lower rate to a pump that runs: while the course runs, and also in alarm or
+    paused when the pump still infuses above it (a decrease must reach the pump, not wait for a resume)."""
+    infusing_above = (state.pump_infusing and state.resolution is not None and state.schedule is not None
+                      and pump_rate(state, dose) < state.commanded_rate)
+    if state.phase in RUNNING or infusing_above:
         state, verdict, cmds = _propose(state, protocol, now, dose, intent, source, reason)
         if isinstance(verdict, Refusal):
             return state, cmds
@@ -378,6 +387,16 @@ def _on_resume(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
         return state, (Refused("clinician", "alarm_active", f"pump still reports {', '.join(blocking)}"),)
     if state.pending is not None:
         return state, (Refused("clinician", "uncertain", "a setpoint is still unverified"),)
+    if "unexpected_infusion" in state.alarm_causes and state.pump_infusing:
+        return state, (Refused("clinician", "alarm_active", "the pump still infuses on its own"),)
+    resumed, cmds = _resume(replace(state, alarm_causes=()), event, protocol)
+    if any(isinstance(c, Refused) for c in cmds):
+        return state, cmds  # refused: every cause stays active
+    acked = (Notice("alarm_cleared", ", ".join(state.alarm_causes)),) if state.alarm_causes else ()
+    return resumed, acked + cmds
+
+
+def _resume(state: CourseState, event: ClinicianCommand, protocol: ProtocolSpec) -> Out:
     target_phase = state.resume_to or P.HOLDING
     if target_phase is P.PRIMED or state.level_mg_per_24h == 0:
         if state.started_at is None:
@@ -422,6 +441,8 @@ def _sample_at(sample: Sample) -> datetime:
 
 
 def _on_report(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
+    """What the pump really does, checked on every report and in every phase: reconcile a setpoint still open,
+    stop infusion nobody commanded, record every new pump alarm, watch the 24-h dose and the delivery accuracy."""
     assert isinstance(event, PumpReport)
     before = state
     state = _accumulate(state, event)
@@ -429,21 +450,32 @@ def _on_report(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
     new_warnings = sorted(set(event.alarms) & WARNING_ALARMS - set(before.pump_alarms))
     cmds += tuple(Notice(f"pump_warning:{w}", "the pump warns") for w in new_warnings)
     pending = state.pending
+    if pending is not None and (pending.uncertain or pending.resend):
+        state, more = _check_readback(state, protocol, event.at, _reported_readback(event), from_report=True)
+        cmds += more
+        if state.pending is not None:
+            return state, cmds
+        pending = None
+    if pending is None:
+        unexpected = _unexpected_infusion(state, event)
+        if unexpected:
+            state, more = _alarm(state, "unexpected_infusion", unexpected)
+            state, stop = _stop_in_alarm(state, protocol, event.at, "unexpected_infusion")
+            return state, cmds + more + stop
     if state.phase not in ACTIVE:
-        if event.state == "infusing" and state.phase is P.STOPPED:
-            state, more = _stop(replace(state, phase=P.ALARM), protocol, event.at, "machine", "unexpected_infusion")
-            return state, (*cmds, RaiseAlarm("unexpected_infusion", "pump infusing after the course stopped"), *more)
-        if pending is not None and pending.uncertain:  # e.g. the final stop was sent while the link was down
-            state, more = _check_readback(state, protocol, event.at, _reported_readback(event))
-            return state, cmds + more
         return state, cmds
-    if pending is not None and pending.uncertain:
-        state, more = _check_readback(state, protocol, event.at, _reported_readback(event))
-        return state, cmds + more
     blocking = sorted(a for a in event.alarms if a not in WARNING_ALARMS)
-    if blocking and state.phase is not P.ALARM:
-        state, more = _alarm(state, f"pump_alarm:{blocking[0]}", f"pump reports {', '.join(blocking)}")
-        return state, cmds + more
+    fresh = [a for a in blocking if f"pump_alarm:{a}" not in state.alarm_causes or state.phase is not P.ALARM]
+    if fresh:
+        for a in fresh:  # each pump alarm is its own cause and record, also during another alarm
+            state, more = _alarm(state, f"pump_alarm:{a}", f"pump reports {', '.join(blocking)}")
+            cmds += more
+        return state, cmds
+    breach = _ceiling_breach(state, protocol, event)
+    if breach and pending is None:
+        state, more = _alarm(state, "dose_ceiling", breach)
+        state, stop = _stop_in_alarm(state, protocol, event.at, "dose_ceiling")
+        return state, cmds + more + stop
     if state.phase not in RUNNING or pending is not None:
         return state, cmds
     if event.state == "infusing" and event.rate_ml_per_h != state.commanded_rate:
@@ -460,6 +492,42 @@ def _on_report(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
     return _check_deviation(state, protocol, event.at, cmds)
 
 
+#: Phases in which the course commands no infusion at all: a pump infusing there does so on its own.
+_NO_INFUSION = frozenset({P.IDLE, P.PRIMED, P.PAUSED, P.STOPPED})
+
+
+def _unexpected_infusion(state: CourseState, event: PumpReport) -> str:
+    """Why this report shows infusion the course did not command ("" if it does not): RUN pressed at the panel,
+    an old rate left running, a restart at the panel while paused, or running above the commanded rate in alarm."""
+    if event.state != "infusing":
+        return ""
+    rate = event.rate_ml_per_h
+    if state.phase in _NO_INFUSION:
+        return f"pump infuses {rate} mL/h while the course is {state.phase.value} (nothing commanded)"
+    if state.phase is P.ALARM and (state.commanded_rate == 0 or rate > state.commanded_rate):
+        return f"pump infuses {rate} mL/h in alarm; commanded {state.commanded_rate} mL/h"
+    return ""
+
+
+def _ceiling_breach(state: CourseState, protocol: ProtocolSpec, event: PumpReport) -> str:
+    """The drug-library ceiling, watched on what the pump delivers (its read-backs), not only on what is
+    proposed: the 24-h window ending now, and ending an hour from now at the rate the pump reports."""
+    sch = state.schedule
+    if sch is None or event.state != "infusing":
+        return ""
+    now = event.at
+    ceiling_ml = protocol.ceiling_mg_per_24h / sch.concentration_mg_per_ml
+    past = window_volume(state, now - WINDOW, now)
+    ahead = past - window_volume(state, now - WINDOW, now - WINDOW + CEILING_LOOKAHEAD) \
+        + event.rate_ml_per_h * hours_between(now, now + CEILING_LOOKAHEAD)
+    worst = max(past, ahead)
+    # The counter's display step, read twice (start and end of the window), is the only slack allowed.
+    if worst <= ceiling_ml + 2 * protocol.counter_resolution_ml:
+        return ""
+    return (f"{worst:.3f} mL in a 24-h window at the delivered rate, above the ceiling "
+            f"{protocol.ceiling_mg_per_24h} mg/24h = {ceiling_ml:.3f} mL")
+
+
 def _reported_readback(event: PumpReport) -> Decimal:
     """What a report tells about an uncertain setpoint: the rate the pump delivers. A stopped pump keeps its
     programmed rate, but a rate it does not run was never delivered: counting it as verified would raise the
@@ -468,25 +536,37 @@ def _reported_readback(event: PumpReport) -> Decimal:
 
 
 def _check_deviation(state: CourseState, protocol: ProtocolSpec, now: datetime, cmds: tuple[Command, ...]) -> Out:
-    """Delivered volume since the rate was verified vs what that rate should have delivered (GIP 1.2.2-1.2.3)."""
+    """Delivered vs commanded volume over a sliding window (GIP 1.2.2-1.2.3): a fault that starts after days of
+    correct running is caught within about one window, not diluted by the whole run. The window never reaches
+    back before the first report at the current verified rate (`deviation_base`)."""
     base = state.deviation_base
     if base is None or state.commanded_rate == 0:
         if state.commanded_rate > 0 and state.last_sample is not None:
             state = replace(state, deviation_base=state.last_sample)
         return state, cmds
-    if now - base.at < DEVIATION_WINDOW:
+    window = timedelta(minutes=float(protocol.deviation_window_minutes))
+    if now - base.at < window:
         return state, cmds
-    expected = state.commanded_rate * hours_between(base.at, now)
-    actual = state.delivered_ml - base.delivered_ml
-    if abs(actual - expected) <= expected * DEVIATION_LIMIT:
+    start = _sample_before(state, now - window)
+    if start is None or start.at < base.at:
+        start = base
+    expected = state.commanded_rate * hours_between(start.at, now)
+    actual = state.delivered_ml - start.delivered_ml
+    if abs(actual - expected) <= expected * protocol.deviation_limit + 2 * protocol.counter_resolution_ml:
         return state, cmds
     code = "over_infusion" if actual > expected else "under_infusion"
-    detail = f"delivered {actual} mL vs expected {expected:.4f} mL over {now - base.at}"
+    detail = f"delivered {actual} mL vs expected {expected:.4f} mL over {now - start.at}"
     state, more = _alarm(state, code, detail)
     if code == "over_infusion":
         state, stop = _stop_in_alarm(state, protocol, now, code)
         more += stop
     return state, cmds + more
+
+
+def _sample_before(state: CourseState, at: datetime) -> Sample | None:
+    """The newest kept sample at or before `at` (bisect: the history holds up to ~1,440 samples)."""
+    i = bisect_right(state.samples, at, key=_sample_at)
+    return state.samples[i - 1] if i else None
 
 
 def _stop_in_alarm(state: CourseState, protocol: ProtocolSpec, now: datetime, reason: str) -> Out:
@@ -506,7 +586,9 @@ def _on_result(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
     return _check_readback(state, protocol, event.at, event.readback_ml_per_h)
 
 
-def _check_readback(state: CourseState, protocol: ProtocolSpec, now: datetime, readback: Decimal) -> Out:
+def _check_readback(
+    state: CourseState, protocol: ProtocolSpec, now: datetime, readback: Decimal, *, from_report: bool = False
+) -> Out:
     pending = state.pending
     assert pending is not None
     sp = pending.setpoint
@@ -519,6 +601,8 @@ def _check_readback(state: CourseState, protocol: ProtocolSpec, now: datetime, r
             deviation_base=None,
         )
         return state, ()
+    if pending.is_decrease and readback > sp.rate_ml_per_h:
+        return _resend_decrease(state, pending, readback, from_report)
     if state.phase is P.ALARM:
         # Reconciling after a fault: the pump did not take it. Never re-send (that could raise the rate in alarm).
         state = replace(state, pending=None)
@@ -533,6 +617,24 @@ def _check_readback(state: CourseState, protocol: ProtocolSpec, now: datetime, r
         state, stop = _stop_in_alarm(state, protocol, now, "readback_over")
         cmds += stop
     return state, cmds
+
+
+def _resend_decrease(state: CourseState, pending: Pending, readback: Decimal, from_report: bool) -> Out:
+    """A decrease or stop the pump has not taken (it still delivers more): it stays pending and is sent again,
+    at once after the first miss and then once per pump report, until a read-back shows it. It is never dropped:
+    giving up on a stop would leave the pump running. After the second miss the course alarms (once)."""
+    sp = pending.setpoint
+    cmds: tuple[Command, ...] = ()
+    if pending.attempts >= 2:
+        state, cmds = _alarm(state, "readback_mismatch",
+                             f"pump still delivers {readback} mL/h; {sp.rate_ml_per_h} sent {pending.attempts} times")
+    if pending.attempts == 1 or from_report:
+        attempt = pending.attempts + 1
+        state = replace(state, pending=Pending(sp, attempts=attempt, resend=True))
+        return state, (*cmds, Notice("readback_retry", f"read back {readback}, sent {sp.rate_ml_per_h}"),
+                       ApplySetpoint(sp, attempt=attempt))
+    # Straight after a failed re-send: wait for the next report rather than loop on the wire.
+    return replace(state, pending=Pending(sp, attempts=pending.attempts, resend=True)), cmds
 
 
 def _on_link_lost(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:

@@ -51,6 +51,10 @@ class ProtocolSpec:
     syringes: tuple[SyringeSpec, ...]
     min_rate_ml_per_h: Decimal
     max_rate_ml_per_h: Decimal
+    # [supervision] (optional): how what the pump really delivers is watched (GIP 1.2.2-1.2.3 accuracy).
+    deviation_window_minutes: Decimal = Decimal(15)  # over/under-infusion must persist this long
+    deviation_limit: Decimal = Decimal("0.10")  # relative error that counts as over/under-infusion
+    counter_resolution_ml: Decimal = Decimal("0.01")  # the pump's delivered-volume display step (noise allowance)
 
     @property
     def library_version(self) -> str:
@@ -123,7 +127,7 @@ def parse_protocol(text: str) -> ProtocolSpec:
         raise ConfigError([Problem("/", "toml", f"not valid TOML: {exc}")]) from None
     values: dict[str, Any] = {}
     for key in doc:
-        if key not in _SCHEMA and key != "syringes":
+        if key not in _SCHEMA and key not in ("syringes", "supervision"):
             problems.append(Problem(key, "unknown-key", f"unknown section {key!r}"))
     for section, fields in _SCHEMA.items():
         table = doc.get(section)
@@ -138,6 +142,7 @@ def parse_protocol(text: str) -> ProtocolSpec:
                 problems.append(Problem(f"{section}.{key}", "required", "missing"))
             else:
                 values[key] = _field(table[key], kind, f"{section}.{key}", problems)
+    supervision = _parse_supervision(doc.get("supervision"), problems)
     syringes: list[SyringeSpec] = []
     raw_syringes = doc.get("syringes")
     if not isinstance(raw_syringes, dict) or not raw_syringes:
@@ -187,7 +192,33 @@ def parse_protocol(text: str) -> ProtocolSpec:
         syringes=tuple(syringes),
         min_rate_ml_per_h=values["min_rate_ml_per_h"],
         max_rate_ml_per_h=values["max_rate_ml_per_h"],
+        **supervision,
     )
+
+
+_SUPERVISION: dict[str, tuple[Decimal, Decimal]] = {  # key -> (maximum, default)
+    "deviation_window_minutes": (Decimal(240), Decimal(15)),
+    "deviation_limit": (Decimal("0.5"), Decimal("0.10")),
+    "counter_resolution_ml": (Decimal(1), Decimal("0.01")),
+}
+
+
+def _parse_supervision(table: Any, problems: list[Problem]) -> dict[str, Decimal]:
+    out = {key: default for key, (_, default) in _SUPERVISION.items()}
+    if table is None:
+        return out
+    if not isinstance(table, dict):
+        problems.append(Problem("supervision", "type", "expected a table"))
+        return out
+    for key, value in table.items():
+        if key not in _SUPERVISION:
+            problems.append(Problem(f"supervision.{key}", "unknown-key", f"unknown key {key!r}"))
+            continue
+        try:
+            out[key] = parse_decimal(value, f"supervision.{key}", maximum=_SUPERVISION[key][0], allow_zero=False)
+        except QuantityError as exc:
+            problems.extend(exc.problems)
+    return out
 
 
 def _check_coherence(v: dict[str, Any], problems: list[Problem]) -> None:

@@ -26,6 +26,8 @@ class Phase(enum.Enum):
     ALARM = "alarm"
 
 
+#: Setpoint intents that never raise the rate: re-sent until verified (an increase is never re-sent).
+DECREASE_INTENTS = frozenset({"reduce", "taper", "stop"})
 #: Phases in which the pump is meant to be infusing under the course.
 RUNNING = frozenset({Phase.TITRATING, Phase.HOLDING, Phase.TAPERING})
 #: Phases with a live course (anything between accepting a verified schedule and stopping).
@@ -47,6 +49,12 @@ class Pending:
     setpoint: Setpoint
     attempts: int  # 1 on first send, 2 after the single permitted retry
     uncertain: bool = False  # no acknowledgement: must be reconciled from a pump report
+    # A decrease or stop the pump has not taken yet: re-sent on every pump report until a read-back shows it.
+    resend: bool = False
+
+    @property
+    def is_decrease(self) -> bool:
+        return self.setpoint.intent in DECREASE_INTENTS
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +90,9 @@ class CourseState:
     last_sample: Sample | None = None  # newest report (always kept, even between thinned samples)
     raw_delivered_ml: Decimal | None = None  # the pump's own counter at the last report (to detect resets)
     last_refusal: str = ""  # de-duplicates automatic refusals so a blocked step is logged once
+    # Every active alarm cause (a second fault during an alarm is its own cause); a resume clears them all,
+    # and is refused while a cause is still present at the pump or the link.
+    alarm_causes: tuple[str, ...] = ()
 
     @property
     def course_id(self) -> str | None:
