@@ -1,7 +1,8 @@
 """Crash recovery: rebuild every pump's course state by replaying the audit log through the pure core.
 
 The log is verified first (chain, seqs, checkpoint signatures); a log that does not verify, or whose replay
-diverges from what was logged, stops the daemon from starting (fail loudly: never guess a state).
+diverges from what was logged, or has a schedule not signed by a key in the trust store, stops the daemon from
+starting (fail loudly: never guess a state).
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ from pathlib import Path
 
 from driverd.audit.reader import iter_lines
 from driverd.audit.replay import Replayer
+from driverd.audit.schedules import ScheduleChecker
 from driverd.audit.segments import list_segments
 from driverd.audit.verify import verify_log
 from driverd.core.errors import AuditError
 from driverd.core.state import CourseState
+from driverd.signing import TrustStore
 
 
 @dataclass
@@ -24,7 +27,7 @@ class Recovered:
     records: int = 0
 
 
-def recover(audit_dir: Path) -> Recovered:
+def recover(audit_dir: Path, trust: TrustStore) -> Recovered:
     if not audit_dir.is_dir() or not list_segments(audit_dir):
         return Recovered()
     report = verify_log(audit_dir)
@@ -32,10 +35,12 @@ def recover(audit_dir: Path) -> Recovered:
         failure = report.failure
         raise AuditError(f"audit log does not verify; refusing to start: {failure}")
     replayer = Replayer()
+    schedules = ScheduleChecker(trust)  # adopt a schedule only if its signed document verifies (docs/audit.md)
     out = Recovered()
     for _, path in list_segments(audit_dir):
         for line in iter_lines(path):
             rec = line.record
+            schedules.add(rec)
             replayer.add(rec)
             out.records += 1
             if rec.get("event") == "schedule_accepted" and isinstance(rec.get("schedule"), dict):
