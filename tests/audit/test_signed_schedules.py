@@ -121,3 +121,15 @@ def test_only_the_first_untrusted_schedule_is_reported() -> None:
     also_bad = accepted(demo_schedule("bed-3", 3, START), seq=4, document=None)
     msg = refused(library(), good, bad, also_bad)
     assert "seq 3" in msg and "seq 4" not in msg
+
+
+def test_verify_with_trust_on_a_log_without_schedules_and_usage_errors(generic_log: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from driverd.cli.main import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["audit", "verify", str(generic_log), "--trust", str(DEMO_TRUST)])
+    assert res.exit_code == 0 and "schedules: 0 accepted schedule(s)" in res.stdout, res.output
+    res = runner.invoke(app, ["audit", "verify", str(generic_log), "--trust", str(tmp_path / "nowhere")])
+    assert res.exit_code == 2 and "not a directory" in res.output and "Traceback" not in res.output

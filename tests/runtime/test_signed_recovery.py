@@ -10,16 +10,19 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
+import json
 import shutil
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from typer.testing import CliRunner
 
 from driverd.audit.canonical import canonicalize, hashed_line, loads_line, sha256_hex
 from driverd.audit.replay import Replayer, replay_records
 from driverd.audit.segments import list_segments
+from driverd.cli.main import app
 from driverd.core.canonical import canonical_bytes
 from driverd.core.errors import AuditError
 from driverd.core.events import ScheduleAccepted
@@ -123,6 +126,12 @@ async def _forged(tmp_path: Path, kind: str) -> None:
         assert r.model(NAME).status().state is not PumpState.INFUSING
         assert r.wire_rates(NAME) == []
         assert r.records() == before
+        # `driverd audit verify --trust` applies the same check offline.
+        res = CliRunner().invoke(app, ["audit", "verify", str(r.audit_dir), "--trust", str(DEMO_TRUST), "--json"])
+        assert res.exit_code == 1, res.output
+        payload = json.loads(res.stdout)
+        assert payload["ok"] is False and payload["schedules"]["seq"] == seq
+        assert runner_ok(r.audit_dir)  # without --trust the chain alone verifies
 
 
 @pytest.mark.parametrize("kind", FORGERIES)
@@ -165,6 +174,12 @@ async def _signed_push(tmp_path: Path) -> None:
         assert ch.state.phase.value == "titrating" and ch.state.level_mg_per_24h == 300
         assert r.wire_rates(NAME) == [r.rate(100), r.rate(300)]
     assert r.verify().ok and r.replay().ok
+    res = CliRunner().invoke(app, ["audit", "verify", str(r.audit_dir), "--trust", str(DEMO_TRUST)])
+    assert res.exit_code == 0 and "schedules: 1 accepted schedule(s), each signed by a key in" in res.stdout
+
+
+def runner_ok(audit_dir: Path) -> bool:
+    return CliRunner().invoke(app, ["audit", "verify", str(audit_dir)]).exit_code == 0
 
 
 def test_a_properly_signed_push_recovers(tmp_path: Path) -> None:
