@@ -50,33 +50,65 @@ def verify(
     require_sealed: Annotated[
         bool, typer.Option("--require-sealed", help="also fail when records follow the last signed checkpoint")
     ] = False,
+    trust: Annotated[
+        Path | None,
+        typer.Option("--trust", help="trust directory (*.pub): also check every accepted schedule's signed document "
+                                     "as crash recovery does"),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Check canonical form, seq continuity, the hash chain, segment links and every checkpoint signature."""
     from driverd.audit.reader import total_bytes
     from driverd.audit.signing import load_public_pem
     from driverd.audit.verify import verify_log
+    from driverd.signing import TrustStore
 
     _need_log(log, as_json)
     public = None
-    if key is not None:
-        try:
+    store = None
+    try:
+        if key is not None:
             public = load_public_pem(key)
-        except DriverdError as exc:
-            if as_json:
-                fail(str(exc), as_json=True, code=EXIT_USAGE)
-            usage(str(exc))
+        if trust is not None:
+            store = TrustStore.load(trust)
+    except DriverdError as exc:
+        if as_json:
+            fail(str(exc), as_json=True, code=EXIT_USAGE)
+        usage(str(exc))
+    schedules: dict[str, Any] | None = None
     try:
         with _progress("verifying", total_bytes(log), as_json) as progress:
             report = verify_log(log, public_key=public, require_sealed=require_sealed, progress=progress)
+        if store is not None and report.ok:
+            schedules = _check_schedules(log, store)
     except DriverdError as exc:
         fail(str(exc), as_json=as_json)
+    ok = report.ok and (schedules is None or schedules["ok"])
     if as_json:
-        emit_json(report.as_dict())
+        emit_json({**report.as_dict(), "ok": ok, "schedules": schedules})
     else:
         _print_verify(report)
-    if not report.ok:
+        if schedules is not None:
+            if schedules["ok"]:
+                typer.echo(f"  schedules: {schedules['checked']} accepted schedule(s), each signed by a key in {trust}")
+            else:
+                typer.echo(f"FAILED: {schedules['failure']}")
+    if not ok:
         raise typer.Exit(EXIT_REFUSED)
+
+
+def _check_schedules(log: Path, store: Any) -> dict[str, Any]:
+    """The signed-schedule check crash recovery applies (driverd.audit.schedules), as a report."""
+    from driverd.audit.reader import iter_records
+    from driverd.audit.schedules import ScheduleChecker, UntrustedSchedule
+
+    checker = ScheduleChecker(store)
+    try:
+        for rec in iter_records(log):
+            checker.add(rec)
+    except UntrustedSchedule as exc:
+        return {"ok": False, "checked": checker.checked, "seq": exc.seq, "failure": str(exc)}
+    return {"ok": True, "checked": checker.checked, "seq": None, "failure": None}
 
 
 def _print_verify(report: Any) -> None:

@@ -28,6 +28,9 @@ class ScheduleAccepted:
 
     at: datetime
     schedule: Schedule
+    # The signed document as pushed, in canonical JSON (driverd.core.canonical). The core never reads it; it is
+    # logged so crash recovery can re-verify the signature (the parsed fields cannot: they are normalised).
+    document: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

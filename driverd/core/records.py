@@ -139,7 +139,8 @@ def schedule_from_fields(f: dict[str, Any]) -> Schedule:
 def event_to_record(ev: Event) -> tuple[str, dict[str, Any]]:
     at = {"at": fmt_time(ev.at)}
     if isinstance(ev, ScheduleAccepted):
-        return "schedule_accepted", {**at, "schedule": schedule_to_fields(ev.schedule)}
+        doc = {} if ev.document is None else {"document": ev.document}
+        return "schedule_accepted", {**at, "schedule": schedule_to_fields(ev.schedule), **doc}
     if isinstance(ev, PumpVerified):
         return "pump_verified", {**at, "diameter_mm": fmt_dec(ev.diameter_mm), "model": ev.model,
                                  "resolution": {"decimals": ev.resolution.decimals,
@@ -169,7 +170,8 @@ def event_from_record(record: dict[str, Any]) -> Event:
         sched = record.get("schedule")
         if not isinstance(sched, dict):
             raise ValidationError([Problem("schedule", "type", "expected an object")])
-        return ScheduleAccepted(at, schedule_from_fields(sched))
+        document = record.get("document")
+        return ScheduleAccepted(at, schedule_from_fields(sched), document if isinstance(document, str) else None)
     if name == "pump_verified":
         res = record.get("resolution")
         if not isinstance(res, dict):

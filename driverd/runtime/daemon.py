@@ -16,6 +16,7 @@ from typing import Any
 
 import driverd
 from driverd.audit.writer import AuditConfig, AuditWriter
+from driverd.core.canonical import canonical_bytes
 from driverd.core.errors import DriverdError, SignatureError, ValidationError
 from driverd.core.events import CLINICIAN_ACTIONS, ClinicianCommand, Event, LinkLost, ScheduleAccepted
 from driverd.core.machine import initial_state
@@ -70,6 +71,7 @@ class Daemon:
                         group_commit_records=a.group_commit_records),
             key,
             self.clock.now,
+            self.trust,  # adopted schedules are re-verified against the trust store
         )
         self.versions = dict(recovered.versions)
         self.audit.append("daemon_start", pump_id=None, course_id=None, durable=True, version=driverd.__version__,
@@ -145,6 +147,9 @@ class Daemon:
         except ValidationError as exc:
             detail = "; ".join(str(p) for p in exc.problems)
             return self._refuse(pump_id, "push", "invalid", detail)
+        # What recovery re-verifies after a restart: the whole signed document in canonical form (its signed
+        # content has the same canonical bytes as what was verified just above, so the signature still holds).
+        document = canonical_bytes(doc).decode("utf-8")
         channel = self.channels.get(schedule.pump_id)
         if channel is None:
             return self._refuse(schedule.pump_id, "push", "unknown_pump", f"no pump {schedule.pump_id!r} configured")
@@ -158,7 +163,7 @@ class Daemon:
             # A version is used once it reaches the course (the channel logs it next), whatever the core then
             # decides: the same rule recovery applies to the logged `schedule_accepted` records after a restart.
             self.versions[schedule.schedule_id] = max(self.versions.get(schedule.schedule_id, 0), schedule.version)
-            return ScheduleAccepted(at, schedule)
+            return ScheduleAccepted(at, schedule, document)
 
         reply = await channel.submit(accepted_at, what=f"push {schedule.schedule_id} v{schedule.version}")
         return {**reply, "key_id": key_id, "schedule_id": schedule.schedule_id, "version": schedule.version}

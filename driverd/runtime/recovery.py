@@ -3,8 +3,9 @@
 Start-up opens the writer first (`open_log`): that cuts a torn last line back to the last whole record and logs the
 cut, so a crash mid-write never blocks the next start. Then the log is verified (chain, seqs, checkpoint
 signatures) and replayed. Decisions a crash cut off after their input are recomputed by the core (`interrupted`:
-never sent, see replay.py); a log that does not verify, or whose replay really diverges from what was logged,
-stops the daemon from starting (fail loudly: never guess a state).
+never sent, see replay.py). A log that does not verify, whose replay really diverges from what was logged, or
+that holds a schedule not signed by a key in the trust store stops the daemon from starting (fail loudly: never
+guess a state).
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from driverd.audit.reader import iter_lines
 from driverd.audit.replay import Interrupted, Replayer
+from driverd.audit.schedules import ScheduleChecker
 from driverd.audit.segments import list_segments
 from driverd.audit.verify import verify_log
 from driverd.audit.writer import AuditConfig, AuditWriter
 from driverd.core.errors import AuditError
 from driverd.core.state import CourseState
+from driverd.signing import TrustStore
 
 
 @dataclass
@@ -34,18 +37,19 @@ class Recovered:
 
 
 def open_log(
-    audit_dir: Path, config: AuditConfig, key: Ed25519PrivateKey | None, clock: Callable[[], datetime]
+    audit_dir: Path, config: AuditConfig, key: Ed25519PrivateKey | None, clock: Callable[[], datetime],
+    trust: TrustStore,
 ) -> tuple[AuditWriter, Recovered]:
     """Start-up: open the writer (torn-tail repair, logged), then rebuild every course from the log."""
     writer = AuditWriter.open(audit_dir, config, key, clock)
     try:
-        return writer, recover(audit_dir)
+        return writer, recover(audit_dir, trust)
     except BaseException:
         writer.abandon()
         raise
 
 
-def recover(audit_dir: Path) -> Recovered:
+def recover(audit_dir: Path, trust: TrustStore) -> Recovered:
     if not audit_dir.is_dir() or not list_segments(audit_dir):
         return Recovered()
     report = verify_log(audit_dir)
@@ -53,10 +57,12 @@ def recover(audit_dir: Path) -> Recovered:
         failure = report.failure
         raise AuditError(f"audit log does not verify; refusing to start: {failure}")
     replayer = Replayer()
+    schedules = ScheduleChecker(trust)  # adopt a schedule only if its signed document verifies (docs/audit.md)
     out = Recovered()
     for _, path in list_segments(audit_dir):
         for line in iter_lines(path):
             rec = line.record
+            schedules.add(rec)
             replayer.add(rec)
             out.records += 1
             if rec.get("event") == "schedule_accepted" and isinstance(rec.get("schedule"), dict):

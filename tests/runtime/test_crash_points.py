@@ -35,11 +35,12 @@ from driverd.runtime.config import AuditSettings, DaemonConfig, PumpConfig
 from driverd.runtime.daemon import Daemon
 from driverd.runtime.demo import CONFIG_DIR, DEMO_KEY, DEMO_TRUST, START, SYRINGE, demo_schedule
 from driverd.runtime.recovery import open_log
-from driverd.signing import load_private_key, sign_document
+from driverd.signing import TrustStore, load_private_key, sign_document
 from drivers.base import AlarmKind
 from simulators.world import World
 from tests.runtime.e2e import Timing, rig, run
 
+TRUST = TrustStore.load(DEMO_TRUST)
 PROTOCOL = parse_protocol((CONFIG_DIR / "protocols" / "ketamine-burst.toml").read_text(encoding="utf-8"))
 POLL = timedelta(seconds=3600)
 OFF = timedelta(minutes=7)  # instants between polls
@@ -145,7 +146,7 @@ def _expected(live: list[tuple[int, str, CourseState]], seq: int) -> dict[str, C
 
 
 def _start(dest: Path, key: Any) -> dict[str, CourseState]:
-    writer, recovered = open_log(dest, AuditConfig(), key, lambda: START + timedelta(days=30))
+    writer, recovered = open_log(dest, AuditConfig(), key, lambda: START + timedelta(days=30), TRUST)
     writer.close()
     report = verify_log(dest)
     assert report.ok, report.failure
@@ -243,7 +244,8 @@ def test_daemon_restarts_and_logs_on_at_boundaries(course_log: Any, tmp_path: Pa
             continue
         _write_prefix(lines, k, b"", dest)
         run(_daemon_restarts(dest, key_path), timeout=60)
-        writer, _ = open_log(dest, AuditConfig(), load_private_key(key_path), lambda: START + timedelta(days=40))
+        writer, _ = open_log(dest, AuditConfig(), load_private_key(key_path), lambda: START + timedelta(days=40),
+                             TRUST)
         writer.close()
         assert verify_log(dest).ok
         tried += 1
