@@ -82,6 +82,12 @@ class CourseState:
     last_sample: Sample | None = None  # newest report (always kept, even between thinned samples)
     raw_delivered_ml: Decimal | None = None  # the pump's own counter at the last report (to detect resets)
     last_refusal: str = ""  # de-duplicates automatic refusals so a blocked step is logged once
+    # Time faults (docs/safety.md, "Time"). An unacknowledged wall-clock step: no start or escalation until a
+    # clinician acknowledges ("" = the clock is consistent).
+    clock_fault: str = ""
+    # When delivery under the course last stopped (it left a running phase for PAUSED or ALARM); None while
+    # running. A resume after a long interruption restarts the step interval.
+    interrupted_at: datetime | None = None
 
     @property
     def course_id(self) -> str | None:
