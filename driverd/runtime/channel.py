@@ -16,13 +16,22 @@ from typing import Any
 
 from driverd.audit.writer import AuditWriter
 from driverd.core.commands import ApplySetpoint, Command, Refused
-from driverd.core.events import Event, LinkLost, LinkRestored, PumpReport, PumpVerified, SetpointResult, Tick
+from driverd.core.events import (
+    ClockStepped,
+    Event,
+    LinkLost,
+    LinkRestored,
+    PumpReport,
+    PumpVerified,
+    SetpointResult,
+    Tick,
+)
 from driverd.core.kernel import Setpoint
 from driverd.core.machine import step
 from driverd.core.protocol import ProtocolSpec
 from driverd.core.records import command_to_record, event_to_record
 from driverd.core.state import CourseState, Phase
-from driverd.runtime.clock import RuntimeClock
+from driverd.runtime.clock import DEFAULT_STEP_TOLERANCE, ClockWatch, RuntimeClock
 from drivers.base import DriverError, DriverTimeout, PumpAlarm, PumpDriver, PumpRejected, PumpState, PumpStatus
 
 _REQUEST = object()  # what `submit` completes a waiting channel's wake future with (the clock uses None)
@@ -58,6 +67,7 @@ class Channel:
         link_timeout: timedelta,
         io_timeout: float,
         on_change: Callable[[Channel], None] | None = None,
+        clock_step_tolerance: timedelta = DEFAULT_STEP_TOLERANCE,
     ) -> None:
         self.pump_id = pump_id
         self.driver = driver
@@ -79,6 +89,7 @@ class Channel:
         self._primed_for: str | None = None
         self._wake: asyncio.Future[Any] | None = None  # the channel's current wait, if it is waiting
         self._on_change = on_change
+        self._clock_watch = ClockWatch(clock, clock_step_tolerance)
 
     # ------------------------------------------------------------------------------------------ the core
 
@@ -238,6 +249,13 @@ class Channel:
             return
         await self.handle(PumpVerified(self.clock.now(), diameter, self.driver.resolution, identity.model))
 
+    async def check_clock(self) -> None:
+        """A wall-clock step is a fault for the core (audit record `clock_stepped` with its size and direction).
+        Course time (`clock.now()`) never follows the step, so the core never sees time run backward or jump."""
+        stepped = self._clock_watch.check()
+        if stepped is not None:
+            await self.handle(ClockStepped(stepped.at, stepped.delta_s, stepped.wall_at))
+
     # ------------------------------------------------------------------------------------------ loop
 
     async def run(self) -> None:
@@ -246,6 +264,7 @@ class Channel:
             await self.connect()
             next_poll = self.clock.now()
             while not self.stopping:
+                await self.check_clock()
                 await self.poll()
                 await self.handle(Tick(self.clock.now()))
                 await self.prime()
@@ -283,6 +302,7 @@ class Channel:
                 await self.poll()
                 if self._expired(request):  # the acknowledgement and read took real time: check again
                     return
+            await self.check_clock()  # a command right after a step is judged with the clock fault known
             cmds = await self.handle(request.make_event(self.clock.now()))
             await self.prime()
         except Exception as exc:  # a bad request must never kill the channel
