@@ -1,4 +1,4 @@
-"""`driverd course hold|resume|escalate|reduce|taper|stop PUMP --by ID --reason TEXT`: clinician commands.
+"""`driverd course hold|resume|escalate|reduce|taper|stop|ack-clock PUMP --by ID --reason TEXT`: clinician commands.
 
 Each is sent to the running daemon, which feeds it to the course state machine and the safety kernel; a
 command the core refuses is exit 1 with its reason (and is in the audit log either way).
@@ -110,3 +110,10 @@ def stop(pump: PumpArg, by: ByOpt, reason: ReasonOpt, as_json: JsonOpt = False, 
          config: ConfigOpt = DEFAULT_CONFIG, timeout: TimeoutOpt = DEFAULT_TIMEOUT_S) -> None:
     """Stop the infusion and end the course (always allowed)."""
     _send("stop", pump, by, reason, None, as_json, socket, config, timeout)
+
+
+@app.command("ack-clock")
+def ack_clock(pump: PumpArg, by: ByOpt, reason: ReasonOpt, as_json: JsonOpt = False, socket: SocketOpt = None,
+              config: ConfigOpt = DEFAULT_CONFIG, timeout: TimeoutOpt = DEFAULT_TIMEOUT_S) -> None:
+    """Acknowledge a wall-clock step after checking the daemon's time (`driverd status`): escalation may resume."""
+    _send("ack_clock", pump, by, reason, None, as_json, socket, config, timeout)

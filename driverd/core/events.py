@@ -15,8 +15,11 @@ from driverd.core.schedule import Schedule
 
 # Pump states and alarm kinds as plain strings so the core does not depend on the drivers package.
 PumpStateName = Literal["stopped", "infusing", "paused", "alarm"]
-ClinicianAction = Literal["hold", "resume", "escalate", "reduce", "taper", "stop"]
-CLINICIAN_ACTIONS: tuple[ClinicianAction, ...] = ("hold", "resume", "escalate", "reduce", "taper", "stop")
+# "ack_clock": a clinician has checked the daemon's time after a wall-clock step (see ClockStepped).
+ClinicianAction = Literal["hold", "resume", "escalate", "reduce", "taper", "stop", "ack_clock"]
+CLINICIAN_ACTIONS: tuple[ClinicianAction, ...] = (
+    "hold", "resume", "escalate", "reduce", "taper", "stop", "ack_clock",
+)
 
 # Alarm kinds that are warnings (the pump keeps infusing); every other alarm stops the pump.
 WARNING_ALARMS = frozenset({"near_end", "low_battery"})
@@ -91,6 +94,20 @@ class LinkRestored:
     at: datetime
 
 
+@dataclass(frozen=True, slots=True)
+class ClockStepped:
+    """The host's wall clock stepped against the monotonic clock by more than the runtime's tolerance.
+
+    `at` is course time, which did not follow the step (the runtime's time is step-free); `delta_s` is the
+    step (positive: the wall clock jumped forward), `wall_at` the wall reading that revealed it.
+    """
+
+    at: datetime
+    delta_s: Decimal
+    wall_at: datetime
+
+
 Event = (
     ScheduleAccepted | PumpVerified | Tick | PumpReport | SetpointResult | ClinicianCommand | LinkLost | LinkRestored
+    | ClockStepped
 )

@@ -131,6 +131,8 @@ def _check_increase(
         return Refusal("schedule_max", f"{dose} mg/24h is above the approved schedule's highest step")
     level_rate = pump_rate(state, state.level_mg_per_24h)
     if proposal.intent in ("start", "escalate"):
+        if state.clock_fault:  # time-based rules cannot be trusted until a clinician acknowledges the step
+            return Refusal("clock_step", f"no start or escalation after a clock step: {state.clock_fault}")
         refusal = _check_step(state, protocol, proposal, now)
         if refusal is not None:
             return refusal

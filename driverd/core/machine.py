@@ -18,6 +18,7 @@ from driverd.core.errors import IllegalTransition
 from driverd.core.events import (
     WARNING_ALARMS,
     ClinicianCommand,
+    ClockStepped,
     Event,
     LinkLost,
     LinkRestored,
@@ -55,7 +56,9 @@ def reduce(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
     phases_handler = TRANSITIONS.get(key)
     if phases_handler is None or state.phase not in phases_handler[0]:
         raise IllegalTransition(state.phase.value, _event_name(event))
+    before = state
     state, cmds = phases_handler[1](state, event, protocol)
+    state = _track_interruption(before, state, event.at)
     return state, pre + cmds
 
 
@@ -182,7 +185,7 @@ def _on_schedule(state: CourseState, event: Event, protocol: ProtocolSpec) -> Ou
             if new.version <= old.version:
                 return state, (Refused("push", "version", f"version {new.version} is not above {old.version}"),)
         fresh = CourseState(pump_id=state.pump_id, schedule=new, next_setpoint_id=state.next_setpoint_id,
-                            link_up=state.link_up)
+                            link_up=state.link_up, clock_fault=state.clock_fault)
         note = Notice("schedule_accepted", f"{new.schedule_id} v{new.version} ({new.digest[:16]})")
         fresh, t = _goto(replace(fresh, phase=state.phase), P.IDLE, "new_course")
         return fresh, (note, *t)
@@ -404,16 +407,66 @@ def _resume(state: CourseState, event: ClinicianCommand, protocol: ProtocolSpec)
         state = replace(state, alarm_code="", resume_to=None, hold_started_at=state.hold_started_at or event.at)
         return _goto(state, P.HOLDING, "clinician_resume")
     assert state.schedule is not None
-    verified_dose = rate_to_dose(state.verified_run_rate, state.schedule.concentration_mg_per_ml)
-    dose = min(state.level_mg_per_24h, verified_dose)
+    dose = _resume_dose(state)
     state, verdict, cmds = _propose(state, protocol, event.at, dose, "resume", "clinician", event.reason)
     if isinstance(verdict, Refusal):
         return state, cmds
     # The hold clock starts only when the course holds: a resume during titration must not start it early.
     hold_at = state.hold_started_at or event.at if target_phase is P.HOLDING else state.hold_started_at
     state = replace(_set_level(state, dose, event.at), alarm_code="", resume_to=None, hold_started_at=hold_at)
+    state = _restart_interval_after_long_stop(state, event.at)
     state, t = _goto(state, target_phase, "clinician_resume")
     return state, cmds + t
+
+
+# ---------------------------------------------------------------------------------------------- time faults
+
+#: A resume after an interruption at least this long restarts the step interval (docs/safety.md, "Time").
+LONG_STOP = timedelta(hours=2)
+
+
+def _on_clock_stepped(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
+    """A wall-clock step: course time did not follow it, but schedule times are absolute and nobody knows which
+    reading was right. No start or escalation until a clinician acknowledges; decreases and stop stay allowed."""
+    assert isinstance(event, ClockStepped)
+    direction = "forward" if event.delta_s > 0 else "backward"
+    detail = f"wall clock stepped {direction} by {abs(event.delta_s)} s (wall reads {event.wall_at.isoformat()})"
+    # last_refusal reset: an automatic step refused before the step is logged again with the new reason.
+    return replace(state, clock_fault=detail, last_refusal=""), (RaiseAlarm("clock_step", detail),)
+
+
+def _on_ack_clock(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
+    assert isinstance(event, ClinicianCommand)
+    if not state.clock_fault:
+        return state, (Refused("clinician", "no_clock_fault", "no clock step to acknowledge"),)
+    return replace(state, clock_fault=""), (Notice("clock_acknowledged", f"{state.clock_fault}; by {event.by}: "
+                                                                         f"{event.reason}"),)
+
+
+def _track_interruption(before: CourseState, after: CourseState, now: datetime) -> CourseState:
+    """Remember when delivery under the course stopped (left a running phase for PAUSED or ALARM)."""
+    if after.phase in RUNNING:
+        return after if after.interrupted_at is None else replace(after, interrupted_at=None)
+    if before.phase in RUNNING and after.phase in (P.PAUSED, P.ALARM) and after.interrupted_at is None:
+        return replace(after, interrupted_at=now)
+    return after
+
+
+def _resume_dose(state: CourseState) -> Decimal:
+    """The dose a resume asks for: the course level if the pump runs it at or below the last verified rate,
+    else what that verified rate delivers. Never the quantized dose of an unchanged level: lowering 100 to the
+    99.84 its rate delivers would make the next "escalation" back to 100 a change at the same rate."""
+    assert state.schedule is not None
+    if pump_rate(state, state.level_mg_per_24h) <= state.verified_run_rate:
+        return state.level_mg_per_24h
+    return rate_to_dose(state.verified_run_rate, state.schedule.concentration_mg_per_ml)
+
+
+def _restart_interval_after_long_stop(state: CourseState, now: datetime) -> CourseState:
+    """After a long stop the patient was not observed at the level for the interval: start it again."""
+    if state.interrupted_at is None or now - state.interrupted_at < LONG_STOP:
+        return state
+    return replace(state, last_change_at=now)
 
 
 # ---------------------------------------------------------------------------------------------- pump
@@ -669,4 +722,6 @@ TRANSITIONS: dict[type | str, tuple[frozenset[Phase], Handler]] = {
     "clinician:taper": (frozenset({P.TITRATING, P.HOLDING}), _on_taper),
     "clinician:stop": (_LIVE, _on_stop),
     "clinician:resume": (frozenset({P.PAUSED, P.ALARM}), _on_resume),
+    ClockStepped: (_ALL, _on_clock_stepped),
+    "clinician:ack_clock": (_ALL, _on_ack_clock),
 }

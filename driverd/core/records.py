@@ -15,6 +15,7 @@ from driverd.core.errors import Problem, ValidationError
 from driverd.core.events import (
     CLINICIAN_ACTIONS,
     ClinicianCommand,
+    ClockStepped,
     Event,
     LinkLost,
     LinkRestored,
@@ -29,7 +30,7 @@ from driverd.core.schedule import Approval, Schedule, Signature, Step, TaperStep
 
 INPUT_EVENTS = frozenset(
     {"schedule_accepted", "pump_verified", "tick", "pump_report", "setpoint_result", "clinician_command",
-     "link_lost", "link_restored"}
+     "link_lost", "link_restored", "clock_stepped"}
 )
 OUTPUT_EVENTS = frozenset({"setpoint", "refused", "transition", "alarm", "notice"})
 PUMP_STATES = ("stopped", "infusing", "paused", "alarm")
@@ -159,6 +160,9 @@ def event_to_record(ev: Event) -> tuple[str, dict[str, Any]]:
                                      "dose_mg_per_24h": dose}
     if isinstance(ev, LinkLost):
         return "link_lost", {**at, "detail": ev.detail}
+    if isinstance(ev, ClockStepped):
+        return "clock_stepped", {**at, "delta_s": fmt_dec(ev.delta_s), "wall_at": fmt_time(ev.wall_at),
+                                 "direction": "forward" if ev.delta_s > 0 else "backward"}
     return "link_restored", at
 
 
@@ -205,6 +209,8 @@ def event_from_record(record: dict[str, Any]) -> Event:
         return LinkLost(at, _str(record, "detail"))
     if name == "link_restored":
         return LinkRestored(at)
+    if name == "clock_stepped":
+        return ClockStepped(at, _dec(record, "delta_s"), _time(record, "wall_at"))
     raise ValidationError([Problem("event", "enum", f"{name!r} is not a core input")])
 
 

@@ -93,6 +93,12 @@ class CourseState:
     # Every active alarm cause (a second fault during an alarm is its own cause); a resume clears them all,
     # and is refused while a cause is still present at the pump or the link.
     alarm_causes: tuple[str, ...] = ()
+    # Time faults (docs/safety.md, "Time"). An unacknowledged wall-clock step: no start or escalation until a
+    # clinician acknowledges ("" = the clock is consistent).
+    clock_fault: str = ""
+    # When delivery under the course last stopped (it left a running phase for PAUSED or ALARM); None while
+    # running. A resume after a long interruption restarts the step interval.
+    interrupted_at: datetime | None = None
 
     @property
     def course_id(self) -> str | None:

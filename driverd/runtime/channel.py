@@ -16,13 +16,22 @@ from typing import Any
 
 from driverd.audit.writer import AuditWriter
 from driverd.core.commands import ApplySetpoint, Command, Refused
-from driverd.core.events import Event, LinkLost, LinkRestored, PumpReport, PumpVerified, SetpointResult, Tick
+from driverd.core.events import (
+    ClockStepped,
+    Event,
+    LinkLost,
+    LinkRestored,
+    PumpReport,
+    PumpVerified,
+    SetpointResult,
+    Tick,
+)
 from driverd.core.kernel import Setpoint
 from driverd.core.machine import step
 from driverd.core.protocol import ProtocolSpec
 from driverd.core.records import command_to_record, event_to_record, fmt_dec
 from driverd.core.state import CourseState, Phase
-from driverd.runtime.clock import RuntimeClock
+from driverd.runtime.clock import DEFAULT_STEP_TOLERANCE, ClockWatch, RuntimeClock
 from drivers.base import DriverError, DriverTimeout, PumpAlarm, PumpDriver, PumpRejected, PumpState, PumpStatus
 
 _REQUEST = object()  # what `submit` completes a waiting channel's wake future with (the clock uses None)
@@ -58,6 +67,7 @@ class Channel:
         link_timeout: timedelta,
         io_timeout: float,
         on_change: Callable[[Channel], None] | None = None,
+        clock_step_tolerance: timedelta = DEFAULT_STEP_TOLERANCE,
     ) -> None:
         self.pump_id = pump_id
         self.driver = driver
@@ -80,6 +90,7 @@ class Channel:
         self.last_input_seq = 0  # seq of the last input record logged (a reply names its request's record)
         self._wake: asyncio.Future[Any] | None = None  # the channel's current wait, if it is waiting
         self._on_change = on_change
+        self._clock_watch = ClockWatch(clock, clock_step_tolerance)
 
     # ------------------------------------------------------------------------------------------ the core
 
@@ -240,6 +251,13 @@ class Channel:
             return
         await self.handle(PumpVerified(self.clock.now(), diameter, self.driver.resolution, identity.model))
 
+    async def check_clock(self) -> None:
+        """A wall-clock step is a fault for the core (audit record `clock_stepped` with its size and direction).
+        Course time (`clock.now()`) never follows the step, so the core never sees time run backward or jump."""
+        stepped = self._clock_watch.check()
+        if stepped is not None:
+            await self.handle(ClockStepped(stepped.at, stepped.delta_s, stepped.wall_at))
+
     # ------------------------------------------------------------------------------------------ loop
 
     async def run(self) -> None:
@@ -248,6 +266,7 @@ class Channel:
             await self.connect()
             next_poll = self.clock.now()
             while not self.stopping:
+                await self.check_clock()
                 await self.poll()
                 await self.handle(Tick(self.clock.now()))
                 await self.prime()
@@ -285,6 +304,7 @@ class Channel:
                 await self.poll()
                 if self._expired(request):  # the acknowledgement and read took real time: check again
                     return
+            await self.check_clock()  # a command right after a step is judged with the clock fault known
             event = request.make_event(self.clock.now())
             cmds = self.feed(event)
             seq = self.last_input_seq  # the request's own record

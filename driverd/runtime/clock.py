@@ -3,6 +3,12 @@
 Every clock offers `now()` (what the core, the simulators and the audit log see) and `sleep_until(t)`.
 The virtual clock advances only when every registered participant is asleep in `sleep_until`, jumping to the
 earliest wake-up: real I/O (a PTY, a TCP socket) still completes in real time, so the driver path is real.
+
+`now()` is step-free on every clock: it advances with a monotonic clock and never follows a step of the
+host's wall clock (NTP correcting a wrong RTC, an operator's `date -s`). `wall()` is the wall-clock reading;
+`ClockWatch` compares the two and reports a step beyond a tolerance, which the channel feeds to the core as a
+`ClockStepped` fault (docs/safety.md, "Time"). The scaled and virtual clocks cannot step on their own:
+`step_wall()` makes their wall reading jump, so tests (and demos) can drive the fault over a real channel.
 """
 
 from __future__ import annotations
@@ -11,12 +17,25 @@ import asyncio
 import heapq
 import itertools
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any, Protocol
 
 
 class RuntimeClock(Protocol):
-    def now(self) -> datetime: ...
+    def now(self) -> datetime:
+        """Course time: step-free and never earlier than a previous reading."""
+        ...
+
+    def wall(self) -> datetime:
+        """The host's wall clock (may step): only for detecting steps, never for course time."""
+        ...
+
+    def floor(self, at_least: datetime) -> None:
+        """Make `now()` no earlier than `at_least` (a restart whose wall clock is behind its own audit log)."""
+        ...
 
     async def sleep_until(self, when: datetime, *, wake: asyncio.Future[Any] | None = None) -> None:
         """Return at `when`, or earlier once `wake` is done (someone else completes it: a request arrived)."""
@@ -54,9 +73,41 @@ class _FreeRunning:
         pass
 
 
+def _elapsed_clock() -> float:
+    # CLOCK_BOOTTIME also counts a host suspend: the pump keeps infusing while the host sleeps, so that is time
+    # passing for the course. Elsewhere time.monotonic (which stops during suspend) is the best there is.
+    if hasattr(time, "CLOCK_BOOTTIME"):
+        return time.clock_gettime(time.CLOCK_BOOTTIME)
+    return time.monotonic()
+
+
+def _wall_utc() -> datetime:
+    return datetime.now(UTC)
+
+
 class RealClock(_FreeRunning):
+    """Course time = the wall clock when the clock was made, advanced by the monotonic (boot-time) clock.
+
+    `wall` and `elapsed` are injectable so tests can step the wall clock of a real clock.
+    """
+
+    def __init__(self, *, wall: Callable[[], datetime] = _wall_utc,
+                 elapsed: Callable[[], float] = _elapsed_clock) -> None:
+        self._wall = wall
+        self._elapsed = elapsed
+        self._base = wall()
+        self._e0 = elapsed()
+
     def now(self) -> datetime:
-        return datetime.now(UTC)
+        return self._base + timedelta(seconds=self._elapsed() - self._e0)
+
+    def wall(self) -> datetime:
+        return self._wall()
+
+    def floor(self, at_least: datetime) -> None:
+        behind = at_least - self.now()
+        if behind > timedelta(0):
+            self._base += behind
 
     async def sleep_until(self, when: datetime, *, wake: asyncio.Future[Any] | None = None) -> None:
         await _sleep_real((when - self.now()).total_seconds(), wake)
@@ -71,9 +122,23 @@ class ScaledClock(_FreeRunning):
         self._start = start
         self._t0 = time.monotonic()
         self._speed = speed
+        self._wall_offset = timedelta(0)
 
     def now(self) -> datetime:
         return self._start + timedelta(seconds=(time.monotonic() - self._t0) * self._speed)
+
+    def wall(self) -> datetime:
+        return self.now() + self._wall_offset
+
+    def step_wall(self, delta: timedelta) -> None:
+        """Make the wall reading jump by `delta` (a simulated NTP or operator step); `now()` does not move."""
+        self._wall_offset += delta
+
+    def floor(self, at_least: datetime) -> None:
+        behind = at_least - self.now()
+        if behind > timedelta(0):
+            self._start += behind
+            self._wall_offset -= behind  # the wall reading itself does not move
 
     async def sleep_until(self, when: datetime, *, wake: asyncio.Future[Any] | None = None) -> None:
         await _sleep_real((when - self.now()).total_seconds() / self._speed, wake)
@@ -86,12 +151,26 @@ class VirtualClock:
         if start.tzinfo is None:
             raise ValueError("start must be timezone-aware")
         self._now = start
+        self._wall_offset = timedelta(0)
         self._participants = 0
         self._waiters: list[tuple[datetime, int, asyncio.Future[Any]]] = []
         self._seq = itertools.count()
 
     def now(self) -> datetime:
         return self._now
+
+    def wall(self) -> datetime:
+        return self._now + self._wall_offset
+
+    def step_wall(self, delta: timedelta) -> None:
+        """Make the wall reading jump by `delta` (a simulated NTP or operator step); `now()` does not move."""
+        self._wall_offset += delta
+
+    def floor(self, at_least: datetime) -> None:
+        behind = at_least - self._now
+        if behind > timedelta(0):
+            self._now = at_least  # virtual time may jump forward; it never runs backward
+            self._wall_offset -= behind
 
     def register(self) -> None:
         self._participants += 1
@@ -134,3 +213,41 @@ class VirtualClock:
             _, _, fut = heapq.heappop(self._waiters)
             if not fut.done():
                 fut.set_result(None)
+
+
+#: Default tolerance before a disagreement between the wall clock and course time counts as a step.
+DEFAULT_STEP_TOLERANCE = timedelta(seconds=2)
+
+
+@dataclass(frozen=True, slots=True)
+class WallStep:
+    at: datetime  # course time when it was seen
+    delta: timedelta  # positive: the wall clock jumped forward
+    wall_at: datetime  # the wall reading that revealed it
+
+    @property
+    def delta_s(self) -> Decimal:
+        """The step in seconds, exactly (microseconds), for the core and the audit log."""
+        micro = (self.delta.days * 86_400 + self.delta.seconds) * 1_000_000 + self.delta.microseconds
+        return Decimal(micro).scaleb(-6)
+
+
+class ClockWatch:
+    """Detects wall-clock steps: the offset wall - now() is constant while neither steps (NTP slewing moves
+    both), so a change of it beyond the tolerance is a step. Small changes add up until they exceed it."""
+
+    def __init__(self, clock: RuntimeClock, tolerance: timedelta = DEFAULT_STEP_TOLERANCE) -> None:
+        if tolerance <= timedelta(0):
+            raise ValueError("clock step tolerance must be > 0")
+        self.clock = clock
+        self.tolerance = tolerance
+        self._offset = clock.wall() - clock.now()
+
+    def check(self) -> WallStep | None:
+        now = self.clock.now()
+        wall = self.clock.wall()
+        delta = (wall - now) - self._offset
+        if abs(delta) <= self.tolerance:
+            return None
+        self._offset = wall - now  # the next step is measured from here
+        return WallStep(now, delta, wall)

@@ -8,23 +8,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import driverd
+from driverd.audit.canonical import parse_ts
+from driverd.audit.segments import list_segments
 from driverd.audit.writer import AuditConfig, AuditWriter
 from driverd.core.canonical import canonical_bytes
 from driverd.core.errors import DriverdError, SignatureError, ValidationError
-from driverd.core.events import CLINICIAN_ACTIONS, ClinicianCommand, Event, LinkLost, ScheduleAccepted
+from driverd.core.events import CLINICIAN_ACTIONS, ClinicianCommand, ClockStepped, Event, LinkLost, ScheduleAccepted
 from driverd.core.machine import initial_state
 from driverd.core.protocol import ProtocolSpec, parse_protocol
 from driverd.core.records import fmt_dec, fmt_time
 from driverd.core.schedule_parse import parse_schedule
 from driverd.runtime.channel import Channel
-from driverd.runtime.clock import RuntimeClock
+from driverd.runtime.clock import RuntimeClock, WallStep
 from driverd.runtime.config import DaemonConfig
 from driverd.runtime.recovery import open_log
 from driverd.signing import TrustStore, load_private_key
@@ -62,6 +66,7 @@ class Daemon:
         self.protocol = parse_protocol(self.protocol_text)  # refuse to start on an unknown/invalid library
         self.trust = TrustStore.load(cfg.trust_dir)
         key = load_private_key(cfg.audit_key) if cfg.audit_key else None
+        behind = self._floor_clock(cfg.audit_dir)  # before the writer stamps anything with the clock
         a = cfg.audit
         # The writer opens first: it repairs a torn tail (logged) before recovery reads the log.
         self.audit, recovered = open_log(
@@ -90,15 +95,34 @@ class Daemon:
             channel = Channel(pump.id, driver, state, self.protocol, self.audit, self.clock,
                               poll_period=timedelta(seconds=cfg.poll_period_s),
                               link_timeout=timedelta(seconds=cfg.link_timeout_s),
-                              io_timeout=cfg.driver_timeout_s, on_change=lambda _c: self.changed.set())
+                              io_timeout=cfg.driver_timeout_s, on_change=lambda _c: self.changed.set(),
+                              clock_step_tolerance=timedelta(seconds=cfg.clock_step_tolerance_s))
             if state.pending is not None:
                 # Crashed between sending a setpoint and its read-back: that setpoint is uncertain. Treat the
                 # restart like a lost link (alarm; a clinician resumes at most at the last verified rate).
                 detail = f"restart with setpoint {state.pending.setpoint.id} unverified"
                 channel.feed(LinkLost(self.clock.now(), detail))
+            if behind is not None:
+                channel.feed(ClockStepped(behind.at, behind.delta_s, behind.wall_at))
             self.channels[pump.id] = channel
         self.audit.flush()
         self._tasks = [asyncio.create_task(ch.run(), name=f"channel-{pid}") for pid, ch in self.channels.items()]
+
+    def _floor_clock(self, audit_dir: Path) -> WallStep | None:
+        """Course time never runs backward across a restart either: a wall clock behind the log's last record
+        (a backward step while the daemon was down, or one it never followed) starts course time at that record.
+        Returns the step when it exceeds the tolerance: then it is a clock fault for every course."""
+        last = _last_logged_ts(audit_dir)
+        if last is None:
+            return None
+        behind = last - self.clock.now()
+        if behind <= timedelta(0):
+            return None
+        wall = self.clock.wall()
+        self.clock.floor(last)
+        if behind <= timedelta(seconds=self.config.clock_step_tolerance_s):
+            return None
+        return WallStep(self.clock.now(), -behind, wall)
 
     def channel_tasks(self) -> dict[str, asyncio.Task[None]]:
         """pump id -> the task running that pump's channel (the service's watchdog checks they are alive)."""
@@ -216,10 +240,23 @@ class Daemon:
                 "pump_rate_ml_per_h": fmt_dec(st.rate_ml_per_h) if st else None,
                 "started_at": fmt_time(s.started_at) if s.started_at else None,
                 "last_error": ch.last_error or None,
+                "clock_fault": s.clock_fault or None,
             })
         assert self.protocol is not None
         return {"ok": True, "now": fmt_time(self.clock.now()), "library": self.protocol.library_version,
                 "pumps": pumps}
+
+
+def _last_logged_ts(audit_dir: Path) -> datetime | None:
+    """The `ts` of the log's last whole record (the log verified during recovery; a torn tail is skipped)."""
+    segments = list_segments(audit_dir) if audit_dir.is_dir() else []
+    for _, path in reversed(segments):
+        for line in reversed(path.read_bytes().splitlines()):
+            try:
+                return parse_ts(json.loads(line)["ts"])
+            except (ValueError, KeyError, TypeError):
+                continue
+    return None
 
 
 __all__ = ["Daemon", "DriverdError"]

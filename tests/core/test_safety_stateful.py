@@ -9,7 +9,8 @@ which knows nothing of the machine's internals, checks that what was *commanded*
 - no escalation sooner than the step interval after the last change of dose;
 - the rolling 24-h dose commanded stays within the ceiling;
 - no resume above the last rate the pump verified;
-- the course never runs past the course-length cap.
+- the course never runs past the course-length cap;
+- no start or escalation between a wall-clock step and a clinician's acknowledgement of it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from driverd.core.commands import ApplySetpoint
 from driverd.core.events import (
     ClinicianCommand,
+    ClockStepped,
     Event,
     LinkLost,
     LinkRestored,
@@ -73,6 +75,7 @@ class CourseSafety(RuleBasedStateMachine):
         self.verified_run: Decimal = Decimal(0)
         self.started: datetime | None = None
         self.max_sched_rate = self._rate(self.sched.max_dose_mg_per_24h)
+        self.clock_suspect = False  # a wall-clock step not yet acknowledged by a clinician
 
     def _rate(self, dose: Decimal) -> Decimal:
         return quantize_down(dose_to_rate(dose, self.conc), NEW_ERA_RESOLUTION)
@@ -116,6 +119,8 @@ class CourseSafety(RuleBasedStateMachine):
         if self.lock_rate is not None:
             assert rate <= self.lock_rate, f"taper lock broken: {rate} > {self.lock_rate}"
             self.lock_rate = min(self.lock_rate, rate) if rate > 0 else self.lock_rate
+        if self.clock_suspect:
+            assert sp.intent not in ("start", "escalate"), "escalation while the clock is suspect"
         if rate > 0:
             if self.started is None:
                 self.started = self.now
@@ -174,6 +179,17 @@ class CourseSafety(RuleBasedStateMachine):
     )
     def clinician(self, action: str, dose: Decimal | None) -> None:
         self._feed(ClinicianCommand(self.now, action, "dr-a", "test", dose))  # type: ignore[arg-type]
+
+    @rule(forward=st.booleans(), minutes=st.integers(min_value=1, max_value=3 * 24 * 60))
+    def wall_clock_steps(self, forward: bool, minutes: int) -> None:
+        delta = timedelta(minutes=minutes) if forward else -timedelta(minutes=minutes)
+        self._feed(ClockStepped(self.now, Decimal(int(delta.total_seconds())), self.now + delta))
+        self.clock_suspect = True
+
+    @rule()
+    def clock_acknowledged(self) -> None:
+        self._feed(ClinicianCommand(self.now, "ack_clock", "dr-a", "checked the time"))
+        self.clock_suspect = False
 
     @rule(kind=st.sampled_from((*STOPPING, "near_end", "low_battery")))
     def pump_alarm(self, kind: str) -> None:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
-from driverd.runtime.clock import RealClock, ScaledClock, VirtualClock
+from driverd.runtime.clock import ClockWatch, RealClock, ScaledClock, VirtualClock
 
 T0 = datetime(2026, 12, 1, tzinfo=UTC)
 
@@ -92,3 +93,73 @@ def test_wake_future_completed_by_the_timer_carries_none() -> None:
         return wake.result(), clock.now()
 
     assert run(body()) == (None, T0 + timedelta(hours=3))
+
+
+# ------------------------------------------------------------------------------------------------ wall-clock steps
+
+
+class _FakeHost:
+    """A host's wall and boot-time clocks, stepped by hand (the wall clock may jump; the other only advances)."""
+
+    def __init__(self) -> None:
+        self.wall_t = T0
+        self.elapsed_s = 100.0
+
+    def pass_time(self, seconds: float) -> None:
+        self.wall_t += timedelta(seconds=seconds)
+        self.elapsed_s += seconds
+
+
+def test_real_clock_course_time_does_not_follow_a_wall_clock_step() -> None:
+    host = _FakeHost()
+    clock = RealClock(wall=lambda: host.wall_t, elapsed=lambda: host.elapsed_s)
+    watch = ClockWatch(clock, timedelta(seconds=2))
+    host.pass_time(60)
+    assert clock.now() == T0 + timedelta(seconds=60) and watch.check() is None
+    host.wall_t -= timedelta(hours=1)  # someone sets the clock back an hour
+    host.pass_time(5)
+    assert clock.now() == T0 + timedelta(seconds=65), "course time runs on, it does not go back"
+    step = watch.check()
+    assert step is not None and step.delta == -timedelta(hours=1) and step.delta_s == Decimal(-3600)
+    assert step.wall_at == T0 + timedelta(seconds=65) - timedelta(hours=1)
+    assert watch.check() is None, "a step is reported once"
+    host.wall_t += timedelta(days=2)  # then NTP jumps it forward two days
+    assert clock.now() == T0 + timedelta(seconds=65)
+    forward = watch.check()
+    assert forward is not None and forward.delta == timedelta(days=2)
+
+
+def test_small_wall_clock_corrections_add_up_to_a_step() -> None:
+    host = _FakeHost()
+    clock = RealClock(wall=lambda: host.wall_t, elapsed=lambda: host.elapsed_s)
+    watch = ClockWatch(clock, timedelta(seconds=2))
+    host.wall_t += timedelta(seconds=1.5)
+    assert watch.check() is None  # within the tolerance
+    host.wall_t += timedelta(seconds=1.5)
+    step = watch.check()
+    assert step is not None and step.delta == timedelta(seconds=3)
+
+
+def test_floor_keeps_course_time_from_running_backward_across_a_restart() -> None:
+    host = _FakeHost()
+    clock = RealClock(wall=lambda: host.wall_t, elapsed=lambda: host.elapsed_s)
+    clock.floor(T0 - timedelta(hours=1))  # already later: no change
+    assert clock.now() == T0
+    clock.floor(T0 + timedelta(hours=1))  # the log's last record is an hour ahead of this host's clock
+    assert clock.now() == T0 + timedelta(hours=1)
+    host.pass_time(10)
+    assert clock.now() == T0 + timedelta(hours=1, seconds=10)
+    for virtual in (VirtualClock(T0), ScaledClock(T0, 1.0)):
+        virtual.floor(T0 + timedelta(hours=1))
+        assert virtual.now() >= T0 + timedelta(hours=1)
+        assert virtual.wall() - T0 < timedelta(minutes=1), "the wall reading itself does not move"
+
+
+def test_step_wall_moves_the_wall_reading_only() -> None:
+    for clock in (VirtualClock(T0), ScaledClock(T0, 1.0)):
+        watch = ClockWatch(clock)
+        before = clock.now()
+        clock.step_wall(timedelta(days=2))
+        assert clock.now() - before < timedelta(minutes=1)
+        step = watch.check()
+        assert step is not None and timedelta(days=2) - step.delta < timedelta(seconds=1)
