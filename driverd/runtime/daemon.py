@@ -16,7 +16,7 @@ from typing import Any
 
 import driverd
 from driverd.audit.writer import AuditConfig, AuditWriter
-from driverd.core.errors import DriverdError, SignatureError, ValidationError
+from driverd.core.errors import AuditError, DriverdError, SignatureError, ValidationError
 from driverd.core.events import CLINICIAN_ACTIONS, ClinicianCommand, Event, LinkLost, ScheduleAccepted
 from driverd.core.machine import initial_state
 from driverd.core.protocol import ProtocolSpec, parse_protocol
@@ -25,8 +25,8 @@ from driverd.core.schedule_parse import parse_schedule
 from driverd.runtime.channel import Channel
 from driverd.runtime.clock import RuntimeClock
 from driverd.runtime.config import DaemonConfig
-from driverd.runtime.failsafe import FailSafe, left_running
-from driverd.runtime.recovery import recover
+from driverd.runtime.failsafe import FailSafe, left_running, torn_tail_only
+from driverd.runtime.recovery import Recovered, recover
 from driverd.signing import TrustStore, load_private_key
 from drivers.base import DriverOptions
 from drivers.registry import open_driver
@@ -63,8 +63,12 @@ class Daemon:
         self.protocol = parse_protocol(self.protocol_text)  # refuse to start on an unknown/invalid library
         self.trust = TrustStore.load(cfg.trust_dir)
         key = load_private_key(cfg.audit_key) if cfg.audit_key else None
-        recovered = recover(cfg.audit_dir)
-        self.versions = dict(recovered.versions)
+        try:
+            recovered: Recovered | None = recover(cfg.audit_dir)
+        except AuditError:
+            if not torn_tail_only(cfg.audit_dir):
+                raise
+            recovered = None  # a write cut short (disk full): the writer truncates and logs it on open, below
         a = cfg.audit
         self.audit = AuditWriter.open(
             cfg.audit_dir,
@@ -74,6 +78,14 @@ class Daemon:
             key,
             self.clock.now,
         )
+        if recovered is None:
+            try:
+                recovered = recover(cfg.audit_dir)
+            except BaseException:
+                self.audit.close()
+                self.audit = None
+                raise
+        self.versions = dict(recovered.versions)
         self.audit.append("daemon_start", pump_id=None, course_id=None, durable=True, version=driverd.__version__,
                           config_sha256=cfg.sha256, pumps=[p.id for p in cfg.pumps],
                           recovered_records=recovered.records, trust_keys=sorted(self.trust.keys))

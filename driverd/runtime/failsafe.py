@@ -21,10 +21,13 @@ import contextlib
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from driverd.audit.segments import list_segments
+from driverd.audit.verify import verify_log
 from driverd.core.kernel import Proposal, Setpoint, gate
 from driverd.core.records import fmt_dec, fmt_time
 from drivers.base import DriverError
@@ -166,6 +169,19 @@ class FailSafe:
             p["verified_ml_per_h"] = _opt(stop.readback_ml_per_h) if stop and stop.stopped else None
             p["failsafe"] = stop.as_dict() if stop else None
         return reply
+
+
+def torn_tail_only(audit_dir: Path) -> bool:
+    """Whether the log's only damage is a torn last line (a write cut short by a full disk, a file-size limit or
+    a crash): start-up then lets the writer truncate and record it before recovery reads the log. Anything
+    else still stops the start (never guess a state)."""
+    segments = list_segments(audit_dir) if audit_dir.is_dir() else []
+    if not segments:
+        return False
+    report = verify_log(audit_dir)
+    failure = report.failure
+    return (not report.ok and failure is not None and failure.file == str(segments[-1][1])
+            and failure.reason.startswith("torn tail"))
 
 
 def left_running(channels: dict[str, Channel]) -> list[dict[str, str | None]]:
