@@ -316,6 +316,11 @@ async def dead_daemon_checks(d: Path, proc: Proc, models: dict[str, PumpModel], 
     for r in replies:
         if r.get("health") == "audit_dead":
             assert all(p["link"] == "unknown" and p["pump_state"] != "infusing" for p in r["pumps"])
+    cli = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "driverd.cli.main", "status", "--socket",
+                                                   str(d / "ctl.sock")], capture_output=True, text=True,
+                                  timeout=TIMEOUT, check=False)
+    assert cli.returncode == 0 and "UNHEALTHY (audit_dead)" in cli.stdout and why in cli.stdout, cli
+    assert "pump state: stopped_by_failsafe (read back 0 mL/h)" in cli.stdout, cli.stdout
     cmd = await request(d / "ctl.sock", {"op": "command", "pump_id": "bed-1", "action": "hold", "by": "nurse",
                                          "reason": "test"}, TIMEOUT)
     assert cmd["ok"] is False and cmd["refusals"][0]["reason"] == "audit_dead", cmd
