@@ -30,7 +30,6 @@ from driverd.audit.segments import list_segments
 from driverd.audit.verify import verify_log
 from driverd.core.kernel import Proposal, Setpoint, gate
 from driverd.core.records import fmt_dec, fmt_time
-from drivers.base import DriverError
 
 if TYPE_CHECKING:
     from driverd.runtime.channel import Channel
@@ -137,7 +136,7 @@ class FailSafe:
                     await ch.driver.stop()
                 async with asyncio.timeout(bound):
                     status = await ch.driver.read_status()
-            except (DriverError, TimeoutError, OSError) as exc:
+            except Exception as exc:  # whatever a half-closed driver raises: retry once on a fresh connection
                 error = f"{type(exc).__name__}: {exc}"
                 continue
             ch.last_status = status

@@ -318,6 +318,10 @@ async def serve_config(
             except Exception as exc:
                 _safe_log("error", "daemon_stop_failed", error=f"{type(exc).__name__}: {exc}")
                 code = max(code, EXIT_FAILED)
+            if daemon.failsafe.active:  # the log died during the stop itself: the pumps still get their stop
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(daemon.failsafe.done.wait(), timeout=stall_threshold_s(config))
+                code = EXIT_AUDIT_DEAD
         for sig in installed:
             loop.remove_signal_handler(sig)
         _safe_log("info", "daemon_stopped", exit_code=code)

@@ -86,6 +86,12 @@ def write_config(d: Path, url: str, *, trust: Path = CONFIG / "keys" / "demo" / 
 # ------------------------------------------------------------------------------------------ signals
 
 
+def spawn(cfg: Path) -> subprocess.Popen[bytes]:
+    """`driverd run` with its stderr on a pipe this test can close."""
+    return subprocess.Popen([sys.executable, "-m", "driverd.cli.main", "run", "--config", str(cfg)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
 def test_sigterm_with_stderr_a_closed_pipe_stops_and_records_running_pumps(d: Path) -> None:
     async def main() -> None:
         from simulators.newera import serve_newera
@@ -95,14 +101,13 @@ def test_sigterm_with_stderr_a_closed_pipe_stops_and_records_running_pumps(d: Pa
         async with serve_newera(model, FaultPlan(alarm_hook=model.inject_alarm), tcp_port=0) as ep:
             cfg = write_config(d, ep.url)
             with umask(0o000):  # and the daemon's files get safe modes even so
-                proc = subprocess.Popen([sys.executable, "-m", "driverd.cli.main", "run", "--config", str(cfg)],
-                                        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                proc = spawn(cfg)
             try:
                 assert proc.stderr is not None
                 await until(lambda: (d / "ctl.sock").exists() or proc.poll() is not None, "the control socket")
                 now = datetime.now(UTC).replace(microsecond=0)
-                reply = await request(d / "ctl.sock", {"op": "push",
-                                                       "schedule": demo_schedule("bed-1", 1, now - timedelta(minutes=5))})
+                doc = demo_schedule("bed-1", 1, now - timedelta(minutes=5))
+                reply = await request(d / "ctl.sock", {"op": "push", "schedule": doc})
                 assert reply["ok"] is True, reply
                 await until(lambda: model.status().state is PumpState.INFUSING, "the pump infusing")
                 while True:  # until the daemon's own read of the pump says infusing
@@ -152,11 +157,10 @@ def test_generated_keys_have_safe_modes_whatever_the_umask(d: Path, mask: int) -
 
 @pytest.mark.parametrize("mask", [0o000, 0o022])
 def test_audit_directory_and_segments_have_safe_modes_whatever_the_umask(d: Path, mask: int) -> None:
-    with umask(mask):
-        with AuditWriter.open(d / "var" / "audit", AuditConfig(segment_max_records=3), None,
-                              lambda: datetime.now(UTC)) as w:
-            for i in range(5):  # rotates: several segments
-                w.append("note", pump_id=None, course_id=None, durable=True, i=i)
+    with umask(mask), AuditWriter.open(d / "var" / "audit", AuditConfig(segment_max_records=3), None,
+                                       lambda: datetime.now(UTC)) as w:
+        for i in range(5):  # rotates: several segments
+            w.append("note", pump_id=None, course_id=None, durable=True, i=i)
     assert mode(d / "var") == 0o750 and mode(d / "var" / "audit") == 0o750
     segments = list_segments(d / "var" / "audit")
     assert len(segments) > 1
