@@ -3,7 +3,8 @@
 Not in the core because it touches files. What is signed is `canonical_bytes(signed_content(doc))`
 (driverd.core.canonical): the document without its `signature` member.
 
-Key files are PEM: private keys PKCS#8 unencrypted (mode 0600), public keys SubjectPublicKeyInfo.
+Key files are PEM: private keys PKCS#8 unencrypted (mode 0600), public keys SubjectPublicKeyInfo (0644), in a
+directory created 0700. The modes are set at creation and do not depend on the umask.
 A key id is the first 16 hex digits of SHA-256 over the raw 32-byte public key.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import os
 import re
@@ -32,6 +34,9 @@ PUBLIC_SUFFIX: Final = ".pub"
 _NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _KEY_ID_RE: Final = re.compile(r"[0-9a-f]{16}")
 _MAX_KEY_FILE: Final = 16 * 1024
+KEY_DIR_MODE: Final = 0o700
+PRIVATE_MODE: Final = 0o600
+PUBLIC_MODE: Final = 0o644
 
 
 class KeyFileError(DriverdError):
@@ -59,7 +64,7 @@ def generate_keypair(dir: Path, name: str) -> tuple[Path, Path]:
     """Write `<name>.key` (PKCS#8 PEM, 0600) and `<name>.pub` (SPKI PEM) into dir; never overwrite."""
     if not _NAME_RE.fullmatch(name):
         raise KeyFileError(f"key name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting alphanumeric")
-    dir.mkdir(parents=True, exist_ok=True)
+    _make_key_dir(dir)
     priv_path = dir / f"{name}{PRIVATE_SUFFIX}"
     pub_path = dir / f"{name}{PUBLIC_SUFFIX}"
     for path in (priv_path, pub_path):
@@ -72,10 +77,22 @@ def generate_keypair(dir: Path, name: str) -> tuple[Path, Path]:
     pub_pem = private.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    _create_key_file(priv_path, priv_pem, 0o600)
-    os.chmod(priv_path, 0o600)  # in case a umask-independent mode is needed on odd filesystems
-    _create_key_file(pub_path, pub_pem, 0o644)
+    _create_key_file(priv_path, priv_pem, PRIVATE_MODE)
+    _create_key_file(pub_path, pub_pem, PUBLIC_MODE)
     return priv_path, pub_path
+
+
+def _make_key_dir(dir: Path) -> None:
+    # A new key directory (and any missing parent) is 0700: the umask can only narrow the mode given to mkdir.
+    # An existing one is left alone (the daemon checks the modes of the keys it uses at start).
+    missing: list[Path] = []
+    p = dir
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(d, KEY_DIR_MODE)
 
 
 def _create_key_file(path: Path, data: bytes, mode: int) -> None:
@@ -85,6 +102,9 @@ def _create_key_file(path: Path, data: bytes, mode: int) -> None:
     except FileExistsError:
         raise KeyFileError(f"{path} already exists; refusing to overwrite a key") from None
     with os.fdopen(fd, "wb") as fh:
+        # A umask wider than usual cannot widen a mode given to open(); a stricter one (0077) narrows the public
+        # key, which must stay readable: set the intended mode explicitly.
+        os.fchmod(fh.fileno(), mode)
         fh.write(data)
 
 

@@ -9,7 +9,10 @@ Durability contract:
   (every `group_commit_ms`) to bound the delay when no further records arrive. `close()` always syncs.
 - Any error on write or sync (ENOSPC, EIO, ...) raises AuditError and kills the writer: every later call
   raises. Nothing is retried: after a failed fsync the kernel may have dropped the dirty pages, so a retry
-  that "succeeds" would lie.
+  that "succeeds" would lie. `on_dead` (if set) is called once, with the error, the moment the writer dies,
+  so the owner can make the pumps safe at once whichever caller happened to hit the error.
+- Files are created with fixed modes whatever the umask: the directory 0750 (the daemon's group may read
+  the log), segments 0640.
 - On open, a torn last line (crash mid-write) is truncated and a `torn_tail_truncated` record is appended;
   nothing before it is touched.
 
@@ -53,6 +56,8 @@ from driverd.core.errors import AuditError, ConfigError, Problem
 FORMAT: Final = "driverd-audit/1"
 _DURABLE_KEY: Final = "_durable"
 _RESERVED: Final = ENVELOPE_FIELDS | {_DURABLE_KEY}
+DIR_MODE: Final = 0o750
+SEGMENT_MODE: Final = 0o640
 # Records only the writer itself may produce (a caller-made "checkpoint" would be signed by our key).
 WRITER_EVENTS: Final = frozenset({"segment_start", "checkpoint", "torn_tail_truncated", "log_reopened"})
 
@@ -136,6 +141,7 @@ class AuditWriter:
         self._last_ts: datetime | None = None
         self._dead: AuditError | None = None
         self._closed = False
+        self.on_dead: Callable[[AuditError], None] | None = None
         # Derived once: append checks them on every record.
         self._group_commit_ns = Decimal(config.group_commit_ms) * 1_000_000
         self._checkpoint_interval = config.checkpoint_interval
@@ -164,10 +170,7 @@ class AuditWriter:
         """Open (creating if needed) the log directory, recover a torn tail, and start appending."""
         path_dir = Path(path_dir)
         try:
-            created = not path_dir.exists()
-            path_dir.mkdir(parents=True, exist_ok=True)
-            if created:
-                _fsync_dir(path_dir.parent)
+            _make_dirs(path_dir, DIR_MODE)
             dir_fd = os.open(path_dir, os.O_RDONLY | os.O_DIRECTORY)
         except OSError as exc:
             raise AuditError(f"{path_dir}: cannot open audit directory: {exc.strerror}") from None
@@ -373,7 +376,12 @@ class AuditWriter:
 
     def _die(self, what: str, exc: OSError) -> None:
         err = AuditError(f"{what}: {exc.strerror or exc} (errno {exc.errno}); audit writer stopped, not retried")
+        err.__cause__ = exc
         self._dead = err
+        if self.on_dead is not None:
+            callback, self.on_dead = self.on_dead, None
+            with contextlib.suppress(Exception):  # the owner's reaction must not hide the error itself
+                callback(err)
         raise err from exc
 
     def _check_usable(self) -> None:
@@ -423,7 +431,8 @@ class AuditWriter:
         name = segment_name(number)
         try:
             self._fd = os.open(
-                name, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640, dir_fd=self._dir_fd
+                name, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, SEGMENT_MODE,
+                dir_fd=self._dir_fd
             )
             os.fsync(self._dir_fd)  # the new name itself must survive a crash
         except OSError as exc:
@@ -564,6 +573,22 @@ def _durable_kwarg(_logger: Any, _method: str, event_dict: EventDict) -> EventDi
 
 
 # ----------------------------------------------------------------------------------------- file helpers
+
+
+def _make_dirs(path: Path, mode: int) -> None:
+    """Create `path` and any missing parents with `mode` (the umask can only narrow it), fsyncing each new
+    name into its parent. An existing directory is left as it is (the daemon checks it at start)."""
+    missing: list[Path] = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, mode)
+        except FileExistsError:
+            continue
+        _fsync_dir(d.parent)
 
 
 def _fsync_dir(path: Path) -> None:

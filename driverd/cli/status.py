@@ -89,6 +89,10 @@ def status(
         emit_json(reply)
         return
     typer.echo(f"driverd at {_show(path)}  now {reply.get('now')}  library {reply.get('library')}")
+    audit = reply.get("audit")
+    if reply.get("health") not in (None, "ok") and isinstance(audit, Mapping):
+        typer.echo(f"UNHEALTHY ({reply.get('health')}): the audit log cannot be written: {audit.get('error')}")
+        typer.echo("  every pump was stopped by the fail-safe (see PUMP STATE); driverd refuses requests and exits")
     header = f"{'PUMP':<12}{'PHASE':<11}{'COURSE':<20}{'mg/24h':>8}{'cmd mL/h':>10}{'ver mL/h':>10}  LINK  ALARM"
     typer.echo(header)
     for p in reply.get("pumps", []):
@@ -99,5 +103,7 @@ def status(
         typer.echo(f"{p.get('pump_id')!s:<12}{p.get('phase')!s:<11}{p.get('course_id') or '-'!s:<20}"
                    f"{p.get('level_mg_per_24h')!s:>8}{p.get('commanded_ml_per_h')!s:>10}"
                    f"{p.get('verified_ml_per_h')!s:>10}  {p.get('link')!s:<5} {alarm}{lock}")
+        if p.get("failsafe") is not None:
+            typer.echo(f"{'':<12}pump state: {p.get('pump_state')} (read back {p.get('pump_rate_ml_per_h')} mL/h)")
         if p.get("last_error"):
             typer.echo(f"{'':<12}last error: {p['last_error']}")

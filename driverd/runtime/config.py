@@ -45,12 +45,22 @@ class DaemonConfig:
     audit: AuditSettings = field(default_factory=AuditSettings)
     # A wall-clock step larger than this is a clock fault (docs/safety.md, "Time"); smaller ones add up.
     clock_step_tolerance_s: float = 2.0
+    # "production" refuses to start on unsafe file modes (world-writable trust store, readable private key);
+    # "bench" only warns (simulators, demos, tests on a developer's machine).
+    mode: str = "production"
+    # After the audit log dies and every pump is stopped: real seconds the daemon stays up to answer `status`
+    # (health: audit_dead) before it exits non-zero. Keep it below the unit's WatchdogSec.
+    failsafe_hold_s: float = 5.0
+
+
+MODES = ("production", "bench")
 
 
 _DAEMON_KEYS: dict[str, type | tuple[type, ...]] = {
     "protocol": str, "audit_dir": str, "audit_key": str, "trust_dir": str, "control_socket": str,
     "socket_mode": str, "poll_period_s": (int, float), "link_timeout_s": (int, float), "deadman_s": int,
-    "driver_timeout_s": (int, float), "clock_step_tolerance_s": (int, float),
+    "driver_timeout_s": (int, float), "clock_step_tolerance_s": (int, float), "mode": str,
+    "failsafe_hold_s": (int, float),
 }
 _REQUIRED = ("protocol", "audit_dir", "trust_dir", "control_socket")
 
@@ -101,6 +111,10 @@ def parse_config(data: bytes, path: Path) -> DaemonConfig:
     deadman = int(num("deadman_s", 30, 0, 255))  # New Era SAF takes 0..255 s
     timeout = num("driver_timeout_s", 1.0, 0.01, 60)
     step_tolerance = num("clock_step_tolerance_s", 2.0, 0.1, 3600)
+    hold = num("failsafe_hold_s", 5.0, 0, 600)
+    mode = daemon.get("mode", "production")
+    if mode not in MODES:
+        problems.append(Problem("daemon.mode", "enum", f"must be one of {', '.join(MODES)}"))
     if deadman and deadman < 2 * poll:
         problems.append(Problem("daemon.deadman_s", "heartbeat", "must be at least twice poll_period_s (polls are "
                                 "the heartbeat) or 0"))
@@ -121,7 +135,7 @@ def parse_config(data: bytes, path: Path) -> DaemonConfig:
         audit_key=p("audit_key") if "audit_key" in daemon else None, trust_dir=p("trust_dir"),
         control_socket=p("control_socket"), socket_mode=socket_mode, poll_period_s=poll,
         link_timeout_s=link_timeout, deadman_s=deadman, driver_timeout_s=timeout, pumps=pumps, audit=audit,
-        clock_step_tolerance_s=step_tolerance,
+        clock_step_tolerance_s=step_tolerance, mode=str(mode), failsafe_hold_s=hold,
     )
 
 

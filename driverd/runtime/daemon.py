@@ -30,6 +30,7 @@ from driverd.core.schedule_parse import parse_schedule
 from driverd.runtime.channel import Channel
 from driverd.runtime.clock import RuntimeClock, WallStep
 from driverd.runtime.config import DaemonConfig
+from driverd.runtime.failsafe import FailSafe, left_running
 from driverd.runtime.recovery import open_log
 from driverd.signing import TrustStore, load_private_key
 from drivers.base import DriverOptions
@@ -57,6 +58,7 @@ class Daemon:
         self.versions: dict[str, int] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self.changed = asyncio.Event()  # set whenever any course state changes (demo progress, status)
+        self.failsafe = FailSafe()  # active once the audit log has died (see failsafe.py)
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
@@ -107,6 +109,11 @@ class Daemon:
             self.channels[pump.id] = channel
         self.audit.flush()
         self._tasks = [asyncio.create_task(ch.run(), name=f"channel-{pid}") for pid, ch in self.channels.items()]
+        self.audit.on_dead = lambda err: self.fail_safe(str(err))
+
+    def fail_safe(self, reason: str) -> None:
+        """The audit log died: stop every pump (without write-ahead), refuse requests (driverd.runtime.failsafe)."""
+        self.failsafe.trigger(self, reason)
 
     def _floor_clock(self, audit_dir: Path) -> WallStep | None:
         """Course time never runs backward across a restart either: a wall clock behind the log's last record
@@ -139,8 +146,12 @@ class Daemon:
         for ch in self.channels.values():
             with contextlib.suppress(Exception):
                 await ch.driver.close()
-        if self.audit is not None:
-            self.audit.append("daemon_stop", pump_id=None, course_id=None, durable=True)
+        if self.audit is not None and self.audit.dead:
+            with contextlib.suppress(Exception):  # releases its files; the error was reported when it died
+                self.audit.close()
+        elif self.audit is not None:
+            self.audit.append("daemon_stop", pump_id=None, course_id=None, durable=True,
+                              left_running=left_running(self.channels))
             self.audit.close()
 
     def tick_audit(self) -> None:
@@ -158,6 +169,8 @@ class Daemon:
 
     async def push_schedule(self, doc: Any) -> dict[str, Any]:
         """Signed, trusted, unexpired, version-increasing, for a configured pump, valid: or refused, logged."""
+        if self.failsafe.active:
+            return self.failsafe.refusal()
         assert self.trust is not None and self.protocol is not None
         if not isinstance(doc, Mapping):
             return self._refuse(None, "push", "malformed", "schedule must be a JSON object")
@@ -193,6 +206,8 @@ class Daemon:
         return {**reply, "key_id": key_id, "schedule_id": schedule.schedule_id, "version": schedule.version}
 
     async def command(self, pump_id: Any, action: Any, by: Any, reason: Any, dose: Any = None) -> dict[str, Any]:
+        if self.failsafe.active:
+            return self.failsafe.refusal()
         problems = []
         if not isinstance(pump_id, str) or pump_id not in self.channels:
             problems.append(f"pump: unknown pump {str(pump_id)[:64]!r}")
@@ -243,8 +258,8 @@ class Daemon:
                 "clock_fault": s.clock_fault or None,
             })
         assert self.protocol is not None
-        return {"ok": True, "now": fmt_time(self.clock.now()), "library": self.protocol.library_version,
-                "pumps": pumps}
+        return self.failsafe.annotate({"ok": True, "now": fmt_time(self.clock.now()),
+                                       "library": self.protocol.library_version, "pumps": pumps})
 
 
 def _last_logged_ts(audit_dir: Path) -> datetime | None:

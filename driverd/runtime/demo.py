@@ -103,6 +103,7 @@ async def run_demo(opts: DemoOptions, progress: Callable[[float, str], None] | N
             pumps=tuple(PumpConfig(n, urls[n]) for n in names),
             audit=AuditSettings(checkpoint_every_records=1000, checkpoint_every_s=3600, group_commit_ms=200,
                                 group_commit_records=512),
+            mode="bench",  # simulated pumps and the DEMO key
         )
         daemon = Daemon(config, clock, world=world)
         await daemon.start()

@@ -4,6 +4,13 @@ The control loop is the liveness check systemd relies on. Every tick it flushes 
 it sends WATCHDOG=1 only while every channel task is alive and has polled its pump recently. A stalled
 channel or a blocked event loop therefore stops the pings, and systemd (WatchdogSec=) kills and restarts us;
 recovery from the audit log then resumes every course in a safe state.
+
+If the audit log dies (disk full, file-size limit, I/O error, read-only filesystem), the daemon's fail-safe
+stops every pump (driverd.runtime.failsafe); this module then withholds the pings, tells systemd why, holds
+for `failsafe_hold_s` so `status` can show it, and exits with EXIT_AUDIT_DEAD (systemd restarts it).
+
+Nothing here may fail because stderr is gone (a closed pipe): log writes swallow their own errors, and the
+signal handler sets the stop before it does anything else.
 """
 
 from __future__ import annotations
@@ -21,25 +28,57 @@ from typing import Any, TextIO
 
 import structlog
 
-from driverd.core.errors import ConfigError, DriverdError
+from driverd.core.errors import AuditError, ConfigError, DriverdError
 from driverd.runtime.clock import RealClock, RuntimeClock
 from driverd.runtime.config import DaemonConfig, load_config
 from driverd.runtime.control import ControlServer
 from driverd.runtime.daemon import Daemon
+from driverd.runtime.filemodes import unsafe_file_modes
 from driverd.runtime.notify import notify, watchdog_interval
 
 TICK_S = 0.2
 EXIT_OK = 0
 EXIT_FAILED = 1
+EXIT_AUDIT_DEAD = 3  # the audit log died at run time; every pump was stopped by the fail-safe
 
 log = structlog.get_logger("driverd.service")
+
+
+class _SafeStream:
+    """A text stream whose write errors (EPIPE on a closed stderr, EIO, a closed file) are dropped: a lost
+    operational log line must never change what the daemon does."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except (OSError, ValueError):
+            return 0
+
+    def flush(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self._stream.flush()
+
+    def isatty(self) -> bool:
+        try:
+            return self._stream.isatty()
+        except (OSError, ValueError):
+            return False
+
+
+def _say(message: str) -> None:
+    """One line for the operator on stderr (next to the JSON log); never raises."""
+    with contextlib.suppress(OSError, ValueError):
+        print(message, file=sys.stderr, flush=True)
 
 
 def configure_logging(stream: TextIO | None = None, *, json_output: bool | None = None) -> None:
     """Operational logs (not the audit log) to stderr: JSON lines for journald, readable text on a terminal."""
     stream = stream or sys.stderr
     if json_output is None:
-        json_output = not stream.isatty()
+        json_output = not _SafeStream(stream).isatty()
     renderer: Any = (structlog.processors.JSONRenderer(sort_keys=True) if json_output
                      else structlog.dev.ConsoleRenderer(colors=False))
     structlog.configure(
@@ -51,7 +90,7 @@ def configure_logging(stream: TextIO | None = None, *, json_output: bool | None 
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        logger_factory=structlog.PrintLoggerFactory(_SafeStream(stream)),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
     )
 
@@ -115,7 +154,9 @@ class ControlLoop:
         self.starting = False
         tasks = self._channel_tasks()
         audit = self.daemon.audit
-        if audit is not None and audit.dead:
+        if self.daemon.failsafe.active:
+            problems.append(f"audit log dead: {self.daemon.failsafe.reason}; every pump stopped by the fail-safe")
+        elif audit is not None and audit.dead:
             problems.append("audit log cannot be written")
         for pid, channel in self.daemon.channels.items():
             task = tasks.get(pid)
@@ -141,7 +182,10 @@ class ControlLoop:
         return self.health.problems
 
     def tick(self) -> None:
-        self.daemon.tick_audit()
+        audit = self.daemon.audit
+        if audit is None or not audit.dead:
+            with contextlib.suppress(AuditError):  # the writer's on_dead hook has started the fail-safe
+                self.daemon.tick_audit()
         problems = self.check()
         self.ticks += 1
         if problems:
@@ -167,7 +211,8 @@ class ControlLoop:
             try:
                 self.tick()
             except Exception:  # a failing check withholds pings (systemd restarts us) but is logged once each
-                log.exception("control_loop_error")
+                with contextlib.suppress(Exception):
+                    log.exception("control_loop_error")
             await asyncio.sleep(self.tick_s)
 
 
@@ -186,7 +231,7 @@ async def serve(
     except ConfigError as exc:
         log.error("config_invalid", config=str(config_path), problems=[str(p) for p in exc.problems])
         for p in exc.problems:
-            print(f"driverd: config {config_path}: {p}", file=sys.stderr)
+            _say(f"driverd: config {config_path}: {p}")
         return EXIT_FAILED
     return await serve_config(config, clock or RealClock(), world=world, stop_event=stop_event, on_ready=on_ready,
                               install_signal_handlers=install_signal_handlers)
@@ -211,6 +256,19 @@ async def serve_config(
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.add_signal_handler(sig, _on_signal, stop, sig)
                 installed.append(sig)
+        # Past a file-size limit (RLIMIT_FSIZE / LimitFSIZE=) a write must fail with EFBIG, which the audit
+        # writer turns into the fail-safe, not kill the process with SIGXFSZ while pumps are running.
+        with contextlib.suppress(ValueError, OSError):
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    unsafe = unsafe_file_modes(config)
+    for problem in unsafe:
+        log.warning("unsafe_file_mode", problem=problem, mode=config.mode)
+    if unsafe and config.mode == "production":
+        for problem in unsafe:
+            _say(f"driverd: cannot start in production mode: {problem}")
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+        return EXIT_FAILED
     daemon = Daemon(config, clock, world=world)
     server = ControlServer(daemon, config.control_socket, config.socket_mode)
     control = ControlLoop(daemon, stall_after_s=stall_after_s or stall_threshold_s(config),
@@ -229,7 +287,7 @@ async def serve_config(
                 log.error("daemon_start_failed", error=f"{type(exc).__name__}: {exc}")
             else:  # a bug: keep the traceback in the (JSON) log, not on the console
                 log.exception("daemon_start_failed", error=f"{type(exc).__name__}: {exc}")
-            print(f"driverd: cannot start: {exc}", file=sys.stderr)
+            _say(f"driverd: cannot start: {exc}")
             code = EXIT_FAILED
             return code
         control_task = asyncio.create_task(control.run(), name="control-loop")
@@ -238,9 +296,12 @@ async def serve_config(
                  stall_after_s=control.stall_after_s)
         if on_ready is not None:
             on_ready(daemon, server, control)
-        await stop.wait()
-        notify("STOPPING=1\nSTATUS=stopping")
-        log.info("daemon_stopping")
+        code = await _run_until_stopped(daemon, config, stop)
+        if code == EXIT_OK:
+            notify("STOPPING=1\nSTATUS=stopping")
+        else:
+            notify("STOPPING=1\nSTATUS=" + _dead_status(daemon))
+        _safe_log("info", "daemon_stopping")
     finally:
         if control_task is not None:
             control_task.cancel()
@@ -249,17 +310,68 @@ async def serve_config(
         with contextlib.suppress(Exception):
             await server.close()
         if started:
+            if daemon.failsafe.active:  # a stop mid-fail-safe: let it finish stopping the pumps first
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(daemon.failsafe.done.wait(), timeout=stall_threshold_s(config))
             try:
                 await daemon.stop()
             except Exception as exc:
-                log.error("daemon_stop_failed", error=f"{type(exc).__name__}: {exc}")
-                code = EXIT_FAILED
+                _safe_log("error", "daemon_stop_failed", error=f"{type(exc).__name__}: {exc}")
+                code = max(code, EXIT_FAILED)
+            if daemon.failsafe.active:  # the log died during the stop itself: the pumps still get their stop
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(daemon.failsafe.done.wait(), timeout=stall_threshold_s(config))
+                code = EXIT_AUDIT_DEAD
         for sig in installed:
             loop.remove_signal_handler(sig)
-        log.info("daemon_stopped", exit_code=code)
+        _safe_log("info", "daemon_stopped", exit_code=code)
     return code
 
 
+async def _run_until_stopped(daemon: Daemon, config: DaemonConfig, stop: asyncio.Event) -> int:
+    """Wait for a stop signal, or for the fail-safe to finish; after the latter, hold so `status` can show
+    what happened (a signal ends the hold early) and return EXIT_AUDIT_DEAD."""
+    stopped = asyncio.ensure_future(stop.wait())
+    failed = asyncio.ensure_future(daemon.failsafe.done.wait())
+    try:
+        await asyncio.wait((stopped, failed), return_when=asyncio.FIRST_COMPLETED)
+        if not daemon.failsafe.active:
+            return EXIT_OK
+        await failed
+        fs = daemon.failsafe
+        safe = sorted(pid for pid, r in fs.stops.items() if r.stopped)
+        unsafe = sorted(pid for pid, r in fs.stops.items() if not r.stopped)
+        notify("STATUS=" + _dead_status(daemon))
+        _say(f"driverd: the audit log cannot be written: {fs.reason}")
+        _say(f"driverd: fail-safe: pumps stopped and read back: {', '.join(safe) or 'none'}"
+             + (f"; NOT verified stopped: {', '.join(unsafe)}" if unsafe else ""))
+        _say(f"driverd: refusing every request; exiting with code {EXIT_AUDIT_DEAD} in {config.failsafe_hold_s:g} s "
+             "(free space or fix the disk; the restart repairs a torn last line by itself)")
+        _safe_log("error", "audit_dead_exit_pending", hold_s=config.failsafe_hold_s, stopped=safe,
+                  not_verified=unsafe)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(stopped), timeout=config.failsafe_hold_s)
+        return EXIT_AUDIT_DEAD
+    finally:
+        for fut in (stopped, failed):
+            fut.cancel()
+
+
+def _dead_status(daemon: Daemon) -> str:
+    fs = daemon.failsafe
+    unsafe = sorted(pid for pid, r in fs.stops.items() if not r.stopped)
+    text = f"audit log dead: {fs.reason}; pumps stopped by fail-safe" + (
+        f" except {', '.join(unsafe)} (not verified)" if unsafe else "")
+    return text[:400]
+
+
 def _on_signal(stop: asyncio.Event, sig: int) -> None:
-    log.info("signal_received", signal=signal.Signals(sig).name)
+    # Set the stop first: nothing before it may fail (a log write to a closed stderr raised EPIPE here once,
+    # and the signal was lost).
     stop.set()
+    _safe_log("info", "signal_received", signal=signal.Signals(sig).name)
+
+
+def _safe_log(level: str, event: str, **fields: Any) -> None:
+    with contextlib.suppress(Exception):
+        getattr(log, level)(event, **fields)
