@@ -98,7 +98,8 @@ def status(
     for p in reply.get("pumps", []):
         if not isinstance(p, Mapping):
             continue
-        alarm = p.get("alarm") or "-"
+        causes = p.get("alarms")
+        alarm = ", ".join(map(str, causes)) if isinstance(causes, list) and causes else (p.get("alarm") or "-")
         lock = " taper-lock" if p.get("taper_lock") else ""
         typer.echo(f"{p.get('pump_id')!s:<12}{p.get('phase')!s:<11}{p.get('course_id') or '-'!s:<20}"
                    f"{p.get('level_mg_per_24h')!s:>8}{p.get('commanded_ml_per_h')!s:>10}"

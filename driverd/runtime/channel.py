@@ -81,7 +81,9 @@ class Channel:
         self.inbox: asyncio.Queue[Request] = asyncio.Queue()
         self.connected = False
         self.failing_since: datetime | None = None
-        self.link_lost = False
+        # Recovered during an outage (the log says the link was lost): the link counts as lost until the pump
+        # answers, so LinkRestored is fed then and `status` never shows it up while resume is refused link_down.
+        self.link_lost = not state.link_up
         self.last_status: PumpStatus | None = None
         self.last_error = ""
         self.polls = 0

@@ -250,6 +250,7 @@ class Daemon:
                 "delivered_ml": fmt_dec(s.delivered_ml),
                 "taper_lock": s.taper_lock,
                 "alarm": s.alarm_code or None,
+                "alarms": list(s.alarm_causes),  # every active cause, in the order raised
                 "link": "lost" if ch.link_lost else ("up" if ch.connected else "down"),
                 "pump_state": st.state.value if st else None,
                 "pump_rate_ml_per_h": fmt_dec(st.rate_ml_per_h) if st else None,
