@@ -597,15 +597,16 @@ def _check_deviation(state: CourseState, protocol: ProtocolSpec, now: datetime, 
         if state.commanded_rate > 0 and state.last_sample is not None:
             state = replace(state, deviation_base=state.last_sample)
         return state, cmds
-    window = timedelta(minutes=float(protocol.deviation_window_minutes))
-    if now - base.at < window:
+    # At least the configured window; at low rates up to the stretched one, so small faults show above the
+    # counter's step while a large one is caught as soon as the configured window has passed.
+    if now - base.at < timedelta(minutes=float(protocol.deviation_window_minutes)):
         return state, cmds
-    start = _sample_before(state, now - window)
+    start = _sample_before(state, now - _deviation_window(protocol, state.commanded_rate))
     if start is None or start.at < base.at:
         start = base
     expected = state.commanded_rate * hours_between(start.at, now)
     actual = state.delivered_ml - start.delivered_ml
-    if abs(actual - expected) <= expected * protocol.deviation_limit + 2 * protocol.counter_resolution_ml:
+    if abs(actual - expected) <= max(expected * protocol.deviation_limit, 2 * protocol.counter_resolution_ml):
         return state, cmds
     code = "over_infusion" if actual > expected else "under_infusion"
     detail = f"delivered {actual} mL vs expected {expected:.4f} mL over {now - start.at}"
@@ -614,6 +615,15 @@ def _check_deviation(state: CourseState, protocol: ProtocolSpec, now: datetime, 
         state, stop = _stop_in_alarm(state, protocol, now, code)
         more += stop
     return state, cmds + more
+
+
+def _deviation_window(protocol: ProtocolSpec, rate: Decimal) -> timedelta:
+    """The configured window, stretched at low rates until the counter's display step (read at both ends) is at
+    most `deviation_limit` of the expected volume: then a correct pump never alarms and a fault twice the limit
+    always does. At 0.416 mL/h with a 0.01 mL step and 10 % that is 29 min instead of 15."""
+    configured = timedelta(minutes=float(protocol.deviation_window_minutes))
+    needed_h = 2 * protocol.counter_resolution_ml / (protocol.deviation_limit * rate)
+    return max(configured, timedelta(microseconds=int(needed_h * 3_600_000_000)))
 
 
 def _sample_before(state: CourseState, at: datetime) -> Sample | None:

@@ -229,6 +229,8 @@ def test_start_at_every_boundary_and_torn_cut(course_log: Any, tmp_path: Path) -
             assert torn == states, f"torn cut inside seq {last_seq + 1} recovered another state"
             torn_started += 1
     assert started == len(lines) and torn_started == len(lines) - 1
+    print(f"crash points: {started} record boundaries started, {torn_started} torn cuts started, "
+          f"{len({n for n, _ in lines})} segments")
 
 
 def test_daemon_restarts_and_logs_on_at_boundaries(course_log: Any, tmp_path: Path) -> None:
@@ -250,3 +252,4 @@ def test_daemon_restarts_and_logs_on_at_boundaries(course_log: Any, tmp_path: Pa
         assert verify_log(dest).ok
         tried += 1
     assert tried > 40
+    print(f"daemon restarts at {tried} boundaries: all started, logged on and started again")
