@@ -21,6 +21,7 @@ Rules this driver keeps:
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
@@ -51,6 +52,10 @@ from drivers.modbus import codec
 from drivers.modbus.codec import CodecError
 from drivers.modbus.regmap import BIT_TABLES, DEFAULT_MAP, Point, RegisterMap, Table, load_map
 from drivers.url import DriverURL
+
+# pymodbus logs connection failures itself; without a handler they reach stderr as raw text through logging's
+# last resort. The driver reports every failure as a DriverError, so the library's own lines are dropped here.
+logging.getLogger("pymodbus").addHandler(logging.NullHandler())
 
 _READ_FC: Final[dict[Table, int]] = {"coils": 1, "discrete_inputs": 2, "holding_registers": 3, "input_registers": 4}
 _MAX_REGS: Final = 125  # per read request (Modbus limit)
