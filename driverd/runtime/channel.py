@@ -90,6 +90,7 @@ class Channel:
         self.stopping = False
         self._primed_for: str | None = None
         self.last_input_seq = 0  # seq of the last input record logged (a reply names its request's record)
+        self.last_result: tuple[Setpoint, SetpointResult] | None = None  # the last setpoint applied, its outcome
         self._wake: asyncio.Future[Any] | None = None  # the channel's current wait, if it is waiting
         self._on_change = on_change
         self._clock_watch = ClockWatch(clock, clock_step_tolerance)
@@ -140,6 +141,7 @@ class Channel:
         for cmd in cmds:
             if isinstance(cmd, ApplySetpoint):
                 result = await self._apply(cmd)
+                self.last_result = (cmd.setpoint, result)
                 await self.execute(self.feed(result))
 
     # ------------------------------------------------------------------------------------------ I/O
@@ -163,7 +165,9 @@ class Channel:
                     # (-> alarm); only a clinician's resume acknowledges it. The setpoint is not sent.
                     self.last_status = status
                     await self.handle(self._report(status))
-                    return SetpointResult(self.clock.now(), sp.id, status.rate_ml_per_h,
+                    # What it delivers (0), not its programmed rate: a setpoint not sent must never read back
+                    # as verified.
+                    return SetpointResult(self.clock.now(), sp.id, status.delivering_ml_per_h,
                                           f"pump in alarm ({', '.join(sorted(a.value for a in status.alarms))}): "
                                           "not sent")
                 readback = await self._io(self.driver.set_rate(sp.rate_ml_per_h))
@@ -308,6 +312,7 @@ class Channel:
                     return
             await self.check_clock()  # a command right after a step is judged with the clock fault known
             event = request.make_event(self.clock.now())
+            self.last_result = None
             cmds = self.feed(event)
             seq = self.last_input_seq  # the request's own record
             await self.execute(cmds)
@@ -318,23 +323,32 @@ class Channel:
             result: dict[str, Any] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
         else:
             refusals = [{"reason": c.reason, "detail": c.detail} for c in cmds if isinstance(c, Refused)]
-            result = {"ok": not refusals, "refusals": refusals, "phase": self.state.phase.value, "seq": seq,
-                      "durable_seq": self.audit.seq, **self.pump_view()}
+            view = self.pump_view()
+            # "OK" only if nothing was refused and whatever was sent is verified at the pump.
+            result = {"ok": not refusals and view["verified"], "refusals": refusals, "phase": self.state.phase.value,
+                      "seq": seq, "durable_seq": self.audit.seq, **view}
         if not request.reply.done():
             request.reply.set_result(result)
 
     def pump_view(self) -> dict[str, Any]:
-        """What the pump does now, as last read, for a reply: a clinician is told what the pump runs, and whether
-        the last setpoint was verified, never just "OK"."""
-        st = self.last_status
+        """What the pump runs now, for a reply: a clinician is told the rate the pump read back for the setpoint
+        this request sent (or, if it sent none, the last poll), and whether that is what was commanded; never a
+        bare "OK"."""
         pending = self.state.pending
-        return {
-            "pump_state": st.state.value if st else None,
-            "pump_rate_ml_per_h": fmt_dec(st.delivering_ml_per_h) if st else None,
-            "commanded_ml_per_h": fmt_dec(self.state.commanded_rate),
-            "verified": pending is None,
-            "unverified_setpoint": None if pending is None else pending.setpoint.id,
-        }
+        view: dict[str, Any] = {"commanded_ml_per_h": fmt_dec(self.state.commanded_rate),
+                                "unverified_setpoint": None if pending is None else pending.setpoint.id}
+        if self.last_result is not None:
+            sp, res = self.last_result
+            delivered = res.readback_ml_per_h
+            view["pump_state"] = None if delivered is None else ("infusing" if delivered > 0 else "stopped")
+            view["pump_rate_ml_per_h"] = None if delivered is None else fmt_dec(delivered)
+            view["verified"] = pending is None and delivered == sp.rate_ml_per_h
+            return view
+        st = self.last_status
+        view["pump_state"] = st.state.value if st else None
+        view["pump_rate_ml_per_h"] = fmt_dec(st.delivering_ml_per_h) if st else None
+        view["verified"] = pending is None
+        return view
 
     def _expired(self, request: Request) -> bool:
         """A request whose caller gave up (its reply cancelled or already settled) is never applied late:

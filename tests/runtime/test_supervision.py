@@ -269,10 +269,18 @@ async def _two_causes(tmp_path: Path, transport: str) -> None:
 
         r.model(NAME).clear_alarm = still_blocked  # type: ignore[method-assign]
         reply = await r.command(NAME, "resume", reason="try")
-        assert reply["ok"] is False and [x["reason"] for x in reply["refusals"]] == ["alarm_active"], reply
+        assert reply["ok"] is False, reply
         _stopped(r)
         assert r.channel(NAME).state.phase.value == "alarm"
-        assert set((await r.status())[NAME]["alarms"]) == {"link_lost", "pump_alarm:occlusion"}
+        if transport.startswith("modbus"):
+            assert [x["reason"] for x in reply["refusals"]] == ["alarm_active"], reply
+            assert set((await r.status())[NAME]["alarms"]) == {"link_lost", "pump_alarm:occlusion"}
+        else:
+            # New Era shows a latched alarm once: the status read after the acknowledgement does not see it, so
+            # the resume is accepted, not sent (the pre-send read finds the pump in alarm) and not verified; the
+            # link cause was acknowledged, the occlusion is raised again on its own.
+            assert reply["verified"] is False and reply["pump_state"] == "stopped", reply
+            assert (await r.status())[NAME]["alarms"] == ["pump_alarm:occlusion"]
         # Cleared: the acknowledgement now removes the occlusion, and the resume is accepted.
         r.model(NAME).clear_alarm = original  # type: ignore[method-assign]
         before = len(r.model(NAME).rate_history())
@@ -280,8 +288,10 @@ async def _two_causes(tmp_path: Path, transport: str) -> None:
         reply = await r.command(NAME, "resume", reason="line cleared")
         assert reply["ok"] is True, reply
         cleared = [n for n in _since(events(r.records(), "notice", NAME), resumed_at) if n["code"] == "alarm_cleared"]
-        assert len(cleared) == 1, cleared
-        assert "link_lost" in cleared[0]["detail"] and "pump_alarm:occlusion" in cleared[0]["detail"], cleared
+        # Every cause is acknowledged by name (on New Era the link cause went with the first, failed resume).
+        assert len(cleared) == (1 if transport.startswith("modbus") else 2), cleared
+        named = " ".join(c["detail"] for c in cleared)
+        assert "link_lost" in named and "pump_alarm:occlusion" in cleared[-1]["detail"], cleared
         ch = r.channel(NAME)
         assert ch.state.phase.value == "titrating" and ch.state.verified_rate == ch.state.commanded_rate <= verified
         pump = r.model(NAME).status()
