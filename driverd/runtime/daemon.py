@@ -52,6 +52,9 @@ class Daemon:
         self.versions: dict[str, int] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self.changed = asyncio.Event()  # set whenever any course state changes (demo progress, status)
+        # Installed by the control server: False when the requesting client is over its budget of individually
+        # logged refusals (it counts them and logs a summary record instead). None: log every refusal.
+        self.refusal_gate: Callable[[str], bool] | None = None
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
@@ -123,8 +126,9 @@ class Daemon:
 
     def _refuse(self, pump_id: str | None, source: str, reason: str, detail: str) -> dict[str, Any]:
         assert self.audit is not None
-        self.audit.append("request_refused", pump_id=pump_id, course_id=None, durable=True, source=source,
-                          reason=reason, detail=detail[:1000])
+        if self.refusal_gate is None or self.refusal_gate(reason):
+            self.audit.append("request_refused", pump_id=pump_id, course_id=None, durable=True, source=source,
+                              reason=reason, detail=detail[:1000])
         return {"ok": False, "refusals": [{"reason": reason, "detail": detail}]}
 
     async def push_schedule(self, doc: Any) -> dict[str, Any]:
