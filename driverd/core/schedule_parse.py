@@ -386,14 +386,14 @@ class _Reader:
         if not d.is_finite() or d < 0 or d >= QUANTITY_LIMIT:
             self.bad(path, "range", f"must be >= 0 and < {QUANTITY_LIMIT}")
             return None
-        if d != 0:
-            # Exact check on the digits (no context arithmetic): at most 6 places after trailing zeros go.
-            _, digits, exponent = d.as_tuple()
-            assert isinstance(exponent, int)
-            trailing = len(digits) - len("".join(map(str, digits)).rstrip("0"))
-            if exponent + trailing < -QUANTITY_PLACES:
-                self.bad(path, "range", f"at most {QUANTITY_PLACES} decimal places")
-                return None
+        # Exact check on the digits (no context arithmetic): at most 6 places after trailing zeros go. Zero too:
+        # 0E-999999999 is zero, but printing it takes a gigabyte of "0.000...".
+        _, digits, exponent = d.as_tuple()
+        assert isinstance(exponent, int)
+        trailing = len(digits) - len("".join(map(str, digits)).rstrip("0"))
+        if exponent + trailing < -QUANTITY_PLACES:
+            self.bad(path, "range", f"at most {QUANTITY_PLACES} decimal places")
+            return None
         return d
 
     def time(self, value: object, path: str) -> datetime | None:

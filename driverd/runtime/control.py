@@ -53,7 +53,7 @@ from typing import Any, Final, Protocol
 
 import structlog
 
-from driverd.core.canonical import canonical_bytes
+from driverd.core.canonical import canonical_bytes, decimal_text
 from driverd.core.errors import DriverdError, ValidationError
 from driverd.core.schedule_parse import load_json
 from driverd.runtime.config import ControlSettings, valid_pump_id
@@ -162,11 +162,22 @@ def parse_request(line: bytes, limits: ControlSettings = DEFAULT_LIMITS) -> Requ
     by = _text(doc, "by", limits.max_text_chars)
     reason = _text(doc, "reason", limits.max_text_chars)
     dose = doc.get("dose_mg_per_24h")
-    if dose is not None and (isinstance(dose, bool) or not isinstance(dose, (str, int, Decimal))):
-        raise RequestError("a decimal string or number", "dose_mg_per_24h")
+    return CommandRequest(pump_id, action, by, reason, None if dose is None else _dose(dose))
+
+
+def _dose(dose: object) -> Decimal:
+    """The dose as a plain Decimal. Exponent forms are resolved here: 0E-999999999 is a valid zero whose plain
+    text is a gigabyte long, and the daemon prints every dose it is given."""
+    rule = f"a decimal string of at most {MAX_DOSE_CHARS} characters, or a number"
+    if isinstance(dose, bool) or not isinstance(dose, (str, int, Decimal)):
+        raise RequestError(rule, "dose_mg_per_24h")
     if isinstance(dose, str) and len(dose) > MAX_DOSE_CHARS:
-        raise RequestError(f"a decimal string of at most {MAX_DOSE_CHARS} characters", "dose_mg_per_24h")
-    return CommandRequest(pump_id, action, by, reason, dose)
+        raise RequestError(rule, "dose_mg_per_24h")
+    try:
+        value = Decimal(dose)
+        return Decimal(decimal_text(value))  # refuses more than 100 digits in plain notation
+    except (ArithmeticError, ValueError):
+        raise RequestError(f"{rule} of at most 100 digits in plain notation", "dose_mg_per_24h") from None
 
 
 def _schedule(schedule: object, limits: ControlSettings) -> Mapping[str, Any]:
