@@ -1,8 +1,8 @@
 """Reading TOML text (daemon config, drug library, register maps) so that any input is a ConfigError.
 
-tomllib alone lets some inputs escape as other exceptions: invalid UTF-8 (UnicodeDecodeError) and deeply
-nested arrays or inline tables (RecursionError). The size bound keeps a hostile file from costing more
-than a real configuration ever could.
+tomllib alone lets some inputs escape as other exceptions: invalid UTF-8 (UnicodeDecodeError), deeply nested
+arrays or inline tables (RecursionError) and integers of more than 4300 digits (a plain ValueError). The size
+bound keeps a hostile file from costing more than a real configuration ever could.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def load_toml(data: bytes | str, source: str = "/") -> dict[str, Any]:
         text = data
     try:
         return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([Problem(source, "toml", f"not valid TOML: {exc}")]) from None
+    except ValueError as exc:  # TOMLDecodeError, or an integer beyond Python's digit limit
+        raise ConfigError([Problem(source, "toml", f"not valid TOML: {str(exc)[:300]}")]) from None
     except RecursionError:
         raise ConfigError([Problem(source, "toml", "not valid TOML: nested too deeply")]) from None
