@@ -182,7 +182,10 @@ _DECODER: Final = json.JSONDecoder(parse_float=_bad_float, parse_constant=_bad_c
 
 def _parse(line: bytes) -> dict[str, Any]:
     text = line.decode("utf-8")  # UnicodeDecodeError is a ValueError
-    obj = _DECODER.decode(text)
+    try:
+        obj = _DECODER.decode(text)
+    except RecursionError:  # hostile nesting; no record the writer makes is nested more than a few levels
+        raise ValueError("JSON nested too deeply") from None
     if not isinstance(obj, dict):
         raise ValueError("record is not a JSON object")
     return obj

@@ -15,6 +15,7 @@ from typing import Any, Final
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from driverd.audit.canonical import ZERO_HASH, loads_line, parse_ts, record_hash, sha256_hex
+from driverd.audit.reader import MAX_LINE_BYTES, LineTooLong, bounded_lines
 from driverd.audit.segments import resolve_log
 from driverd.audit.signing import checkpoint_signature_ok, fingerprint, public_from_b64
 from driverd.core.errors import AuditError
@@ -65,17 +66,20 @@ class _Fail(Exception):
         self.reason = reason
 
 
-def _lines(path: Path, progress: Callable[[int], None] | None) -> Iterator[tuple[int, bytes, bool]]:
-    """(line number, line without newline, had newline)."""
+def _lines(path: Path, progress: Callable[[int], None] | None) -> Iterator[tuple[int, bytes | None, bool]]:
+    """(line number, line without newline or None if over-long, had newline)."""
+    n = 0
     try:
         with path.open("rb") as f:
-            for n, raw in enumerate(f, start=1):
+            for n, raw in enumerate(bounded_lines(f), start=1):  # n is also used after the loop
                 if progress is not None:
                     progress(len(raw))
                 if raw.endswith(b"\n"):
                     yield n, raw[:-1], True
                 else:
                     yield n, raw, False
+    except LineTooLong:
+        yield n + 1, None, False
     except OSError as exc:
         raise AuditError(f"{path}: cannot read: {exc.strerror}") from None
 
@@ -114,6 +118,8 @@ def verify_log(
         for lineno, line, had_newline in _lines(seg_path, progress):
             expect_desc = expected_seq
             try:
+                if line is None:
+                    raise _Fail(f"line longer than {MAX_LINE_BYTES} bytes (not a record the writer makes)")
                 if not had_newline:
                     raise _Fail("torn tail: no newline at the end (partial write; the writer truncates it on reopen)")
                 try:

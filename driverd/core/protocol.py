@@ -6,7 +6,6 @@ Parsing takes text, not a path: the shell reads the file, the core judges it. Un
 from __future__ import annotations
 
 import hashlib
-import tomllib
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -20,6 +19,7 @@ from driverd.core.quantities import (
     MAX_VOLUME_ML,
     parse_decimal,
 )
+from driverd.core.toml_text import load_toml
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,10 +121,7 @@ def _field(value: Any, kind: str, path: str, problems: list[Problem]) -> Any:
 def parse_protocol(text: str) -> ProtocolSpec:
     """Parse and validate a drug-library TOML document. Raises ConfigError listing every problem."""
     problems: list[Problem] = []
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([Problem("/", "toml", f"not valid TOML: {exc}")]) from None
+    doc = load_toml(text)
     values: dict[str, Any] = {}
     for key in doc:
         if key not in _SCHEMA and key not in ("syringes", "supervision"):

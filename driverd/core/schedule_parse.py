@@ -100,10 +100,24 @@ def _no_constants(name: str) -> object:
     raise _Refused("json", f"{name} is not a JSON number")
 
 
+_MAX_NUMBER_CHARS: Final = 100
+
+
 def _bounded_int(text: str) -> int:
-    if len(text.lstrip("-")) > 100:
+    if len(text.lstrip("-")) > _MAX_NUMBER_CHARS:
         raise _Refused("range", f"integer literal with {len(text)} digits")
     return int(text)
+
+
+def _bounded_decimal(text: str) -> Decimal:
+    # A literal like 1e999999999999999999999 is beyond Decimal's exponent range (InvalidOperation), and a
+    # 100 kB literal is no quantity: both are refused here, before any arithmetic sees them.
+    if len(text) > _MAX_NUMBER_CHARS:
+        raise _Refused("range", f"number literal of {len(text)} characters")
+    try:
+        return Decimal(text)
+    except ArithmeticError:
+        raise _Refused("range", f"number {text[:40]} is out of range") from None
 
 
 def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
@@ -131,7 +145,7 @@ def load_json(data: bytes | str) -> object:
     try:
         return json.loads(
             text,
-            parse_float=Decimal,
+            parse_float=_bounded_decimal,
             parse_int=_bounded_int,
             parse_constant=_no_constants,
             object_pairs_hook=_unique_keys,
@@ -372,14 +386,14 @@ class _Reader:
         if not d.is_finite() or d < 0 or d >= QUANTITY_LIMIT:
             self.bad(path, "range", f"must be >= 0 and < {QUANTITY_LIMIT}")
             return None
-        if d != 0:
-            # Exact check on the digits (no context arithmetic): at most 6 places after trailing zeros go.
-            _, digits, exponent = d.as_tuple()
-            assert isinstance(exponent, int)
-            trailing = len(digits) - len("".join(map(str, digits)).rstrip("0"))
-            if exponent + trailing < -QUANTITY_PLACES:
-                self.bad(path, "range", f"at most {QUANTITY_PLACES} decimal places")
-                return None
+        # Exact check on the digits (no context arithmetic): at most 6 places after trailing zeros go. Zero too:
+        # 0E-999999999 is zero, but printing it takes a gigabyte of "0.000...".
+        _, digits, exponent = d.as_tuple()
+        assert isinstance(exponent, int)
+        trailing = len(digits) - len("".join(map(str, digits)).rstrip("0"))
+        if exponent + trailing < -QUANTITY_PLACES:
+            self.bad(path, "range", f"at most {QUANTITY_PLACES} decimal places")
+            return None
         return d
 
     def time(self, value: object, path: str) -> datetime | None:

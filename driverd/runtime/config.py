@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import hashlib
-import tomllib
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, TypeGuard
 
 from driverd.core.errors import ConfigError, Problem, ValidationError
+from driverd.core.toml_text import MAX_TOML_BYTES, load_toml
 from drivers.url import parse_url
+
+MAX_PATH_CHARS: Final = 4096
+MAX_URL_CHARS: Final = 1024
+_CONTROL_CHARS: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +30,43 @@ class AuditSettings:
     group_commit_ms: int = 200
     group_commit_records: int = 256
     segment_max_records: int = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class ControlSettings:
+    """Bounds of the control socket ([control] in driverd.toml): what one client can cost the daemon."""
+
+    max_connections: int = 64  # all clients together; when full, the longest-idle connection makes room
+    max_connections_per_peer: int = 8  # one client process (SO_PEERCRED pid); its own idlest makes room
+    max_inflight_per_peer: int = 4  # requests of one process being worked on at once; more wait their turn
+    max_request_bytes: int = 256 * 1024  # one request line
+    max_schedule_bytes: int = 64 * 1024  # a pushed schedule, in canonical JSON
+    max_text_chars: int = 256  # `by` and `reason` of a command
+    read_timeout_s: float = 10.0  # a whole request line must arrive within this (slow clients are dropped)
+    request_timeout_s: float = 30.0  # an answer is due within this, else "outcome unknown"
+    refusal_log_burst: int = 20  # refusals logged one by one per client user (uid) before throttling
+    refusal_log_per_minute: int = 60  # sustained rate of those; the rest become one summary record
+
+
+# key -> (lowest, highest): integers where the default is an int, numbers otherwise.
+_CONTROL_RANGES: Final[dict[str, tuple[float, float]]] = {
+    "max_connections": (2, 4096),
+    "max_connections_per_peer": (1, 4096),
+    "max_inflight_per_peer": (1, 1024),
+    "max_request_bytes": (1024, 16 * 1024 * 1024),
+    "max_schedule_bytes": (1024, 1024 * 1024),
+    "max_text_chars": (1, 256),  # the daemon refuses longer `by`/`reason` anyway
+    "read_timeout_s": (0.1, 3600),
+    "request_timeout_s": (0.1, 3600),
+    "refusal_log_burst": (1, 100_000),
+    "refusal_log_per_minute": (1, 1_000_000),
+}
+
+
+def valid_pump_id(pid: object) -> TypeGuard[str]:
+    """1-64 letters, digits, '-' or '_' (the rule for [[pumps]] ids; the control API applies it too)."""
+    return (isinstance(pid, str) and 0 < len(pid) <= 64
+            and pid.replace("-", "").replace("_", "").isalnum())
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +93,7 @@ class DaemonConfig:
     # After the audit log dies and every pump is stopped: real seconds the daemon stays up to answer `status`
     # (health: audit_dead) before it exits non-zero. Keep it below the unit's WatchdogSec.
     failsafe_hold_s: float = 5.0
+    control: ControlSettings = field(default_factory=ControlSettings)
 
 
 MODES = ("production", "bench")
@@ -65,39 +108,55 @@ _DAEMON_KEYS: dict[str, type | tuple[type, ...]] = {
 _REQUIRED = ("protocol", "audit_dir", "trust_dir", "control_socket")
 
 
+def _show(key: object) -> str:
+    """A key for an error message: quoted, escaped, and short whatever the file holds."""
+    text = ascii(str(key))
+    return text if len(text) <= 66 else text[:60] + "...'"
+
+
 def load_config(path: Path) -> DaemonConfig:
     try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError([Problem(str(path), "readable", exc.strerror or str(exc))]) from None
+        with path.open("rb") as fh:
+            data = fh.read(MAX_TOML_BYTES + 1)  # enough to tell it is too large without reading it all
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+        detail = (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
+        raise ConfigError([Problem(_show(path)[1:-1], "readable", detail)]) from None
     return parse_config(data, path)
 
 
 def parse_config(data: bytes, path: Path) -> DaemonConfig:
     problems: list[Problem] = []
-    try:
-        doc = tomllib.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError([Problem("/", "toml", f"not valid TOML: {exc}")]) from None
+    doc = load_toml(data)
     for key in doc:
-        if key not in ("daemon", "audit", "pumps"):
-            problems.append(Problem(key, "unknown-key", f"unknown section {key!r}"))
+        if key not in ("daemon", "audit", "control", "pumps"):
+            problems.append(Problem(_show(key)[1:-1], "unknown-key", f"unknown section {_show(key)}"))
     daemon = doc.get("daemon")
     if not isinstance(daemon, dict):
         raise ConfigError([*problems, Problem("daemon", "required", "missing [daemon] table")])
     for key, value in daemon.items():
         want = _DAEMON_KEYS.get(key)
         if want is None:
-            problems.append(Problem(f"daemon.{key}", "unknown-key", f"unknown key {key!r}"))
+            problems.append(Problem(f"daemon.{_show(key)[1:-1]}", "unknown-key", f"unknown key {_show(key)}"))
         elif isinstance(value, bool) or not isinstance(value, want):
             problems.append(Problem(f"daemon.{key}", "type", f"wrong type {type(value).__name__}"))
+        elif isinstance(value, str) and key != "socket_mode" and (len(value) > MAX_PATH_CHARS
+                                                                   or _CONTROL_CHARS.search(value)):
+            # A NUL byte would only fail later, deep in the file system calls.
+            problems.append(Problem(f"daemon.{key}", "path", f"a path of at most {MAX_PATH_CHARS} characters "
+                                    "without control characters (NUL, newline, ...)"))
     for key in _REQUIRED:
         if key not in daemon:
             problems.append(Problem(f"daemon.{key}", "required", "missing"))
     base = path.parent
 
     def p(key: str) -> Path:
-        return (base / str(daemon[key])).resolve() if key in daemon else Path()
+        if key not in daemon or any(pr.path == f"daemon.{key}" for pr in problems):
+            return Path()
+        try:
+            return (base / str(daemon[key])).resolve()
+        except (OSError, RuntimeError, ValueError) as exc:  # e.g. a symlink loop
+            problems.append(Problem(f"daemon.{key}", "path", f"cannot resolve: {exc}"))
+            return Path()
 
     def num(key: str, default: float, lo: float, hi: float) -> float:
         v = daemon.get(key, default)
@@ -127,16 +186,50 @@ def parse_config(data: bytes, path: Path) -> DaemonConfig:
         problems.append(Problem("daemon.socket_mode", "mode", "octal mode without access for others, e.g. \"0660\""))
         socket_mode = 0o660
     audit = _audit(doc.get("audit", {}), problems)
+    control = _control(doc.get("control", {}), problems)
     pumps = _pumps(doc.get("pumps"), problems)
+    paths = {key: p(key) for key in ("protocol", "audit_dir", "audit_key", "trust_dir", "control_socket")}
     if problems:
         raise ConfigError(problems)
     return DaemonConfig(
-        path=path, sha256=hashlib.sha256(data).hexdigest(), protocol=p("protocol"), audit_dir=p("audit_dir"),
-        audit_key=p("audit_key") if "audit_key" in daemon else None, trust_dir=p("trust_dir"),
-        control_socket=p("control_socket"), socket_mode=socket_mode, poll_period_s=poll,
-        link_timeout_s=link_timeout, deadman_s=deadman, driver_timeout_s=timeout, pumps=pumps, audit=audit,
-        clock_step_tolerance_s=step_tolerance, mode=str(mode), failsafe_hold_s=hold,
+        path=path, sha256=hashlib.sha256(data).hexdigest(), protocol=paths["protocol"],
+        audit_dir=paths["audit_dir"], audit_key=paths["audit_key"] if "audit_key" in daemon else None,
+        trust_dir=paths["trust_dir"], control_socket=paths["control_socket"], socket_mode=socket_mode,
+        poll_period_s=poll, link_timeout_s=link_timeout, deadman_s=deadman, driver_timeout_s=timeout, pumps=pumps,
+        audit=audit, control=control, clock_step_tolerance_s=step_tolerance, mode=str(mode),
+        failsafe_hold_s=hold,
     )
+
+
+def _control(raw: Any, problems: list[Problem]) -> ControlSettings:
+    if not isinstance(raw, dict):
+        problems.append(Problem("control", "type", "expected a table"))
+        return ControlSettings()
+    defaults = ControlSettings()
+    values: dict[str, Any] = {}
+    value: Any
+    for key, value in raw.items():
+        bounds = _CONTROL_RANGES.get(key)
+        if bounds is None:
+            problems.append(Problem(f"control.{_show(key)[1:-1]}", "unknown-key", f"unknown key {_show(key)}"))
+            continue
+        lo, hi = bounds
+        integral = isinstance(getattr(defaults, key), int)
+        number = isinstance(value, int) or (not integral and isinstance(value, float))
+        if isinstance(value, bool) or not number or not lo <= value <= hi:
+            what = "an integer" if integral else "a number"
+            problems.append(Problem(f"control.{key}", "range", f"must be {what} in [{lo:g}, {hi:g}]"))
+        else:
+            values[key] = value if integral else float(value)
+    settings = ControlSettings(**values)
+    if settings.max_connections_per_peer > settings.max_connections:
+        problems.append(Problem("control.max_connections_per_peer", "consistency",
+                                "must not exceed control.max_connections"))
+    if settings.max_schedule_bytes > settings.max_request_bytes:
+        problems.append(Problem("control.max_schedule_bytes", "consistency",
+                                "must not exceed control.max_request_bytes (a schedule travels in one request)"))
+    assert {f.name for f in fields(ControlSettings)} == set(_CONTROL_RANGES)
+    return settings
 
 
 def _audit(raw: Any, problems: list[Problem]) -> AuditSettings:
@@ -147,7 +240,7 @@ def _audit(raw: Any, problems: list[Problem]) -> AuditSettings:
     values: dict[str, int] = {}
     for key, value in raw.items():
         if not hasattr(defaults, key):
-            problems.append(Problem(f"audit.{key}", "unknown-key", f"unknown key {key!r}"))
+            problems.append(Problem(f"audit.{_show(key)[1:-1]}", "unknown-key", f"unknown key {_show(key)}"))
         elif isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 10_000_000:
             problems.append(Problem(f"audit.{key}", "range", "must be an integer 1..10000000"))
         else:
@@ -168,9 +261,9 @@ def _pumps(raw: Any, problems: list[Problem]) -> tuple[PumpConfig, ...]:
             continue
         for key in entry:
             if key not in ("id", "url"):
-                problems.append(Problem(f"{where}.{key}", "unknown-key", f"unknown key {key!r}"))
+                problems.append(Problem(f"{where}.{_show(key)[1:-1]}", "unknown-key", f"unknown key {_show(key)}"))
         pid, url = entry.get("id"), entry.get("url")
-        if not isinstance(pid, str) or not pid or len(pid) > 64 or not pid.replace("-", "").replace("_", "").isalnum():
+        if not valid_pump_id(pid):
             problems.append(Problem(f"{where}.id", "format", "1-64 letters, digits, '-' or '_'"))
             continue
         if pid in seen:
@@ -178,6 +271,10 @@ def _pumps(raw: Any, problems: list[Problem]) -> tuple[PumpConfig, ...]:
         seen.add(pid)
         if not isinstance(url, str):
             problems.append(Problem(f"{where}.url", "required", "missing driver URL"))
+            continue
+        if len(url) > MAX_URL_CHARS or _CONTROL_CHARS.search(url):
+            problems.append(Problem(f"{where}.url", "format", f"at most {MAX_URL_CHARS} characters, no control "
+                                    "characters"))
             continue
         try:
             parse_url(url)

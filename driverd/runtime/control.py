@@ -15,37 +15,60 @@ schedule reaches the signature check with exactly the values that were signed.
 Access control is the socket file's mode and group (only the daemon's group can connect). Every connection is
 handled in its own task behind a catch-all: a malformed, oversized or slow request gets an error reply (or is
 closed) and never reaches or stops the daemon's loop.
+
+What one client can cost is bounded (ControlSettings, `[control]` in driverd.toml; docs/operations.md):
+- every text that can reach the audit log (pump id, by, reason, action, dose) and the pushed schedule's size
+  are checked here, before the daemon sees them; the request line itself is size-limited;
+- a whole request line must arrive within read_timeout_s, else the connection is dropped unanswered;
+- connections are capped in total and per client process (SO_PEERCRED pid). A new connection over a cap makes
+  room by closing an idle one (no request being worked on): that of the process holding the most connections,
+  the longest idle first. So slow or silent clients cannot lock out a status request; only connections that
+  are all busy with requests make a newcomer wait ("too many connections");
+- one process has at most max_inflight_per_peer push/command requests being worked on; its others wait;
+- refusals logged one by one are a token bucket per client user (uid): the excess is still answered but is
+  counted and logged as one `request_refused_summary` record (audit) / `control_warnings_suppressed` (ops log).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import dataclasses
 import errno
 import grp
 import json
 import os
+import re
 import socket
 import stat
 import struct
-from collections.abc import Mapping
-from dataclasses import dataclass
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Final, Protocol
 
 import structlog
 
-from driverd.core.canonical import canonical_bytes
+from driverd.core.canonical import canonical_bytes, decimal_text
 from driverd.core.errors import DriverdError, ValidationError
 from driverd.core.schedule_parse import load_json
+from driverd.runtime.config import ControlSettings, valid_pump_id
 
-MAX_REQUEST_BYTES: Final = 256 * 1024
+DEFAULT_LIMITS: Final = ControlSettings()
+MAX_REQUEST_BYTES: Final = DEFAULT_LIMITS.max_request_bytes
 MAX_REPLY_BYTES: Final = 8 * 1024 * 1024
-MAX_CONNECTIONS: Final = 16
-READ_TIMEOUT_S: Final = 10.0
-REQUEST_TIMEOUT_S: Final = 30.0
+MAX_CONNECTIONS: Final = DEFAULT_LIMITS.max_connections
+READ_TIMEOUT_S: Final = DEFAULT_LIMITS.read_timeout_s
+REQUEST_TIMEOUT_S: Final = DEFAULT_LIMITS.request_timeout_s
 MAX_SOCKET_PATH: Final = 107  # sun_path is 108 bytes including the terminating NUL
+MAX_ACTION_CHARS: Final = 32
+MAX_DOSE_CHARS: Final = 32
+SUMMARY_EVERY_S: Final = 60.0  # suppressed refusals are summarised at least this often
+_CONTROL_CHARS: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 log = structlog.get_logger("driverd.control")
 
@@ -101,10 +124,17 @@ _FIELDS: Final[dict[str, frozenset[str]]] = {
 }
 
 
-def parse_request(line: bytes) -> Request:
-    """One request line -> a typed request, or RequestError naming the field and the rule."""
-    if len(line) > MAX_REQUEST_BYTES:
-        raise RequestError(f"request larger than {MAX_REQUEST_BYTES} bytes")
+def _text(doc: Mapping[str, Any], name: str, max_chars: int) -> str:
+    value = doc.get(name)
+    if not isinstance(value, str) or not value.strip() or len(value) > max_chars or _CONTROL_CHARS.search(value):
+        raise RequestError(f"required text of 1..{max_chars} characters without control characters", name)
+    return value
+
+
+def parse_request(line: bytes, limits: ControlSettings = DEFAULT_LIMITS) -> Request:
+    """One request line -> a typed request, or RequestError naming the field and the rule (and the limit)."""
+    if len(line) > limits.max_request_bytes:
+        raise RequestError(f"request larger than {limits.max_request_bytes} bytes")
     try:
         doc = load_json(line)
     except ValidationError as exc:
@@ -120,24 +150,50 @@ def parse_request(line: bytes) -> Request:
         raise RequestError(f"unknown op {op[:40]!r}; expected one of " + ", ".join(_FIELDS), "op")
     for key in doc:
         if key not in allowed:
-            raise RequestError(f"unknown field for op {op!r}", str(key)[:64])
+            raise RequestError(f"unknown field for op {op!r}", ascii(str(key)[:64])[1:-1])
     if op == "status":
         return StatusRequest()
     if op == "push":
-        schedule = doc.get("schedule")
-        if not isinstance(schedule, Mapping):
-            raise RequestError("required: the signed schedule as a JSON object", "schedule")
-        return PushRequest(schedule)
-    texts: dict[str, str] = {}
-    for name in ("pump_id", "action", "by", "reason"):
-        value = doc.get(name)
-        if not isinstance(value, str):
-            raise RequestError("required string", name)
-        texts[name] = value
+        return PushRequest(_schedule(doc.get("schedule"), limits))
+    pump_id = doc.get("pump_id")
+    if not valid_pump_id(pump_id):
+        raise RequestError("required: a pump id of 1..64 letters, digits, '-' or '_'", "pump_id")
+    action = _text(doc, "action", MAX_ACTION_CHARS)
+    by = _text(doc, "by", limits.max_text_chars)
+    reason = _text(doc, "reason", limits.max_text_chars)
     dose = doc.get("dose_mg_per_24h")
-    if dose is not None and (isinstance(dose, bool) or not isinstance(dose, (str, int, Decimal))):
-        raise RequestError("a decimal string or number", "dose_mg_per_24h")
-    return CommandRequest(texts["pump_id"], texts["action"], texts["by"], texts["reason"], dose)
+    return CommandRequest(pump_id, action, by, reason, None if dose is None else _dose(dose))
+
+
+def _dose(dose: object) -> Decimal:
+    """The dose as a plain Decimal. Exponent forms are resolved here: 0E-999999999 is a valid zero whose plain
+    text is a gigabyte long, and the daemon prints every dose it is given."""
+    rule = f"a decimal string of at most {MAX_DOSE_CHARS} characters, or a number"
+    if isinstance(dose, bool) or not isinstance(dose, (str, int, Decimal)):
+        raise RequestError(rule, "dose_mg_per_24h")
+    if isinstance(dose, str) and len(dose) > MAX_DOSE_CHARS:
+        raise RequestError(rule, "dose_mg_per_24h")
+    try:
+        value = Decimal(dose)
+        return Decimal(decimal_text(value))  # refuses more than 100 digits in plain notation
+    except (ArithmeticError, ValueError):
+        raise RequestError(f"{rule} of at most 100 digits in plain notation", "dose_mg_per_24h") from None
+
+
+def _schedule(schedule: object, limits: ControlSettings) -> Mapping[str, Any]:
+    if not isinstance(schedule, Mapping):
+        raise RequestError("required: the signed schedule as a JSON object", "schedule")
+    try:
+        size = len(canonical_bytes(schedule))
+    except (TypeError, ValueError) as exc:  # e.g. a number of 200 digits, or nesting deeper than any schedule
+        raise RequestError(f"not a schedule document: {exc}", "schedule") from None
+    if size > limits.max_schedule_bytes:
+        raise RequestError(f"larger than {limits.max_schedule_bytes} bytes (canonical JSON)", "schedule")
+    pump_id = schedule.get("pump_id")
+    if isinstance(pump_id, str) and (len(pump_id) > 64 or _CONTROL_CHARS.search(pump_id)):
+        # Named in the refusal record even when the rest is refused: keep it short and printable there.
+        raise RequestError("a pump id of at most 64 characters without control characters", "schedule/pump_id")
+    return schedule
 
 
 def encode_request(payload: Mapping[str, Any]) -> bytes:
@@ -162,8 +218,8 @@ def decode_reply(line: bytes) -> dict[str, Any]:
         raise ControlError("the daemon closed the connection without a reply")
     try:
         doc = json.loads(line.decode("utf-8"), parse_float=Decimal)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ControlError(f"unreadable reply from the daemon: {exc}") from None
+    except (ValueError, ArithmeticError, RecursionError) as exc:  # not UTF-8 / JSON, huge exponent, too deep
+        raise ControlError(f"unreadable reply from the daemon: {type(exc).__name__}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("ok"), bool):
         raise ControlError("unreadable reply from the daemon: not an object with 'ok'")
     return doc
@@ -202,15 +258,101 @@ def _log_late(op: str, peer: dict[str, int], fut: asyncio.Future[dict[str, Any]]
                     **peer)
 
 
-def _peer(writer: asyncio.StreamWriter) -> dict[str, int]:
-    """The connecting process (pid, uid, gid) from SO_PEERCRED, for the operational log."""
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """Who is on the other end: SO_PEERCRED (pid, uid, gid), or only a connection number if unavailable."""
+
+    conn: int
+    pid: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+
+    @property
+    def process(self) -> tuple[str, int]:
+        """Connection caps and in-flight limits are per client process."""
+        return ("pid", self.pid) if self.pid is not None else ("conn", self.conn)
+
+    @property
+    def user(self) -> tuple[str, int]:
+        """The refusal-logging budget is per client user: forking more processes does not buy more."""
+        return ("uid", self.uid) if self.uid is not None else ("conn", self.conn)
+
+    @property
+    def log(self) -> dict[str, int]:
+        if self.pid is None:
+            return {"peer_conn": self.conn}
+        assert self.uid is not None and self.gid is not None
+        return {"peer_pid": self.pid, "peer_uid": self.uid, "peer_gid": self.gid}
+
+
+def _peer(writer: asyncio.StreamWriter, conn: int) -> Peer:
+    """The connecting process from SO_PEERCRED."""
     sock = writer.get_extra_info("socket")
     try:
         raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         pid, uid, gid = struct.unpack("3i", raw)
     except (AttributeError, OSError):
-        return {}
-    return {"peer_pid": pid, "peer_uid": uid, "peer_gid": gid}
+        return Peer(conn)
+    return Peer(conn, pid, uid, gid)
+
+
+# The client of the request being worked on, seen by the daemon's refusal gate (asyncio copies it into the
+# request's task).
+_CURRENT_PEER: Final[contextvars.ContextVar[Peer | None]] = contextvars.ContextVar("driverd_control_peer",
+                                                                                   default=None)
+
+
+class Throttle:
+    """A token bucket per key (burst, then per_minute): which events are logged one by one.
+
+    Events over the budget are counted by kind and handed out as a summary (take_summary/take_all), so a
+    client that repeats a refused request cannot fill the disk with individual records.
+    """
+
+    def __init__(self, burst: int, per_minute: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.burst = burst
+        self.per_s = per_minute / 60.0
+        self.clock = clock
+        self._tokens: dict[tuple[str, int], tuple[float, float]] = {}  # key -> (tokens, at)
+        self._suppressed: dict[tuple[str, int], Counter[str]] = {}
+
+    def admit(self, key: tuple[str, int], kind: str) -> bool:
+        now = self.clock()
+        tokens, at = self._tokens.get(key, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - at) * self.per_s)
+        if tokens >= 1.0:
+            self._tokens[key] = (tokens - 1.0, now)
+            return True
+        self._tokens[key] = (tokens, now)
+        self._suppressed.setdefault(key, Counter())[kind] += 1
+        return False
+
+    def take_summary(self, key: tuple[str, int]) -> Counter[str] | None:
+        return self._suppressed.pop(key, None)
+
+    def take_all(self) -> dict[tuple[str, int], Counter[str]]:
+        out, self._suppressed = self._suppressed, {}
+        now = self.clock()
+        # Forget buckets that have refilled: the table only holds keys that were recently active.
+        for key, (tokens, at) in list(self._tokens.items()):
+            if tokens + (now - at) * self.per_s >= self.burst:
+                del self._tokens[key]
+        return out
+
+
+@dataclass(eq=False)
+class _Conn:
+    writer: asyncio.StreamWriter
+    peer: Peer
+    idle_since: float
+    busy: bool = False  # a complete request is being worked on: never evicted
+    evicted: bool = False
+
+
+@dataclass
+class _Process:
+    connections: int = 0
+    inflight: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))
 
 
 class ControlServer:
@@ -221,21 +363,29 @@ class ControlServer:
         mode: int = 0o660,
         group: str | int | None = None,
         *,
-        max_connections: int = MAX_CONNECTIONS,
-        read_timeout_s: float = READ_TIMEOUT_S,
-        request_timeout_s: float = REQUEST_TIMEOUT_S,
+        limits: ControlSettings = DEFAULT_LIMITS,
+        **overrides: Any,
     ) -> None:
+        """`overrides`: single ControlSettings fields (e.g. read_timeout_s=0.5), for tests and tools."""
         self.daemon = daemon
         self.path = Path(path)
         self.mode = mode
         self.group = group
-        self.max_connections = max_connections
-        self.read_timeout_s = read_timeout_s
-        self.request_timeout_s = request_timeout_s
+        self.limits = dataclasses.replace(limits, **overrides)
+        self.max_connections = self.limits.max_connections
+        self.per_process = min(self.limits.max_connections_per_peer, self.max_connections)
+        self.read_timeout_s = self.limits.read_timeout_s
+        self.request_timeout_s = self.limits.request_timeout_s
         self.requests = 0  # requests answered (including error replies)
+        self.evictions = 0
         self._server: asyncio.AbstractServer | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
+        self._conns: set[_Conn] = set()
+        self._processes: dict[tuple[str, int], _Process] = {}
+        self._next_conn = 0
         self._inode: int | None = None
+        self._refusals = Throttle(self.limits.refusal_log_burst, self.limits.refusal_log_per_minute)
+        self._warnings = Throttle(self.limits.refusal_log_burst, self.limits.refusal_log_per_minute)
+        self._summaries: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
@@ -248,7 +398,7 @@ class ControlServer:
         old = os.umask(0o177)
         try:
             self._server = await asyncio.start_unix_server(self._handle, path=str(self.path),
-                                                           limit=MAX_REQUEST_BYTES)
+                                                           limit=self.limits.max_request_bytes)
         finally:
             os.umask(old)
         try:
@@ -260,7 +410,11 @@ class ControlServer:
         except (OSError, KeyError) as exc:
             await self.close()
             raise ControlError(f"cannot set owner/mode of {self.path}: {exc}") from None
-        log.info("control_listening", socket=str(self.path), mode=f"{self.mode:04o}")
+        if hasattr(self.daemon, "refusal_gate"):
+            self.daemon.refusal_gate = self._admit_refusal
+        self._summaries = asyncio.create_task(self._summarise_periodically(), name="control-summaries")
+        log.info("control_listening", socket=str(self.path), mode=f"{self.mode:04o}",
+                 **dataclasses.asdict(self.limits))
 
     def _prepare_path(self) -> None:
         parent = self.path.parent
@@ -290,93 +444,193 @@ class ControlServer:
         raise ControlError(f"another process is listening on {self.path}; is driverd already running?")
 
     async def close(self) -> None:
+        if self._summaries is not None:
+            self._summaries.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._summaries
+            self._summaries = None
         if self._server is not None:
             self._server.close()
-        for writer in list(self._writers):
-            writer.close()
+        for conn in list(self._conns):
+            conn.writer.close()
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), timeout=5)
             self._server = None
+        self._write_summaries()
+        if getattr(self.daemon, "refusal_gate", None) == self._admit_refusal:
+            self.daemon.refusal_gate = None  # type: ignore[attr-defined]  # checked by hasattr in start()
         # Remove the socket file only if it is still ours (not a successor daemon's).
         with contextlib.suppress(OSError):
             if self._inode is not None and self.path.stat().st_ino == self._inode:
                 self.path.unlink()
         self._inode = None
 
+    # ------------------------------------------------------------------------------------------ refusal logging
+
+    def _admit_refusal(self, reason: str) -> bool:
+        """The daemon's gate for a `request_refused` audit record: True to write it, False if over budget."""
+        peer = _CURRENT_PEER.get()
+        if peer is None:  # not from a control client (e.g. the demo driving the daemon directly)
+            return True
+        if not self._refusals.admit(peer.user, str(reason)[:64]):
+            return False
+        # Back under budget: the suppressed ones are summarised before the next single record.
+        pending = self._refusals.take_summary(peer.user)
+        if pending:
+            self._audit_summary(peer.user, pending)
+        return True
+
+    def _warn(self, peer: Peer, event: str, **fields: Any) -> None:
+        """An operational-log warning about one client, within that client user's budget."""
+        if self._warnings.admit(peer.user, event):
+            pending = self._warnings.take_summary(peer.user)
+            if pending:
+                log.warning("control_warnings_suppressed", peer=f"{peer.user[0]} {peer.user[1]}",
+                            counts=dict(pending))
+            log.warning(event, **fields, **peer.log)
+
+    def _audit_summary(self, who: tuple[str, int], counts: Counter[str]) -> None:
+        audit = getattr(self.daemon, "audit", None)
+        if audit is None:
+            return
+        try:
+            audit.append("request_refused_summary", pump_id=None, course_id=None, durable=True,
+                         peer=f"{who[0]} {who[1]}", refused=sum(counts.values()), reasons=dict(sorted(counts.items())),
+                         note="refusals beyond the logging budget: answered, not logged one by one")
+        except Exception as exc:  # the audit writer reports its own failures; never break the server for it
+            log.error("control_summary_not_logged", error=f"{type(exc).__name__}: {exc}")
+
+    def _write_summaries(self) -> None:
+        for who, counts in self._refusals.take_all().items():
+            self._audit_summary(who, counts)
+        for who, counts in self._warnings.take_all().items():
+            log.warning("control_warnings_suppressed", peer=f"{who[0]} {who[1]}", counts=dict(counts))
+
+    async def _summarise_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(SUMMARY_EVERY_S)
+            self._write_summaries()
+
     # ------------------------------------------------------------------------------------------ connections
 
+    def _admit(self, conn: _Conn) -> bool:
+        """Room for a new connection under both caps, closing idle connections if needed; False if all busy."""
+        key = conn.peer.process
+        mine = [c for c in self._conns if c.peer.process == key]
+        if len(mine) >= self.per_process and not self._evict(mine):
+            return False
+        return len(self._conns) < self.max_connections or self._evict(list(self._conns))
+
+    def _evict(self, candidates: list[_Conn]) -> bool:
+        """Close the idle connection of the process holding the most connections, the longest idle first."""
+        idle = [c for c in candidates if not c.busy and not c.evicted]
+        if not idle:
+            return False
+        victim = min(idle, key=lambda c: (-self._processes[c.peer.process].connections, c.idle_since))
+        victim.evicted = True
+        self._release(victim)
+        victim.writer.close()  # its reader sees EOF; a partial line it sent is never acted on
+        self.evictions += 1
+        self._warn(victim.peer, "control_connection_evicted", reason="idle connection closed to make room")
+        return True
+
+    def _release(self, conn: _Conn) -> None:
+        if conn not in self._conns:
+            return
+        self._conns.discard(conn)
+        proc = self._processes[conn.peer.process]
+        proc.connections -= 1
+        if proc.connections <= 0:
+            del self._processes[conn.peer.process]
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = _peer(writer)
-        if len(self._writers) >= self.max_connections:
-            log.warning("control_busy", **peer)
+        self._next_conn += 1
+        peer = _peer(writer, self._next_conn)
+        conn = _Conn(writer, peer, time.monotonic())
+        if not self._admit(conn):
+            self._warn(peer, "control_busy")
             await self._send(writer, {"ok": False, "error": "too many connections; try again", "field": None})
             await self._close(writer)
             return
-        self._writers.add(writer)
+        self._conns.add(conn)
+        proc = self._processes.setdefault(
+            peer.process, _Process(inflight=asyncio.Semaphore(self.limits.max_inflight_per_peer)))
+        proc.connections += 1
         try:
-            await self._serve(reader, writer, peer)
+            await self._serve(reader, conn)
         except Exception as exc:  # a broken connection must never reach the daemon
-            log.warning("control_connection_error", error=f"{type(exc).__name__}: {exc}", **peer)
+            log.warning("control_connection_error", error=f"{type(exc).__name__}: {exc}"[:300], **peer.log)
         finally:
-            self._writers.discard(writer)
+            self._release(conn)
             await self._close(writer)
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: dict[str, int]) -> None:
+    async def _serve(self, reader: asyncio.StreamReader, conn: _Conn) -> None:
+        writer, peer = conn.writer, conn.peer
         while True:
+            conn.busy, conn.idle_since = False, time.monotonic()
             try:
+                # The deadline covers the whole line: a client sending a byte now and then is dropped too.
                 line = await asyncio.wait_for(reader.readline(), timeout=self.read_timeout_s)
             except TimeoutError:
                 return  # idle or too slow: drop the connection (no partial request is ever acted on)
             except (ValueError, asyncio.LimitOverrunError):
-                # StreamReader limit: the line is longer than MAX_REQUEST_BYTES. The stream position is now
+                # StreamReader limit: the line is longer than max_request_bytes. The stream position is now
                 # unknown, so answer and close.
                 self.requests += 1
-                log.warning("control_request_rejected", error="oversized", **peer)
-                await self._send(writer, RequestError(f"request larger than {MAX_REQUEST_BYTES} bytes").reply())
+                self._warn(peer, "control_request_rejected", error="oversized")
+                limit = self.limits.max_request_bytes
+                await self._send(writer, RequestError(f"request larger than {limit} bytes").reply())
                 return
-            if not line:
+            if conn.evicted or not line:
+                return
+            if not line.endswith(b"\n"):  # the client closed mid-line: an unfinished request is not acted on
+                await self._send(writer, RequestError("request not terminated by a newline; not acted on").reply())
                 return
             if not line.strip():
                 continue
+            conn.busy = True
             reply = await self._dispatch(line, peer)
             self.requests += 1
             if not await self._send(writer, reply):
                 return
 
-    async def _dispatch(self, line: bytes, peer: dict[str, int]) -> dict[str, Any]:
+    async def _dispatch(self, line: bytes, peer: Peer) -> dict[str, Any]:
         try:
-            request = parse_request(line)
+            request = parse_request(line, self.limits)
         except RequestError as exc:
-            log.warning("control_request_rejected", error=exc.message, field=exc.field, **peer)
+            self._warn(peer, "control_request_rejected", error=exc.message[:200], field=exc.field)
             return exc.reply()
         op = type(request).__name__.removesuffix("Request").lower()
-        call = asyncio.ensure_future(self._call(request))
+        _CURRENT_PEER.set(peer)  # copied into the request's task: the daemon's refusal gate reads it there
+        call = asyncio.ensure_future(self._call(request, peer))
         try:
             reply = await asyncio.wait_for(asyncio.shield(call), timeout=self.request_timeout_s)
         except TimeoutError:
             # Withdraw it: a pump channel that has not reached the request yet skips it and logs
             # `request_expired` (a command applied minutes after the client gave up is a hazard). One the channel
-            # has already started is finished and logged there (never half done): so the outcome is unknown.
+            # has started is finished and logged there (never half done): so the outcome is unknown.
             call.cancel()
-            log.error("control_request_timeout", op=op, outcome="withdrawn unless already started", **peer)
-            call.add_done_callback(lambda f: _log_late(op, peer, f))
+            log.error("control_request_timeout", op=op, outcome="withdrawn unless already started", **peer.log)
+            call.add_done_callback(lambda f: _log_late(op, peer.log, f))
             return {"ok": False, "field": None,
                     "error": f"no answer within {self.request_timeout_s:g} s; the request is withdrawn unless the "
                              "daemon had already started it, so it may still take effect: check `driverd status`"}
         except Exception as exc:
-            log.exception("control_request_failed", op=op, **peer)
+            log.exception("control_request_failed", op=op, **peer.log)
             return {"ok": False, "error": f"internal error: {type(exc).__name__}", "field": None}
-        log.info("control_request", op=op, ok=reply.get("ok") is True, refusals=_reasons(reply), **peer)
+        log.info("control_request", op=op, ok=reply.get("ok") is True, refusals=_reasons(reply), **peer.log)
         return reply
 
-    async def _call(self, request: Request) -> dict[str, Any]:
+    async def _call(self, request: Request, peer: Peer) -> dict[str, Any]:
         if isinstance(request, StatusRequest):
-            return self.daemon.status()
-        if isinstance(request, PushRequest):
-            return await self.daemon.push_schedule(request.schedule)
-        return await self.daemon.command(request.pump_id, request.action, request.by, request.reason,
-                                         request.dose_mg_per_24h)
+            return self.daemon.status()  # cheap and never queued: always answerable
+        proc = self._processes.get(peer.process)
+        async with proc.inflight if proc is not None else contextlib.nullcontext():
+            if isinstance(request, PushRequest):
+                return await self.daemon.push_schedule(request.schedule)
+            return await self.daemon.command(request.pump_id, request.action, request.by, request.reason,
+                                             request.dose_mg_per_24h)
 
     async def _send(self, writer: asyncio.StreamWriter, reply: Mapping[str, Any]) -> bool:
         try:

@@ -59,6 +59,9 @@ class Daemon:
         self._tasks: list[asyncio.Task[None]] = []
         self.changed = asyncio.Event()  # set whenever any course state changes (demo progress, status)
         self.failsafe = FailSafe()  # active once the audit log has died (see failsafe.py)
+        # Installed by the control server: False when the requesting client is over its budget of individually
+        # logged refusals (it counts them and logs a summary record instead). None: log every refusal.
+        self.refusal_gate: Callable[[str], bool] | None = None
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
@@ -163,6 +166,9 @@ class Daemon:
 
     def _refuse(self, pump_id: str | None, source: str, reason: str, detail: str) -> dict[str, Any]:
         assert self.audit is not None
+        if self.refusal_gate is not None and not self.refusal_gate(reason):
+            # Over the client's budget: answered, counted into a summary record instead of one record each.
+            return {"ok": False, "refusals": [{"reason": reason, "detail": detail}], "seq": None}
         record = self.audit.append("request_refused", pump_id=pump_id, course_id=None, durable=True, source=source,
                                    reason=reason, detail=detail[:1000])
         return {"ok": False, "refusals": [{"reason": reason, "detail": detail}], "seq": record["seq"]}
@@ -222,6 +228,12 @@ class Daemon:
                 dose_d = Decimal(str(dose))
                 if not dose_d.is_finite() or dose_d < 0 or dose_d > 100_000 or isinstance(dose, bool | float):
                     raise ValueError
+                # At most micro-mg/24h: also turns 0E-999999999 (a valid zero whose plain text is a gigabyte of
+                # zeros) into a plain 0 before anything formats it.
+                exact = dose_d.quantize(Decimal("0.000001"))
+                if exact != dose_d:
+                    raise ValueError
+                dose_d = exact.normalize() if exact else Decimal(0)
             except (ArithmeticError, ValueError):
                 problems.append("dose_mg_per_24h: a non-negative decimal string")
         if problems:

@@ -270,7 +270,7 @@ async def serve_config(
             loop.remove_signal_handler(sig)
         return EXIT_FAILED
     daemon = Daemon(config, clock, world=world)
-    server = ControlServer(daemon, config.control_socket, config.socket_mode)
+    server = ControlServer(daemon, config.control_socket, config.socket_mode, limits=config.control)
     control = ControlLoop(daemon, stall_after_s=stall_after_s or stall_threshold_s(config),
                           ping_every_s=ping_every_s if ping_every_s is not None else watchdog_interval())
     control_task: asyncio.Task[None] | None = None

@@ -8,7 +8,6 @@ all at once.
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
@@ -17,6 +16,7 @@ from typing import Final, Literal
 
 from driverd.core.errors import ConfigError, Problem
 from driverd.core.quantities import Resolution
+from driverd.core.toml_text import load_toml
 from drivers.base import AlarmKind
 
 Table = Literal["coils", "discrete_inputs", "holding_registers", "input_registers"]
@@ -170,17 +170,14 @@ def load_map(path: str | Path = DEFAULT_MAP) -> RegisterMap:
     """Read and validate a map file. A file that is missing or not TOML is a ConfigError too."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError([Problem(str(p), "readable", f"cannot read register map: {exc.strerror or exc}")]) from None
-    return parse_map_text(text, source=str(p))
+        data = p.read_bytes()
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+        raise ConfigError([Problem(str(p), "readable", f"cannot read register map: {exc}")]) from None
+    return parse_map(load_toml(data, str(p)), source=str(p))
 
 
 def parse_map_text(text: str, *, source: str = "<string>") -> RegisterMap:
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([Problem(source, "toml", f"not valid TOML: {exc}")]) from None
+    data = load_toml(text, source)
     return parse_map(data, source=source)
 
 
