@@ -183,3 +183,14 @@ def test_nan_and_huge_doses_are_refusals_not_exceptions() -> None:
         before = p.state
         after, cmds = step(before, ClinicianCommand(T0 + 25 * H, "reduce", "dr", "x", bad), PROTOCOL)
         assert after == before and any(isinstance(c, Refused) for c in cmds), bad
+
+
+def test_running_above_the_commanded_rate_in_alarm_is_stopped() -> None:
+    p = play()
+    p.run_until(T0 + 2 * H)  # 100 mg/24h: 0.083 mL/h
+    p.feed(LinkLost(T0 + 2 * H, "cut"))
+    p.feed(LinkRestored(T0 + 3 * H))
+    panel_run(p, D("0.5"))  # someone reprogrammed it at the panel during the outage
+    cmds = p.feed(p.pump.report())
+    assert alarms(cmds) == ["unexpected_infusion"]
+    assert p.state.alarm_causes == ("link_lost", "unexpected_infusion") and not p.pump.infusing
