@@ -233,7 +233,7 @@ class Daemon:
                 exact = dose_d.quantize(Decimal("0.000001"))
                 if exact != dose_d:
                     raise ValueError
-                dose_d = exact.normalize() if exact else Decimal(0)
+                dose_d = Decimal(fmt_dec(exact.normalize()))  # plain text as logged: replay sees the same value
             except (ArithmeticError, ValueError):
                 problems.append("dose_mg_per_24h: a non-negative decimal string")
         if problems:
