@@ -109,6 +109,10 @@ class Daemon:
                 channel.feed(LinkLost(self.clock.now(), detail))
             if behind is not None:
                 channel.feed(ClockStepped(behind.at, behind.delta_s, behind.wall_at))
+            # A course recovered with its link down (lost before the crash, or just now by the restart) gets
+            # LinkRestored from the first poll that answers, as in a running daemon; else every resume is refused
+            # ("link_down") for ever.
+            channel.link_lost = not channel.state.link_up
             self.channels[pump.id] = channel
         self.audit.flush()
         self._tasks = [asyncio.create_task(ch.run(), name=f"channel-{pid}") for pid, ch in self.channels.items()]
@@ -171,7 +175,8 @@ class Daemon:
             return {"ok": False, "refusals": [{"reason": reason, "detail": detail}], "seq": None}
         record = self.audit.append("request_refused", pump_id=pump_id, course_id=None, durable=True, source=source,
                                    reason=reason, detail=detail[:1000])
-        return {"ok": False, "refusals": [{"reason": reason, "detail": detail}], "seq": record["seq"]}
+        return {"ok": False, "refusals": [{"reason": reason, "detail": detail}], "seq": record["seq"],
+                "durable_seq": self.audit.seq}
 
     async def push_schedule(self, doc: Any) -> dict[str, Any]:
         """Signed, trusted, unexpired, version-increasing, for a configured pump, valid: or refused, logged."""
