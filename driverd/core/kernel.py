@@ -14,7 +14,7 @@ from decimal import Decimal, localcontext
 from typing import Literal
 
 from driverd.core.protocol import ProtocolSpec
-from driverd.core.quantities import _CTX, dose_to_rate, quantize_down, rate_to_dose
+from driverd.core.quantities import _CTX, MAX_DOSE_MG_PER_24H, dose_to_rate, quantize_down, rate_to_dose
 from driverd.core.state import CourseState, Phase, Sample
 
 _KERNEL_TOKEN = object()
@@ -73,6 +73,9 @@ def gate(state: CourseState, protocol: ProtocolSpec, proposal: Proposal, now: da
         return Refusal("not_a_number", f"dose {dose!r} is not a finite decimal")
     if dose < 0:
         return Refusal("negative", f"negative dose {dose} mg/24h")
+    if dose > MAX_DOSE_MG_PER_24H:
+        # Before any arithmetic: a huge exponent must be a refusal, not an overflow out of the gate.
+        return Refusal("out_of_range", f"dose above {MAX_DOSE_MG_PER_24H} mg/24h is not a dose")
     schedule = state.schedule
     if schedule is None or state.resolution is None:
         if dose == 0:  # stopping needs no schedule

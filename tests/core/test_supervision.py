@@ -194,3 +194,14 @@ def test_running_above_the_commanded_rate_in_alarm_is_stopped() -> None:
     cmds = p.feed(p.pump.report())
     assert alarms(cmds) == ["unexpected_infusion"]
     assert p.state.alarm_causes == ("link_lost", "unexpected_infusion") and not p.pump.infusing
+
+
+def test_gate_refuses_huge_exponents_without_raising() -> None:
+    from driverd.core.kernel import Proposal, Refusal, gate
+
+    p = play()
+    p.run_until(T0 + 25 * H)
+    for bad in (D("1E+999999"), D("1E+99"), D("NaN"), D("-Infinity")):
+        for intent in ("escalate", "reduce", "resume", "stop"):
+            verdict = gate(p.state, PROTOCOL, Proposal(bad, intent, "clinician", "x"), T0 + 25 * H)  # type: ignore[arg-type]
+            assert isinstance(verdict, Refusal), (bad, intent)
