@@ -408,10 +408,6 @@ def _resume(state: CourseState, event: ClinicianCommand, protocol: ProtocolSpec)
         return _goto(state, P.HOLDING, "clinician_resume")
     assert state.schedule is not None
     dose = _resume_dose(state)
-    if dose == 0:
-        # Nothing was ever verified running in this course: a "resume" would only send a stop and report the
-        # course running. Say so instead; the clinician stops, or a new approved course starts it.
-        return state, (Refused("clinician", "unverified", "no rate was verified running in this course"),)
     state, verdict, cmds = _propose(state, protocol, event.at, dose, "resume", "clinician", event.reason)
     if isinstance(verdict, Refusal):
         return state, cmds
