@@ -85,6 +85,7 @@ class Figures:
     replies: int = 0
     acknowledged: int = 0  # replies carrying a seq, each checked against the final log
     cut_off: int = 0  # no reply: the kill came first
+    malformed: int = 0  # refused by the control API before the daemon (bad field): nothing logged
     in_flight: int = 0  # requests sent 0-20 ms before a kill
     in_flight_answered: int = 0
     interrupted: int = 0
@@ -93,7 +94,8 @@ class Figures:
 
     def line(self) -> str:
         return (f"kill9 seed={SEED}: {self.kills} kills, {self.starts} starts ({self.starts - 1} restarts, 0 refused), "
-                f"{self.requests} requests, {self.replies} replies, {self.acknowledged} acknowledged records "
+                f"{self.requests} requests, {self.replies} replies ({self.malformed} malformed), "
+                f"{self.acknowledged} acknowledged records "
                 f"checked, {self.in_flight} in flight at a kill ({self.in_flight_answered} answered, "
                 f"{self.cut_off} cut off), {self.interrupted} interrupted decisions, "
                 f"{self.pump_rates} pump rates traced ({self.after_restart} after a restart)")
@@ -347,6 +349,12 @@ def check_acknowledged(run: Campaign, by_seq: dict[int, dict[str, Any]]) -> None
         reply, payload = s.reply, s.payload
         if not s.expect:
             assert reply["ok"] is True and "seq" not in reply, reply
+            continue
+        if "field" in reply and "refusals" not in reply:
+            # Not a request the daemon could act on (the control API names the bad field): nothing was logged or
+            # changed, so there is no record to name.
+            assert reply["ok"] is False, reply
+            f.malformed += 1
             continue
         assert "seq" in reply, f"reply without seq to {payload}: {reply}"
         seq = reply["seq"]
