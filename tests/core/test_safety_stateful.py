@@ -119,7 +119,8 @@ class CourseSafety(RuleBasedStateMachine):
         if self.lock_rate is not None:
             assert rate <= self.lock_rate, f"taper lock broken: {rate} > {self.lock_rate}"
             self.lock_rate = min(self.lock_rate, rate) if rate > 0 else self.lock_rate
-        if self.clock_suspect:
+        if self.clock_suspect and cmd.attempt == 1:
+            # (A retry re-sends the same setpoint, approved before the step: not a new escalation.)
             assert sp.intent not in ("start", "escalate"), "escalation while the clock is suspect"
         if rate > 0:
             if self.started is None:
