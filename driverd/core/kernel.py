@@ -15,7 +15,7 @@ from typing import Literal
 
 from driverd.core.protocol import ProtocolSpec
 from driverd.core.quantities import _CTX, MAX_DOSE_MG_PER_24H, dose_to_rate, quantize_down, rate_to_dose
-from driverd.core.state import CourseState, Phase, Sample
+from driverd.core.state import DECREASE_INTENTS, CourseState, Phase, Sample
 
 _KERNEL_TOKEN = object()
 WINDOW = timedelta(hours=24)
@@ -109,7 +109,7 @@ def gate(state: CourseState, protocol: ProtocolSpec, proposal: Proposal, now: da
         # Also for decreases: a value above the hard ceiling is never sent, whatever is running now.
         return Refusal("ceiling", f"{delivered_dose} mg/24h exceeds the ceiling {protocol.ceiling_mg_per_24h}")
 
-    if rate <= state.commanded_rate and proposal.intent in ("reduce", "taper", "stop"):
+    if rate <= state.commanded_rate and proposal.intent in DECREASE_INTENTS:
         return _approve(state, proposal, rate, delivered_dose)  # a decrease: always allowed
     # Everything else may raise the rate (a resume raises it from a stopped pump): full checks.
     return _check_increase(state, protocol, proposal, now, rate, delivered_dose)
@@ -195,28 +195,16 @@ def max_window_ml(state: CourseState, rate: Decimal, now: datetime) -> Decimal:
     read-back is extrapolated at the commanded rate up to `now`), so over-delivery already seen counts.
     The volume is piecewise linear in the window's end, so checking every breakpoint finds the maximum.
     """
-    samples = list(state.samples)
-    if state.last_sample is not None and (not samples or samples[-1].at < state.last_sample.at):
-        samples.append(state.last_sample)
+    last = state.last_sample
+    samples = state.samples if last is None else (*state.samples, last)
     with localcontext(_CTX):
         running = state.commanded_rate if state.pump_infusing else Decimal(0)
-        times = [s.at for s in samples]
 
         def cum_at(t: datetime) -> Decimal:
             """Course-cumulative delivered volume at t (after the newest read-back: at the commanded rate)."""
-            if not samples:
-                return Decimal(0)
-            if t <= samples[0].at:
-                return samples[0].delivered_ml
-            last = samples[-1]
-            if t >= last.at:
+            if last is not None and t > last.at:
                 return last.delivered_ml + running * _hours(t - last.at)
-            i = bisect.bisect_right(times, t)
-            a, b = samples[i - 1], samples[i]
-            span = _hours(b.at - a.at)
-            if span == 0:
-                return b.delivered_ml
-            return a.delivered_ml + (b.delivered_ml - a.delivered_ml) * _hours(t - a.at) / span
+            return _cumulative(state, t)
 
         cum_now = cum_at(now)
 
@@ -249,7 +237,7 @@ def _cumulative(state: CourseState, t: datetime) -> Decimal:
         return samples[0].delivered_ml if samples else last.delivered_ml
     if t >= samples[-1].at:
         return _between(samples[-1], last, t)
-    i = bisect.bisect_right(samples, t, key=_at)
+    i = bisect.bisect_right(samples, t, key=sample_at)
     return _between(samples[i - 1], samples[i], t)
 
 
@@ -261,7 +249,8 @@ def _between(a: Sample, b: Sample, t: datetime) -> Decimal:
         return a.delivered_ml + (b.delivered_ml - a.delivered_ml) * _hours(t - a.at) / span
 
 
-def _at(sample: Sample) -> datetime:
+def sample_at(sample: Sample) -> datetime:
+    """Bisect key over the delivered-volume history (kept sorted by time)."""
     return sample.at
 
 

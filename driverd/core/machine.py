@@ -28,7 +28,17 @@ from driverd.core.events import (
     SetpointResult,
     Tick,
 )
-from driverd.core.kernel import Intent, Proposal, Refusal, Setpoint, gate, hours_between, pump_rate, window_volume
+from driverd.core.kernel import (
+    Intent,
+    Proposal,
+    Refusal,
+    Setpoint,
+    gate,
+    hours_between,
+    pump_rate,
+    sample_at,
+    window_volume,
+)
 from driverd.core.protocol import ProtocolSpec
 from driverd.core.quantities import rate_to_dose
 from driverd.core.state import ACTIVE, RUNNING, CourseState, Pending, Phase, Sample
@@ -483,14 +493,10 @@ def _accumulate(state: CourseState, event: PumpReport) -> CourseState:
     if not samples or event.at - samples[-1].at >= SAMPLE_SPACING:
         horizon = event.at - WINDOW - SAMPLE_SPACING
         # Samples are strictly increasing in time (appended only SAMPLE_SPACING apart): bisect, don't scan ~1,440.
-        cut = bisect_left(samples, horizon, key=_sample_at) if samples and samples[0].at < horizon else 0
+        cut = bisect_left(samples, horizon, key=sample_at) if samples and samples[0].at < horizon else 0
         samples = (*samples[cut:], sample)
     return replace(state, samples=samples, last_sample=sample, raw_delivered_ml=raw,
                    pump_alarms=event.alarms, pump_infusing=event.state == "infusing")
-
-
-def _sample_at(sample: Sample) -> datetime:
-    return sample.at
 
 
 def _on_report(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
@@ -524,8 +530,8 @@ def _on_report(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
             state, more = _alarm(state, f"pump_alarm:{a}", f"pump reports {', '.join(blocking)}")
             cmds += more
         return state, cmds
-    breach = _ceiling_breach(state, protocol, event)
-    if breach and pending is None:
+    breach = _ceiling_breach(state, protocol, event) if pending is None else ""
+    if breach:
         state, more = _alarm(state, "dose_ceiling", breach)
         state, stop = _stop_in_alarm(state, protocol, event.at, "dose_ceiling")
         return state, cmds + more + stop
@@ -628,7 +634,7 @@ def _deviation_window(protocol: ProtocolSpec, rate: Decimal) -> timedelta:
 
 def _sample_before(state: CourseState, at: datetime) -> Sample | None:
     """The newest kept sample at or before `at` (bisect: the history holds up to ~1,440 samples)."""
-    i = bisect_right(state.samples, at, key=_sample_at)
+    i = bisect_right(state.samples, at, key=sample_at)
     return state.samples[i - 1] if i else None
 
 
