@@ -81,9 +81,6 @@ class Channel:
         self.inbox: asyncio.Queue[Request] = asyncio.Queue()
         self.connected = False
         self.failing_since: datetime | None = None
-        # Recovered during an outage (the log says the link was lost): the link counts as lost until the pump
-        # answers, so LinkRestored is fed then and `status` never shows it up while resume is refused link_down.
-        self.link_lost = not state.link_up
         self.last_status: PumpStatus | None = None
         self.last_error = ""
         self.polls = 0
@@ -94,6 +91,13 @@ class Channel:
         self._wake: asyncio.Future[Any] | None = None  # the channel's current wait, if it is waiting
         self._on_change = on_change
         self._clock_watch = ClockWatch(clock, clock_step_tolerance)
+
+    @property
+    def link_lost(self) -> bool:
+        """The course's own view (`CourseState.link_up`), so channel and core never disagree: a course recovered
+        during an outage, or put there by the restart itself, counts its link as lost until the pump answers
+        (LinkRestored is fed then), and `status` never shows it up while resume is refused link_down."""
+        return not self.state.link_up
 
     # ------------------------------------------------------------------------------------------ the core
 
@@ -222,13 +226,11 @@ class Channel:
         if status is None:
             self.failing_since = self.failing_since or now
             if not self.link_lost and now - self.failing_since >= self.link_timeout:
-                self.link_lost = True
                 await self.handle(LinkLost(now, self.last_error or "no valid reply"))
             return
         self.failing_since = None
         self.last_status = status
         if self.link_lost:
-            self.link_lost = False
             await self.handle(LinkRestored(self.clock.now()))
         await self.handle(self._report(status))
 

@@ -109,10 +109,6 @@ class Daemon:
                 channel.feed(LinkLost(self.clock.now(), detail))
             if behind is not None:
                 channel.feed(ClockStepped(behind.at, behind.delta_s, behind.wall_at))
-            # A course recovered with its link down (lost before the crash, or just now by the restart) gets
-            # LinkRestored from the first poll that answers, as in a running daemon; else every resume is refused
-            # ("link_down") for ever.
-            channel.link_lost = not channel.state.link_up
             self.channels[pump.id] = channel
         self.audit.flush()
         self._tasks = [asyncio.create_task(ch.run(), name=f"channel-{pid}") for pid, ch in self.channels.items()]
