@@ -78,6 +78,14 @@ class FailSafe:
         """The reply to every request that would need the audit log (not logged: it cannot be)."""
         return {"ok": False, "refusals": [{"reason": AUDIT_DEAD, "detail": self.describe()}]}
 
+    def stopped(self) -> list[str]:
+        """Pumps the fail-safe stop was read back stopped on."""
+        return sorted(pid for pid, r in self.stops.items() if r.stopped)
+
+    def unverified(self) -> list[str]:
+        """Pumps whose fail-safe stop could not be verified by a read-back."""
+        return sorted(pid for pid, r in self.stops.items() if not r.stopped)
+
     def describe(self) -> str:
         return (f"the audit log cannot be written ({self.reason}); every pump was stopped by the fail-safe and "
                 "no request is accepted until driverd restarts with a writable log")
@@ -86,8 +94,8 @@ class FailSafe:
 
     async def _run(self, daemon: Daemon) -> None:
         try:
-            _safe_log("error", "audit_log_dead", error=self.reason,
-                      action="stopping every pump without write-ahead, then exiting")
+            safe_log(log, "error", "audit_log_dead", error=self.reason,
+                     action="stopping every pump without write-ahead, then exiting")
             tasks = list(daemon.channel_tasks().values())
             for ch in daemon.channels.values():
                 ch.stopping = True
@@ -99,10 +107,9 @@ class FailSafe:
                 self._answer_queued(ch)
             results = await asyncio.gather(*(self._stop(daemon, ch) for ch in daemon.channels.values()))
             self.stops = {r.pump_id: r for r in results}
-            unsafe = sorted(pid for pid, r in self.stops.items() if not r.stopped)
-            _safe_log("error" if unsafe else "warning", "failsafe_pumps_stopped",
-                      stopped=sorted(pid for pid, r in self.stops.items() if r.stopped), not_verified=unsafe,
-                      errors={pid: r.error for pid, r in self.stops.items() if r.error})
+            unsafe = self.unverified()
+            safe_log(log, "error" if unsafe else "warning", "failsafe_pumps_stopped", stopped=self.stopped(),
+                     not_verified=unsafe, errors={pid: r.error for pid, r in self.stops.items() if r.error})
         finally:
             self.done.set()
 
@@ -181,7 +188,7 @@ def _opt(d: Decimal | None) -> str | None:
     return None if d is None else fmt_dec(d)
 
 
-def _safe_log(level: str, event: str, **fields: Any) -> None:
-    # Operational logging must never stop the fail-safe (stderr may be a closed pipe).
+def safe_log(logger: Any, level: str, event: str, **fields: Any) -> None:
+    """An operational log line that can never fail what called it (stderr may be a closed pipe)."""
     with contextlib.suppress(Exception):
-        getattr(log, level)(event, **fields)
+        getattr(logger, level)(event, **fields)

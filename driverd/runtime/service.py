@@ -33,6 +33,7 @@ from driverd.runtime.clock import RealClock, RuntimeClock
 from driverd.runtime.config import DaemonConfig, load_config
 from driverd.runtime.control import ControlServer
 from driverd.runtime.daemon import Daemon
+from driverd.runtime.failsafe import safe_log
 from driverd.runtime.filemodes import unsafe_file_modes
 from driverd.runtime.notify import notify, watchdog_interval
 
@@ -301,7 +302,7 @@ async def serve_config(
             notify("STOPPING=1\nSTATUS=stopping")
         else:
             notify("STOPPING=1\nSTATUS=" + _dead_status(daemon))
-        _safe_log("info", "daemon_stopping")
+        safe_log(log, "info", "daemon_stopping")
     finally:
         if control_task is not None:
             control_task.cancel()
@@ -316,7 +317,7 @@ async def serve_config(
             try:
                 await daemon.stop()
             except Exception as exc:
-                _safe_log("error", "daemon_stop_failed", error=f"{type(exc).__name__}: {exc}")
+                safe_log(log, "error", "daemon_stop_failed", error=f"{type(exc).__name__}: {exc}")
                 code = max(code, EXIT_FAILED)
             if daemon.failsafe.active:  # the log died during the stop itself: the pumps still get their stop
                 with contextlib.suppress(TimeoutError):
@@ -324,7 +325,7 @@ async def serve_config(
                 code = EXIT_AUDIT_DEAD
         for sig in installed:
             loop.remove_signal_handler(sig)
-        _safe_log("info", "daemon_stopped", exit_code=code)
+        safe_log(log, "info", "daemon_stopped", exit_code=code)
     return code
 
 
@@ -339,16 +340,15 @@ async def _run_until_stopped(daemon: Daemon, config: DaemonConfig, stop: asyncio
             return EXIT_OK
         await failed
         fs = daemon.failsafe
-        safe = sorted(pid for pid, r in fs.stops.items() if r.stopped)
-        unsafe = sorted(pid for pid, r in fs.stops.items() if not r.stopped)
+        safe, unsafe = fs.stopped(), fs.unverified()
         notify("STATUS=" + _dead_status(daemon))
         _say(f"driverd: the audit log cannot be written: {fs.reason}")
         _say(f"driverd: fail-safe: pumps stopped and read back: {', '.join(safe) or 'none'}"
              + (f"; NOT verified stopped: {', '.join(unsafe)}" if unsafe else ""))
         _say(f"driverd: refusing every request; exiting with code {EXIT_AUDIT_DEAD} in {config.failsafe_hold_s:g} s "
              "(free space or fix the disk; the restart repairs a torn last line by itself)")
-        _safe_log("error", "audit_dead_exit_pending", hold_s=config.failsafe_hold_s, stopped=safe,
-                  not_verified=unsafe)
+        safe_log(log, "error", "audit_dead_exit_pending", hold_s=config.failsafe_hold_s, stopped=safe,
+                 not_verified=unsafe)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(stopped), timeout=config.failsafe_hold_s)
         return EXIT_AUDIT_DEAD
@@ -359,7 +359,7 @@ async def _run_until_stopped(daemon: Daemon, config: DaemonConfig, stop: asyncio
 
 def _dead_status(daemon: Daemon) -> str:
     fs = daemon.failsafe
-    unsafe = sorted(pid for pid, r in fs.stops.items() if not r.stopped)
+    unsafe = fs.unverified()
     text = f"audit log dead: {fs.reason}; pumps stopped by fail-safe" + (
         f" except {', '.join(unsafe)} (not verified)" if unsafe else "")
     return text[:400]
@@ -369,9 +369,5 @@ def _on_signal(stop: asyncio.Event, sig: int) -> None:
     # Set the stop first: nothing before it may fail (a log write to a closed stderr raised EPIPE here once,
     # and the signal was lost).
     stop.set()
-    _safe_log("info", "signal_received", signal=signal.Signals(sig).name)
+    safe_log(log, "info", "signal_received", signal=signal.Signals(sig).name)
 
-
-def _safe_log(level: str, event: str, **fields: Any) -> None:
-    with contextlib.suppress(Exception):
-        getattr(log, level)(event, **fields)
