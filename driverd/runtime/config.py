@@ -14,7 +14,8 @@ from drivers.url import parse_url
 
 MAX_PATH_CHARS: Final = 4096
 MAX_URL_CHARS: Final = 1024
-_CONTROL_CHARS: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+#: C0/C1 control characters: never in a path, a URL or a text that reaches the audit log.
+CONTROL_CHARS: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +141,7 @@ def parse_config(data: bytes, path: Path) -> DaemonConfig:
         elif isinstance(value, bool) or not isinstance(value, want):
             problems.append(Problem(f"daemon.{key}", "type", f"wrong type {type(value).__name__}"))
         elif isinstance(value, str) and key != "socket_mode" and (len(value) > MAX_PATH_CHARS
-                                                                   or _CONTROL_CHARS.search(value)):
+                                                                   or CONTROL_CHARS.search(value)):
             # A NUL byte would only fail later, deep in the file system calls.
             problems.append(Problem(f"daemon.{key}", "path", f"a path of at most {MAX_PATH_CHARS} characters "
                                     "without control characters (NUL, newline, ...)"))
@@ -272,7 +273,7 @@ def _pumps(raw: Any, problems: list[Problem]) -> tuple[PumpConfig, ...]:
         if not isinstance(url, str):
             problems.append(Problem(f"{where}.url", "required", "missing driver URL"))
             continue
-        if len(url) > MAX_URL_CHARS or _CONTROL_CHARS.search(url):
+        if len(url) > MAX_URL_CHARS or CONTROL_CHARS.search(url):
             problems.append(Problem(f"{where}.url", "format", f"at most {MAX_URL_CHARS} characters, no control "
                                     "characters"))
             continue

@@ -39,7 +39,6 @@ import errno
 import grp
 import json
 import os
-import re
 import socket
 import stat
 import struct
@@ -56,7 +55,7 @@ import structlog
 from driverd.core.canonical import canonical_bytes, decimal_text
 from driverd.core.errors import DriverdError, ValidationError
 from driverd.core.schedule_parse import load_json
-from driverd.runtime.config import ControlSettings, valid_pump_id
+from driverd.runtime.config import CONTROL_CHARS, ControlSettings, valid_pump_id
 
 DEFAULT_LIMITS: Final = ControlSettings()
 MAX_REQUEST_BYTES: Final = DEFAULT_LIMITS.max_request_bytes
@@ -68,7 +67,6 @@ MAX_SOCKET_PATH: Final = 107  # sun_path is 108 bytes including the terminating 
 MAX_ACTION_CHARS: Final = 32
 MAX_DOSE_CHARS: Final = 32
 SUMMARY_EVERY_S: Final = 60.0  # suppressed refusals are summarised at least this often
-_CONTROL_CHARS: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 log = structlog.get_logger("driverd.control")
 
@@ -126,7 +124,7 @@ _FIELDS: Final[dict[str, frozenset[str]]] = {
 
 def _text(doc: Mapping[str, Any], name: str, max_chars: int) -> str:
     value = doc.get(name)
-    if not isinstance(value, str) or not value.strip() or len(value) > max_chars or _CONTROL_CHARS.search(value):
+    if not isinstance(value, str) or not value.strip() or len(value) > max_chars or CONTROL_CHARS.search(value):
         raise RequestError(f"required text of 1..{max_chars} characters without control characters", name)
     return value
 
@@ -190,7 +188,7 @@ def _schedule(schedule: object, limits: ControlSettings) -> Mapping[str, Any]:
     if size > limits.max_schedule_bytes:
         raise RequestError(f"larger than {limits.max_schedule_bytes} bytes (canonical JSON)", "schedule")
     pump_id = schedule.get("pump_id")
-    if isinstance(pump_id, str) and (len(pump_id) > 64 or _CONTROL_CHARS.search(pump_id)):
+    if isinstance(pump_id, str) and (len(pump_id) > 64 or CONTROL_CHARS.search(pump_id)):
         # Named in the refusal record even when the rest is refused: keep it short and printable there.
         raise RequestError("a pump id of at most 64 characters without control characters", "schedule/pump_id")
     return schedule
