@@ -307,3 +307,45 @@ async def rig(
 def run(coro: Any, timeout: float = 120.0) -> Any:
     """Run an async test body with a hard bound (a test must never hang)."""
     return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+# ---- shared checks of the fault, supervision and clock tests (one pump, "bed-1", polled every minute) -----
+
+PUMP = "bed-1"
+HALF_POLL = timedelta(seconds=30)  # polls every 60 s on whole minutes: +30 s is between two polls
+RUNNING_AT = FIRST_STEP + timedelta(hours=1) + HALF_POLL  # titrating at 100 mg/24h, rate verified
+
+
+async def start_running(r: Rig, name: str = PUMP) -> Decimal:
+    """Push the schedule and run until the first step is verified; returns that (last verified) rate."""
+    from drivers.base import PumpState
+
+    assert (await r.push(name))["ok"] is True
+    await r.advance_to(RUNNING_AT)
+    ch = r.channel(name)
+    assert ch.state.phase.value == "titrating" and ch.state.verified_rate == r.rate(100), ch.state
+    assert r.model(name).status().state is PumpState.INFUSING
+    return ch.state.verified_rate
+
+
+async def until_phase(r: Rig, phase: str, limit: timedelta = timedelta(hours=2), name: str = PUMP) -> datetime:
+    return await r.wait_until(lambda: r.channel(name).state.phase.value == phase, step=timedelta(minutes=1),
+                              limit=r.clock.now() + limit)
+
+
+def never_above(r: Rig, since: datetime, limit: Decimal, name: str = PUMP) -> None:
+    """No setpoint after `since` above `limit`, neither approved by the kernel nor received by the pump."""
+    for at, rate in r.model(name).rate_history():
+        if at >= since:
+            assert rate <= limit, f"pump received {rate} mL/h at {at}, above {limit}"
+    for s in setpoints(r.records(), name):
+        if datetime.fromisoformat(s["ts"]) >= since:
+            assert Decimal(s["rate_ml_per_h"]) <= limit, s
+
+
+def audit_ok(r: Rig) -> None:
+    """The log verifies (chain, signatures) and replays with no divergence."""
+    report = r.verify()
+    assert report.ok, report.failure
+    result = r.replay()
+    assert result.ok, [d.as_dict() for d in result.divergences][:3]

@@ -18,7 +18,7 @@ from driverd.runtime.config import PumpConfig
 from driverd.runtime.daemon import Daemon
 from driverd.runtime.demo import SYRINGE
 from simulators.world import World
-from tests.runtime.e2e import FIRST_STEP, Rig, Timing, events, rig, run, setpoints
+from tests.runtime.e2e import FIRST_STEP, Rig, Timing, audit_ok, events, rig, run, setpoints
 
 NAME = "bed-1"
 WIRE = ("newera-pty", "modbus-tcp")
@@ -50,11 +50,6 @@ async def _start(r: Rig) -> datetime:
     return r.clock.now()
 
 
-def _audit_ok(r: Rig) -> None:
-    report = r.verify()
-    assert report.ok, report.failure
-    result = r.replay()
-    assert result.ok, [d.as_dict() for d in result.divergences][:3]
 
 
 async def _forward(tmp_path: Path, transport: str) -> None:
@@ -85,7 +80,7 @@ async def _forward(tmp_path: Path, transport: str) -> None:
         await r.advance_to(r.clock.now() + timedelta(minutes=10))
         assert r.model(NAME).status().rate_ml_per_h == r.rate(300)
         assert (await r.status())[NAME]["clock_fault"] is None
-    _audit_ok(r)
+    audit_ok(r)
 
 
 @pytest.mark.parametrize("transport", WIRE)
@@ -112,7 +107,7 @@ async def _backward(tmp_path: Path, transport: str) -> None:
         assert (await r.command(NAME, "reduce", reason="drowsy", dose="50"))["ok"] is True
         assert r.model(NAME).status().rate_ml_per_h == r.rate(50)
         assert _pump_rates_since(r, stepped_at) == [r.rate(50)]
-    _audit_ok(r)
+    audit_ok(r)
 
 
 @pytest.mark.parametrize("transport", WIRE)
@@ -146,7 +141,7 @@ async def _restart_behind(tmp_path: Path) -> None:
     assert times == sorted(times), "the core saw time run backward across the restart"
     [record] = events(r.records(), "clock_stepped", NAME)
     assert record["direction"] == "backward" and Decimal(record["delta_s"]) <= -40 * 60
-    _audit_ok(r)
+    audit_ok(r)
 
 
 def test_a_restart_with_the_clock_behind_the_log_starts_from_the_log(tmp_path: Path) -> None:

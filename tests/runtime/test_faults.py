@@ -23,12 +23,25 @@ from driverd.runtime.demo import DEMO_KEY, START, demo_schedule
 from driverd.signing import sign_document
 from drivers.base import AlarmKind, PumpState
 from simulators.faults import ScheduledFault
-from tests.runtime.e2e import FIRST_STEP, Rig, Timing, events, rig, run, setpoints, verified_setpoints
+from tests.runtime.e2e import (
+    FIRST_STEP,
+    RUNNING_AT,
+    Rig,
+    Timing,
+    audit_ok,
+    events,
+    never_above,
+    rig,
+    run,
+    setpoints,
+    start_running,
+    until_phase,
+    verified_setpoints,
+)
 
 NAME = "bed-1"
 WIRE = ("newera-pty", "modbus-tcp")
 HALF = timedelta(seconds=30)  # polls every 60 s on whole minutes: +30 s is between two polls
-RUNNING_AT = FIRST_STEP + timedelta(hours=1) + HALF  # titrating at 100 mg/24h, rate verified
 # Wire faults wait out real driver timeouts: keep them short there. Elsewhere nothing times out, so a generous
 # timeout costs nothing and keeps a loaded machine from turning a slow reply into a spurious link loss.
 WIRE_FAST = Timing(poll_s=60, deadman_s=180, link_timeout_s=60, driver_timeout_s=0.25)
@@ -40,33 +53,14 @@ NO_DEADLINE = settings(max_examples=3, deadline=None, suppress_health_check=[Hea
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-async def _running(r: Rig) -> Decimal:
-    """Push the schedule and run until the first step is verified; returns that (last verified) rate."""
-    assert (await r.push(NAME))["ok"] is True
-    await r.advance_to(RUNNING_AT)
-    ch = r.channel(NAME)
-    assert ch.state.phase.value == "titrating" and ch.state.verified_rate == r.rate(100), ch.state
-    assert r.model(NAME).status().state is PumpState.INFUSING
-    return ch.state.verified_rate
 
 
-async def _until_phase(r: Rig, phase: str, limit: timedelta = timedelta(hours=2)) -> datetime:
-    return await r.wait_until(lambda: r.channel(NAME).state.phase.value == phase, step=timedelta(minutes=1),
-                              limit=r.clock.now() + limit)
 
 
 def _alarm_codes(r: Rig) -> list[str]:
     return [a["code"] for a in events(r.records(), "alarm", NAME)]
 
 
-def _never_above(r: Rig, since: datetime, limit: Decimal) -> None:
-    """No setpoint after `since` above `limit`, neither approved by the kernel nor received by the pump."""
-    for at, rate in r.model(NAME).rate_history():
-        if at >= since:
-            assert rate <= limit, f"pump received {rate} mL/h at {at}, above {limit}"
-    for s in setpoints(r.records(), NAME):
-        if datetime.fromisoformat(s["ts"]) >= since:
-            assert Decimal(s["rate_ml_per_h"]) <= limit, s
 
 
 def _no_escalation(r: Rig, since: datetime) -> None:
@@ -97,11 +91,6 @@ async def _resume_ok(r: Rig, verified: Decimal) -> None:
         assert pump.state is not PumpState.INFUSING
 
 
-def _audit_ok(r: Rig) -> None:
-    report = r.verify()
-    assert report.ok, report.failure
-    result = r.replay()
-    assert result.ok, [d.as_dict() for d in result.divergences][:3]
 
 
 # ------------------------------------------------------------------------------------------------ wire faults
@@ -127,10 +116,10 @@ def _inject_wire(r: Rig, kind: str) -> None:
 
 async def _wire_fault(tmp_path: Path, transport: str, kind: str) -> None:
     async with rig(transport, tmp_path, timing=WIRE_FAST) as r:
-        verified = await _running(r)
+        verified = await start_running(r)
         fault_at = r.clock.now()
         _inject_wire(r, kind)
-        await _until_phase(r, "alarm")
+        await until_phase(r, "alarm")
         ch = r.channel(NAME)
         assert ch.state.alarm_code == "link_lost" and ch.link_lost
         assert (await r.status())[NAME]["link"] == "lost"
@@ -156,8 +145,8 @@ async def _wire_fault(tmp_path: Path, transport: str, kind: str) -> None:
             await r.advance_to(r.clock.now() + timedelta(minutes=2))
             _no_escalation(r, fault_at)
             await _resume_ok(r, verified)
-        _never_above(r, fault_at, verified)
-    _audit_ok(r)
+        never_above(r, fault_at, verified)
+    audit_ok(r)
 
 
 @pytest.mark.parametrize("kind", ["drop", "garble", "delay", "disconnect"])
@@ -181,8 +170,8 @@ async def _lost_reply_at_start(tmp_path: Path, transport: str, kind: str, k: int
         assert (ch.state.phase.value, _alarm_codes(r)) == ("titrating", []), (ch.state.phase, ch.state.alarm_code)
         assert pump.state is PumpState.INFUSING
         assert pump.rate_ml_per_h == ch.state.commanded_rate == ch.state.verified_rate == r.rate(100)
-        _never_above(r, FIRST_STEP - HALF, r.rate(100))
-    _audit_ok(r)
+        never_above(r, FIRST_STEP - HALF, r.rate(100))
+    audit_ok(r)
 
 
 @NO_DEADLINE
@@ -222,8 +211,8 @@ async def _modbus_exceptions(tmp_path: Path, code: int, count: int, minute: int)
             assert codes == [] and ch.state.phase.value == "titrating", (codes, ch.state.phase)
             assert ch.state.verified_rate == r.rate(100)
             assert r.model(NAME).status().rate_ml_per_h == r.rate(100)
-        _never_above(r, fault_at, r.rate(100))
-    _audit_ok(r)
+        never_above(r, fault_at, r.rate(100))
+    audit_ok(r)
 
 
 @NO_DEADLINE
@@ -235,10 +224,10 @@ def test_modbus_exception_responses_never_give_an_unsafe_setpoint(tmp_path: Path
 
 async def _modbus_exceptions_persist(tmp_path: Path) -> None:
     async with rig("modbus-tcp", tmp_path, timing=WIRE_FAST) as r:
-        verified = await _running(r)
+        verified = await start_running(r)
         fault_at = r.clock.now()
         r.endpoints[NAME].exception_next(1, 0x04, 1_000_000)
-        await _until_phase(r, "alarm")
+        await until_phase(r, "alarm")
         assert _alarm_codes(r) == ["link_lost"]
         await _refused(r, "resume", "link_down")
         r.endpoints[NAME].exceptions[1].__init__()  # the device answers normally again (queue emptied)
@@ -246,8 +235,8 @@ async def _modbus_exceptions_persist(tmp_path: Path) -> None:
                            limit=r.clock.now() + timedelta(minutes=30))
         _no_escalation(r, fault_at)
         await _resume_ok(r, verified)
-        _never_above(r, fault_at, verified)
-    _audit_ok(r)
+        never_above(r, fault_at, verified)
+    audit_ok(r)
 
 
 def test_persistent_modbus_exceptions_end_in_link_lost_then_resume(tmp_path: Path) -> None:
@@ -259,10 +248,10 @@ def test_persistent_modbus_exceptions_end_in_link_lost_then_resume(tmp_path: Pat
 
 async def _occlusion(tmp_path: Path, transport: str) -> None:
     async with rig(transport, tmp_path, timing=FAST) as r:
-        verified = await _running(r)
+        verified = await start_running(r)
         fault_at = r.clock.now()
         r.model(NAME).inject_alarm(AlarmKind.OCCLUSION)
-        await _until_phase(r, "alarm", timedelta(minutes=5))
+        await until_phase(r, "alarm", timedelta(minutes=5))
         ch = r.channel(NAME)
         assert ch.state.alarm_code == "pump_alarm:occlusion"
         assert _alarm_codes(r) == ["pump_alarm:occlusion"]
@@ -272,8 +261,8 @@ async def _occlusion(tmp_path: Path, transport: str) -> None:
         _no_escalation(r, fault_at)
         # The clinician clears the line: resume acknowledges the pump's alarm and restarts at the verified rate.
         await _resume_ok(r, verified)
-        _never_above(r, fault_at, verified)
-    _audit_ok(r)
+        never_above(r, fault_at, verified)
+    audit_ok(r)
 
 
 @pytest.mark.parametrize("transport", WIRE)
@@ -283,10 +272,10 @@ def test_occlusion_alarm_then_clinician_resume(tmp_path: Path, transport: str) -
 
 async def _occlusion_persists(tmp_path: Path) -> None:
     async with rig("modbus-tcp", tmp_path, timing=FAST) as r:
-        verified = await _running(r)
+        verified = await start_running(r)
         fault_at = r.clock.now()
         r.model(NAME).inject_alarm(AlarmKind.OCCLUSION)
-        await _until_phase(r, "alarm", timedelta(minutes=5))
+        await until_phase(r, "alarm", timedelta(minutes=5))
         # The line is still blocked: the pump stalls again as soon as it is acknowledged.
         original = r.model(NAME).clear_alarm
 
@@ -299,8 +288,8 @@ async def _occlusion_persists(tmp_path: Path) -> None:
         assert r.model(NAME).status().state is not PumpState.INFUSING
         r.model(NAME).clear_alarm = original  # type: ignore[method-assign]
         await _resume_ok(r, verified)
-        _never_above(r, fault_at, verified)
-    _audit_ok(r)
+        never_above(r, fault_at, verified)
+    audit_ok(r)
 
 
 def test_resume_refused_while_occlusion_persists(tmp_path: Path) -> None:
@@ -322,9 +311,9 @@ async def _alarm_before_setpoint(tmp_path: Path, transport: str, k: int) -> None
         pump = r.model(NAME).status()
         # Nobody but a clinician acknowledges a pump alarm: the pump is still stopped in alarm.
         assert pump.state is PumpState.ALARM and AlarmKind.OCCLUSION in pump.unacknowledged
-        _never_above(r, FIRST_STEP - HALF, r.rate(100))
+        never_above(r, FIRST_STEP - HALF, r.rate(100))
         await _resume_ok(r, ch.state.verified_run_rate)
-    _audit_ok(r)
+    audit_ok(r)
 
 
 @NO_DEADLINE
@@ -339,9 +328,9 @@ def test_a_pump_alarm_just_before_a_setpoint_is_reported_not_acknowledged(tmp_pa
 async def _end_of_syringe(tmp_path: Path, transport: str) -> None:
     # 0.1 mL at 0.041 mL/h empties about 2.4 h into the first step.
     async with rig(transport, tmp_path, fill_ml=Decimal("0.1"), timing=FAST) as r:
-        verified = await _running(r)
+        verified = await start_running(r)
         fault_at = r.clock.now()
-        await _until_phase(r, "alarm", timedelta(hours=3))
+        await until_phase(r, "alarm", timedelta(hours=3))
         pump = r.model(NAME).status()
         assert AlarmKind.END_OF_SYRINGE in pump.alarms and pump.state is not PumpState.INFUSING
         # New Era has no end-of-syringe report: a stalled plunger reads as A?S (occlusion) on the wire.
@@ -366,8 +355,8 @@ async def _end_of_syringe(tmp_path: Path, transport: str) -> None:
         r.model(NAME).load_syringe(Decimal("20"))  # a new, full syringe
         await r.advance_to(r.clock.now() + timedelta(minutes=2))
         await _resume_ok(r, verified)
-        _never_above(r, fault_at, verified)
-    _audit_ok(r)
+        never_above(r, fault_at, verified)
+    audit_ok(r)
 
 
 @pytest.mark.parametrize("transport", WIRE)
@@ -377,10 +366,10 @@ def test_end_of_syringe_alarm(tmp_path: Path, transport: str) -> None:
 
 async def _power(tmp_path: Path, transport: str) -> None:
     async with rig(transport, tmp_path, timing=FAST) as r:
-        verified = await _running(r)
+        verified = await start_running(r)
         fault_at = r.clock.now()
         r.model(NAME).power_cycle()
-        await _until_phase(r, "alarm", timedelta(minutes=5))
+        await until_phase(r, "alarm", timedelta(minutes=5))
         assert _alarm_codes(r) == ["pump_alarm:power_interrupted"]
         assert r.model(NAME).status().state is not PumpState.INFUSING
         await r.advance_to(r.clock.now() + timedelta(minutes=10))
@@ -388,8 +377,8 @@ async def _power(tmp_path: Path, transport: str) -> None:
         await _resume_ok(r, verified)
         # The dead-man is armed again after the power cycle: the next polls re-armed it.
         assert r.model(NAME).status().deadman_armed
-        _never_above(r, fault_at, verified)
-    _audit_ok(r)
+        never_above(r, fault_at, verified)
+    audit_ok(r)
 
 
 @pytest.mark.parametrize("transport", WIRE)
@@ -399,20 +388,20 @@ def test_power_interrupted_alarm(tmp_path: Path, transport: str) -> None:
 
 async def _silent_daemon(tmp_path: Path, transport: str) -> None:
     async with rig(transport, tmp_path, timing=FAST) as r:
-        verified = await _running(r)
+        verified = await start_running(r)
         fault_at = r.clock.now()
         # The daemon goes silent (stopped, hung, killed) for longer than the pump's dead-man: the pump stops itself.
         await r.restart(silent_for=timedelta(seconds=FAST.deadman_s * 2))
         pump = r.model(NAME).status()
         assert AlarmKind.SAFE_MODE_TIMEOUT in pump.alarms and pump.state is not PumpState.INFUSING
-        await _until_phase(r, "alarm", timedelta(minutes=5))
+        await until_phase(r, "alarm", timedelta(minutes=5))
         assert r.channel(NAME).state.alarm_code == "pump_alarm:safe_mode_timeout"
         assert "pump_alarm:safe_mode_timeout" in _alarm_codes(r)
         await _refused(r, "escalate", "illegal_transition")
         _no_escalation(r, fault_at)
         await _resume_ok(r, verified)
-        _never_above(r, fault_at, verified)
-    _audit_ok(r)
+        never_above(r, fault_at, verified)
+    audit_ok(r)
 
 
 @pytest.mark.parametrize("transport", WIRE)
@@ -441,7 +430,7 @@ async def _warnings(tmp_path: Path, transport: str) -> None:
         else:
             assert not {c for c in notices if c.startswith("pump_warning")}  # not on New Era's wire at all
         assert [rate for _, rate in verified_setpoints(records, NAME)] == [r.rate(100), r.rate(300)]
-    _audit_ok(r)
+    audit_ok(r)
 
 
 @pytest.mark.parametrize("transport", WIRE)
@@ -472,7 +461,7 @@ async def _alarm_over_step(tmp_path: Path, transport: str, offset_min: int) -> N
         sent = [s for s in setpoints(r.records(), NAME) if datetime.fromisoformat(s["ts"]) >= strike]
         assert [s["intent"] for s in sent][:1] == ["resume"]
         assert all(datetime.fromisoformat(s["ts"]) >= resumed_at for s in sent if s["intent"] == "escalate")
-    _audit_ok(r)
+    audit_ok(r)
 
 
 @NO_DEADLINE
@@ -510,7 +499,7 @@ async def _taper_lock(tmp_path: Path, transport: str) -> None:
         assert update["ok"] is False and [x["reason"] for x in update["refusals"]] == ["taper_lock"], update
         # An alarm while tapering, then a resume asking for more: never above the lock.
         r.model(NAME).inject_alarm(AlarmKind.OCCLUSION)
-        await _until_phase(r, "alarm", timedelta(hours=1))
+        await until_phase(r, "alarm", timedelta(hours=1))
         await _refused(r, "escalate", "illegal_transition")
         reply = await r.command(NAME, "resume", reason="line cleared", dose="500")
         assert reply["ok"] is True and reply["phase"] == "tapering", reply
@@ -521,9 +510,9 @@ async def _taper_lock(tmp_path: Path, transport: str) -> None:
         await _refused(r, "resume", "illegal_transition")
         again = await r.push(NAME, _taper_schedule())  # the same course cannot restart
         assert again["ok"] is False
-        _never_above(r, taper_at, lock)
+        never_above(r, taper_at, lock)
         assert r.model(NAME).status().state is not PumpState.INFUSING
-    _audit_ok(r)
+    audit_ok(r)
 
 
 @pytest.mark.parametrize("transport", WIRE)

@@ -19,12 +19,23 @@ import pytest
 from driverd.core.records import fmt_dec
 from driverd.runtime.demo import START
 from drivers.base import AlarmKind, PumpState
-from tests.runtime.e2e import FIRST_STEP, Rig, Timing, events, rig, run, setpoints
+from tests.runtime.e2e import (
+    FIRST_STEP,
+    Rig,
+    Timing,
+    audit_ok,
+    events,
+    never_above,
+    rig,
+    run,
+    setpoints,
+    start_running,
+    until_phase,
+)
 
 NAME = "bed-1"
 WIRE = ("newera-pty", "modbus-tcp")
 HALF = timedelta(seconds=30)  # polls every 60 s on whole minutes: +30 s is between two polls
-RUNNING_AT = FIRST_STEP + timedelta(hours=1) + HALF  # titrating at 100 mg/24h, rate verified
 FAST = Timing(poll_s=60, deadman_s=180, link_timeout_s=120, driver_timeout_s=1.0)
 # Dropped replies wait out the driver timeout: keep it short. The pump's dead-man is longer than any silence
 # below (a restart), so the pump keeps infusing on its own and the daemon has to deal with it.
@@ -37,18 +48,8 @@ AT_300 = FIRST_STEP + timedelta(days=1, hours=1) + HALF  # titrating at 300 mg/2
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-async def _running(r: Rig) -> Decimal:
-    assert (await r.push(NAME))["ok"] is True
-    await r.advance_to(RUNNING_AT)
-    ch = r.channel(NAME)
-    assert ch.state.phase.value == "titrating" and ch.state.verified_rate == r.rate(100), ch.state
-    assert r.model(NAME).status().state is PumpState.INFUSING
-    return ch.state.verified_rate
 
 
-async def _until_phase(r: Rig, phase: str, limit: timedelta = timedelta(hours=2)) -> datetime:
-    return await r.wait_until(lambda: r.channel(NAME).state.phase.value == phase, step=timedelta(minutes=1),
-                              limit=r.clock.now() + limit)
 
 
 async def _until_link_back(r: Rig) -> None:
@@ -64,19 +65,8 @@ def _alarm_codes(r: Rig, since: datetime = START) -> list[str]:
     return [a["code"] for a in _since(events(r.records(), "alarm", NAME), since)]
 
 
-def _never_above(r: Rig, since: datetime, limit: Decimal) -> None:
-    for at, rate in r.model(NAME).rate_history():
-        if at >= since:
-            assert rate <= limit, f"pump received {rate} mL/h at {at}, above {limit}"
-    for s in _since(setpoints(r.records(), NAME), since):
-        assert Decimal(s["rate_ml_per_h"]) <= limit, s
 
 
-def _audit_ok(r: Rig) -> None:
-    report = r.verify()
-    assert report.ok, report.failure
-    result = r.replay()
-    assert result.ok, [d.as_dict() for d in result.divergences][:3]
 
 
 def _stopped(r: Rig) -> None:
@@ -119,7 +109,7 @@ async def _unexpected_primed(tmp_path: Path, transport: str) -> None:
         panel_at = r.clock.now()
         _panel_run(r, r.rate(100))
         await _stopped_within_one_poll(r, panel_at)
-    _audit_ok(r)
+    audit_ok(r)
 
 
 @pytest.mark.parametrize("transport", WIRE)
@@ -129,7 +119,7 @@ def test_run_at_the_panel_while_primed_is_stopped_within_one_poll(tmp_path: Path
 
 async def _unexpected_paused(tmp_path: Path, transport: str) -> None:
     async with rig(transport, tmp_path, timing=FAST) as r:
-        verified = await _running(r)
+        verified = await start_running(r)
         r.model(NAME).stop()  # STOP pressed at the panel
         await r.advance_to(r.clock.now() + r.poll)
         assert r.channel(NAME).state.phase.value == "paused"
@@ -138,8 +128,8 @@ async def _unexpected_paused(tmp_path: Path, transport: str) -> None:
         r.model(NAME).run()  # RUN pressed again at the panel: the programmed rate restarts
         assert r.model(NAME).status().state is PumpState.INFUSING
         await _stopped_within_one_poll(r, panel_at)
-        _never_above(r, panel_at, verified)
-    _audit_ok(r)
+        never_above(r, panel_at, verified)
+    audit_ok(r)
 
 
 @pytest.mark.parametrize("transport", WIRE)
@@ -149,7 +139,7 @@ def test_restart_at_the_panel_while_paused_is_stopped_within_one_poll(tmp_path: 
 
 async def _unexpected_stopped(tmp_path: Path, transport: str) -> None:
     async with rig(transport, tmp_path, timing=FAST) as r:
-        await _running(r)
+        await start_running(r)
         reply = await r.command(NAME, "stop", reason="course ended")
         assert reply["ok"] is True, reply
         assert r.channel(NAME).state.phase.value == "stopped"
@@ -158,7 +148,7 @@ async def _unexpected_stopped(tmp_path: Path, transport: str) -> None:
         panel_at = r.clock.now()
         _panel_run(r, r.rate(100))
         await _stopped_within_one_poll(r, panel_at, phase="stopped")
-    _audit_ok(r)
+    audit_ok(r)
 
 
 @pytest.mark.parametrize("transport", WIRE)
@@ -208,12 +198,12 @@ async def _reduce_in_alarm(tmp_path: Path, transport: str) -> None:
         await r.advance_to(r.clock.now() + 3 * r.poll)
         pump = r.model(NAME).status()
         assert pump.state is PumpState.INFUSING and pump.rate_ml_per_h == r.rate(100), pump
-        _never_above(r, cut_at, r.rate(300))
+        never_above(r, cut_at, r.rate(300))
         # And a stop in alarm stops the pump too.
         reply = await r.command(NAME, "stop", reason="enough")
         assert reply["ok"] is True, reply
         _stopped(r)
-    _audit_ok(r)
+    audit_ok(r)
 
 
 @pytest.mark.parametrize("transport", WIRE)
@@ -232,8 +222,8 @@ async def _stop_in_alarm(tmp_path: Path, transport: str) -> None:
         assert (await r.status())[NAME]["pump_state"] != "infusing"
         await r.advance_to(r.clock.now() + 3 * r.poll)
         _stopped(r)
-        _never_above(r, cut_at, r.rate(300))
-    _audit_ok(r)
+        never_above(r, cut_at, r.rate(300))
+    audit_ok(r)
 
 
 @pytest.mark.parametrize("transport", WIRE)
@@ -246,10 +236,10 @@ def test_a_stop_in_alarm_stops_the_still_infusing_pump(tmp_path: Path, transport
 
 async def _two_causes(tmp_path: Path, transport: str) -> None:
     async with rig(transport, tmp_path, timing=WIRE_FAST) as r:
-        verified = await _running(r)
+        verified = await start_running(r)
         cut_at = r.clock.now()
         r.faults(NAME).drop_next(1_000_000)
-        await _until_phase(r, "alarm")
+        await until_phase(r, "alarm")
         assert r.channel(NAME).state.alarm_code == "link_lost"
         r.faults(NAME).clear()
         await _until_link_back(r)
@@ -298,8 +288,8 @@ async def _two_causes(tmp_path: Path, transport: str) -> None:
         assert pump.state is PumpState.INFUSING and pump.rate_ml_per_h == ch.state.commanded_rate
         assert all(rate <= verified for _, rate in r.model(NAME).rate_history()[before:])
         assert (await r.status())[NAME]["alarms"] == []
-        _never_above(r, cut_at, verified)
-    _audit_ok(r)
+        never_above(r, cut_at, verified)
+    audit_ok(r)
 
 
 @pytest.mark.parametrize("transport", WIRE)
@@ -313,10 +303,10 @@ def test_a_pump_alarm_during_a_link_alarm_is_its_own_record_and_both_are_acknowl
 
 async def _restart_in_outage(tmp_path: Path, transport: str) -> None:
     async with rig(transport, tmp_path, timing=WIRE_FAST) as r:
-        verified = await _running(r)
+        verified = await start_running(r)
         cut_at = r.clock.now()
         r.faults(NAME).drop_next(1_000_000)
-        await _until_phase(r, "alarm")
+        await until_phase(r, "alarm")
         assert r.channel(NAME).state.alarm_code == "link_lost"
         await r.restart(silent_for=timedelta(minutes=2))  # still cut: the new daemon gets no reply
         # Before the pump answers, the link is "lost", never "up", on every poll.
@@ -339,8 +329,8 @@ async def _restart_in_outage(tmp_path: Path, transport: str) -> None:
         pump = r.model(NAME).status()
         assert pump.state is PumpState.INFUSING and pump.rate_ml_per_h == ch.state.commanded_rate <= verified
         assert all(rate <= verified for _, rate in r.model(NAME).rate_history()[before:])
-        _never_above(r, cut_at, verified)
-    _audit_ok(r)
+        never_above(r, cut_at, verified)
+    audit_ok(r)
 
 
 @pytest.mark.parametrize("transport", WIRE)
