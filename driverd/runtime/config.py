@@ -10,6 +10,7 @@ from typing import Any, Final, TypeGuard
 
 from driverd.core.errors import ConfigError, Problem, ValidationError
 from driverd.core.toml_text import MAX_TOML_BYTES, load_toml
+from driverd.hl7.settings import Hl7Settings, parse_hl7
 from drivers.url import parse_url
 
 MAX_PATH_CHARS: Final = 4096
@@ -95,6 +96,7 @@ class DaemonConfig:
     # (health: audit_dead) before it exits non-zero. Keep it below the unit's WatchdogSec.
     failsafe_hold_s: float = 5.0
     control: ControlSettings = field(default_factory=ControlSettings)
+    hl7: Hl7Settings | None = None  # [hl7]: IHE PCD over HL7 v2 / MLLP (off when absent)
 
 
 MODES = ("production", "bench")
@@ -129,7 +131,7 @@ def parse_config(data: bytes, path: Path) -> DaemonConfig:
     problems: list[Problem] = []
     doc = load_toml(data)
     for key in doc:
-        if key not in ("daemon", "audit", "control", "pumps"):
+        if key not in ("daemon", "audit", "control", "pumps", "hl7"):
             problems.append(Problem(_show(key)[1:-1], "unknown-key", f"unknown section {_show(key)}"))
     daemon = doc.get("daemon")
     if not isinstance(daemon, dict):
@@ -190,6 +192,7 @@ def parse_config(data: bytes, path: Path) -> DaemonConfig:
     control = _control(doc.get("control", {}), problems)
     pumps = _pumps(doc.get("pumps"), problems)
     paths = {key: p(key) for key in ("protocol", "audit_dir", "audit_key", "trust_dir", "control_socket")}
+    hl7 = parse_hl7(doc.get("hl7"), base, paths["audit_dir"], problems)
     if problems:
         raise ConfigError(problems)
     return DaemonConfig(
@@ -198,7 +201,7 @@ def parse_config(data: bytes, path: Path) -> DaemonConfig:
         trust_dir=paths["trust_dir"], control_socket=paths["control_socket"], socket_mode=socket_mode,
         poll_period_s=poll, link_timeout_s=link_timeout, deadman_s=deadman, driver_timeout_s=timeout, pumps=pumps,
         audit=audit, control=control, clock_step_tolerance_s=step_tolerance, mode=str(mode),
-        failsafe_hold_s=hold,
+        failsafe_hold_s=hold, hl7=hl7,
     )
 
 

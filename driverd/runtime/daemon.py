@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import structlog
 
 import driverd
 from driverd.audit.canonical import parse_ts
@@ -30,13 +32,17 @@ from driverd.core.schedule_parse import parse_schedule
 from driverd.runtime.channel import Channel
 from driverd.runtime.clock import RuntimeClock, WallStep
 from driverd.runtime.config import DaemonConfig
-from driverd.runtime.failsafe import FailSafe, left_running
+from driverd.runtime.failsafe import FailSafe, left_running, safe_log
 from driverd.runtime.recovery import open_log
 from driverd.signing import TrustStore, load_private_key
 from drivers.base import DriverOptions
 from drivers.registry import open_driver
 
+if TYPE_CHECKING:
+    from driverd.hl7.gateway import Gateway
+
 MAX_TEXT = 256
+log = structlog.get_logger("driverd.daemon")
 
 
 @dataclass
@@ -58,6 +64,9 @@ class Daemon:
         self.versions: dict[str, int] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self.changed = asyncio.Event()  # set whenever any course state changes (demo progress, status)
+        # Called with the channel after each of its course steps (the HL7 gateway's observations and alerts).
+        self.listeners: list[Callable[[Channel], None]] = []
+        self.gateway: Gateway | None = None
         self.failsafe = FailSafe()  # active once the audit log has died (see failsafe.py)
         # Installed by the control server: False when the requesting client is over its budget of individually
         # logged refusals (it counts them and logs a summary record instead). None: log every refusal.
@@ -100,7 +109,7 @@ class Daemon:
             channel = Channel(pump.id, driver, state, self.protocol, self.audit, self.clock,
                               poll_period=timedelta(seconds=cfg.poll_period_s),
                               link_timeout=timedelta(seconds=cfg.link_timeout_s),
-                              io_timeout=cfg.driver_timeout_s, on_change=lambda _c: self.changed.set(),
+                              io_timeout=cfg.driver_timeout_s, on_change=self._on_change,
                               clock_step_tolerance=timedelta(seconds=cfg.clock_step_tolerance_s))
             if state.pending is not None:
                 # Crashed between sending a setpoint and its read-back: that setpoint is uncertain. Treat the
@@ -111,8 +120,21 @@ class Daemon:
                 channel.feed(ClockStepped(behind.at, behind.delta_s, behind.wall_at))
             self.channels[pump.id] = channel
         self.audit.flush()
+        if cfg.hl7 is not None:
+            from driverd.hl7.gateway import Gateway  # only when configured: HL7 is off by default
+
+            self.gateway = Gateway(self, cfg.hl7)
+            await self.gateway.start()
         self._tasks = [asyncio.create_task(ch.run(), name=f"channel-{pid}") for pid, ch in self.channels.items()]
         self.audit.on_dead = lambda err: self.fail_safe(str(err))
+
+    def _on_change(self, channel: Channel) -> None:
+        self.changed.set()
+        for listener in self.listeners:
+            try:
+                listener(channel)
+            except Exception as exc:  # an observer must never break a pump's channel
+                safe_log(log, "error", "listener_failed", pump_id=channel.pump_id, error=f"{type(exc).__name__}: {exc}")
 
     def fail_safe(self, reason: str) -> None:
         """The audit log died: stop every pump (without write-ahead), refuse requests (driverd.runtime.failsafe)."""
@@ -139,6 +161,9 @@ class Daemon:
         return dict(zip(self.channels, self._tasks, strict=True)) if self._tasks else {}
 
     async def stop(self) -> None:
+        if self.gateway is not None:
+            with contextlib.suppress(Exception):
+                await self.gateway.stop()
         for ch in self.channels.values():
             ch.stopping = True
         for task in self._tasks:
