@@ -19,6 +19,9 @@ def demo(
     audit: Annotated[Path | None, typer.Option(help="Audit log directory (default: a new temp dir)")] = None,
     faults: Annotated[bool, typer.Option("--faults", help="Inject an occlusion and a link loss on bed-1")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable summary")] = False,
+    hl7_to: Annotated[str | None, typer.Option("--hl7-to", metavar="HOST:PORT",
+                                               help="Send the course's PCD-01/PCD-04 messages to this MLLP receiver")]
+    = None,
 ) -> None:
     """Run a full burst course (100 -> 300 -> 500 mg/24h, 3-day hold, stop) and verify the audit log."""
     from driverd.audit.reader import iter_lines
@@ -40,7 +43,16 @@ def demo(
             usage("--speed must be 'max' or a number from 1 to 10000000")
     if audit is not None and audit.exists() and any(audit.iterdir()):
         usage(f"--audit {audit}: directory is not empty (a demo writes a new log)")
-    opts = DemoOptions(driver=driver, pumps=pumps, speed=rate, audit_dir=audit, faults=faults)
+    address = None
+    if hl7_to is not None:
+        from driverd.core.errors import Problem
+        from driverd.hl7.settings import parse_address
+
+        problems: list[Problem] = []
+        address = parse_address(hl7_to, "--hl7-to", problems)
+        if problems:
+            usage(str(problems[0]))
+    opts = DemoOptions(driver=driver, pumps=pumps, speed=rate, audit_dir=audit, faults=faults, hl7_to=address)
 
     show = sys.stdout.isatty() and not as_json
     if show:
@@ -59,6 +71,8 @@ def demo(
     lines = [line for _, seg in list_segments(result.audit_dir) for line in iter_lines(seg)]
     replayed = replay_lines(iter(lines))
     ok = verified.ok and replayed.ok and not result.timed_out and all(p["phase"] == "stopped" for p in result.pumps)
+    if result.hl7 is not None:
+        ok = ok and bool(result.hl7["delivered"])
     summary: dict[str, Any] = {
         "ok": ok,
         "driver": driver,
@@ -67,6 +81,7 @@ def demo(
         "audit_public_key": str(result.audit_public_key),
         "pumps": result.pumps,
         "faults": result.faults,
+        **({"hl7": result.hl7} if result.hl7 is not None else {}),
         "verify": verified.as_dict(),
         "replay": replayed.as_dict(),
     }
@@ -86,6 +101,10 @@ def _print(summary: dict[str, Any], replayed: Any) -> None:
         echo(line)
     for f in summary["faults"]:
         echo(f"fault: {f}")
+    h = summary.get("hl7")
+    if h is not None:
+        echo(f"hl7: {h['acked']} message(s) ACKed by {h['to']} ({h['resent']} resent, {h['rejected']} rejected), "
+             f"{h['pending']} still queued{'' if h['delivered'] else ' - NOT DELIVERED'}")
     v = summary["verify"]
     echo(f"audit verify: {'OK' if v['ok'] else 'FAILED'} - {v['records']} records, {v['checkpoints']} signed "
          f"checkpoints, key {(v['key_fingerprint'] or '')[:16]}..., unsealed tail {v['unsealed_records']}")

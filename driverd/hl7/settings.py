@@ -69,6 +69,11 @@ class Hl7Settings:
         return ctx
 
 
+def valid_name(text: object) -> bool:
+    """An MSH-3..6 name: short, and free of HL7 delimiters and control characters."""
+    return isinstance(text, str) and _NAME.fullmatch(text) is not None
+
+
 def parse_address(text: Any, key: str, problems: list[Problem]) -> Address | None:
     """HOST:PORT (IPv6 as [::1]:PORT); the host is required (no implicit "every interface")."""
     rule = "HOST:PORT with a host name or IP address and a port 1..65535"
@@ -126,7 +131,7 @@ def parse_hl7(raw: Any, base: Path, audit_dir: Path, problems: list[Problem]) ->
             else:
                 values[key] = value
         elif key in _NAMES:
-            if not isinstance(value, str) or not _NAME.fullmatch(value):
+            if not valid_name(value):
                 problems.append(Problem(where, "format", "1-64 letters, digits, space, '.', '-' or '_' (no HL7 "
                                         "delimiters)"))
             else:

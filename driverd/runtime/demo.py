@@ -21,6 +21,7 @@ import driverd
 from driverd.core.records import fmt_time
 from driverd.core.schedule_parse import load_json
 from driverd.core.state import Phase
+from driverd.hl7.settings import Address, Hl7Settings
 from driverd.runtime.clock import RuntimeClock, ScaledClock, VirtualClock
 from driverd.runtime.config import AuditSettings, DaemonConfig, PumpConfig
 from driverd.runtime.daemon import Daemon
@@ -35,6 +36,7 @@ START = datetime(2026, 12, 1, 8, 55, tzinfo=UTC)  # five minutes before the firs
 SYRINGE = {"model": "BD Plastipak 30 mL", "inner_diameter_mm": "21.59", "fill_volume_ml": "22"}
 CONCENTRATION = "100"
 DRIVERS = ("sim", "newera", "modbus")
+HL7_DRAIN_S = 120.0  # real seconds the demo waits for an HL7 receiver to ACK what is still queued
 
 
 @dataclass
@@ -46,6 +48,7 @@ class DemoOptions:
     faults: bool = False
     poll_period_s: float = 60.0
     deadman_s: int = 180
+    hl7_to: Address | None = None  # send PCD-01/PCD-04 to this MLLP receiver (an integrator's engine)
 
 
 @dataclass
@@ -56,6 +59,7 @@ class DemoResult:
     pumps: list[dict[str, Any]] = field(default_factory=list)
     faults: list[str] = field(default_factory=list)
     timed_out: bool = False
+    hl7: dict[str, Any] | None = None  # what the HL7 gateway queued and delivered (with --hl7-to)
 
 
 def demo_schedule(pump_id: str, index: int, start: datetime) -> dict[str, Any]:
@@ -104,6 +108,8 @@ async def run_demo(opts: DemoOptions, progress: Callable[[float, str], None] | N
             audit=AuditSettings(checkpoint_every_records=1000, checkpoint_every_s=3600, group_commit_ms=200,
                                 group_commit_records=512),
             mode="bench",  # simulated pumps and the DEMO key
+            hl7=None if opts.hl7_to is None else Hl7Settings(queue_dir=work / "hl7", observations_to=opts.hl7_to,
+                                                             sending_application="DRIVERD-DEMO"),
         )
         daemon = Daemon(config, clock, world=world)
         await daemon.start()
@@ -120,11 +126,12 @@ async def run_demo(opts: DemoOptions, progress: Callable[[float, str], None] | N
                 script.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await script
+            hl7 = await _drain_hl7(daemon)
         finally:
             await daemon.stop()
     elapsed = (clock.now() - START).total_seconds()
     result = DemoResult(audit_dir=audit_dir, audit_public_key=pub_path, virtual_seconds=elapsed, timed_out=timed_out,
-                        faults=fault_log)
+                        faults=fault_log, hl7=hl7)
     for name in names:
         ch = daemon.channels[name]
         result.pumps.append({"pump_id": name, "phase": ch.state.phase.value, "url": ch.driver.url.raw,
@@ -171,6 +178,18 @@ async def _wait_for_courses(daemon: Daemon, clock: RuntimeClock, progress: Calla
         # group-commit delay has passed, not on every wake-up. Setpoints and alarms are synced before they act.
         if daemon.audit is not None:
             daemon.audit.flush_due()
+
+
+async def _drain_hl7(daemon: Daemon) -> dict[str, Any] | None:
+    """--hl7-to: wait (real time, bounded) until the receiver has ACKed every queued message."""
+    gw = daemon.gateway
+    if gw is None or gw.sender is None:
+        return None
+    drained = await gw.drain(HL7_DRAIN_S)
+    sender = gw.sender
+    return {"to": str(gw.settings.observations_to), "delivered": drained, "sent": sender.sent,
+            "resent": sender.resent, "acked": sender.acked, "rejected": sender.rejected,
+            "pending": len(gw.outbox.pending()) if gw.outbox is not None else 0}
 
 
 async def _fault_script(daemon: Daemon, world: World, clock: RuntimeClock, name: str, log: list[str]) -> None:

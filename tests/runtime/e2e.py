@@ -256,6 +256,7 @@ async def rig(
     start: datetime = START,
     fill_ml: Decimal | None = None,
     audit: AuditSettings | None = None,
+    hl7: Any = None,
 ) -> AsyncIterator[Rig]:
     names = list(names)
     dead_set = set(dead)
@@ -277,6 +278,7 @@ async def rig(
                 pumps=tuple(PumpConfig(n, urls[n]) for n in names),
                 audit=audit or AuditSettings(checkpoint_every_records=500, checkpoint_every_s=3600,
                                              group_commit_ms=200, group_commit_records=512),
+                hl7=hl7,
             )
             daemon = Daemon(config, clock, world=world)
             await asyncio.wait_for(daemon.start(), timeout=BOUND_S)
