@@ -54,7 +54,7 @@ def send_test(
         raise typer.Exit(EXIT_REFUSED)
 
 
-async def _send(host: str, port: int, pump: str, timeout: float, app: str, facility: str) -> dict[str, Any]:
+async def _send(host: str, port: int, pump: str, wait_s: float, app: str, facility: str) -> dict[str, Any]:
     from hl7.mllp import open_hl7_connection
 
     from driverd.hl7.messages import observation_message, parse_ack
@@ -67,7 +67,7 @@ async def _send(host: str, port: int, pump: str, timeout: float, app: str, facil
                       rate_ml_per_h=Decimal(0), commanded_ml_per_h=Decimal(0), dose_mg_per_24h=Decimal(0),
                       delivered_ml=Decimal(0), link="up")
     text = observation_message(obs, control_id, Endpoint(app, facility), Endpoint("", ""))
-    async with asyncio.timeout(timeout):
+    async with asyncio.timeout(wait_s):
         reader, writer = await open_hl7_connection(host, port, encoding="utf-8")
         try:
             writer.writeblock(text.encode("utf-8"))
