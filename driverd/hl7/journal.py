@@ -15,7 +15,9 @@ docs/audit.md, except that a failed write leaves the store usable instead of kil
   each complete. A leftover ``NAME.tmp`` is deleted on open.
 - On open, a torn last line (no LF, or an LF-terminated line that fails its checksum: a crash mid-write, or power
   lost before the sync) is truncated away and counted in `repaired_bytes`. Only the last line can be torn: any
-  other bad line is corruption, reported with its line number, never skipped.
+  other bad line is corruption, reported with its line number, never skipped. The format line is written by
+  `rewrite` (synced before its rename), so it is never torn: a file that does not start with it is not a store
+  of this kind and is refused without being touched.
 - The directory is created 0700 and files 0600 whatever the umask (they hold patient identifiers); an existing
   directory is left as it is. One process holds a journal at a time (flock on ``NAME.lock``).
 

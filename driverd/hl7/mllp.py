@@ -12,12 +12,13 @@ answer the message, ``text.encode("utf-8", "surrogateescape")`` gives back the e
 on text it cannot read. Our own outbound messages must be valid UTF-8 (the outbox refuses anything else).
 
 Sender (delivery guarantees, docs/hl7.md): at-least-once, in order, one message in flight. The outbox head is
-sent; the sender waits for an ACK whose MSA-2 is that message's MSH-10 (others are ignored); AA/CA mark it done
-"accepted"; AR/CR/AE/CE mark it done with that code: the receiver has refused this exact message, and sending it
-again would get the same answer and hold up every message behind it forever, so it is reported (`on_outcome`,
-which the gateway logs as an error and audits) and the queue moves on. A timeout, a refused or reset connection
-or a connection closed by the peer: close, wait (exponential backoff), reconnect and resend the SAME message
-(same MSH-10; the receiver de-duplicates). A crash between the send and `done` also resends it after restart.
+sent; the sender waits for an ACK whose MSA-2 is that message's MSH-10 (ACKs for other ids, replies that are not
+ACKs and codes outside HL7 table 0008 are ignored and counted); AA/CA (accepted) mark it done with that code;
+AR/CR/AE/CE mark it done with that code too: the receiver has refused this exact message, and sending it again
+would get the same answer and hold up every message behind it forever, so it is reported (`on_outcome`, which the
+gateway logs as an error and audits) and the queue moves on. A timeout, a refused or reset connection or a
+connection closed by the peer: close, wait (exponential backoff), reconnect and resend the SAME message (same
+MSH-10; the receiver de-duplicates). A crash between the send and `done` also resends it after a restart.
 
 Order listener: one task per connection, one frame at a time per connection (the handler may send an accept
 ACK and, later, the application reply before the next frame is read). Limits, each closing only the offending
@@ -45,6 +46,7 @@ import structlog
 from hl7.mllp import HL7StreamReader, HL7StreamWriter, open_hl7_connection, start_hl7_server
 
 from driverd.core.errors import DriverdError
+from driverd.hl7.journal import StoreError
 from driverd.hl7.outbox import Item, Outbox
 
 log = structlog.get_logger("driverd.hl7.mllp")
@@ -113,6 +115,12 @@ class FrameReader:
     def __init__(self, reader: HL7StreamReader) -> None:
         self.reader = reader
         self.discarded = 0
+        self._reported = 0
+
+    def take_discarded(self) -> int:
+        """Bytes discarded since the last call."""
+        n, self._reported = self.discarded - self._reported, self.discarded
+        return n
 
     async def wait_readable(self) -> bool:
         """Wait for the next byte; False at end of stream."""
@@ -175,7 +183,11 @@ def _positive(name: str, v: float) -> float:
 
 
 class Sender:
-    """Delivers the outbox over MLLP (see the module docstring). `await run()` until `stop()`."""
+    """Delivers the outbox over MLLP (see the module docstring). `await run()` until `stop()`.
+
+    `parse_ack(text) -> (acked control id, code, detail)` reads a reply (it may raise: the reply is then
+    ignored). `on_outcome(item, code, detail)` is called once per message marked done, accepted or not, after
+    the done is durable; an exception in it is logged and delivery goes on. `counters` counts for benches."""
 
     def __init__(
         self,
@@ -219,7 +231,8 @@ class Sender:
             self._task.cancel()
 
     async def run(self) -> None:
-        """Send until `stop()`. Raises StoreError if the outbox fails (disk): the owner reopens it."""
+        """Send until `stop()` (it never ends on its own: every failure is retried after a backoff and shown in
+        `last_error`)."""
         if self._stopping:
             return
         self._task = asyncio.current_task()
@@ -248,12 +261,20 @@ class Sender:
                 self._close()
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 failures += 1
-                delay = min(self.backoff_s[1], self.backoff_s[0] * 2 ** min(failures - 1, 30))
-                await asyncio.sleep(delay)
+                await asyncio.sleep(self.backoff_delay(failures))
+                continue
+            try:
+                self.outbox.done(item.control_id, code)
+            except StoreError as exc:
+                # The disk failed: the message stays the head and is sent again after the backoff (the receiver
+                # de-duplicates on MSH-10). The gateway sees the same failure on its next put and alarms.
+                self.last_error = f"outbox: {exc}"
+                _log("error", "hl7_outbox_done_failed", control_id=item.control_id, error=str(exc), priority="crit")
+                failures += 1
+                await asyncio.sleep(self.backoff_delay(failures))
                 continue
             failures = 0
             self.last_error = ""
-            self.outbox.done(item.control_id, code)
             if code in ACCEPTED:
                 self.counters.acked += 1
             else:
@@ -263,6 +284,10 @@ class Sender:
                     self.on_outcome(item, code, detail)
                 except Exception as exc:  # the owner's reaction must not stop delivery
                     _log("error", "hl7_on_outcome_failed", control_id=item.control_id, error=repr(exc))
+
+    def backoff_delay(self, failures: int) -> float:
+        """Seconds to wait after `failures` failed attempts in a row: first, doubling, capped at most."""
+        return float(min(self.backoff_s[1], self.backoff_s[0] * 2.0 ** min(failures - 1, 60)))
 
     async def _connect(self) -> tuple[FrameReader, HL7StreamWriter]:
         try:
@@ -406,7 +431,7 @@ class OrderServer:
         except Exception as exc:  # a transport error on this connection: only it ends
             _log("warning", "hl7_connection_error", error=f"{type(exc).__name__}: {exc}")
         finally:
-            self.stats.discarded_bytes += frames.discarded
+            self.stats.discarded_bytes += frames.take_discarded()
             del self._active[task]
             writer.transport.abort()
 
@@ -432,6 +457,7 @@ class OrderServer:
             except asyncio.IncompleteReadError:
                 self.stats.incomplete += 1
                 return
+            self.stats.discarded_bytes += frames.take_discarded()
             text = decode(block)
             self.stats.frames += 1
             if undecodable(text) is not None:
