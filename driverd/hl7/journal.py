@@ -81,12 +81,16 @@ def decode_line(line: bytes) -> dict[str, Any] | str:
     if crc != crc.lower() or zlib.crc32(body) != expected:
         return "checksum does not match"
     try:
-        record = json.loads(body)
+        record = json.loads(body, parse_constant=_no_constant)
     except ValueError:
         return "not JSON"
     if not isinstance(record, dict):
         return "not a JSON object"
     return record
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # json.loads would accept NaN / Infinity: we never write them
 
 
 class Journal:

@@ -367,6 +367,23 @@ def test_records_that_break_the_rules_are_errors_naming_the_line(tmp_path: Path,
     assert path.read_bytes() == damaged
 
 
+def test_a_line_with_a_valid_checksum_but_not_json_is_refused(tmp_path: Path) -> None:
+    import zlib
+
+    box = Outbox.open(tmp_path / "ob")
+    put(box, "A")
+    box.close()
+    path = tmp_path / "ob" / FILE_NAME
+    for body in (b'{"op":"state","key":"k","value":NaN}', b"[1,2]", b"{not json"):
+        damaged = path.read_bytes() + b"%08x %s\n" % (zlib.crc32(body), body) + encode_line({"op": "unset", "key": "k"})
+        d = tmp_path / body.hex()[:16]
+        d.mkdir()
+        (d / FILE_NAME).write_bytes(damaged)
+        with pytest.raises(StoreCorrupt) as exc:
+            Outbox.open(d)
+        assert exc.value.line == 3 and (d / FILE_NAME).read_bytes() == damaged
+
+
 @pytest.mark.parametrize("content", [b"hello\nworld\n", b"{}", b"\x00" * 40, encode_line({"format": "other/1"})])
 def test_a_file_that_is_not_an_outbox_is_refused_untouched(tmp_path: Path, content: bytes) -> None:
     d = tmp_path / "ob"
