@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -368,8 +369,6 @@ def test_records_that_break_the_rules_are_errors_naming_the_line(tmp_path: Path,
 
 
 def test_a_line_with_a_valid_checksum_but_not_json_is_refused(tmp_path: Path) -> None:
-    import zlib
-
     box = Outbox.open(tmp_path / "ob")
     put(box, "A")
     box.close()
