@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from driverd.cli import audit, course, demo, keys, pump, run, schedule, sim, status
+from driverd.cli import audit, course, demo, hl7, keys, pump, run, schedule, sim, status
 
 app = typer.Typer(
     name="driverd",
@@ -19,6 +19,7 @@ app.add_typer(audit.app, name="audit")
 app.add_typer(pump.app, name="pump")
 app.add_typer(sim.app, name="sim")
 app.add_typer(course.app, name="course")
+app.add_typer(hl7.app, name="hl7")
 app.command("run")(run.run)
 app.command("status")(status.status)
 app.command(name="demo")(demo.demo)
