@@ -132,8 +132,7 @@ class Gateway:
             addr = self.settings.observations_to
             assert addr is not None
             self.sender = Sender(self.outbox, addr.host, addr.port, ssl_context=self.settings.client_ssl(),
-                                 ack_timeout_s=self.settings.ack_timeout_s, parse_ack=self._parse_ack,
-                                 on_outcome=self._delivered)
+                                 ack_timeout_s=self.settings.ack_timeout_s, on_outcome=self._delivered)
             self._tasks.append(asyncio.create_task(self.sender.run(), name="hl7-sender"))
             self._tasks.append(asyncio.create_task(self._periodic(), name="hl7-periodic"))
         if self.settings.orders_listen is not None:
@@ -269,10 +268,6 @@ class Gateway:
         finally:
             clock.unregister()
 
-    def _parse_ack(self, text: str) -> tuple[str, str, str]:
-        info = messages.parse_ack(text)
-        return info.acked_control_id, info.code, info.text
-
     def _delivered(self, item: Any, outcome: str, detail: str) -> None:
         self._audit("hl7_acked", getattr(item, "pump_id", None), control_id=item.control_id, outcome=outcome,
                     detail=detail[:500])
@@ -313,6 +308,11 @@ class Gateway:
 
     async def _settle(self, text: str) -> tuple[str, str, str, str, str | None, orders.Order | None]:
         """(MSA code, error code, error text, error field, pump id, order)."""
+        from driverd.hl7.mllp import undecodable
+
+        bad = undecodable(text)
+        if bad is not None:  # never act on text we cannot read exactly
+            return "AR", "encoding", bad, "MSH-18", None, None
         try:
             order = orders.parse_order(text)
         except OrderRejected as exc:

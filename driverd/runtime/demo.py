@@ -186,9 +186,9 @@ async def _drain_hl7(daemon: Daemon) -> dict[str, Any] | None:
     if gw is None or gw.sender is None:
         return None
     drained = await gw.drain(HL7_DRAIN_S)
-    sender = gw.sender
-    return {"to": str(gw.settings.observations_to), "delivered": drained, "sent": sender.sent,
-            "resent": sender.resent, "acked": sender.acked, "rejected": sender.rejected,
+    c = gw.sender.counters
+    return {"to": str(gw.settings.observations_to), "delivered": drained, "sent": c.sent,
+            "resent": c.resent, "acked": c.acked, "rejected": c.rejected,
             "pending": len(gw.outbox.pending()) if gw.outbox is not None else 0}
 
 
