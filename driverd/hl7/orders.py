@@ -101,11 +101,11 @@ def _parse(text: object, whole: bool) -> hl7.Message:
     standard encoding characters. `whole=False` reads the MSH line only."""
     if not isinstance(text, str):
         raise _reject("message", "not_hl7")
+    if not whole:  # only the MSH line: a reject can be addressed whatever follows it
+        text = _normalise(text[:MAX_MESSAGE_CHARS + 1]).split("\r", 1)[0]
     if len(text) > MAX_MESSAGE_CHARS:
         raise _reject("message", "length")
     text = _normalise(text)
-    if not whole:
-        text = text.split("\r", 1)[0]
     if _CONTROL.search(text):
         raise _reject("message", "control_chars")
     if not text.startswith(_PREFIX):

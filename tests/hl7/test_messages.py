@@ -17,7 +17,7 @@ from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.core import Message as ApyMessage
 from hl7apy.exceptions import ValidationError
 from hl7apy.parser import parse_message
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from driverd.core.errors import DriverdError
@@ -47,6 +47,8 @@ AT = datetime(2026, 12, 2, 16, 24, 35, 123456, tzinfo=UTC)
 SENDER = Endpoint("DRIVERD", "WARD7")
 RECEIVER = Endpoint("CIS", "HOSP")
 D = Decimal
+# hl7apy takes ~50 ms to parse and validate a message: the properties that run it use fewer examples.
+HL7APY_EXAMPLES = settings(max_examples=100)
 
 # hl7apy's v2.6 copy of HL7 table 0125 predates CWE (HL7 v2.6 and IHE PCD TF-2 table C-1 both list it).
 HL7APY_STALE = "Warning: Value CWE not in table HL70125 in element OBX.OBX_2"
@@ -266,6 +268,7 @@ def test_unassociated_pump_sends_identity_unknown(tmp_path: Path) -> None:
     assert known.oru_r01_patient_result.oru_r01_patient.pid.pid_31.value == "N"
 
 
+@HL7APY_EXAMPLES
 @given(st.decimals(allow_nan=False, allow_infinity=False, places=6, min_value=0, max_value=10_000),
        st.decimals(allow_nan=False, allow_infinity=False, min_value=-1e9, max_value=1e9))
 def test_numbers_round_trip_exactly(rate: Decimal, dose: Decimal) -> None:
@@ -293,6 +296,7 @@ DELIMITED = st.text(alphabet=st.sampled_from("|^~\\&") | st.characters(min_codep
                     min_size=1, max_size=30)
 
 
+@HL7APY_EXAMPLES
 @given(pump=DELIMITED, patient=DELIMITED, drug=DELIMITED, course=DELIMITED, control=DELIMITED)
 def test_delimiters_in_values_are_escaped(pump: str, patient: str, drug: str, course: str, control: str) -> None:
     obs = observation(pump_id=pump, patient_ref=patient, drug_name=drug, course_id=course, pump_model="")
@@ -312,6 +316,7 @@ def test_delimiters_in_values_are_escaped(pump: str, patient: str, drug: str, co
     assert parsed.unescape(str(parsed.segments("OBX")(1)(18))) == pump
 
 
+@HL7APY_EXAMPLES
 @given(pump=st.text(min_size=1, max_size=30), detail=st.text(max_size=60))
 def test_any_text_becomes_printable_ascii(pump: str, detail: str) -> None:
     text = alert_message(alert(pump_id=pump, detail=detail), "c", SENDER, RECEIVER)

@@ -377,7 +377,7 @@ def test_read_header() -> None:
         "RGV", "O15", "RGV_O15", "P", "2.6")
     assert (head.accept_ack_type, head.application_ack_type) == ("AL", "AL")
     assert head.sender == Endpoint("BCMA", "HOSP")
-    garbage = "MSH|^~\\&|A|B|||x||ZZZ|g-7|P\r\x00\x01 garbage \x1c\rOBX|||"
+    garbage = "MSH|^~\\&|A|B|||x||ZZZ|g-7|P\r\x00\x01 garbage \x1c\rOBX|||" + "z" * 100_000
     assert read_header(garbage) is not None and read_header(garbage).control_id == "g-7"  # type: ignore[union-attr]
     for unreadable in ("", "hello", "PID|1", "MSH|^~\\&|A|B|||x||ZZZ||P", "MSH|^~\\&#|A|B|||x||ZZZ|g|P",
                        "MSH|^~\\&|A\x00|B|||x||ZZZ|g|P", "MSH|^~\\&|A|B|||x||ZZZ|" + "g" * 300 + "|P"):
