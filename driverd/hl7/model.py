@@ -77,12 +77,14 @@ class Order:
     patient_ref: str | None  # PID-3 (checked against the course when present)
     order_control: str  # ORC-1: NW, XO, HD, RL, DC, CA, OC
     placer_order: str  # ORC-2 (may be "")
-    drug: str  # RXG-4 (identifier or text, as sent)
+    drug: str  # RXG-4 text (CWE-2), or the identifier (CWE-1) when there is no text
     concentration_mg_per_ml: Decimal | None  # from RXG-17/18 (mg/mL) or RXG-17/18 (mg) over RXG-23/24 (mL)
     rate: Decimal | None  # RXG-15
     rate_unit: Literal["mL/h", "mg/24h"] | None  # RXG-16, normalised
     by: str  # ORC-12 ordering provider id
     reason: str  # a text for the audit log: ORC-16 if given, else "HL7 order <control id>"
+    # RXG-4 identifier (CWE-1), "" when not sent: the drug check compares the course's drug with either component.
+    drug_identifier: str = ""
 
 
 class OrderRejected(DriverdError):
