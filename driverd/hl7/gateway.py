@@ -21,15 +21,16 @@ import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import structlog
 
 from driverd.core.errors import DriverdError
 from driverd.core.state import Phase
 from driverd.hl7 import messages, orders
-from driverd.hl7.model import Alert, Endpoint, Observation, OrderRejected, Priority
-from driverd.hl7.orderlog import OrderLog
+from driverd.hl7.messages import MessageHeader
+from driverd.hl7.model import Alert, Endpoint, Observation, Order, OrderRejected, Priority
+from driverd.hl7.orderlog import OrderLog, Prior
 from driverd.hl7.outbox import Outbox
 from driverd.hl7.settings import Hl7Settings
 
@@ -89,6 +90,23 @@ def _change_key(obs: Observation) -> tuple[Any, ...]:
     with the periodic observation instead)."""
     return (obs.course_id, obs.phase, obs.pump_state, obs.rate_ml_per_h, obs.commanded_ml_per_h,
             obs.dose_mg_per_24h, obs.link, obs.alarms)
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    """How an order was settled: the reply's MSA-1 and, for AE/AR, what its ERR says."""
+
+    code: Literal["AA", "AE", "AR"]
+    error_code: str
+    error_text: str
+    error_field: str
+    pump_id: str | None
+    order: Order | None
+    condition: str | None = None  # ERR-3 (HL7 table 0357); None: 207, application internal error
+
+
+def _type(header: MessageHeader) -> str:
+    return "^".join(x for x in (header.message_code, header.trigger_event, header.structure) if x)[:64]
 
 
 @dataclass
@@ -158,6 +176,10 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks = []
+        for store in (self.outbox, self.orderlog):
+            if store is not None:
+                with contextlib.suppress(Exception):
+                    store.close()
 
     async def drain(self, timeout_s: float) -> bool:
         """Wait (real time) until every queued message is ACKed; False if some are still pending."""
@@ -281,7 +303,7 @@ class Gateway:
         assert self.orderlog is not None
         header = orders.read_header(text)
         if header is None:
-            log.warning("hl7_unreadable_frame", bytes=len(text))
+            log.warning("hl7_unreadable_frame", chars=len(text))
             return  # no MSH to answer to: nothing a reply could name
         digest = hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
         prior = self.orderlog.begin(header.control_id, digest)
@@ -289,89 +311,94 @@ class Gateway:
             await self._repeat(header, prior, digest, send)
             return
         replies: list[str] = []
-        if header.accept_ack:
-            ack = messages.accept_ack(header, self._reply_id(header, "A"), "CA", self.sender_ep)
+        if header.accept_ack_type != "NE":  # enhanced mode: commit accept first, then the application reply
+            ack = messages.accept_ack(header, self._reply_id(header, "A"), "CA", self.sender_ep,
+                                      at=self.daemon.clock.now())
             replies.append(ack)
             await send(ack)
-        code, err_code, err_text, err_field, pump_id, order = await self._settle(text)
-        reply = messages.order_reply(header, self._reply_id(header, "R"), code, self.sender_ep,
-                                     error_code=err_code, error_text=err_text, error_field=err_field)
+        out = await self._settle(text)
+        reply = messages.order_reply(header, self._reply_id(header, "R"), out.code, self.sender_ep,
+                                     at=self.daemon.clock.now(), error_code=out.error_code,
+                                     error_text=out.error_text, error_field=out.error_field,
+                                     condition=out.condition)
         replies.append(reply)
         # Recorded (order log and audit, both durable) before the reply leaves: what was answered is never lost.
         self.orderlog.finish(header.control_id, replies)
-        self._audit("hl7_in", pump_id, durable=True, control_id=header.control_id,
-                    message_type=header.message_type, sender=f"{header.sender.application}^{header.sender.facility}",
+        order = out.order
+        self._audit("hl7_in", out.pump_id, durable=True, control_id=header.control_id,
+                    message_type=_type(header), sender=f"{header.sender.application}^{header.sender.facility}",
                     order_control=order.order_control if order else None, by=order.by if order else None,
-                    outcome=code, code=err_code or None, detail=err_text[:500] or None)
-        if header.application_ack:
+                    outcome=out.code, code=out.error_code or None, detail=out.error_text[:500] or None)
+        if header.application_ack_type != "NE":
             await send(reply)
 
-    async def _settle(self, text: str) -> tuple[str, str, str, str, str | None, orders.Order | None]:
-        """(MSA code, error code, error text, error field, pump id, order)."""
+    async def _settle(self, text: str) -> _Outcome:
         from driverd.hl7.mllp import undecodable
 
         bad = undecodable(text)
         if bad is not None:  # never act on text we cannot read exactly
-            return "AR", "encoding", bad, "MSH-18", None, None
+            return _Outcome("AR", "encoding", bad, "", None, None, "102")
         try:
             order = orders.parse_order(text)
         except OrderRejected as exc:
-            return "AR", "invalid", str(exc), exc.field, None, None
+            return _Outcome("AR", "invalid", orders.rejection_text(exc), exc.field, None, None,
+                            orders.rejection_condition(exc))
         channel = self.daemon.channels.get(order.pump_id)
         if channel is None:
-            return "AR", "unknown_pump", f"no pump {order.pump_id!r} here", "OBX-18", None, order
+            return _Outcome("AR", "unknown_pump", f"no pump {order.pump_id!r} here", "OBX-18", None, order, "204")
         assert self.daemon.protocol is not None
         plan = orders.plan_order(order, channel.state, self.daemon.protocol)
         if isinstance(plan, orders.Refusal):
-            return "AE", plan.code, plan.text, "", order.pump_id, order
-        reason = order.reason
+            return _Outcome("AE", plan.code, plan.detail, "", order.pump_id, order)
         try:
             async with asyncio.timeout(REPLY_WITHIN_S):
-                reply = await self.daemon.command(order.pump_id, plan.action, order.by, reason,
+                reply = await self.daemon.command(order.pump_id, plan.action, order.by, order.reason,
                                                   plan.dose_mg_per_24h)
         except TimeoutError:
-            return "AE", "outcome_unknown", "no outcome within the reply time: check the pump's status", "", \
-                order.pump_id, order
+            return _Outcome("AE", "outcome_unknown", "no outcome within the reply time: check the pump's status",
+                            "", order.pump_id, order)
         if reply.get("ok"):
-            return "AA", "", "", "", order.pump_id, order
+            return _Outcome("AA", "", "", "", order.pump_id, order)
         refusals = reply.get("refusals") or []
         if refusals:
-            return "AE", str(refusals[0]["reason"]), str(refusals[0]["detail"]), "", order.pump_id, order
+            return _Outcome("AE", str(refusals[0]["reason"]), str(refusals[0]["detail"]), "", order.pump_id, order)
         if reply.get("error"):
-            return "AE", "error", str(reply["error"]), "", order.pump_id, order
-        return "AE", "unverified", f"the pump has not confirmed the new rate (it reports "\
-            f"{reply.get('pump_rate_ml_per_h')} mL/h)", "", order.pump_id, order
+            return _Outcome("AE", "error", str(reply["error"]), "", order.pump_id, order)
+        return _Outcome("AE", "unverified", "the pump has not confirmed the new rate (it reports "
+                        f"{reply.get('pump_rate_ml_per_h')} mL/h)", "", order.pump_id, order)
 
-    async def _repeat(self, header: Any, prior: Any, digest: str, send: Callable[[str], Awaitable[None]]) -> None:
+    async def _repeat(self, header: MessageHeader, prior: Prior, digest: str,
+                      send: Callable[[str], Awaitable[None]]) -> None:
+        assert self.orderlog is not None
+        now = self.daemon.clock.now()
         if prior.digest != digest:
             # Same MSH-10, different content: not a resend. Refused, and the original stays as it was.
-            reply = messages.order_reply(header, self._reply_id(header, "X"), "AR", self.sender_ep,
+            reply = messages.order_reply(header, self._reply_id(header, "X"), "AR", self.sender_ep, at=now,
                                          error_code="duplicate_control_id",
-                                         error_text="this MSH-10 was used for a different message",
-                                         error_field="MSH-10")
-            self._audit("hl7_in", None, durable=True, control_id=header.control_id,
-                        message_type=header.message_type, outcome="AR", code="duplicate_control_id", detail=None)
+                                         error_text="this MSH-10 was already used for a different message",
+                                         error_field="MSH-10", condition="205")
+            self._audit("hl7_in", None, durable=True, control_id=header.control_id, message_type=_type(header),
+                        outcome="AR", code="duplicate_control_id", detail=None)
             await send(reply)
             return
         if prior.finished:
-            self._audit("hl7_in", None, durable=True, control_id=header.control_id,
-                        message_type=header.message_type, outcome="repeat", code=None,
-                        detail="answered with the original reply; not applied again")
+            self._audit("hl7_in", None, durable=True, control_id=header.control_id, message_type=_type(header),
+                        outcome="repeat", code=None, detail="answered with the original replies; not applied again")
             for text in prior.replies:
                 await send(text)
             return
         # Received before a crash and never answered: it may or may not have been applied. Never apply it again.
-        reply = messages.order_reply(header, self._reply_id(header, "U"), "AE", self.sender_ep,
+        reply = messages.order_reply(header, self._reply_id(header, "R"), "AE", self.sender_ep, at=now,
                                      error_code="outcome_unknown",
-                                     error_text="received before a restart; not applied again: check the pump's "
+                                     error_text="received before a restart and not applied again: check the pump's "
                                                 "status and send a new order if needed")
-        self.orderlog.finish(header.control_id, [reply]) if self.orderlog else None
-        self._audit("hl7_in", None, durable=True, control_id=header.control_id, message_type=header.message_type,
+        self.orderlog.finish(header.control_id, [reply])
+        self._audit("hl7_in", None, durable=True, control_id=header.control_id, message_type=_type(header),
                     outcome="AE", code="outcome_unknown", detail="received before a restart; not applied again")
         await send(reply)
 
-    def _reply_id(self, header: Any, tag: str) -> str:
-        # Replies are named after the order: a repeated order gets byte-identical replies back.
+    def _reply_id(self, header: MessageHeader, tag: str) -> str:
+        # Replies are named after the order they answer (MSH-10 is at most 199 characters in v2.6).
         return f"{tag}{header.control_id}"[:199]
 
     # ------------------------------------------------------------------------------------------ audit

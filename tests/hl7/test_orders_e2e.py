@@ -26,17 +26,30 @@ from driverd.signing import sign_document
 from drivers.base import AlarmKind, PumpState
 from tests.hl7.order_text import rgv_o15
 from tests.hl7.receiver import free_port
-from tests.runtime.e2e import BOUND_S, FIRST_STEP, HALF_POLL, RUNNING_AT, Rig, events, rig, run, until_phase
+from tests.runtime.e2e import (
+    BOUND_S,
+    FIRST_STEP,
+    HALF_POLL,
+    RUNNING_AT,
+    Rig,
+    audit_ok,
+    events,
+    rig,
+    run,
+    until_phase,
+)
 
 DAY2 = FIRST_STEP + timedelta(days=1, hours=1) + HALF_POLL  # step 2 (300 mg/24h) is due, not yet given
 
 
 def _manual_schedule() -> dict[str, Any]:
-    """The demo course with steps 2 and 3 waiting for a clinician (here: an order) instead of escalating alone."""
+    """The demo course with steps 2 and 3 waiting for a clinician (here: an order) instead of escalating alone,
+    and a two-step taper (50 mg/24h for a day, then stop) so the taper lock can be seen while the pump runs."""
     doc = demo_schedule("bed-1", 1, START)
     doc.pop("signature")
     for step in doc["steps"][1:]:
         step["auto"] = False
+    doc["taper"] = [{"dose_mg_per_24h": "50", "after_hours": "0"}, {"dose_mg_per_24h": "0", "after_hours": "24"}]
     return sign_document(doc, DEMO_KEY)
 
 
@@ -74,6 +87,12 @@ def with_order_port(test: Callable[[Rig, int], Awaitable[None]], tmp_path: Path,
     run(body(), timeout=180)
 
 
+def delivering(r: Rig) -> Decimal:
+    """What the simulated pump is pumping now (its programmed rate only counts while it infuses)."""
+    st = r.model("bed-1").status()
+    return st.rate_ml_per_h if st.state is PumpState.INFUSING else Decimal(0)
+
+
 def assert_valid(text: str) -> None:
     parse_message(text, validation_level=VALIDATION_LEVEL.TOLERANT, find_groups=False)
 
@@ -98,6 +117,8 @@ def test_an_order_is_acknowledged_then_programmed_and_verified(tmp_path: Path) -
         assert cmds[-1]["by"] == "dr-hl7" and "ORD1" in cmds[-1]["reason"]
         rec = events(r.records(), "hl7_in")[-1]
         assert rec["control_id"] == "ORD1" and rec["outcome"] == "AA" and rec["pump_id"] == "bed-1"
+        assert rec["by"] == "dr-hl7" and rec["order_control"] == "XO" and rec["sender"] == "EMR^WARD"
+        audit_ok(r)
 
     with_order_port(t, tmp_path)
 
@@ -123,7 +144,7 @@ def test_hold_and_discontinue_orders(tmp_path: Path) -> None:
         assert msa(reply)[0] == "AA", reply
         assert r.channel("bed-1").state.phase.value == "stopped"
         assert r.model("bed-1").status().state is not PumpState.INFUSING
-        assert r.wire_rates("bed-1")[-1] == 0 or r.model("bed-1").status().delivering_ml_per_h == 0
+        assert r.wire_rates("bed-1")[-1] == 0 or delivering(r) == 0
 
     with_order_port(t, tmp_path)
 
@@ -133,7 +154,7 @@ def test_hold_and_discontinue_orders(tmp_path: Path) -> None:
 
 def _unchanged(r: Rig, before: list[Decimal], rate: Decimal) -> None:
     assert r.wire_rates("bed-1") == before, "a refused order reached the pump"
-    assert r.model("bed-1").status().delivering_ml_per_h == rate
+    assert delivering(r) == rate
 
 
 def test_kernel_refusals_answer_ae_with_the_code_and_leave_the_pump_alone(tmp_path: Path) -> None:
@@ -166,9 +187,10 @@ def test_orders_for_a_pump_in_alarm_are_refused_and_it_stays_stopped(tmp_path: P
         await until_phase(r, "alarm")
         before = r.wire_rates("bed-1")
         _, reply = await exchange(port, rgv_o15("A1", rate="300"))
-        assert msa(reply)[0] == "AE" and err_code(reply) == "alarm", reply
+        # The course state machine refuses before the kernel is asked: no escalation from the alarm phase.
+        assert msa(reply)[0] == "AE" and err_code(reply) in ("alarm", "illegal_transition"), reply
         assert r.wire_rates("bed-1") == before
-        assert r.model("bed-1").status().delivering_ml_per_h == 0
+        assert delivering(r) == 0
 
     with_order_port(t, tmp_path)
 
@@ -176,14 +198,14 @@ def test_orders_for_a_pump_in_alarm_are_refused_and_it_stays_stopped(tmp_path: P
 def test_orders_during_taper_lock_cannot_raise_the_rate(tmp_path: Path) -> None:
     async def t(r: Rig, port: int) -> None:
         await r.advance_to(DAY2)
-        assert (await r.command("bed-1", "taper", reason="stopping early"))["phase"] in ("tapering", "stopped")
+        assert (await r.command("bed-1", "taper", reason="stopping early"))["phase"] == "tapering"
         before = r.wire_rates("bed-1")
         ceiling = r.channel("bed-1").state.lock_ceiling_rate
         _, reply = await exchange(port, rgv_o15("T1", rate="300"))
         assert msa(reply)[0] == "AE", reply
-        assert err_code(reply) in ("taper_lock", "course_stopped"), reply
+        assert err_code(reply) in ("taper_lock", "illegal_transition"), reply
         assert r.wire_rates("bed-1") == before
-        assert ceiling is not None and r.model("bed-1").status().delivering_ml_per_h <= ceiling
+        assert ceiling is not None and delivering(r) <= ceiling
 
     with_order_port(t, tmp_path)
 
