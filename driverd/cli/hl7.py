@@ -16,6 +16,7 @@ from typing import Annotated
 import hl7 as pyhl7
 import typer
 
+from driverd.cli.hl7_send import send_test
 from driverd.cli.output import EXIT_REFUSED, emit_json, fail, usage
 
 app = typer.Typer(help="HL7 v2.6 / MLLP tools for integrators.", no_args_is_help=True)
@@ -90,4 +91,4 @@ async def _listen(host: str, port: int, as_json: bool) -> None:
         await stop.wait()
 
 
-# `driverd hl7 send-test` (the lead's: sends one test observation through the real Sender) goes here.
+app.command("send-test")(send_test)

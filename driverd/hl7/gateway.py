@@ -161,9 +161,16 @@ class Gateway:
                                              max_connections=self.settings.max_connections)
         self.daemon.listeners.append(self.on_change)
 
-    async def stop(self) -> None:
+    def stop_observing(self) -> None:
+        """No more observations or alerts (the periodic task ends); what is queued is still delivered."""
         with contextlib.suppress(ValueError):
             self.daemon.listeners.remove(self.on_change)
+        for task in self._tasks:
+            if task.get_name() == "hl7-periodic":
+                task.cancel()
+
+    async def stop(self) -> None:
+        self.stop_observing()
         if self.server is not None:
             self.server.close()
             with contextlib.suppress(Exception):
@@ -180,6 +187,19 @@ class Gateway:
             if store is not None:
                 with contextlib.suppress(Exception):
                     store.close()
+
+    def status(self) -> dict[str, Any]:
+        """For `driverd status`: is the receiver reachable, how much is waiting, what went wrong last."""
+        out: dict[str, Any] = {"observations_to": str(self.settings.observations_to or "") or None,
+                               "orders_listen": str(self.settings.orders_listen or "") or None}
+        if self.sender is not None and self.outbox is not None:
+            c = self.sender.counters
+            out.update(connected=self.sender.connected, queued=self.outbox.pending_count, acked=c.acked,
+                       rejected=c.rejected, resent=c.resent, last_error=self.sender.last_error or None,
+                       outbox_full=self.full)
+        if self.server is not None:
+            out["order_connections"] = self.server.active
+        return out
 
     async def drain(self, timeout_s: float) -> bool:
         """Wait (real time) until every queued message is ACKed; False if some are still pending."""

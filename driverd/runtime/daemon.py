@@ -160,10 +160,8 @@ class Daemon:
         """pump id -> the task running that pump's channel (the service's watchdog checks they are alive)."""
         return dict(zip(self.channels, self._tasks, strict=True)) if self._tasks else {}
 
-    async def stop(self) -> None:
-        if self.gateway is not None:
-            with contextlib.suppress(Exception):
-                await self.gateway.stop()
+    async def stop_channels(self) -> None:
+        """Stop polling every pump (nothing more is decided or sent to a pump); the log stays open."""
         for ch in self.channels.values():
             ch.stopping = True
         for task in self._tasks:
@@ -171,6 +169,12 @@ class Daemon:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+
+    async def stop(self) -> None:
+        if self.gateway is not None:
+            with contextlib.suppress(Exception):
+                await self.gateway.stop()
+        await self.stop_channels()
         for ch in self.channels.values():
             with contextlib.suppress(Exception):
                 await ch.driver.close()
@@ -297,8 +301,11 @@ class Daemon:
                 "clock_fault": s.clock_fault or None,
             })
         assert self.protocol is not None
-        return self.failsafe.annotate({"ok": True, "now": fmt_time(self.clock.now()),
-                                       "library": self.protocol.library_version, "pumps": pumps})
+        body: dict[str, Any] = {"ok": True, "now": fmt_time(self.clock.now()),
+                                "library": self.protocol.library_version, "pumps": pumps}
+        if self.gateway is not None:
+            body["hl7"] = self.gateway.status()
+        return self.failsafe.annotate(body)
 
 
 def _last_logged_ts(audit_dir: Path) -> datetime | None:

@@ -185,6 +185,12 @@ async def _drain_hl7(daemon: Daemon) -> dict[str, Any] | None:
     gw = daemon.gateway
     if gw is None or gw.sender is None:
         return None
+    # The courses are over: stop the pumps' channels first, or virtual time (and the periodic observations it
+    # drives) would run on while the receiver catches up in real time. The final observations are queued.
+    await daemon.stop_channels()
+    gw.stop_observing()
+    for ch in daemon.channels.values():
+        gw.on_change(ch)
     drained = await gw.drain(HL7_DRAIN_S)
     c = gw.sender.counters
     return {"to": str(gw.settings.observations_to), "delivered": drained, "sent": c.sent,

@@ -41,6 +41,11 @@ def unsafe_file_modes(config: DaemonConfig) -> list[str]:
         if m is not None and m & (stat.S_IRWXG | stat.S_IRWXO):
             problems.append(f"audit_key {config.audit_key} is readable or writable by group/others (mode {m:04o}); "
                             "make it 0600 (or 0400), owned by the daemon's user")
+    if config.hl7 is not None:
+        # The outbox and order log hold patient references and orders, like the audit log.
+        q = _mode(config.hl7.queue_dir)
+        if q is not None and q & 0o007:
+            problems.append(f"hl7 queue_dir {config.hl7.queue_dir} is open to others (mode {q:04o}); make it 0700")
     m = _mode(config.audit_dir)
     if m is not None and m & stat.S_IRWXO:
         problems.append(f"audit_dir {config.audit_dir} is open to others (mode {m:04o}); make it 0750 or 0700")

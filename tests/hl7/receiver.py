@@ -58,14 +58,14 @@ class Receiver:
         self._writers.append(writer)
         try:
             while True:
-                message = await reader.readmessage()
-                text = str(message)
+                text = (await reader.readblock()).decode("utf-8")
                 self.received.append(text)
                 if self.swallow > 0:
                     self.swallow -= 1
                     writer.close()
                     return
-                writer.writemessage(message.create_ack("AA"))
+                # The ACK needs only the MSH (parsing whole messages would make this receiver the bottleneck).
+                writer.writemessage(hl7.parse(text.split("\r", 1)[0]).create_ack("AA"))
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
             pass
