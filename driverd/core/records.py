@@ -26,7 +26,7 @@ from driverd.core.events import (
     Tick,
 )
 from driverd.core.quantities import Resolution
-from driverd.core.schedule import Approval, Schedule, Signature, Step, TaperStep
+from driverd.core.schedule import Approval, Schedule, Signature, Step, SyringeFill, SyringeSupply, TaperStep
 
 INPUT_EVENTS = frozenset(
     {"schedule_accepted", "pump_verified", "tick", "pump_report", "setpoint_result", "clinician_command",
@@ -104,7 +104,29 @@ def schedule_to_fields(s: Schedule) -> dict[str, Any]:
         "expires_at": fmt_time(s.expires_at),
         "signature": None if s.signature is None else {"key_id": s.signature.key_id, "value": s.signature.value},
         "digest": s.digest,
+        **({} if s.syringes is None else {"syringes": _supply_to_fields(s.syringes)}),
     }
+
+
+def _supply_to_fields(sup: SyringeSupply) -> dict[str, Any]:
+    if sup.change_every_hours is not None:
+        return {"change_every_hours": fmt_dec(sup.change_every_hours)}
+    return {"fills": [{"fill_volume_ml": fmt_dec(f.fill_volume_ml),
+                       "concentration_mg_per_ml": fmt_dec(f.concentration_mg_per_ml)} for f in sup.fills]}
+
+
+def _supply_from_fields(f: Any) -> SyringeSupply | None:
+    if f is None:
+        return None
+    if not isinstance(f, dict):
+        raise ValidationError([Problem("syringes", "type", "expected an object")])
+    if f.get("change_every_hours") is not None:
+        return SyringeSupply(change_every_hours=_dec(f, "change_every_hours"))
+    fills = f.get("fills")
+    if not isinstance(fills, list) or not all(isinstance(x, dict) for x in fills):
+        raise ValidationError([Problem("syringes.fills", "type", "expected a list of objects")])
+    return SyringeSupply(fills=tuple(SyringeFill(_dec(x, "fill_volume_ml"), _dec(x, "concentration_mg_per_ml"))
+                                     for x in fills))
 
 
 def schedule_from_fields(f: dict[str, Any]) -> Schedule:
@@ -131,6 +153,7 @@ def schedule_from_fields(f: dict[str, Any]) -> Schedule:
         expires_at=_time(f, "expires_at"),
         signature=None if sig is None else Signature(_str(sig, "key_id"), _str(sig, "value")),
         digest=_str(f, "digest"),
+        syringes=_supply_from_fields(f.get("syringes")),
     )
 
 
