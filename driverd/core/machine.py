@@ -26,6 +26,7 @@ from driverd.core.events import (
     PumpVerified,
     ScheduleAccepted,
     SetpointResult,
+    SyringeLoaded,
     Tick,
 )
 from driverd.core.kernel import (
@@ -37,11 +38,11 @@ from driverd.core.kernel import (
     hours_between,
     pump_rate,
     sample_at,
-    window_volume,
+    window_drug,
 )
 from driverd.core.protocol import ProtocolSpec
-from driverd.core.quantities import rate_to_dose
-from driverd.core.state import ACTIVE, RUNNING, CourseState, Pending, Phase, Sample
+from driverd.core.quantities import dose_to_rate, quantize_down, rate_to_dose
+from driverd.core.state import ACTIVE, RUNNING, CourseState, Pending, Phase, Sample, SyringeChange
 
 Out = tuple[CourseState, tuple[Command, ...]]
 Handler = Callable[[CourseState, Event, ProtocolSpec], Out]
@@ -429,6 +430,112 @@ def _resume(state: CourseState, event: ClinicianCommand, protocol: ProtocolSpec)
     return state, cmds + t
 
 
+# ---------------------------------------------------------------------------------------------- syringe change
+
+#: Alarm causes a syringe change deals with (the syringe ran empty): the only alarm a change may acknowledge.
+END_OF_SYRINGE_CAUSES = frozenset({"pump_alarm:end_of_syringe", "syringe_empty"})
+
+
+def _on_change_syringe(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
+    """A clinician changes the syringe: stop the pump (a decrease), wait for the new syringe's read-back
+    (`SyringeLoaded`). The new fill and concentration are checked here against the library and the signed
+    schedule; nothing else of the course changes (level, step-interval clock, hold clock, taper lock)."""
+    assert isinstance(event, ClinicianCommand) and state.schedule is not None
+    sch = state.schedule
+    fill = event.fill_volume_ml
+    conc = event.concentration_mg_per_ml if event.concentration_mg_per_ml is not None else state.concentration
+    spec = protocol.syringe(sch.syringe_model)
+    if fill is None or spec is None or not 0 < fill <= spec.max_fill_ml:
+        most = spec.max_fill_ml if spec is not None else 0
+        return state, (Refused("clinician", "fill_volume", f"fill {fill} mL: must be > 0 and <= {most} mL "
+                                                           f"for {sch.syringe_model}"),)
+    if conc not in protocol.concentrations_mg_per_ml:
+        return state, (Refused("clinician", "concentration", f"{conc} mg/mL is not in the drug library"),)
+    if conc not in sch.approved_concentrations:
+        approved = ", ".join(str(c) for c in sorted(sch.approved_concentrations))
+        return state, (Refused("clinician", "concentration_not_approved",
+                               f"{conc} mg/mL is not approved by the signed schedule ({approved} mg/mL)"),)
+    if state.phase is P.ALARM and not set(state.alarm_causes) <= END_OF_SYRINGE_CAUSES:
+        others = ", ".join(c for c in state.alarm_causes if c not in END_OF_SYRINGE_CAUSES)
+        return state, (Refused("clinician", "alarm_active", f"a syringe change acknowledges only an end of "
+                                                            f"syringe; resolve and resume {others} first"),)
+    if state.pending is not None and not state.pending.is_decrease:
+        return state, (Refused("clinician", "uncertain", "a setpoint is still unverified"),)
+    change = SyringeChange(fill, conc, event.by, event.reason, event.at)
+    cmds: tuple[Command, ...] = ()
+    if state.alarm_causes:
+        cmds += (Notice("alarm_cleared", ", ".join(state.alarm_causes) + " (syringe change)"),)
+    state = replace(state, syringe_change=change, alarm_causes=(), alarm_code="")
+    cmds += (Notice("syringe_change_started", f"syringe {state.syringe_changes + 2}: {fill} mL at {conc} mg/mL "
+                                              f"by {event.by}: {event.reason}"),)
+    if state.commanded_rate > 0 or state.pump_infusing:
+        state, _, stop = _propose(state, protocol, event.at, Decimal(0), "stop", "clinician", "syringe_change")
+        cmds += stop
+    if state.phase in RUNNING:
+        state = replace(state, resume_to=state.phase)
+    if state.phase is not P.PRIMED:
+        state, t = _goto(state, P.PAUSED, "syringe_change")
+        cmds += t
+    return state, cmds
+
+
+def _on_syringe_loaded(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
+    """The pump's read-back for the new syringe: verify it, carry the accounting over, resume at the same dose
+    level with the rate recomputed for the new concentration (quantized down, through the kernel as any resume).
+    A refused check leaves the change waiting and the pump stopped; a refused resume leaves the course paused
+    with the new syringe in (a clinician resumes)."""
+    assert isinstance(event, SyringeLoaded) and state.schedule is not None
+    change = state.syringe_change
+    sch = state.schedule
+    if change is None:
+        return state, (Refused("machine", "no_syringe_change", "no syringe change in progress"),)
+    state = replace(state, pump_diameter_mm=event.diameter_mm)
+    if event.diameter_mm != sch.inner_diameter_mm:
+        return state, (Refused("machine", "syringe_mismatch",
+                               f"pump reads back {event.diameter_mm} mm; schedule {sch.inner_diameter_mm} mm"),)
+    if state.pending is not None:
+        return state, (Refused("machine", "uncertain", "the stop is not yet verified"),)
+    blocking = [a for a in state.pump_alarms if a not in WARNING_ALARMS]
+    if blocking:
+        return state, (Refused("machine", "alarm_active", f"pump still reports {', '.join(blocking)}"),)
+    # Accounting: what the old syringe delivered since the last report counts at its concentration; the new
+    # syringe's counter is the baseline from here (a pump that resets it on loading loses nothing).
+    prev = state.raw_delivered_ml
+    raw = event.delivered_ml
+    increment = Decimal(0) if prev is None or raw < prev else raw - prev
+    state = _count(state, event.at, increment, raw)
+    old_conc = state.concentration
+    lock = state.lock_ceiling_rate
+    state = replace(state, syringe_concentration=change.concentration_mg_per_ml, syringe_fill_ml=change.fill_ml,
+                    syringe_started_ml=state.delivered_ml, syringe_changes=state.syringe_changes + 1,
+                    syringe_change=None)
+    # The resume ceiling (last verified rate) and the taper lock are limits on drug: carried to the new
+    # concentration as the same mg/24h, quantized down. Never higher than before.
+    state = replace(state, verified_run_rate=_same_drug(state, state.verified_run_rate, old_conc),
+                    lock_ceiling_rate=None if lock is None else _same_drug(state, lock, old_conc))
+    done = Notice("syringe_changed", f"syringe {state.syringe_changes + 1}: {change.fill_ml} mL at "
+                                     f"{change.concentration_mg_per_ml} mg/mL; course delivered "
+                                     f"{state.delivered_mg} mg so far")
+    target = state.resume_to
+    if target is None or target is P.PRIMED or state.level_mg_per_24h == 0:
+        return state, (done,)
+    dose = _resume_dose(state)
+    state, verdict, cmds = _propose(state, protocol, event.at, dose, "resume", "clinician", "syringe_change")
+    if isinstance(verdict, Refusal):
+        return state, (done, *cmds)  # stays paused with the new syringe in: a clinician resumes
+    # Same level, same clocks: the step interval and the hold are not restarted by a syringe change.
+    state = replace(state, alarm_code="", resume_to=None)
+    state, t = _goto(state, target, "syringe_changed")
+    return state, (done, *cmds, *t)
+
+
+def _same_drug(state: CourseState, rate: Decimal, old_conc: Decimal) -> Decimal:
+    """The rate at the syringe now in the pump that delivers at most what `rate` delivered at `old_conc`."""
+    if rate == 0 or state.resolution is None:
+        return rate
+    return quantize_down(dose_to_rate(rate_to_dose(rate, old_conc), state.concentration), state.resolution)
+
+
 # ---------------------------------------------------------------------------------------------- time faults
 
 #: A resume after an interruption at least this long restarts the step interval (docs/safety.md, "Time").
@@ -469,7 +576,7 @@ def _resume_dose(state: CourseState) -> Decimal:
     assert state.schedule is not None
     if pump_rate(state, state.level_mg_per_24h) <= state.verified_run_rate:
         return state.level_mg_per_24h
-    return rate_to_dose(state.verified_run_rate, state.schedule.concentration_mg_per_ml)
+    return rate_to_dose(state.verified_run_rate, state.concentration)
 
 
 def _restart_interval_after_long_stop(state: CourseState, now: datetime) -> CourseState:
@@ -487,16 +594,21 @@ def _accumulate(state: CourseState, event: PumpReport) -> CourseState:
     prev = state.raw_delivered_ml
     # The pump's counter can reset (power cycle, new syringe, cleared): count only what it added.
     increment = Decimal(0) if prev is None else (raw - prev if raw >= prev else raw)
-    cum = state.delivered_ml + increment
-    sample = Sample(event.at, cum)
+    state = _count(state, event.at, increment, raw)
+    return replace(state, pump_alarms=event.alarms, pump_infusing=event.state == "infusing")
+
+
+def _count(state: CourseState, at: datetime, increment: Decimal, raw: Decimal) -> CourseState:
+    """Add what the pump's counter added (at the concentration of the syringe in the pump) to the course totals."""
+    conc = state.concentration if state.schedule is not None else Decimal(0)
+    sample = Sample(at, state.delivered_ml + increment, state.delivered_mg + increment * conc)
     samples = state.samples
-    if not samples or event.at - samples[-1].at >= SAMPLE_SPACING:
-        horizon = event.at - WINDOW - SAMPLE_SPACING
+    if not samples or at - samples[-1].at >= SAMPLE_SPACING:
+        horizon = at - WINDOW - SAMPLE_SPACING
         # Samples are strictly increasing in time (appended only SAMPLE_SPACING apart): bisect, don't scan ~1,440.
         cut = bisect_left(samples, horizon, key=sample_at) if samples and samples[0].at < horizon else 0
         samples = (*samples[cut:], sample)
-    return replace(state, samples=samples, last_sample=sample, raw_delivered_ml=raw,
-                   pump_alarms=event.alarms, pump_infusing=event.state == "infusing")
+    return replace(state, samples=samples, last_sample=sample, raw_delivered_ml=raw)
 
 
 def _on_report(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
@@ -575,16 +687,17 @@ def _ceiling_breach(state: CourseState, protocol: ProtocolSpec, event: PumpRepor
     if sch is None or event.state != "infusing":
         return ""
     now = event.at
-    ceiling_ml = protocol.ceiling_mg_per_24h / sch.concentration_mg_per_ml
-    past = window_volume(state, now - WINDOW, now)
-    ahead = past - window_volume(state, now - WINDOW, now - WINDOW + CEILING_LOOKAHEAD) \
-        + event.rate_ml_per_h * hours_between(now, now + CEILING_LOOKAHEAD)
+    conc = state.concentration
+    # In mg: a window can span syringes of different concentration (each volume counted at its own).
+    past = window_drug(state, now - WINDOW, now)
+    ahead = past - window_drug(state, now - WINDOW, now - WINDOW + CEILING_LOOKAHEAD) \
+        + event.rate_ml_per_h * conc * hours_between(now, now + CEILING_LOOKAHEAD)
     worst = max(past, ahead)
     # The counter's display step, read twice (start and end of the window), is the only slack allowed.
-    if worst <= ceiling_ml + 2 * protocol.counter_resolution_ml:
+    if worst <= protocol.ceiling_mg_per_24h + 2 * protocol.counter_resolution_ml * conc:
         return ""
-    return (f"{worst:.3f} mL in a 24-h window at the delivered rate, above the ceiling "
-            f"{protocol.ceiling_mg_per_24h} mg/24h = {ceiling_ml:.3f} mL")
+    return (f"{worst:.3f} mg in a 24-h window at the delivered rate, above the ceiling "
+            f"{protocol.ceiling_mg_per_24h} mg/24h")
 
 
 def _reported_readback(event: PumpReport) -> Decimal:
@@ -740,4 +853,7 @@ TRANSITIONS: dict[type | str, tuple[frozenset[Phase], Handler]] = {
     "clinician:resume": (frozenset({P.PAUSED, P.ALARM}), _on_resume),
     ClockStepped: (_ALL, _on_clock_stepped),
     "clinician:ack_clock": (_ALL, _on_ack_clock),
+    "clinician:change_syringe": (frozenset({P.PRIMED, P.TITRATING, P.HOLDING, P.TAPERING, P.PAUSED, P.ALARM}),
+                                 _on_change_syringe),
+    SyringeLoaded: (frozenset({P.PRIMED, P.PAUSED}), _on_syringe_loaded),
 }

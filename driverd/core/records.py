@@ -23,6 +23,7 @@ from driverd.core.events import (
     PumpVerified,
     ScheduleAccepted,
     SetpointResult,
+    SyringeLoaded,
     Tick,
 )
 from driverd.core.quantities import Resolution
@@ -30,7 +31,7 @@ from driverd.core.schedule import Approval, Schedule, Signature, Step, SyringeFi
 
 INPUT_EVENTS = frozenset(
     {"schedule_accepted", "pump_verified", "tick", "pump_report", "setpoint_result", "clinician_command",
-     "link_lost", "link_restored", "clock_stepped"}
+     "link_lost", "link_restored", "clock_stepped", "syringe_loaded"}
 )
 OUTPUT_EVENTS = frozenset({"setpoint", "refused", "transition", "alarm", "notice"})
 PUMP_STATES = ("stopped", "infusing", "paused", "alarm")
@@ -179,8 +180,15 @@ def event_to_record(ev: Event) -> tuple[str, dict[str, Any]]:
         return "setpoint_result", {**at, "setpoint_id": ev.setpoint_id, "readback_ml_per_h": rb, "error": ev.error}
     if isinstance(ev, ClinicianCommand):
         dose = None if ev.dose_mg_per_24h is None else fmt_dec(ev.dose_mg_per_24h)
+        syringe = {} if ev.action != "change_syringe" else {
+            "fill_volume_ml": None if ev.fill_volume_ml is None else fmt_dec(ev.fill_volume_ml),
+            "concentration_mg_per_ml": None if ev.concentration_mg_per_ml is None
+            else fmt_dec(ev.concentration_mg_per_ml)}
         return "clinician_command", {**at, "action": ev.action, "by": ev.by, "reason": ev.reason,
-                                     "dose_mg_per_24h": dose}
+                                     "dose_mg_per_24h": dose, **syringe}
+    if isinstance(ev, SyringeLoaded):
+        return "syringe_loaded", {**at, "diameter_mm": fmt_dec(ev.diameter_mm),
+                                  "delivered_ml": fmt_dec(ev.delivered_ml)}
     if isinstance(ev, LinkLost):
         return "link_lost", {**at, "detail": ev.detail}
     if isinstance(ev, ClockStepped):
@@ -227,7 +235,11 @@ def event_from_record(record: dict[str, Any]) -> Event:
         if action not in CLINICIAN_ACTIONS:
             raise ValidationError([Problem("action", "enum", f"unknown action {action!r}")])
         dose = None if record.get("dose_mg_per_24h") is None else _dec(record, "dose_mg_per_24h")
-        return ClinicianCommand(at, action, _str(record, "by"), _str(record, "reason"), dose)
+        fill = None if record.get("fill_volume_ml") is None else _dec(record, "fill_volume_ml")
+        conc = None if record.get("concentration_mg_per_ml") is None else _dec(record, "concentration_mg_per_ml")
+        return ClinicianCommand(at, action, _str(record, "by"), _str(record, "reason"), dose, fill, conc)
+    if name == "syringe_loaded":
+        return SyringeLoaded(at, _dec(record, "diameter_mm"), _dec(record, "delivered_ml"))
     if name == "link_lost":
         return LinkLost(at, _str(record, "detail"))
     if name == "link_restored":
