@@ -189,7 +189,7 @@ def test_syringe_loaded_without_a_change_is_refused() -> None:
     p.feed(ClinicianCommand(T0 + 30 * H, "stop", "dr", "end"))
     from driverd.core.machine import step
 
-    state, cmds = step(p.state, SyringeLoaded(T0 + 31 * H, DIAMETER, D(0)), PROTOCOL)
+    _, cmds = step(p.state, SyringeLoaded(T0 + 31 * H, DIAMETER, D(0)), PROTOCOL)
     assert refusals(cmds) == ["illegal_transition"]
 
 
