@@ -150,7 +150,10 @@ def _check_increase(
     else:
         return Refusal("not_an_increase", f"a {proposal.intent} may not raise the rate")
     window_mg = max_window_mg(state, rate, now)
-    if window_mg > protocol.ceiling_mg_per_24h:
+    # The past comes from the pump's counter, which moves in display steps: read at both ends of the window it may
+    # show up to two steps more than was delivered. The read-back ceiling monitor (machine._ceiling_breach) allows
+    # the same; without it a resume at the top dose at 100 mg/mL (4.992 mL/24h against 5 mL) is refused on noise.
+    if window_mg > protocol.ceiling_mg_per_24h + 2 * protocol.counter_resolution_ml * state.concentration:
         return Refusal(
             "rolling_24h",
             f"delivered + proposed would reach {window_mg} mg in a 24-h window (ceiling {protocol.ceiling_mg_per_24h})",

@@ -401,6 +401,8 @@ def _on_resume(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
         return state, (Refused("clinician", "alarm_active", f"pump still reports {', '.join(blocking)}"),)
     if state.pending is not None:
         return state, (Refused("clinician", "uncertain", "a setpoint is still unverified"),)
+    if "syringe_empty" in state.alarm_causes and _syringe_empty(state, protocol):
+        return state, (Refused("clinician", "syringe_empty", "the syringe is empty: change it (change_syringe)"),)
     if "unexpected_infusion" in state.alarm_causes and state.pump_infusing:
         return state, (Refused("clinician", "alarm_active", "the pump still infuses on its own"),)
     resumed, cmds = _resume(replace(state, alarm_causes=()), event, protocol)
@@ -461,13 +463,17 @@ def _on_change_syringe(state: CourseState, event: Event, protocol: ProtocolSpec)
                                                             f"syringe; resolve and resume {others} first"),)
     if state.pending is not None and not state.pending.is_decrease:
         return state, (Refused("clinician", "uncertain", "a setpoint is still unverified"),)
-    change = SyringeChange(fill, conc, event.by, event.reason, event.at)
+    # Infusing now means the old syringe is still in: stop, and wait for the command given after the swap.
+    loaded = not state.pump_infusing
+    change = SyringeChange(fill, conc, event.by, event.reason, event.at, loaded)
     cmds: tuple[Command, ...] = ()
     if state.alarm_causes:
         cmds += (Notice("alarm_cleared", ", ".join(state.alarm_causes) + " (syringe change)"),)
     state = replace(state, syringe_change=change, alarm_causes=(), alarm_code="")
     cmds += (Notice("syringe_change_started", f"syringe {state.syringe_changes + 2}: {fill} mL at {conc} mg/mL "
-                                              f"by {event.by}: {event.reason}"),)
+                                              f"by {event.by}: {event.reason}" + (
+                                                  "" if loaded else "; pump stopped: load the new syringe, then "
+                                                                    "give change_syringe again")),)
     if state.commanded_rate > 0 or state.pump_infusing:
         state, _, stop = _propose(state, protocol, event.at, Decimal(0), "stop", "clinician", "syringe_change")
         cmds += stop
@@ -489,6 +495,9 @@ def _on_syringe_loaded(state: CourseState, event: Event, protocol: ProtocolSpec)
     sch = state.schedule
     if change is None:
         return state, (Refused("machine", "no_syringe_change", "no syringe change in progress"),)
+    if not change.loaded:
+        return state, (Refused("machine", "syringe_not_loaded", "the pump was infusing at the change: give "
+                                                                "change_syringe again once the new syringe is in"),)
     state = replace(state, pump_diameter_mm=event.diameter_mm)
     if event.diameter_mm != sch.inner_diameter_mm:
         return state, (Refused("machine", "syringe_mismatch",
@@ -638,8 +647,14 @@ def _on_report(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
     blocking = sorted(a for a in event.alarms if a not in WARNING_ALARMS)
     fresh = [a for a in blocking if f"pump_alarm:{a}" not in state.alarm_causes or state.phase is not P.ALARM]
     if fresh:
+        empty = _syringe_empty(state, protocol)
         for a in fresh:  # each pump alarm is its own cause and record, also during another alarm
-            state, more = _alarm(state, f"pump_alarm:{a}", f"pump reports {', '.join(blocking)}")
+            if empty and a in _EMPTY_LOOKALIKES:
+                # The syringe is used up by the read-backs: that is the cause, whatever the pump calls it (a New Era
+                # pump reports a motor stall).
+                state, more = _alarm(state, "syringe_empty", f"end of syringe: {empty}; pump reports {a}")
+            else:
+                state, more = _alarm(state, f"pump_alarm:{a}", f"pump reports {', '.join(blocking)}")
             cmds += more
         return state, cmds
     breach = _ceiling_breach(state, protocol, event) if pending is None else ""
@@ -665,6 +680,21 @@ def _on_report(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
 
 #: Phases in which the course commands no infusion at all: a pump infusing there does so on its own.
 _NO_INFUSION = frozenset({P.IDLE, P.PRIMED, P.PAUSED, P.STOPPED})
+
+
+#: Pump alarms an empty syringe shows as (New Era: a motor stall at the plunger's end).
+_EMPTY_LOOKALIKES = frozenset({"end_of_syringe", "occlusion"})
+
+
+def _syringe_empty(state: CourseState, protocol: ProtocolSpec) -> str:
+    """Why the syringe in the pump counts as empty by the read-backs ("" if it does not): what it delivered is
+    within two counter steps of its fill."""
+    if state.schedule is None:
+        return ""
+    used = state.delivered_ml - state.syringe_started_ml
+    if state.fill_ml - used > 2 * protocol.counter_resolution_ml:
+        return ""
+    return f"{used} mL of the {state.fill_ml} mL fill delivered"
 
 
 def _unexpected_infusion(state: CourseState, event: PumpReport) -> str:

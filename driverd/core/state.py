@@ -54,6 +54,9 @@ class SyringeChange:
     by: str
     reason: str
     at: datetime
+    # False when the pump was infusing at the command: the old syringe is still in. The pump is stopped and the
+    # change waits for the clinician's next change_syringe (given once the new syringe is in) before reading back.
+    loaded: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,7 +27,7 @@ from driverd.core.machine import initial_state
 from driverd.core.protocol import ProtocolSpec, parse_protocol
 from driverd.core.records import fmt_dec, fmt_time
 from driverd.core.schedule_parse import parse_schedule
-from driverd.runtime.channel import Channel
+from driverd.runtime.channel import Channel, syringe_view
 from driverd.runtime.clock import RuntimeClock, WallStep
 from driverd.runtime.config import DaemonConfig
 from driverd.runtime.failsafe import FailSafe, left_running
@@ -245,6 +245,29 @@ class Daemon:
         return await channel.submit(lambda at: ClinicianCommand(at, action, by, reason, dose_d),
                                     acknowledge_alarm=action == "resume", what=what)
 
+    async def change_syringe(self, pump_id: Any, fill: Any, concentration: Any, by: Any, reason: Any) -> dict[str, Any]:
+        """A clinician's syringe change (issue 13): the channel stops the pump, reads the new syringe back, and the
+        core verifies it and resumes at the same level (the rate recomputed for the new concentration)."""
+        if self.failsafe.active:
+            return self.failsafe.refusal()
+        problems = []
+        if not isinstance(pump_id, str) or pump_id not in self.channels:
+            problems.append(f"pump: unknown pump {str(pump_id)[:64]!r}")
+        for name, value in (("by", by), ("reason", reason)):
+            if not isinstance(value, str) or not value.strip() or len(value) > MAX_TEXT:
+                problems.append(f"{name}: required text of 1..{MAX_TEXT} characters")
+        fill_d = _quantity(fill, "fill_volume_ml", problems, required=True)
+        conc_d = _quantity(concentration, "concentration_mg_per_ml", problems, required=False)
+        if problems:
+            pid = pump_id if isinstance(pump_id, str) else None
+            return self._refuse(pid, "clinician", "invalid", "; ".join(problems))
+        what = f"clinician change_syringe {fill_d} mL" + (f" at {conc_d} mg/mL" if conc_d is not None else "") \
+            + f" by {by}: {reason}"
+        # The pump's latched end-of-syringe alarm is acknowledged and the pump read first (as for a resume).
+        return await self.channels[pump_id].submit(
+            lambda at: ClinicianCommand(at, "change_syringe", by, reason, None, fill_d, conc_d),
+            acknowledge_alarm=True, what=what)
+
     async def submit_event(self, pump_id: str, make_event: Callable[[datetime], Event]) -> dict[str, Any]:
         return await self.channels[pump_id].submit(make_event)
 
@@ -270,10 +293,29 @@ class Daemon:
                 "started_at": fmt_time(s.started_at) if s.started_at else None,
                 "last_error": ch.last_error or None,
                 "clock_fault": s.clock_fault or None,
+                **syringe_view(s),
             })
         assert self.protocol is not None
         return self.failsafe.annotate({"ok": True, "now": fmt_time(self.clock.now()),
                                        "library": self.protocol.library_version, "pumps": pumps})
+
+
+def _quantity(value: Any, name: str, problems: list[str], *, required: bool) -> Decimal | None:
+    """A positive decimal (string or integer) of at most 6 places, as plain text, or a problem naming the field."""
+    if value is None:
+        if required:
+            problems.append(f"{name}: required")
+        return None
+    try:
+        if isinstance(value, bool | float):
+            raise ValueError
+        d = Decimal(str(value))
+        if not d.is_finite() or d <= 0 or d > 100_000 or d.quantize(Decimal("0.000001")) != d:
+            raise ValueError
+        return Decimal(fmt_dec(d.normalize()))
+    except (ArithmeticError, ValueError):
+        problems.append(f"{name}: a positive decimal of at most 6 places")
+        return None
 
 
 def _last_logged_ts(audit_dir: Path) -> datetime | None:

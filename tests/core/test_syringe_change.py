@@ -30,6 +30,16 @@ def with_fills(sched: Schedule, *fills: tuple[str, str]) -> Schedule:
 
 
 def change(p: Player, at, fill: str = "17", conc: str | None = None) -> tuple:
+    """The change as a nurse gives it: if the pump still runs (old syringe in), the first command stops it and
+    the second, after the swap, is the one the read-back follows."""
+    cmds = command(p, at, fill, conc)
+    if p.state.syringe_change is not None and not p.state.syringe_change.loaded:
+        p.feed(p.pump.report())  # the channel reads the pump before every change command
+        cmds += command(p, at, fill, conc)
+    return cmds
+
+
+def command(p: Player, at, fill: str = "17", conc: str | None = None) -> tuple:
     return p.feed(ClinicianCommand(at, "change_syringe", "nurse-1", "daily change", None, D(fill),
                                    None if conc is None else D(conc)))
 
@@ -51,10 +61,14 @@ def test_change_in_hold_stops_then_resumes_at_the_same_level_and_clocks() -> Non
     p.run_until(T0 + 60 * H)  # holding at 500 (0.416 mL/h) since T0 + 48 h
     before = p.state
     assert before.phase is Phase.HOLDING
-    cmds = change(p, T0 + 60 * H)
+    cmds = command(p, T0 + 60 * H)  # the old syringe still runs: stop and wait for the swap
     assert rates(cmds) == [D(0)] and p.state.phase is Phase.PAUSED and p.state.syringe_change is not None
     assert [c.setpoint.intent for c in cmds if isinstance(c, ApplySetpoint)] == ["stop"]  # a decrease
-    assert not p.pump.infusing
+    assert not p.pump.infusing and not p.state.syringe_change.loaded
+    assert refusals(loaded(p, T0 + 60 * H)) == ["syringe_not_loaded"]  # no read-back before the swap
+    p.feed(p.pump.report())
+    cmds = command(p, T0 + 60 * H + timedelta(minutes=30))  # after the swap
+    assert rates(cmds) == [] and p.state.syringe_change.loaded
     cmds = loaded(p, T0 + 61 * H)
     assert rates(cmds) == [D("0.416")]
     s = p.state
