@@ -67,6 +67,7 @@ def demo(
         "audit_public_key": str(result.audit_public_key),
         "pumps": result.pumps,
         "faults": result.faults,
+        "syringe_log": result.syringe_log,
         "verify": verified.as_dict(),
         "replay": replayed.as_dict(),
     }
@@ -86,6 +87,10 @@ def _print(summary: dict[str, Any], replayed: Any) -> None:
         echo(line)
     for f in summary["faults"]:
         echo(f"fault: {f}")
+    for p in summary["pumps"]:
+        echo(f"{p['pump_id']}: {p['syringe_changes']} syringe change(s), {p['delivered_mg']} mg delivered")
+    for line in summary["syringe_log"]:
+        echo(f"syringe: {line}")
     v = summary["verify"]
     echo(f"audit verify: {'OK' if v['ok'] else 'FAILED'} - {v['records']} records, {v['checkpoints']} signed "
          f"checkpoints, key {(v['key_fingerprint'] or '')[:16]}..., unsealed tail {v['unsealed_records']}")

@@ -517,7 +517,7 @@ def _on_syringe_loaded(state: CourseState, event: Event, protocol: ProtocolSpec)
     lock = state.lock_ceiling_rate
     state = replace(state, syringe_concentration=change.concentration_mg_per_ml, syringe_fill_ml=change.fill_ml,
                     syringe_started_ml=state.delivered_ml, syringe_changes=state.syringe_changes + 1,
-                    syringe_change=None)
+                    syringe_change=None, empty_warned=False)
     # The resume ceiling (last verified rate) and the taper lock are limits on drug: carried to the new
     # concentration as the same mg/24h, quantized down. Never higher than before.
     state = replace(state, verified_run_rate=_same_drug(state, state.verified_run_rate, old_conc),
@@ -675,7 +675,29 @@ def _on_report(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
         state = replace(state, resume_to=state.phase)
         state, t = _goto(state, P.PAUSED, "stopped_at_pump")
         return state, (*cmds, Notice("stopped_at_pump", f"pump reports {event.state}"), *t)
+    state, cmds = _warn_near_empty(state, protocol, event.at, cmds)
     return _check_deviation(state, protocol, event.at, cmds)
+
+
+def predicted_empty_at(state: CourseState) -> datetime | None:
+    """When the syringe in the pump runs empty at the commanded rate, from its remaining volume by the pump's
+    read-backs (rounded down to the microsecond: never later than it will). None when nothing runs."""
+    if state.schedule is None or state.commanded_rate <= 0 or state.last_sample is None:
+        return None
+    hours = state.remaining_ml / state.commanded_rate
+    return state.last_sample.at + timedelta(microseconds=int(hours * 3_600_000_000))
+
+
+def _warn_near_empty(state: CourseState, protocol: ProtocolSpec, now: datetime, cmds: tuple[Command, ...]) -> Out:
+    """Once per syringe: a warning `syringe_warning_minutes` before it is predicted to run empty."""
+    if state.empty_warned:
+        return state, cmds
+    empty_at = predicted_empty_at(state)
+    if empty_at is None or now < empty_at - timedelta(minutes=float(protocol.syringe_warning_minutes)):
+        return state, cmds
+    detail = (f"syringe {state.syringe_changes + 1} predicted empty at {empty_at.isoformat()}: "
+              f"{state.remaining_ml:.3f} mL left at {state.commanded_rate} mL/h")
+    return replace(state, empty_warned=True), (*cmds, Notice("syringe_near_empty", detail))
 
 
 #: Phases in which the course commands no infusion at all: a pump infusing there does so on its own.

@@ -55,6 +55,7 @@ class ProtocolSpec:
     deviation_window_minutes: Decimal = Decimal(15)  # over/under-infusion must persist this long
     deviation_limit: Decimal = Decimal("0.10")  # relative error that counts as over/under-infusion
     counter_resolution_ml: Decimal = Decimal("0.01")  # the pump's delivered-volume display step (noise allowance)
+    syringe_warning_minutes: Decimal = Decimal(60)  # warn this long before the syringe is predicted to run empty
 
     @property
     def library_version(self) -> str:
@@ -197,6 +198,7 @@ _SUPERVISION: dict[str, tuple[Decimal, Decimal]] = {  # key -> (maximum, default
     "deviation_window_minutes": (Decimal(240), Decimal(15)),
     "deviation_limit": (Decimal("0.5"), Decimal("0.10")),
     "counter_resolution_ml": (Decimal(1), Decimal("0.01")),
+    "syringe_warning_minutes": (Decimal(1440), Decimal(60)),
 }
 
 

@@ -122,6 +122,7 @@ class CourseState:
     syringe_started_ml: Decimal = Decimal(0)  # course-cumulative delivered mL when this syringe went in
     syringe_changes: int = 0
     syringe_change: SyringeChange | None = None  # a change waiting for the new syringe's read-back
+    empty_warned: bool = False  # the near-empty warning was raised for the syringe in the pump
 
     @property
     def course_id(self) -> str | None:

@@ -30,7 +30,7 @@ from driverd.core.events import (
     Tick,
 )
 from driverd.core.kernel import Setpoint
-from driverd.core.machine import step
+from driverd.core.machine import predicted_empty_at, step
 from driverd.core.protocol import ProtocolSpec
 from driverd.core.records import command_to_record, event_to_record, fmt_dec, fmt_time
 from driverd.core.state import CourseState, Phase
@@ -412,11 +412,15 @@ def syringe_view(s: CourseState) -> dict[str, Any]:
     if s.schedule is None:
         return {"syringe": None}
     change = s.syringe_change
+    empty_at = predicted_empty_at(s)
     return {"syringe": {
         "number": s.syringe_changes + 1,
         "fill_ml": fmt_dec(s.fill_ml),
         "concentration_mg_per_ml": fmt_dec(s.concentration),
         "remaining_ml": fmt_dec(s.remaining_ml.quantize(Decimal("0.001"))),
+        # at the commanded rate, from the pump's read-backs; the warning is the core's (logged as a notice)
+        "predicted_empty_at": None if empty_at is None else fmt_time(empty_at),
+        "near_empty_warning": s.empty_warned,
         "change_in_progress": None if change is None else {"fill_ml": fmt_dec(change.fill_ml),
                                                            "concentration_mg_per_ml": fmt_dec(
                                                                change.concentration_mg_per_ml),

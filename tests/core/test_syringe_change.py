@@ -227,3 +227,45 @@ def test_records_round_trip() -> None:
     _, fields = event_to_record(ClinicianCommand(T0, "resume", "n", "r"))
     assert "fill_volume_ml" not in fields
     assert PumpReport  # imported for the harness's reports
+
+
+# --- time to empty (issue 13, part 3) -------------------------------------------------------------------------
+
+
+def notices(p: Player, code: str) -> list[str]:
+    return [c.detail for _, c in p.log if isinstance(c, Notice) and c.code == code]
+
+
+def test_near_empty_warning_once_an_hour_before_the_predicted_empty_time() -> None:
+    from driverd.core.machine import predicted_empty_at
+
+    p = play()  # one 17 mL syringe at 50 mg/mL: 1.992 + 6 mL by T0 + 48 h, then 0.416 mL/h
+    p.run_until(T0 + 68 * H)
+    assert notices(p, "syringe_near_empty") == []
+    empty_at = predicted_empty_at(p.state)
+    assert empty_at is not None and T0 + 69 * H < empty_at < T0 + 70 * H  # 9.008 mL / 0.416 mL/h = 21.65 h
+    p.run_until(T0 + 69 * H + 30 * timedelta(minutes=1))
+    warned = notices(p, "syringe_near_empty")
+    assert len(warned) == 1 and "syringe 1 predicted empty at" in warned[0]
+    # at the end the pump stops on its own (a New Era pump reports a stall): the cause is the empty syringe
+    p.run_until(empty_at + timedelta(minutes=10))
+    p.pump.alarms = ("occlusion",)
+    p.pump.infusing = False
+    p.feed(p.pump.report())
+    assert p.state.phase is Phase.ALARM and p.state.alarm_causes == ("syringe_empty",)
+    p.pump.alarms = ()  # acknowledged at the pump (a resume does that first)
+    p.feed(p.pump.report())
+    cmds = p.feed(ClinicianCommand(p.pump.at, "resume", "rn", "try"))
+    assert refusals(cmds) == ["syringe_empty"]
+    change(p, p.pump.at)
+    loaded(p, p.pump.at)
+    assert p.state.phase is Phase.HOLDING and not p.state.empty_warned and p.state.remaining_ml == D(17)
+
+
+def test_an_occlusion_with_syringe_left_is_not_an_empty_syringe() -> None:
+    p = play()
+    p.run_until(T0 + 30 * H)
+    p.pump.alarms = ("occlusion",)
+    p.pump.infusing = False
+    p.feed(p.pump.report())
+    assert p.state.alarm_causes == ("pump_alarm:occlusion",)

@@ -150,8 +150,14 @@ async def _empty(tmp_path: Path) -> None:
                    fill_ml=Decimal(1)) as r:
         assert (await r.push(NAME, schedule_doc("1")))["ok"] is True
         ch = r.channel(NAME)
-        # 1 mL at 0.083 mL/h lasts about 12 h
-        await r.advance_to(FIRST_STEP + timedelta(minutes=1))
+        # 1 mL at 0.083 mL/h lasts about 12 h: status predicts it, and warns an hour before (logged as a notice)
+        await r.advance_to(FIRST_STEP + 10 * H + timedelta(minutes=1))
+        syringe = (await r.status())[NAME]["syringe"]
+        empty_at = datetime.fromisoformat(syringe["predicted_empty_at"])
+        assert FIRST_STEP + 11 * H < empty_at < FIRST_STEP + 13 * H and syringe["near_empty_warning"] is False
+        await r.advance_to(empty_at - 30 * timedelta(minutes=1) + timedelta(seconds=7))
+        assert (await r.status())[NAME]["syringe"]["near_empty_warning"] is True
+        assert [n["code"] for n in events(r.records(), "notice", NAME)].count("syringe_near_empty") == 1
         await r.wait_until(lambda: ch.state.phase.value == "alarm", step=H, limit=FIRST_STEP + 20 * H)
         # a New Era pump reports a motor stall; the read-backs say the syringe is used up: that is the cause
         assert ch.state.alarm_causes == ("syringe_empty",), ch.state.alarm_causes
