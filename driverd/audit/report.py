@@ -32,6 +32,8 @@ class CourseSummary:
     refusals: list[tuple[datetime | None, str, str, str]] = field(default_factory=list)  # at, source, reason, detail
     alarms: list[tuple[datetime | None, str, str]] = field(default_factory=list)
     reported: list[tuple[datetime, Decimal]] = field(default_factory=list)  # pump-reported delivered mL (raw)
+    handover: dict[str, Any] | None = None  # the core's end-of-course record (`course_summary`), when it stopped
+    mixed: bool = False  # a syringe change to another concentration: mL no longer convert to mg at one rate
 
     def commanded_ml(self) -> Decimal:
         """Volume the commanded rates would deliver, each from its time to the next (or the course's end)."""
@@ -54,7 +56,9 @@ class CourseSummary:
         return total
 
     def mg(self, ml: Decimal) -> Decimal | None:
-        return None if self.concentration_mg_per_ml is None else ml * self.concentration_mg_per_ml
+        if self.concentration_mg_per_ml is None or self.mixed:
+            return None  # with mixed concentrations the core's handover record has the mg
+        return ml * self.concentration_mg_per_ml
 
     def as_dict(self) -> dict[str, Any]:
         c_ml, r_ml = self.commanded_ml(), self.reported_ml()
@@ -73,6 +77,7 @@ class CourseSummary:
             "commanded_mg": _q(self.mg(c_ml)),
             "reported_ml": _q(r_ml),
             "reported_mg": _q(self.mg(r_ml)),
+            "handover": self.handover,
         }
 
 
@@ -164,6 +169,12 @@ class ReportBuilder:
             c.refusals.append((at, str(rec.get("source")), str(rec.get("reason")), str(rec.get("detail"))))
         elif event == "alarm":
             c.alarms.append((at, str(rec.get("code")), str(rec.get("detail"))))
+        elif event == "clinician_command" and rec.get("action") == "change_syringe":
+            conc = _dec(rec.get("concentration_mg_per_ml"))
+            c.mixed = c.mixed or (conc is not None and conc != c.concentration_mg_per_ml)
+        elif event == "course_summary":
+            c.handover = {k: rec.get(k) for k in ("cause", "delivered_mg", "delivered_ml", "commanded_mg", "syringes",
+                                                  "alarms", "handover_note")} | {"at": at}
         elif event == "pump_report":
             ml = _dec(rec.get("delivered_ml"))
             if ml is not None and at is not None:
@@ -208,6 +219,14 @@ def report_lines(rep: Report) -> list[str]:
             out.append(f"  refused @{_t(at)} [{src}] {reason}: {detail}")
         for at, code, detail in c.alarms:
             out.append(f"  alarm @{_t(at)} {code}: {detail}")
+        h = c.handover
+        if h is not None:
+            alarms = h.get("alarms") or []
+            out.append(f"  handover @{_t(h.get('at'))} ({h.get('cause')}): {h.get('delivered_mg')} mg delivered by the "
+                       f"pump's read-backs, {h.get('commanded_mg')} mg by the commanded rates; "
+                       f"{h.get('syringes')} syringe(s); alarms: {', '.join(map(str, alarms)) or 'none'}")
+            if h.get("handover_note"):
+                out.append(f"  handover note: {h['handover_note']}")
     return out
 
 

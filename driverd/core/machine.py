@@ -13,7 +13,7 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 from decimal import Decimal
 
-from driverd.core.commands import ApplySetpoint, Command, Notice, RaiseAlarm, Refused, Transitioned
+from driverd.core.commands import ApplySetpoint, Command, CourseEnded, Notice, RaiseAlarm, Refused, Transitioned
 from driverd.core.errors import IllegalTransition
 from driverd.core.events import (
     WARNING_ALARMS,
@@ -60,6 +60,7 @@ def initial_state(pump_id: str) -> CourseState:
 
 def reduce(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
     """Apply one event. Raises IllegalTransition if the current phase does not accept it."""
+    start = state
     state, pre = _enforce_cap(state, event.at, protocol)
     key: type | str = type(event)
     if isinstance(event, ClinicianCommand):
@@ -70,7 +71,42 @@ def reduce(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
     before = state
     state, cmds = phases_handler[1](state, event, protocol)
     state = _track_interruption(before, state, event.at)
+    state = _track_commanded(start, state, event.at)
+    if start.phase is not P.STOPPED and state.phase is P.STOPPED and state.schedule is not None:
+        causes = [c.cause for c in pre + cmds if isinstance(c, Transitioned)]
+        state = replace(state, summary_due=causes[-1] if causes else "stopped")
+    if state.summary_due and isinstance(event, PumpReport) and not state.pump_infusing:
+        # The handover record waits for the first report of the stopped pump: its counter then holds everything
+        # the course delivered.
+        cmds += (_course_ended(state),)
+        state = replace(state, summary_due="")
     return state, pre + cmds
+
+
+def _running_mg_per_h(state: CourseState) -> Decimal:
+    if state.phase not in RUNNING or state.schedule is None or state.commanded_rate <= 0:
+        return Decimal(0)
+    return state.commanded_rate * state.concentration
+
+
+def _track_commanded(before: CourseState, after: CourseState, now: datetime) -> CourseState:
+    """Integrate the commanded rate (mg) for the end-of-course record, touching the state only when it changes
+    (an idle tick must leave the state identical: the channel does not log those)."""
+    was, will = _running_mg_per_h(before), _running_mg_per_h(after)
+    if was == will and (after.commanded_since is not None or will == 0):
+        return after
+    total = after.commanded_mg
+    if was > 0 and before.commanded_since is not None:
+        total += was * hours_between(before.commanded_since, now)
+    return replace(after, commanded_mg=total, commanded_since=now if will > 0 else None)
+
+
+def _course_ended(state: CourseState) -> CourseEnded:
+    assert state.schedule is not None
+    cause = state.summary_due
+    return CourseEnded(delivered_mg=state.delivered_mg, delivered_ml=state.delivered_ml,
+                       commanded_mg=state.commanded_mg, syringes=state.syringe_changes + 1,
+                       alarms=state.alarms_raised, handover_note=state.schedule.handover_note, cause=cause)
 
 
 def step(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
@@ -144,7 +180,7 @@ def _alarm(state: CourseState, code: str, detail: str) -> Out:
     if code in state.alarm_causes and (state.phase is P.ALARM or state.phase not in ACTIVE):
         return state, ()  # already an active cause: raised once, acknowledged once
     cmds: tuple[Command, ...] = (RaiseAlarm(code, detail),)
-    state = replace(state, alarm_causes=(*state.alarm_causes, code))
+    state = replace(state, alarm_causes=(*state.alarm_causes, code), alarms_raised=(*state.alarms_raised, code))
     if state.phase not in ACTIVE:
         # A stopped (or not yet started) course stays where it is: an alarm there is raised, never a way back in.
         return replace(state, alarm_code=code), cmds

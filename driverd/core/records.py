@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from driverd.core.commands import ApplySetpoint, Command, RaiseAlarm, Refused, Transitioned
+from driverd.core.commands import ApplySetpoint, Command, CourseEnded, RaiseAlarm, Refused, Transitioned
 from driverd.core.errors import Problem, ValidationError
 from driverd.core.events import (
     CLINICIAN_ACTIONS,
@@ -33,7 +33,7 @@ INPUT_EVENTS = frozenset(
     {"schedule_accepted", "pump_verified", "tick", "pump_report", "setpoint_result", "clinician_command",
      "link_lost", "link_restored", "clock_stepped", "syringe_loaded"}
 )
-OUTPUT_EVENTS = frozenset({"setpoint", "refused", "transition", "alarm", "notice"})
+OUTPUT_EVENTS = frozenset({"setpoint", "refused", "transition", "alarm", "notice", "course_summary"})
 PUMP_STATES = ("stopped", "infusing", "paused", "alarm")
 
 
@@ -106,6 +106,7 @@ def schedule_to_fields(s: Schedule) -> dict[str, Any]:
         "signature": None if s.signature is None else {"key_id": s.signature.key_id, "value": s.signature.value},
         "digest": s.digest,
         **({} if s.syringes is None else {"syringes": _supply_to_fields(s.syringes)}),
+        **({} if s.handover_note is None else {"handover_note": s.handover_note}),
     }
 
 
@@ -155,6 +156,7 @@ def schedule_from_fields(f: dict[str, Any]) -> Schedule:
         signature=None if sig is None else Signature(_str(sig, "key_id"), _str(sig, "value")),
         digest=_str(f, "digest"),
         syringes=_supply_from_fields(f.get("syringes")),
+        handover_note=None if f.get("handover_note") is None else _str(f, "handover_note"),
     )
 
 
@@ -271,6 +273,11 @@ def command_to_record(cmd: Command) -> tuple[str, dict[str, Any]]:
         return "transition", {"from": cmd.frm, "to": cmd.to, "cause": cmd.cause}
     if isinstance(cmd, RaiseAlarm):
         return "alarm", {"code": cmd.code, "detail": cmd.detail}
+    if isinstance(cmd, CourseEnded):
+        return "course_summary", {"delivered_mg": fmt_dec(cmd.delivered_mg), "delivered_ml": fmt_dec(cmd.delivered_ml),
+                                  "commanded_mg": fmt_dec(cmd.commanded_mg), "syringes": cmd.syringes,
+                                  "alarms": list(cmd.alarms), "handover_note": cmd.handover_note,
+                                  "cause": cmd.cause}
     return "notice", {"code": cmd.code, "detail": cmd.detail}
 
 

@@ -75,6 +75,8 @@ class Schedule:
     digest: str  # hex SHA-256 of the canonical signed content: names this exact schedule in the audit log
     # None: not stated; the course must then fit in the first syringe (docs/schedules.md, "Volume plan").
     syringes: SyringeSupply | None = None
+    # Shown in the end-of-course record, e.g. an oral continuation prescribed elsewhere (the daemon never drives it).
+    handover_note: str | None = None
 
     @property
     def approved_concentrations(self) -> frozenset[Decimal]:

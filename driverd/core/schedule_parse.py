@@ -87,7 +87,7 @@ TOP_REQUIRED: Final = (
     "approved_at",
     "expires_at",
 )
-TOP_OPTIONAL: Final = ("signature", "syringes")
+TOP_OPTIONAL: Final = ("signature", "syringes", "handover_note")
 MAX_SYRINGE_FILLS: Final = 64
 
 _SECONDS_PER_DAY: Final = Decimal(86400)
@@ -286,6 +286,7 @@ class _Raw:
     expires_at: datetime | None = None
     signature: Signature | None = None
     syringes: _RawSupply | None = None  # None: not stated (or malformed: then a structural problem is reported)
+    handover_note: str | None = None
 
 
 @dataclass
@@ -470,6 +471,8 @@ class _Reader:
             raw.signature = self._signature(top["signature"])
         if "syringes" in top:
             raw.syringes = self._syringes(top["syringes"])
+        if "handover_note" in top:
+            raw.handover_note = self.text(top["handover_note"], "/handover_note")
         return raw
 
     def _syringes(self, value: object) -> _RawSupply | None:
@@ -898,6 +901,7 @@ def _build(raw: _Raw, doc: Mapping[str, object]) -> Schedule:
         signature=raw.signature,
         digest=content_digest(doc),
         syringes=_build_supply(raw),
+        handover_note=raw.handover_note,
     )
 
 

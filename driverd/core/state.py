@@ -123,6 +123,12 @@ class CourseState:
     syringe_changes: int = 0
     syringe_change: SyringeChange | None = None  # a change waiting for the new syringe's read-back
     empty_warned: bool = False  # the near-empty warning was raised for the syringe in the pump
+    # The commanded rates integrated (mg), for the end-of-course record: the total up to `commanded_since`, from
+    # when the rate now commanded (in a running phase) began. Updated only when that rate changes.
+    commanded_mg: Decimal = Decimal(0)
+    commanded_since: datetime | None = None
+    alarms_raised: tuple[str, ...] = ()  # every alarm cause raised during the course, in order
+    summary_due: str = ""  # why the course stopped, until the end-of-course record is out (next pump report)
 
     @property
     def course_id(self) -> str | None:

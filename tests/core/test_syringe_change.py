@@ -269,3 +269,47 @@ def test_an_occlusion_with_syringe_left_is_not_an_empty_syringe() -> None:
     p.pump.infusing = False
     p.feed(p.pump.report())
     assert p.state.alarm_causes == ("pump_alarm:occlusion",)
+
+
+# --- end of course handover (issue 13, part 5) -------------------------------------------------------------------
+
+
+def test_course_summary_when_the_course_stops() -> None:
+    from driverd.core.commands import CourseEnded
+    from driverd.core.records import command_to_record
+
+    sched = replace(with_fills(schedule(), ("17", "100")), handover_note="oral ketamine 50 mg qds from day 7 (GP)")
+    p = play(sched)
+    p.run_until(T0 + 30 * H)
+    change(p, T0 + 30 * H)
+    loaded(p, T0 + 30 * H)
+    p.run_until(T0 + 60 * H)
+    change(p, T0 + 60 * H, conc="100")
+    loaded(p, T0 + 60 * H)
+    p.run_until(T0 + 121 * H)
+    ended = [c for _, c in p.log if isinstance(c, CourseEnded)]
+    assert len(ended) == 1
+    e = ended[0]
+    assert e.syringes == 3 and e.alarms == () and e.cause == "hold_complete"
+    assert e.handover_note == "oral ketamine 50 mg qds from day 7 (GP)"
+    # commanded: 24 h at 0.083 + 24 h at 0.25 + 12 h at 0.416 (50 mg/mL) + 60 h at 0.208 (100 mg/mL)
+    commanded = (D("0.083") * 24 + D("0.25") * 24 + D("0.416") * 12) * 50 + D("0.208") * 60 * 100
+    assert close(e.commanded_mg, commanded)
+    assert close(e.delivered_mg, commanded)  # the read-backs: the record waits for the stopped pump's report
+    name, fields = command_to_record(e)
+    assert name == "course_summary" and fields["syringes"] == 3 and fields["handover_note"].startswith("oral")
+
+
+def test_course_summary_lists_the_alarms() -> None:
+    from driverd.core.commands import CourseEnded
+
+    p = play()
+    p.run_until(T0 + 30 * H)
+    p.pump.alarms = ("occlusion",)
+    p.pump.infusing = False
+    p.feed(p.pump.report())
+    p.feed(ClinicianCommand(T0 + 31 * H, "stop", "dr", "end of course"))
+    assert not [c for _, c in p.log if isinstance(c, CourseEnded)]  # waits for the stopped pump's report
+    p.feed(p.pump.report())
+    e = next(c for _, c in p.log if isinstance(c, CourseEnded))
+    assert e.alarms == ("pump_alarm:occlusion",) and e.cause == "clinician_stop" and e.syringes == 1

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from driverd.audit.report import build_report, report_lines
 from driverd.core.quantities import dose_to_rate, quantize_down
 from driverd.runtime.control import ChangeSyringeRequest, RequestError, parse_request, request
 from driverd.runtime.demo import DEMO_KEY, START, demo_schedule
@@ -33,6 +34,7 @@ def schedule_doc(first_fill: str = "22") -> dict[str, Any]:
     doc["drug"] = {"name": "ketamine", "concentration_mg_per_ml": "50"}
     doc["syringe"]["fill_volume_ml"] = first_fill
     doc["syringes"] = [{"fill_volume_ml": "22"}] + [{"fill_volume_ml": "22", "concentration_mg_per_ml": "100"}] * 3
+    doc["handover_note"] = "oral ketamine prescribed by the GP from day 7"
     return sign_document(doc, DEMO_KEY)
 
 
@@ -121,7 +123,15 @@ async def _course(tmp_path: Path, transport: str) -> None:
         status = (await r.status())[NAME]
         assert status["syringe_changes"] == 4 and status["syringe"]["number"] == 5
         await r.wait_until(lambda: ch.state.phase.value == "stopped", step=H, limit=FIRST_STEP + 7 * 24 * H)
+        await r.advance_to(r.clock.now() + POLL)  # the handover record follows the stopped pump's next report
         records = r.records()
+        summary = events(records, "course_summary", NAME)
+        assert len(summary) == 1 and summary[0]["syringes"] == 5 and summary[0]["alarms"] == []
+        assert summary[0]["handover_note"] == "oral ketamine prescribed by the GP from day 7"
+        assert Decimal(summary[0]["delivered_mg"]) == ch.state.delivered_mg
+        lines = report_lines(build_report(records))
+        assert any(line.startswith("  handover @") and "5 syringe(s); alarms: none" in line for line in lines), lines
+        assert "  handover note: oral ketamine prescribed by the GP from day 7" in lines
         assert not events(records, "alarm", NAME)
         assert [n["code"] for n in events(records, "notice", NAME)].count("syringe_changed") == 4
         # never more drug than the approved top dose, whatever the concentration

@@ -210,6 +210,11 @@ STRUCTURAL: list[tuple[str, Mutation, tuple[str, str]]] = [
      ("/syringes/0/units", "unknown-field")),
     ("syringe-fill-bool", set_at("/syringes", [{"fill_volume_ml": True}]), ("/syringes/0/fill_volume_ml", "type")),
     ("syringe-fill-not-object", set_at("/syringes", ["17"]), ("/syringes/0", "type")),
+    # handover note (issue 13, part 5)
+    ("handover-number", set_at("/handover_note", 7), ("/handover_note", "type")),
+    ("handover-empty", set_at("/handover_note", ""), ("/handover_note", "length")),
+    ("handover-too-long", set_at("/handover_note", "x" * 257), ("/handover_note", "length")),
+    ("handover-control", set_at("/handover_note", "oral\nketamine"), ("/handover_note", "format")),
 ]
 
 SEMANTIC: list[tuple[str, Mutation, tuple[str, str]]] = [

@@ -318,3 +318,15 @@ def test_shipped_examples_are_deliverable() -> None:
     confirm = out_json(run("schedule", "validate", CONFIG / "schedules" / "example-confirm.json", "--now", NOW,
                            "--json"))["volume_plan"]
     assert [s["concentration_mg_per_ml"] for s in confirm["syringes"]] == ["50", "100"]
+
+
+def test_handover_note_is_kept(tmp_path: Path) -> None:
+    from driverd.cli.schedule import DEFAULT_PROTOCOL
+    from driverd.core.protocol import parse_protocol
+    from driverd.core.schedule_parse import load_json, parse_schedule
+
+    doc = json.loads(EXAMPLE.read_text(encoding="utf-8"))
+    doc["handover_note"] = "oral ketamine 50 mg qds from day 7 (prescribed by the GP)"
+    assert run("schedule", "validate", write(tmp_path, doc), "--now", NOW).exit_code == 0
+    sched = parse_schedule(load_json(write(tmp_path, doc).read_bytes()), parse_protocol(DEFAULT_PROTOCOL.read_text()))
+    assert sched.handover_note == doc["handover_note"]
