@@ -74,7 +74,7 @@ def reduce(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
     state = _track_commanded(start, state, event.at)
     if start.phase is not P.STOPPED and state.phase is P.STOPPED and state.schedule is not None:
         causes = [c.cause for c in pre + cmds if isinstance(c, Transitioned)]
-        state = replace(state, summary_due=causes[-1] if causes else "stopped")
+        state = replace(state, summary_due=causes[-1] if causes else "stopped", stopped_at=event.at)
     if state.summary_due and isinstance(event, PumpReport) and not state.pump_infusing:
         # The handover record waits for the first report of the stopped pump: its counter then holds everything
         # the course delivered.

@@ -27,7 +27,16 @@ from driverd.core.events import (
     Tick,
 )
 from driverd.core.quantities import Resolution
-from driverd.core.schedule import Approval, Schedule, Signature, Step, SyringeFill, SyringeSupply, TaperStep
+from driverd.core.schedule import (
+    Approval,
+    ExposureOverride,
+    Schedule,
+    Signature,
+    Step,
+    SyringeFill,
+    SyringeSupply,
+    TaperStep,
+)
 
 INPUT_EVENTS = frozenset(
     {"schedule_accepted", "pump_verified", "tick", "pump_report", "setpoint_result", "clinician_command",
@@ -107,6 +116,9 @@ def schedule_to_fields(s: Schedule) -> dict[str, Any]:
         "digest": s.digest,
         **({} if s.syringes is None else {"syringes": _supply_to_fields(s.syringes)}),
         **({} if s.handover_note is None else {"handover_note": s.handover_note}),
+        **({} if s.exposure_override is None else {"exposure_override": {
+            "reason": s.exposure_override.reason,
+            "approved_by": [{"role": a.role, "id": a.id} for a in s.exposure_override.approved_by]}}),
     }
 
 
@@ -157,7 +169,17 @@ def schedule_from_fields(f: dict[str, Any]) -> Schedule:
         digest=_str(f, "digest"),
         syringes=_supply_from_fields(f.get("syringes")),
         handover_note=None if f.get("handover_note") is None else _str(f, "handover_note"),
+        exposure_override=_override_from_fields(f.get("exposure_override")),
     )
+
+
+def _override_from_fields(f: Any) -> ExposureOverride | None:
+    if f is None:
+        return None
+    if not isinstance(f, dict) or not isinstance(f.get("approved_by"), list):
+        raise ValidationError([Problem("exposure_override", "type", "expected an object with approved_by")])
+    approvals = tuple(Approval(_str(x, "role"), _str(x, "id")) for x in f["approved_by"])
+    return ExposureOverride(_str(f, "reason"), approvals)
 
 
 # ------------------------------------------------------------------------------------------------ events

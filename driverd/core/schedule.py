@@ -54,6 +54,15 @@ class SyringeSupply:
 
 
 @dataclass(frozen=True, slots=True)
+class ExposureOverride:
+    """A course approved despite a patient-level exposure limit (field `exposure_override`): the reason and two
+    approvers (a prescriber and a second senior prescriber or a pharmacist), inside the signed schedule."""
+
+    reason: str
+    approved_by: tuple[Approval, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Schedule:
     schedule_id: str
     version: int
@@ -77,6 +86,7 @@ class Schedule:
     syringes: SyringeSupply | None = None
     # Shown in the end-of-course record, e.g. an oral continuation prescribed elsewhere (the daemon never drives it).
     handover_note: str | None = None
+    exposure_override: ExposureOverride | None = None
 
     @property
     def approved_concentrations(self) -> frozenset[Decimal]:

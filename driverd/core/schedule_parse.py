@@ -27,6 +27,7 @@ from driverd.core.protocol import ProtocolSpec
 from driverd.core.quantities import NEW_ERA_RESOLUTION, dose_to_rate, quantize_down
 from driverd.core.schedule import (
     Approval,
+    ExposureOverride,
     Schedule,
     Signature,
     Step,
@@ -87,7 +88,7 @@ TOP_REQUIRED: Final = (
     "approved_at",
     "expires_at",
 )
-TOP_OPTIONAL: Final = ("signature", "syringes", "handover_note")
+TOP_OPTIONAL: Final = ("signature", "syringes", "handover_note", "exposure_override")
 MAX_SYRINGE_FILLS: Final = 64
 
 _SECONDS_PER_DAY: Final = Decimal(86400)
@@ -287,6 +288,9 @@ class _Raw:
     signature: Signature | None = None
     syringes: _RawSupply | None = None  # None: not stated (or malformed: then a structural problem is reported)
     handover_note: str | None = None
+    override_reason: str | None = None
+    override_approvals: list[tuple[str | None, str | None]] | None = None
+    has_override: bool = False
 
 
 @dataclass
@@ -473,6 +477,14 @@ class _Reader:
             raw.syringes = self._syringes(top["syringes"])
         if "handover_note" in top:
             raw.handover_note = self.text(top["handover_note"], "/handover_note")
+        if "exposure_override" in top:
+            raw.has_override = True
+            obj = self.obj(top["exposure_override"], "/exposure_override", ("reason", "approved_by"))
+            if obj is not None:
+                if "reason" in obj:
+                    raw.override_reason = self.text(obj["reason"], "/exposure_override/reason")
+                if "approved_by" in obj:
+                    raw.override_approvals = self._approvals(obj["approved_by"], "/exposure_override/approved_by")
         return raw
 
     def _syringes(self, value: object) -> _RawSupply | None:
@@ -546,13 +558,13 @@ class _Reader:
             taper.append(t)
         return taper
 
-    def _approvals(self, value: object) -> list[tuple[str | None, str | None]] | None:
-        items = self.array(value, "/approved_by", min_items=0, max_items=MAX_APPROVALS)
+    def _approvals(self, value: object, base: str = "/approved_by") -> list[tuple[str | None, str | None]] | None:
+        items = self.array(value, base, min_items=0, max_items=MAX_APPROVALS)
         if items is None:
             return None
         out: list[tuple[str | None, str | None]] = []
         for i, item in enumerate(items):
-            path = f"/approved_by/{i}"
+            path = f"{base}/{i}"
             role = ident = None
             obj = self.obj(item, path, ("role", "id"))
             if obj is not None:
@@ -643,6 +655,18 @@ def _semantic(raw: _Raw, spec: ProtocolSpec, now: datetime | None, problems: lis
     _check_course_length(raw, spec, problems)
     _check_approvals(raw, now, problems)
     _check_supply(raw, spec, problems)
+    _check_override(raw, problems)
+
+
+def _check_override(raw: _Raw, problems: list[Problem]) -> None:
+    """Two different people, one of them a prescriber (the other a second prescriber or a pharmacist)."""
+    approvals = raw.override_approvals
+    if approvals is None or any(r is None or i is None for r, i in approvals):
+        return
+    ids = {i for _, i in approvals}
+    if len(ids) < 2 or len(ids) < len(approvals) or "prescriber" not in {r for r, _ in approvals}:
+        problems.append(Problem("/exposure_override/approved_by", "approvals",
+                                "needs two different people: a prescriber and a second prescriber or a pharmacist"))
 
 
 def _check_supply(raw: _Raw, spec: ProtocolSpec, problems: list[Problem]) -> None:
@@ -902,6 +926,9 @@ def _build(raw: _Raw, doc: Mapping[str, object]) -> Schedule:
         digest=content_digest(doc),
         syringes=_build_supply(raw),
         handover_note=raw.handover_note,
+        exposure_override=None if not raw.has_override else ExposureOverride(
+            _need(raw.override_reason),
+            tuple(Approval(role=_need(r), id=_need(i)) for r, i in _need(raw.override_approvals))),
     )
 
 

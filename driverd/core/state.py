@@ -129,6 +129,7 @@ class CourseState:
     commanded_since: datetime | None = None
     alarms_raised: tuple[str, ...] = ()  # every alarm cause raised during the course, in order
     summary_due: str = ""  # why the course stopped, until the end-of-course record is out (next pump report)
+    stopped_at: datetime | None = None  # when the course stopped (the end of the burst, for the exposure ledger)
 
     @property
     def course_id(self) -> str | None:

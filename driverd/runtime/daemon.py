@@ -18,15 +18,20 @@ from typing import Any
 
 import driverd
 from driverd.audit.canonical import parse_ts
+from driverd.audit.exposure import ledger_from_records
+from driverd.audit.reader import iter_records
 from driverd.audit.segments import list_segments
 from driverd.audit.writer import AuditConfig, AuditWriter
 from driverd.core.canonical import canonical_bytes
 from driverd.core.errors import DriverdError, SignatureError, ValidationError
 from driverd.core.events import CLINICIAN_ACTIONS, ClinicianCommand, ClockStepped, Event, LinkLost, ScheduleAccepted
+from driverd.core.exposure import Breach, Burst, check_course
 from driverd.core.machine import initial_state
 from driverd.core.protocol import ProtocolSpec, parse_protocol
 from driverd.core.records import fmt_dec, fmt_time
+from driverd.core.schedule import Schedule
 from driverd.core.schedule_parse import parse_schedule
+from driverd.core.volume_plan import plan_course
 from driverd.runtime.channel import Channel, syringe_view
 from driverd.runtime.clock import RuntimeClock, WallStep
 from driverd.runtime.config import DaemonConfig
@@ -62,6 +67,7 @@ class Daemon:
         # Installed by the control server: False when the requesting client is over its budget of individually
         # logged refusals (it counts them and logs a summary record instead). None: log every refusal.
         self.refusal_gate: Callable[[str], bool] | None = None
+        self.ledger: dict[str, Burst] = {}
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
@@ -84,6 +90,8 @@ class Daemon:
             self.trust,  # adopted schedules are re-verified against the trust store
         )
         self.versions = dict(recovered.versions)
+        # The per-patient exposure ledger (issue 13): derived from the whole log, so it survives restarts.
+        self.ledger = ledger_from_records(r for _, seg in list_segments(cfg.audit_dir) for r in iter_records(seg))
         self.audit.append("daemon_start", pump_id=None, course_id=None, durable=True, version=driverd.__version__,
                           config_sha256=cfg.sha256, pumps=[p.id for p in cfg.pumps],
                           recovered_records=recovered.records, trust_keys=sorted(self.trust.keys),
@@ -191,6 +199,17 @@ class Daemon:
         except ValidationError as exc:
             detail = "; ".join(str(p) for p in exc.problems)
             return self._refuse(pump_id, "push", "invalid", detail)
+        breaches = self._exposure(schedule)
+        if breaches and schedule.exposure_override is None:
+            detail = "; ".join(f"[{b.code}] {b.detail}" for b in breaches)
+            return self._refuse(schedule.pump_id, "push", breaches[0].code, detail)
+        if breaches:
+            assert self.audit is not None and schedule.exposure_override is not None
+            ov = schedule.exposure_override
+            self.audit.append("exposure_override", pump_id=schedule.pump_id, course_id=schedule.schedule_id,
+                              durable=True, patient_ref=schedule.patient_ref, reason=ov.reason,
+                              approved_by=[{"role": a.role, "id": a.id} for a in ov.approved_by],
+                              breaches=[{"code": b.code, "detail": b.detail} for b in breaches])
         # What recovery re-verifies after a restart: the whole signed document in canonical form (its signed
         # content has the same canonical bytes as what was verified just above, so the signature still holds).
         document = canonical_bytes(doc).decode("utf-8")
@@ -211,6 +230,23 @@ class Daemon:
 
         reply = await channel.submit(accepted_at, what=f"push {schedule.schedule_id} v{schedule.version}")
         return {**reply, "key_id": key_id, "schedule_id": schedule.schedule_id, "version": schedule.version}
+
+    def _exposure(self, schedule: Schedule) -> list[Breach]:
+        """The patient-level limits a pushed course would break (drug library [exposure]), against the ledger from
+        the log and the live courses (their own delivered totals and stop times)."""
+        limits = self.protocol.exposure if self.protocol is not None else None
+        if limits is None:
+            return []
+        for ch in self.channels.values():
+            s = ch.state
+            if s.schedule is not None and s.started_at is not None:
+                self.ledger[s.schedule.schedule_id] = Burst(s.schedule.patient_ref, s.schedule.schedule_id,
+                                                            s.started_at, s.stopped_at, s.delivered_mg)
+        plan = plan_course(schedule)
+        now = self.clock.now()
+        shift = max(now - plan.start, timedelta(0))  # a course pushed after its first step starts now
+        return check_course(schedule.patient_ref, schedule.schedule_id, plan.start + shift, plan.end + shift,
+                            plan.total_mg, list(self.ledger.values()), limits, now)
 
     async def command(self, pump_id: Any, action: Any, by: Any, reason: Any, dose: Any = None) -> dict[str, Any]:
         if self.failsafe.active:

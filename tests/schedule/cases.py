@@ -215,6 +215,14 @@ STRUCTURAL: list[tuple[str, Mutation, tuple[str, str]]] = [
     ("handover-empty", set_at("/handover_note", ""), ("/handover_note", "length")),
     ("handover-too-long", set_at("/handover_note", "x" * 257), ("/handover_note", "length")),
     ("handover-control", set_at("/handover_note", "oral\nketamine"), ("/handover_note", "format")),
+    # exposure override (issue 13, part 4)
+    ("override-string", set_at("/exposure_override", "yes"), ("/exposure_override", "type")),
+    ("override-no-reason", set_at("/exposure_override", {"approved_by": []}),
+     ("/exposure_override/reason", "required")),
+    ("override-unknown", set_at("/exposure_override", {"reason": "r", "approved_by": [], "by": "x"}),
+     ("/exposure_override/by", "unknown-field")),
+    ("override-role", set_at("/exposure_override", {"reason": "r", "approved_by": [{"role": "nurse", "id": "n"}]}),
+     ("/exposure_override/approved_by/0/role", "enum")),
 ]
 
 SEMANTIC: list[tuple[str, Mutation, tuple[str, str]]] = [
@@ -328,4 +336,12 @@ SEMANTIC: list[tuple[str, Mutation, tuple[str, str]]] = [
     ("fills-zero", set_at("/syringes", [{"fill_volume_ml": "0"}]), ("/syringes/0/fill_volume_ml", "fill-volume")),
     ("fills-concentration", set_at("/syringes", [{"fill_volume_ml": "17", "concentration_mg_per_ml": "20"}]),
      ("/syringes/0/concentration_mg_per_ml", "concentration")),
+    ("override-one-person", set_at("/exposure_override", {"reason": "second burst agreed", "approved_by": [
+        {"role": "prescriber", "id": "dr-a"}, {"role": "prescriber", "id": "dr-a"}]}),
+     ("/exposure_override/approved_by", "approvals")),
+    ("override-no-prescriber", set_at("/exposure_override", {"reason": "second burst agreed", "approved_by": [
+        {"role": "pharmacist", "id": "ph-a"}, {"role": "pharmacist", "id": "ph-b"}]}),
+     ("/exposure_override/approved_by", "approvals")),
+    ("override-alone", set_at("/exposure_override", {"reason": "second burst agreed", "approved_by": [
+        {"role": "prescriber", "id": "dr-a"}]}), ("/exposure_override/approved_by", "approvals")),
 ]
