@@ -115,6 +115,23 @@ class Report:
     records: int = 0
     torn_tails: int = 0
     reopened: int = 0
+    patients: dict[str, str] = field(default_factory=dict)  # course id -> patient_ref (from the accepted schedules)
+
+    def exposure(self) -> dict[str, list[dict[str, Any]]]:
+        """The per-patient exposure ledger (issue 13), rebuilt from the log like the daemon's: every course that
+        delivered drug, from its first non-zero setpoint to its end-of-course record."""
+        out: dict[str, list[dict[str, Any]]] = {}
+        for c in self.courses.values():
+            if c.course_id is None or c.course_id not in self.patients:
+                continue
+            started = next((at for at, rate, _ in c.setpoints if rate > 0), None)
+            if started is None:
+                continue
+            h = c.handover or {}
+            out.setdefault(self.patients[c.course_id], []).append(
+                {"course_id": c.course_id, "pump_id": c.pump_id, "started_at": started, "ended_at": h.get("at"),
+                 "delivered_mg": h.get("delivered_mg")})
+        return out
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -123,6 +140,7 @@ class Report:
             "torn_tails": self.torn_tails,
             "restarts": self.reopened,
             "courses": [c.as_dict() for c in self.courses.values()],
+            "exposure": self.exposure(),
         }
 
 
@@ -143,6 +161,10 @@ class ReportBuilder:
             r.torn_tails += 1
         elif event == "log_reopened":
             r.reopened += 1
+        if event == "schedule_accepted" and isinstance(rec.get("schedule"), dict):
+            sched = rec["schedule"]
+            if isinstance(sched.get("schedule_id"), str):
+                r.patients[sched["schedule_id"]] = str(sched.get("patient_ref"))
         pump = rec.get("pump_id")
         if not isinstance(pump, str):
             return
@@ -227,6 +249,15 @@ def report_lines(rep: Report) -> list[str]:
                        f"{h.get('syringes')} syringe(s); alarms: {', '.join(map(str, alarms)) or 'none'}")
             if h.get("handover_note"):
                 out.append(f"  handover note: {h['handover_note']}")
+    ledger = rep.exposure()
+    if ledger:
+        out.append("")
+        out.append("exposure ledger (per patient, every course that delivered drug):")
+        for patient, bursts in ledger.items():
+            for b in bursts:
+                end = _t(b["ended_at"]) if b["ended_at"] else "running"
+                mg = f"{b['delivered_mg']} mg" if b["delivered_mg"] is not None else "mg: see the course"
+                out.append(f"  {patient}: {b['course_id']} on {b['pump_id']} {_t(b['started_at'])} .. {end}, {mg}")
     return out
 
 

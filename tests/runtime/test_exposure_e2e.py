@@ -53,6 +53,11 @@ async def _body(tmp_path: Path) -> None:
         again = await r.push(NAME, later_course(11))
         assert again["ok"] is False and again["refusals"][0]["reason"] == "exposure_gap", again
         audit_ok(r)
+        from driverd.audit.report import build_report, report_lines
+
+        lines = report_lines(build_report(r.records()))
+        assert "exposure ledger (per patient, every course that delivered drug):" in lines
+        assert any(line.startswith("  DEMO-PATIENT-0001: demo-bed-1-20261201 on bed-1") for line in lines), lines
 
 
 def test_second_burst_refused_then_overridden_and_kept_across_restart(tmp_path: Path) -> None:
