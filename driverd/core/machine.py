@@ -444,7 +444,11 @@ def _on_resume(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
     resumed, cmds = _resume(replace(state, alarm_causes=()), event, protocol)
     if any(isinstance(c, Refused) for c in cmds):
         return state, cmds  # refused: every cause stays active
-    acked = (Notice("alarm_cleared", ", ".join(state.alarm_causes)),) if state.alarm_causes else ()
+    acked: tuple[Command, ...] = (Notice("alarm_cleared", ", ".join(state.alarm_causes)),) if state.alarm_causes \
+        else ()
+    if resumed.syringe_change is not None:  # resumed on the syringe in the pump: no change is waiting any more
+        resumed = replace(resumed, syringe_change=None)
+        acked += (Notice("syringe_change_abandoned", "resumed on the syringe in the pump"),)
     return resumed, acked + cmds
 
 

@@ -226,12 +226,12 @@ async def _nurse(daemon: Daemon, world: World, clock: RuntimeClock, names: list[
                     continue
                 if state.phase not in (Phase.TITRATING, Phase.HOLDING, Phase.TAPERING) and not empty:
                     continue
-                first = await daemon.change_syringe(name, DEMO_FILL, None, "demo-nurse", "syringe near empty")
                 pump = world.pump(name)
                 if empty:
-                    pump.clear_alarm()
-                if pump.status().state.value == "infusing":
-                    log.append(f"{fmt_time(clock.now())} {name}: syringe change refused -> {_reply(first)}")
+                    pump.clear_alarm()  # acknowledged at the pump before the swap
+                first = await daemon.change_syringe(name, DEMO_FILL, None, "demo-nurse", "syringe near empty")
+                if first.get("refusals") or pump.status().state.value != "stopped":
+                    log.append(f"{fmt_time(clock.now())} {name}: syringe change not started -> {_reply(first)}")
                     continue
                 pump.load_syringe(Decimal(DEMO_FILL))
                 reply = await daemon.change_syringe(name, DEMO_FILL, None, "demo-nurse", "new syringe loaded")

@@ -313,3 +313,14 @@ def test_course_summary_lists_the_alarms() -> None:
     p.feed(p.pump.report())
     e = next(c for _, c in p.log if isinstance(c, CourseEnded))
     assert e.alarms == ("pump_alarm:occlusion",) and e.cause == "clinician_stop" and e.syringes == 1
+
+
+def test_a_resume_abandons_a_change_waiting_for_the_swap() -> None:
+    p = play()
+    p.run_until(T0 + 30 * H)
+    command(p, T0 + 30 * H)  # pump running: stopped, waiting for the swap
+    p.feed(p.pump.report())
+    cmds = p.feed(ClinicianCommand(T0 + 31 * H, "resume", "rn", "change not needed after all"))
+    assert rates(cmds) == [D("0.25")] and p.state.phase is Phase.TITRATING and p.state.syringe_change is None
+    assert any(isinstance(c, Notice) and c.code == "syringe_change_abandoned" for c in cmds)
+    assert p.state.syringe_changes == 0
