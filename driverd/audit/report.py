@@ -32,6 +32,8 @@ class CourseSummary:
     refusals: list[tuple[datetime | None, str, str, str]] = field(default_factory=list)  # at, source, reason, detail
     alarms: list[tuple[datetime | None, str, str]] = field(default_factory=list)
     reported: list[tuple[datetime, Decimal]] = field(default_factory=list)  # pump-reported delivered mL (raw)
+    handover: dict[str, Any] | None = None  # the core's end-of-course record (`course_summary`), when it stopped
+    mixed: bool = False  # a syringe change to another concentration: mL no longer convert to mg at one rate
 
     def commanded_ml(self) -> Decimal:
         """Volume the commanded rates would deliver, each from its time to the next (or the course's end)."""
@@ -54,7 +56,9 @@ class CourseSummary:
         return total
 
     def mg(self, ml: Decimal) -> Decimal | None:
-        return None if self.concentration_mg_per_ml is None else ml * self.concentration_mg_per_ml
+        if self.concentration_mg_per_ml is None or self.mixed:
+            return None  # with mixed concentrations the core's handover record has the mg
+        return ml * self.concentration_mg_per_ml
 
     def as_dict(self) -> dict[str, Any]:
         c_ml, r_ml = self.commanded_ml(), self.reported_ml()
@@ -73,6 +77,7 @@ class CourseSummary:
             "commanded_mg": _q(self.mg(c_ml)),
             "reported_ml": _q(r_ml),
             "reported_mg": _q(self.mg(r_ml)),
+            "handover": self.handover,
         }
 
 
@@ -110,6 +115,23 @@ class Report:
     records: int = 0
     torn_tails: int = 0
     reopened: int = 0
+    patients: dict[str, str] = field(default_factory=dict)  # course id -> patient_ref (from the accepted schedules)
+
+    def exposure(self) -> dict[str, list[dict[str, Any]]]:
+        """The per-patient exposure ledger (issue 13), rebuilt from the log like the daemon's: every course that
+        delivered drug, from its first non-zero setpoint to its end-of-course record."""
+        out: dict[str, list[dict[str, Any]]] = {}
+        for c in self.courses.values():
+            if c.course_id is None or c.course_id not in self.patients:
+                continue
+            started = next((at for at, rate, _ in c.setpoints if rate > 0), None)
+            if started is None:
+                continue
+            h = c.handover or {}
+            out.setdefault(self.patients[c.course_id], []).append(
+                {"course_id": c.course_id, "pump_id": c.pump_id, "started_at": started, "ended_at": h.get("at"),
+                 "delivered_mg": h.get("delivered_mg")})
+        return out
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -118,6 +140,7 @@ class Report:
             "torn_tails": self.torn_tails,
             "restarts": self.reopened,
             "courses": [c.as_dict() for c in self.courses.values()],
+            "exposure": self.exposure(),
         }
 
 
@@ -138,6 +161,10 @@ class ReportBuilder:
             r.torn_tails += 1
         elif event == "log_reopened":
             r.reopened += 1
+        if event == "schedule_accepted" and isinstance(rec.get("schedule"), dict):
+            sched = rec["schedule"]
+            if isinstance(sched.get("schedule_id"), str):
+                r.patients[sched["schedule_id"]] = str(sched.get("patient_ref"))
         pump = rec.get("pump_id")
         if not isinstance(pump, str):
             return
@@ -164,6 +191,12 @@ class ReportBuilder:
             c.refusals.append((at, str(rec.get("source")), str(rec.get("reason")), str(rec.get("detail"))))
         elif event == "alarm":
             c.alarms.append((at, str(rec.get("code")), str(rec.get("detail"))))
+        elif event == "clinician_command" and rec.get("action") == "change_syringe":
+            conc = _dec(rec.get("concentration_mg_per_ml"))
+            c.mixed = c.mixed or (conc is not None and conc != c.concentration_mg_per_ml)
+        elif event == "course_summary":
+            c.handover = {k: rec.get(k) for k in ("cause", "delivered_mg", "delivered_ml", "commanded_mg", "syringes",
+                                                  "alarms", "handover_note")} | {"at": at}
         elif event == "pump_report":
             ml = _dec(rec.get("delivered_ml"))
             if ml is not None and at is not None:
@@ -208,6 +241,23 @@ def report_lines(rep: Report) -> list[str]:
             out.append(f"  refused @{_t(at)} [{src}] {reason}: {detail}")
         for at, code, detail in c.alarms:
             out.append(f"  alarm @{_t(at)} {code}: {detail}")
+        h = c.handover
+        if h is not None:
+            alarms = h.get("alarms") or []
+            out.append(f"  handover @{_t(h.get('at'))} ({h.get('cause')}): {h.get('delivered_mg')} mg delivered by the "
+                       f"pump's read-backs, {h.get('commanded_mg')} mg by the commanded rates; "
+                       f"{h.get('syringes')} syringe(s); alarms: {', '.join(map(str, alarms)) or 'none'}")
+            if h.get("handover_note"):
+                out.append(f"  handover note: {h['handover_note']}")
+    ledger = rep.exposure()
+    if ledger:
+        out.append("")
+        out.append("exposure ledger (per patient, every course that delivered drug):")
+        for patient, bursts in ledger.items():
+            for b in bursts:
+                end = _t(b["ended_at"]) if b["ended_at"] else "running"
+                mg = f"{b['delivered_mg']} mg" if b["delivered_mg"] is not None else "mg: see the course"
+                out.append(f"  {patient}: {b['course_id']} on {b['pump_id']} {_t(b['started_at'])} .. {end}, {mg}")
     return out
 
 

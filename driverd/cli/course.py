@@ -1,4 +1,5 @@
-"""`driverd course hold|resume|escalate|reduce|taper|stop|ack-clock PUMP --by ID --reason TEXT`: clinician commands.
+"""`driverd course hold|resume|escalate|reduce|taper|stop|ack-clock|change-syringe PUMP --by ID --reason TEXT`:
+clinician commands (change-syringe also takes --fill ML [--concentration MG_PER_ML]).
 
 Each is sent to the running daemon, which feeds it to the course state machine and the safety kernel; a
 command the core refuses is exit 1 with its reason (and is in the audit log either way).
@@ -117,3 +118,46 @@ def ack_clock(pump: PumpArg, by: ByOpt, reason: ReasonOpt, as_json: JsonOpt = Fa
               config: ConfigOpt = DEFAULT_CONFIG, timeout: TimeoutOpt = DEFAULT_TIMEOUT_S) -> None:
     """Acknowledge a wall-clock step after checking the daemon's time (`driverd status`): escalation may resume."""
     _send("ack_clock", pump, by, reason, None, as_json, socket, config, timeout)
+
+
+@app.command("change-syringe")
+def change_syringe(
+    pump: PumpArg,
+    fill: Annotated[str, typer.Option("--fill", help="The new syringe's fill in mL.", show_default=False)],
+    by: ByOpt,
+    reason: ReasonOpt,
+    concentration: Annotated[
+        str | None,
+        typer.Option("--concentration", help="mg/mL of the new syringe (default: the one in use); must be approved "
+                                             "by the signed schedule and in the drug library."),
+    ] = None,
+    as_json: JsonOpt = False,
+    socket: SocketOpt = None,
+    config: ConfigOpt = DEFAULT_CONFIG,
+    timeout: TimeoutOpt = DEFAULT_TIMEOUT_S,
+) -> None:
+    """Change the syringe: the pump is stopped, the new syringe read back and checked, and the course resumes at
+    the same dose level (the rate recomputed for the concentration, toward less drug). Never an escalation."""
+    payload: dict[str, Any] = {"op": "change_syringe", "pump_id": pump, "by": by, "reason": reason}
+    for name, value, key in (("--fill", fill, "fill_volume_ml"), ("--concentration", concentration,
+                                                                  "concentration_mg_per_ml")):
+        if value is None:
+            continue
+        try:
+            number = Decimal(value)
+            if not number.is_finite() or number <= 0:
+                raise InvalidOperation
+        except InvalidOperation:
+            fail(f"{name} must be a positive decimal number, got {value!r}", as_json=as_json, code=EXIT_USAGE)
+        payload[key] = value.strip()
+    path = resolve_socket(socket, config, as_json)
+    reply = call(path, payload, as_json, timeout)
+    what = f"change-syringe {pump}"
+    if not reply.get("ok"):
+        report_refusal(what, reply, as_json)
+    if as_json:
+        emit_json(reply)
+    else:
+        syringe = reply.get("syringe") or {}
+        typer.echo(f"OK  {what}: phase {reply.get('phase')}, pump runs {reply.get('pump_rate_ml_per_h')} mL/h"
+                   + (f" ({syringe.get('concentration_mg_per_ml')} mg/mL)" if syringe else ""))

@@ -82,6 +82,7 @@ def demo(
         "pumps": result.pumps,
         "faults": result.faults,
         **({"hl7": result.hl7} if result.hl7 is not None else {}),
+        "syringe_log": result.syringe_log,
         "verify": verified.as_dict(),
         "replay": replayed.as_dict(),
     }
@@ -105,6 +106,10 @@ def _print(summary: dict[str, Any], replayed: Any) -> None:
     if h is not None:
         echo(f"hl7: {h['acked']} message(s) ACKed by {h['to']} ({h['resent']} resent, {h['rejected']} rejected), "
              f"{h['pending']} still queued{'' if h['delivered'] else ' - NOT DELIVERED'}")
+    for p in summary["pumps"]:
+        echo(f"{p['pump_id']}: {p['syringe_changes']} syringe change(s), {p['delivered_mg']} mg delivered")
+    for line in summary["syringe_log"]:
+        echo(f"syringe: {line}")
     v = summary["verify"]
     echo(f"audit verify: {'OK' if v['ok'] else 'FAILED'} - {v['records']} records, {v['checkpoints']} signed "
          f"checkpoints, key {(v['key_fingerprint'] or '')[:16]}..., unsealed tail {v['unsealed_records']}")

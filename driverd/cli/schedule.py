@@ -32,6 +32,7 @@ from driverd.core.schedule_parse import (
     parse_timestamp,
     step_rate_ml_per_h,
 )
+from driverd.core.volume_plan import VolumePlan, plan_course
 from driverd.signing import KeyFileError, SignatureRejected, TrustStore, sign_document
 
 app = typer.Typer(help="Validate and sign schedules.", no_args_is_help=True)
@@ -158,7 +159,48 @@ def summarize(schedule: Schedule, spec: ProtocolSpec) -> dict[str, Any]:
         "approved_at": schedule.approved_at.isoformat(),
         "expires_at": schedule.expires_at.isoformat(),
         "digest": schedule.digest,
+        "volume_plan": plan_payload(schedule, plan_course(schedule)),
     }
+
+
+def plan_payload(schedule: Schedule, plan: VolumePlan) -> dict[str, Any]:
+    """The volume plan as JSON: per day and per syringe, at the planned (quantized) rates."""
+    sup = schedule.syringes
+    supply: Any = "first syringe only" if sup is None else (
+        {"change_every_hours": _num(sup.change_every_hours)} if sup.change_every_hours is not None else
+        [{"fill_volume_ml": _num(f.fill_volume_ml), "concentration_mg_per_ml": _num(f.concentration_mg_per_ml)}
+         for f in sup.fills])
+    return {
+        "supply": supply,
+        "start": plan.start.isoformat(),
+        "end": plan.end.isoformat(),
+        "total_ml": _num(plan.total_ml),
+        "total_mg": _num(plan.total_mg),
+        "syringe_changes": plan.changes,
+        "days": [{"day": d.day, "start": d.start.isoformat(), "volume_ml": _num(d.volume_ml),
+                  "drug_mg": _num(d.drug_mg)} for d in plan.days],
+        "syringes": [{"number": p.number, "fill_ml": _num(p.fill_ml),
+                      "concentration_mg_per_ml": _num(p.concentration_mg_per_ml), "starts_at": p.starts_at.isoformat(),
+                      "ends_at": p.ends_at.isoformat(), "ends": p.ends, "used_ml": _num(p.used_ml),
+                      "left_ml": _num(p.left_ml)} for p in plan.syringes],
+        "deliverable": not plan.problems,
+    }
+
+
+def _print_plan(plan: dict[str, Any]) -> None:
+    echo = typer.echo
+    supply = plan["supply"]
+    how = supply if isinstance(supply, str) else (
+        f"a fresh syringe every {supply['change_every_hours']} h" if isinstance(supply, dict) else
+        f"{len(supply)} replacement syringe(s) in order")
+    echo(f"  volume plan ({how}; volumes rounded up, empty times rounded down):")
+    for d in plan["days"]:
+        echo(f"    day {d['day']} from {d['start']}: {d['volume_ml']} mL ({d['drug_mg']} mg)")
+    echo(f"    course {plan['total_ml']} mL ({plan['total_mg']} mg), {plan['syringe_changes']} syringe change(s)")
+    what = {"change": "changed at", "empty": "runs empty (change it then) at", "course_end": "course ends at"}
+    for p in plan["syringes"]:
+        echo(f"    syringe {p['number']}: {p['fill_ml']} mL at {p['concentration_mg_per_ml']} mg/mL from "
+             f"{p['starts_at']}, {what[p['ends']]} {p['ends_at']} (uses {p['used_ml']} mL, {p['left_ml']} mL left)")
 
 
 def _print_summary(file: str, s: dict[str, Any]) -> None:
@@ -180,6 +222,7 @@ def _print_summary(file: str, s: dict[str, Any]) -> None:
         for t in s["taper"]:
             echo(f"  taper +{t['after_hours']} h: {t['dose_mg_per_24h']} mg/24h -> {t['rate_ml_per_h']} mL/h")
     echo(f"  course length {s['course_length_days']} days (max {s['max_course_days']})")
+    _print_plan(s["volume_plan"])
     echo("  approved by " + ", ".join(f"{a['role']} {a['id']}" for a in s["approved_by"])
          + f" at {s['approved_at']}; expires {s['expires_at']}")
     sig = s["signature"]
@@ -219,6 +262,7 @@ def validate(
     name = _show_path(file)
     problems: list[Problem] = []
     schedule: Schedule | None = None
+    plan_view: dict[str, Any] | None = None
     signature: dict[str, str] = {}
     try:
         doc = load_json(data)
@@ -230,15 +274,19 @@ def validate(
             problems.extend(check_structure(doc))
         else:
             try:
-                schedule = parse_schedule(doc, spec, now=at)
+                schedule = parse_schedule(doc, spec, now=at, check_volume=False)
             except ValidationError as exc:
                 problems.extend(exc.problems)
+            else:
+                plan = plan_course(schedule)
+                problems.extend(plan.problems)
+                plan_view = plan_payload(schedule, plan)
             # Belt and braces: the schema file must agree with the pure checks (tests prove it does).
             if not check_structure(doc):
                 problems.extend(_schema_problems(doc))
             signature = _signature_status(doc, store, problems)
     if problems:
-        _report_invalid(name, problems, as_json)
+        _report_invalid(name, problems, as_json, plan_view)
     assert schedule is not None
     summary = summarize(schedule, spec)
     summary["signature"] = signature
@@ -265,13 +313,17 @@ def _signature_status(doc: Mapping[str, object], store: TrustStore | None, probl
     return {"status": "verified", "key_id": verified}
 
 
-def _report_invalid(name: str, problems: list[Problem], as_json: bool) -> NoReturn:
+def _report_invalid(name: str, problems: list[Problem], as_json: bool,
+                    plan: dict[str, Any] | None = None) -> NoReturn:
     if as_json:
-        emit_json({"ok": False, "file": name, "problems": _problems_payload(problems)})
+        extra = {} if plan is None else {"volume_plan": plan}
+        emit_json({"ok": False, "file": name, "problems": _problems_payload(problems), **extra})
     else:
         typer.echo(f"INVALID  {name}: {len(problems)} problem(s)")
         for p in problems:
             typer.echo(f"  {p.path or '/'}  [{p.rule}]  {p.detail}")
+        if plan is not None:
+            _print_plan(plan)
     raise typer.Exit(EXIT_REFUSED)
 
 

@@ -106,5 +106,14 @@ def status(
                    f"{p.get('verified_ml_per_h')!s:>10}  {p.get('link')!s:<5} {alarm}{lock}")
         if p.get("failsafe") is not None:
             typer.echo(f"{'':<12}pump state: {p.get('pump_state')} (read back {p.get('pump_rate_ml_per_h')} mL/h)")
+        syr = p.get("syringe")
+        if isinstance(syr, dict):
+            empty = syr.get("predicted_empty_at")
+            warn = "  NEAR EMPTY: change the syringe" if syr.get("near_empty_warning") else ""
+            change = "  change in progress" if syr.get("change_in_progress") else ""
+            typer.echo(f"{'':<12}syringe {syr.get('number')}: {syr.get('remaining_ml')} of {syr.get('fill_ml')} mL "
+                       f"at {syr.get('concentration_mg_per_ml')} mg/mL left"
+                       + (f", empty at {empty}" if empty else "") + f"; {p.get('delivered_mg')} mg delivered"
+                       + warn + change)
         if p.get("last_error"):
             typer.echo(f"{'':<12}last error: {p['last_error']}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from decimal import Decimal
 
 from driverd.core.kernel import Setpoint
 
@@ -45,4 +46,17 @@ class Notice:
     detail: str
 
 
-Command = ApplySetpoint | Refused | Transitioned | RaiseAlarm | Notice
+@dataclass(frozen=True, slots=True)
+class CourseEnded:
+    """The end-of-course handover record, when a course stops (audit record `course_summary`)."""
+
+    delivered_mg: Decimal  # from the pump's read-backs, each syringe at its concentration (up to the last report)
+    delivered_ml: Decimal
+    commanded_mg: Decimal  # the commanded rates integrated over the time the course ran them
+    syringes: int  # syringes used (1 + changes)
+    alarms: tuple[str, ...]  # every alarm cause raised during the course, in order
+    handover_note: str | None  # from the schedule
+    cause: str  # why it stopped
+
+
+Command = ApplySetpoint | Refused | Transitioned | RaiseAlarm | Notice | CourseEnded

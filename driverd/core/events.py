@@ -16,9 +16,10 @@ from driverd.core.schedule import Schedule
 # Pump states and alarm kinds as plain strings so the core does not depend on the drivers package.
 PumpStateName = Literal["stopped", "infusing", "paused", "alarm"]
 # "ack_clock": a clinician has checked the daemon's time after a wall-clock step (see ClockStepped).
-ClinicianAction = Literal["hold", "resume", "escalate", "reduce", "taper", "stop", "ack_clock"]
+# "change_syringe": a new syringe is (being) loaded; it carries the new fill and concentration.
+ClinicianAction = Literal["hold", "resume", "escalate", "reduce", "taper", "stop", "ack_clock", "change_syringe"]
 CLINICIAN_ACTIONS: tuple[ClinicianAction, ...] = (
-    "hold", "resume", "escalate", "reduce", "taper", "stop", "ack_clock",
+    "hold", "resume", "escalate", "reduce", "taper", "stop", "ack_clock", "change_syringe",
 )
 
 # Alarm kinds that are warnings (the pump keeps infusing); every other alarm stops the pump.
@@ -81,6 +82,8 @@ class ClinicianCommand:
     by: str
     reason: str
     dose_mg_per_24h: Decimal | None = None  # for reduce: target dose (default: the step below)
+    fill_volume_ml: Decimal | None = None  # for change_syringe: the new syringe's fill
+    concentration_mg_per_ml: Decimal | None = None  # for change_syringe (default: the concentration in use)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +110,17 @@ class ClockStepped:
     wall_at: datetime
 
 
+@dataclass(frozen=True, slots=True)
+class SyringeLoaded:
+    """During a syringe change, after the stop: what the pump reads back for the new syringe (the diameter it
+    was loaded with) and its delivered-volume counter then, so accounting carries over a counter reset."""
+
+    at: datetime
+    diameter_mm: Decimal
+    delivered_ml: Decimal
+
+
 Event = (
     ScheduleAccepted | PumpVerified | Tick | PumpReport | SetpointResult | ClinicianCommand | LinkLost | LinkRestored
-    | ClockStepped
+    | ClockStepped | SyringeLoaded
 )

@@ -61,9 +61,10 @@ class Refusal:
 
 
 def pump_rate(state: CourseState, dose: Decimal) -> Decimal:
-    """The rate (mL/h) this pump would really run for `dose`: dose / 24 / concentration, quantized down."""
+    """The rate (mL/h) this pump would really run for `dose`: dose / 24 / concentration of the syringe in the
+    pump, quantized down."""
     assert state.schedule is not None and state.resolution is not None
-    return quantize_down(dose_to_rate(dose, state.schedule.concentration_mg_per_ml), state.resolution)
+    return quantize_down(dose_to_rate(dose, state.concentration), state.resolution)
 
 
 def gate(state: CourseState, protocol: ProtocolSpec, proposal: Proposal, now: datetime) -> Setpoint | Refusal:
@@ -81,7 +82,7 @@ def gate(state: CourseState, protocol: ProtocolSpec, proposal: Proposal, now: da
         if dose == 0:  # stopping needs no schedule
             return _approve(state, proposal, Decimal(0), Decimal(0))
         return Refusal("not_primed", "no verified schedule and pump")
-    conc = schedule.concentration_mg_per_ml
+    conc = state.concentration
     rate = pump_rate(state, dose)
     delivered_dose = rate_to_dose(rate, conc)
     if rate == 0:
@@ -93,6 +94,8 @@ def gate(state: CourseState, protocol: ProtocolSpec, proposal: Proposal, now: da
     # and whether this is the drug/syringe that was approved, not about raising the dose.
     if conc not in protocol.concentrations_mg_per_ml:
         return Refusal("concentration", f"{conc} mg/mL is not in the drug library")
+    if conc not in schedule.approved_concentrations:
+        return Refusal("concentration", f"{conc} mg/mL is not approved by the signed schedule")
     spec = protocol.syringe(schedule.syringe_model)
     if spec is None or spec.inner_diameter_mm != schedule.inner_diameter_mm:
         return Refusal("syringe", f"syringe {schedule.syringe_model!r} does not match the drug library")
@@ -146,13 +149,14 @@ def _check_increase(
             return Refusal("unverified", f"resume capped at the last verified rate {state.verified_run_rate} mL/h")
     else:
         return Refusal("not_an_increase", f"a {proposal.intent} may not raise the rate")
-    window_ml = max_window_ml(state, rate, now)
-    ceiling_ml = protocol.ceiling_mg_per_24h / schedule.concentration_mg_per_ml
-    if window_ml > ceiling_ml:
+    window_mg = max_window_mg(state, rate, now)
+    # The past comes from the pump's counter, which moves in display steps: read at both ends of the window it may
+    # show up to two steps more than was delivered. The read-back ceiling monitor (machine._ceiling_breach) allows
+    # the same; without it a resume at the top dose at 100 mg/mL (4.992 mL/24h against 5 mL) is refused on noise.
+    if window_mg > protocol.ceiling_mg_per_24h + 2 * protocol.counter_resolution_ml * state.concentration:
         return Refusal(
             "rolling_24h",
-            f"delivered + proposed would reach {rate_to_dose(window_ml / 24, schedule.concentration_mg_per_ml)} "
-            f"mg in a 24-h window (ceiling {protocol.ceiling_mg_per_24h})",
+            f"delivered + proposed would reach {window_mg} mg in a 24-h window (ceiling {protocol.ceiling_mg_per_24h})",
         )
     return _approve(state, proposal, rate, dose)
 
@@ -188,23 +192,26 @@ def _check_step(state: CourseState, protocol: ProtocolSpec, proposal: Proposal, 
     return None
 
 
-def max_window_ml(state: CourseState, rate: Decimal, now: datetime) -> Decimal:
-    """Largest volume any 24-h window ending in [now, now+24h] would hold if `rate` ran from now on.
+def max_window_mg(state: CourseState, rate: Decimal, now: datetime) -> Decimal:
+    """Largest drug amount (mg) any 24-h window ending in [now, now+24h] would hold if `rate` ran from now on.
 
     The past part comes from the pump's delivered-volume read-backs (linear between samples; the newest
-    read-back is extrapolated at the commanded rate up to `now`), so over-delivery already seen counts.
-    The volume is piecewise linear in the window's end, so checking every breakpoint finds the maximum.
+    read-back is extrapolated at the commanded rate up to `now`), so over-delivery already seen counts. It is
+    counted in mg, each volume at the concentration of the syringe it came from (syringe changes, issue 13).
+    The amount is piecewise linear in the window's end, so checking every breakpoint finds the maximum.
     """
     last = state.last_sample
     samples = state.samples if last is None else (*state.samples, last)
     with localcontext(_CTX):
-        running = state.commanded_rate if state.pump_infusing else Decimal(0)
+        conc = state.concentration
+        running = state.commanded_rate * conc if state.pump_infusing else Decimal(0)
+        rate = rate * conc
 
         def cum_at(t: datetime) -> Decimal:
-            """Course-cumulative delivered volume at t (after the newest read-back: at the commanded rate)."""
+            """Course-cumulative delivered drug at t (after the newest read-back: at the commanded rate)."""
             if last is not None and t > last.at:
-                return last.delivered_ml + running * _hours(t - last.at)
-            return _cumulative(state, t)
+                return last.delivered_mg + running * _hours(t - last.at)
+            return _cumulative(state, t, mg=True)
 
         cum_now = cum_at(now)
 
@@ -225,28 +232,37 @@ def window_volume(state: CourseState, start: datetime, end: datetime) -> Decimal
     return _cumulative(state, end) - _cumulative(state, start)
 
 
-def _cumulative(state: CourseState, t: datetime) -> Decimal:
-    """Course-cumulative delivered volume at t from the kept samples and the newest report (no copy of the
-    history: this runs on every report)."""
+def window_drug(state: CourseState, start: datetime, end: datetime) -> Decimal:
+    """Like `window_volume`, in mg (each volume at the concentration of the syringe it came from)."""
+    return _cumulative(state, end, mg=True) - _cumulative(state, start, mg=True)
+
+
+def _value(sample: Sample, mg: bool) -> Decimal:
+    return sample.delivered_mg if mg else sample.delivered_ml
+
+
+def _cumulative(state: CourseState, t: datetime, *, mg: bool = False) -> Decimal:
+    """Course-cumulative delivered volume (or drug) at t from the kept samples and the newest report (no copy
+    of the history: this runs on every report)."""
     samples, last = state.samples, state.last_sample
     if last is None:
         return Decimal(0)
     if t >= last.at:
-        return last.delivered_ml
+        return _value(last, mg)
     if not samples or t <= samples[0].at:
-        return samples[0].delivered_ml if samples else last.delivered_ml
+        return _value(samples[0] if samples else last, mg)
     if t >= samples[-1].at:
-        return _between(samples[-1], last, t)
+        return _between(samples[-1], last, t, mg)
     i = bisect.bisect_right(samples, t, key=sample_at)
-    return _between(samples[i - 1], samples[i], t)
+    return _between(samples[i - 1], samples[i], t, mg)
 
 
-def _between(a: Sample, b: Sample, t: datetime) -> Decimal:
+def _between(a: Sample, b: Sample, t: datetime, mg: bool = False) -> Decimal:
     span = _hours(b.at - a.at)
     if span == 0:
-        return b.delivered_ml
+        return _value(b, mg)
     with localcontext(_CTX):
-        return a.delivered_ml + (b.delivered_ml - a.delivered_ml) * _hours(t - a.at) / span
+        return _value(a, mg) + (_value(b, mg) - _value(a, mg)) * _hours(t - a.at) / span
 
 
 def sample_at(sample: Sample) -> datetime:

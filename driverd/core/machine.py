@@ -13,7 +13,7 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 from decimal import Decimal
 
-from driverd.core.commands import ApplySetpoint, Command, Notice, RaiseAlarm, Refused, Transitioned
+from driverd.core.commands import ApplySetpoint, Command, CourseEnded, Notice, RaiseAlarm, Refused, Transitioned
 from driverd.core.errors import IllegalTransition
 from driverd.core.events import (
     WARNING_ALARMS,
@@ -26,6 +26,7 @@ from driverd.core.events import (
     PumpVerified,
     ScheduleAccepted,
     SetpointResult,
+    SyringeLoaded,
     Tick,
 )
 from driverd.core.kernel import (
@@ -37,11 +38,11 @@ from driverd.core.kernel import (
     hours_between,
     pump_rate,
     sample_at,
-    window_volume,
+    window_drug,
 )
 from driverd.core.protocol import ProtocolSpec
-from driverd.core.quantities import rate_to_dose
-from driverd.core.state import ACTIVE, RUNNING, CourseState, Pending, Phase, Sample
+from driverd.core.quantities import dose_to_rate, quantize_down, rate_to_dose
+from driverd.core.state import ACTIVE, RUNNING, CourseState, Pending, Phase, Sample, SyringeChange
 
 Out = tuple[CourseState, tuple[Command, ...]]
 Handler = Callable[[CourseState, Event, ProtocolSpec], Out]
@@ -59,6 +60,7 @@ def initial_state(pump_id: str) -> CourseState:
 
 def reduce(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
     """Apply one event. Raises IllegalTransition if the current phase does not accept it."""
+    start = state
     state, pre = _enforce_cap(state, event.at, protocol)
     key: type | str = type(event)
     if isinstance(event, ClinicianCommand):
@@ -69,7 +71,42 @@ def reduce(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
     before = state
     state, cmds = phases_handler[1](state, event, protocol)
     state = _track_interruption(before, state, event.at)
+    state = _track_commanded(start, state, event.at)
+    if start.phase is not P.STOPPED and state.phase is P.STOPPED and state.schedule is not None:
+        causes = [c.cause for c in pre + cmds if isinstance(c, Transitioned)]
+        state = replace(state, summary_due=causes[-1] if causes else "stopped", stopped_at=event.at)
+    if state.summary_due and isinstance(event, PumpReport) and not state.pump_infusing:
+        # The handover record waits for the first report of the stopped pump: its counter then holds everything
+        # the course delivered.
+        cmds += (_course_ended(state),)
+        state = replace(state, summary_due="")
     return state, pre + cmds
+
+
+def _running_mg_per_h(state: CourseState) -> Decimal:
+    if state.phase not in RUNNING or state.schedule is None or state.commanded_rate <= 0:
+        return Decimal(0)
+    return state.commanded_rate * state.concentration
+
+
+def _track_commanded(before: CourseState, after: CourseState, now: datetime) -> CourseState:
+    """Integrate the commanded rate (mg) for the end-of-course record, touching the state only when it changes
+    (an idle tick must leave the state identical: the channel does not log those)."""
+    was, will = _running_mg_per_h(before), _running_mg_per_h(after)
+    if was == will and (after.commanded_since is not None or will == 0):
+        return after
+    total = after.commanded_mg
+    if was > 0 and before.commanded_since is not None:
+        total += was * hours_between(before.commanded_since, now)
+    return replace(after, commanded_mg=total, commanded_since=now if will > 0 else None)
+
+
+def _course_ended(state: CourseState) -> CourseEnded:
+    assert state.schedule is not None
+    cause = state.summary_due
+    return CourseEnded(delivered_mg=state.delivered_mg, delivered_ml=state.delivered_ml,
+                       commanded_mg=state.commanded_mg, syringes=state.syringe_changes + 1,
+                       alarms=state.alarms_raised, handover_note=state.schedule.handover_note, cause=cause)
 
 
 def step(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
@@ -143,7 +180,7 @@ def _alarm(state: CourseState, code: str, detail: str) -> Out:
     if code in state.alarm_causes and (state.phase is P.ALARM or state.phase not in ACTIVE):
         return state, ()  # already an active cause: raised once, acknowledged once
     cmds: tuple[Command, ...] = (RaiseAlarm(code, detail),)
-    state = replace(state, alarm_causes=(*state.alarm_causes, code))
+    state = replace(state, alarm_causes=(*state.alarm_causes, code), alarms_raised=(*state.alarms_raised, code))
     if state.phase not in ACTIVE:
         # A stopped (or not yet started) course stays where it is: an alarm there is raised, never a way back in.
         return replace(state, alarm_code=code), cmds
@@ -400,12 +437,18 @@ def _on_resume(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
         return state, (Refused("clinician", "alarm_active", f"pump still reports {', '.join(blocking)}"),)
     if state.pending is not None:
         return state, (Refused("clinician", "uncertain", "a setpoint is still unverified"),)
+    if "syringe_empty" in state.alarm_causes and _syringe_empty(state, protocol):
+        return state, (Refused("clinician", "syringe_empty", "the syringe is empty: change it (change_syringe)"),)
     if "unexpected_infusion" in state.alarm_causes and state.pump_infusing:
         return state, (Refused("clinician", "alarm_active", "the pump still infuses on its own"),)
     resumed, cmds = _resume(replace(state, alarm_causes=()), event, protocol)
     if any(isinstance(c, Refused) for c in cmds):
         return state, cmds  # refused: every cause stays active
-    acked = (Notice("alarm_cleared", ", ".join(state.alarm_causes)),) if state.alarm_causes else ()
+    acked: tuple[Command, ...] = (Notice("alarm_cleared", ", ".join(state.alarm_causes)),) if state.alarm_causes \
+        else ()
+    if resumed.syringe_change is not None:  # resumed on the syringe in the pump: no change is waiting any more
+        resumed = replace(resumed, syringe_change=None)
+        acked += (Notice("syringe_change_abandoned", "resumed on the syringe in the pump"),)
     return resumed, acked + cmds
 
 
@@ -427,6 +470,119 @@ def _resume(state: CourseState, event: ClinicianCommand, protocol: ProtocolSpec)
     state = _restart_interval_after_long_stop(state, event.at)
     state, t = _goto(state, target_phase, "clinician_resume")
     return state, cmds + t
+
+
+# ---------------------------------------------------------------------------------------------- syringe change
+
+#: Alarm causes a syringe change deals with (the syringe ran empty): the only alarm a change may acknowledge.
+END_OF_SYRINGE_CAUSES = frozenset({"pump_alarm:end_of_syringe", "syringe_empty"})
+
+
+def _on_change_syringe(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
+    """A clinician changes the syringe: stop the pump (a decrease), wait for the new syringe's read-back
+    (`SyringeLoaded`). The new fill and concentration are checked here against the library and the signed
+    schedule; nothing else of the course changes (level, step-interval clock, hold clock, taper lock)."""
+    assert isinstance(event, ClinicianCommand) and state.schedule is not None
+    sch = state.schedule
+    fill = event.fill_volume_ml
+    conc = event.concentration_mg_per_ml if event.concentration_mg_per_ml is not None else state.concentration
+    spec = protocol.syringe(sch.syringe_model)
+    if fill is None or spec is None or not 0 < fill <= spec.max_fill_ml:
+        most = spec.max_fill_ml if spec is not None else 0
+        return state, (Refused("clinician", "fill_volume", f"fill {fill} mL: must be > 0 and <= {most} mL "
+                                                           f"for {sch.syringe_model}"),)
+    if conc not in protocol.concentrations_mg_per_ml:
+        return state, (Refused("clinician", "concentration", f"{conc} mg/mL is not in the drug library"),)
+    if conc not in sch.approved_concentrations:
+        approved = ", ".join(str(c) for c in sorted(sch.approved_concentrations))
+        return state, (Refused("clinician", "concentration_not_approved",
+                               f"{conc} mg/mL is not approved by the signed schedule ({approved} mg/mL)"),)
+    if state.phase is P.ALARM and not set(state.alarm_causes) <= END_OF_SYRINGE_CAUSES:
+        others = ", ".join(c for c in state.alarm_causes if c not in END_OF_SYRINGE_CAUSES)
+        return state, (Refused("clinician", "alarm_active", f"a syringe change acknowledges only an end of "
+                                                            f"syringe; resolve and resume {others} first"),)
+    if state.pending is not None and not state.pending.is_decrease:
+        return state, (Refused("clinician", "uncertain", "a setpoint is still unverified"),)
+    # Infusing now means the old syringe is still in: stop, and wait for the command given after the swap.
+    loaded = not state.pump_infusing
+    change = SyringeChange(fill, conc, event.by, event.reason, event.at, loaded)
+    cmds: tuple[Command, ...] = ()
+    if state.alarm_causes:
+        cmds += (Notice("alarm_cleared", ", ".join(state.alarm_causes) + " (syringe change)"),)
+    state = replace(state, syringe_change=change, alarm_causes=(), alarm_code="")
+    cmds += (Notice("syringe_change_started", f"syringe {state.syringe_changes + 2}: {fill} mL at {conc} mg/mL "
+                                              f"by {event.by}: {event.reason}" + (
+                                                  "" if loaded else "; pump stopped: load the new syringe, then "
+                                                                    "give change_syringe again")),)
+    if state.commanded_rate > 0 or state.pump_infusing:
+        state, _, stop = _propose(state, protocol, event.at, Decimal(0), "stop", "clinician", "syringe_change")
+        cmds += stop
+    if state.phase in RUNNING:
+        state = replace(state, resume_to=state.phase)
+    if state.phase is not P.PRIMED:
+        state, t = _goto(state, P.PAUSED, "syringe_change")
+        cmds += t
+    return state, cmds
+
+
+def _on_syringe_loaded(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
+    """The pump's read-back for the new syringe: verify it, carry the accounting over, resume at the same dose
+    level with the rate recomputed for the new concentration (quantized down, through the kernel as any resume).
+    A refused check leaves the change waiting and the pump stopped; a refused resume leaves the course paused
+    with the new syringe in (a clinician resumes)."""
+    assert isinstance(event, SyringeLoaded) and state.schedule is not None
+    change = state.syringe_change
+    sch = state.schedule
+    if change is None:
+        return state, (Refused("machine", "no_syringe_change", "no syringe change in progress"),)
+    if not change.loaded:
+        return state, (Refused("machine", "syringe_not_loaded", "the pump was infusing at the change: give "
+                                                                "change_syringe again once the new syringe is in"),)
+    state = replace(state, pump_diameter_mm=event.diameter_mm)
+    if event.diameter_mm != sch.inner_diameter_mm:
+        return state, (Refused("machine", "syringe_mismatch",
+                               f"pump reads back {event.diameter_mm} mm; schedule {sch.inner_diameter_mm} mm"),)
+    if state.pending is not None:
+        return state, (Refused("machine", "uncertain", "the stop is not yet verified"),)
+    blocking = [a for a in state.pump_alarms if a not in WARNING_ALARMS]
+    if blocking:
+        return state, (Refused("machine", "alarm_active", f"pump still reports {', '.join(blocking)}"),)
+    # Accounting: what the old syringe delivered since the last report counts at its concentration; the new
+    # syringe's counter is the baseline from here (a pump that resets it on loading loses nothing).
+    prev = state.raw_delivered_ml
+    raw = event.delivered_ml
+    increment = Decimal(0) if prev is None or raw < prev else raw - prev
+    state = _count(state, event.at, increment, raw)
+    old_conc = state.concentration
+    lock = state.lock_ceiling_rate
+    state = replace(state, syringe_concentration=change.concentration_mg_per_ml, syringe_fill_ml=change.fill_ml,
+                    syringe_started_ml=state.delivered_ml, syringe_changes=state.syringe_changes + 1,
+                    syringe_change=None, empty_warned=False)
+    # The resume ceiling (last verified rate) and the taper lock are limits on drug: carried to the new
+    # concentration as the same mg/24h, quantized down. Never higher than before.
+    state = replace(state, verified_run_rate=_same_drug(state, state.verified_run_rate, old_conc),
+                    lock_ceiling_rate=None if lock is None else _same_drug(state, lock, old_conc))
+    done = Notice("syringe_changed", f"syringe {state.syringe_changes + 1}: {change.fill_ml} mL at "
+                                     f"{change.concentration_mg_per_ml} mg/mL; course delivered "
+                                     f"{state.delivered_mg} mg so far")
+    target = state.resume_to
+    if target is None or target is P.PRIMED or state.level_mg_per_24h == 0:
+        return state, (done,)
+    dose = _resume_dose(state)
+    state, verdict, cmds = _propose(state, protocol, event.at, dose, "resume", "clinician", "syringe_change")
+    if isinstance(verdict, Refusal):
+        return state, (done, *cmds)  # stays paused with the new syringe in: a clinician resumes
+    # Same level, same clocks: the step interval and the hold are not restarted by a syringe change.
+    state = replace(state, alarm_code="", resume_to=None)
+    state, t = _goto(state, target, "syringe_changed")
+    return state, (done, *cmds, *t)
+
+
+def _same_drug(state: CourseState, rate: Decimal, old_conc: Decimal) -> Decimal:
+    """The rate at the syringe now in the pump that delivers at most what `rate` delivered at `old_conc`."""
+    if rate == 0 or state.resolution is None:
+        return rate
+    return quantize_down(dose_to_rate(rate_to_dose(rate, old_conc), state.concentration), state.resolution)
 
 
 # ---------------------------------------------------------------------------------------------- time faults
@@ -469,7 +625,7 @@ def _resume_dose(state: CourseState) -> Decimal:
     assert state.schedule is not None
     if pump_rate(state, state.level_mg_per_24h) <= state.verified_run_rate:
         return state.level_mg_per_24h
-    return rate_to_dose(state.verified_run_rate, state.schedule.concentration_mg_per_ml)
+    return rate_to_dose(state.verified_run_rate, state.concentration)
 
 
 def _restart_interval_after_long_stop(state: CourseState, now: datetime) -> CourseState:
@@ -487,16 +643,21 @@ def _accumulate(state: CourseState, event: PumpReport) -> CourseState:
     prev = state.raw_delivered_ml
     # The pump's counter can reset (power cycle, new syringe, cleared): count only what it added.
     increment = Decimal(0) if prev is None else (raw - prev if raw >= prev else raw)
-    cum = state.delivered_ml + increment
-    sample = Sample(event.at, cum)
+    state = _count(state, event.at, increment, raw)
+    return replace(state, pump_alarms=event.alarms, pump_infusing=event.state == "infusing")
+
+
+def _count(state: CourseState, at: datetime, increment: Decimal, raw: Decimal) -> CourseState:
+    """Add what the pump's counter added (at the concentration of the syringe in the pump) to the course totals."""
+    conc = state.concentration if state.schedule is not None else Decimal(0)
+    sample = Sample(at, state.delivered_ml + increment, state.delivered_mg + increment * conc)
     samples = state.samples
-    if not samples or event.at - samples[-1].at >= SAMPLE_SPACING:
-        horizon = event.at - WINDOW - SAMPLE_SPACING
+    if not samples or at - samples[-1].at >= SAMPLE_SPACING:
+        horizon = at - WINDOW - SAMPLE_SPACING
         # Samples are strictly increasing in time (appended only SAMPLE_SPACING apart): bisect, don't scan ~1,440.
         cut = bisect_left(samples, horizon, key=sample_at) if samples and samples[0].at < horizon else 0
         samples = (*samples[cut:], sample)
-    return replace(state, samples=samples, last_sample=sample, raw_delivered_ml=raw,
-                   pump_alarms=event.alarms, pump_infusing=event.state == "infusing")
+    return replace(state, samples=samples, last_sample=sample, raw_delivered_ml=raw)
 
 
 def _on_report(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
@@ -526,8 +687,14 @@ def _on_report(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
     blocking = sorted(a for a in event.alarms if a not in WARNING_ALARMS)
     fresh = [a for a in blocking if f"pump_alarm:{a}" not in state.alarm_causes or state.phase is not P.ALARM]
     if fresh:
+        empty = _syringe_empty(state, protocol)
         for a in fresh:  # each pump alarm is its own cause and record, also during another alarm
-            state, more = _alarm(state, f"pump_alarm:{a}", f"pump reports {', '.join(blocking)}")
+            if empty and a in _EMPTY_LOOKALIKES:
+                # The syringe is used up by the read-backs: that is the cause, whatever the pump calls it (a New Era
+                # pump reports a motor stall).
+                state, more = _alarm(state, "syringe_empty", f"end of syringe: {empty}; pump reports {a}")
+            else:
+                state, more = _alarm(state, f"pump_alarm:{a}", f"pump reports {', '.join(blocking)}")
             cmds += more
         return state, cmds
     breach = _ceiling_breach(state, protocol, event) if pending is None else ""
@@ -548,11 +715,48 @@ def _on_report(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
         state = replace(state, resume_to=state.phase)
         state, t = _goto(state, P.PAUSED, "stopped_at_pump")
         return state, (*cmds, Notice("stopped_at_pump", f"pump reports {event.state}"), *t)
+    state, cmds = _warn_near_empty(state, protocol, event.at, cmds)
     return _check_deviation(state, protocol, event.at, cmds)
+
+
+def predicted_empty_at(state: CourseState) -> datetime | None:
+    """When the syringe in the pump runs empty at the commanded rate, from its remaining volume by the pump's
+    read-backs (rounded down to the microsecond: never later than it will). None when nothing runs."""
+    if state.schedule is None or state.commanded_rate <= 0 or state.last_sample is None:
+        return None
+    hours = state.remaining_ml / state.commanded_rate
+    return state.last_sample.at + timedelta(microseconds=int(hours * 3_600_000_000))
+
+
+def _warn_near_empty(state: CourseState, protocol: ProtocolSpec, now: datetime, cmds: tuple[Command, ...]) -> Out:
+    """Once per syringe: a warning `syringe_warning_minutes` before it is predicted to run empty."""
+    if state.empty_warned:
+        return state, cmds
+    empty_at = predicted_empty_at(state)
+    if empty_at is None or now < empty_at - timedelta(minutes=float(protocol.syringe_warning_minutes)):
+        return state, cmds
+    detail = (f"syringe {state.syringe_changes + 1} predicted empty at {empty_at.isoformat()}: "
+              f"{state.remaining_ml:.3f} mL left at {state.commanded_rate} mL/h")
+    return replace(state, empty_warned=True), (*cmds, Notice("syringe_near_empty", detail))
 
 
 #: Phases in which the course commands no infusion at all: a pump infusing there does so on its own.
 _NO_INFUSION = frozenset({P.IDLE, P.PRIMED, P.PAUSED, P.STOPPED})
+
+
+#: Pump alarms an empty syringe shows as (New Era: a motor stall at the plunger's end).
+_EMPTY_LOOKALIKES = frozenset({"end_of_syringe", "occlusion"})
+
+
+def _syringe_empty(state: CourseState, protocol: ProtocolSpec) -> str:
+    """Why the syringe in the pump counts as empty by the read-backs ("" if it does not): what it delivered is
+    within two counter steps of its fill."""
+    if state.schedule is None:
+        return ""
+    used = state.delivered_ml - state.syringe_started_ml
+    if state.fill_ml - used > 2 * protocol.counter_resolution_ml:
+        return ""
+    return f"{used} mL of the {state.fill_ml} mL fill delivered"
 
 
 def _unexpected_infusion(state: CourseState, event: PumpReport) -> str:
@@ -575,16 +779,17 @@ def _ceiling_breach(state: CourseState, protocol: ProtocolSpec, event: PumpRepor
     if sch is None or event.state != "infusing":
         return ""
     now = event.at
-    ceiling_ml = protocol.ceiling_mg_per_24h / sch.concentration_mg_per_ml
-    past = window_volume(state, now - WINDOW, now)
-    ahead = past - window_volume(state, now - WINDOW, now - WINDOW + CEILING_LOOKAHEAD) \
-        + event.rate_ml_per_h * hours_between(now, now + CEILING_LOOKAHEAD)
+    conc = state.concentration
+    # In mg: a window can span syringes of different concentration (each volume counted at its own).
+    past = window_drug(state, now - WINDOW, now)
+    ahead = past - window_drug(state, now - WINDOW, now - WINDOW + CEILING_LOOKAHEAD) \
+        + event.rate_ml_per_h * conc * hours_between(now, now + CEILING_LOOKAHEAD)
     worst = max(past, ahead)
     # The counter's display step, read twice (start and end of the window), is the only slack allowed.
-    if worst <= ceiling_ml + 2 * protocol.counter_resolution_ml:
+    if worst <= protocol.ceiling_mg_per_24h + 2 * protocol.counter_resolution_ml * conc:
         return ""
-    return (f"{worst:.3f} mL in a 24-h window at the delivered rate, above the ceiling "
-            f"{protocol.ceiling_mg_per_24h} mg/24h = {ceiling_ml:.3f} mL")
+    return (f"{worst:.3f} mg in a 24-h window at the delivered rate, above the ceiling "
+            f"{protocol.ceiling_mg_per_24h} mg/24h")
 
 
 def _reported_readback(event: PumpReport) -> Decimal:
@@ -740,4 +945,7 @@ TRANSITIONS: dict[type | str, tuple[frozenset[Phase], Handler]] = {
     "clinician:resume": (frozenset({P.PAUSED, P.ALARM}), _on_resume),
     ClockStepped: (_ALL, _on_clock_stepped),
     "clinician:ack_clock": (_ALL, _on_ack_clock),
+    "clinician:change_syringe": (frozenset({P.PRIMED, P.TITRATING, P.HOLDING, P.TAPERING, P.PAUSED, P.ALARM}),
+                                 _on_change_syringe),
+    SyringeLoaded: (frozenset({P.PRIMED, P.PAUSED}), _on_syringe_loaded),
 }

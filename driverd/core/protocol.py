@@ -11,6 +11,7 @@ from decimal import Decimal
 from typing import Any
 
 from driverd.core.errors import ConfigError, Problem, QuantityError
+from driverd.core.exposure import ExposureLimits
 from driverd.core.quantities import (
     MAX_CONCENTRATION_MG_PER_ML,
     MAX_DIAMETER_MM,
@@ -55,6 +56,9 @@ class ProtocolSpec:
     deviation_window_minutes: Decimal = Decimal(15)  # over/under-infusion must persist this long
     deviation_limit: Decimal = Decimal("0.10")  # relative error that counts as over/under-infusion
     counter_resolution_ml: Decimal = Decimal("0.01")  # the pump's delivered-volume display step (noise allowance)
+    syringe_warning_minutes: Decimal = Decimal(60)  # warn this long before the syringe is predicted to run empty
+    # [exposure] (optional): limits across the courses of one patient (driverd.core.exposure). None: not enforced.
+    exposure: ExposureLimits | None = None
 
     @property
     def library_version(self) -> str:
@@ -124,7 +128,7 @@ def parse_protocol(text: str) -> ProtocolSpec:
     doc = load_toml(text)
     values: dict[str, Any] = {}
     for key in doc:
-        if key not in _SCHEMA and key not in ("syringes", "supervision"):
+        if key not in _SCHEMA and key not in ("syringes", "supervision", "exposure"):
             problems.append(Problem(key, "unknown-key", f"unknown section {key!r}"))
     for section, fields in _SCHEMA.items():
         table = doc.get(section)
@@ -140,6 +144,7 @@ def parse_protocol(text: str) -> ProtocolSpec:
             else:
                 values[key] = _field(table[key], kind, f"{section}.{key}", problems)
     supervision = _parse_supervision(doc.get("supervision"), problems)
+    exposure = _parse_exposure(doc.get("exposure"), problems)
     syringes: list[SyringeSpec] = []
     raw_syringes = doc.get("syringes")
     if not isinstance(raw_syringes, dict) or not raw_syringes:
@@ -190,13 +195,46 @@ def parse_protocol(text: str) -> ProtocolSpec:
         min_rate_ml_per_h=values["min_rate_ml_per_h"],
         max_rate_ml_per_h=values["max_rate_ml_per_h"],
         **supervision,
+        exposure=exposure,
     )
+
+
+def _parse_exposure(table: Any, problems: list[Problem]) -> ExposureLimits | None:
+    if table is None:
+        return None
+    if not isinstance(table, dict):
+        problems.append(Problem("exposure", "type", "expected a table"))
+        return None
+    keys = {"min_gap_days": Decimal(365), "cumulative_mg_per_30_days": MAX_DOSE_MG_PER_24H * 30,
+            "max_bursts_per_90_days": None}
+    for key in table:
+        if key not in keys:
+            problems.append(Problem(f"exposure.{key}", "unknown-key", f"unknown key {key!r}"))
+    got: dict[str, Any] = {}
+    for key, mx in keys.items():
+        if key not in table:
+            problems.append(Problem(f"exposure.{key}", "required", "missing"))
+        elif mx is None:
+            value = table[key]
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 100:
+                problems.append(Problem(f"exposure.{key}", "type", "expected an integer 1..100"))
+            else:
+                got[key] = value
+        else:
+            try:
+                got[key] = parse_decimal(table[key], f"exposure.{key}", maximum=mx, allow_zero=False)
+            except QuantityError as exc:
+                problems.extend(exc.problems)
+    if len(got) < len(keys):
+        return None
+    return ExposureLimits(got["min_gap_days"], got["cumulative_mg_per_30_days"], got["max_bursts_per_90_days"])
 
 
 _SUPERVISION: dict[str, tuple[Decimal, Decimal]] = {  # key -> (maximum, default)
     "deviation_window_minutes": (Decimal(240), Decimal(15)),
     "deviation_limit": (Decimal("0.5"), Decimal("0.10")),
     "counter_resolution_ml": (Decimal(1), Decimal("0.01")),
+    "syringe_warning_minutes": (Decimal(1440), Decimal(60)),
 }
 
 

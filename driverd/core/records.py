@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from driverd.core.commands import ApplySetpoint, Command, RaiseAlarm, Refused, Transitioned
+from driverd.core.commands import ApplySetpoint, Command, CourseEnded, RaiseAlarm, Refused, Transitioned
 from driverd.core.errors import Problem, ValidationError
 from driverd.core.events import (
     CLINICIAN_ACTIONS,
@@ -23,16 +23,26 @@ from driverd.core.events import (
     PumpVerified,
     ScheduleAccepted,
     SetpointResult,
+    SyringeLoaded,
     Tick,
 )
 from driverd.core.quantities import Resolution
-from driverd.core.schedule import Approval, Schedule, Signature, Step, TaperStep
+from driverd.core.schedule import (
+    Approval,
+    ExposureOverride,
+    Schedule,
+    Signature,
+    Step,
+    SyringeFill,
+    SyringeSupply,
+    TaperStep,
+)
 
 INPUT_EVENTS = frozenset(
     {"schedule_accepted", "pump_verified", "tick", "pump_report", "setpoint_result", "clinician_command",
-     "link_lost", "link_restored", "clock_stepped"}
+     "link_lost", "link_restored", "clock_stepped", "syringe_loaded"}
 )
-OUTPUT_EVENTS = frozenset({"setpoint", "refused", "transition", "alarm", "notice"})
+OUTPUT_EVENTS = frozenset({"setpoint", "refused", "transition", "alarm", "notice", "course_summary"})
 PUMP_STATES = ("stopped", "infusing", "paused", "alarm")
 
 
@@ -104,7 +114,33 @@ def schedule_to_fields(s: Schedule) -> dict[str, Any]:
         "expires_at": fmt_time(s.expires_at),
         "signature": None if s.signature is None else {"key_id": s.signature.key_id, "value": s.signature.value},
         "digest": s.digest,
+        **({} if s.syringes is None else {"syringes": _supply_to_fields(s.syringes)}),
+        **({} if s.handover_note is None else {"handover_note": s.handover_note}),
+        **({} if s.exposure_override is None else {"exposure_override": {
+            "reason": s.exposure_override.reason,
+            "approved_by": [{"role": a.role, "id": a.id} for a in s.exposure_override.approved_by]}}),
     }
+
+
+def _supply_to_fields(sup: SyringeSupply) -> dict[str, Any]:
+    if sup.change_every_hours is not None:
+        return {"change_every_hours": fmt_dec(sup.change_every_hours)}
+    return {"fills": [{"fill_volume_ml": fmt_dec(f.fill_volume_ml),
+                       "concentration_mg_per_ml": fmt_dec(f.concentration_mg_per_ml)} for f in sup.fills]}
+
+
+def _supply_from_fields(f: Any) -> SyringeSupply | None:
+    if f is None:
+        return None
+    if not isinstance(f, dict):
+        raise ValidationError([Problem("syringes", "type", "expected an object")])
+    if f.get("change_every_hours") is not None:
+        return SyringeSupply(change_every_hours=_dec(f, "change_every_hours"))
+    fills = f.get("fills")
+    if not isinstance(fills, list) or not all(isinstance(x, dict) for x in fills):
+        raise ValidationError([Problem("syringes.fills", "type", "expected a list of objects")])
+    return SyringeSupply(fills=tuple(SyringeFill(_dec(x, "fill_volume_ml"), _dec(x, "concentration_mg_per_ml"))
+                                     for x in fills))
 
 
 def schedule_from_fields(f: dict[str, Any]) -> Schedule:
@@ -131,7 +167,19 @@ def schedule_from_fields(f: dict[str, Any]) -> Schedule:
         expires_at=_time(f, "expires_at"),
         signature=None if sig is None else Signature(_str(sig, "key_id"), _str(sig, "value")),
         digest=_str(f, "digest"),
+        syringes=_supply_from_fields(f.get("syringes")),
+        handover_note=None if f.get("handover_note") is None else _str(f, "handover_note"),
+        exposure_override=_override_from_fields(f.get("exposure_override")),
     )
+
+
+def _override_from_fields(f: Any) -> ExposureOverride | None:
+    if f is None:
+        return None
+    if not isinstance(f, dict) or not isinstance(f.get("approved_by"), list):
+        raise ValidationError([Problem("exposure_override", "type", "expected an object with approved_by")])
+    approvals = tuple(Approval(_str(x, "role"), _str(x, "id")) for x in f["approved_by"])
+    return ExposureOverride(_str(f, "reason"), approvals)
 
 
 # ------------------------------------------------------------------------------------------------ events
@@ -156,8 +204,15 @@ def event_to_record(ev: Event) -> tuple[str, dict[str, Any]]:
         return "setpoint_result", {**at, "setpoint_id": ev.setpoint_id, "readback_ml_per_h": rb, "error": ev.error}
     if isinstance(ev, ClinicianCommand):
         dose = None if ev.dose_mg_per_24h is None else fmt_dec(ev.dose_mg_per_24h)
+        syringe = {} if ev.action != "change_syringe" else {
+            "fill_volume_ml": None if ev.fill_volume_ml is None else fmt_dec(ev.fill_volume_ml),
+            "concentration_mg_per_ml": None if ev.concentration_mg_per_ml is None
+            else fmt_dec(ev.concentration_mg_per_ml)}
         return "clinician_command", {**at, "action": ev.action, "by": ev.by, "reason": ev.reason,
-                                     "dose_mg_per_24h": dose}
+                                     "dose_mg_per_24h": dose, **syringe}
+    if isinstance(ev, SyringeLoaded):
+        return "syringe_loaded", {**at, "diameter_mm": fmt_dec(ev.diameter_mm),
+                                  "delivered_ml": fmt_dec(ev.delivered_ml)}
     if isinstance(ev, LinkLost):
         return "link_lost", {**at, "detail": ev.detail}
     if isinstance(ev, ClockStepped):
@@ -204,7 +259,11 @@ def event_from_record(record: dict[str, Any]) -> Event:
         if action not in CLINICIAN_ACTIONS:
             raise ValidationError([Problem("action", "enum", f"unknown action {action!r}")])
         dose = None if record.get("dose_mg_per_24h") is None else _dec(record, "dose_mg_per_24h")
-        return ClinicianCommand(at, action, _str(record, "by"), _str(record, "reason"), dose)
+        fill = None if record.get("fill_volume_ml") is None else _dec(record, "fill_volume_ml")
+        conc = None if record.get("concentration_mg_per_ml") is None else _dec(record, "concentration_mg_per_ml")
+        return ClinicianCommand(at, action, _str(record, "by"), _str(record, "reason"), dose, fill, conc)
+    if name == "syringe_loaded":
+        return SyringeLoaded(at, _dec(record, "diameter_mm"), _dec(record, "delivered_ml"))
     if name == "link_lost":
         return LinkLost(at, _str(record, "detail"))
     if name == "link_restored":
@@ -236,6 +295,11 @@ def command_to_record(cmd: Command) -> tuple[str, dict[str, Any]]:
         return "transition", {"from": cmd.frm, "to": cmd.to, "cause": cmd.cause}
     if isinstance(cmd, RaiseAlarm):
         return "alarm", {"code": cmd.code, "detail": cmd.detail}
+    if isinstance(cmd, CourseEnded):
+        return "course_summary", {"delivered_mg": fmt_dec(cmd.delivered_mg), "delivered_ml": fmt_dec(cmd.delivered_ml),
+                                  "commanded_mg": fmt_dec(cmd.commanded_mg), "syringes": cmd.syringes,
+                                  "alarms": list(cmd.alarms), "handover_note": cmd.handover_note,
+                                  "cause": cmd.cause}
     return "notice", {"code": cmd.code, "detail": cmd.detail}
 
 

@@ -33,6 +33,36 @@ class Signature:
 
 
 @dataclass(frozen=True, slots=True)
+class SyringeFill:
+    """One replacement syringe as approved: its fill and the concentration it is made up at."""
+
+    fill_volume_ml: Decimal
+    concentration_mg_per_ml: Decimal
+
+
+@dataclass(frozen=True, slots=True)
+class SyringeSupply:
+    """How syringes are supplied over the course (schedule field `syringes`).
+
+    Either a fresh syringe like the first every `change_every_hours`, or `fills`: the replacement syringes in
+    order (the first syringe of the course is `syringe` at the drug's concentration), each changed when the
+    one before runs empty.
+    """
+
+    change_every_hours: Decimal | None = None
+    fills: tuple[SyringeFill, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ExposureOverride:
+    """A course approved despite a patient-level exposure limit (field `exposure_override`): the reason and two
+    approvers (a prescriber and a second senior prescriber or a pharmacist), inside the signed schedule."""
+
+    reason: str
+    approved_by: tuple[Approval, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Schedule:
     schedule_id: str
     version: int
@@ -52,6 +82,17 @@ class Schedule:
     expires_at: datetime
     signature: Signature | None
     digest: str  # hex SHA-256 of the canonical signed content: names this exact schedule in the audit log
+    # None: not stated; the course must then fit in the first syringe (docs/schedules.md, "Volume plan").
+    syringes: SyringeSupply | None = None
+    # Shown in the end-of-course record, e.g. an oral continuation prescribed elsewhere (the daemon never drives it).
+    handover_note: str | None = None
+    exposure_override: ExposureOverride | None = None
+
+    @property
+    def approved_concentrations(self) -> frozenset[Decimal]:
+        """Every concentration this signed schedule approves a syringe at (a syringe change may use any)."""
+        extra = self.syringes.fills if self.syringes is not None else ()
+        return frozenset({self.concentration_mg_per_ml, *(f.concentration_mg_per_ml for f in extra)})
 
     @property
     def max_dose_mg_per_24h(self) -> Decimal:

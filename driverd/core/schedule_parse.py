@@ -25,7 +25,17 @@ from driverd.core.canonical import content_digest, decimal_text
 from driverd.core.errors import Problem, QuantityError, ValidationError
 from driverd.core.protocol import ProtocolSpec
 from driverd.core.quantities import NEW_ERA_RESOLUTION, dose_to_rate, quantize_down
-from driverd.core.schedule import Approval, Schedule, Signature, Step, TaperStep
+from driverd.core.schedule import (
+    Approval,
+    ExposureOverride,
+    Schedule,
+    Signature,
+    Step,
+    SyringeFill,
+    SyringeSupply,
+    TaperStep,
+)
+from driverd.core.volume_plan import plan_course
 
 # --- limits shared with the JSON Schema (keep in step with config/schemas/schedule.schema.json) ---------
 MAX_DOCUMENT_BYTES: Final = 1 << 20
@@ -78,7 +88,8 @@ TOP_REQUIRED: Final = (
     "approved_at",
     "expires_at",
 )
-TOP_OPTIONAL: Final = ("signature",)
+TOP_OPTIONAL: Final = ("signature", "syringes", "handover_note", "exposure_override")
+MAX_SYRINGE_FILLS: Final = 64
 
 _SECONDS_PER_DAY: Final = Decimal(86400)
 _T = TypeVar("_T")
@@ -275,6 +286,17 @@ class _Raw:
     approved_at: datetime | None = None
     expires_at: datetime | None = None
     signature: Signature | None = None
+    syringes: _RawSupply | None = None  # None: not stated (or malformed: then a structural problem is reported)
+    handover_note: str | None = None
+    override_reason: str | None = None
+    override_approvals: list[tuple[str | None, str | None]] | None = None
+    has_override: bool = False
+
+
+@dataclass
+class _RawSupply:
+    change_every_hours: Decimal | None = None
+    fills: list[tuple[Decimal | None, Decimal | None]] | None = None  # (fill, concentration or None = the drug's)
 
 
 @dataclass
@@ -451,7 +473,46 @@ class _Reader:
             raw.expires_at = self.time(top["expires_at"], "/expires_at")
         if "signature" in top:
             raw.signature = self._signature(top["signature"])
+        if "syringes" in top:
+            raw.syringes = self._syringes(top["syringes"])
+        if "handover_note" in top:
+            raw.handover_note = self.text(top["handover_note"], "/handover_note")
+        if "exposure_override" in top:
+            raw.has_override = True
+            obj = self.obj(top["exposure_override"], "/exposure_override", ("reason", "approved_by"))
+            if obj is not None:
+                if "reason" in obj:
+                    raw.override_reason = self.text(obj["reason"], "/exposure_override/reason")
+                if "approved_by" in obj:
+                    raw.override_approvals = self._approvals(obj["approved_by"], "/exposure_override/approved_by")
         return raw
+
+    def _syringes(self, value: object) -> _RawSupply | None:
+        if isinstance(value, Mapping):
+            obj = self.obj(value, "/syringes", ("change_every_hours",))
+            if obj is None or "change_every_hours" not in obj:
+                return None
+            hours = self.quantity(obj["change_every_hours"], "/syringes/change_every_hours")
+            return None if hours is None else _RawSupply(change_every_hours=hours)
+        if isinstance(value, (str, bytes, bytearray)) or not isinstance(value, Sequence):
+            self.bad("/syringes", "type",
+                     f'expected {{"change_every_hours": H}} or an array of syringe fills, got {_type_name(value)}')
+            return None
+        items = self.array(value, "/syringes", min_items=1, max_items=MAX_SYRINGE_FILLS)
+        if items is None:
+            return None
+        fills: list[tuple[Decimal | None, Decimal | None]] = []
+        for i, item in enumerate(items):
+            path = f"/syringes/{i}"
+            fill = conc = None
+            obj = self.obj(item, path, ("fill_volume_ml",), ("concentration_mg_per_ml",))
+            if obj is not None:
+                if "fill_volume_ml" in obj:
+                    fill = self.quantity(obj["fill_volume_ml"], f"{path}/fill_volume_ml")
+                if "concentration_mg_per_ml" in obj:
+                    conc = self.quantity(obj["concentration_mg_per_ml"], f"{path}/concentration_mg_per_ml")
+            fills.append((fill, conc))
+        return _RawSupply(fills=fills)
 
     def _steps(self, value: object) -> list[_RawStep] | None:
         items = self.array(value, "/steps", min_items=1, max_items=MAX_STEPS)
@@ -497,13 +558,13 @@ class _Reader:
             taper.append(t)
         return taper
 
-    def _approvals(self, value: object) -> list[tuple[str | None, str | None]] | None:
-        items = self.array(value, "/approved_by", min_items=0, max_items=MAX_APPROVALS)
+    def _approvals(self, value: object, base: str = "/approved_by") -> list[tuple[str | None, str | None]] | None:
+        items = self.array(value, base, min_items=0, max_items=MAX_APPROVALS)
         if items is None:
             return None
         out: list[tuple[str | None, str | None]] = []
         for i, item in enumerate(items):
-            path = f"/approved_by/{i}"
+            path = f"{base}/{i}"
             role = ident = None
             obj = self.obj(item, path, ("role", "id"))
             if obj is not None:
@@ -593,6 +654,51 @@ def _semantic(raw: _Raw, spec: ProtocolSpec, now: datetime | None, problems: lis
     _check_taper(raw, spec, conc, top, problems)
     _check_course_length(raw, spec, problems)
     _check_approvals(raw, now, problems)
+    _check_supply(raw, spec, problems)
+    _check_override(raw, problems)
+
+
+def _check_override(raw: _Raw, problems: list[Problem]) -> None:
+    """Two different people, one of them a prescriber (the other a second prescriber or a pharmacist)."""
+    approvals = raw.override_approvals
+    if approvals is None or any(r is None or i is None for r, i in approvals):
+        return
+    ids = {i for _, i in approvals}
+    if len(ids) < 2 or len(ids) < len(approvals) or "prescriber" not in {r for r, _ in approvals}:
+        problems.append(Problem("/exposure_override/approved_by", "approvals",
+                                "needs two different people: a prescriber and a second prescriber or a pharmacist"))
+
+
+def _check_supply(raw: _Raw, spec: ProtocolSpec, problems: list[Problem]) -> None:
+    sup = raw.syringes
+    if sup is None:
+        return
+    if sup.change_every_hours is not None:
+        most = spec.max_course_days * 24
+        if not 1 <= sup.change_every_hours <= most:
+            problems.append(Problem("/syringes/change_every_hours", "syringes",
+                                    f"must be >= 1 and <= {_fmt(most)} h (the longest course)"))
+        return
+    syr = spec.syringe(raw.syringe_model) if raw.syringe_model is not None else None
+    for i, (fill, conc) in enumerate(sup.fills or ()):
+        path = f"/syringes/{i}"
+        if fill is not None and syr is not None and not 0 < fill <= syr.max_fill_ml:
+            problems.append(Problem(f"{path}/fill_volume_ml", "fill-volume",
+                                    f"must be > 0 and <= {_fmt(syr.max_fill_ml)} mL"))
+        if conc is None:
+            continue
+        cpath = f"{path}/concentration_mg_per_ml"
+        if conc not in spec.concentrations_mg_per_ml:
+            allowed = ", ".join(_fmt(c) for c in spec.concentrations_mg_per_ml)
+            problems.append(Problem(cpath, "concentration", f"{_fmt(conc)} mg/mL not in {{{allowed}}}"))
+            continue
+        doses = [s.dose for s in raw.steps or () if s.dose is not None]
+        doses += [t.dose for t in raw.taper or () if t.dose is not None]
+        for dose in doses:
+            before = len(problems)
+            _check_rate(dose, conc, spec, cpath, problems)
+            if len(problems) > before:
+                break  # one rate problem per syringe is enough to name it
 
 
 def _check_syringe(raw: _Raw, spec: ProtocolSpec, problems: list[Problem]) -> None:
@@ -757,12 +863,15 @@ def _check_approvals(raw: _Raw, now: datetime | None, problems: list[Problem]) -
 # --- entry point -------------------------------------------------------------------------------------------
 
 
-def parse_schedule(doc: Mapping[str, object], protocol: ProtocolSpec, *, now: datetime | None = None) -> Schedule:
+def parse_schedule(
+    doc: Mapping[str, object], protocol: ProtocolSpec, *, now: datetime | None = None, check_volume: bool = True
+) -> Schedule:
     """Validate a schedule document against the structure and the protocol's limits; build the Schedule.
 
     `now` (timezone-aware) enables the expiry / not-yet-valid checks; None skips them (replay).
     Raises ValidationError listing every problem found. The signature is NOT verified here (that needs
-    the trust store, in driverd.signing); only its shape is checked.
+    the trust store, in driverd.signing); only its shape is checked. `check_volume=False` skips only the volume
+    plan (`volume_plan.plan_course`), for a caller that reports the plan and its problems itself.
     """
     if now is not None and (now.tzinfo is None or now.utcoffset() is None):
         raise ValueError("now must be timezone-aware")
@@ -772,7 +881,12 @@ def parse_schedule(doc: Mapping[str, object], protocol: ProtocolSpec, *, now: da
     _semantic(raw, protocol, now, problems)
     if problems:
         raise ValidationError(problems)
-    return _build(raw, doc)
+    schedule = _build(raw, doc)
+    # Only a schedule valid in every other respect is planned: the plan needs its whole timeline.
+    plan = plan_course(schedule) if check_volume else None
+    if plan is not None and plan.problems:
+        raise ValidationError(list(plan.problems))
+    return schedule
 
 
 def _need(value: _T | None) -> _T:
@@ -810,4 +924,19 @@ def _build(raw: _Raw, doc: Mapping[str, object]) -> Schedule:
         expires_at=_need(raw.expires_at),
         signature=raw.signature,
         digest=content_digest(doc),
+        syringes=_build_supply(raw),
+        handover_note=raw.handover_note,
+        exposure_override=None if not raw.has_override else ExposureOverride(
+            _need(raw.override_reason),
+            tuple(Approval(role=_need(r), id=_need(i)) for r, i in _need(raw.override_approvals))),
     )
+
+
+def _build_supply(raw: _Raw) -> SyringeSupply | None:
+    sup = raw.syringes
+    if sup is None:
+        return None
+    if sup.change_every_hours is not None:
+        return SyringeSupply(change_every_hours=sup.change_every_hours)
+    conc = _need(raw.concentration)
+    return SyringeSupply(fills=tuple(SyringeFill(_need(f), c if c is not None else conc) for f, c in _need(sup.fills)))

@@ -40,6 +40,23 @@ class Sample:
 
     at: datetime
     delivered_ml: Decimal
+    # Course-cumulative drug: each increment counted at the concentration of the syringe it came from, so the
+    # 24-h ceiling holds in mg across syringes of different concentration.
+    delivered_mg: Decimal = Decimal(0)
+
+
+@dataclass(frozen=True, slots=True)
+class SyringeChange:
+    """A clinician's syringe change in progress: the pump is stopped until the new syringe is verified."""
+
+    fill_ml: Decimal
+    concentration_mg_per_ml: Decimal
+    by: str
+    reason: str
+    at: datetime
+    # False when the pump was infusing at the command: the old syringe is still in. The pump is stopped and the
+    # change waits for the clinician's next change_syringe (given once the new syringe is in) before reading back.
+    loaded: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +116,20 @@ class CourseState:
     # When delivery under the course last stopped (it left a running phase for PAUSED or ALARM); None while
     # running. A resume after a long interruption restarts the step interval.
     interrupted_at: datetime | None = None
+    # The syringe in the pump (issue 13). None: the schedule's first syringe (`syringe` at the drug concentration).
+    syringe_concentration: Decimal | None = None
+    syringe_fill_ml: Decimal | None = None
+    syringe_started_ml: Decimal = Decimal(0)  # course-cumulative delivered mL when this syringe went in
+    syringe_changes: int = 0
+    syringe_change: SyringeChange | None = None  # a change waiting for the new syringe's read-back
+    empty_warned: bool = False  # the near-empty warning was raised for the syringe in the pump
+    # The commanded rates integrated (mg), for the end-of-course record: the total up to `commanded_since`, from
+    # when the rate now commanded (in a running phase) began. Updated only when that rate changes.
+    commanded_mg: Decimal = Decimal(0)
+    commanded_since: datetime | None = None
+    alarms_raised: tuple[str, ...] = ()  # every alarm cause raised during the course, in order
+    summary_due: str = ""  # why the course stopped, until the end-of-course record is out (next pump report)
+    stopped_at: datetime | None = None  # when the course stopped (the end of the burst, for the exposure ledger)
 
     @property
     def course_id(self) -> str | None:
@@ -107,3 +138,27 @@ class CourseState:
     @property
     def delivered_ml(self) -> Decimal:
         return self.last_sample.delivered_ml if self.last_sample else Decimal(0)
+
+    @property
+    def delivered_mg(self) -> Decimal:
+        return self.last_sample.delivered_mg if self.last_sample else Decimal(0)
+
+    @property
+    def concentration(self) -> Decimal:
+        """mg/mL of the syringe in the pump: what every rate of this course is computed with now."""
+        if self.syringe_concentration is not None:
+            return self.syringe_concentration
+        assert self.schedule is not None
+        return self.schedule.concentration_mg_per_ml
+
+    @property
+    def fill_ml(self) -> Decimal:
+        if self.syringe_fill_ml is not None:
+            return self.syringe_fill_ml
+        assert self.schedule is not None
+        return self.schedule.fill_volume_ml
+
+    @property
+    def remaining_ml(self) -> Decimal:
+        """What the syringe in the pump still holds by the pump's read-backs (never below 0)."""
+        return max(self.fill_ml - (self.delivered_ml - self.syringe_started_ml), Decimal(0))

@@ -12,11 +12,13 @@ import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 from driverd.audit.writer import AuditWriter
 from driverd.core.commands import ApplySetpoint, Command, Refused
 from driverd.core.events import (
+    ClinicianCommand,
     ClockStepped,
     Event,
     LinkLost,
@@ -24,12 +26,13 @@ from driverd.core.events import (
     PumpReport,
     PumpVerified,
     SetpointResult,
+    SyringeLoaded,
     Tick,
 )
 from driverd.core.kernel import Setpoint
-from driverd.core.machine import step
+from driverd.core.machine import predicted_empty_at, step
 from driverd.core.protocol import ProtocolSpec
-from driverd.core.records import command_to_record, event_to_record, fmt_dec
+from driverd.core.records import command_to_record, event_to_record, fmt_dec, fmt_time
 from driverd.core.state import CourseState, Phase
 from driverd.runtime.clock import DEFAULT_STEP_TOLERANCE, ClockWatch, RuntimeClock
 from drivers.base import DriverError, DriverTimeout, PumpAlarm, PumpDriver, PumpRejected, PumpState, PumpStatus
@@ -86,6 +89,7 @@ class Channel:
         self.polls = 0
         self.stopping = False
         self._primed_for: str | None = None
+        self._loaded_for: object = None  # the syringe change whose new syringe was read back already
         self.last_input_seq = 0  # seq of the last input record logged (a reply names its request's record)
         self.last_result: tuple[Setpoint, SetpointResult] | None = None  # the last setpoint applied, its outcome
         self._wake: asyncio.Future[Any] | None = None  # the channel's current wait, if it is waiting
@@ -259,6 +263,26 @@ class Channel:
             return
         await self.handle(PumpVerified(self.clock.now(), diameter, self.driver.resolution, identity.model))
 
+    async def load_syringe(self) -> tuple[Command, ...]:
+        """A syringe change in progress, once the core's stop is verified: load the schedule's diameter into the
+        pump, read it back with the delivered counter, tell the core (which verifies and resumes). Once per change:
+        a refused read-back waits for the clinician; a failed exchange is tried again on the next poll."""
+        change = self.state.syringe_change
+        sched = self.state.schedule
+        if change is None or not change.loaded or sched is None or self._loaded_for is change \
+                or not self.connected or self.state.pending is not None:
+            return ()
+        self._loaded_for = change
+        try:
+            diameter = await self._io(self.driver.configure_syringe(sched.inner_diameter_mm))
+            status = await self._io(self.driver.read_status())
+        except (DriverError, TimeoutError) as exc:
+            self._loaded_for = None
+            self.last_error = f"syringe change: {type(exc).__name__}: {exc}"
+            return ()
+        self.last_status = status
+        return await self.handle(SyringeLoaded(self.clock.now(), diameter, status.delivered_ml))
+
     async def check_clock(self) -> None:
         """A wall-clock step is a fault for the core (audit record `clock_stepped` with its size and direction).
         Course time (`clock.now()`) never follows the step, so the core never sees time run backward or jump."""
@@ -278,6 +302,7 @@ class Channel:
                 await self.poll()
                 await self.handle(Tick(self.clock.now()))
                 await self.prime()
+                await self.load_syringe()
                 next_poll += self.poll_period
                 if next_poll <= self.clock.now():
                     next_poll = self.clock.now() + self.poll_period
@@ -319,6 +344,7 @@ class Channel:
             seq = self.last_input_seq  # the request's own record
             await self.execute(cmds)
             await self.prime()
+            cmds += await self.load_syringe()  # a syringe change is answered with its outcome
             # Nothing acknowledged may be lost: every record the reply depends on is on disk before it is sent.
             self.audit.flush()
         except Exception as exc:  # a bad request must never kill the channel
@@ -329,6 +355,8 @@ class Channel:
             # "OK" only if nothing was refused and whatever was sent is verified at the pump.
             result = {"ok": not refusals and view["verified"], "refusals": refusals, "phase": self.state.phase.value,
                       "seq": seq, "durable_seq": self.audit.seq, **view}
+            if isinstance(event, ClinicianCommand) and event.action == "change_syringe":
+                result.update(syringe_view(self.state))
         if not request.reply.done():
             request.reply.set_result(result)
 
@@ -377,3 +405,24 @@ class Channel:
         if wake is not None and not wake.done():
             wake.set_result(_REQUEST)
         return await request.reply
+
+
+def syringe_view(s: CourseState) -> dict[str, Any]:
+    """The syringe in the pump, for `status` (issue 13)."""
+    if s.schedule is None:
+        return {"syringe": None}
+    change = s.syringe_change
+    empty_at = predicted_empty_at(s)
+    return {"syringe": {
+        "number": s.syringe_changes + 1,
+        "fill_ml": fmt_dec(s.fill_ml),
+        "concentration_mg_per_ml": fmt_dec(s.concentration),
+        "remaining_ml": fmt_dec(s.remaining_ml.quantize(Decimal("0.001"))),
+        # at the commanded rate, from the pump's read-backs; the warning is the core's (logged as a notice)
+        "predicted_empty_at": None if empty_at is None else fmt_time(empty_at),
+        "near_empty_warning": s.empty_warned,
+        "change_in_progress": None if change is None else {"fill_ml": fmt_dec(change.fill_ml),
+                                                           "concentration_mg_per_ml": fmt_dec(
+                                                               change.concentration_mg_per_ml),
+                                                           "by": change.by, "at": fmt_time(change.at)},
+    }, "delivered_mg": fmt_dec(s.delivered_mg.quantize(Decimal("0.001"))), "syringe_changes": s.syringe_changes}

@@ -6,6 +6,8 @@ Wire format: one JSON object per line each way.
     {"op": "push", "schedule": {...signed schedule...}}
     {"op": "command", "pump_id": "bed-1", "action": "hold", "by": "dr-x", "reason": "...",
      "dose_mg_per_24h": "100"}                       (dose optional; a string or an exact number)
+    {"op": "change_syringe", "pump_id": "bed-1", "fill_volume_ml": "17", "concentration_mg_per_ml": "50",
+     "by": "rn-x", "reason": "..."}                  (concentration optional: default the one in use)
 
 Replies are the daemon's answer (`{"ok": true, ...}` or `{"ok": false, "refusals": [...]}`), or for a request
 that is not understood `{"ok": false, "error": "...", "field": "..."|null}`. Requests are parsed like schedule
@@ -113,12 +115,22 @@ class CommandRequest:
     dose_mg_per_24h: str | int | Decimal | None = None
 
 
-Request = StatusRequest | PushRequest | CommandRequest
+@dataclass(frozen=True, slots=True)
+class ChangeSyringeRequest:
+    pump_id: str
+    fill_volume_ml: Decimal
+    concentration_mg_per_ml: Decimal | None
+    by: str
+    reason: str
+
+
+Request = StatusRequest | PushRequest | CommandRequest | ChangeSyringeRequest
 
 _FIELDS: Final[dict[str, frozenset[str]]] = {
     "status": frozenset({"op"}),
     "push": frozenset({"op", "schedule"}),
     "command": frozenset({"op", "pump_id", "action", "by", "reason", "dose_mg_per_24h"}),
+    "change_syringe": frozenset({"op", "pump_id", "fill_volume_ml", "concentration_mg_per_ml", "by", "reason"}),
 }
 
 
@@ -156,6 +168,15 @@ def parse_request(line: bytes, limits: ControlSettings = DEFAULT_LIMITS) -> Requ
     pump_id = doc.get("pump_id")
     if not valid_pump_id(pump_id):
         raise RequestError("required: a pump id of 1..64 letters, digits, '-' or '_'", "pump_id")
+    if op == "change_syringe":
+        fill = doc.get("fill_volume_ml")
+        if fill is None:
+            raise RequestError("required: the new syringe's fill in mL", "fill_volume_ml")
+        conc = doc.get("concentration_mg_per_ml")
+        return ChangeSyringeRequest(pump_id, _dose(fill, "fill_volume_ml"),
+                                    None if conc is None else _dose(conc, "concentration_mg_per_ml"),
+                                    _text(doc, "by", limits.max_text_chars),
+                                    _text(doc, "reason", limits.max_text_chars))
     action = _text(doc, "action", MAX_ACTION_CHARS)
     by = _text(doc, "by", limits.max_text_chars)
     reason = _text(doc, "reason", limits.max_text_chars)
@@ -163,19 +184,19 @@ def parse_request(line: bytes, limits: ControlSettings = DEFAULT_LIMITS) -> Requ
     return CommandRequest(pump_id, action, by, reason, None if dose is None else _dose(dose))
 
 
-def _dose(dose: object) -> Decimal:
-    """The dose as a plain Decimal. Exponent forms are resolved here: 0E-999999999 is a valid zero whose plain
-    text is a gigabyte long, and the daemon prints every dose it is given."""
+def _dose(dose: object, field: str = "dose_mg_per_24h") -> Decimal:
+    """The dose (or another quantity) as a plain Decimal. Exponent forms are resolved here: 0E-999999999 is a valid
+    zero whose plain text is a gigabyte long, and the daemon prints every dose it is given."""
     rule = f"a decimal string of at most {MAX_DOSE_CHARS} characters, or a number"
     if isinstance(dose, bool) or not isinstance(dose, (str, int, Decimal)):
-        raise RequestError(rule, "dose_mg_per_24h")
+        raise RequestError(rule, field)
     if isinstance(dose, str) and len(dose) > MAX_DOSE_CHARS:
-        raise RequestError(rule, "dose_mg_per_24h")
+        raise RequestError(rule, field)
     try:
         value = Decimal(dose)
         return Decimal(decimal_text(value))  # refuses more than 100 digits in plain notation
     except (ArithmeticError, ValueError):
-        raise RequestError(f"{rule} of at most 100 digits in plain notation", "dose_mg_per_24h") from None
+        raise RequestError(f"{rule} of at most 100 digits in plain notation", field) from None
 
 
 def _schedule(schedule: object, limits: ControlSettings) -> Mapping[str, Any]:
@@ -232,6 +253,9 @@ class DaemonAPI(Protocol):
     async def push_schedule(self, doc: Any) -> dict[str, Any]: ...
 
     async def command(self, pump_id: Any, action: Any, by: Any, reason: Any, dose: Any = None) -> dict[str, Any]: ...
+
+    async def change_syringe(self, pump_id: Any, fill: Any, concentration: Any, by: Any,
+                             reason: Any) -> dict[str, Any]: ...
 
     def status(self) -> dict[str, Any]: ...
 
@@ -627,6 +651,9 @@ class ControlServer:
         async with proc.inflight if proc is not None else contextlib.nullcontext():
             if isinstance(request, PushRequest):
                 return await self.daemon.push_schedule(request.schedule)
+            if isinstance(request, ChangeSyringeRequest):
+                return await self.daemon.change_syringe(request.pump_id, request.fill_volume_ml,
+                                                        request.concentration_mg_per_ml, request.by, request.reason)
             return await self.daemon.command(request.pump_id, request.action, request.by, request.reason,
                                              request.dose_mg_per_24h)
 

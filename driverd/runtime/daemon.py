@@ -20,16 +20,21 @@ import structlog
 
 import driverd
 from driverd.audit.canonical import parse_ts
+from driverd.audit.exposure import ledger_from_records
+from driverd.audit.reader import iter_records
 from driverd.audit.segments import list_segments
 from driverd.audit.writer import AuditConfig, AuditWriter
 from driverd.core.canonical import canonical_bytes
 from driverd.core.errors import DriverdError, SignatureError, ValidationError
 from driverd.core.events import CLINICIAN_ACTIONS, ClinicianCommand, ClockStepped, Event, LinkLost, ScheduleAccepted
+from driverd.core.exposure import Breach, Burst, check_course
 from driverd.core.machine import initial_state
 from driverd.core.protocol import ProtocolSpec, parse_protocol
 from driverd.core.records import fmt_dec, fmt_time
+from driverd.core.schedule import Schedule
 from driverd.core.schedule_parse import parse_schedule
-from driverd.runtime.channel import Channel
+from driverd.core.volume_plan import plan_course
+from driverd.runtime.channel import Channel, syringe_view
 from driverd.runtime.clock import RuntimeClock, WallStep
 from driverd.runtime.config import DaemonConfig
 from driverd.runtime.failsafe import FailSafe, left_running, safe_log
@@ -71,6 +76,7 @@ class Daemon:
         # Installed by the control server: False when the requesting client is over its budget of individually
         # logged refusals (it counts them and logs a summary record instead). None: log every refusal.
         self.refusal_gate: Callable[[str], bool] | None = None
+        self.ledger: dict[str, Burst] = {}
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
@@ -93,6 +99,8 @@ class Daemon:
             self.trust,  # adopted schedules are re-verified against the trust store
         )
         self.versions = dict(recovered.versions)
+        # The per-patient exposure ledger (issue 13): derived from the whole log, so it survives restarts.
+        self.ledger = ledger_from_records(r for _, seg in list_segments(cfg.audit_dir) for r in iter_records(seg))
         self.audit.append("daemon_start", pump_id=None, course_id=None, durable=True, version=driverd.__version__,
                           config_sha256=cfg.sha256, pumps=[p.id for p in cfg.pumps],
                           recovered_records=recovered.records, trust_keys=sorted(self.trust.keys),
@@ -220,6 +228,17 @@ class Daemon:
         except ValidationError as exc:
             detail = "; ".join(str(p) for p in exc.problems)
             return self._refuse(pump_id, "push", "invalid", detail)
+        breaches = self._exposure(schedule)
+        if breaches and schedule.exposure_override is None:
+            detail = "; ".join(f"[{b.code}] {b.detail}" for b in breaches)
+            return self._refuse(schedule.pump_id, "push", breaches[0].code, detail)
+        if breaches:
+            assert self.audit is not None and schedule.exposure_override is not None
+            ov = schedule.exposure_override
+            self.audit.append("exposure_override", pump_id=schedule.pump_id, course_id=schedule.schedule_id,
+                              durable=True, patient_ref=schedule.patient_ref, reason=ov.reason,
+                              approved_by=[{"role": a.role, "id": a.id} for a in ov.approved_by],
+                              breaches=[{"code": b.code, "detail": b.detail} for b in breaches])
         # What recovery re-verifies after a restart: the whole signed document in canonical form (its signed
         # content has the same canonical bytes as what was verified just above, so the signature still holds).
         document = canonical_bytes(doc).decode("utf-8")
@@ -240,6 +259,23 @@ class Daemon:
 
         reply = await channel.submit(accepted_at, what=f"push {schedule.schedule_id} v{schedule.version}")
         return {**reply, "key_id": key_id, "schedule_id": schedule.schedule_id, "version": schedule.version}
+
+    def _exposure(self, schedule: Schedule) -> list[Breach]:
+        """The patient-level limits a pushed course would break (drug library [exposure]), against the ledger from
+        the log and the live courses (their own delivered totals and stop times)."""
+        limits = self.protocol.exposure if self.protocol is not None else None
+        if limits is None:
+            return []
+        for ch in self.channels.values():
+            s = ch.state
+            if s.schedule is not None and s.started_at is not None:
+                self.ledger[s.schedule.schedule_id] = Burst(s.schedule.patient_ref, s.schedule.schedule_id,
+                                                            s.started_at, s.stopped_at, s.delivered_mg)
+        plan = plan_course(schedule)
+        now = self.clock.now()
+        shift = max(now - plan.start, timedelta(0))  # a course pushed after its first step starts now
+        return check_course(schedule.patient_ref, schedule.schedule_id, plan.start + shift, plan.end + shift,
+                            plan.total_mg, list(self.ledger.values()), limits, now)
 
     async def command(self, pump_id: Any, action: Any, by: Any, reason: Any, dose: Any = None) -> dict[str, Any]:
         if self.failsafe.active:
@@ -274,6 +310,29 @@ class Daemon:
         return await channel.submit(lambda at: ClinicianCommand(at, action, by, reason, dose_d),
                                     acknowledge_alarm=action == "resume", what=what)
 
+    async def change_syringe(self, pump_id: Any, fill: Any, concentration: Any, by: Any, reason: Any) -> dict[str, Any]:
+        """A clinician's syringe change (issue 13): the channel stops the pump, reads the new syringe back, and the
+        core verifies it and resumes at the same level (the rate recomputed for the new concentration)."""
+        if self.failsafe.active:
+            return self.failsafe.refusal()
+        problems = []
+        if not isinstance(pump_id, str) or pump_id not in self.channels:
+            problems.append(f"pump: unknown pump {str(pump_id)[:64]!r}")
+        for name, value in (("by", by), ("reason", reason)):
+            if not isinstance(value, str) or not value.strip() or len(value) > MAX_TEXT:
+                problems.append(f"{name}: required text of 1..{MAX_TEXT} characters")
+        fill_d = _quantity(fill, "fill_volume_ml", problems, required=True)
+        conc_d = _quantity(concentration, "concentration_mg_per_ml", problems, required=False)
+        if problems:
+            pid = pump_id if isinstance(pump_id, str) else None
+            return self._refuse(pid, "clinician", "invalid", "; ".join(problems))
+        what = f"clinician change_syringe {fill_d} mL" + (f" at {conc_d} mg/mL" if conc_d is not None else "") \
+            + f" by {by}: {reason}"
+        # The pump's latched end-of-syringe alarm is acknowledged and the pump read first (as for a resume).
+        return await self.channels[pump_id].submit(
+            lambda at: ClinicianCommand(at, "change_syringe", by, reason, None, fill_d, conc_d),
+            acknowledge_alarm=True, what=what)
+
     async def submit_event(self, pump_id: str, make_event: Callable[[datetime], Event]) -> dict[str, Any]:
         return await self.channels[pump_id].submit(make_event)
 
@@ -299,6 +358,7 @@ class Daemon:
                 "started_at": fmt_time(s.started_at) if s.started_at else None,
                 "last_error": ch.last_error or None,
                 "clock_fault": s.clock_fault or None,
+                **syringe_view(s),
             })
         assert self.protocol is not None
         body: dict[str, Any] = {"ok": True, "now": fmt_time(self.clock.now()),
@@ -306,6 +366,24 @@ class Daemon:
         if self.gateway is not None:
             body["hl7"] = self.gateway.status()
         return self.failsafe.annotate(body)
+
+
+def _quantity(value: Any, name: str, problems: list[str], *, required: bool) -> Decimal | None:
+    """A positive decimal (string or integer) of at most 6 places, as plain text, or a problem naming the field."""
+    if value is None:
+        if required:
+            problems.append(f"{name}: required")
+        return None
+    try:
+        if isinstance(value, bool | float):
+            raise ValueError
+        d = Decimal(str(value))
+        if not d.is_finite() or d <= 0 or d > 100_000 or d.quantize(Decimal("0.000001")) != d:
+            raise ValueError
+        return Decimal(fmt_dec(d.normalize()))
+    except (ArithmeticError, ValueError):
+        problems.append(f"{name}: a positive decimal of at most 6 places")
+        return None
 
 
 def _last_logged_ts(audit_dir: Path) -> datetime | None:

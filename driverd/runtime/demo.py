@@ -32,9 +32,12 @@ CONFIG_DIR = Path(driverd.__file__).resolve().parent.parent / "config"
 DEMO_KEY = CONFIG_DIR / "keys" / "demo" / "demo-NOT-FOR-CLINICAL-USE.key"
 DEMO_TRUST = CONFIG_DIR / "keys" / "demo" / "trusted"
 START = datetime(2026, 12, 1, 8, 55, tzinfo=UTC)  # five minutes before the first step is due
-# A 30 mL syringe at 100 mg/mL holds the whole course (about 19 mL): no syringe change inside the demo.
+# A 30 mL syringe at 100 mg/mL holds the whole course (about 19 mL): what `demo_schedule` (and the tests' rig) use.
 SYRINGE = {"model": "BD Plastipak 30 mL", "inner_diameter_mm": "21.59", "fill_volume_ml": "22"}
 CONCENTRATION = "100"
+# The demo itself runs the course as a ward would: 8 mL syringes, changed when driverd warns that one is about to
+# run empty (issue 13): the course needs 18.97 mL, so two changes per pump.
+DEMO_FILL = "8"
 DRIVERS = ("sim", "newera", "modbus")
 HL7_DRAIN_S = 120.0  # real seconds the demo waits for an HL7 receiver to ACK what is still queued
 
@@ -58,12 +61,14 @@ class DemoResult:
     virtual_seconds: float
     pumps: list[dict[str, Any]] = field(default_factory=list)
     faults: list[str] = field(default_factory=list)
+    syringe_log: list[str] = field(default_factory=list)  # the ward's syringe changes, as they happened
     timed_out: bool = False
     hl7: dict[str, Any] | None = None  # what the HL7 gateway queued and delivered (with --hl7-to)
 
 
-def demo_schedule(pump_id: str, index: int, start: datetime) -> dict[str, Any]:
-    """The example schedule re-dated to `start`, for `pump_id`, signed with the DEMO key."""
+def demo_schedule(pump_id: str, index: int, start: datetime, fill_ml: str | None = None) -> dict[str, Any]:
+    """The example schedule re-dated to `start`, for `pump_id`, signed with the DEMO key. With `fill_ml`, syringes
+    of that fill, replaced when empty (as many as the course needs)."""
     doc = load_json((CONFIG_DIR / "schedules" / "example.json").read_bytes())
     assert isinstance(doc, dict)
     first = start + timedelta(minutes=5)
@@ -72,6 +77,9 @@ def demo_schedule(pump_id: str, index: int, start: datetime) -> dict[str, Any]:
     doc["patient_ref"] = f"DEMO-PATIENT-{index:04d}"
     doc["drug"] = {"name": "ketamine", "concentration_mg_per_ml": CONCENTRATION}
     doc["syringe"] = dict(SYRINGE)
+    if fill_ml is not None:
+        doc["syringe"]["fill_volume_ml"] = fill_ml
+        doc["syringes"] = [{"fill_volume_ml": fill_ml}] * 4
     for i, step in enumerate(doc["steps"]):
         step["not_before"] = fmt_time(first + timedelta(hours=24 * i))
     doc["approved_at"] = fmt_time(start - timedelta(hours=1))
@@ -92,8 +100,8 @@ async def run_demo(opts: DemoOptions, progress: Callable[[float, str], None] | N
 
         resolution_kw["rate_resolution"] = load_map().rate_resolution()
     for name in names:
-        world.pump(name, diameter_mm=Decimal(SYRINGE["inner_diameter_mm"]),
-                   fill_volume_ml=Decimal(SYRINGE["fill_volume_ml"]), **resolution_kw)
+        world.pump(name, diameter_mm=Decimal(SYRINGE["inner_diameter_mm"]), fill_volume_ml=Decimal(DEMO_FILL),
+                   **resolution_kw)
     work = Path(tempfile.mkdtemp(prefix="driverd-demo-"))
     audit_dir = opts.audit_dir or work / "audit"
     key_path, pub_path = generate_keypair(work / "keys", "audit")
@@ -115,27 +123,31 @@ async def run_demo(opts: DemoOptions, progress: Callable[[float, str], None] | N
         await daemon.start()
         try:
             for i, name in enumerate(names):
-                reply = await daemon.push_schedule(demo_schedule(name, i + 1, START))
+                reply = await daemon.push_schedule(demo_schedule(name, i + 1, START, DEMO_FILL))
                 if not reply.get("ok"):
                     raise RuntimeError(f"demo schedule refused for {name}: {json.dumps(reply)}")
             fault_log: list[str] = []
             script = asyncio.create_task(_fault_script(daemon, world, clock, names[0], fault_log)) if opts.faults \
                 else None
+            syringe_log: list[str] = []
+            nurse = asyncio.create_task(_nurse(daemon, world, clock, names, syringe_log))
             timed_out = await _wait_for_courses(daemon, clock, progress)
-            if script is not None:
-                script.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await script
+            for task in (script, nurse):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
             hl7 = await _drain_hl7(daemon)
         finally:
             await daemon.stop()
     elapsed = (clock.now() - START).total_seconds()
     result = DemoResult(audit_dir=audit_dir, audit_public_key=pub_path, virtual_seconds=elapsed, timed_out=timed_out,
-                        faults=fault_log, hl7=hl7)
+                        faults=fault_log, syringe_log=syringe_log, hl7=hl7)
     for name in names:
         ch = daemon.channels[name]
         result.pumps.append({"pump_id": name, "phase": ch.state.phase.value, "url": ch.driver.url.raw,
-                             "delivered_ml": ch.state.delivered_ml, "polls": ch.polls})
+                             "delivered_ml": ch.state.delivered_ml, "delivered_mg": ch.state.delivered_mg,
+                             "syringe_changes": ch.state.syringe_changes, "polls": ch.polls})
     return result
 
 
@@ -221,6 +233,35 @@ async def _fault_script(daemon: Daemon, world: World, clock: RuntimeClock, name:
         reply = await daemon.command(name, "resume", "demo-nurse", "pump checked after link loss")
         log.append(f"{fmt_time(clock.now())} {name}: clinician resume -> {_reply(reply)}")
         await clock.sleep_until(START + timedelta(days=30))
+    finally:
+        clock.unregister()
+
+
+async def _nurse(daemon: Daemon, world: World, clock: RuntimeClock, names: list[str], log: list[str]) -> None:
+    """The ward's syringe changes: when driverd warns that a syringe is about to run empty (or it ran empty), a
+    nurse asks for the change (the pump is stopped), swaps the syringe at the pump, and confirms."""
+    clock.register()
+    try:
+        while True:
+            await clock.sleep_until(clock.now() + timedelta(minutes=10))
+            for name in names:
+                state = daemon.channels[name].state
+                empty = state.phase is Phase.ALARM and set(state.alarm_causes) == {"syringe_empty"}
+                if state.syringe_change is not None or not (state.empty_warned or empty):
+                    continue
+                if state.phase not in (Phase.TITRATING, Phase.HOLDING, Phase.TAPERING) and not empty:
+                    continue
+                pump = world.pump(name)
+                if empty:
+                    pump.clear_alarm()  # acknowledged at the pump before the swap
+                first = await daemon.change_syringe(name, DEMO_FILL, None, "demo-nurse", "syringe near empty")
+                if first.get("refusals") or pump.status().state.value != "stopped":
+                    log.append(f"{fmt_time(clock.now())} {name}: syringe change not started -> {_reply(first)}")
+                    continue
+                pump.load_syringe(Decimal(DEMO_FILL))
+                reply = await daemon.change_syringe(name, DEMO_FILL, None, "demo-nurse", "new syringe loaded")
+                log.append(f"{fmt_time(clock.now())} {name}: syringe {state.syringe_changes + 2} "
+                           f"({DEMO_FILL} mL) -> {_reply(reply)}")
     finally:
         clock.unregister()
 

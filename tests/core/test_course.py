@@ -130,7 +130,9 @@ def test_stop_sent_while_link_down_is_reconciled_by_the_next_report() -> None:
     assert p.state.phase is Phase.STOPPED and p.state.pending is not None and p.state.pending.uncertain
     p.feed(LinkRestored(T0 + 3 * H))
     # the pump stopped (dead-man or the stop got through) but still holds its programmed rate: that is a stop
-    assert not p.feed(PumpReport(T0 + 3 * H, "stopped", D("0.083"), p.pump.delivered, ()))
+    # (the only output: the end-of-course record, which waits for the stopped pump's report)
+    out = p.feed(PumpReport(T0 + 3 * H, "stopped", D("0.083"), p.pump.delivered, ()))
+    assert [type(c).__name__ for c in out] == ["CourseEnded"]
     assert p.state.pending is None and p.state.verified_rate == 0 and p.state.phase is Phase.STOPPED
 
 

@@ -31,6 +31,7 @@ from driverd.core.events import (
     PumpReport,
     ScheduleAccepted,
     SetpointResult,
+    SyringeLoaded,
     Tick,
 )
 from driverd.core.kernel import hours_between
@@ -226,6 +227,17 @@ class CourseSafety(RuleBasedStateMachine):
         if self.state.schedule is new:
             self.sched = new
             self.max_sched_rate = min(self._rate(CEILING), self._rate(new.max_dose_mg_per_24h))
+
+    @rule()
+    def syringe_change(self) -> None:
+        """A clinician changes the syringe (same concentration: the reference model's rates stay valid)."""
+        self._feed(ClinicianCommand(self.now, "change_syringe", "nurse-1", "daily change", None, Decimal(17)))
+
+    @precondition(lambda self: self.link)
+    @rule(right=st.booleans())
+    def syringe_loaded(self, right: bool) -> None:
+        """The pump's read-back of the new syringe: the right diameter, or a wrong syringe."""
+        self._feed(SyringeLoaded(self.now, Decimal("19.13") if right else Decimal("21.59"), self.delivered))
 
     # ------------------------------------------------------------------ invariants
 

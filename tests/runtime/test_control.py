@@ -694,3 +694,30 @@ def test_a_request_whose_caller_gave_up_is_never_applied_later(monkeypatch: pyte
         assert fresh["refusals"][0]["reason"] == "illegal_transition"  # idle: nothing to stop, but it was applied
         commands = [r for r in live.audit_records() if r["event"] == "clinician_command"]
         assert [(r["pump_id"], r["by"]) for r in commands] == [("bed-2", "dr-now")]
+
+
+def test_cli_change_syringe_against_live_socket(tmp_path: Path) -> None:
+    """`driverd course change-syringe` (issue 13): refusals name the rule; a change while the pump runs stops it,
+    the second command (after the swap) resumes at the same level."""
+    with short_dir() as d:
+        live = LiveDaemon(d, AFTER_FIRST_STEP)
+        with live:
+            sock = str(live.socket)
+            assert cli("schedule", "push", str(SIGNED), "--socket", sock).exit_code == 0
+            live.wait_phase("bed-1", "titrating")
+            base = ("course", "change-syringe", "bed-1", "--by", "rn-1", "--reason", "daily", "--socket", sock)
+            res = cli(*base, "--fill", "lots")
+            assert res.exit_code == 2
+            res = cli(*base, "--fill", "18")  # above the 20 mL model's 17 mL
+            assert res.exit_code == 1 and "fill_volume" in res.output
+            res = cli(*base, "--fill", "17", "--concentration", "100")  # in the library, not in the signed schedule
+            assert res.exit_code == 1 and "concentration_not_approved" in res.output
+            res = cli(*base, "--fill", "17", "--json")
+            assert res.exit_code == 0, res.output
+            body = json.loads(res.stdout)
+            assert body["phase"] == "paused" and body["syringe"]["change_in_progress"]["fill_ml"] == "17"
+            res = cli(*base, "--fill", "17")
+            assert res.exit_code == 0, res.output
+            assert "phase titrating" in res.output and "(50 mg/mL)" in res.output
+            res = cli("status", "--socket", sock)
+            assert "syringe 2: 17.000 of 17 mL at 50 mg/mL left" in res.output

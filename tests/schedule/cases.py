@@ -192,6 +192,37 @@ STRUCTURAL: list[tuple[str, Mutation, tuple[str, str]]] = [
         ("/signature/value", "required"),
     ),
     ("sig-string", set_at("/signature", "signed"), ("/signature", "type")),
+    # syringe supply (issue 13)
+    ("syringes-string", set_at("/syringes", "daily"), ("/syringes", "type")),
+    ("syringes-number", set_at("/syringes", 24), ("/syringes", "type")),
+    ("syringes-empty-list", set_at("/syringes", []), ("/syringes", "size")),
+    ("syringes-too-many", set_at("/syringes", [{"fill_volume_ml": "17"}] * 65), ("/syringes", "size")),
+    ("syringes-unknown", set_at("/syringes", {"change_every_hours": "24", "every": "day"}),
+     ("/syringes/every", "unknown-field")),
+    ("syringes-no-hours", set_at("/syringes", {}), ("/syringes/change_every_hours", "required")),
+    ("syringes-hours-negative", set_at("/syringes/change_every_hours", "-24"),
+     ("/syringes/change_every_hours", "format")),
+    ("syringes-hours-float-text", set_at("/syringes/change_every_hours", "24h"),
+     ("/syringes/change_every_hours", "format")),
+    ("syringe-fill-missing", set_at("/syringes", [{"concentration_mg_per_ml": "50"}]),
+     ("/syringes/0/fill_volume_ml", "required")),
+    ("syringe-fill-unknown", set_at("/syringes", [{"fill_volume_ml": "17", "units": "mL"}]),
+     ("/syringes/0/units", "unknown-field")),
+    ("syringe-fill-bool", set_at("/syringes", [{"fill_volume_ml": True}]), ("/syringes/0/fill_volume_ml", "type")),
+    ("syringe-fill-not-object", set_at("/syringes", ["17"]), ("/syringes/0", "type")),
+    # handover note (issue 13, part 5)
+    ("handover-number", set_at("/handover_note", 7), ("/handover_note", "type")),
+    ("handover-empty", set_at("/handover_note", ""), ("/handover_note", "length")),
+    ("handover-too-long", set_at("/handover_note", "x" * 257), ("/handover_note", "length")),
+    ("handover-control", set_at("/handover_note", "oral\nketamine"), ("/handover_note", "format")),
+    # exposure override (issue 13, part 4)
+    ("override-string", set_at("/exposure_override", "yes"), ("/exposure_override", "type")),
+    ("override-no-reason", set_at("/exposure_override", {"approved_by": []}),
+     ("/exposure_override/reason", "required")),
+    ("override-unknown", set_at("/exposure_override", {"reason": "r", "approved_by": [], "by": "x"}),
+     ("/exposure_override/by", "unknown-field")),
+    ("override-role", set_at("/exposure_override", {"reason": "r", "approved_by": [{"role": "nurse", "id": "n"}]}),
+     ("/exposure_override/approved_by/0/role", "enum")),
 ]
 
 SEMANTIC: list[tuple[str, Mutation, tuple[str, str]]] = [
@@ -293,4 +324,24 @@ SEMANTIC: list[tuple[str, Mutation, tuple[str, str]]] = [
     ("ts-feb-30", set_at("/approved_at", "2026-02-30T10:00:00Z"), ("/approved_at", "format")),
     ("ts-year-9999", set_at("/expires_at", "9999-12-31T23:59:59-05:00"), ("/expires_at", "range")),
     ("ts-year-0", set_at("/approved_at", "0000-01-01T00:00:00Z"), ("/approved_at", "range")),
+    # volume planning (issue 13): the shipped example needs about 38 mL; its 17 mL syringe is changed daily
+    ("no-syringe-supply", del_at("/syringes"), ("/syringes", "volume-plan")),
+    ("changes-too-rare", set_at("/syringes/change_every_hours", "48"), ("/syringes/change_every_hours", "volume-plan")),
+    ("changes-too-often", set_at("/syringes/change_every_hours", "0.5"), ("/syringes/change_every_hours", "syringes")),
+    ("changes-beyond-course", set_at("/syringes/change_every_hours", "217"),
+     ("/syringes/change_every_hours", "syringes")),
+    ("fills-short", set_at("/syringes", [{"fill_volume_ml": "17"}]), ("/syringes", "volume-plan")),
+    ("fills-over-max", set_at("/syringes", [{"fill_volume_ml": "18"}, {"fill_volume_ml": "17"}]),
+     ("/syringes/0/fill_volume_ml", "fill-volume")),
+    ("fills-zero", set_at("/syringes", [{"fill_volume_ml": "0"}]), ("/syringes/0/fill_volume_ml", "fill-volume")),
+    ("fills-concentration", set_at("/syringes", [{"fill_volume_ml": "17", "concentration_mg_per_ml": "20"}]),
+     ("/syringes/0/concentration_mg_per_ml", "concentration")),
+    ("override-one-person", set_at("/exposure_override", {"reason": "second burst agreed", "approved_by": [
+        {"role": "prescriber", "id": "dr-a"}, {"role": "prescriber", "id": "dr-a"}]}),
+     ("/exposure_override/approved_by", "approvals")),
+    ("override-no-prescriber", set_at("/exposure_override", {"reason": "second burst agreed", "approved_by": [
+        {"role": "pharmacist", "id": "ph-a"}, {"role": "pharmacist", "id": "ph-b"}]}),
+     ("/exposure_override/approved_by", "approvals")),
+    ("override-alone", set_at("/exposure_override", {"reason": "second burst agreed", "approved_by": [
+        {"role": "prescriber", "id": "dr-a"}]}), ("/exposure_override/approved_by", "approvals")),
 ]

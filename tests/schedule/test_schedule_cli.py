@@ -278,3 +278,55 @@ def test_keys_generate_text_and_refuse_overwrite(tmp_path: Path) -> None:
 def test_keys_generate_bad_name(tmp_path: Path) -> None:
     r = run("keys", "generate", tmp_path, "--name", "../x", "--json")
     assert r.exit_code == 1 and out_json(r)["ok"] is False
+
+
+# --- volume plan (issue 13, part 1) -------------------------------------------------------------------------
+
+
+def test_validate_shows_the_volume_plan(tmp_path: Path) -> None:
+    r = run("schedule", "validate", EXAMPLE, "--now", NOW)
+    assert r.exit_code == 0
+    assert "volume plan (a fresh syringe every 24 h" in r.stdout
+    assert "course 37.944 mL (1897.2 mg), 4 syringe change(s)" in r.stdout
+    body = out_json(run("schedule", "validate", EXAMPLE, "--now", NOW, "--json"))
+    plan = body["volume_plan"]
+    assert plan["supply"] == {"change_every_hours": "24"} and plan["deliverable"] is True
+    assert [d["volume_ml"] for d in plan["days"]] == ["1.992", "6", "9.984", "9.984", "9.984"]
+    assert [s["ends"] for s in plan["syringes"]] == ["change"] * 4 + ["course_end"]
+    assert plan["syringe_changes"] == 4
+
+
+def test_validate_refuses_a_course_the_syringes_cannot_deliver(tmp_path: Path) -> None:
+    doc = json.loads(EXAMPLE.read_text(encoding="utf-8"))
+    del doc["syringes"]  # the 17 mL syringe alone: empty on day 3
+    r = run("schedule", "validate", write(tmp_path, doc), "--now", NOW, "--json")
+    assert r.exit_code == 1
+    body = out_json(r)
+    assert [(p["path"], p["rule"]) for p in body["problems"]] == [("/syringes", "volume-plan")]
+    assert "runs empty at 2026-12-04T06:39" in body["problems"][0]["detail"]
+    assert body["volume_plan"]["deliverable"] is False
+    text = run("schedule", "validate", write(tmp_path, doc), "--now", NOW)
+    assert "runs empty (change it then) at 2026-12-04T06:39" in text.stdout
+    # and sign refuses it too
+    assert run("schedule", "sign", write(tmp_path, doc), "--key", DEMO_KEY).exit_code == 1
+
+
+def test_shipped_examples_are_deliverable() -> None:
+    for name in ("example.json", "example-confirm.json", "example.signed.json", "example-confirm.signed.json"):
+        body = out_json(run("schedule", "validate", CONFIG / "schedules" / name, "--now", NOW, "--json"))
+        assert body["ok"] is True and body["volume_plan"]["deliverable"] is True, name
+    confirm = out_json(run("schedule", "validate", CONFIG / "schedules" / "example-confirm.json", "--now", NOW,
+                           "--json"))["volume_plan"]
+    assert [s["concentration_mg_per_ml"] for s in confirm["syringes"]] == ["50", "100"]
+
+
+def test_handover_note_is_kept(tmp_path: Path) -> None:
+    from driverd.cli.schedule import DEFAULT_PROTOCOL
+    from driverd.core.protocol import parse_protocol
+    from driverd.core.schedule_parse import load_json, parse_schedule
+
+    doc = json.loads(EXAMPLE.read_text(encoding="utf-8"))
+    doc["handover_note"] = "oral ketamine 50 mg qds from day 7 (prescribed by the GP)"
+    assert run("schedule", "validate", write(tmp_path, doc), "--now", NOW).exit_code == 0
+    sched = parse_schedule(load_json(write(tmp_path, doc).read_bytes()), parse_protocol(DEFAULT_PROTOCOL.read_text()))
+    assert sched.handover_note == doc["handover_note"]
