@@ -75,7 +75,7 @@ def observe(channel: Channel, at: Any) -> Observation:
     return Observation(
         at=at, pump_id=channel.pump_id, pump_model=s.pump_model, course_id=s.course_id,
         patient_ref=sched.patient_ref if sched else None, drug_name=sched.drug_name if sched else None,
-        concentration_mg_per_ml=sched.concentration_mg_per_ml if sched else None, phase=s.phase.value,
+        concentration_mg_per_ml=s.concentration if sched else None, phase=s.phase.value,
         pump_state=st.state.value if known and st else None,
         rate_ml_per_h=st.delivering_ml_per_h if known and st else None,
         commanded_ml_per_h=s.commanded_rate, dose_mg_per_24h=s.level_mg_per_24h,

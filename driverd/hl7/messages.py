@@ -100,6 +100,7 @@ LOCAL_ALARMS: Final = Code("alarm_causes", "active alarm causes", LOCAL)
 MDC_EVENTS: Final[dict[str, Code]] = {
     "pump_alarm:occlusion": Code("196940", "MDC_EVT_FLUID_LINE_OCCL"),
     "pump_alarm:end_of_syringe": Code("197226", "MDC_EVT_SYRINGE_EMPTY"),
+    "syringe_empty": Code("197226", "MDC_EVT_SYRINGE_EMPTY"),  # driverd's own end-of-syringe finding (issue 13)
     "pump_alarm:low_battery": Code("196802", "MDC_EVT_BATT_LO"),
     "pump_alarm:power_interrupted": Code("197342", "MDC_EVT_PWR_LOSS"),
     "pump_alarm:program_error": Code("203276", "MDC_EVT_ADVIS_SETTINGS_CHK"),
@@ -116,6 +117,7 @@ CAUSE_TEXT: Final[dict[str, str]] = {
     "pump_alarm:program_error": "pump reports a programming error",
     "pump_alarm:other": "pump reports an alarm",
     "link_lost": "communication with the pump lost",
+    "syringe_empty": "the syringe is empty (read-backs reached the fill volume or the pump stalled)",
     "over_infusion": "pump delivered more than commanded",
     "under_infusion": "pump delivered less than commanded",
     "dose_ceiling": "24-h delivery reached the drug-library ceiling",

@@ -406,7 +406,8 @@ def _same_drug(order: Order, drug_name: str) -> bool:
 def target_dose(order: Order, state: CourseState) -> Decimal:
     """The dose (mg/24h) an NW/XO order asks for. In mg/24h that is the rate itself. In mL/h it is the dose whose
     rate at this pump's resolution is exactly the ordered rate, among the schedule's steps, its taper doses and the
-    current level (the current level first, then the lowest); failing that rate x concentration x 24, exactly."""
+    current level (the current level first, then the lowest); failing that rate x concentration x 24, exactly
+    (the concentration of the syringe in the pump now)."""
     assert order.rate is not None and state.schedule is not None
     if order.rate_unit == "mg/24h":
         return order.rate
@@ -418,7 +419,7 @@ def target_dose(order: Order, state: CourseState) -> Decimal:
         if matches:
             return state.level_mg_per_24h if state.level_mg_per_24h in matches else matches[0]
     with localcontext(_CTX):
-        return order.rate * schedule.concentration_mg_per_ml * HOURS_PER_DAY
+        return order.rate * state.concentration * HOURS_PER_DAY
 
 
 def _rate_of(state: CourseState, dose: Decimal) -> Decimal | None:
@@ -448,10 +449,11 @@ def plan_order(order: Order, state: CourseState, protocol: ProtocolSpec) -> Plan
     action = ORDER_CONTROLS[order.order_control]
     if action is not None:
         return Plan(action)
-    if order.concentration_mg_per_ml != schedule.concentration_mg_per_ml:
+    # The syringe in the pump now (a syringe change may have brought another approved concentration).
+    if order.concentration_mg_per_ml != state.concentration:
         given = "none" if order.concentration_mg_per_ml is None else f"{order.concentration_mg_per_ml} mg/mL"
         return Refusal("concentration_mismatch",
-                       f"ordered concentration {given}, the syringe is {schedule.concentration_mg_per_ml} mg/mL")
+                       f"ordered concentration {given}, the syringe is {state.concentration} mg/mL")
     if order.rate is None or order.rate_unit is None:
         return Refusal("no_rate", "a new or changed order needs a rate (RXG-15/16)")
     target = target_dose(order, state)
