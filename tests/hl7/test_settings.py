@@ -86,3 +86,37 @@ def test_not_a_table() -> None:
 def test_addresses(text: str) -> None:
     problems_: list = []
     assert parse_address(text, "k", problems_) is not None and not problems_
+
+
+@pytest.mark.parametrize("mutual", [False, True])
+def test_the_configured_tls_contexts_talk_to_each_other(tmp_path: Path, mutual: bool) -> None:
+    """What `[hl7] tls_*` builds: the listener's context (our certificate; with tls_ca, client certificates
+    required) and the sender's (verifying the engine with tls_ca; with tls_cert, presenting ours)."""
+    import asyncio
+
+    from hl7.mllp import open_hl7_connection
+
+    from driverd.hl7.mllp import serve_orders
+    from driverd.hl7.settings import Hl7Settings
+    from tests.hl7.test_mllp import self_signed
+
+    cert, key = self_signed(tmp_path)
+    server_side = Hl7Settings(queue_dir=tmp_path, tls_cert=cert, tls_key=key, tls_ca=cert if mutual else None)
+    client_side = Hl7Settings(queue_dir=tmp_path, tls_ca=cert, tls_cert=cert if mutual else None,
+                              tls_key=key if mutual else None)
+    assert server_side.server_ssl() is not None and client_side.client_ssl() is not None
+    assert Hl7Settings(queue_dir=tmp_path).server_ssl() is None and Hl7Settings(queue_dir=tmp_path).client_ssl() is None
+
+    async def echo(text: str, send: object) -> None:
+        await send(text)  # type: ignore[operator]
+
+    async def main() -> str:
+        async with await serve_orders(echo, "127.0.0.1", 0, ssl_context=server_side.server_ssl()) as server:
+            reader, writer = await open_hl7_connection("127.0.0.1", server.port, ssl=client_side.client_ssl())
+            writer.writeblock(b"MSH|^~\\&|A|B|C|D|20260101||ACK|X1|P|2.6\r")
+            await writer.drain()
+            got = (await asyncio.wait_for(reader.readblock(), 30)).decode()
+            writer.close()
+            return got
+
+    assert asyncio.run(main()).startswith("MSH|")
