@@ -14,12 +14,12 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import IO, Any, Final
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from driverd.audit.canonical import ZERO_HASH, line_content_hash, loads_line, loads_line_fast, parse_ts, sha256_hex
-from driverd.audit.reader import MAX_LINE_BYTES, LineTooLong, bounded_lines
+from driverd.audit.reader import MAX_LINE_BYTES, LineTooLong
 from driverd.audit.segments import resolve_log
 from driverd.audit.signing import checkpoint_signature_ok, fingerprint, public_from_b64, raw_public
 from driverd.core.errors import AuditError
@@ -123,6 +123,38 @@ class _ChunkResult:
     failure: _ChunkFailure | None = None
 
 
+READ_BLOCK: Final = 1 << 20
+
+
+def _line_batches(f: IO[bytes], limit: int | None) -> Iterator[list[bytes]]:
+    """The lines of f (up to `limit` bytes), in batches, read a block at a time. Each line keeps its newline; only
+    a torn last line lacks one. Raises LineTooLong as `bounded_lines` does (after the lines before it), so a
+    garbage file without newlines is never read whole."""
+    rest = b""
+    remaining = limit
+    while True:
+        want = READ_BLOCK if remaining is None else min(READ_BLOCK, remaining)
+        block = f.read(want) if want > 0 else b""
+        if remaining is not None:
+            remaining -= len(block)
+        if not block:
+            if rest:
+                if len(rest) > MAX_LINE_BYTES:
+                    raise LineTooLong(f"line longer than {MAX_LINE_BYTES} bytes")
+                yield [rest]
+            return
+        parts = (rest + block).split(b"\n")
+        rest = parts.pop()
+        if parts and max(map(len, parts)) > MAX_LINE_BYTES:
+            n = next(i for i, x in enumerate(parts) if len(x) > MAX_LINE_BYTES)
+            yield [x + b"\n" for x in parts[:n]]
+            raise LineTooLong(f"line longer than {MAX_LINE_BYTES} bytes")
+        if parts:
+            yield [x + b"\n" for x in parts]
+        if len(rest) > MAX_LINE_BYTES:
+            raise LineTooLong(f"line longer than {MAX_LINE_BYTES} bytes")
+
+
 def _verify_chunk(chunk: _Chunk) -> _ChunkResult:
     """Every check of a single pass that does not need the line before the chunk. Runs in a worker process."""
     out = _ChunkResult()
@@ -132,55 +164,54 @@ def _verify_chunk(chunk: _Chunk) -> _ChunkResult:
     prev_line_hash: str | None = None
     good_ts: object = _MISSING  # the last ts that parsed (records written in the same second share it)
     lineno = 0
+    sha256 = hashlib.sha256
+    hex64 = _HEX64.match
     try:
         with open(chunk.path, "rb") as f:
             f.seek(chunk.start)
-            for raw in bounded_lines(f):
-                lineno += 1
-                out.bytes_read += len(raw)
-                if prev_line_hash is not None and raw[-1:] == b"\n":
-                    # The common case (a telemetry record continuing the chain), checked inline. It accepts only
-                    # what _check_line accepts, with the same effect; anything else goes there for the reason.
-                    line = raw[:-1]
-                    rec = loads_line_fast(line)
-                    if rec is not None:
-                        seq = rec.get("seq")
-                        event = rec.get("event")
-                        digest = rec.get("hash")
-                        pump_id = rec.get("pump_id", _MISSING)
-                        course_id = rec.get("course_id", _MISSING)
-                        ts = rec.get("ts")
-                        if (
-                            type(seq) is int
-                            and seq == expected_seq
-                            and rec.get("prev") == prev_line_hash  # a hexdigest: so prev is 64 lowercase hex
-                            and type(event) is str
-                            and event not in _NOT_INLINE
-                            and (pump_id is None or type(pump_id) is str)
-                            and (course_id is None or type(course_id) is str)
-                            and type(digest) is str
-                            and len(digest) == 64
-                            and _HEX64.match(digest)
-                            and (ts == good_ts or _ts_ok(ts))
-                            and digest == line_content_hash(line, rec)
-                        ):
-                            good_ts = ts
-                            out.records += 1
-                            out.unsealed += 1
-                            out.last_seq = seq
-                            out.head = prev_line_hash = hashlib.sha256(line).hexdigest()
-                            expected_seq = seq + 1
-                            if limit is not None and out.bytes_read >= limit:
-                                break
-                            continue
-                failure = _check_line(raw, lineno, expected_seq, prev_line_hash, chunk, key, out)
-                if failure is not None:
-                    out.failure = failure
-                    return out
-                prev_line_hash = out.head
-                expected_seq = out.last_seq + 1 if out.last_seq is not None else None
-                if limit is not None and out.bytes_read >= limit:
-                    break
+            for batch in _line_batches(f, limit):
+                for raw in batch:
+                    lineno += 1
+                    out.bytes_read += len(raw)
+                    if prev_line_hash is not None and raw[-1] == 10:  # b"\n"
+                        # The common case (a telemetry record continuing the chain), checked inline. It accepts
+                        # only what _check_line accepts, with the same effect; anything else goes there.
+                        line = raw[:-1]
+                        rec = loads_line_fast(line)
+                        if rec is not None:
+                            seq = rec.get("seq")
+                            event = rec.get("event")
+                            digest = rec.get("hash")
+                            pump_id = rec.get("pump_id", _MISSING)
+                            course_id = rec.get("course_id", _MISSING)
+                            ts = rec.get("ts")
+                            if (
+                                type(seq) is int
+                                and seq == expected_seq
+                                and rec.get("prev") == prev_line_hash  # a hexdigest: prev is 64 lowercase hex
+                                and type(event) is str
+                                and event not in _NOT_INLINE
+                                and (pump_id is None or type(pump_id) is str)
+                                and (course_id is None or type(course_id) is str)
+                                and type(digest) is str
+                                and len(digest) == 64
+                                and hex64(digest)
+                                and (ts == good_ts or _ts_ok(ts))
+                                and digest == line_content_hash(line, rec)
+                            ):
+                                good_ts = ts
+                                out.records += 1
+                                out.unsealed += 1
+                                out.last_seq = seq
+                                out.head = prev_line_hash = sha256(line).hexdigest()
+                                expected_seq = seq + 1
+                                continue
+                    failure = _check_line(raw, lineno, expected_seq, prev_line_hash, chunk, key, out)
+                    if failure is not None:
+                        out.failure = failure
+                        return out
+                    prev_line_hash = out.head
+                    expected_seq = out.last_seq + 1 if out.last_seq is not None else None
     except LineTooLong:
         out.failure = _ChunkFailure(
             lineno + 1, expected_seq, f"line longer than {MAX_LINE_BYTES} bytes (not a record the writer makes)", True,

@@ -315,3 +315,25 @@ def test_sha256_of_line_is_the_chain_hash(logs: dict[str, Path]) -> None:
     seg = sorted(logs["signed"].glob("audit-*.jsonl"))[0]
     a, b = seg.read_bytes().split(b"\n")[:2]
     assert loads_line(b)["prev"] == sha256_hex(a)
+
+
+@pytest.mark.parametrize("limit", [150, 300, 420, 10_000])
+@pytest.mark.parametrize("block", [7, 64, 1 << 20])
+def test_line_limit_and_read_blocks_same_report(
+    logs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, limit: int, block: int
+) -> None:
+    """The line-length limit (lowered so real records cross it) and the block reads give the one pass's answer,
+    torn and over-long last lines included."""
+    from driverd.audit import reader
+
+    for module in (reader, verify, verify_oracle):
+        monkeypatch.setattr(module, "MAX_LINE_BYTES", limit)
+    monkeypatch.setattr(verify, "READ_BLOCK", block)
+    work = tmp_path / "log"
+    shutil.copytree(logs["signed"], work)
+    _same_report(work)
+    last = sorted(work.glob("audit-*.jsonl"))[-1]
+    data = last.read_bytes()
+    for tail in (b"x" * (limit - 1), b"x" * limit, b"x" * (limit + 1), b"x" * (limit + 1) + b"\n"):
+        last.write_bytes(data + tail)
+        _same_report(work)
