@@ -256,6 +256,21 @@ def loads_line_fast(line: bytes) -> dict[str, Any] | None:
 _HEX64: Final = re.compile(r"[0-9a-f]{64}")
 
 
+def hash_cut_from_line(line: bytes, digest: str) -> str | None:
+    """SHA-256 of `line` without its member `"hash":"<digest>"` and one comma next to it, or None when that member
+    does not occur exactly once. `line_content_hash` says when this is the content hash."""
+    member = b'"hash":"' + digest.encode("ascii", "replace") + b'"'
+    i = line.find(member)
+    j = i + len(member)
+    if i <= 0 or line.find(member, j) >= 0:
+        return None
+    if line[j] == 44:  # ","
+        return hashlib.sha256(line[:i] + line[j + 1 :]).hexdigest()
+    if line[i - 1] == 44:
+        return hashlib.sha256(line[: i - 1] + line[j:]).hexdigest()
+    return hashlib.sha256(line[:i] + line[j:]).hexdigest()
+
+
 def line_content_hash(line: bytes, record: Mapping[str, Any]) -> str:
     """record_hash(record) for a record parsed from `line` by loads_line (so line == dumps(record)), without
     encoding the record again.
@@ -266,13 +281,7 @@ def line_content_hash(line: bytes, record: Mapping[str, Any]) -> str:
     the same "hash" member) the top-level one is not certain, and the record is encoded again instead."""
     digest = record.get("hash")
     if type(digest) is str and _HEX64.fullmatch(digest):
-        member = b'"hash":"' + digest.encode("ascii") + b'"'
-        i = line.find(member)
-        j = i + len(member)
-        if i > 0 and line.find(member, j) < 0:
-            if line[j] == 44:  # ","
-                return hashlib.sha256(line[:i] + line[j + 1 :]).hexdigest()
-            if line[i - 1] == 44:
-                return hashlib.sha256(line[: i - 1] + line[j:]).hexdigest()
-            return hashlib.sha256(line[:i] + line[j:]).hexdigest()
+        found = hash_cut_from_line(line, digest)
+        if found is not None:
+            return found
     return record_hash(record)

@@ -18,7 +18,16 @@ from typing import IO, Any, Final
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from driverd.audit.canonical import ZERO_HASH, line_content_hash, loads_line, loads_line_fast, parse_ts, sha256_hex
+from driverd.audit.canonical import (
+    ZERO_HASH,
+    hash_cut_from_line,
+    line_content_hash,
+    loads_line,
+    loads_line_fast,
+    parse_ts,
+    record_hash,
+    sha256_hex,
+)
 from driverd.audit.reader import MAX_LINE_BYTES, LineTooLong
 from driverd.audit.segments import resolve_log
 from driverd.audit.signing import checkpoint_signature_ok, fingerprint, public_from_b64, raw_public
@@ -126,10 +135,10 @@ class _ChunkResult:
 READ_BLOCK: Final = 1 << 20
 
 
-def _line_batches(f: IO[bytes], limit: int | None) -> Iterator[list[bytes]]:
-    """The lines of f (up to `limit` bytes), in batches, read a block at a time. Each line keeps its newline; only
-    a torn last line lacks one. Raises LineTooLong as `bounded_lines` does (after the lines before it), so a
-    garbage file without newlines is never read whole."""
+def _line_batches(f: IO[bytes], limit: int | None) -> Iterator[tuple[list[bytes], bytes | None]]:
+    """The lines of f (up to `limit` bytes) without their newlines, in batches read a block at a time, and at the
+    end a torn last line (no newline) if there is one. Raises LineTooLong as `bounded_lines` does (after the
+    lines before it), so a garbage file without newlines is never read whole."""
     rest = b""
     remaining = limit
     while True:
@@ -141,16 +150,16 @@ def _line_batches(f: IO[bytes], limit: int | None) -> Iterator[list[bytes]]:
             if rest:
                 if len(rest) > MAX_LINE_BYTES:
                     raise LineTooLong(f"line longer than {MAX_LINE_BYTES} bytes")
-                yield [rest]
+                yield [], rest
             return
         parts = (rest + block).split(b"\n")
         rest = parts.pop()
         if parts and max(map(len, parts)) > MAX_LINE_BYTES:
             n = next(i for i, x in enumerate(parts) if len(x) > MAX_LINE_BYTES)
-            yield [x + b"\n" for x in parts[:n]]
+            yield parts[:n], None
             raise LineTooLong(f"line longer than {MAX_LINE_BYTES} bytes")
         if parts:
-            yield [x + b"\n" for x in parts]
+            yield parts, None
         if len(rest) > MAX_LINE_BYTES:
             raise LineTooLong(f"line longer than {MAX_LINE_BYTES} bytes")
 
@@ -165,18 +174,16 @@ def _verify_chunk(chunk: _Chunk) -> _ChunkResult:
     good_ts: object = _MISSING  # the last ts that parsed (records written in the same second share it)
     lineno = 0
     sha256 = hashlib.sha256
-    hex64 = _HEX64.match
     try:
         with open(chunk.path, "rb") as f:
             f.seek(chunk.start)
-            for batch in _line_batches(f, limit):
-                for raw in batch:
+            for batch, torn in _line_batches(f, limit):
+                for line in batch:
                     lineno += 1
-                    out.bytes_read += len(raw)
-                    if prev_line_hash is not None and raw[-1] == 10:  # b"\n"
+                    out.bytes_read += len(line) + 1
+                    if prev_line_hash is not None:
                         # The common case (a telemetry record continuing the chain), checked inline. It accepts
                         # only what _check_line accepts, with the same effect; anything else goes there.
-                        line = raw[:-1]
                         rec = loads_line_fast(line)
                         if rec is not None:
                             seq = rec.get("seq")
@@ -194,10 +201,9 @@ def _verify_chunk(chunk: _Chunk) -> _ChunkResult:
                                 and (pump_id is None or type(pump_id) is str)
                                 and (course_id is None or type(course_id) is str)
                                 and type(digest) is str
-                                and len(digest) == 64
-                                and hex64(digest)
                                 and (ts == good_ts or _ts_ok(ts))
-                                and digest == line_content_hash(line, rec)
+                                # Equal to a hexdigest, so hash is 64 lowercase hex: the cut is the content hash.
+                                and digest == (hash_cut_from_line(line, digest) or record_hash(rec))
                             ):
                                 good_ts = ts
                                 out.records += 1
@@ -206,12 +212,18 @@ def _verify_chunk(chunk: _Chunk) -> _ChunkResult:
                                 out.head = prev_line_hash = sha256(line).hexdigest()
                                 expected_seq = seq + 1
                                 continue
-                    failure = _check_line(raw, lineno, expected_seq, prev_line_hash, chunk, key, out)
+                    failure = _check_line(line + b"\n", lineno, expected_seq, prev_line_hash, chunk, key, out)
                     if failure is not None:
                         out.failure = failure
                         return out
                     prev_line_hash = out.head
                     expected_seq = out.last_seq + 1 if out.last_seq is not None else None
+                if torn is not None:
+                    lineno += 1
+                    out.bytes_read += len(torn)
+                    out.failure = _check_line(torn, lineno, expected_seq, prev_line_hash, chunk, key, out)
+                    assert out.failure is not None  # no newline: always a failure ("torn tail")
+                    return out
     except LineTooLong:
         out.failure = _ChunkFailure(
             lineno + 1, expected_seq, f"line longer than {MAX_LINE_BYTES} bytes (not a record the writer makes)", True,

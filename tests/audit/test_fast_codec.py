@@ -32,6 +32,7 @@ from driverd.audit.canonical import (
     _reference_dumps,
     canonicalize,
     dumps,
+    hash_cut_from_line,
     line_content_hash,
     loads_line,
     loads_line_fast,
@@ -200,9 +201,12 @@ def test_line_content_hash_is_record_hash(record: dict[str, Any], shape: str) ->
 
 
 def test_line_content_hash_with_a_bad_hash_field_falls_back() -> None:
-    for value in ["0" * 63, "A" * 64, "0" * 64 + "\n", 5, None]:
+    for value in ["0" * 63, "A" * 64, "0" * 64 + "\n", "é" * 64, '"' * 64, 5, None]:
         rec = {"a": 1, "hash": value}
-        assert line_content_hash(_reference_dumps(rec), rec) == record_hash(rec)
+        line = _reference_dumps(rec)
+        assert line_content_hash(line, rec) == record_hash(rec)
+        if isinstance(value, str):  # what verify's inline path compares: never equal to a malformed hash
+            assert hash_cut_from_line(line, value) != value
 
 
 # ---------------------------------------------------------------------------- 4. verify_log vs the one pass
