@@ -1,7 +1,8 @@
 """Offline verification of an audit log: canonical form, seq continuity, hash chain, segment links, signatures.
 
-Needs no private key. Stops at the first failure and names it (seq, file, line, reason). Streams line by line,
-so memory does not grow with the log.
+Needs no private key. Stops at the first failure and names it (seq, file, line, reason). Reads in blocks, so memory
+does not grow with the log. Large logs are checked in chunks by worker processes; the report is the one a single
+pass gives (see docs/audit.md, "How verify is fast, and why it is still exact").
 """
 
 from __future__ import annotations
