@@ -14,7 +14,10 @@ Rows: sha256sum (the reference); verify_log in this process (workers=1) and with
 decoding alone (iter_lines: the parse replay pays); replay (iter_lines + replay_lines). Then an "anatomy" of the
 per-line work of verify: reading lines, SHA-256 per line, parsing, the canonical-form check, the content hash.
 
-usage: python bench/verify_replay.py [--log DIR] [--pumps P] [--rounds R] [--jobs J]
+With --before DIR (a checkout of an earlier version, e.g. `git archive 0ed788e | tar -x -C DIR`), that version's
+verify_log and replay are timed in the same rounds, in a subprocess (its own imports excluded from the timing).
+
+usage: python bench/verify_replay.py [--log DIR] [--pumps P] [--rounds R] [--jobs J] [--before DIR]
 """
 
 from __future__ import annotations
@@ -112,12 +115,44 @@ def cli_verify(log: Path, jobs: int) -> None:
                    stdout=subprocess.DEVNULL, env=env)
 
 
+BEFORE_SNIPPET = """
+import json, resource, sys, time
+from pathlib import Path
+from driverd.audit.reader import iter_lines
+from driverd.audit.replay import replay_lines
+from driverd.audit.verify import verify_log
+
+def cpu():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+log, out = Path(sys.argv[1]), {}
+c, t = cpu(), time.perf_counter()
+ok = verify_log(log).ok
+out["verify"] = [time.perf_counter() - t, cpu() - c, ok]
+c, t = cpu(), time.perf_counter()
+ok = replay_lines(iter_lines(log)).ok
+out["replay"] = [time.perf_counter() - t, cpu() - c, ok]
+print(json.dumps(out))
+"""
+
+
+def before_round(src: Path, log: Path) -> dict[str, list[Any]]:
+    """One verify and one replay by the checkout in src, timed inside its own process."""
+    done = subprocess.run([sys.executable, "-c", BEFORE_SNIPPET, str(log)], cwd=src, env={**os.environ,
+                          "PYTHONPATH": str(src)}, check=True, capture_output=True, text=True)
+    result: dict[str, list[Any]] = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["verify"][2] and result["replay"][2], result
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--log", type=Path, default=Path(tempfile.gettempdir()) / "driverd-bench-verify-log")
     ap.add_argument("--pumps", type=int, default=7)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--jobs", type=int, default=default_workers())
+    ap.add_argument("--before", type=Path, help="an earlier checkout to time side by side")
     args = ap.parse_args()
     say("machine:", machine(args.log.parent))
     say(f"msgspec fast path: {'on' if _FAST_CODEC is not None else 'OFF (msgspec not installed)'}; jobs {args.jobs}")
@@ -158,11 +193,19 @@ def main() -> None:
     }
     walls: dict[str, list[float]] = {k: [] for k in contenders}
     cpus: dict[str, list[float]] = {k: [] for k in contenders}
+    before_labels = {"verify": f"before ({args.before}): verify_log", "replay": f"before ({args.before}): replay"}
+    if args.before:
+        for label in before_labels.values():
+            walls[label], cpus[label] = [], []
     for _ in range(args.rounds):
         for label, fn in contenders.items():
             w, c, _ = timed(fn)
             walls[label].append(w)
             cpus[label].append(c)
+        if args.before:
+            for what, (w, c, _) in before_round(args.before, args.log).items():
+                walls[before_labels[what]].append(w)
+                cpus[before_labels[what]].append(c)
     t0 = time.perf_counter()
     for p in files:
         hashlib.sha256(p.read_bytes()).hexdigest()
@@ -172,7 +215,7 @@ def main() -> None:
     say(f"\nlog: {args.log}, {len(files)} segment(s), {records:,} records, {mb:.1f} MB "
         f"({size / records:.0f} B/record); replay ok: {all(replay_ok)}; median of {args.rounds}\n")
     rows = []
-    for label in contenders:
+    for label in walls:
         w, c = median(walls[label]), median(cpus[label])
         rows.append([label, f"{w:.3f}", f"{c:.3f}", f"{records / w:,.0f}", f"{mb / w:.1f}", f"{ref / w:.3f}"])
     rows.insert(1, ["hashlib.sha256 (whole files, in-process)", f"{t_hashlib:.3f}", "", f"{records / t_hashlib:,.0f}",
