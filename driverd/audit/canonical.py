@@ -256,14 +256,21 @@ def loads_line_fast(line: bytes) -> dict[str, Any] | None:
 _HEX64: Final = re.compile(r"[0-9a-f]{64}")
 
 
+HASH_KEY: Final = b'"hash":"'  # a "hash" member with a string value; never inside a string, where '"' is escaped
+
+
 def hash_cut_from_line(line: bytes, digest: str) -> str | None:
-    """SHA-256 of `line` without its member `"hash":"<digest>"` and one comma next to it, or None when that member
-    does not occur exactly once. `line_content_hash` says when this is the content hash."""
-    member = b'"hash":"' + digest.encode("ascii", "replace") + b'"'
-    i = line.find(member)
-    j = i + len(member)
-    if i <= 0 or line.find(member, j) >= 0:
+    """SHA-256 of `line` without its member `"hash":"<digest>"` and one comma next to it, or None unless the line
+    holds exactly one "hash" member with a string value and that value is written as `digest` itself.
+    `line_content_hash` says when this is the content hash."""
+    i = line.find(HASH_KEY)
+    if i <= 0 or line.find(HASH_KEY, i + 8) >= 0:
         return None
+    raw = digest.encode("utf-8", "replace")
+    j = i + 8 + len(raw)
+    if line[i + 8 : j] != raw or line[j : j + 1] != b'"':
+        return None
+    j += 1
     if line[j] == 44:  # ","
         return hashlib.sha256(line[:i] + line[j + 1 :]).hexdigest()
     if line[i - 1] == 44:
@@ -277,8 +284,9 @@ def line_content_hash(line: bytes, record: Mapping[str, Any]) -> str:
 
     The canonical bytes of the record without `hash` are the line with its top-level member `"hash":"<hex>"` and
     one comma next to it cut out: keys are sorted, members are joined by commas, and a 64-hex-digit string is
-    written as is. That member is found by its bytes; when they occur more than once (a nested object holding
-    the same "hash" member) the top-level one is not certain, and the record is encoded again instead."""
+    written as is. That member is found by its bytes `"hash":"`, which only a "hash" key with a string value
+    can give (inside a string every quote is escaped). When they occur more than once (a nested object with a
+    "hash" string member) the top-level one is not certain, and the record is encoded again instead."""
     digest = record.get("hash")
     if type(digest) is str and _HEX64.fullmatch(digest):
         found = hash_cut_from_line(line, digest)

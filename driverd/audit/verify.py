@@ -19,12 +19,12 @@ from typing import IO, Any, Final
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from driverd.audit import canonical
 from driverd.audit.canonical import (
     ZERO_HASH,
     hash_cut_from_line,
     line_content_hash,
     loads_line,
-    loads_line_fast,
     parse_ts,
     record_hash,
     sha256_hex,
@@ -37,6 +37,11 @@ from driverd.core.errors import AuditError
 _HEX64: Final = re.compile(r"^[0-9a-f]{64}$")
 _MISSING: Final = object()
 _NOT_INLINE: Final = frozenset({"", "segment_start", "checkpoint"})  # need more than the inline checks
+
+
+def canonical_fast_codec() -> Any:
+    """canonical's msgspec (decode, encode) pair, or None: looked up at each use, so tests can switch it off."""
+    return canonical._FAST_CODEC
 
 
 def _ts_ok(value: object) -> bool:
@@ -175,6 +180,9 @@ def _verify_chunk(chunk: _Chunk) -> _ChunkResult:
     good_ts: object = _MISSING  # the last ts that parsed (records written in the same second share it)
     lineno = 0
     sha256 = hashlib.sha256
+    cut = hash_cut_from_line
+    fast = canonical_fast_codec()
+    decode, encode = fast if fast is not None else (None, None)
     try:
         with open(chunk.path, "rb") as f:
             f.seek(chunk.start)
@@ -182,10 +190,16 @@ def _verify_chunk(chunk: _Chunk) -> _ChunkResult:
                 for line in batch:
                     lineno += 1
                     out.bytes_read += len(line) + 1
-                    if prev_line_hash is not None:
+                    if prev_line_hash is not None and fast is not None:
                         # The common case (a telemetry record continuing the chain), checked inline. It accepts
                         # only what _check_line accepts, with the same effect; anything else goes there.
-                        rec = loads_line_fast(line)
+                        # (loads_line_fast, inlined: a line is taken only if msgspec re-encodes it byte for byte.)
+                        try:
+                            rec = decode(line)
+                            if type(rec) is not dict or encode(rec) != line:
+                                rec = None
+                        except Exception:
+                            rec = None
                         if rec is not None:
                             seq = rec.get("seq")
                             event = rec.get("event")
@@ -204,7 +218,7 @@ def _verify_chunk(chunk: _Chunk) -> _ChunkResult:
                                 and type(digest) is str
                                 and (ts == good_ts or _ts_ok(ts))
                                 # Equal to a hexdigest, so hash is 64 lowercase hex: the cut is the content hash.
-                                and digest == (hash_cut_from_line(line, digest) or record_hash(rec))
+                                and digest == (cut(line, digest) or record_hash(rec))
                             ):
                                 good_ts = ts
                                 out.records += 1
