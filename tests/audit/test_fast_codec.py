@@ -348,3 +348,32 @@ def test_line_limit_and_read_blocks_same_report(
     for tail in (b"x" * (limit - 1), b"x" * limit, b"x" * (limit + 1), b"x" * (limit + 1) + b"\n"):
         last.write_bytes(data + tail)
         _same_report(work)
+
+
+def test_parallel_workers_spawned_when_the_caller_has_threads(
+    logs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With another thread alive (a progress bar, a daemon) workers are spawned, not forked: same report."""
+    import threading
+
+    monkeypatch.setattr(verify, "PARALLEL_MIN_BYTES", 0)
+    started: list[str] = []
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait, daemon=True)
+    other.start()
+    try:
+        import multiprocessing
+
+        get_context = multiprocessing.get_context
+
+        def spy(method: str | None = None) -> Any:
+            started.append(str(method))
+            return get_context(method)
+
+        monkeypatch.setattr(multiprocessing, "get_context", spy)
+        got = verify_log(logs["signed"], workers=2, chunk_bytes=500).as_dict()
+    finally:
+        stop.set()
+        other.join()
+    assert started == ["spawn"]
+    assert got == verify_oracle.verify_log(logs["signed"]).as_dict()
