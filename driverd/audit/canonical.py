@@ -224,15 +224,10 @@ def loads_line(line: bytes) -> dict[str, Any]:
 
     Numbers in a canonical record are integers only (Decimals are strings), so a float literal is an error.
     """
-    if _FAST_CODEC is not None:
-        decode, encode = _FAST_CODEC
-        try:
-            obj = decode(line)
-            if type(obj) is dict and encode(obj) == line:
-                return obj  # type: ignore[no-any-return]
-        except Exception:  # any doubt: the reference path below decides, with its own message
-            pass
-    obj = _parse(line)
+    fast = loads_line_fast(line)
+    if fast is not None:
+        return fast
+    obj = _parse(line)  # any doubt: the reference decides, with its own message
     if dumps(obj) != line:
         raise ValueError("line is not in canonical form")
     return obj
@@ -256,7 +251,7 @@ def loads_line_fast(line: bytes) -> dict[str, Any] | None:
 _HEX64: Final = re.compile(r"[0-9a-f]{64}")
 
 
-HASH_KEY: Final = b'"hash":"'  # a "hash" member with a string value; never inside a string, where '"' is escaped
+HASH_KEY: Final = b'"hash":"'
 
 
 def hash_cut_from_line(line: bytes, digest: str) -> str | None:
@@ -284,9 +279,9 @@ def line_content_hash(line: bytes, record: Mapping[str, Any]) -> str:
 
     The canonical bytes of the record without `hash` are the line with its top-level member `"hash":"<hex>"` and
     one comma next to it cut out: keys are sorted, members are joined by commas, and a 64-hex-digit string is
-    written as is. That member is found by its bytes `"hash":"`, which only a "hash" key with a string value
-    can give (inside a string every quote is escaped). When they occur more than once (a nested object with a
-    "hash" string member) the top-level one is not certain, and the record is encoded again instead."""
+    written as is. That member is found by its bytes `"hash":"`: the top-level one is certainly there, so if these
+    bytes occur only once, they are it. When they occur more than once (a nested "hash" string member, or a key
+    ending in an escaped quote and "hash") the record is encoded again instead."""
     digest = record.get("hash")
     if type(digest) is str and _HEX64.fullmatch(digest):
         found = hash_cut_from_line(line, digest)
