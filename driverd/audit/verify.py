@@ -179,6 +179,7 @@ def _verify_chunk(chunk: _Chunk) -> _ChunkResult:
     prev_line_hash: str | None = None
     good_ts: object = _MISSING  # the last ts that parsed (records written in the same second share it)
     lineno = 0
+    inline = 0  # records accepted inline, not yet added to `out`
     sha256 = hashlib.sha256
     cut = hash_cut_from_line
     fast = canonical_fast_codec()
@@ -187,9 +188,9 @@ def _verify_chunk(chunk: _Chunk) -> _ChunkResult:
         with open(chunk.path, "rb") as f:
             f.seek(chunk.start)
             for batch, torn in _line_batches(f, limit):
+                out.bytes_read += sum(map(len, batch)) + len(batch)  # for progress: bytes read, newlines included
                 for line in batch:
                     lineno += 1
-                    out.bytes_read += len(line) + 1
                     if prev_line_hash is not None and fast is not None:
                         # The common case (a telemetry record continuing the chain), checked inline. It accepts
                         # only what _check_line accepts, with the same effect; anything else goes there.
@@ -221,12 +222,11 @@ def _verify_chunk(chunk: _Chunk) -> _ChunkResult:
                                 and digest == (cut(line, digest) or record_hash(rec))
                             ):
                                 good_ts = ts
-                                out.records += 1
-                                out.unsealed += 1
-                                out.last_seq = seq
-                                out.head = prev_line_hash = sha256(line).hexdigest()
+                                inline += 1  # added to `out` before anything else reads it (_sync)
+                                prev_line_hash = sha256(line).hexdigest()
                                 expected_seq = seq + 1
                                 continue
+                    inline = _sync(out, inline, expected_seq, prev_line_hash)
                     failure = _check_line(line + b"\n", lineno, expected_seq, prev_line_hash, chunk, key, out)
                     if failure is not None:
                         out.failure = failure
@@ -234,20 +234,35 @@ def _verify_chunk(chunk: _Chunk) -> _ChunkResult:
                     prev_line_hash = out.head
                     expected_seq = out.last_seq + 1 if out.last_seq is not None else None
                 if torn is not None:
+                    inline = _sync(out, inline, expected_seq, prev_line_hash)
                     lineno += 1
                     out.bytes_read += len(torn)
                     out.failure = _check_line(torn, lineno, expected_seq, prev_line_hash, chunk, key, out)
                     assert out.failure is not None  # no newline: always a failure ("torn tail")
                     return out
     except LineTooLong:
+        inline = _sync(out, inline, expected_seq, prev_line_hash)
         out.failure = _ChunkFailure(
             lineno + 1, expected_seq, f"line longer than {MAX_LINE_BYTES} bytes (not a record the writer makes)", True,
             seq_unknown=lineno == 0,
         )
     except OSError as exc:
         raise AuditError(f"{chunk.path}: cannot read: {exc.strerror}") from None
+    _sync(out, inline, expected_seq, prev_line_hash)
     out.lines = lineno
     return out
+
+
+def _sync(out: _ChunkResult, inline: int, expected_seq: int | None, head: str | None) -> int:
+    """Add the records accepted inline since the last call to `out` (their seqs run up to expected_seq - 1 and
+    the last one's line hash is head). Returns the new inline count: 0."""
+    if inline:
+        assert expected_seq is not None
+        out.records += inline
+        out.unsealed += inline
+        out.last_seq = expected_seq - 1
+        out.head = head
+    return 0
 
 
 def _check_line(
