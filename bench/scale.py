@@ -47,6 +47,8 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 PERIOD_S = 1.0
+CONNECT_TIMEOUT_S = 30.0  # reference worker: bounded connect retries
+REQUEST_TIMEOUT_S = 2.0  # reference worker: a poll that gets no reply is an error, never a hang
 KINDS = ("reference", "idle", "course")
 # Not product behaviour: polls spread over the period by a per-pump phase (see bench/README.md), to measure what
 # that would change. Not in the default run.
@@ -169,8 +171,17 @@ async def run_reference(urls: dict[str, str], seconds: float, warmup: float, sim
         unit = int(parse_qs(u.query)["unit"][0])
         client = AsyncModbusTcpClient(u.hostname or "127.0.0.1", port=u.port or 502, timeout=1.0, retries=0,
                                       reconnect_delay=0)
-        await client.connect()
         loop = asyncio.get_running_loop()
+        # connect() returns False when it fails; it does not raise. The worker used to ignore that and send
+        # anyway: pymodbus logs "Cancel send, because not connected!" and the request waits out its timeout, so a
+        # pump's polls went missing or late without a word (seen here at N=1, where the only connection races the
+        # simulator's start; issue #12 saw the worker hang). So: retry within a bound, else fail loudly.
+        deadline = loop.time() + CONNECT_TIMEOUT_S
+        while not await client.connect():
+            if loop.time() > deadline:
+                client.close()
+                raise RuntimeError(f"reference: cannot connect to {url} within {CONNECT_TIMEOUT_S} s")
+            await asyncio.sleep(0.1)
         next_poll = loop.time()
         try:
             while True:
@@ -180,13 +191,16 @@ async def run_reference(urls: dict[str, str], seconds: float, warmup: float, sim
                     phases.append(next_poll)
                     polls += 1
                 try:
-                    if not client.connected:
-                        await client.connect()
-                    # The same two requests the driver's status read makes (its contiguous spans).
-                    bits = await client.read_discrete_inputs(0, count=9, device_id=unit)
-                    regs = await client.read_input_registers(0, count=5, device_id=unit)
-                    if bits.isError() or regs.isError():
-                        errors += 1
+                    if not client.connected and not await client.connect():
+                        errors += 1  # no request on a closed client (it would wait for ever): try next period
+                    else:
+                        # The same two requests the driver's status read makes (its contiguous spans), bounded as
+                        # the channel bounds its driver calls.
+                        async with asyncio.timeout(REQUEST_TIMEOUT_S):
+                            bits = await client.read_discrete_inputs(0, count=9, device_id=unit)
+                            regs = await client.read_input_registers(0, count=5, device_id=unit)
+                        if bits.isError() or regs.isError():
+                            errors += 1
                 except Exception:  # count, keep polling: a bare loop, not a driver
                     errors += 1
                 next_poll += PERIOD_S
@@ -198,6 +212,9 @@ async def run_reference(urls: dict[str, str], seconds: float, warmup: float, sim
 
     tasks = [asyncio.create_task(pump(url)) for url in urls.values()]
     await asyncio.sleep(warmup + 2.0)
+    for t in tasks:
+        if t.done():  # a pump that never connected: say so instead of measuring fewer pumps
+            t.result()
     window = Window(sim_pid)
     prof = cProfile.Profile(time.process_time) if profile else None
     window.start()

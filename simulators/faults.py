@@ -9,8 +9,9 @@ A front-end computes its reply from the model as usual, then asks the plan what 
 - ``"delay"``: sleep ``action.delay_s`` then write ``action.payload``
 - ``"disconnect"``: write nothing and close the connection (TCP) / hang up (PTY)
 
-Faults are queued (``drop_next(2)`` affects the next two replies) or scripted in a scenario file counted in
-replies: ``after_requests = N`` means the first N replies go out normally and the fault starts at reply N+1.
+Faults are queued (``drop_next(2)`` affects the next two replies), sticky (``drop_all()`` drops every reply, a
+cut link, until ``clear()``; it holds no queue, so a long outage costs no memory) or scripted in a scenario file
+counted in replies: ``after_requests = N`` means the first N replies go out normally and the fault starts at reply N+1.
 ``kind = "alarm"`` is a physical fault: it calls ``alarm_hook`` (wired by ``World`` to the pump model's
 ``inject_alarm``, or ``power_cycle`` for power_interrupted) right after reply N, so request N+1 already sees
 it; with N = 0 it fires when the first reply is consulted.
@@ -108,6 +109,7 @@ class FaultPlan:
         self._lock = threading.Lock()
         self._queue: deque[FaultAction] = deque()  # one entry per affected reply (payload unused)
         self._scheduled: list[ScheduledFault] = []
+        self._drop_all = False
         self._replies = 0
         self.wire_time_per_byte_s = self._check_wire_time(wire_time_per_byte_s)
         self.alarm_hook = alarm_hook
@@ -159,11 +161,23 @@ class FaultPlan:
         with self._lock:
             self._queue.append(FaultAction("disconnect", b""))
 
+    def drop_all(self) -> None:
+        """Drop every reply from now on (a cut link) until `clear()`. Queued faults wait: a reply dropped this way
+        uses none of them up."""
+        with self._lock:
+            self._drop_all = True
+
+    @property
+    def dropping_all(self) -> bool:
+        with self._lock:
+            return self._drop_all
+
     def clear(self) -> None:
-        """Forget queued and scheduled faults (history and the reply count stay)."""
+        """Forget queued and scheduled faults and end `drop_all` (history and the reply count stay)."""
         with self._lock:
             self._queue.clear()
             self._scheduled.clear()
+            self._drop_all = False
 
     def schedule(self, fault: ScheduledFault) -> None:
         with self._lock:
@@ -208,7 +222,10 @@ class FaultPlan:
         self._activate()
         with self._lock:
             self._replies += 1
-            planned = self._queue.popleft() if self._queue else None
+            if self._drop_all:
+                planned: FaultAction | None = FaultAction("drop", b"")
+            else:
+                planned = self._queue.popleft() if self._queue else None
             if planned is None:
                 action = FaultAction("send", reply)
             elif planned.kind == "garble":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -191,12 +192,99 @@ def _parse(line: bytes) -> dict[str, Any]:
     return obj
 
 
+def _make_fast_codec() -> tuple[Callable[[bytes], Any], Callable[[Any], bytes]] | None:
+    """msgspec's C JSON decoder (floats refused by its float_hook) and sorted-key encoder, or None without msgspec.
+
+    They are only a shortcut: `loads_line` accepts a line on the fast path only when msgspec's re-encoding of what
+    it decoded is byte for byte the line itself. Its encoder gives exactly `_reference_dumps` on every value a
+    decoded record can hold (str, int of any size, bool, None, list, dict with str keys): tests/audit/
+    test_fast_codec.py proves it with hypothesis. So such a line is `_reference_dumps` of that value, and the
+    standard library decodes it to the same value: the fast path accepts nothing the reference rejects and returns
+    the same record. Any other line (an error, a different re-encoding) goes the reference way, which decides and
+    words the error exactly as before.
+    """
+    try:
+        import msgspec
+    except ImportError:  # a declared dependency; without it everything still works through the reference path
+        return None
+
+    def refuse_float(text: str) -> Any:
+        raise ValueError(f"float literal {text!r} in an audit record")
+
+    decoder = msgspec.json.Decoder(float_hook=refuse_float)
+    encoder = msgspec.json.Encoder(order="sorted")
+    return decoder.decode, encoder.encode
+
+
+_FAST_CODEC: Final = _make_fast_codec()
+
+
 def loads_line(line: bytes) -> dict[str, Any]:
     """Parse one line (without newline) into a record dict. Raises ValueError on anything non-canonical.
 
     Numbers in a canonical record are integers only (Decimals are strings), so a float literal is an error.
     """
-    obj = _parse(line)
+    fast = loads_line_fast(line)
+    if fast is not None:
+        return fast
+    obj = _parse(line)  # any doubt: the reference decides, with its own message
     if dumps(obj) != line:
         raise ValueError("line is not in canonical form")
     return obj
+
+
+def loads_line_fast(line: bytes) -> dict[str, Any] | None:
+    """The record if the fast path alone proves `line` canonical (see `_make_fast_codec`), else None: then
+    `loads_line` decides. Never returns a record that loads_line would refuse or parse differently."""
+    if _FAST_CODEC is None:
+        return None
+    decode, encode = _FAST_CODEC
+    try:
+        obj = decode(line)
+        if type(obj) is dict and encode(obj) == line:
+            return obj  # type: ignore[no-any-return]
+    except Exception:
+        pass
+    return None
+
+
+_HEX64: Final = re.compile(r"[0-9a-f]{64}")
+
+
+HASH_KEY: Final = b'"hash":"'
+
+
+def hash_cut_from_line(line: bytes, digest: str) -> str | None:
+    """SHA-256 of `line` without its member `"hash":"<digest>"` and one comma next to it, or None unless the line
+    holds exactly one "hash" member with a string value and that value is written as `digest` itself.
+    `line_content_hash` says when this is the content hash."""
+    i = line.find(HASH_KEY)
+    if i <= 0 or line.find(HASH_KEY, i + 8) >= 0:
+        return None
+    raw = digest.encode("utf-8", "replace")
+    j = i + 8 + len(raw)
+    if line[i + 8 : j] != raw or line[j : j + 1] != b'"':
+        return None
+    j += 1
+    if line[j] == 44:  # ","
+        return hashlib.sha256(line[:i] + line[j + 1 :]).hexdigest()
+    if line[i - 1] == 44:
+        return hashlib.sha256(line[: i - 1] + line[j:]).hexdigest()
+    return hashlib.sha256(line[:i] + line[j:]).hexdigest()
+
+
+def line_content_hash(line: bytes, record: Mapping[str, Any]) -> str:
+    """record_hash(record) for a record parsed from `line` by loads_line (so line == dumps(record)), without
+    encoding the record again.
+
+    The canonical bytes of the record without `hash` are the line with its top-level member `"hash":"<hex>"` and
+    one comma next to it cut out: keys are sorted, members are joined by commas, and a 64-hex-digit string is
+    written as is. That member is found by its bytes `"hash":"`: the top-level one is certainly there, so if these
+    bytes occur only once, they are it. When they occur more than once (a nested "hash" string member, or a key
+    ending in an escaped quote and "hash") the record is encoded again instead."""
+    digest = record.get("hash")
+    if type(digest) is str and _HEX64.fullmatch(digest):
+        found = hash_cut_from_line(line, digest)
+        if found is not None:
+            return found
+    return record_hash(record)

@@ -55,15 +55,21 @@ def verify(
         typer.Option("--trust", help="trust directory (*.pub): also check every accepted schedule's signed document "
                                      "as crash recovery does"),
     ] = None,
+    jobs: Annotated[
+        int | None,
+        typer.Option("--jobs", min=1, max=64, help="worker processes (default: one per CPU, at most 8; logs under "
+                                                   "4 MiB are verified in this process)"),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Check canonical form, seq continuity, the hash chain, segment links and every checkpoint signature."""
     from driverd.audit.reader import total_bytes
     from driverd.audit.signing import load_public_pem
-    from driverd.audit.verify import verify_log
+    from driverd.audit.verify import default_workers, verify_log
     from driverd.signing import TrustStore
 
     _need_log(log, as_json)
+    workers = jobs if jobs is not None else default_workers()
     public = None
     store = None
     try:
@@ -78,7 +84,8 @@ def verify(
     schedules: dict[str, Any] | None = None
     try:
         with _progress("verifying", total_bytes(log), as_json) as progress:
-            report = verify_log(log, public_key=public, require_sealed=require_sealed, progress=progress)
+            report = verify_log(log, public_key=public, require_sealed=require_sealed, progress=progress,
+                                workers=workers)
         if store is not None and report.ok:
             schedules = _check_schedules(log, store)
     except DriverdError as exc:

@@ -224,7 +224,7 @@ async def _fault_script(daemon: Daemon, world: World, clock: RuntimeClock, name:
         log.append(f"{fmt_time(clock.now())} {name}: clinician resume -> {_reply(reply)}")
         await clock.sleep_until(START + timedelta(hours=60))
         plan = world.faults(name)
-        plan.drop_next(1_000_000)
+        plan.drop_all()
         log.append(f"{fmt_time(clock.now())} {name}: link cut (every reply dropped)")
         await clock.sleep_until(START + timedelta(hours=61))
         plan.clear()

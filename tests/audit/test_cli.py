@@ -7,6 +7,7 @@ import io
 import json
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from driverd.audit.canonical import loads_line
@@ -126,3 +127,16 @@ def test_report_shows_telemetry_before_any_course_as_one_line() -> None:
            "state": "stopped", "rate_ml_per_h": "0", "delivered_ml": "0", "alarms": []}
     lines = report_lines(build_report([rec]))
     assert lines[-1] == "pump bed-1  no course: 1 record(s) (2026-12-01 08:55 .. 2026-12-01 08:55)"
+
+
+def test_verify_jobs_gives_the_same_answer(generic_log: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--jobs N farms chunks out to N processes (threshold lowered so this small log is split): same output."""
+    from driverd.audit import verify
+
+    one = runner.invoke(app, ["audit", "verify", str(generic_log), "--json", "--jobs", "1"])
+    monkeypatch.setattr(verify, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(verify, "MIN_CHUNK_BYTES", 256)
+    two = runner.invoke(app, ["audit", "verify", str(generic_log), "--json", "--jobs", "2"])
+    assert one.exit_code == two.exit_code == 0
+    assert json.loads(one.stdout) == json.loads(two.stdout)
+    assert runner.invoke(app, ["audit", "verify", str(generic_log), "--jobs", "0"]).exit_code == 2

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from drivers.base import AlarmKind, PumpState
 from simulators.clock import ManualClock
-from simulators.faults import FaultPlan, FaultScenarioError, garble, parse_scenario
+from simulators.faults import FaultPlan, FaultScenarioError, ScheduledFault, garble, parse_scenario
 from simulators.world import World
 
 REPLY = b"\x0200S\x03"
@@ -37,6 +37,37 @@ def test_queued_faults_apply_in_order_then_stop() -> None:
     assert kinds[2].payload != REPLY and len(kinds[2].payload) == len(REPLY)
     assert kinds[3].payload == REPLY and kinds[3].delay_s == 0.25
     assert plan.pending == 0 and len(plan.history) == 5
+
+
+def test_drop_all_drops_every_reply_until_cleared_without_a_queue() -> None:
+    plan = FaultPlan()
+    plan.garble_next()
+    plan.drop_all()
+    assert plan.dropping_all and plan.pending == 1  # no entry per reply: a long outage holds no memory
+    actions = [plan.on_reply(REPLY) for _ in range(5000)]
+    assert {(a.kind, a.payload) for a in actions} == {("drop", b"")}
+    assert plan.pending == 1 and plan.replies_seen == 5000 and len(plan.history) == 5000
+    plan.clear()  # the link is back: the waiting garble is forgotten with it
+    assert not plan.dropping_all and plan.pending == 0
+    assert plan.on_reply(REPLY).kind == "send"
+
+
+def test_queued_fault_waits_while_dropping_all() -> None:
+    plan = FaultPlan()
+    plan.drop_all()
+    plan.garble_next()
+    assert plan.on_reply(REPLY).kind == "drop"
+    plan.drop_next(1)
+    assert plan.pending == 2 and plan.on_reply(REPLY).kind == "drop" and plan.pending == 2
+
+
+def test_scheduled_alarm_still_fires_while_dropping_all() -> None:
+    fired: list[AlarmKind] = []
+    plan = FaultPlan(alarm_hook=fired.append)
+    plan.schedule(ScheduledFault(after_requests=2, kind="alarm", alarm=AlarmKind.OCCLUSION))
+    plan.drop_all()
+    assert [plan.on_reply(REPLY).kind for _ in range(3)] == ["drop"] * 3
+    assert fired == [AlarmKind.OCCLUSION]
 
 
 @given(st.binary(min_size=0, max_size=64))
