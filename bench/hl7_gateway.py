@@ -9,7 +9,7 @@
    goes through the kernel, write-ahead (fdatasync) and the pump's read-back. Reference: the same exchange
    against a listener that answers at once (MLLP round trip only).
 
-    .venv/bin/python bench/hl7.py [--messages-per-pump 8] [--orders 200]
+    .venv/bin/python bench/hl7_gateway.py [--messages-per-pump 8] [--orders 200]
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import sys
 import tempfile
@@ -134,10 +135,6 @@ async def order_latency(orders: int, work: Path) -> dict[str, Any]:
     from driverd.signing import generate_keypair, sign_document
     from simulators.world import World
 
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
-    from tests.hl7.order_text import rgv_o15
-
     clock = RealClock()
     world = World(clock)
     world.pump("bed-1", diameter_mm=Decimal("21.59"), fill_volume_ml=Decimal("22"))
@@ -163,8 +160,7 @@ async def order_latency(orders: int, work: Path) -> dict[str, Any]:
         assert reply.get("ok"), reply
         while daemon.channels["bed-1"].state.phase.value != "titrating":  # noqa: ASYNC110
             await asyncio.sleep(0.05)
-        ours = await _exchange_many(port, orders, lambda i: rgv_o15(
-            f"L{i:05d}", rate=str(Decimal(100) - Decimal(i + 1) / 4)))
+        ours = await _exchange_many(port, orders, "L", reduce=True)
         codes = ours.pop("codes")
     finally:
         await daemon.stop()
@@ -177,30 +173,53 @@ async def order_latency(orders: int, work: Path) -> dict[str, Any]:
 
     async with await serve_orders(instant, "127.0.0.1", 0) as server:
         ref_port = server.port
-        ref = await _exchange_many(ref_port, orders, lambda i: rgv_o15(f"R{i:05d}"))
+        ref = await _exchange_many(ref_port, orders, "R", reduce=False)
         ref.pop("codes")
     return {"orders": orders, "ours": ours, "reference": ref, "codes": codes}
 
 
-async def _exchange_many(port: int, n: int, make: Any) -> dict[str, Any]:
-    accept: list[float] = []
-    reply: list[float] = []
-    codes: dict[str, int] = {}
+CLIENT = """
+import asyncio, json, sys, time
+sys.path.insert(0, sys.argv[1])
+import hl7
+from decimal import Decimal
+from hl7.mllp import open_hl7_connection
+from tests.hl7.order_text import rgv_o15
+
+async def main(port, n, prefix, reduce):
+    accept, reply, codes = [], [], {}
     reader, writer = await open_hl7_connection("127.0.0.1", port)
     for i in range(n):
+        text = rgv_o15(f"{prefix}{i:05d}", rate=str(Decimal(100) - Decimal(i + 1) / 4)) if reduce else \
+            rgv_o15(f"{prefix}{i:05d}")
         t0 = time.perf_counter()
-        writer.writeblock(make(i).encode())
+        writer.writeblock(text.encode())
         await writer.drain()
         await reader.readblock()
         accept.append(time.perf_counter() - t0)
-        text = (await reader.readblock()).decode()
+        got = (await reader.readblock()).decode()
         reply.append(time.perf_counter() - t0)
-        code = str(hl7.parse(text).segment("MSA")[1])
+        code = str(hl7.parse(got).segment("MSA")[1])
         codes[code] = codes.get(code, 0) + 1
     writer.close()
+    print(json.dumps({"accept": accept, "reply": reply, "codes": codes}))
+
+asyncio.run(main(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5] == "1"))
+"""
+
+
+async def _exchange_many(port: int, n: int, prefix: str, reduce: bool) -> dict[str, Any]:
+    """The order programmer runs in its own process (in the daemon's process its reads would wait for the
+    daemon's own work, and the accept ACK would look as late as the reply)."""
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", CLIENT, str(REPO), str(port), str(n), prefix,
+                                                "1" if reduce else "0", stdout=asyncio.subprocess.PIPE)
+    out, _ = await proc.communicate()
+    data = json.loads(out)
     ms = 1000.0
+    accept, reply = data["accept"], data["reply"]
     return {"accept_p50_ms": percentile(accept, 50) * ms, "accept_p99_ms": percentile(accept, 99) * ms,
-            "reply_p50_ms": percentile(reply, 50) * ms, "reply_p99_ms": percentile(reply, 99) * ms, "codes": codes}
+            "reply_p50_ms": percentile(reply, 50) * ms, "reply_p99_ms": percentile(reply, 99) * ms,
+            "codes": data["codes"]}
 
 
 async def main() -> None:
