@@ -72,6 +72,7 @@ class Daemon:
         # Called with the channel after each of its course steps (the HL7 gateway's observations and alerts).
         self.listeners: list[Callable[[Channel], None]] = []
         self.gateway: Gateway | None = None
+        self.gateway_error = ""  # why the configured HL7 gateway is not running ("" = running or not configured)
         self.failsafe = FailSafe()  # active once the audit log has died (see failsafe.py)
         # Installed by the control server: False when the requesting client is over its budget of individually
         # logged refusals (it counts them and logs a summary record instead). None: log every refusal.
@@ -131,8 +132,19 @@ class Daemon:
         if cfg.hl7 is not None:
             from driverd.hl7.gateway import Gateway  # only when configured: HL7 is off by default
 
-            self.gateway = Gateway(self, cfg.hl7)
-            await self.gateway.start()
+            gateway = Gateway(self, cfg.hl7)
+            try:
+                await gateway.start()
+                self.gateway = gateway
+            except (DriverdError, OSError) as exc:
+                # The ward link is an integration, not the pumps' supervision: a damaged queue or a port in use
+                # must not keep every pump unsupervised (their dead-man would stop them). Loud instead: a crit
+                # log line, an audit record, and `status` shows it until the daemon is restarted fixed.
+                await gateway.stop()
+                self.gateway_error = f"{type(exc).__name__}: {exc}"
+                safe_log(log, "critical", "hl7_gateway_failed", error=self.gateway_error)
+                self.audit.append("hl7_gateway_failed", pump_id=None, course_id=None, durable=True,
+                                  error=self.gateway_error[:1000])
         self._tasks = [asyncio.create_task(ch.run(), name=f"channel-{pid}") for pid, ch in self.channels.items()]
         self.audit.on_dead = lambda err: self.fail_safe(str(err))
 
@@ -365,6 +377,8 @@ class Daemon:
                                 "library": self.protocol.library_version, "pumps": pumps}
         if self.gateway is not None:
             body["hl7"] = self.gateway.status()
+        elif self.gateway_error:
+            body["hl7"] = {"error": self.gateway_error}
         return self.failsafe.annotate(body)
 
 
