@@ -297,3 +297,34 @@ def test_hostile_senders_never_stop_the_pumps_or_the_listener(tmp_path: Path) ->
         assert msa(reply)[0] == "AA", reply
 
     with_order_port(t, tmp_path)
+
+
+def test_an_order_inside_the_step_interval_is_refused(tmp_path: Path) -> None:
+    async def t(r: Rig, port: int) -> None:
+        await r.advance_to(DAY2 + timedelta(hours=4))  # step 2 given 5 h after it fell due
+        _, reply = await exchange(port, rgv_o15("I1", rate="300"))
+        assert msa(reply)[0] == "AA", reply
+        # Step 3 falls due a day after step 2 was *due*, but the interval runs from when it was *given*.
+        await r.advance_to(FIRST_STEP + timedelta(days=2, hours=1) + HALF_POLL)
+        before = r.wire_rates("bed-1")
+        _, reply = await exchange(port, rgv_o15("I2", rate="500"))
+        assert msa(reply)[0] == "AE" and err_code(reply) == "interval", reply
+        assert r.wire_rates("bed-1") == before and delivering(r) == r.rate(300)
+
+    with_order_port(t, tmp_path)
+
+
+def test_an_order_after_a_clock_step_cannot_escalate(tmp_path: Path) -> None:
+    async def t(r: Rig, port: int) -> None:
+        r.clock.step_wall(timedelta(hours=3))
+        await r.advance_to(DAY2)
+        before = r.wire_rates("bed-1")
+        _, reply = await exchange(port, rgv_o15("C1", rate="300"))
+        assert msa(reply)[0] == "AE" and err_code(reply) == "clock_step", reply
+        assert r.wire_rates("bed-1") == before and delivering(r) == r.rate(100)
+        # A reduction is always allowed, clock fault or not.
+        _, reply = await exchange(port, rgv_o15("C2", rate="50"))
+        assert msa(reply)[0] == "AA", reply
+        assert delivering(r) == r.rate(50)
+
+    with_order_port(t, tmp_path)
