@@ -245,7 +245,7 @@ def report_lines(rep: Report) -> list[str]:
         if h is not None:
             alarms = h.get("alarms") or []
             out.append(f"  handover @{_t(h.get('at'))} ({h.get('cause')}): {h.get('delivered_mg')} mg delivered by the "
-                       f"pump's read-backs, {h.get('commanded_mg')} mg by the commanded rates; "
+                       f"pump's read-backs, {_mg3(h.get('commanded_mg'))} mg by the commanded rates; "
                        f"{h.get('syringes')} syringe(s); alarms: {', '.join(map(str, alarms)) or 'none'}")
             if h.get("handover_note"):
                 out.append(f"  handover note: {h['handover_note']}")
@@ -285,3 +285,11 @@ def plot_png(rep: Report, out: Path) -> None:
         raise AuditError(f"{out}: cannot write PNG: {exc.strerror}") from None
     finally:
         plt.close(fig)
+
+
+def _mg3(value: object) -> str:
+    """A logged mg figure for reading: to the microgram-ish 0.001 mg (the record itself keeps every digit)."""
+    try:
+        return str(Decimal(str(value)).quantize(Decimal("0.001")))
+    except (ArithmeticError, ValueError):
+        return str(value)
