@@ -26,7 +26,9 @@ def send_test(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable result")] = False,
 ) -> None:
     """Send one test observation (PCD-01, ORU^R01) and wait for the receiver's ACK."""
-    from driverd.core.errors import Problem
+    from hl7.mllp import InvalidBlockError
+
+    from driverd.core.errors import DriverdError, Problem
     from driverd.hl7.settings import parse_address, valid_name
 
     problems: list[Problem] = []
@@ -41,7 +43,8 @@ def send_test(
     try:
         result = asyncio.run(_send(address.host, address.port, pump, timeout, sending_application,
                                    sending_facility))
-    except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
+    except (OSError, TimeoutError, EOFError, ValueError, InvalidBlockError, DriverdError) as exc:
+        # ValueError: an over-long reply; InvalidBlockError: no MLLP block; DriverdError: a reply that is no ACK
         what = "no ACK within the timeout" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
         fail(f"{address}: {what}", as_json=as_json, code=EXIT_REFUSED)
     ok = result["ack_code"] in ("AA", "CA")

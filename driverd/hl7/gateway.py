@@ -126,8 +126,10 @@ class Gateway:
         self.server: Any = None
         self._pumps: dict[str, _Pump] = {}
         self._tasks: list[asyncio.Task[None]] = []
-        self.full = False  # the outbox refused a message: alarmed in the operational log, counted
-        self.dropped = 0
+        self._inflight: dict[str, asyncio.Future[None]] = {}  # control ids of orders being worked on now
+        self.full = False  # the last message the outbox was given was refused (alarmed in the operational log)
+        self.dropped = 0  # messages the outbox refused since the start: never delivered
+        self.last_refusal = ""
 
     @property
     def sends(self) -> bool:
@@ -196,7 +198,7 @@ class Gateway:
             c = self.sender.counters
             out.update(connected=self.sender.connected, queued=self.outbox.pending_count, acked=c.acked,
                        rejected=c.rejected, resent=c.resent, last_error=self.sender.last_error or None,
-                       outbox_full=self.full)
+                       outbox_full=self.full, dropped=self.dropped, last_refusal=self.last_refusal or None)
         if self.server is not None:
             out["order_connections"] = self.server.active
         return out
@@ -217,20 +219,24 @@ class Gateway:
         assert self.outbox is not None
         return f"{self.outbox.state['instance']}{self.outbox.next_number():010d}"
 
-    def _enqueue(self, kind: str, pump_id: str, build: Callable[[str], str], **audit: Any) -> str | None:
+    def _put(self, kind: str, pump_id: str, build: Callable[[str], str], control_id: str | None = None,
+             **audit: Any) -> str | None:
+        """Queue one message (durable); None if the outbox refused it: counted, logged at crit, shown in status.
+        Every failure (a full queue, the disk) is caught here: an observer never breaks a channel or the timer."""
         assert self.outbox is not None
-        control_id = self._control_id()
         try:
-            self.outbox.put(control_id, build(control_id), kind=kind, pump_id=pump_id)
+            cid = control_id or self._control_id()
+            self.outbox.put(cid, build(cid), kind=kind, pump_id=pump_id)
         except DriverdError as exc:  # full (receiver away too long) or the disk failed: never silently
             self.dropped += 1
             if not self.full:
-                log.error("hl7_outbox_refused", pump_id=pump_id, error=str(exc), priority="crit")
+                log.critical("hl7_outbox_refused", pump_id=pump_id, error=str(exc))
             self.full = True
+            self.last_refusal = str(exc)[:500]
             return None
         self.full = False
-        self._audit("hl7_out", pump_id, control_id=control_id, message_type=kind, **audit)
-        return control_id
+        self._audit("hl7_out", pump_id, control_id=cid, message_type=kind, **audit)
+        return cid
 
     def on_change(self, channel: Channel) -> None:
         """Called by the daemon after every course step of a channel (cheap when nothing an engine sees moved)."""
@@ -241,56 +247,64 @@ class Gateway:
         self._alerts(channel, obs)
         pump = self._pumps.setdefault(channel.pump_id, _Pump())
         key = _change_key(obs)
-        if key != pump.key:
-            pump.key = key
-            self._observation(obs)
+        if key != pump.key and self._observation(obs) is not None:
+            pump.key = key  # only once sent: a refused observation is tried again at the next step
 
-    def _observation(self, obs: Observation) -> None:
-        self._enqueue("ORU^R01", obs.pump_id,
-                      lambda cid: messages.observation_message(obs, cid, self.sender_ep, self.receiver_ep),
-                      phase=obs.phase)
+    def _observation(self, obs: Observation) -> str | None:
+        return self._put("ORU^R01", obs.pump_id,
+                         lambda cid: messages.observation_message(obs, cid, self.sender_ep, self.receiver_ep),
+                         phase=obs.phase)
 
     def _alerts(self, channel: Channel, obs: Observation) -> None:
+        """Raise what appeared, clear what went. The active alert ids live in the outbox's durable state, kept in
+        step one alert at a time so a failure half-way loses no pairing: a raise is recorded (its id) before its
+        message is queued, a clear after (a crash in between can only repeat a clear, never leave a raise that is
+        never cleared)."""
         assert self.outbox is not None
-        alerts: dict[str, dict[str, str]] = dict(self.outbox.state.get("alerts") or {})
-        mine = dict(alerts.get(channel.pump_id) or {})
-        now_active = set(obs.alarms)
-        changed = False
-        for cause in [c for c in mine if c not in now_active]:
-            alert = Alert(obs.at, mine[cause], "end", channel.pump_id, obs.course_id, obs.patient_ref, cause,
+        for cause in [c for c in self._active(channel.pump_id) if c not in set(obs.alarms)]:
+            alert_id = self._active(channel.pump_id)[cause]
+            alert = Alert(obs.at, alert_id, "end", channel.pump_id, obs.course_id, obs.patient_ref, cause,
                           "cleared", priority_of(cause))
             if self._send_alert(alert) is None:
-                return  # outbox refused: try again on the next change, with the state unchanged
-            del mine[cause]
-            changed = True
+                return  # refused: the alert stays active here, and the clear is tried at the next step
+            self._set_active(channel.pump_id, cause, None)
         for cause in obs.alarms:
-            if cause in mine:
+            if cause in self._active(channel.pump_id):
                 continue
-            control_id = self._control_id()
+            try:
+                control_id = self._control_id()
+                self._set_active(channel.pump_id, cause, control_id)
+            except DriverdError as exc:
+                self.dropped += 1
+                log.critical("hl7_outbox_refused", pump_id=channel.pump_id, error=str(exc))
+                return
             alert = Alert(obs.at, control_id, "start", channel.pump_id, obs.course_id, obs.patient_ref, cause,
                           _detail(channel, cause), priority_of(cause))
             if self._send_alert(alert, control_id) is None:
+                with contextlib.suppress(DriverdError):
+                    self._set_active(channel.pump_id, cause, None)  # not raised after all: raise it next time
                 return
-            mine[cause] = control_id
-            changed = True
-        if changed:
-            alerts[channel.pump_id] = mine
-            self.outbox.set_state("alerts", alerts)
+
+    def _active(self, pump_id: str) -> dict[str, str]:
+        assert self.outbox is not None
+        return dict((self.outbox.state.get("alerts") or {}).get(pump_id) or {})
+
+    def _set_active(self, pump_id: str, cause: str, alert_id: str | None) -> None:
+        assert self.outbox is not None
+        alerts: dict[str, dict[str, str]] = dict(self.outbox.state.get("alerts") or {})
+        mine = dict(alerts.get(pump_id) or {})
+        if alert_id is None:
+            mine.pop(cause, None)
+        else:
+            mine[cause] = alert_id
+        alerts[pump_id] = mine
+        self.outbox.set_state("alerts", alerts)
 
     def _send_alert(self, alert: Alert, control_id: str | None = None) -> str | None:
-        assert self.outbox is not None
-        cid = control_id or self._control_id()
-        try:
-            self.outbox.put(cid, messages.alert_message(alert, cid, self.sender_ep, self.receiver_ep),
-                            kind="ORU^R40", pump_id=alert.pump_id)
-        except DriverdError as exc:
-            self.dropped += 1
-            log.error("hl7_outbox_refused", pump_id=alert.pump_id, error=str(exc), priority="crit")
-            self.full = True
-            return None
-        self._audit("hl7_out", alert.pump_id, control_id=cid, message_type="ORU^R40", alert_id=alert.alert_id,
-                    alert_phase=alert.phase, cause=alert.cause, priority=alert.priority)
-        return cid
+        return self._put("ORU^R40", alert.pump_id,
+                         lambda cid: messages.alert_message(alert, cid, self.sender_ep, self.receiver_ep),
+                         control_id, alert_id=alert.alert_id, alert_phase=alert.phase, cause=alert.cause,
+                         priority=alert.priority)
 
     async def _periodic(self) -> None:
         clock = self.daemon.clock
@@ -301,9 +315,12 @@ class Gateway:
             while True:
                 await clock.sleep_until(due)
                 for ch in self.daemon.channels.values():
-                    obs = observe(ch, clock.now())
-                    self._pumps.setdefault(ch.pump_id, _Pump()).key = _change_key(obs)
-                    self._observation(obs)
+                    try:
+                        obs = observe(ch, clock.now())
+                        if self._observation(obs) is not None:
+                            self._pumps.setdefault(ch.pump_id, _Pump()).key = _change_key(obs)
+                    except Exception as exc:  # one bad moment must not end the periodic observations for good
+                        log.error("hl7_periodic_failed", pump_id=ch.pump_id, error=f"{type(exc).__name__}: {exc}")
                 due += period
                 if due <= clock.now():
                     due = clock.now() + period
@@ -325,34 +342,37 @@ class Gateway:
         if header is None:
             log.warning("hl7_unreadable_frame", chars=len(text))
             return  # no MSH to answer to: nothing a reply could name
+        cid = header.control_id
+        running = self._inflight.get(cid)
+        if running is not None:
+            # The same MSH-10 is being worked on (a resend on another connection): wait for its outcome, then
+            # answer from the order log like any repeat. Never a second application, never a guess.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(REPLY_WITHIN_S + 1):
+                    await asyncio.shield(running)
         digest = hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
-        prior = self.orderlog.begin(header.control_id, digest)
+        rejected = self._reject(text)
+        if isinstance(rejected, _Outcome):
+            # Not an order for a pump here: answered, audited, but not in the order log. It changes nothing, so
+            # answering it again is harmless, and a flood of such frames cannot push real orders out of the
+            # log's idempotency window.
+            await self._answer(header, rejected, send)
+            return
+        order = rejected
+        prior = self.orderlog.begin(cid, digest)
         if prior is not None:
             await self._repeat(header, prior, digest, send)
             return
-        replies: list[str] = []
-        if header.accept_ack_type != "NE":  # enhanced mode: commit accept first, then the application reply
-            ack = messages.accept_ack(header, self._reply_id(header, "A"), "CA", self.sender_ep,
-                                      at=self.daemon.clock.now())
-            replies.append(ack)
-            await send(ack)
-        out = await self._settle(text)
-        reply = messages.order_reply(header, self._reply_id(header, "R"), out.code, self.sender_ep,
-                                     at=self.daemon.clock.now(), error_code=out.error_code,
-                                     error_text=out.error_text, error_field=out.error_field,
-                                     condition=out.condition)
-        replies.append(reply)
-        # Recorded (order log and audit, both durable) before the reply leaves: what was answered is never lost.
-        self.orderlog.finish(header.control_id, replies)
-        order = out.order
-        self._audit("hl7_in", out.pump_id, durable=True, control_id=header.control_id,
-                    message_type=_type(header), sender=f"{header.sender.application}^{header.sender.facility}",
-                    order_control=order.order_control if order else None, by=order.by if order else None,
-                    outcome=out.code, code=out.error_code or None, detail=out.error_text[:500] or None)
-        if header.application_ack_type != "NE":
-            await send(reply)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._inflight[cid] = done
+        try:
+            await self._answer(header, None, send, order=order)
+        finally:
+            del self._inflight[cid]
+            done.set_result(None)
 
-    async def _settle(self, text: str) -> _Outcome:
+    def _reject(self, text: str) -> _Outcome | Order:
+        """The order, or why it is none (AR): undecodable text, not a valid PIV order, or a pump we do not have."""
         from driverd.hl7.mllp import undecodable
 
         bad = undecodable(text)
@@ -361,11 +381,61 @@ class Gateway:
         try:
             order = orders.parse_order(text)
         except OrderRejected as exc:
-            return _Outcome("AR", "invalid", orders.rejection_text(exc), exc.field, None, None,
+            return _Outcome("AR", exc.rule, orders.rejection_text(exc), exc.field, None, None,
                             orders.rejection_condition(exc))
-        channel = self.daemon.channels.get(order.pump_id)
-        if channel is None:
+        if order.pump_id not in self.daemon.channels:
             return _Outcome("AR", "unknown_pump", f"no pump {order.pump_id!r} here", "OBX-18", None, order, "204")
+        return order
+
+    async def _answer(self, header: MessageHeader, outcome: _Outcome | None, send: Callable[[str], Awaitable[None]],
+                      *, order: Order | None = None) -> None:
+        """Accept ACK, settle (unless already settled as a rejection), record, reply. Whatever happens after the
+        order log's `begin`, the order is settled and recorded: a lost connection only loses the replies (a
+        resend gets them from the log), an unexpected error is an AE recorded as such."""
+        logged = outcome is None  # an order for a pump here went through the order log's begin: finish it
+        replies: list[str] = []
+        if header.accept_ack_type != "NE":  # enhanced mode: commit accept first, then the application reply
+            ack = messages.accept_ack(header, self._reply_id(header, "A"), "CA", self.sender_ep,
+                                      at=self.daemon.clock.now())
+            replies.append(ack)
+            await self._send(send, ack)
+        if outcome is None:
+            assert order is not None
+            try:
+                outcome = await self._settle(order)
+            except Exception as exc:  # must not leave the order begun and unanswered
+                log.error("hl7_order_failed", control_id=header.control_id, error=f"{type(exc).__name__}: {exc}")
+                outcome = _Outcome("AE", "outcome_unknown", f"internal error while applying the order "
+                                   f"({type(exc).__name__}): check the pump's status", "", order.pump_id, order)
+        reply = messages.order_reply(header, self._reply_id(header, "R"), outcome.code, self.sender_ep,
+                                     at=self.daemon.clock.now(), error_code=outcome.error_code,
+                                     error_text=outcome.error_text, error_field=outcome.error_field,
+                                     condition=outcome.condition)
+        replies.append(reply)
+        if logged:
+            # Recorded (order log and audit, both durable) before the reply leaves: what was answered is never lost.
+            try:
+                assert self.orderlog is not None
+                self.orderlog.finish(header.control_id, replies)
+            except DriverdError as exc:
+                log.critical("hl7_orderlog_failed", control_id=header.control_id, error=str(exc))
+        o = outcome.order
+        self._audit("hl7_in", outcome.pump_id, durable=logged, control_id=header.control_id,
+                    message_type=_type(header), sender=f"{header.sender.application}^{header.sender.facility}",
+                    order_control=o.order_control if o else None, by=o.by if o else None,
+                    outcome=outcome.code, code=outcome.error_code or None, detail=outcome.error_text[:500] or None)
+        if header.application_ack_type != "NE":
+            await self._send(send, reply)
+
+    async def _send(self, send: Callable[[str], Awaitable[None]], text: str) -> None:
+        """Send one reply; a peer that went away only loses it (the replies are in the order log for a resend)."""
+        try:
+            await send(text)
+        except (DriverdError, OSError) as exc:
+            log.warning("hl7_reply_not_sent", error=f"{type(exc).__name__}: {exc}")
+
+    async def _settle(self, order: Order) -> _Outcome:
+        channel = self.daemon.channels[order.pump_id]
         assert self.daemon.protocol is not None
         plan = orders.plan_order(order, channel.state, self.daemon.protocol)
         if isinstance(plan, orders.Refusal):
@@ -399,23 +469,26 @@ class Gateway:
                                          error_field="MSH-10", condition="205")
             self._audit("hl7_in", None, durable=True, control_id=header.control_id, message_type=_type(header),
                         outcome="AR", code="duplicate_control_id", detail=None)
-            await send(reply)
+            await self._send(send, reply)
             return
         if prior.finished:
             self._audit("hl7_in", None, durable=True, control_id=header.control_id, message_type=_type(header),
                         outcome="repeat", code=None, detail="answered with the original replies; not applied again")
             for text in prior.replies:
-                await send(text)
+                await self._send(send, text)
             return
         # Received before a crash and never answered: it may or may not have been applied. Never apply it again.
         reply = messages.order_reply(header, self._reply_id(header, "R"), "AE", self.sender_ep, at=now,
                                      error_code="outcome_unknown",
                                      error_text="received before a restart and not applied again: check the pump's "
                                                 "status and send a new order if needed")
-        self.orderlog.finish(header.control_id, [reply])
+        try:
+            self.orderlog.finish(header.control_id, [reply])
+        except DriverdError as exc:
+            log.critical("hl7_orderlog_failed", control_id=header.control_id, error=str(exc))
         self._audit("hl7_in", None, durable=True, control_id=header.control_id, message_type=_type(header),
                     outcome="AE", code="outcome_unknown", detail="received before a restart; not applied again")
-        await send(reply)
+        await self._send(send, reply)
 
     def _reply_id(self, header: MessageHeader, tag: str) -> str:
         # Replies are named after the order they answer (MSH-10 is at most 199 characters in v2.6).

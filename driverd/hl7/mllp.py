@@ -174,6 +174,7 @@ class SenderCounters:
     disconnects: int = 0  # reset / closed by the peer / stream error
     ignored_replies: int = 0  # an ACK naming another control id
     bad_replies: int = 0  # a reply that is not an ACK, or has an unknown code
+    error_retries: int = 0  # AE/CE answers followed by a resend (before the message counts as refused)
 
 
 def _positive(name: str, v: float) -> float:
@@ -202,6 +203,7 @@ class Sender:
         backoff_s: tuple[float, float] = (0.5, 30.0),
         parse_ack: AckParser = parse_ack,
         on_outcome: OutcomeCallback | None = None,
+        error_retries: int = 5,
     ) -> None:
         self.outbox = outbox
         self.host = host
@@ -216,6 +218,12 @@ class Sender:
         self.backoff_s = (lo, hi)
         self.parse_ack = parse_ack
         self.on_outcome = on_outcome
+        # An application error (AE/CE) may be the receiver's passing trouble (Mirth answers AE when a destination
+        # is down): the same message is tried again this many times (with the backoff) before it counts as refused.
+        # A reject (AR/CR) is final at once: the receiver will not take this message.
+        if isinstance(error_retries, bool) or not isinstance(error_retries, int) or error_retries < 0:
+            raise ValueError("error_retries: an integer >= 0")
+        self.error_retries = error_retries
         self.counters = SenderCounters()
         self.connected = False
         self.last_error = ""  # why the last attempt failed (for status)
@@ -247,6 +255,7 @@ class Sender:
 
     async def _loop(self) -> None:
         failures = 0
+        errors: tuple[str, int] = ("", 0)  # (control id, AE/CE answers it got so far)
         while True:
             item = self.outbox.head()
             if item is None:
@@ -263,6 +272,15 @@ class Sender:
                 failures += 1
                 await asyncio.sleep(self.backoff_delay(failures))
                 continue
+            if code in ("AE", "CE"):
+                seen = errors[1] + 1 if errors[0] == item.control_id else 1
+                errors = (item.control_id, seen)
+                if seen <= self.error_retries:
+                    self.counters.error_retries += 1
+                    self.last_error = f"{item.control_id}: receiver answered {code} ({detail[:200]}); retry {seen}"
+                    failures += 1
+                    await asyncio.sleep(self.backoff_delay(failures))
+                    continue
             try:
                 self.outbox.done(item.control_id, code)
             except StoreError as exc:

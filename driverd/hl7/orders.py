@@ -38,11 +38,22 @@ MAX_NUMBER_CHARS: Final = 20
 ORDER_CONTROLS: Final[dict[str, OrderAction | None]] = {
     "NW": None,  # new order: a rate, mapped below
     "XO": None,  # change order: a rate, mapped below
-    "HD": "hold",
-    "RL": "resume",
+    "HD": None,  # refused: see NOT_BY_ORDER
+    "RL": None,  # refused: see NOT_BY_ORDER
     "DC": "stop",
     "CA": "stop",
     "OC": "stop",
+}
+#: Valid order controls that driverd answers AE `unsupported`, because what they mean is not what a driverd
+#: command would do. HL7's HD suspends the order (the infusion would stop), while driverd's `hold` keeps the pump
+#: infusing and only stops the titration: mapping one onto the other would answer "programmed" while the pump runs
+#: on. RL releases a hold, and driverd's `resume` also acknowledges a pump alarm and restarts the pump: that needs a
+#: clinician at the bedside, never a remote order.
+NOT_BY_ORDER: Final[dict[str, str]] = {
+    "HD": "HD (hold/suspend the order) is not done by order: send DC to stop the infusion, or XO with a lower rate; "
+          "a clinician holds the titration with `driverd course hold`",
+    "RL": "RL (release a hold) is not done by order: resuming a pump needs a clinician at the bedside "
+          "(`driverd course resume`)",
 }
 
 #: rule -> (HL7 table 0357 condition for ERR-3, what it means). OrderRejected.rule is always a key of this table.
@@ -446,6 +457,8 @@ def plan_order(order: Order, state: CourseState, protocol: ProtocolSpec) -> Plan
         return Refusal("drug_mismatch", f"RXG-4 {order.drug!r} is not the course's drug {schedule.drug_name!r}")
     if order.order_control not in ORDER_CONTROLS:
         return Refusal("unsupported", f"ORC-1 {order.order_control!r} is not supported")
+    if order.order_control in NOT_BY_ORDER:
+        return Refusal("unsupported", NOT_BY_ORDER[order.order_control])
     action = ORDER_CONTROLS[order.order_control]
     if action is not None:
         return Plan(action)

@@ -205,8 +205,10 @@ async def _drain_hl7(daemon: Daemon) -> dict[str, Any] | None:
         gw.on_change(ch)
     drained = await gw.drain(HL7_DRAIN_S)
     c = gw.sender.counters
-    return {"to": str(gw.settings.observations_to), "delivered": drained, "sent": c.sent,
-            "resent": c.resent, "acked": c.acked, "rejected": c.rejected,
+    # Delivered means every message reached the receiver and was accepted: none refused by our outbox (dropped)
+    # and none refused by the receiver.
+    return {"to": str(gw.settings.observations_to), "delivered": drained and gw.dropped == 0 and c.rejected == 0,
+            "sent": c.sent, "resent": c.resent, "acked": c.acked, "rejected": c.rejected, "dropped": gw.dropped,
             "pending": len(gw.outbox.pending()) if gw.outbox is not None else 0}
 
 

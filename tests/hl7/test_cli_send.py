@@ -81,3 +81,26 @@ def test_demo_sends_the_whole_course_to_the_receiver(receiver: Receiver, tmp_pat
 def test_demo_hl7_to_is_checked() -> None:
     result = CliRunner().invoke(app, ["demo", "--hl7-to", "127.0.0.1"])
     assert result.exit_code == 2 and "--hl7-to" in result.output
+
+
+def test_send_test_against_something_that_is_no_hl7_receiver() -> None:
+    """A peer that answers garbage (or a non-ACK) is a one-line error, exit 1, never a traceback."""
+    import socket
+
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        port = srv.getsockname()[1]
+
+        def answer() -> None:
+            conn, _ = srv.accept()
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n\x0bnot hl7\x1c\r")
+
+        t = threading.Thread(target=answer, daemon=True)
+        t.start()
+        result = CliRunner().invoke(app, ["hl7", "send-test", f"127.0.0.1:{port}", "--timeout", "5"])
+        t.join(10)
+    assert result.exit_code == 1, result.output
+    assert "error:" in result.output and "Traceback" not in result.output

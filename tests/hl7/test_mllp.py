@@ -326,7 +326,7 @@ def test_other_acks_and_garbage_are_ignored_until_the_right_ack(tmp_path: Path) 
     box.close()
 
 
-@pytest.mark.parametrize("code", ["AR", "AE", "CR", "CE"])
+@pytest.mark.parametrize("code", ["AR", "CR"])
 def test_a_rejected_message_is_done_reported_and_not_resent(tmp_path: Path, code: str) -> None:
     box = outbox(tmp_path, "C1", "C2")
     got: list[str] = []
@@ -346,6 +346,36 @@ def test_a_rejected_message_is_done_reported_and_not_resent(tmp_path: Path, code
         assert got == ["C1", "C2"]
         assert [(i.control_id, o, d) for i, o, d in outcomes] == [("C1", code, "no such patient"), ("C2", "AA", "")]
         assert (sender.counters.rejected, sender.counters.acked) == (1, 1)
+
+    run(main())
+    box.close()
+
+
+@pytest.mark.parametrize(("code", "errors", "final"), [("AE", 2, "AA"), ("CE", 1, "AA"), ("AE", 9, "AE")])
+def test_an_application_error_is_retried_then_refused(tmp_path: Path, code: str, errors: int, final: str) -> None:
+    """AE/CE may be the receiver's passing trouble: the same message (same MSH-10) again, up to error_retries
+    times; then it counts as refused and the queue moves on."""
+    box = outbox(tmp_path, "C1", "C2")
+    got: list[str] = []
+    outcomes: list[tuple[str, str]] = []
+
+    async def handler(text: str, send: Send) -> None:
+        got.append(control_id(text))
+        first = control_id(text) == "C1" and got.count("C1") <= errors
+        await send(ack_for(text, code if first else "AA", "destination down" if first else ""))
+
+    async def main() -> None:
+        async with listener(handler) as server:
+            sender = fast_sender(box, server.port, error_retries=3,
+                                 on_outcome=lambda i, o, d: outcomes.append((i.control_id, o)))
+            task = asyncio.create_task(sender.run())
+            await until(lambda: box.head() is None, "both done")
+            sender.stop()
+            await task
+        tries = errors + 1 if errors <= 3 else 1 + 3  # the first send and its resends
+        assert got == ["C1"] * tries + ["C2"]
+        assert outcomes == [("C1", final if errors <= 3 else code), ("C2", "AA")]
+        assert sender.counters.error_retries == min(errors, 3)
 
     run(main())
     box.close()

@@ -406,12 +406,19 @@ def order(**changes: Any) -> Order:
     return replace(base, **changes)
 
 
-@pytest.mark.parametrize(("control", "action"), [
-    ("HD", "hold"), ("RL", "resume"), ("DC", "stop"), ("CA", "stop"), ("OC", "stop"),
-])
+@pytest.mark.parametrize(("control", "action"), [("DC", "stop"), ("CA", "stop"), ("OC", "stop")])
 def test_controls_without_rate(control: str, action: str) -> None:
     assert plan_order(order(order_control=control, rate=None, rate_unit=None, concentration_mg_per_ml=None),
                       running(), PROTOCOL) == Plan(action)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("control", ["HD", "RL"])
+def test_hold_and_release_are_not_done_by_order(control: str) -> None:
+    """HL7 HD suspends an order (driverd's hold keeps infusing); RL would resume a pump, acknowledging its alarm,
+    from a remote system. Both are refused (AE unsupported), never mapped onto a command that means otherwise."""
+    refusal = plan_order(order(order_control=control, rate=None, rate_unit=None, concentration_mg_per_ml=None),
+                         running(), PROTOCOL)
+    assert isinstance(refusal, Refusal) and refusal.code == "unsupported" and control in refusal.detail
 
 
 @pytest.mark.parametrize(("rate", "unit", "level", "expected"), [

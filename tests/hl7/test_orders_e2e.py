@@ -135,16 +135,30 @@ def test_an_order_in_ml_per_h_maps_to_the_step_the_kernel_runs_at_that_rate(tmp_
     with_order_port(t, tmp_path)
 
 
-def test_hold_and_discontinue_orders(tmp_path: Path) -> None:
+def test_discontinue_stops_the_pump(tmp_path: Path) -> None:
     async def t(r: Rig, port: int) -> None:
-        _, reply = await exchange(port, rgv_o15("H1", order_control="HD", rate=None))
-        assert msa(reply)[0] == "AA", reply
-        assert r.channel("bed-1").state.phase.value == "holding"
         _, reply = await exchange(port, rgv_o15("D1", order_control="DC", rate=None))
         assert msa(reply)[0] == "AA", reply
         assert r.channel("bed-1").state.phase.value == "stopped"
-        assert r.model("bed-1").status().state is not PumpState.INFUSING
-        assert r.wire_rates("bed-1")[-1] == 0 or delivering(r) == 0
+        assert delivering(r) == 0 and r.model("bed-1").status().state is not PumpState.INFUSING
+
+    with_order_port(t, tmp_path)
+
+
+def test_hold_and_release_orders_are_refused_and_change_nothing(tmp_path: Path) -> None:
+    """HL7 HD suspends an order, driverd's hold keeps infusing: never answered "done" while the pump runs on.
+    RL would resume a pump (acknowledging its alarm) from afar: a clinician at the bedside does that."""
+    async def t(r: Rig, port: int) -> None:
+        before = r.wire_rates("bed-1")
+        _, reply = await exchange(port, rgv_o15("H1", order_control="HD", rate=None))
+        assert msa(reply)[0] == "AE" and err_code(reply) == "unsupported", reply
+        assert r.channel("bed-1").state.phase.value == "titrating" and r.wire_rates("bed-1") == before
+        r.model("bed-1").inject_alarm(AlarmKind.OCCLUSION)
+        await until_phase(r, "alarm")
+        _, reply = await exchange(port, rgv_o15("R1", order_control="RL", rate=None))
+        assert msa(reply)[0] == "AE" and err_code(reply) == "unsupported", reply
+        assert r.channel("bed-1").state.phase.value == "alarm" and delivering(r) == 0
+        assert AlarmKind.OCCLUSION in r.model("bed-1").status().alarms  # not acknowledged from afar
 
     with_order_port(t, tmp_path)
 
@@ -264,6 +278,41 @@ def test_an_order_received_before_a_crash_is_never_applied_again(tmp_path: Path)
         replies = await exchange(port, text, replies=1)
         assert msa(replies[0]) == ("AE", "CRASH1") and err_code(replies[0]) == "outcome_unknown"
         assert r.wire_rates("bed-1") == before
+
+    with_order_port(t, tmp_path)
+
+
+def test_the_same_order_on_two_connections_at_once_is_applied_once_and_both_get_its_replies(tmp_path: Path) -> None:
+    async def t(r: Rig, port: int) -> None:
+        await r.advance_to(DAY2)
+        text = rgv_o15("TWICE", rate="300")
+        first, second = await asyncio.gather(exchange(port, text), exchange(port, text))
+        assert first == second and msa(first[1]) == ("AA", "TWICE"), (first, second)
+        assert len(events(r.records(), "clinician_command", "bed-1")) == 1
+        assert r.wire_rates("bed-1")[-1] == r.rate(300)
+
+    with_order_port(t, tmp_path)
+
+
+def test_a_sender_that_drops_the_connection_gets_the_outcome_on_its_resend(tmp_path: Path) -> None:
+    async def t(r: Rig, port: int) -> None:
+        await r.advance_to(DAY2)
+        text = rgv_o15("DROP1", rate="300")
+        _, writer = await open_hl7_connection("127.0.0.1", port, encoding="utf-8")
+        writer.writeblock(text.encode("utf-8"))
+        await writer.drain()
+        writer.transport.abort()  # gone before any reply
+        gw = r.daemon.gateway
+        assert gw is not None
+        for _ in range(500):  # the order is still settled (bounded wait, not a timing assertion)
+            prior = gw.orderlog.get("DROP1") if gw.orderlog else None
+            if prior is not None and prior.finished:
+                break
+            await asyncio.sleep(0.01)
+        _, reply = await exchange(port, text)  # the engine's resend
+        assert msa(reply) == ("AA", "DROP1"), reply
+        assert len(events(r.records(), "clinician_command", "bed-1")) == 1
+        assert r.wire_rates("bed-1")[-1] == r.rate(300)
 
     with_order_port(t, tmp_path)
 
