@@ -33,6 +33,7 @@ from driverd.core.protocol import ProtocolSpec, parse_protocol
 from driverd.core.records import fmt_dec, fmt_time
 from driverd.core.schedule import Schedule
 from driverd.core.schedule_parse import parse_schedule
+from driverd.core.state import Phase
 from driverd.core.volume_plan import plan_course
 from driverd.runtime.channel import Channel, syringe_view
 from driverd.runtime.clock import RuntimeClock, WallStep
@@ -278,16 +279,24 @@ class Daemon:
         limits = self.protocol.exposure if self.protocol is not None else None
         if limits is None:
             return []
+        now = self.clock.now()
+        pending: list[Burst] = []
         for ch in self.channels.values():
             s = ch.state
             if s.schedule is not None and s.started_at is not None:
                 self.ledger[s.schedule.schedule_id] = Burst(s.schedule.patient_ref, s.schedule.schedule_id,
                                                             s.started_at, s.stopped_at, s.delivered_mg)
+            elif s.schedule is not None and s.phase is not Phase.STOPPED:
+                # Accepted on a pump but not started yet: it will be a burst. Counted at its plan (start, whole
+                # dose, not ended), so two courses for one patient cannot both be pushed before either starts.
+                # Only for this check: it enters the ledger when it really starts.
+                other = plan_course(s.schedule)
+                pending.append(Burst(s.schedule.patient_ref, s.schedule.schedule_id, max(other.start, now), None,
+                                     other.total_mg))
         plan = plan_course(schedule)
-        now = self.clock.now()
         shift = max(now - plan.start, timedelta(0))  # a course pushed after its first step starts now
         return check_course(schedule.patient_ref, schedule.schedule_id, plan.start + shift, plan.end + shift,
-                            plan.total_mg, list(self.ledger.values()), limits, now)
+                            plan.total_mg, [*self.ledger.values(), *pending], limits, now)
 
     async def command(self, pump_id: Any, action: Any, by: Any, reason: Any, dose: Any = None) -> dict[str, Any]:
         if self.failsafe.active:

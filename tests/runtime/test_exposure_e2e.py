@@ -62,3 +62,24 @@ async def _body(tmp_path: Path) -> None:
 
 def test_second_burst_refused_then_overridden_and_kept_across_restart(tmp_path: Path) -> None:
     run(_body(tmp_path), timeout=300)
+
+
+def test_two_courses_for_one_patient_cannot_both_be_pushed_before_either_starts(tmp_path: Path) -> None:
+    """A course accepted on one pump but not started yet counts (at its plan) when the same patient's next course
+    is pushed to another pump: otherwise both would pass the check and both would run."""
+
+    async def body() -> None:
+        async with rig("newera-tcp", tmp_path, ("bed-1", "bed-2")) as r:
+            assert (await r.push("bed-1"))["ok"] is True
+            assert r.channel("bed-1").state.started_at is None  # accepted, primed, not started
+            doc = demo_schedule("bed-2", 2, START)
+            doc.pop("signature")
+            doc["patient_ref"] = "DEMO-PATIENT-0001"  # the same patient as bed-1's course
+            refused = await r.push("bed-2", sign_document(doc, DEMO_KEY))
+            assert refused["ok"] is False, refused
+            assert refused["refusals"][0]["reason"].startswith("exposure_"), refused
+            assert r.channel("bed-2").state.schedule is None
+            # Another patient on bed-2 is fine.
+            assert (await r.push("bed-2"))["ok"] is True
+
+    run(body())
