@@ -389,13 +389,6 @@ class PumpModel:
                 raise ModelError("OOR", f"rate_ml_per_h: must not be negative, got {r}")
             if r > self.max_rate_ml_per_h:
                 raise ModelError("OOR", f"rate_ml_per_h: {r} exceeds max {self.max_rate_ml_per_h}")
-            if self.plunger is not None and not self.plunger.allows(r, self._diameter):
-                lo, hi = self.plunger.exact_range_ml_per_h(self._diameter)
-                raise ModelError(
-                    "OOR",
-                    f"rate_ml_per_h: {r} is outside what the plunger can run with a {self._diameter} mm syringe "
-                    f"({lo:.4f}..{hi:.1f} mL/h)",
-                )
             if not checked_as_sent and not _representable(r, self.rate_resolution):
                 res = self.rate_resolution
                 raise ModelError(
@@ -403,6 +396,13 @@ class PumpModel:
                     f"rate_ml_per_h: {r} is not representable (at most {res.decimals} decimals"
                     + (f", {res.significant} digits" if res.significant is not None else "")
                     + "); the pump does not round",
+                )
+            if self.plunger is not None and not self.plunger.allows(r, self._diameter):
+                lo, hi = self.plunger.exact_range_ml_per_h(self._diameter)
+                raise ModelError(
+                    "OOR",
+                    f"rate_ml_per_h: {r} is outside what the plunger can run with a {self._diameter} mm syringe "
+                    f"({lo:.4f}..{hi:.1f} mL/h)",
                 )
             self._rate = r + Decimal(0) if r != 0 else Decimal(0)
             self._rates.append((self._at(self._t), self._rate))

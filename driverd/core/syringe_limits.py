@@ -1,10 +1,10 @@
 """The rates a syringe pump can run with a given syringe: its plunger speed limits times the syringe's bore.
 
 A syringe driver moves the plunger at a speed between a minimum and a maximum; the volume rate is that speed
-times the inner cross-section, so a wider syringe has a higher minimum rate. New Era states the limits as
-rates with reference syringes (NE-1000/NE-500 manual, Specifications: minimum 0.73 µL/h with a B-D 1 mL syringe,
-4.699 mm; maximum 1700 mL/h with a B-D 60 mL syringe, 26.59 mm, diameters from the manual's syringe table);
-the plunger speeds follow from those. Used by the simulator (which refuses a rate outside them, ``?OOR``), the
+times the inner cross-section, so a wider syringe has a higher minimum rate. The NE-1000/NE-500 manual states
+the plunger speed range (NE-1000 User Manual §12.5 Specifications: maximum 5.1005 cm/min, minimum 0.004205 cm/h;
+the same figures are in labmcp-new-era's simulator and driver), which matches its rate statements with reference
+syringes (0.73 µL/h with a B-D 1 mL syringe, 4.699 mm; 1700 mL/h with a B-D 60 mL syringe, 26.59 mm). Used by the simulator (which refuses a rate outside them, ``?OOR``), the
 New Era driver (which reports them) and the drug library check (the library's limits for each syringe must lie
 inside what the pump can run, so the kernel refuses a step before the pump would).
 
@@ -73,7 +73,5 @@ class PlungerLimits:
         return lo <= rate_ml_per_h <= hi
 
 
-# NE-1000 / NE-500 mechanism (manual, Specifications; see module docstring).
-NE1000_PLUNGER: Final = PlungerLimits.from_reference(
-    Decimal("0.00073"), Decimal("4.699"), Decimal("1700"), Decimal("26.59")
-)
+# NE-1000 / NE-500 mechanism (manual §12.5; see module docstring): 0.004205 cm/h and 5.1005 cm/min in mm/h.
+NE1000_PLUNGER: Final = PlungerLimits(Decimal("0.04205"), Decimal("3060.3"))

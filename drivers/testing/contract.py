@@ -212,7 +212,7 @@ class DriverContract(_ContractBase):
 
     @pytest.mark.parametrize("rate", ["0.010", "900"])
     def test_rate_outside_the_syringes_range_is_refused_by_the_pump(self, rate: str) -> None:
-        """Issue 16.6: the plunger's speed range times the bore bounds the rate (19.13 mm: 0.0121..879.9 mL/h)."""
+        """Issue 16.6: the plunger's speed range times the bore bounds the rate (19.13 mm: 0.01208..879.59 mL/h)."""
 
         async def body(h: Harness) -> None:
             await h.driver.configure_syringe(Decimal("19.13"))
