@@ -4,7 +4,8 @@ A syringe driver moves the plunger at a speed between a minimum and a maximum; t
 times the inner cross-section, so a wider syringe has a higher minimum rate. The NE-1000/NE-500 manual states
 the plunger speed range (NE-1000 User Manual §12.5 Specifications: maximum 5.1005 cm/min, minimum 0.004205 cm/h;
 the same figures are in labmcp-new-era's simulator and driver), which matches its rate statements with reference
-syringes (0.73 µL/h with a B-D 1 mL syringe, 4.699 mm; 1700 mL/h with a B-D 60 mL syringe, 26.59 mm). Used by the simulator (which refuses a rate outside them, ``?OOR``), the
+syringes (0.73 µL/h with a B-D 1 mL syringe, 4.699 mm; 1700 mL/h with a B-D 60 mL syringe, 26.59 mm).
+Used by the simulator (which refuses a rate outside them, ``?OOR``), the
 New Era driver (which reports them) and the drug library check (the library's limits for each syringe must lie
 inside what the pump can run, so the kernel refuses a step before the pump would).
 
