@@ -131,12 +131,14 @@ class NewEraPumpProtocol:
 
         It does not acknowledge the alarm: the next valid packet is still answered ``A?x``, as on the pump.
         """
+        if self.model.deadman_setting_s == 0:
+            return None  # basic mode: never unprompted (and no need to advance the model to find out)
         blocking = self.model.status().unacknowledged - WARNING_ALARMS
         if not blocking:
             self._announced = frozenset()
             return None
         fresh = blocking - self._announced - self._reported
-        if not fresh or not self.safe:
+        if not fresh:
             return None
         self._announced = blocking
         code = next(c for kind, c in ALARM_WIRE if kind in fresh)

@@ -346,6 +346,12 @@ class PumpModel:
             area = _PI * self._diameter * self._diameter / 4
             return self._ml(self._used()) * 1000 / area
 
+    @property
+    def deadman_setting_s(self) -> int:
+        """The dead-man timeout (0 = off) without advancing the model: cheap enough to poll."""
+        with self._lock:
+            return self._deadman_s
+
     def events(self) -> tuple[ModelEvent, ...]:
         """Everything that happened so far (after advancing to now), oldest first."""
         with self._lock:
