@@ -47,13 +47,16 @@ from dataclasses import dataclass, field
 from decimal import ROUND_FLOOR, Decimal
 from typing import Any, Final
 
+from pymodbus import ModbusDeviceIdentification
 from pymodbus.constants import ExcCodes
+from pymodbus.exceptions import ModbusIOException
 from pymodbus.framer import FramerType
 from pymodbus.pdu import ExceptionResponse, ModbusPDU
 from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 from pymodbus.server.requesthandler import ServerRequestHandler
 from pymodbus.simulator import DataType, SimData, SimDevice
 from pymodbus.simulator.simutils import SimUtils
+from pymodbus.transaction import TransactionManager
 
 from driverd.core.errors import Problem, ValidationError
 from driverd.core.quantities import Resolution
@@ -144,6 +147,9 @@ class _Unit:
         self.exceptions = exceptions
         self.target_volume = Decimal(0)
         self.extra: dict[str, Decimal | bool] = {}  # writable points of other maps that the model lacks
+        self.bit_addresses: dict[str, frozenset[int]] = {
+            t: frozenset(p.address for p in regmap.table(t)) for t in ("coils", "discrete_inputs")
+        }
 
     # -- pymodbus SimDevice blocks -------------------------------------------------------------------------
 
@@ -357,6 +363,16 @@ class _Gateway:
         self.on_request = on_request
         self.hang_up: Callable[[], None] = lambda: None
 
+    def bits_mapped(self, request: ModbusPDU) -> bool:
+        """Whether every coil / discrete input a bit request touches is a point of the unit's map."""
+        table = {1: "coils", 5: "coils", 15: "coils", 2: "discrete_inputs"}.get(request.function_code)
+        unit = self.units.get(request.dev_id)
+        if table is None or unit is None:
+            return True
+        count = len(request.bits) if request.function_code == 15 else 1 if request.function_code == 5 else request.count
+        mapped = unit.bit_addresses[table]
+        return all(a in mapped for a in range(request.address, request.address + max(count, 1)))
+
     def trace_pdu(self, sending: bool, pdu: ModbusPDU) -> ModbusPDU:
         if not sending:
             if self.on_request is not None:
@@ -368,9 +384,44 @@ class _Gateway:
 
 
 class _FaultyHandler(ServerRequestHandler):
-    """A connection handler that passes each reply through its unit's FaultPlan before it hits the wire."""
+    """A connection handler that passes each reply through its unit's FaultPlan before it hits the wire.
+
+    Pipelining (issue 16.9): pymodbus 3.16's handler decodes one frame per read and keeps the rest of the
+    buffer until more bytes arrive, so a client that sends several requests in one TCP segment gets only the
+    first answered. Here every whole frame in the buffer is decoded and answered, in order (one at a time:
+    handle_request works on the single ``last_pdu`` slot).
+    """
 
     gateway: _Gateway
+    _pending: deque[tuple[ModbusPDU, tuple[Any, ...] | None]]
+    _draining: bool
+
+    def callback_data(self, data: bytes, addr: tuple[Any, ...] | None = None) -> int:
+        if not hasattr(self, "_pending"):
+            self._pending, self._draining = deque(), False
+        used = 0
+        while used < len(data):
+            try:
+                n = TransactionManager.callback_data(self, data[used:], addr)
+            except ModbusIOException:
+                # Undecodable: let pymodbus answer it as it does (illegal function) and drop the buffer.
+                return used + ServerRequestHandler.callback_data(self, data[used:], addr)
+            used += n
+            if self.last_pdu is None or n == 0:
+                break
+            self._pending.append((self.last_pdu, addr))
+        if self._pending and not self._draining:
+            self._draining = True
+            self.loop.create_task(self._drain_pending())
+        return used
+
+    async def _drain_pending(self) -> None:
+        try:
+            while self._pending:
+                self.last_pdu, self.last_addr = self._pending.popleft()
+                await self.handle_request()
+        finally:
+            self._draining = False
 
     async def handle_request(self) -> None:
         request = self.last_pdu
@@ -381,6 +432,13 @@ class _FaultyHandler(ServerRequestHandler):
             reply = ExceptionResponse(request.function_code, ExcCodes.GATEWAY_NO_RESPONSE, device_id=request.dev_id)
             reply.transaction_id = request.transaction_id
             super().pdu_send(reply, self.last_addr)
+            return
+        if request is not None and not self.gateway.bits_mapped(request):
+            # pymodbus keeps bits 16 to a register, so an unmapped bit next to a mapped one would read as 0.
+            # The map's own rule: every address a request touches must be a point, else exception 02.
+            reply = ExceptionResponse(request.function_code, ExcCodes.ILLEGAL_ADDRESS, device_id=request.dev_id)
+            reply.transaction_id = request.transaction_id
+            self.pdu_send(reply, self.last_addr)
             return
         await super().handle_request()  # type: ignore[no-untyped-call]
 
@@ -566,20 +624,32 @@ async def serve_modbus(
     plans: dict[int, FaultPlan] = {}
     exceptions: dict[int, ExceptionPlan] = {}
     for unit, name in sorted(unit_ids.items()):
-        model = world.pump(name, model=SIM_MODEL, firmware=SIM_FIRMWARE, rate_resolution=resolution)
+        model = world.pump(
+            name, model=SIM_MODEL, firmware=SIM_FIRMWARE, rate_resolution=resolution, plunger=regmap.plunger
+        )
         exceptions[unit] = ExceptionPlan()
         units[unit] = _Unit(unit, model, regmap, exceptions[unit])
         plans[unit] = (faults or {}).get(unit) or world.faults(name)
     devices = [u.device() for u in units.values()]
+    # FC43/14 basic device identification from the map (pymodbus answers it from this block).
+    identity = ModbusDeviceIdentification(
+        info_name={
+            "VendorName": regmap.vendor,
+            "ProductCode": regmap.product_code,
+            "MajorMinorRevision": regmap.revision,
+        }
+    )
     gateway = _Gateway(units, plans, serial=pty, on_request=on_request)
 
     bridge: _PtyBridge | None = None
     server: _TcpServer | _SerialServer
     if pty:
         bridge = _PtyBridge()
-        server = _SerialServer(devices, framer=FramerType.RTU, port=bridge.server_path, trace_pdu=gateway.trace_pdu)
+        server = _SerialServer(
+            devices, framer=FramerType.RTU, port=bridge.server_path, trace_pdu=gateway.trace_pdu, identity=identity
+        )
     else:
-        server = _TcpServer(devices, address=(host, tcp_port or 0), trace_pdu=gateway.trace_pdu)
+        server = _TcpServer(devices, address=(host, tcp_port or 0), trace_pdu=gateway.trace_pdu, identity=identity)
     server.gateway = gateway
     if bridge is not None:
         gateway.hang_up = bridge.hang_up

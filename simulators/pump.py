@@ -27,6 +27,7 @@ from typing import Final, Literal
 
 from driverd.core.errors import DriverdError, QuantityError
 from driverd.core.quantities import NEW_ERA_RESOLUTION, Resolution, quantize_down
+from driverd.core.syringe_limits import NE1000_PLUNGER, PlungerLimits
 from drivers.base import WARNING_ALARMS, AlarmKind, PumpState
 from simulators.clock import Clock
 
@@ -133,11 +134,14 @@ class PumpModel:
         near_end_ml: Decimal = Decimal("1"),
         max_rate_ml_per_h: Decimal = Decimal("1000"),
         rate_resolution: Resolution = NEW_ERA_RESOLUTION,
+        plunger: PlungerLimits | None = NE1000_PLUNGER,
     ) -> None:
         self.clock = clock
         self.model = model
         self.firmware = firmware
         self.rate_resolution = rate_resolution
+        # The mechanism's plunger speed range: with the syringe's bore it bounds the rate (None: no such bound).
+        self.plunger = plunger
         self.max_rate_ml_per_h = _require_decimal(max_rate_ml_per_h, "max_rate_ml_per_h")
         if self.max_rate_ml_per_h <= 0:
             raise ModelError("OOR", f"max_rate_ml_per_h: must be > 0, got {max_rate_ml_per_h}")
@@ -342,6 +346,12 @@ class PumpModel:
             area = _PI * self._diameter * self._diameter / 4
             return self._ml(self._used()) * 1000 / area
 
+    @property
+    def deadman_setting_s(self) -> int:
+        """The dead-man timeout (0 = off) without advancing the model: cheap enough to poll."""
+        with self._lock:
+            return self._deadman_s
+
     def events(self) -> tuple[ModelEvent, ...]:
         """Everything that happened so far (after advancing to now), oldest first."""
         with self._lock:
@@ -362,8 +372,21 @@ class PumpModel:
             self._require_stopped("set_diameter")
             self._diameter = self._check_diameter(mm)
 
-    def set_rate(self, ml_per_h: Decimal) -> None:
-        """Program the rate (may change while infusing). A value the pump cannot represent is refused."""
+    def rate_range(self) -> tuple[Decimal, Decimal]:
+        """(min, max) non-zero rate in mL/h with the loaded syringe, exact (the pump refuses anything outside)."""
+        with self._lock:
+            hi = self.max_rate_ml_per_h
+            if self.plunger is None:
+                return Decimal(0), hi
+            lo, phys_hi = self.plunger.exact_range_ml_per_h(self._diameter)
+            return lo, min(hi, phys_hi)
+
+    def set_rate(self, ml_per_h: Decimal, *, checked_as_sent: bool = False) -> None:
+        """Program the rate (may change while infusing). A value the pump cannot represent is refused.
+
+        ``checked_as_sent``: the front-end already applied the pump's number rule to the value in the units it
+        was sent in (``RAT 416.6 UH`` is 0.4166 mL/h: valid, though not representable in mL/h).
+        """
         with self._lock:
             self._advance()
             self._require_no_alarm("set_rate")
@@ -372,13 +395,20 @@ class PumpModel:
                 raise ModelError("OOR", f"rate_ml_per_h: must not be negative, got {r}")
             if r > self.max_rate_ml_per_h:
                 raise ModelError("OOR", f"rate_ml_per_h: {r} exceeds max {self.max_rate_ml_per_h}")
-            if not _representable(r, self.rate_resolution):
+            if not checked_as_sent and not _representable(r, self.rate_resolution):
                 res = self.rate_resolution
                 raise ModelError(
                     "OOR",
                     f"rate_ml_per_h: {r} is not representable (at most {res.decimals} decimals"
                     + (f", {res.significant} digits" if res.significant is not None else "")
                     + "); the pump does not round",
+                )
+            if self.plunger is not None and not self.plunger.allows(r, self._diameter):
+                lo, hi = self.plunger.exact_range_ml_per_h(self._diameter)
+                raise ModelError(
+                    "OOR",
+                    f"rate_ml_per_h: {r} is outside what the plunger can run with a {self._diameter} mm syringe "
+                    f"({lo:.4f}..{hi:.1f} mL/h)",
                 )
             self._rate = r + Decimal(0) if r != 0 else Decimal(0)
             self._rates.append((self._at(self._t), self._rate))

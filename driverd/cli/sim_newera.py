@@ -47,7 +47,15 @@ def newera(
     fill: Annotated[str, typer.Option("--fill", help="syringe fill volume, mL")] = "17",
     diameter: Annotated[str, typer.Option("--diameter", help="syringe inner diameter, mm")] = "19.13",
     power_up: Annotated[
-        bool, typer.Option("--power-up/--no-power-up", help="start with the power-up reset alarm (A?R)")
+        bool,
+        typer.Option(
+            "--power-up/--no-power-up",
+            help="start with the power-up reset alarm (A?R to the first packet; unprompted only in safe mode)",
+        ),
+    ] = True,
+    safe_mode: Annotated[
+        bool,
+        typer.Option("--safe-mode/--no-safe-mode", help="--no-safe-mode: firmware without safe mode (SAF -> ?)"),
     ] = True,
 ) -> None:
     """Run a simulated New Era syringe pump that speaks the NE-1000 RS-232 protocol."""
@@ -79,7 +87,16 @@ def newera(
     per_byte = 10 / baud if wire_time else None
     asyncio.run(
         _serve(
-            model, plan, pty=pty, tcp=tcp, host=host, address=address, baud=baud, wire_time=per_byte, power_up=power_up
+            model,
+            plan,
+            pty=pty,
+            tcp=tcp,
+            host=host,
+            address=address,
+            baud=baud,
+            wire_time=per_byte,
+            power_up=power_up,
+            safe_mode=safe_mode,
         )
     )
 
@@ -95,6 +112,7 @@ async def _serve(
     baud: int,
     wire_time: float | None,
     power_up: bool,
+    safe_mode: bool = True,
 ) -> None:
     from simulators.newera import serve_newera  # imported late: keeps `driverd --help` fast
 
@@ -103,7 +121,15 @@ async def _serve(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     async with serve_newera(
-        model, plan, pty=pty, tcp_port=tcp, host=host, address=address, wire_time=wire_time, power_up=power_up
+        model,
+        plan,
+        pty=pty,
+        tcp_port=tcp,
+        host=host,
+        address=address,
+        wire_time=wire_time,
+        power_up=power_up,
+        safe_mode=safe_mode,
     ) as endpoint:
         first = endpoint.device if pty else str(endpoint.port)
         url = endpoint.url + (f"&baud={baud}" if pty else "")

@@ -104,10 +104,12 @@ def gate(state: CourseState, protocol: ProtocolSpec, proposal: Proposal, now: da
             "syringe_mismatch",
             f"pump reads back {state.pump_diameter_mm} mm, schedule says {schedule.inner_diameter_mm} mm",
         )
-    if rate < protocol.min_rate_ml_per_h:
-        return Refusal("device_min", f"{rate} mL/h is below the device minimum {protocol.min_rate_ml_per_h}")
-    if rate > protocol.max_rate_ml_per_h:
-        return Refusal("device_max", f"{rate} mL/h exceeds the device maximum {protocol.max_rate_ml_per_h}")
+    # Per syringe (issue 16): the pump's plunger speed range times this syringe's bore, within [device].
+    min_rate, max_rate = protocol.rate_limits(spec)
+    if rate < min_rate:
+        return Refusal("device_min", f"{rate} mL/h is below the device minimum {min_rate} with {spec.model!r}")
+    if rate > max_rate:
+        return Refusal("device_max", f"{rate} mL/h exceeds the device maximum {max_rate} with {spec.model!r}")
     if delivered_dose > protocol.ceiling_mg_per_24h:
         # Also for decreases: a value above the hard ceiling is never sent, whatever is running now.
         return Refusal("ceiling", f"{delivered_dose} mg/24h exceeds the ceiling {protocol.ceiling_mg_per_24h}")

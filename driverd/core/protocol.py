@@ -28,6 +28,10 @@ class SyringeSpec:
     model: str
     inner_diameter_mm: Decimal
     max_fill_ml: Decimal
+    # What the pump can run with this syringe (its plunger speed range times the bore; issue 16). None: only
+    # the [device] limits apply. The kernel checks the narrower of the two, so the pump never has to refuse.
+    min_rate_ml_per_h: Decimal | None = None
+    max_rate_ml_per_h: Decimal | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +72,15 @@ class ProtocolSpec:
     def syringe(self, model: str) -> SyringeSpec | None:
         return next((s for s in self.syringes if s.model == model), None)
 
+    def rate_limits(self, syringe: SyringeSpec) -> tuple[Decimal, Decimal]:
+        """(min, max) mL/h for a non-zero rate with this syringe: the narrower of [device] and the syringe's."""
+        lo, hi = self.min_rate_ml_per_h, self.max_rate_ml_per_h
+        if syringe.min_rate_ml_per_h is not None:
+            lo = max(lo, syringe.min_rate_ml_per_h)
+        if syringe.max_rate_ml_per_h is not None:
+            hi = min(hi, syringe.max_rate_ml_per_h)
+        return lo, hi
+
 
 _SCHEMA: dict[str, dict[str, str]] = {
     "library": {
@@ -86,6 +99,7 @@ _SCHEMA: dict[str, dict[str, str]] = {
     "device": {"min_rate_ml_per_h": "rate", "max_rate_ml_per_h": "rate"},
 }
 _SYRINGE_KEYS = {"inner_diameter_mm": MAX_DIAMETER_MM, "max_fill_ml": MAX_VOLUME_ML}
+_SYRINGE_OPTIONAL = {"min_rate_ml_per_h": MAX_RATE_ML_PER_H, "max_rate_ml_per_h": MAX_RATE_ML_PER_H}
 _MAX = {
     "dose": MAX_DOSE_MG_PER_24H,
     "hours": Decimal(24 * 60),
@@ -156,7 +170,7 @@ def parse_protocol(text: str) -> ProtocolSpec:
                 problems.append(Problem(base, "type", "expected a table"))
                 continue
             for key in table:
-                if key not in _SYRINGE_KEYS:
+                if key not in _SYRINGE_KEYS and key not in _SYRINGE_OPTIONAL:
                     problems.append(Problem(f"{base}.{key}", "unknown-key", f"unknown key {key!r}"))
             got = {}
             for key, mx in _SYRINGE_KEYS.items():
@@ -167,8 +181,20 @@ def parse_protocol(text: str) -> ProtocolSpec:
                     got[key] = parse_decimal(table[key], f"{base}.{key}", maximum=mx, allow_zero=False)
                 except QuantityError as exc:
                     problems.extend(exc.problems)
+            limits: dict[str, Decimal] = {}
+            for key, mx in _SYRINGE_OPTIONAL.items():
+                if key in table:
+                    try:
+                        limits[key] = parse_decimal(table[key], f"{base}.{key}", maximum=mx, allow_zero=False)
+                    except QuantityError as exc:
+                        problems.extend(exc.problems)
+            lo, hi = limits.get("min_rate_ml_per_h"), limits.get("max_rate_ml_per_h")
+            if lo is not None and hi is not None and lo >= hi:
+                problems.append(
+                    Problem(f"{base}.min_rate_ml_per_h", "range", f"must be below {base}.max_rate_ml_per_h")
+                )
             if len(got) == 2:
-                syringes.append(SyringeSpec(model, got["inner_diameter_mm"], got["max_fill_ml"]))
+                syringes.append(SyringeSpec(model, got["inner_diameter_mm"], got["max_fill_ml"], lo, hi))
     if not problems:
         _check_coherence(values, problems)
     if problems:

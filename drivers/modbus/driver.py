@@ -303,6 +303,13 @@ class ModbusDriver(PumpDriver):
         assert isinstance(model, str) and isinstance(firmware, str)
         return Identity(model=model, firmware=firmware, address=f"unit {self.unit}")
 
+    def rate_range(self, diameter_mm: Decimal) -> tuple[Decimal, Decimal] | None:
+        """(min, max) mL/h the device runs with this syringe bore, from the map's plunger speed range (min
+        rounded up, max down, at the map's rate resolution); None if the map states no range."""
+        if self.map.plunger is None:
+            return None
+        return self.map.plunger.range_ml_per_h(diameter_mm, self.resolution)
+
     async def configure_syringe(self, diameter_mm: Decimal) -> Decimal:
         async with self._lock:
             await self._write_value("diameter_setpoint", diameter_mm)

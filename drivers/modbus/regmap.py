@@ -12,10 +12,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
-from driverd.core.errors import ConfigError, Problem
-from driverd.core.quantities import Resolution
+from driverd.core.errors import ConfigError, Problem, QuantityError
+from driverd.core.quantities import Resolution, parse_decimal
+from driverd.core.syringe_limits import PlungerLimits
 from driverd.core.toml_text import load_toml
 from drivers.base import AlarmKind
 
@@ -41,7 +42,22 @@ KNOWN_COMMANDS: Final = frozenset({"acknowledge_alarms", "clear_delivered"})
 
 DEFAULT_MAP: Final = Path(__file__).resolve().parents[2] / "config" / "drivers" / "modbus-pump.toml"
 
-_DEVICE_KEYS: Final = frozenset({"name", "map_version", "address_base", "word_order", "description"})
+_DEVICE_KEYS: Final = frozenset(
+    {
+        "name",
+        "map_version",
+        "address_base",
+        "word_order",
+        "description",
+        # FC43/14 Read Device Identification, basic objects 0x00-0x02 (Modbus Application Protocol v1.1b3 §6.21)
+        "vendor",
+        "product_code",
+        "revision",
+        # The mechanism's plunger speed range: with the syringe bore it bounds the rate (issue 16.6)
+        "plunger_min_mm_per_h",
+        "plunger_max_mm_per_h",
+    }
+)
 _POINT_KEYS: Final = frozenset(
     {"address", "type", "access", "meaning", "units", "scale", "length", "word_order", "alarm", "commands"}
 )
@@ -128,6 +144,10 @@ class RegisterMap:
     description: str
     points: Mapping[str, Point]  # by name; names are unique across tables
     source: str = ""
+    vendor: str = ""  # FC43 object 0x00 VendorName
+    product_code: str = ""  # FC43 object 0x01 ProductCode
+    revision: str = ""  # FC43 object 0x02 MajorMinorRevision
+    plunger: PlungerLimits | None = None  # None: the map states no rate range
     # Derived once (the map is immutable): the driver asks for these on every status poll, the simulator on
     # every request, and sorting them each time was a measurable share of a poll (bench/scale.py).
     _tables: Mapping[Table, tuple[Point, ...]] = field(init=False, repr=False, compare=False)
@@ -190,6 +210,8 @@ def parse_map(data: Mapping[str, object], *, source: str = "<data>") -> Register
 
     device = data.get("device")
     name, version, word_order, description = "", 0, "big", ""
+    ident: dict[str, str] = {}
+    plunger: PlungerLimits | None = None
     if not isinstance(device, Mapping):
         problems.append(Problem("device", "required", "a [device] table is required"))
     else:
@@ -226,6 +248,15 @@ def parse_map(data: Mapping[str, object], *, source: str = "<data>") -> Register
             problems.append(Problem("device.description", "type", "description must be a string"))
         else:
             description = raw_desc
+        for key in ("vendor", "product_code", "revision"):
+            raw = device.get(key, "")
+            if not isinstance(raw, str) or not raw.isascii() or len(raw) > MAX_IDENT_CHARS:
+                problems.append(
+                    Problem(f"device.{key}", "format", f"{key} must be ASCII text of at most {MAX_IDENT_CHARS} chars")
+                )
+            else:
+                ident[key] = raw
+        plunger = _parse_plunger(device, problems)
 
     points: dict[str, Point] = {}
     present: set[str] = set()  # names defined, even if invalid: not reported again as missing
@@ -257,7 +288,33 @@ def parse_map(data: Mapping[str, object], *, source: str = "<data>") -> Register
         description=description,
         points=points,
         source=source,
+        vendor=ident.get("vendor", ""),
+        product_code=ident.get("product_code", ""),
+        revision=ident.get("revision", ""),
+        plunger=plunger,
     )
+
+
+MAX_IDENT_CHARS: Final = 64
+
+
+def _parse_plunger(device: Mapping[str, Any], problems: list[Problem]) -> PlungerLimits | None:
+    keys = ("plunger_min_mm_per_h", "plunger_max_mm_per_h")
+    if not any(k in device for k in keys):
+        return None
+    got: dict[str, Decimal] = {}
+    for key in keys:
+        try:
+            got[key] = parse_decimal(device.get(key), f"device.{key}", maximum=Decimal(100_000), allow_zero=False)
+        except QuantityError as exc:
+            problems.extend(exc.problems)
+    if len(got) != 2:
+        return None
+    lo, hi = got["plunger_min_mm_per_h"], got["plunger_max_mm_per_h"]
+    if lo >= hi:
+        problems.append(Problem("device.plunger_min_mm_per_h", "range", "must be below device.plunger_max_mm_per_h"))
+        return None
+    return PlungerLimits(lo, hi)
 
 
 def _parse_point(table: Table, name: str, spec: object, default_order: str, problems: list[Problem]) -> Point | None:

@@ -228,7 +228,8 @@ class Command:
     data: str
 
 
-_COMMAND = re.compile(r"(?P<addr>\*|\d{0,2})(?P<name>[A-Z]{0,3})(?P<data>.*)", re.DOTALL)
+# RESET is the one five-letter command (``*RESET``); every other command name has at most three letters.
+_COMMAND = re.compile(r"(?P<addr>\*|\d{0,2})(?P<name>RESET|[A-Z]{0,3})(?P<data>.*)", re.DOTALL)
 
 
 def parse_command(payload: bytes) -> Command:
@@ -377,6 +378,12 @@ class FrameDecoder:
         """Bytes of an incomplete frame held back (a partial packet)."""
         return len(self._buf)
 
+    def take_partial(self) -> bytes:
+        """Remove and return the bytes of an incomplete frame (to continue decoding them elsewhere)."""
+        out = bytes(self._buf)
+        self._buf.clear()
+        return out
+
     def discard_partial(self) -> bool:
         """Drop a partial packet (the inter-byte timeout fired); True if there was one."""
         had = bool(self._buf)
@@ -460,8 +467,6 @@ class FrameDecoder:
             return None
         payload = bytes(buf[:end])
         del buf[: end + 1]
-        # LF after CR (terminal programs) is whitespace, not a packet.
-        payload = payload.strip(b"\n")
-        if not payload.strip(b" \n"):
-            return self.next_frame()
-        return Frame(payload, safe=False)
+        # LF after CR (terminal programs) is whitespace, not part of the packet. A packet without a command
+        # (a bare CR, or only spaces) is still a packet: the pump answers it as a status query (manual §10.2).
+        return Frame(payload.strip(b"\n"), safe=False)

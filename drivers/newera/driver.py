@@ -34,6 +34,7 @@ Policy (see DESIGN.md and the reference file):
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from collections.abc import Callable
 from decimal import Decimal
@@ -41,6 +42,7 @@ from typing import ClassVar, Final
 
 from driverd.core.errors import Problem, QuantityError, ValidationError
 from driverd.core.quantities import NEW_ERA_RESOLUTION, Resolution
+from driverd.core.syringe_limits import NE1000_PLUNGER
 from drivers.base import (
     AlarmKind,
     DriverError,
@@ -56,6 +58,7 @@ from drivers.base import (
     PumpStatus,
 )
 from drivers.newera.codec import (
+    MAX_BASIC_PAYLOAD,
     AlarmCode,
     ErrorCode,
     Frame,
@@ -73,6 +76,11 @@ from drivers.url import DriverURL
 
 BAUD_RATES: Final = (300, 1200, 2400, 9600, 19200)
 MAX_SAFE_TIMEOUT_S: Final = 255
+# Firmware without safe mode (answers ``?`` to SAF): refused unless the URL says without_safe_mode=allow.
+WITHOUT_SAFE_MODE: Final = ("refuse", "allow")
+BITS_PER_BYTE: Final = 10  # 8N1: start + 8 data + stop
+
+_log = logging.getLogger(__name__)
 
 ALARM_KIND: Final[dict[AlarmCode, AlarmKind]] = {
     AlarmCode.RESET: AlarmKind.POWER_INTERRUPTED,
@@ -105,8 +113,8 @@ def _version(data: str) -> re.Match[str]:
 
 
 def _direction(data: str) -> str:
-    if data not in ("INF", "WDR", "REV"):
-        raise ProtocolError(f"DIR: expected INF|WDR|REV, got {data!r}")
+    if data not in ("INF", "WDR", "REV", "STK"):
+        raise ProtocolError(f"DIR: expected INF|WDR|REV|STK, got {data!r}")
     return data
 
 
@@ -140,7 +148,7 @@ class NewEraDriver(PumpDriver):
         problems: list[Problem] = []
         if url.driver != "newera":
             problems.append(Problem("url.scheme", "driver", f"not a newera URL: {url.raw!r}"))
-        unknown = set(url.params) - {"address", "baud"}
+        unknown = set(url.params) - {"address", "baud", "without_safe_mode"}
         problems += [Problem(f"url.{k}", "known-parameter", f"unknown parameter {k!r}") for k in sorted(unknown)]
         if url.transport == "serial":
             if not url.path or url.host:
@@ -168,7 +176,19 @@ class NewEraDriver(PumpDriver):
             raise ValidationError(
                 [Problem("options.deadman_s", "range", f"New Era SAF takes 0..{MAX_SAFE_TIMEOUT_S} s, got {deadman!r}")]
             )
+        self.without_safe_mode = url.params.get("without_safe_mode", "refuse")
+        if self.without_safe_mode not in WITHOUT_SAFE_MODE:
+            raise ValidationError(
+                [Problem("url.without_safe_mode", "enum", f"must be refuse or allow, got {self.without_safe_mode!r}")]
+            )
+        self.baud = baud
+        # The reply timeout grows with the wire time of the longest request and reply at this baud rate (at
+        # 300 baud a 64-byte reply alone takes 2.1 s).
+        self.timeout_s = self.options.timeout_s + (2 * MAX_BASIC_PAYLOAD + 10) * BITS_PER_BYTE / baud
         self.transport = SerialTransport(port_url, baudrate=baud)
+        self.transport.on_unsolicited = self._unsolicited
+        # False once connect() found firmware without safe mode: the pump has no dead-man then.
+        self.has_safe_mode = True
         self._safe = False
         self._latched: set[AlarmKind] = set()
         self._lock = asyncio.Lock()
@@ -181,8 +201,13 @@ class NewEraDriver(PumpDriver):
             n = self.options.deadman_s
             # SAF always goes in safe framing: the pump accepts it in either mode; it replies in the new one.
             # Its reply comes in the pump's framing after the command (an alarm reply: before it), so accept both.
-            await self._request("SAF", str(n), retry=True, send_safe=True, any_reply_framing=True)
-            self._safe = n > 0
+            try:
+                await self._request("SAF", str(n), retry=True, send_safe=True, any_reply_framing=True)
+                self._safe = n > 0
+            except DriverTimeout:
+                if not await self._lacks_safe_mode():
+                    raise
+                self._no_safe_mode(n)
             reply = await self._request("", retry=True)
             if reply.status is Status.STOPPED:
                 for cmd, data in (("DIR", "INF"), ("VOL", "ML"), ("VOL", "0")):
@@ -192,8 +217,53 @@ class NewEraDriver(PumpDriver):
                 if direction.data != "INF":
                     self._latched.add(AlarmKind.OTHER)
 
+    async def _lacks_safe_mode(self) -> bool:
+        """After a safe-framed SAF went unanswered: does the pump answer ``?`` to a basic-mode ``SAF``?"""
+        try:
+            await self._request("SAF", retry=True, send_safe=False, expect=_safe_timeout)
+        except PumpRejected as exc:
+            return exc.code == "?"
+        return False
+
+    def _no_safe_mode(self, deadman_s: int) -> None:
+        self.has_safe_mode = False
+        self._safe = False
+        if deadman_s > 0 and self.without_safe_mode != "allow":
+            raise DriverError(
+                f"{self.url.raw}: this pump's firmware has no safe mode (SAF answered '?'): it has no dead-man "
+                "and keeps infusing if the daemon dies; refused (add without_safe_mode=allow to the URL to run "
+                "it in basic mode anyway)"
+            )
+        if deadman_s > 0:
+            _log.warning(
+                "%s: pump firmware has no safe mode: NO DEAD-MAN, the pump keeps infusing if the daemon dies "
+                "(allowed by without_safe_mode=allow)",
+                self.url.raw,
+            )
+
     async def close(self) -> None:
         await self.transport.close()
+
+    def rate_range(self, diameter_mm: Decimal) -> tuple[Decimal, Decimal]:
+        """(min, max) mL/h an NE-1000/NE-500 runs with this syringe bore, at the pump's resolution (min rounded
+        up, max down). The pump answers ``?OOR`` outside it; the drug library's per-syringe limits must lie
+        inside (driverd.core.syringe_limits)."""
+        return NE1000_PLUNGER.range_ml_per_h(diameter_mm, NEW_ERA_RESOLUTION)
+
+    async def check_unsolicited(self) -> frozenset[AlarmKind]:
+        """Read what the pump sent unprompted (safe-mode Auto-Alarm) without sending; returns latched alarms."""
+        async with self._lock:
+            await self.transport.drain(timeout_s=self.timeout_s)
+        return frozenset(self._latched)
+
+    def _unsolicited(self, frame: Frame) -> None:
+        # Runs in the I/O thread between transactions; a set.add is atomic under the GIL.
+        try:
+            reply = parse_reply(frame.payload)
+        except ProtocolError:
+            return
+        if reply.address == self.address and reply.alarm is not None:
+            self._latched.add(ALARM_KIND[reply.alarm])
 
     async def probe(self) -> ProbeReport:
         """Queries only: ``SAF`` (no argument), ``VER``, status, ``RAT``, ``DIS``, ``DIA``. Never SAF<n>/DIR/VOL.
@@ -206,10 +276,15 @@ class NewEraDriver(PumpDriver):
             async with self._lock:
                 # The safe-mode query goes in safe framing, which the pump accepts in either mode (as connect's
                 # SAF<n> does); its answer tells the framing of everything after it.
-                reply = await self._request(
-                    "SAF", retry=True, send_safe=True, any_reply_framing=True, expect=_safe_timeout
-                )
-                deadman_s = _safe_timeout(reply.data)
+                try:
+                    reply = await self._request(
+                        "SAF", retry=True, send_safe=True, any_reply_framing=True, expect=_safe_timeout
+                    )
+                    deadman_s = _safe_timeout(reply.data)
+                except DriverTimeout:
+                    if not await self._lacks_safe_mode():
+                        raise
+                    self.has_safe_mode, deadman_s = False, 0
                 self._safe = deadman_s > 0
             identity = await self.identify()
             status = await self.read_status()
@@ -266,7 +341,16 @@ class NewEraDriver(PumpDriver):
         text = _pump_number(rate_ml_per_h, "rate_ml_per_h")
         async with self._lock:
             self._refuse_if_alarm("set_rate")
-            await self._set("RAT", text + "MH", parse=_rate_ml_per_h, want=Decimal(text))
+            try:
+                await self._set("RAT", text + "MH", parse=_rate_ml_per_h, want=Decimal(text))
+            except PumpRejected as exc:
+                if exc.code != "OOR" or rate_ml_per_h == 0:
+                    raise
+                diameter = parse_diameter((await self._request("DIA", retry=True, expect=parse_diameter)).data)
+                lo, hi = self.rate_range(diameter)
+                raise PumpRejected(
+                    f"{exc} with a {diameter} mm syringe this pump runs {lo}..{hi} mL/h", code="OOR"
+                ) from exc
             return parse_rate((await self._request("RAT", retry=True, expect=parse_rate)).data).ml_per_h
 
     async def run(self) -> None:
@@ -279,6 +363,9 @@ class NewEraDriver(PumpDriver):
     async def stop(self) -> None:
         async with self._lock:
             reply = await self._command_checked("STP", want=Status.STOPPED)
+            if reply.status is Status.PAUSED:
+                # The first STP pauses a running program (manual §STP); a second one stops it.
+                reply = await self._command_checked("STP", want=Status.STOPPED)
             if reply.status is Status.INFUSING:
                 raise DriverError("STP accepted but the pump still reports infusing")
 
@@ -368,7 +455,7 @@ class NewEraDriver(PumpDriver):
             n += 1
             try:
                 frame = await self.transport.transact(
-                    request, safe=reply_framing, timeout_s=self.options.timeout_s, accept=accept
+                    request, safe=reply_framing, timeout_s=self.timeout_s, accept=accept
                 )
                 reply = parse_reply(frame.payload)
             except (DriverTimeout, ProtocolError) as exc:

@@ -45,6 +45,10 @@ class SerialTransport:
         # The most recent requests written (tests check what the driver never sends); bounded: a daemon runs
         # for days.
         self.sent: deque[bytes] = deque(maxlen=1024)
+        # Whole frames that arrived while no request was waiting (a safe-mode pump's Auto-Alarm packet, a late
+        # reply): handed to this callback (from the I/O thread) before the next request is written.
+        self.on_unsolicited: Callable[[Frame], None] | None = None
+        self._partial = b""  # the start of a frame still arriving when the line was drained
 
     @property
     def is_open(self) -> bool:
@@ -76,6 +80,10 @@ class SerialTransport:
         frame or noise), DriverIOError (the port failed; it is reopened on the next transaction).
         """
         return await self._run(lambda: self._transact_blocking(request, safe, timeout_s, accept), timeout_s=timeout_s)
+
+    async def drain(self, *, timeout_s: float = 1.0) -> int:
+        """Read what the pump sent unprompted, without sending anything; returns the number of frames handled."""
+        return await self._run(self._drain_blocking, timeout_s=timeout_s)
 
     # ---- blocking side (worker thread only) -----
 
@@ -112,6 +120,33 @@ class SerialTransport:
             with contextlib.suppress(serial.SerialException, OSError):
                 ser.close()
 
+    def _drain_blocking(self) -> int:
+        self._open_blocking()
+        ser = self._serial
+        assert ser is not None
+        try:
+            pending = bytes(ser.read(ser.in_waiting)) if ser.in_waiting else b""
+        except (serial.SerialException, OSError, termios.error) as exc:
+            self._close_blocking()
+            raise DriverIOError(f"{self.port_url}: {exc}") from None
+        decoder = FrameDecoder(Direction.TO_HOST, safe=None)
+        decoder.feed(self._partial + pending)
+        self._partial = b""
+        handled = 0
+        while True:
+            try:
+                frame = decoder.next_frame()
+            except ProtocolError:
+                continue  # noise or a torn frame: nothing anyone is waiting for
+            if frame is None:
+                # A frame still arriving (a late reply being written right now) is not dropped: the next
+                # transaction's decoder continues from it, and its accept() skips it if it answers nothing.
+                self._partial = decoder.take_partial()
+                return handled
+            handled += 1
+            if self.on_unsolicited is not None:
+                self.on_unsolicited(frame)
+
     def _transact_blocking(
         self, request: bytes, safe: bool | None, timeout_s: float, accept: Callable[[Frame], bool]
     ) -> Frame:
@@ -121,9 +156,11 @@ class SerialTransport:
         assert ser is not None
         decoder = FrameDecoder(Direction.TO_HOST, safe=safe)
         try:
-            # Stale bytes (a late reply to a timed-out request, an unprompted power-up A?R) would be taken
-            # for this request's reply; the alarm state they announce is re-reported by the pump anyway.
-            ser.reset_input_buffer()
+            # Stale bytes (a late reply to a timed-out request, a safe-mode Auto-Alarm packet) would be taken
+            # for this request's reply: they are read and handed to on_unsolicited first.
+            self._drain_blocking()
+            decoder.feed(self._partial)
+            self._partial = b""
             ser.write(request)
             ser.flush()
             self.sent.append(request)

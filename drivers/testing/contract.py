@@ -199,11 +199,28 @@ class DriverContract(_ContractBase):
     @pytest.mark.parametrize("wanted", ["2.083", "0.521", "10", "123.4", "0.05", "1000"])
     def test_set_rate_returns_the_quantized_value_read_back(self, wanted: str) -> None:
         async def body(h: Harness) -> None:
+            # A 60 mL bore (26.59 mm): every rate here is inside what the plunger can run with it (issue 16.6),
+            # so this checks the number format, not the syringe's rate range.
+            await h.driver.configure_syringe(Decimal("26.59"))
             rate = quantize_down(Decimal(wanted), h.driver.resolution)
             got = await h.driver.set_rate(rate)
             assert isinstance(got, Decimal) and got == rate
             assert h.model.status().rate_ml_per_h == rate
             assert (await h.driver.read_status()).rate_ml_per_h == rate
+
+        self.run_with_harness(body)
+
+    @pytest.mark.parametrize("rate", ["0.010", "900"])
+    def test_rate_outside_the_syringes_range_is_refused_by_the_pump(self, rate: str) -> None:
+        """Issue 16.6: the plunger's speed range times the bore bounds the rate (19.13 mm: 0.01208..879.59 mL/h)."""
+
+        async def body(h: Harness) -> None:
+            await h.driver.configure_syringe(Decimal("19.13"))
+            await h.driver.set_rate(Decimal(2))
+            with pytest.raises(PumpRejected):
+                await h.driver.set_rate(Decimal(rate))
+            assert h.model.status().rate_ml_per_h == 2
+            assert (await h.driver.read_status()).rate_ml_per_h == 2
 
         self.run_with_harness(body)
 

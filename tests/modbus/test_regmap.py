@@ -90,14 +90,14 @@ def test_unknown_type_and_unknown_keys() -> None:
     data = shipped()
     data["holding_registers"]["rate_setpoint"]["type"] = "uint24"
     data["holding_registers"]["rate_setpoint"]["colour"] = "red"
-    data["device"]["vendor"] = "x"
+    data["device"]["colour"] = "x"
     data["registers"] = {}
     with pytest.raises(ConfigError) as info:
         parse_map(data)
     assert {
         ("holding_registers.rate_setpoint.type", "known-type"),
         ("holding_registers.rate_setpoint.colour", "unknown-key"),
-        ("device.vendor", "unknown-key"),
+        ("device.colour", "unknown-key"),
         ("registers", "unknown-key"),
     } <= rules(info.value)
 

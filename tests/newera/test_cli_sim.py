@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from drivers.base import AlarmKind, DriverOptions, PumpAlarm, PumpState
+from drivers.base import AlarmKind, DriverError, DriverOptions, PumpAlarm, PumpState
 from drivers.registry import open_driver
 
 CLI = [sys.executable, "-m", "driverd.cli.main", "sim", "newera"]
@@ -60,6 +60,28 @@ def test_cli_simulator_serves_a_driver(mode: str) -> None:
                 await driver.stop()
             finally:
                 await driver.close()
+        finally:
+            assert await _stop(proc) == 0
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_cli_firmware_without_safe_mode() -> None:
+    """Issue 16.7: `--no-safe-mode` answers ? to SAF; the driver refuses it unless the URL allows it."""
+
+    async def main() -> None:
+        proc, _first, url = await _start("--tcp", "0", "--no-safe-mode", "--no-power-up")
+        try:
+            refused = open_driver(url, DriverOptions(timeout_s=0.5, deadman_s=30))
+            with pytest.raises(DriverError, match="no safe mode"):
+                await refused.connect()
+            await refused.close()
+            allowed = open_driver(url + "&without_safe_mode=allow", DriverOptions(timeout_s=0.5, deadman_s=30))
+            await allowed.connect()
+            try:
+                assert await allowed.set_rate(Decimal(2)) == 2
+            finally:
+                await allowed.close()
         finally:
             assert await _stop(proc) == 0
 

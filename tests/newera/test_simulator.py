@@ -67,7 +67,8 @@ def test_basic_session(pump: NewEraPumpProtocol, clock: ManualClock) -> None:
     assert ask(pump, "0RUN").status is Status.INFUSING
     clock.advance(100)
     assert ask(pump, "0DIS").data == "I1.000W0.000ML"
-    assert ask(pump, "0STP").status is Status.STOPPED
+    assert ask(pump, "0STP").status is Status.PAUSED  # manual §STP: the first STP pauses
+    assert ask(pump, "0STP").status is Status.STOPPED  # the second stops
     assert ask(pump, "0CLDINF").status is Status.STOPPED
     assert ask(pump, "0DIS").data == "I0.000W0.000ML"
     assert ask(pump, "0") == Reply(0, Status.STOPPED)
@@ -150,11 +151,22 @@ def test_warnings_are_not_on_the_wire(pump: NewEraPumpProtocol, kind: AlarmKind)
     assert ask(pump, "0") == Reply(0, Status.INFUSING)
 
 
-def test_power_up_announces_reset(pump: NewEraPumpProtocol) -> None:
-    announce = pump.power_up()
-    assert announce == b"\x0200A?R\x03"
+def test_power_up_in_basic_mode_is_silent_until_asked(pump: NewEraPumpProtocol) -> None:
+    """Issue 16.3: in basic mode the pump never transmits unprompted; the first packet gets A?R."""
+    assert pump.power_up() is None
+    assert pump.unsolicited == []
     assert ask(pump, "0VER").alarm is AlarmCode.RESET
     assert ask(pump, "0VER").data == "NE1000V3.928"
+
+
+def test_power_up_in_safe_mode_announces_reset(pump: NewEraPumpProtocol) -> None:
+    """NE-1000 manual §10.4 Safe Mode, Auto-Alarm: an alarm in safe mode sends an unsolicited status packet."""
+    ask(pump, "0SAF20", safe=True)
+    announce = pump.power_up()
+    assert announce == frame_safe(b"00A?R")
+    assert pump.poll_unsolicited() is None  # announced once
+    assert ask(pump, "0VER", safe=True).alarm is AlarmCode.RESET  # and still acknowledged by the next packet
+    assert ask(pump, "0VER", safe=True).data == "NE1000V3.928"
 
 
 def test_safe_mode_framing_and_deadman(pump: NewEraPumpProtocol, clock: ManualClock) -> None:
@@ -250,7 +262,8 @@ def test_wire_time_imitation_still_answers(clock: ManualClock) -> None:
 
 
 def test_value_the_display_cannot_show_is_out_of_range_not_a_crash(pump: NewEraPumpProtocol) -> None:
-    ask(pump, "0RAT1000MH")
+    ask(pump, "0DIA26.59")
+    assert ask(pump, "0RAT1000MH").error is None
     pump.rate_unit = RateUnit.UL_PER_H  # 1,000,000 uL/h does not fit 4 digits
     assert ask(pump, "0RAT").error is ErrorCode.OUT_OF_RANGE
     assert ask(pump, "0").status is Status.STOPPED

@@ -36,7 +36,7 @@ segments = st.lists(
 @given(segments)
 def test_delivered_is_the_exact_integral_of_the_rate_schedule(plan: list[tuple[Decimal, int, bool]]) -> None:
     clock = ManualClock(T0)
-    pump = PumpModel(clock, fill_volume_ml=Decimal(1000), near_end_ml=Decimal(0))
+    pump = PumpModel(clock, fill_volume_ml=Decimal(1000), near_end_ml=Decimal(0), plunger=None)
     integral = Decimal(0)  # rate-microseconds, exact
     previous = Decimal(0)
     for rate, us, running in plan:
@@ -66,7 +66,9 @@ fills = st.builds(lambda n: Decimal(n).scaleb(-2), st.integers(1, 6000))  # 0.01
 @given(fills, rates, st.integers(0, 10**6))
 def test_end_of_syringe_fires_exactly_when_the_fill_is_used(fill: Decimal, rate: Decimal, extra_us: int) -> None:
     clock = ManualClock(T0)
-    pump = PumpModel(clock, fill_volume_ml=fill, near_end_ml=Decimal(0), max_rate_ml_per_h=Decimal(10))
+    pump = PumpModel(
+        clock, fill_volume_ml=fill, near_end_ml=Decimal(0), max_rate_ml_per_h=Decimal(10), plunger=None
+    )
     pump.set_rate(rate)
     pump.run()
     with localcontext(Context(prec=80)):
@@ -93,7 +95,7 @@ def test_end_of_syringe_fires_exactly_when_the_fill_is_used(fill: Decimal, rate:
 @given(rates, st.integers(1, 255), st.lists(st.integers(0, 300 * 10**6), min_size=1, max_size=8))
 def test_deadman_stops_exactly_at_expiry(rate: Decimal, deadman_s: int, gaps_us: list[int]) -> None:
     clock = ManualClock(T0)
-    pump = PumpModel(clock, fill_volume_ml=Decimal(1000), near_end_ml=Decimal(0))
+    pump = PumpModel(clock, fill_volume_ml=Decimal(1000), near_end_ml=Decimal(0), plunger=None)
     pump.set_rate(rate)
     pump.set_deadman(deadman_s)
     pump.host_contact()

@@ -29,7 +29,9 @@ class PumpMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.clock = ManualClock(datetime(2026, 1, 1, tzinfo=UTC))
-        self.pump = PumpModel(self.clock, fill_volume_ml=FILL, near_end_ml=Decimal("0.5"))
+        # No plunger speed range here (plunger=None): this machine checks alarms and volumes for any rate; the
+        # range is tested on its own (tests/newera/test_wire_fidelity.py, drivers/testing/contract.py).
+        self.pump = PumpModel(self.clock, fill_volume_ml=FILL, near_end_ml=Decimal("0.5"), plunger=None)
         self.delivered = Decimal(0)  # last observed
         self.rate = Decimal(0)
         self.blocked = False  # an unacknowledged stopping alarm (reference model)
