@@ -40,12 +40,19 @@ def anchored_clock(start: datetime, t0: float, speed: float) -> ScaledClock:
             return clock
 
 
+def say(line: str) -> None:
+    """One line in ONE write(2): the fork server and its children share this pipe, and print() may write a line
+    and its newline separately, so "pid N" and a child's "ready" could interleave ("pid Nready")."""
+    sys.stdout.flush()
+    os.write(sys.stdout.fileno(), (line + "\n").encode())
+
+
 def run_daemon(argv: list[str]) -> int:
     config, start, t0, speed = Path(argv[0]), datetime.fromisoformat(argv[1]), float(argv[2]), float(argv[3])
     configure_logging(sys.stderr, json_output=True)
     clock = anchored_clock(start, t0, speed)
-    code = asyncio.run(serve(config, clock, on_ready=lambda *_: print("ready", flush=True)))
-    print(f"exit {code}", flush=True)
+    code = asyncio.run(serve(config, clock, on_ready=lambda *_: say("ready")))
+    say(f"exit {code}")
     return code
 
 
@@ -68,10 +75,10 @@ def fork_server(argv: list[str]) -> int:
                 finally:
                     sys.stdout.flush()
                     os._exit(code)  # never return into the server's loop
-            print(f"pid {pid}", flush=True)
+            say(f"pid {pid}")
         elif op == "wait":
             _, status = os.waitpid(int(arg), 0)
-            print(f"exited {arg} {status}", flush=True)
+            say(f"exited {arg} {status}")
     return 0
 
 
