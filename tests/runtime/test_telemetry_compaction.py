@@ -96,10 +96,21 @@ class Rig:
     channel: Channel
     audit: ListAudit
     fed: list[tuple[Command, ...]] = field(default_factory=list)
+    replayer: Replayer = field(default_factory=Replayer)
+    replayed_upto: int = 0
 
     def feed(self, event: Event, pump: Pump) -> None:
         cmds = self.channel.feed(event)
         self.fed.append(cmds)
+        # After every input the log written so far replays to the compactor's view of it: a crash here recovers
+        # exactly that state (the live state less the report held back, if any).
+        for rec in self.audit.records[self.replayed_upto:]:
+            self.replayer.add(rec)
+        self.replayed_upto = len(self.audit.records)
+        assert self.replayer.states().get("pump-1", initial_state("pump-1")) == self.channel.telemetry.replayed
+        assert not self.replayer.result.divergences
+        if self.channel.telemetry.pending is None:
+            assert self.channel.telemetry.replayed is self.channel.state
         for cmd in cmds:  # the channel's `execute`, played synchronously against the pump
             if isinstance(cmd, ApplySetpoint):
                 rate = cmd.setpoint.rate_ml_per_h
