@@ -283,6 +283,18 @@ def _hours(delta: timedelta) -> Decimal:
         return Decimal(micro) / Decimal(3_600_000_000)
 
 
+def restore_setpoint(
+    *, id: int, rate_ml_per_h: Decimal, dose_mg_per_24h: Decimal, requested_mg_per_24h: Decimal, intent: str,
+    source: str, reason: str,
+) -> Setpoint:
+    """A setpoint the kernel approved earlier, read back from a signed state snapshot (a pending setpoint is part
+    of a course's state). Only for that: it approves nothing new. The snapshot is trusted only if its checkpoint
+    signature verifies, and `audit verify --full` checks it equals what replay of the log gives."""
+    return Setpoint(id=id, rate_ml_per_h=rate_ml_per_h, dose_mg_per_24h=dose_mg_per_24h,
+                    requested_mg_per_24h=requested_mg_per_24h, intent=intent, source=source, reason=reason,
+                    token=_KERNEL_TOKEN)
+
+
 def _approve(state: CourseState, proposal: Proposal, rate: Decimal, dose: Decimal) -> Setpoint:
     return Setpoint(
         id=state.next_setpoint_id,

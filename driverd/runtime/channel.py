@@ -34,7 +34,9 @@ from driverd.core.machine import predicted_empty_at, step
 from driverd.core.protocol import ProtocolSpec
 from driverd.core.records import command_to_record, event_to_record, fmt_dec, fmt_time
 from driverd.core.state import CourseState, Phase
+from driverd.runtime import telemetry
 from driverd.runtime.clock import DEFAULT_STEP_TOLERANCE, ClockWatch, RuntimeClock
+from driverd.runtime.telemetry import ReportCompactor
 from drivers.base import DriverError, DriverTimeout, PumpAlarm, PumpDriver, PumpRejected, PumpState, PumpStatus
 
 _REQUEST = object()  # what `submit` completes a waiting channel's wake future with (the clock uses None)
@@ -71,6 +73,7 @@ class Channel:
         io_timeout: float,
         on_change: Callable[[Channel], None] | None = None,
         clock_step_tolerance: timedelta = DEFAULT_STEP_TOLERANCE,
+        telemetry_heartbeat: timedelta | None = None,
     ) -> None:
         self.pump_id = pump_id
         self.driver = driver
@@ -95,6 +98,9 @@ class Channel:
         self._wake: asyncio.Future[Any] | None = None  # the channel's current wait, if it is waiting
         self._on_change = on_change
         self._clock_watch = ClockWatch(clock, clock_step_tolerance)
+        # None: the module's HEARTBEAT, read now (bench/log_growth.py sets it to 0 for the uncompacted reference).
+        self.telemetry = ReportCompactor(state, protocol, telemetry.HEARTBEAT if telemetry_heartbeat is None
+                                         else telemetry_heartbeat)
 
     @property
     def link_lost(self) -> bool:
@@ -109,22 +115,37 @@ class Channel:
         """Log the input, step the core, log its commands (setpoints durably). No I/O to the pump here.
 
         A tick that changes nothing (same state, no command) is not logged: it decides nothing, and replay folds
-        to the same states without it. That is most ticks, and it halves the log (pump reports stay, each poll).
+        to the same states without it. That is most ticks. A pump report is always stepped, but logged only when
+        replay needs it to reach the same state (`telemetry.ReportCompactor`), and at least every heartbeat.
         """
         before = self.state
-        if isinstance(event, Tick):
+        if isinstance(event, PumpReport):
+            try:
+                self.state, cmds, to_log = self.telemetry.report(before, event)
+            except BaseException:
+                self.flush_telemetry()
+                self._log_input(event)  # what the core choked on
+                raise
+            for report in to_log:
+                self._log_input(report)
+        elif isinstance(event, Tick):
             try:
                 after, cmds = step(before, event, self.protocol)
             except BaseException:
-                self._log_input(event)  # what the core choked on
+                self.flush_telemetry()
+                self._log_input(event)
                 raise
             if after is before and not cmds:
                 return ()
+            self.flush_telemetry()
             self._log_input(event)
             self.state = after
+            self.telemetry.input_logged(after)
         else:
+            self.flush_telemetry()
             self._log_input(event)
             self.state, cmds = step(before, event, self.protocol)
+            self.telemetry.input_logged(self.state)
         for cmd in cmds:
             cname, cfields = command_to_record(cmd)
             # Write-ahead: a setpoint is on disk (fdatasync) before the driver is called.
@@ -133,6 +154,12 @@ class Channel:
         if self._on_change is not None:
             self._on_change(self)
         return cmds
+
+    def flush_telemetry(self) -> None:
+        """Log the pump report held back, if any (before another input, and at a clean stop)."""
+        held = self.telemetry.before_input(self.state)
+        if held is not None:
+            self._log_input(held)
 
     def _log_input(self, event: Event) -> None:
         name, fields = event_to_record(event)

@@ -190,6 +190,10 @@ class Daemon:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        if self.audit is not None and not self.audit.dead:
+            for ch in self.channels.values():  # the last polls' state is what a restart recovers
+                with contextlib.suppress(Exception):
+                    ch.flush_telemetry()
 
     async def stop(self) -> None:
         if self.gateway is not None:

@@ -39,6 +39,7 @@ from driverd.runtime.config import load_config
 from driverd.runtime.control import ControlServer, request
 from driverd.runtime.daemon import Daemon
 from driverd.runtime.demo import SYRINGE, demo_schedule
+from driverd.runtime.failsafe import AUDIT_DEAD
 from driverd.runtime.service import EXIT_AUDIT_DEAD, ControlLoop, configure_logging, serve_config
 from driverd.signing import generate_keypair, load_public_key
 from drivers.base import PumpState
@@ -292,6 +293,19 @@ async def start_course(d: Path, proc: Proc, models: dict[str, PumpModel]) -> Non
     assert proc.proc.poll() is None, proc.stderr()
 
 
+async def next_record(d: Path) -> None:
+    """Make the daemon write until its log dies. A steady course logs a pump report only about once a minute
+    (telemetry compaction), so the log could otherwise take that long to meet the full disk (and a tmpfs takes
+    appends into the page it already holds); clinician requests are logged at once, and the one that meets the
+    error is answered with it."""
+    for _ in range(200):  # ack_clock: logged, and leaves the pumps infusing (the fail-safe must stop them)
+        reply = await request(d / "ctl.sock", {"op": "command", "pump_id": "bed-1", "action": "ack_clock",
+                                               "by": "nurse", "reason": "test: write until the log dies"}, TIMEOUT)
+        if reply.get("ok") is not True and ("error" in reply or AUDIT_DEAD in str(reply.get("refusals"))):
+            return
+    raise AssertionError("the log never died")
+
+
 async def dead_daemon_checks(d: Path, proc: Proc, models: dict[str, PumpModel], why: str) -> None:
     """While the dead daemon holds: status, refusals, systemd messages; then SIGTERM ends the hold: exit 3."""
     async def status() -> dict[str, Any]:
@@ -369,6 +383,7 @@ def test_file_size_limit_on_a_running_daemon(d: Path) -> None:
                 # Cap every file the daemon writes at the current size of the segment: its next append fails.
                 size = max(p.stat().st_size for _, p in list_segments(d / "audit"))
                 resource.prlimit(proc.proc.pid, resource.RLIMIT_FSIZE, (size, size))
+                await next_record(d)
                 await dead_daemon_checks(d, proc, models, os.strerror(errno.EFBIG))
             finally:
                 proc.close()
@@ -411,6 +426,7 @@ def test_disk_full_on_a_small_filesystem(d: Path) -> None:
                                 os.write(fd, b"\0" * 4096)
                     finally:
                         os.close(fd)
+                    await next_record(d)
                     await dead_daemon_checks(d, proc, models, os.strerror(errno.ENOSPC))
                 finally:
                     proc.close()

@@ -1,0 +1,172 @@
+"""CourseState <-> JSON-safe fields, exactly (issue 12, item 1: signed state snapshots). Pure.
+
+A snapshot must give back the very state the daemon had, not merely an equal one: a Decimal's exponent shows in
+later outputs (Decimal("1E+2") * Decimal("0.5") prints "50", Decimal("100") * Decimal("0.5") prints "50.0"), so
+decimals are written so that they parse back with the same sign, digits and exponent: plain notation when the
+exponent is <= 0 (as everywhere in the log), else scientific ("1E+2"). Fields are driven by the dataclasses'
+own type hints, so a field added to CourseState is carried without touching this module (and a type this module
+does not know fails loudly, in tests, not silently).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import types
+import typing
+from datetime import datetime
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from driverd.core.errors import DriverdError, Problem, ValidationError
+from driverd.core.kernel import Setpoint, restore_setpoint
+from driverd.core.quantities import Resolution
+from driverd.core.records import fmt_time, schedule_from_fields, schedule_to_fields
+from driverd.core.schedule import Schedule
+from driverd.core.state import CourseState, Pending, Phase, Sample, SyringeChange
+
+#: Version of the snapshot's state encoding (a reader refuses versions it does not know).
+STATE_FORMAT = 1
+
+_NESTED = (Resolution, Sample, Pending, SyringeChange, Setpoint)
+_HINTS: dict[type, dict[str, Any]] = {
+    cls: typing.get_type_hints(cls, localns={"Setpoint": Setpoint}) for cls in (CourseState, *_NESTED)
+}
+
+
+def exact_dec(d: Decimal) -> str:
+    """A Decimal as a string that `Decimal()` parses back with the same sign, digits and exponent."""
+    exp = d.as_tuple().exponent
+    return format(d, "f") if isinstance(exp, int) and exp <= 0 else str(d)
+
+
+def state_to_fields(state: CourseState) -> dict[str, Any]:
+    return _encode_obj(state)
+
+
+def state_from_fields(fields: Any, path: str = "state") -> CourseState:
+    """Rebuild a CourseState from `state_to_fields` output (as parsed from the log). Raises ValidationError
+    naming the field and the rule."""
+    out = _decode(CourseState, fields, path)
+    assert isinstance(out, CourseState)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ encode
+
+
+def _encode_obj(obj: Any) -> dict[str, Any]:
+    if isinstance(obj, Schedule):
+        return schedule_to_fields(obj)
+    return {f.name: _encode(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.name != "token"}
+
+
+def _encode(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, Decimal):
+        return exact_dec(value)
+    if isinstance(value, datetime):
+        return fmt_time(value)
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, tuple):
+        return [_encode(v) for v in value]
+    if dataclasses.is_dataclass(value):
+        return _encode_obj(value)
+    raise TypeError(f"cannot encode {type(value).__name__} in a state snapshot")
+
+
+# ------------------------------------------------------------------------------------------------ decode
+
+
+def _bad(path: str, rule: str, detail: str) -> ValidationError:
+    return ValidationError([Problem(path, rule, detail)])
+
+
+def _decode(hint: Any, raw: Any, path: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if raw is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _decode(inner, raw, path)
+    if origin is tuple:
+        if not isinstance(raw, list):
+            raise _bad(path, "type", f"expected a list, got {raw!r}")
+        item = typing.get_args(hint)[0]
+        return tuple(_decode(item, v, f"{path}[{i}]") for i, v in enumerate(raw))
+    if hint is bool:
+        if not isinstance(raw, bool):
+            raise _bad(path, "type", f"expected true or false, got {raw!r}")
+        return raw
+    if hint is int:
+        if isinstance(raw, bool) or not isinstance(raw, int):
+            raise _bad(path, "type", f"expected an integer, got {raw!r}")
+        return raw
+    if hint is str:
+        if not isinstance(raw, str):
+            raise _bad(path, "type", f"expected a string, got {raw!r}")
+        return raw
+    if hint is Decimal:
+        return _decimal(raw, path)
+    if hint is datetime:
+        return _time(raw, path)
+    if hint is Phase:
+        try:
+            return Phase(raw)
+        except ValueError:
+            raise _bad(path, "enum", f"unknown phase {raw!r}") from None
+    if hint is Schedule:
+        if not isinstance(raw, dict):
+            raise _bad(path, "type", "expected an object")
+        try:
+            return schedule_from_fields(raw)
+        except (KeyError, TypeError) as exc:
+            raise _bad(path, "schedule", f"malformed schedule: {exc!r}") from None
+    if hint in _HINTS:
+        return _decode_obj(hint, raw, path)
+    raise TypeError(f"no snapshot decoding for {hint!r} at {path}")
+
+
+def _decode_obj(cls: type, raw: Any, path: str) -> Any:
+    if not isinstance(raw, dict):
+        raise _bad(path, "type", f"expected an object, got {type(raw).__name__}")
+    hints = _HINTS[cls]
+    names = [f.name for f in dataclasses.fields(cls) if f.name != "token"]
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        raise _bad(f"{path}.{unknown[0]}", "unknown", "not a field of the state")
+    missing = [n for n in names if n not in raw]
+    if missing:
+        raise _bad(f"{path}.{missing[0]}", "required", "missing")
+    kwargs = {n: _decode(hints[n], raw[n], f"{path}.{n}") for n in names}
+    try:
+        if cls is Setpoint:
+            return restore_setpoint(**kwargs)
+        return cls(**kwargs)
+    except (DriverdError, ValueError) as exc:
+        raise _bad(path, "value", str(exc)) from None
+
+
+def _decimal(raw: Any, path: str) -> Decimal:
+    if not isinstance(raw, str):
+        raise _bad(path, "type", f"expected a decimal string, got {raw!r}")
+    try:
+        d = Decimal(raw)
+    except InvalidOperation:
+        raise _bad(path, "number", f"not a decimal: {raw!r}") from None
+    if not d.is_finite():
+        raise _bad(path, "finite", f"not finite: {raw!r}")
+    return d
+
+
+def _time(raw: Any, path: str) -> datetime:
+    try:
+        t = datetime.fromisoformat(raw) if isinstance(raw, str) else None
+    except ValueError:
+        t = None
+    if t is None or t.tzinfo is None:
+        raise _bad(path, "format", f"expected an RFC 3339 time with offset, got {raw!r}")
+    return t
