@@ -14,7 +14,10 @@ from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from driverd.core.errors import Problem, ValidationError
 from driverd.core.exposure import Burst
+from driverd.core.records import fmt_time
+from driverd.core.state_records import exact_dec
 
 
 def _time(value: object) -> datetime | None:
@@ -24,42 +27,96 @@ def _time(value: object) -> datetime | None:
         return None
 
 
-def ledger_from_records(records: Iterable[dict[str, Any]]) -> dict[str, Burst]:
-    """course_id -> Burst for every course in the log that delivered drug (running ones with drug_mg 0: the daemon
-    overlays the live courses' own totals)."""
-    patients: dict[str, str] = {}
-    started: dict[str, datetime] = {}
-    ended: dict[str, tuple[datetime, Decimal]] = {}
-    last_at: dict[object, datetime] = {}
-    for rec in records:
+class LedgerBuilder:
+    """`ledger_from_records`, streaming: `add` every record in log order. Its whole state goes into a state
+    snapshot (`to_fields` / `from_fields`), so start-up can carry on from there instead of reading the log."""
+
+    def __init__(self) -> None:
+        self.patients: dict[str, str] = {}  # schedule_id -> patient_ref
+        self.started: dict[str, datetime] = {}  # course -> its first non-zero setpoint
+        self.ended: dict[str, tuple[datetime, Decimal]] = {}  # course -> course_summary (at, delivered mg)
+        self.last_at: dict[str, datetime] = {}  # pump ("" for daemon records) -> newest event time seen
+
+    def add(self, rec: dict[str, Any]) -> None:
         pump = rec.get("pump_id")
+        pump_key = pump if isinstance(pump, str) else ""
         course = rec.get("course_id")
         at = _time(rec.get("at"))
         if at is not None:
-            last_at[pump] = at
-        when = at or last_at.get(pump)
+            self.last_at[pump_key] = at
+        when = at or self.last_at.get(pump_key)
         event = rec.get("event")
         if event == "schedule_accepted":
             sched = rec.get("schedule")
             if isinstance(sched, dict) and isinstance(sched.get("schedule_id"), str):
-                patients[sched["schedule_id"]] = str(sched.get("patient_ref"))
+                self.patients[sched["schedule_id"]] = str(sched.get("patient_ref"))
         elif not isinstance(course, str) or when is None:
-            continue
-        elif event == "setpoint" and course not in started:
+            return
+        elif event == "setpoint" and course not in self.started:
             try:
                 if Decimal(str(rec.get("rate_ml_per_h"))) > 0:
-                    started[course] = when
+                    self.started[course] = when
             except InvalidOperation:
-                continue
+                return
         elif event == "course_summary":
             try:
-                ended[course] = (when, Decimal(str(rec.get("delivered_mg"))))
+                self.ended[course] = (when, Decimal(str(rec.get("delivered_mg"))))
             except InvalidOperation:
+                return
+
+    def ledger(self) -> dict[str, Burst]:
+        out: dict[str, Burst] = {}
+        for course, at in self.started.items():
+            if course not in self.patients:
                 continue
-    out: dict[str, Burst] = {}
-    for course, at in started.items():
-        if course not in patients:
-            continue
-        end = ended.get(course)
-        out[course] = Burst(patients[course], course, at, end[0] if end else None, end[1] if end else Decimal(0))
-    return out
+            end = self.ended.get(course)
+            out[course] = Burst(self.patients[course], course, at, end[0] if end else None,
+                                end[1] if end else Decimal(0))
+        return out
+
+    def to_fields(self) -> dict[str, Any]:
+        return {"patients": dict(self.patients),
+                "started": {c: fmt_time(t) for c, t in self.started.items()},
+                "ended": {c: [fmt_time(t), exact_dec(mg)] for c, (t, mg) in self.ended.items()},
+                "last_at": {p: fmt_time(t) for p, t in self.last_at.items()}}
+
+    @classmethod
+    def from_fields(cls, f: Any) -> LedgerBuilder:
+        """Raises ValidationError naming the field."""
+        def obj(key: str) -> dict[str, Any]:
+            v = f.get(key) if isinstance(f, dict) else None
+            if not isinstance(v, dict):
+                raise ValidationError([Problem(f"ledger.{key}", "type", "expected an object")])
+            return v
+
+        def time(key: str, v: Any) -> datetime:
+            t = _time(v)
+            if t is None or t.tzinfo is None:
+                raise ValidationError([Problem(key, "format", f"expected an RFC 3339 time, got {v!r}")])
+            return t
+
+        b = cls()
+        for c, p in obj("patients").items():
+            if not isinstance(p, str):
+                raise ValidationError([Problem(f"ledger.patients.{c}", "type", "expected a string")])
+            b.patients[c] = p
+        b.started = {c: time(f"ledger.started.{c}", v) for c, v in obj("started").items()}
+        for c, v in obj("ended").items():
+            if not (isinstance(v, list) and len(v) == 2 and isinstance(v[1], str)):
+                raise ValidationError([Problem(f"ledger.ended.{c}", "type", "expected [time, mg]")])
+            try:
+                mg = Decimal(v[1])
+            except InvalidOperation:
+                raise ValidationError([Problem(f"ledger.ended.{c}", "number", f"not a decimal: {v[1]!r}")]) from None
+            b.ended[c] = (time(f"ledger.ended.{c}", v[0]), mg)
+        b.last_at = {p: time(f"ledger.last_at.{p}", v) for p, v in obj("last_at").items()}
+        return b
+
+
+def ledger_from_records(records: Iterable[dict[str, Any]]) -> dict[str, Burst]:
+    """course_id -> Burst for every course in the log that delivered drug (running ones with drug_mg 0: the daemon
+    overlays the live courses' own totals)."""
+    b = LedgerBuilder()
+    for rec in records:
+        b.add(rec)
+    return b.ledger()

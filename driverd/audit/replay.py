@@ -21,13 +21,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from driverd.audit.canonical import canonicalize
+from driverd.audit.exposure import LedgerBuilder
 from driverd.audit.reader import Line
 from driverd.audit.report import Report, ReportBuilder, report_lines
 from driverd.core.errors import DriverdError
 from driverd.core.protocol import ProtocolSpec, parse_protocol
+
+if TYPE_CHECKING:
+    from driverd.audit.snapshot import Snapshot
 
 ENVELOPE = frozenset({"seq", "ts", "event", "pump_id", "course_id", "prev", "hash"})
 #: Records the writer puts first after a restart: whatever the previous process had not logged yet, it never will.
@@ -157,6 +161,10 @@ class Replayer:
         self._inputs = input_events
         self._outputs = output_events
         self._protocol: ProtocolSpec | None = None
+        self._library_text: str | None = None
+        self._versions: dict[str, int] = {}  # highest schedule version accepted, as recovery counts them
+        self._ledger = LedgerBuilder()  # the exposure ledger's builder (checked against snapshots)
+        self._accepted: dict[str, dict[str, Any]] = {}  # schedule digest -> its schedule_accepted record
         self._pumps: dict[str, _Pump] = {}
         self._summary = ReportBuilder()
         self.result = ReplayResult(report=self._summary.report)
@@ -170,6 +178,15 @@ class Replayer:
         if event in CRASH_BOUNDARIES:
             self._interrupt_all()
             return
+        if event == "state_snapshot":
+            self._check_snapshot(rec)
+            return
+        self._ledger.add(rec)
+        if event == "schedule_accepted" and isinstance(rec.get("schedule"), dict):
+            self._accepted[str(rec["schedule"].get("digest"))] = rec
+            sid, ver = rec["schedule"].get("schedule_id"), rec["schedule"].get("version")
+            if isinstance(sid, str) and isinstance(ver, int) and not isinstance(ver, bool):
+                self._versions[sid] = max(self._versions.get(sid, 0), ver)
         pump_id = rec.get("pump_id")
         if not isinstance(pump_id, str):
             return
@@ -177,6 +194,53 @@ class Replayer:
             self._input(pump_id, rec)
         elif event in self._outputs:
             self._output(pump_id, rec)
+
+    @property
+    def library_text(self) -> str | None:
+        return self._library_text
+
+    def seed(self, snap: Snapshot) -> None:
+        """Start from a state snapshot (start-up replays only what follows it)."""
+        for pump_id, state in snap.states.items():
+            self._pumps[pump_id] = _Pump(state)
+        if snap.library is not None:
+            self._load_library({"seq": 0, "text": snap.library})
+        self._versions = dict(snap.versions)
+        self._ledger = LedgerBuilder.from_fields(snap.ledger.to_fields())
+        for acc in snap.schedules:
+            if isinstance(acc.get("schedule"), dict):
+                self._accepted[str(acc["schedule"].get("digest"))] = acc
+
+    def _check_snapshot(self, rec: dict[str, Any]) -> None:
+        """A snapshot must hold exactly the states replay has computed up to it, and the library in force."""
+        from driverd.audit.snapshot import read_snapshot, schedules_in
+
+        try:
+            snap = read_snapshot(rec)
+        except DriverdError as exc:
+            self._diverge(rec, "", None, "snapshot", None, None, f"state snapshot does not parse: {exc}")
+            return
+        if snap.library != self._library_text:
+            self._diverge(rec, "", None, "snapshot", None, None, "state snapshot names another drug library")
+        if snap.versions != self._versions:
+            self._diverge(rec, "", None, "snapshot", None, None,
+                          f"state snapshot schedule versions {snap.versions} differ from the log's {self._versions}")
+        def unnumbered(xs: list[dict[str, Any]]) -> list[dict[str, Any]]:  # seq: where it was logged, for messages
+            return [{k: v for k, v in x.items() if k != "seq"} for x in xs]
+
+        if unnumbered(snap.schedules) != unnumbered(schedules_in(snap.states, self._accepted)):
+            self._diverge(rec, "", None, "snapshot", None, None,
+                          "state snapshot's schedules differ from the log's schedule_accepted records")
+        if snap.ledger.to_fields() != self._ledger.to_fields():
+            self._diverge(rec, "", None, "snapshot", None, None,
+                          "state snapshot exposure ledger differs from the log's")
+        for pump_id in sorted(set(snap.states) | set(self._pumps)):
+            p = self._pumps.get(pump_id)
+            ours = p.state if p is not None else self._initial_state(pump_id)
+            theirs = snap.states.get(pump_id, self._initial_state(pump_id))
+            if theirs != ours or repr(theirs) != repr(ours):
+                self._diverge(rec, pump_id, None, "snapshot", None, None,
+                              f"state snapshot differs from the replayed state of pump {pump_id}")
 
     def states(self) -> dict[str, Any]:
         """Each pump's course state after everything added so far (crash recovery starts from these)."""
@@ -202,8 +266,10 @@ class Replayer:
             if not isinstance(text, str):
                 raise ValueError("library_loaded has no `text`")
             self._protocol = parse_protocol(text)
+            self._library_text = text
         except (DriverdError, ValueError) as exc:
             self._protocol = None
+            self._library_text = None
             self._diverge(rec, "", None, "no_library", None, None, f"drug library in the log does not parse: {exc}")
 
     def _input(self, pump_id: str, rec: dict[str, Any]) -> None:

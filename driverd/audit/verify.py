@@ -407,6 +407,7 @@ def verify_log(
     progress: Callable[[int], None] | None = None,
     workers: int = 1,
     chunk_bytes: int | None = None,
+    first_segment: int = 1,
 ) -> VerifyReport:
     """Verify LOG (one segment file) or DIR (all segments). Raises AuditError only if nothing is readable.
 
@@ -414,15 +415,20 @@ def verify_log(
     report is the same whatever the number of workers and the chunk size (`chunk_bytes`, default: the log split
     about four ways per worker, 1 to 8 MiB a chunk)."""
     segments = resolve_log(path)
+    if first_segment > 1 and path.is_dir():
+        # Start-up from a state snapshot (issue 12): only the segments from the snapshot's on. Their first
+        # segment_start's link back is not checked (its predecessor is not read).
+        segments = [(n, p) for n, p in segments if n >= first_segment] or segments[-1:]
     report = VerifyReport(path=str(path))
     report.segments = len(segments)
-    standalone = not path.is_dir()
+    standalone = not path.is_dir() or first_segment > 1
     numbers = [n for n, _ in segments]
-    if not standalone:
-        if numbers[0] != 1:
-            report.failure = Failure(None, str(segments[0][1]), 0, f"segment 1 is missing (log starts at {numbers[0]})")
-        elif numbers != list(range(1, len(numbers) + 1)):
-            missing = sorted(set(range(1, numbers[-1] + 1)) - set(numbers))
+    if path.is_dir():
+        if numbers[0] != first_segment:
+            report.failure = Failure(None, str(segments[0][1]), 0,
+                                     f"segment {first_segment} is missing (log starts at {numbers[0]})")
+        elif numbers != list(range(first_segment, first_segment + len(numbers))):
+            missing = sorted(set(range(first_segment, numbers[-1] + 1)) - set(numbers))
             report.failure = Failure(None, str(path), 0, f"segments missing from the sequence: {missing}")
         if report.failure is not None:
             report.ok = False

@@ -142,6 +142,8 @@ class AuditWriter:
         self._dead: AuditError | None = None
         self._closed = False
         self.on_dead: Callable[[AuditError], None] | None = None
+        # Called with every record a caller appended, as written (the daemon keeps its exposure ledger with it).
+        self.on_append: Callable[[dict[str, Any]], None] | None = None
         # Derived once: append checks them on every record.
         self._group_commit_ns = Decimal(config.group_commit_ms) * 1_000_000
         self._checkpoint_interval = config.checkpoint_interval
@@ -198,6 +200,8 @@ class AuditWriter:
         result: dict[str, Any] = self._logger.info(
             event, pump_id=pump_id, course_id=course_id, **{_DURABLE_KEY: durable}, **fields
         )
+        if self.on_append is not None:
+            self.on_append(result)
         return result
 
     def flush(self) -> None:
@@ -214,6 +218,13 @@ class AuditWriter:
             return False
         self._sync()
         return True
+
+    def rotate(self) -> None:
+        """Start a new segment now, unless the current one holds hardly more than its own start (a state snapshot
+        opens a segment, so start-up reads and verifies only from there)."""
+        self._check_usable()
+        if self._segment_records > 3:
+            self._rotate()
 
     def checkpoint(self, reason: str = "manual") -> dict[str, Any] | None:
         """Force a signed checkpoint (None without a signing key: there is nothing to sign with)."""

@@ -60,6 +60,11 @@ def verify(
         typer.Option("--jobs", min=1, max=64, help="worker processes (default: one per CPU, at most 8; logs under "
                                                    "4 MiB are verified in this process)"),
     ] = None,
+    full: Annotated[
+        bool, typer.Option("--full", help="also replay the whole log through the core: every decision and every "
+                                          "state snapshot must equal what replay computes (start-up trusts "
+                                          "the newest snapshot on its signature alone)")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Check canonical form, seq continuity, the hash chain, segment links and every checkpoint signature."""
@@ -88,11 +93,12 @@ def verify(
                                 workers=workers)
         if store is not None and report.ok:
             schedules = _check_schedules(log, store)
+        replayed = _full_replay(log) if full and report.ok else None
     except DriverdError as exc:
         fail(str(exc), as_json=as_json)
-    ok = report.ok and (schedules is None or schedules["ok"])
+    ok = report.ok and (schedules is None or schedules["ok"]) and (replayed is None or replayed["ok"])
     if as_json:
-        emit_json({**report.as_dict(), "ok": ok, "schedules": schedules})
+        emit_json({**report.as_dict(), "ok": ok, "schedules": schedules, "full": replayed})
     else:
         _print_verify(report)
         if schedules is not None:
@@ -100,8 +106,32 @@ def verify(
                 typer.echo(f"  schedules: {schedules['checked']} accepted schedule(s), each signed by a key in {trust}")
             else:
                 typer.echo(f"FAILED: {schedules['failure']}")
+        if replayed is not None:
+            if replayed["ok"]:
+                typer.echo(f"  full: {replayed['snapshots']} state snapshot(s) and {replayed['outputs']} decision(s) "
+                           "equal what replay computes")
+            else:
+                typer.echo(f"FAILED (full): {replayed['failure']}")
     if not ok:
         raise typer.Exit(EXIT_REFUSED)
+
+
+def _full_replay(log: Path) -> dict[str, Any]:
+    """`--full`: replay from the first record; every state snapshot is compared with replay's own states."""
+    from driverd.audit.reader import iter_records
+    from driverd.audit.replay import Replayer
+    from driverd.audit.snapshot import SNAPSHOT_EVENT
+
+    replayer = Replayer()
+    snapshots = 0
+    for rec in iter_records(log):
+        snapshots += rec.get("event") == SNAPSHOT_EVENT
+        replayer.add(rec)
+    result = replayer.finish()
+    first = result.divergences[0] if result.divergences else None
+    return {"ok": first is None, "snapshots": snapshots, "outputs": result.outputs_checked,
+            "divergences": len(result.divergences),
+            "failure": None if first is None else f"seq {first.seq} ({first.kind}): {first.detail}"}
 
 
 def _check_schedules(log: Path, store: Any) -> dict[str, Any]:

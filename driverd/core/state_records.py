@@ -64,6 +64,9 @@ def _encode_obj(obj: Any) -> dict[str, Any]:
 def _encode(value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, str)):
         return value
+    if isinstance(value, tuple) and value and isinstance(value[0], Sample):
+        # The 24-h history (up to ~1,440 samples) is most of a state: rows, not objects.
+        return [[fmt_time(x.at), exact_dec(x.delivered_ml), exact_dec(x.delivered_mg)] for x in value]
     if isinstance(value, Decimal):
         return exact_dec(value)
     if isinstance(value, datetime):
@@ -96,6 +99,8 @@ def _decode(hint: Any, raw: Any, path: str) -> Any:
         if not isinstance(raw, list):
             raise _bad(path, "type", f"expected a list, got {raw!r}")
         item = typing.get_args(hint)[0]
+        if item is Sample:
+            return tuple(_sample(v, f"{path}[{i}]") for i, v in enumerate(raw))
         return tuple(_decode(item, v, f"{path}[{i}]") for i, v in enumerate(raw))
     if hint is bool:
         if not isinstance(raw, bool):
@@ -148,6 +153,13 @@ def _decode_obj(cls: type, raw: Any, path: str) -> Any:
         return cls(**kwargs)
     except (DriverdError, ValueError) as exc:
         raise _bad(path, "value", str(exc)) from None
+
+
+def _sample(raw: Any, path: str) -> Sample:
+    if not isinstance(raw, list) or len(raw) != 3:
+        raise _bad(path, "type", f"expected [at, delivered_ml, delivered_mg], got {raw!r}")
+    return Sample(_time(raw[0], f"{path}.at"), _decimal(raw[1], f"{path}.delivered_ml"),
+                  _decimal(raw[2], f"{path}.delivered_mg"))
 
 
 def _decimal(raw: Any, path: str) -> Decimal:

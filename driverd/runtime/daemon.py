@@ -20,9 +20,9 @@ import structlog
 
 import driverd
 from driverd.audit.canonical import parse_ts
-from driverd.audit.exposure import ledger_from_records
-from driverd.audit.reader import iter_records
+from driverd.audit.exposure import LedgerBuilder
 from driverd.audit.segments import list_segments
+from driverd.audit.snapshot import SNAPSHOT_EVENT, snapshot_fields
 from driverd.audit.writer import AuditConfig, AuditWriter
 from driverd.core.canonical import canonical_bytes
 from driverd.core.errors import DriverdError, SignatureError, ValidationError
@@ -33,7 +33,7 @@ from driverd.core.protocol import ProtocolSpec, parse_protocol
 from driverd.core.records import fmt_dec, fmt_time
 from driverd.core.schedule import Schedule
 from driverd.core.schedule_parse import parse_schedule
-from driverd.core.state import Phase
+from driverd.core.state import CourseState, Phase
 from driverd.core.volume_plan import plan_course
 from driverd.runtime.channel import Channel, syringe_view
 from driverd.runtime.clock import RuntimeClock, WallStep
@@ -48,6 +48,9 @@ if TYPE_CHECKING:
     from driverd.hl7.gateway import Gateway
 
 MAX_TEXT = 256
+#: A state snapshot at least this often (daemon clock), besides the one at every start.
+SNAPSHOT_EVERY = timedelta(hours=6)
+
 log = structlog.get_logger("driverd.daemon")
 
 
@@ -79,6 +82,11 @@ class Daemon:
         # logged refusals (it counts them and logs a summary record instead). None: log every refusal.
         self.refusal_gate: Callable[[str], bool] | None = None
         self.ledger: dict[str, Burst] = {}
+        self._ledger = LedgerBuilder()
+        self._seen_versions: dict[str, int] = {}
+        self._accepted: dict[str, dict[str, Any]] = {}
+        self._other_states: dict[str, CourseState] = {}
+        self._last_snapshot_at: datetime | None = None
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
@@ -101,8 +109,14 @@ class Daemon:
             self.trust,  # adopted schedules are re-verified against the trust store
         )
         self.versions = dict(recovered.versions)
-        # The per-patient exposure ledger (issue 13): derived from the whole log, so it survives restarts.
-        self.ledger = ledger_from_records(r for _, seg in list_segments(cfg.audit_dir) for r in iter_records(seg))
+        # The per-patient exposure ledger (issue 13): derived from the log (from the state snapshot start-up began
+        # with, and every record after it), kept up to date with every record appended from here on.
+        self._ledger = recovered.ledger
+        self._seen_versions = dict(recovered.versions)  # what recovery would compute at this point of the log
+        self._accepted = dict(recovered.accepted)  # schedule digest -> its schedule_accepted record
+        self._other_states = {p: st for p, st in recovered.states.items() if p not in {c.id for c in cfg.pumps}}
+        self.audit.on_append = self._appended
+        self.ledger = self._ledger.ledger()
         self.audit.append("daemon_start", pump_id=None, course_id=None, durable=True, version=driverd.__version__,
                           config_sha256=cfg.sha256, pumps=[p.id for p in cfg.pumps],
                           recovered_records=recovered.records, trust_keys=sorted(self.trust.keys),
@@ -129,6 +143,7 @@ class Daemon:
             if behind is not None:
                 channel.feed(ClockStepped(behind.at, behind.delta_s, behind.wall_at))
             self.channels[pump.id] = channel
+        self.write_snapshot()  # a restart from here replays nothing before this point
         self.audit.flush()
         if cfg.hl7 is not None:
             from driverd.hl7.gateway import Gateway  # only when configured: HL7 is off by default
@@ -207,14 +222,44 @@ class Daemon:
             with contextlib.suppress(Exception):  # releases its files; the error was reported when it died
                 self.audit.close()
         elif self.audit is not None:
+            self.write_snapshot()  # the next start replays nothing
             self.audit.append("daemon_stop", pump_id=None, course_id=None, durable=True,
                               left_running=left_running(self.channels))
             self.audit.close()
 
     def tick_audit(self) -> None:
-        """Called on a timer: bounded group-commit delay for telemetry."""
+        """Called on a timer: bounded group-commit delay for telemetry, and a state snapshot when one is due."""
         if self.audit is not None:
+            self.maybe_snapshot()
             self.audit.flush()
+
+    def maybe_snapshot(self) -> None:
+        """A state snapshot if SNAPSHOT_EVERY has passed since the last (daemon clock)."""
+        if self.audit is not None and not self.audit.dead and self._last_snapshot_at is not None \
+                and self.clock.now() - self._last_snapshot_at >= SNAPSHOT_EVERY:
+            self.write_snapshot()
+
+    def write_snapshot(self) -> None:
+        """A signed state snapshot (issue 12): every course as replay of the log up to here gives it (a channel's
+        `telemetry.replayed`: the live state less a pump report held back), the schedule versions seen, the drug
+        library, the exposure ledger; then a checkpoint, which signs it. Start-up carries on from the newest."""
+        assert self.audit is not None
+        states = dict(self._other_states)
+        states.update({p: ch.telemetry.replayed for p, ch in self.channels.items()})
+        self.audit.rotate()
+        self.audit.append(SNAPSHOT_EVENT, pump_id=None, course_id=None, durable=True,
+                          **snapshot_fields(states, self._seen_versions, self.protocol_text, self._ledger,
+                                            self._accepted))
+        self.audit.checkpoint("snapshot")
+        self._last_snapshot_at = self.clock.now()
+
+    def _appended(self, rec: dict[str, Any]) -> None:
+        self._ledger.add(rec)
+        if rec.get("event") == "schedule_accepted" and isinstance(rec.get("schedule"), dict):
+            self._accepted[str(rec["schedule"].get("digest"))] = rec
+            sid, ver = rec["schedule"].get("schedule_id"), rec["schedule"].get("version")
+            if isinstance(sid, str) and isinstance(ver, int):
+                self._seen_versions[sid] = max(self._seen_versions.get(sid, 0), ver)
 
     # ------------------------------------------------------------------------------------------ requests
 
@@ -283,6 +328,7 @@ class Daemon:
         limits = self.protocol.exposure if self.protocol is not None else None
         if limits is None:
             return []
+        self.ledger = self._ledger.ledger()
         now = self.clock.now()
         pending: list[Burst] = []
         for ch in self.channels.values():

@@ -189,6 +189,7 @@ async def _wait_for_courses(daemon: Daemon, clock: RuntimeClock, progress: Calla
         # This loop wakes on every poll (thousands of times per virtual course): sync telemetry only when the
         # group-commit delay has passed, not on every wake-up. Setpoints and alarms are synced before they act.
         if daemon.audit is not None:
+            daemon.maybe_snapshot()
             daemon.audit.flush_due()
 
 

@@ -14,13 +14,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from driverd.audit.exposure import LedgerBuilder
 from driverd.audit.reader import iter_lines
 from driverd.audit.replay import Interrupted, Replayer
 from driverd.audit.schedules import ScheduleChecker
 from driverd.audit.segments import list_segments
+from driverd.audit.snapshot import newest_snapshot
 from driverd.audit.verify import verify_log
 from driverd.audit.writer import AuditConfig, AuditWriter
 from driverd.core.errors import AuditError
@@ -34,6 +37,10 @@ class Recovered:
     versions: dict[str, int] = field(default_factory=dict)  # schedule_id -> highest accepted version
     records: int = 0
     interrupted: list[Interrupted] = field(default_factory=list)  # decisions a crash cut off (recomputed)
+    ledger: LedgerBuilder = field(default_factory=LedgerBuilder)  # the exposure ledger, as of the log's end
+    library: str | None = None  # the drug library text in force at the log's end
+    snapshot_seq: int | None = None  # the state snapshot start-up began from (None: the whole log)
+    accepted: dict[str, dict[str, Any]] = field(default_factory=dict)  # digest -> schedule_accepted (fields)
 
 
 def open_log(
@@ -43,29 +50,50 @@ def open_log(
     """Start-up: open the writer (torn-tail repair, logged), then rebuild every course from the log."""
     writer = AuditWriter.open(audit_dir, config, key, clock)
     try:
-        return writer, recover(audit_dir, trust)
+        return writer, recover(audit_dir, trust, key.public_key() if key is not None else None)
     except BaseException:
         writer.abandon()
         raise
 
 
-def recover(audit_dir: Path, trust: TrustStore) -> Recovered:
+def recover(audit_dir: Path, trust: TrustStore, public_key: Ed25519PublicKey | None = None) -> Recovered:
+    """Rebuild every course. From the newest signed state snapshot if there is one (the log is verified from its
+    segment on, with the daemon's own key when given, and only the records after it are replayed), else from the
+    whole log."""
     if not audit_dir.is_dir() or not list_segments(audit_dir):
         return Recovered()
-    report = verify_log(audit_dir)
+    snap = newest_snapshot(audit_dir)
+    # From a snapshot, the log before it is not read: the suffix must be signed with the daemon's own key.
+    report = verify_log(audit_dir, public_key=public_key if snap else None, first_segment=snap.segment if snap else 1)
     if not report.ok:
         failure = report.failure
         raise AuditError(f"audit log does not verify; refusing to start: {failure}")
     replayer = Replayer()
     schedules = ScheduleChecker(trust)  # adopt a schedule only if its signed document verifies (docs/audit.md)
     out = Recovered()
-    for _, path in list_segments(audit_dir):
+    if snap is not None:
+        replayer.seed(snap)
+        if snap.library is not None:
+            schedules.add({"event": "library_loaded", "text": snap.library})
+        out.versions = dict(snap.versions)
+        out.ledger = snap.ledger
+        out.snapshot_seq = snap.seq
+        for acc in snap.schedules:  # the schedules of the snapshot's courses: re-verified like logged ones
+            rec = {"event": "schedule_accepted", **acc}  # with its own seq, for the refusal's message
+            schedules.add(rec)
+            if isinstance(acc.get("schedule"), dict):
+                out.accepted[str(acc["schedule"].get("digest"))] = rec
+    for _, path in list_segments(audit_dir)[(snap.segment - 1) if snap else 0:]:
         for line in iter_lines(path):
             rec = line.record
+            if snap is not None and rec["seq"] <= snap.seq:
+                continue
             schedules.add(rec)
             replayer.add(rec)
+            out.ledger.add(rec)
             out.records += 1
             if rec.get("event") == "schedule_accepted" and isinstance(rec.get("schedule"), dict):
+                out.accepted[str(rec["schedule"].get("digest"))] = rec
                 sched = rec["schedule"]
                 sid, ver = sched.get("schedule_id"), sched.get("version")
                 if isinstance(sid, str) and isinstance(ver, int):
@@ -76,4 +104,5 @@ def recover(audit_dir: Path, trust: TrustStore) -> Recovered:
         raise AuditError(f"audit replay diverges at seq {first.seq} ({first.kind}: {first.detail}); refusing to start")
     out.states = replayer.states()
     out.interrupted = list(result.interrupted)
+    out.library = replayer.library_text
     return out
