@@ -127,6 +127,8 @@ class Gateway:
         self._pumps: dict[str, _Pump] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._inflight: dict[str, asyncio.Future[None]] = {}  # control ids of orders being worked on now
+        self._instance: str | None = None  # the outbox's control-id prefix, read once
+        self._alert_ids: dict[str, dict[str, str]] | None = None  # see _all_active
         self.full = False  # the last message the outbox was given was refused (alarmed in the operational log)
         self.dropped = 0  # messages the outbox refused since the start: never delivered
         self.last_refusal = ""
@@ -217,7 +219,9 @@ class Gateway:
 
     def _control_id(self) -> str:
         assert self.outbox is not None
-        return f"{self.outbox.state['instance']}{self.outbox.next_number():010d}"
+        if self._instance is None:
+            self._instance = str(self.outbox.state["instance"])
+        return f"{self._instance}{self.outbox.next_number():010d}"
 
     def _put(self, kind: str, pump_id: str, build: Callable[[str], str], control_id: str | None = None,
              **audit: Any) -> str | None:
@@ -261,8 +265,8 @@ class Gateway:
         message is queued, a clear after (a crash in between can only repeat a clear, never leave a raise that is
         never cleared)."""
         assert self.outbox is not None
-        for cause in [c for c in self._active(channel.pump_id) if c not in set(obs.alarms)]:
-            alert_id = self._active(channel.pump_id)[cause]
+        active = set(obs.alarms)
+        for cause, alert_id in [(c, a) for c, a in self._active(channel.pump_id).items() if c not in active]:
             alert = Alert(obs.at, alert_id, "end", channel.pump_id, obs.course_id, obs.patient_ref, cause,
                           "cleared", priority_of(cause))
             if self._send_alert(alert) is None:
@@ -285,13 +289,20 @@ class Gateway:
                     self._set_active(channel.pump_id, cause, None)  # not raised after all: raise it next time
                 return
 
-    def _active(self, pump_id: str) -> dict[str, str]:
+    def _all_active(self) -> dict[str, dict[str, str]]:
+        """pump -> cause -> alert id, as in the outbox's durable state. Read from it once (`Outbox.state` decodes
+        every key: too dear for every poll of every pump), then kept in step by `_set_active`."""
         assert self.outbox is not None
-        return dict((self.outbox.state.get("alerts") or {}).get(pump_id) or {})
+        if self._alert_ids is None:
+            self._alert_ids = dict(self.outbox.state.get("alerts") or {})
+        return self._alert_ids
+
+    def _active(self, pump_id: str) -> dict[str, str]:
+        return self._all_active().get(pump_id) or {}
 
     def _set_active(self, pump_id: str, cause: str, alert_id: str | None) -> None:
         assert self.outbox is not None
-        alerts: dict[str, dict[str, str]] = dict(self.outbox.state.get("alerts") or {})
+        alerts = dict(self._all_active())
         mine = dict(alerts.get(pump_id) or {})
         if alert_id is None:
             mine.pop(cause, None)
@@ -299,6 +310,7 @@ class Gateway:
             mine[cause] = alert_id
         alerts[pump_id] = mine
         self.outbox.set_state("alerts", alerts)
+        self._alert_ids = alerts  # only once durable: a failed set_state leaves the old view
 
     def _send_alert(self, alert: Alert, control_id: str | None = None) -> str | None:
         return self._put("ORU^R40", alert.pump_id,
