@@ -17,19 +17,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import signal
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
 import structlog
 
 from driverd.core.errors import AuditError, ConfigError, DriverdError
-from driverd.runtime.clock import RealClock, RuntimeClock
+from driverd.runtime import oplog
+from driverd.runtime.clock import RealClock, RuntimeClock, ScaledClock
 from driverd.runtime.config import DaemonConfig, load_config
 from driverd.runtime.control import ControlServer
 from driverd.runtime.daemon import Daemon
@@ -45,55 +46,21 @@ EXIT_AUDIT_DEAD = 3  # the audit log died at run time; every pump was stopped by
 log = structlog.get_logger("driverd.service")
 
 
-class _SafeStream:
-    """A text stream whose write errors (EPIPE on a closed stderr, EIO, a closed file) are dropped: a lost
-    operational log line must never change what the daemon does."""
-
-    def __init__(self, stream: TextIO) -> None:
-        self._stream = stream
-
-    def write(self, text: str) -> int:
-        try:
-            return self._stream.write(text)
-        except (OSError, ValueError):
-            return 0
-
-    def flush(self) -> None:
-        with contextlib.suppress(OSError, ValueError):
-            self._stream.flush()
-
-    def isatty(self) -> bool:
-        try:
-            return self._stream.isatty()
-        except (OSError, ValueError):
-            return False
-
-
-def _say(message: str) -> None:
-    """One line for the operator on stderr (next to the JSON log); never raises."""
+def _say(message: str, priority: str = "err") -> None:
+    """One line for the operator on stderr; never raises. A readable line on a terminal; a JSON op-log line
+    (`operator_message`, with its priority) when stderr is the JSON stream, which never carries raw text."""
+    if oplog.json_lines():
+        oplog.emit(priority, "operator_message", message=message)
+        return
     with contextlib.suppress(OSError, ValueError):
         print(message, file=sys.stderr, flush=True)
 
 
-def configure_logging(stream: TextIO | None = None, *, json_output: bool | None = None) -> None:
-    """Operational logs (not the audit log) to stderr: JSON lines for journald, readable text on a terminal."""
-    stream = stream or sys.stderr
-    if json_output is None:
-        json_output = not _SafeStream(stream).isatty()
-    renderer: Any = (structlog.processors.JSONRenderer(sort_keys=True) if json_output
-                     else structlog.dev.ConsoleRenderer(colors=False))
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
-        logger_factory=structlog.PrintLoggerFactory(_SafeStream(stream)),  # type: ignore[arg-type]
-        cache_logger_on_first_use=False,
-    )
+def configure_logging(stream: TextIO | None = None, *, json_output: bool | None = None,
+                      priority_prefix: bool | None = None) -> None:
+    """Operational logs (not the audit log) to stderr: JSON lines for journald, readable text on a terminal
+    (driverd.runtime.oplog)."""
+    oplog.configure_logging(stream, json_output=json_output, priority_prefix=priority_prefix)
 
 
 def stall_threshold_s(config: DaemonConfig) -> float:
@@ -225,8 +192,12 @@ async def serve(
     stop_event: asyncio.Event | None = None,
     on_ready: Callable[[Daemon, ControlServer, ControlLoop], None] | None = None,
     install_signal_handlers: bool = True,
+    speed: float | None = None,
 ) -> int:
-    """Run the daemon until SIGTERM/SIGINT (or `stop_event`). Returns the process exit code."""
+    """Run the daemon until SIGTERM/SIGINT (or `stop_event`). Returns the process exit code.
+
+    `speed`: course time runs N x real time (benches against external simulators); refused unless the config
+    says `[daemon] mode = "bench"`, so a ward config can never run on a scaled clock."""
     try:
         config = load_config(config_path)
     except ConfigError as exc:
@@ -234,6 +205,15 @@ async def serve(
         for p in exc.problems:
             _say(f"driverd: config {config_path}: {p}")
         return EXIT_FAILED
+    if speed is not None:
+        if config.mode != "bench":
+            log.error("speed_refused", config=str(config_path), setting="daemon.mode", mode=config.mode, speed=speed)
+            _say(f"driverd: --speed {speed:g} refused: {config_path} is not a bench config; a scaled clock needs "
+                 f'daemon.mode = "bench" (it is "{config.mode}")')
+            return EXIT_FAILED
+        clock = ScaledClock(datetime.now(UTC), speed)
+        log.warning("clock_scaled", speed=speed, detail="course time runs this many times faster than real time; "
+                    "the audit log's times are course times (bench only)")
     return await serve_config(config, clock or RealClock(), world=world, stop_event=stop_event, on_ready=on_ready,
                               install_signal_handlers=install_signal_handlers)
 
@@ -271,6 +251,7 @@ async def serve_config(
             loop.remove_signal_handler(sig)
         return EXIT_FAILED
     daemon = Daemon(config, clock, world=world)
+    daemon.oplog = oplog.OpLog()
     server = ControlServer(daemon, config.control_socket, config.socket_mode, limits=config.control)
     control = ControlLoop(daemon, stall_after_s=stall_after_s or stall_threshold_s(config),
                           ping_every_s=ping_every_s if ping_every_s is not None else watchdog_interval())
@@ -291,6 +272,9 @@ async def serve_config(
             _say(f"driverd: cannot start: {exc}")
             code = EXIT_FAILED
             return code
+        assert daemon.trust is not None
+        oplog.startup_warnings(audit_key_configured=config.audit_key is not None,
+                               trusted_key_ids=daemon.trust.keys, mode=config.mode)
         control_task = asyncio.create_task(control.run(), name="control-loop")
         notify("READY=1\nSTATUS=running")
         log.info("daemon_ready", socket=str(config.control_socket), watchdog_ping_s=control.ping_every_s,
@@ -342,9 +326,9 @@ async def _run_until_stopped(daemon: Daemon, config: DaemonConfig, stop: asyncio
         fs = daemon.failsafe
         safe, unsafe = fs.stopped(), fs.unverified()
         notify("STATUS=" + _dead_status(daemon))
-        _say(f"driverd: the audit log cannot be written: {fs.reason}")
+        _say(f"driverd: the audit log cannot be written: {fs.reason}", "crit")
         _say(f"driverd: fail-safe: pumps stopped and read back: {', '.join(safe) or 'none'}"
-             + (f"; NOT verified stopped: {', '.join(unsafe)}" if unsafe else ""))
+             + (f"; NOT verified stopped: {', '.join(unsafe)}" if unsafe else ""), "crit")
         _say(f"driverd: refusing every request; exiting with code {EXIT_AUDIT_DEAD} in {config.failsafe_hold_s:g} s "
              "(free space or fix the disk; the restart repairs a torn last line by itself)")
         safe_log(log, "error", "audit_dead_exit_pending", hold_s=config.failsafe_hold_s, stopped=safe,
