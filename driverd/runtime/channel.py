@@ -102,6 +102,10 @@ class Channel:
         self.telemetry = ReportCompactor(state, protocol, telemetry.HEARTBEAT if telemetry_heartbeat is None
                                          else telemetry_heartbeat)
 
+    def set_clock_step_tolerance(self, tolerance: timedelta) -> None:
+        """A reload (SIGHUP) changed clock_step_tolerance_s: steps from now on are judged by the new value."""
+        self._clock_watch.tolerance = tolerance
+
     @property
     def link_lost(self) -> bool:
         """The course's own view (`CourseState.link_up`), so channel and core never disagree: a course recovered

@@ -37,6 +37,7 @@ from driverd.runtime.daemon import Daemon
 from driverd.runtime.failsafe import safe_log
 from driverd.runtime.filemodes import unsafe_file_modes
 from driverd.runtime.notify import notify, watchdog_interval
+from driverd.runtime.reload import ReloadResult, reload
 
 TICK_S = 0.2
 EXIT_OK = 0
@@ -232,11 +233,15 @@ async def serve_config(
     loop = asyncio.get_running_loop()
     stop = stop_event or asyncio.Event()
     installed: list[signal.Signals] = []
+    hup = Reloader(config.path, follow_stall=stall_after_s is None)
     if install_signal_handlers:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.add_signal_handler(sig, _on_signal, stop, sig)
                 installed.append(sig)
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(signal.SIGHUP, hup)  # reload (ExecReload= in the unit)
+            installed.append(signal.SIGHUP)
         # Past a file-size limit (RLIMIT_FSIZE / LimitFSIZE=) a write must fail with EFBIG, which the audit
         # writer turns into the fail-safe, not kill the process with SIGXFSZ while pumps are running.
         with contextlib.suppress(ValueError, OSError):
@@ -279,6 +284,7 @@ async def serve_config(
         notify("READY=1\nSTATUS=running")
         log.info("daemon_ready", socket=str(config.control_socket), watchdog_ping_s=control.ping_every_s,
                  stall_after_s=control.stall_after_s)
+        hup.daemon, hup.control = daemon, control
         if on_ready is not None:
             on_ready(daemon, server, control)
         code = await _run_until_stopped(daemon, config, stop)
@@ -316,6 +322,7 @@ async def serve_config(
 async def _run_until_stopped(daemon: Daemon, config: DaemonConfig, stop: asyncio.Event) -> int:
     """Wait for a stop signal, or for the fail-safe to finish; after the latter, hold so `status` can show
     what happened (a signal ends the hold early) and return EXIT_AUDIT_DEAD."""
+    config = daemon.config  # failsafe_hold_s as a reload may have changed it
     stopped = asyncio.ensure_future(stop.wait())
     failed = asyncio.ensure_future(daemon.failsafe.done.wait())
     try:
@@ -347,6 +354,27 @@ def _dead_status(daemon: Daemon) -> str:
     text = f"audit log dead: {fs.reason}; pumps stopped by fail-safe" + (
         f" except {', '.join(unsafe)} (not verified)" if unsafe else "")
     return text[:400]
+
+
+class Reloader:
+    """The SIGHUP handler: a reload (driverd.runtime.reload) once the daemon runs; before that it is ignored,
+    with a line saying so (systemd's default for SIGHUP, exiting, would stop every pump's supervision)."""
+
+    def __init__(self, config_path: Path, *, follow_stall: bool = True) -> None:
+        self.config_path = config_path
+        self.follow_stall = follow_stall  # the stall threshold follows a reloaded poll period (unless fixed)
+        self.daemon: Daemon | None = None
+        self.control: ControlLoop | None = None
+        self.results: list[ReloadResult] = []
+
+    def __call__(self) -> None:
+        if self.daemon is None or self.control is None:
+            oplog.emit("warning", "config_reload_ignored", detail="SIGHUP while starting: send it again once ready")
+            return
+        result = reload(self.daemon, self.config_path)
+        self.results.append(result)
+        if result.ok and self.follow_stall:
+            self.control.stall_after_s = stall_threshold_s(self.daemon.config)
 
 
 def _on_signal(stop: asyncio.Event, sig: int) -> None:
