@@ -74,8 +74,8 @@ def _reload(daemon: Daemon, config_path: Path) -> ReloadResult:
     try:
         new = load_config(config_path)
     except DriverdError as exc:
-        problems = getattr(exc, "problems", None)
-        return _failed([str(p) for p in problems] if problems else [str(exc)], config_path)
+        found = getattr(exc, "problems", None)
+        return _failed([str(p) for p in found] if found else [str(exc)], config_path)
     merged, applied, held = plan(running, new)
     problems: list[str] = []
     if merged.deadman_s and merged.deadman_s < 2 * merged.poll_period_s:

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import structlog
 
@@ -38,6 +38,9 @@ from driverd.runtime.failsafe import safe_log
 from driverd.runtime.filemodes import unsafe_file_modes
 from driverd.runtime.notify import notify, watchdog_interval
 from driverd.runtime.reload import ReloadResult, reload
+
+if TYPE_CHECKING:
+    from driverd.runtime.metrics import MetricsExporter
 
 TICK_S = 0.2
 EXIT_OK = 0
@@ -261,6 +264,7 @@ async def serve_config(
     control = ControlLoop(daemon, stall_after_s=stall_after_s or stall_threshold_s(config),
                           ping_every_s=ping_every_s if ping_every_s is not None else watchdog_interval())
     control_task: asyncio.Task[None] | None = None
+    exporter: MetricsExporter | None = None
     started = False
     code = EXIT_OK
     try:
@@ -280,6 +284,8 @@ async def serve_config(
         assert daemon.trust is not None
         oplog.startup_warnings(audit_key_configured=config.audit_key is not None,
                                trusted_key_ids=daemon.trust.keys, mode=config.mode)
+        if config.metrics is not None:
+            exporter = _start_metrics(daemon, config)
         control_task = asyncio.create_task(control.run(), name="control-loop")
         notify("READY=1\nSTATUS=running")
         log.info("daemon_ready", socket=str(config.control_socket), watchdog_ping_s=control.ping_every_s,
@@ -300,6 +306,8 @@ async def serve_config(
                 await control_task
         with contextlib.suppress(Exception):
             await server.close()
+        if exporter is not None:
+            exporter.stop()
         if started:
             if daemon.failsafe.active:  # a stop mid-fail-safe: let it finish stopping the pumps first
                 with contextlib.suppress(TimeoutError):
@@ -317,6 +325,28 @@ async def serve_config(
             loop.remove_signal_handler(sig)
         safe_log(log, "info", "daemon_stopped", exit_code=code)
     return code
+
+
+def _start_metrics(daemon: Daemon, config: DaemonConfig) -> MetricsExporter | None:
+    """The Prometheus endpoint, if it can listen. A port in use is an error line, not a failed start: metrics
+    are an observer, and refusing to start would leave every pump unsupervised (their dead-man stops them)."""
+    from driverd.runtime.metrics import MetricsExporter
+
+    assert config.metrics is not None
+    exporter = MetricsExporter(daemon, config.metrics)
+    try:
+        host, port = exporter.start()
+    except OSError as exc:
+        exporter.stop()
+        log.error("metrics_failed", host=config.metrics.host, port=config.metrics.port,
+                  error=f"{type(exc).__name__}: {exc}")
+        return None
+    log.info("metrics_listening", host=host, port=port, url=f"http://{_url_host(host)}:{port}/metrics")
+    return exporter
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 async def _run_until_stopped(daemon: Daemon, config: DaemonConfig, stop: asyncio.Event) -> int:
