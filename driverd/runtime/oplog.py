@@ -108,6 +108,9 @@ def _default(obj: object) -> Any:
     return str(obj)
 
 
+_LAST_RESORT: Final = logging.lastResort if logging.lastResort is not None else logging.StreamHandler()
+
+
 class StructlogHandler(logging.Handler):
     """Routes stdlib `logging` records (pymodbus, pyserial, asyncio, warnings) to structlog. A library's own
     error is not an alarm: its priority is capped at `warning`; identical lines repeat at most once a minute
@@ -119,6 +122,9 @@ class StructlogHandler(logging.Handler):
         self._suppressed: dict[tuple[str, str], int] = {}
 
     def emit(self, record: logging.LogRecord) -> None:
+        if not structlog.is_configured():  # logging reset since (tests in one process): as Python would do
+            _LAST_RESORT.handle(record)
+            return
         try:
             message = record.getMessage()
         except Exception:  # a library's bad format string: still one JSON line
