@@ -31,7 +31,7 @@ from driverd.runtime.control import ControlServer
 from driverd.runtime.daemon import Daemon
 from driverd.runtime.demo import demo_schedule
 from driverd.runtime.reload import LIVE, plan, reload
-from driverd.runtime.service import ControlLoop, serve, serve_config
+from driverd.runtime.service import ControlLoop, Reloader, serve, serve_config
 from driverd.signing import generate_keypair, sign_document
 from simulators.world import World
 
@@ -243,3 +243,10 @@ def test_speed_on_a_bench_config_runs_a_scaled_clock(d: Path, out: io.StringIO) 
     audit = [json.loads(line) for f in sorted((d / "audit").glob("*.jsonl")) for line in f.read_text().splitlines()]
     assert next(r for r in audit if r["event"] == "daemon_start")["clock_speed"] == "600"
     assert any(e["event"] == "clock_scaled" and e["speed"] == 600 for e in lines(out))
+
+
+def test_sighup_while_starting_is_ignored_with_a_line(d: Path, out: io.StringIO) -> None:
+    hup = Reloader(d / "driverd.toml")
+    hup()  # no daemon yet: nothing to reload, and the process must not die of it
+    assert hup.results == []
+    assert [(e["event"], e["priority"]) for e in lines(out)] == [("config_reload_ignored", "warning")]
