@@ -144,6 +144,7 @@ class AuditWriter:
         self.on_dead: Callable[[AuditError], None] | None = None
         # Called with every record a caller appended, as written (the daemon keeps its exposure ledger with it).
         self.on_append: Callable[[dict[str, Any]], None] | None = None
+        self.on_sync: Callable[[float], None] | None = None  # real seconds of each group-commit fdatasync (metrics)
         # Derived once: append checks them on every record.
         self._group_commit_ns = Decimal(config.group_commit_ms) * 1_000_000
         self._checkpoint_interval = config.checkpoint_interval
@@ -379,11 +380,15 @@ class AuditWriter:
     def _sync(self) -> None:
         if self._pending == 0:
             return
+        started = time.perf_counter()
         try:
             os.fdatasync(self._fd)
         except OSError as exc:
             self._die(f"fdatasync of {segment_name(self._segment)} failed", exc)
         self._pending = 0
+        if self.on_sync is not None:
+            with contextlib.suppress(Exception):  # metrics never fail a write
+                self.on_sync(time.perf_counter() - started)
 
     def _die(self, what: str, exc: OSError) -> None:
         err = AuditError(f"{what}: {exc.strerror or exc} (errno {exc.errno}); audit writer stopped, not retried")

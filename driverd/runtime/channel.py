@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -97,10 +98,15 @@ class Channel:
         self.last_result: tuple[Setpoint, SetpointResult] | None = None  # the last setpoint applied, its outcome
         self._wake: asyncio.Future[Any] | None = None  # the channel's current wait, if it is waiting
         self._on_change = on_change
+        self.on_poll_latency: Callable[[float], None] | None = None  # real seconds of each status read (metrics)
         self._clock_watch = ClockWatch(clock, clock_step_tolerance)
         # None: the module's HEARTBEAT, read now (bench/log_growth.py sets it to 0 for the uncompacted reference).
         self.telemetry = ReportCompactor(state, protocol, telemetry.HEARTBEAT if telemetry_heartbeat is None
                                          else telemetry_heartbeat)
+
+    def set_clock_step_tolerance(self, tolerance: timedelta) -> None:
+        """A reload (SIGHUP) changed clock_step_tolerance_s: steps from now on are judged by the new value."""
+        self._clock_watch.tolerance = tolerance
 
     @property
     def link_lost(self) -> bool:
@@ -244,6 +250,7 @@ class Channel:
             await self.connect()
         status: PumpStatus | None = None
         if self.connected:
+            started = time.perf_counter()
             try:
                 status = await self._io(self.driver.read_status())
             except (DriverError, TimeoutError) as exc:
@@ -253,6 +260,9 @@ class Channel:
                     self.connected = False
                     with contextlib.suppress(Exception):
                         await self.driver.close()
+            if self.on_poll_latency is not None:
+                with contextlib.suppress(Exception):  # metrics never break a channel
+                    self.on_poll_latency(time.perf_counter() - started)
         self.polls += 1
         if status is None:
             self.failing_since = self.failing_since or now

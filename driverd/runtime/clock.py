@@ -124,6 +124,10 @@ class ScaledClock(_FreeRunning):
         self._speed = speed
         self._wall_offset = timedelta(0)
 
+    @property
+    def speed(self) -> float:
+        return self._speed
+
     def now(self) -> datetime:
         return self._start + timedelta(seconds=(time.monotonic() - self._t0) * self._speed)
 

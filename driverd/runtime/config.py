@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -65,6 +66,14 @@ _CONTROL_RANGES: Final[dict[str, tuple[float, float]]] = {
 }
 
 
+@dataclass(frozen=True, slots=True)
+class MetricsSettings:
+    """[metrics]: the Prometheus endpoint (off unless the section is present; loopback unless `host` says)."""
+
+    port: int
+    host: str = "127.0.0.1"
+
+
 def valid_pump_id(pid: object) -> TypeGuard[str]:
     """1-64 letters, digits, '-' or '_' (the rule for [[pumps]] ids; the control API applies it too)."""
     return (isinstance(pid, str) and 0 < len(pid) <= 64
@@ -97,6 +106,7 @@ class DaemonConfig:
     failsafe_hold_s: float = 5.0
     control: ControlSettings = field(default_factory=ControlSettings)
     hl7: Hl7Settings | None = None  # [hl7]: IHE PCD over HL7 v2 / MLLP (off when absent)
+    metrics: MetricsSettings | None = None  # [metrics]: Prometheus endpoint (off when absent)
 
 
 MODES = ("production", "bench")
@@ -131,7 +141,7 @@ def parse_config(data: bytes, path: Path) -> DaemonConfig:
     problems: list[Problem] = []
     doc = load_toml(data)
     for key in doc:
-        if key not in ("daemon", "audit", "control", "pumps", "hl7"):
+        if key not in ("daemon", "audit", "control", "pumps", "hl7", "metrics"):
             problems.append(Problem(_show(key)[1:-1], "unknown-key", f"unknown section {_show(key)}"))
     daemon = doc.get("daemon")
     if not isinstance(daemon, dict):
@@ -193,6 +203,7 @@ def parse_config(data: bytes, path: Path) -> DaemonConfig:
     pumps = _pumps(doc.get("pumps"), problems)
     paths = {key: p(key) for key in ("protocol", "audit_dir", "audit_key", "trust_dir", "control_socket")}
     hl7 = parse_hl7(doc.get("hl7"), base, paths["audit_dir"], problems)
+    metrics = _metrics(doc["metrics"], problems) if "metrics" in doc else None
     if problems:
         raise ConfigError(problems)
     return DaemonConfig(
@@ -201,7 +212,7 @@ def parse_config(data: bytes, path: Path) -> DaemonConfig:
         trust_dir=paths["trust_dir"], control_socket=paths["control_socket"], socket_mode=socket_mode,
         poll_period_s=poll, link_timeout_s=link_timeout, deadman_s=deadman, driver_timeout_s=timeout, pumps=pumps,
         audit=audit, control=control, clock_step_tolerance_s=step_tolerance, mode=str(mode),
-        failsafe_hold_s=hold, hl7=hl7,
+        failsafe_hold_s=hold, hl7=hl7, metrics=metrics,
     )
 
 
@@ -286,3 +297,31 @@ def _pumps(raw: Any, problems: list[Problem]) -> tuple[PumpConfig, ...]:
             problems.extend(Problem(f"{where}.url", pr.rule, pr.detail) for pr in exc.problems)
         out.append(PumpConfig(pid, url))
     return tuple(out)
+
+
+def _metrics(raw: Any, problems: list[Problem]) -> MetricsSettings | None:
+    """[metrics] port = N (0: any free port, logged), host = an IP address (default 127.0.0.1, loopback)."""
+    if not isinstance(raw, dict):
+        problems.append(Problem("metrics", "type", "expected a table"))
+        return None
+    before = len(problems)
+    for key in raw:
+        if key not in ("port", "host"):
+            problems.append(Problem(f"metrics.{_show(key)[1:-1]}", "unknown-key", f"unknown key {_show(key)}"))
+    port = raw.get("port")
+    if "port" not in raw:
+        problems.append(Problem("metrics.port", "required", "missing (0 = any free port)"))
+    elif isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        problems.append(Problem("metrics.port", "range", "must be an integer in [0, 65535]"))
+    host = raw.get("host", "127.0.0.1")
+    try:
+        if not isinstance(host, str) or len(host) > 64:
+            raise ValueError
+        ipaddress.ip_address(host)
+    except ValueError:
+        problems.append(Problem("metrics.host", "address", "an IP address, e.g. \"127.0.0.1\" (the default) or "
+                                "\"::1\"; a host name is not resolved"))
+    if len(problems) > before:
+        return None
+    assert isinstance(port, int) and isinstance(host, str)
+    return MetricsSettings(port=port, host=host)

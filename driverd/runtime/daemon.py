@@ -36,9 +36,10 @@ from driverd.core.schedule_parse import parse_schedule
 from driverd.core.state import CourseState, Phase
 from driverd.core.volume_plan import plan_course
 from driverd.runtime.channel import Channel, syringe_view
-from driverd.runtime.clock import RuntimeClock, WallStep
+from driverd.runtime.clock import RuntimeClock, ScaledClock, WallStep
 from driverd.runtime.config import DaemonConfig
 from driverd.runtime.failsafe import FailSafe, left_running, safe_log
+from driverd.runtime.oplog import OpLog
 from driverd.runtime.recovery import open_log
 from driverd.signing import TrustStore, load_private_key
 from drivers.base import DriverOptions
@@ -87,6 +88,9 @@ class Daemon:
         self._accepted: dict[str, dict[str, Any]] = {}
         self._other_states: dict[str, CourseState] = {}
         self._last_snapshot_at: datetime | None = None
+        # The journald op log, derived from each audit record as appended (the service turns it on; the demo
+        # and tests that build a Daemon directly print nothing).
+        self.oplog: OpLog | None = None
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
@@ -122,7 +126,9 @@ class Daemon:
                           recovered_records=recovered.records, trust_keys=sorted(self.trust.keys),
                           interrupted=[{"pump_id": i.pump_id, "input_seq": i.input_seq,
                                         "outputs": [str(o.get("event")) for o in i.outputs]}
-                                       for i in recovered.interrupted])
+                                       for i in recovered.interrupted],
+                          # A scaled clock (a bench's `run --speed`): the log's times are course times.
+                          **({"clock_speed": f"{self.clock.speed:g}"} if isinstance(self.clock, ScaledClock) else {}))
         self.audit.append("library_loaded", pump_id=None, course_id=None, durable=True,
                           version=self.protocol.library_version, text=self.protocol_text)
         for pump in cfg.pumps:
@@ -254,6 +260,8 @@ class Daemon:
         self._last_snapshot_at = self.clock.now()
 
     def _appended(self, rec: dict[str, Any]) -> None:
+        if self.oplog is not None:
+            self.oplog.record(rec)  # never raises
         self._ledger.add(rec)
         if rec.get("event") == "schedule_accepted" and isinstance(rec.get("schedule"), dict):
             self._accepted[str(rec["schedule"].get("digest"))] = rec

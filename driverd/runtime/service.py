@@ -17,25 +17,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import signal
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import structlog
 
 from driverd.core.errors import AuditError, ConfigError, DriverdError
-from driverd.runtime.clock import RealClock, RuntimeClock
+from driverd.runtime import oplog
+from driverd.runtime.clock import RealClock, RuntimeClock, ScaledClock
 from driverd.runtime.config import DaemonConfig, load_config
 from driverd.runtime.control import ControlServer
 from driverd.runtime.daemon import Daemon
 from driverd.runtime.failsafe import safe_log
 from driverd.runtime.filemodes import unsafe_file_modes
 from driverd.runtime.notify import notify, watchdog_interval
+from driverd.runtime.reload import ReloadResult, reload
+
+if TYPE_CHECKING:
+    from driverd.runtime.metrics import MetricsExporter
 
 TICK_S = 0.2
 EXIT_OK = 0
@@ -45,55 +50,21 @@ EXIT_AUDIT_DEAD = 3  # the audit log died at run time; every pump was stopped by
 log = structlog.get_logger("driverd.service")
 
 
-class _SafeStream:
-    """A text stream whose write errors (EPIPE on a closed stderr, EIO, a closed file) are dropped: a lost
-    operational log line must never change what the daemon does."""
-
-    def __init__(self, stream: TextIO) -> None:
-        self._stream = stream
-
-    def write(self, text: str) -> int:
-        try:
-            return self._stream.write(text)
-        except (OSError, ValueError):
-            return 0
-
-    def flush(self) -> None:
-        with contextlib.suppress(OSError, ValueError):
-            self._stream.flush()
-
-    def isatty(self) -> bool:
-        try:
-            return self._stream.isatty()
-        except (OSError, ValueError):
-            return False
-
-
-def _say(message: str) -> None:
-    """One line for the operator on stderr (next to the JSON log); never raises."""
+def _say(message: str, priority: str = "err") -> None:
+    """One line for the operator on stderr; never raises. A readable line on a terminal; a JSON op-log line
+    (`operator_message`, with its priority) when stderr is the JSON stream, which never carries raw text."""
+    if oplog.json_lines():
+        oplog.emit(priority, "operator_message", message=message)
+        return
     with contextlib.suppress(OSError, ValueError):
         print(message, file=sys.stderr, flush=True)
 
 
-def configure_logging(stream: TextIO | None = None, *, json_output: bool | None = None) -> None:
-    """Operational logs (not the audit log) to stderr: JSON lines for journald, readable text on a terminal."""
-    stream = stream or sys.stderr
-    if json_output is None:
-        json_output = not _SafeStream(stream).isatty()
-    renderer: Any = (structlog.processors.JSONRenderer(sort_keys=True) if json_output
-                     else structlog.dev.ConsoleRenderer(colors=False))
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
-        logger_factory=structlog.PrintLoggerFactory(_SafeStream(stream)),  # type: ignore[arg-type]
-        cache_logger_on_first_use=False,
-    )
+def configure_logging(stream: TextIO | None = None, *, json_output: bool | None = None,
+                      priority_prefix: bool | None = None) -> None:
+    """Operational logs (not the audit log) to stderr: JSON lines for journald, readable text on a terminal
+    (driverd.runtime.oplog)."""
+    oplog.configure_logging(stream, json_output=json_output, priority_prefix=priority_prefix)
 
 
 def stall_threshold_s(config: DaemonConfig) -> float:
@@ -225,8 +196,12 @@ async def serve(
     stop_event: asyncio.Event | None = None,
     on_ready: Callable[[Daemon, ControlServer, ControlLoop], None] | None = None,
     install_signal_handlers: bool = True,
+    speed: float | None = None,
 ) -> int:
-    """Run the daemon until SIGTERM/SIGINT (or `stop_event`). Returns the process exit code."""
+    """Run the daemon until SIGTERM/SIGINT (or `stop_event`). Returns the process exit code.
+
+    `speed`: course time runs N x real time (benches against external simulators); refused unless the config
+    says `[daemon] mode = "bench"`, so a ward config can never run on a scaled clock."""
     try:
         config = load_config(config_path)
     except ConfigError as exc:
@@ -234,6 +209,15 @@ async def serve(
         for p in exc.problems:
             _say(f"driverd: config {config_path}: {p}")
         return EXIT_FAILED
+    if speed is not None:
+        if config.mode != "bench":
+            log.error("speed_refused", config=str(config_path), setting="daemon.mode", mode=config.mode, speed=speed)
+            _say(f"driverd: --speed {speed:g} refused: {config_path} is not a bench config; a scaled clock needs "
+                 f'daemon.mode = "bench" (it is "{config.mode}")')
+            return EXIT_FAILED
+        clock = ScaledClock(datetime.now(UTC), speed)
+        log.warning("clock_scaled", speed=speed, detail="course time runs this many times faster than real time; "
+                    "the audit log's times are course times (bench only)")
     return await serve_config(config, clock or RealClock(), world=world, stop_event=stop_event, on_ready=on_ready,
                               install_signal_handlers=install_signal_handlers)
 
@@ -252,11 +236,15 @@ async def serve_config(
     loop = asyncio.get_running_loop()
     stop = stop_event or asyncio.Event()
     installed: list[signal.Signals] = []
+    hup = Reloader(config.path, follow_stall=stall_after_s is None)
     if install_signal_handlers:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.add_signal_handler(sig, _on_signal, stop, sig)
                 installed.append(sig)
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(signal.SIGHUP, hup)  # reload (ExecReload= in the unit)
+            installed.append(signal.SIGHUP)
         # Past a file-size limit (RLIMIT_FSIZE / LimitFSIZE=) a write must fail with EFBIG, which the audit
         # writer turns into the fail-safe, not kill the process with SIGXFSZ while pumps are running.
         with contextlib.suppress(ValueError, OSError):
@@ -271,10 +259,12 @@ async def serve_config(
             loop.remove_signal_handler(sig)
         return EXIT_FAILED
     daemon = Daemon(config, clock, world=world)
+    daemon.oplog = oplog.OpLog()
     server = ControlServer(daemon, config.control_socket, config.socket_mode, limits=config.control)
     control = ControlLoop(daemon, stall_after_s=stall_after_s or stall_threshold_s(config),
                           ping_every_s=ping_every_s if ping_every_s is not None else watchdog_interval())
     control_task: asyncio.Task[None] | None = None
+    exporter: MetricsExporter | None = None
     started = False
     code = EXIT_OK
     try:
@@ -291,10 +281,16 @@ async def serve_config(
             _say(f"driverd: cannot start: {exc}")
             code = EXIT_FAILED
             return code
+        assert daemon.trust is not None
+        oplog.startup_warnings(audit_key_configured=config.audit_key is not None,
+                               trusted_key_ids=daemon.trust.keys, mode=config.mode)
+        if config.metrics is not None:
+            exporter = _start_metrics(daemon, config)
         control_task = asyncio.create_task(control.run(), name="control-loop")
         notify("READY=1\nSTATUS=running")
         log.info("daemon_ready", socket=str(config.control_socket), watchdog_ping_s=control.ping_every_s,
                  stall_after_s=control.stall_after_s)
+        hup.daemon, hup.control = daemon, control
         if on_ready is not None:
             on_ready(daemon, server, control)
         code = await _run_until_stopped(daemon, config, stop)
@@ -310,6 +306,8 @@ async def serve_config(
                 await control_task
         with contextlib.suppress(Exception):
             await server.close()
+        if exporter is not None:
+            exporter.stop()
         if started:
             if daemon.failsafe.active:  # a stop mid-fail-safe: let it finish stopping the pumps first
                 with contextlib.suppress(TimeoutError):
@@ -329,9 +327,32 @@ async def serve_config(
     return code
 
 
+def _start_metrics(daemon: Daemon, config: DaemonConfig) -> MetricsExporter | None:
+    """The Prometheus endpoint, if it can listen. A port in use is an error line, not a failed start: metrics
+    are an observer, and refusing to start would leave every pump unsupervised (their dead-man stops them)."""
+    from driverd.runtime.metrics import MetricsExporter
+
+    assert config.metrics is not None
+    exporter = MetricsExporter(daemon, config.metrics)
+    try:
+        host, port = exporter.start()
+    except OSError as exc:
+        exporter.stop()
+        log.error("metrics_failed", host=config.metrics.host, port=config.metrics.port,
+                  error=f"{type(exc).__name__}: {exc}")
+        return None
+    log.info("metrics_listening", host=host, port=port, url=f"http://{_url_host(host)}:{port}/metrics")
+    return exporter
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
 async def _run_until_stopped(daemon: Daemon, config: DaemonConfig, stop: asyncio.Event) -> int:
     """Wait for a stop signal, or for the fail-safe to finish; after the latter, hold so `status` can show
     what happened (a signal ends the hold early) and return EXIT_AUDIT_DEAD."""
+    config = daemon.config  # failsafe_hold_s as a reload may have changed it
     stopped = asyncio.ensure_future(stop.wait())
     failed = asyncio.ensure_future(daemon.failsafe.done.wait())
     try:
@@ -342,9 +363,9 @@ async def _run_until_stopped(daemon: Daemon, config: DaemonConfig, stop: asyncio
         fs = daemon.failsafe
         safe, unsafe = fs.stopped(), fs.unverified()
         notify("STATUS=" + _dead_status(daemon))
-        _say(f"driverd: the audit log cannot be written: {fs.reason}")
+        _say(f"driverd: the audit log cannot be written: {fs.reason}", "crit")
         _say(f"driverd: fail-safe: pumps stopped and read back: {', '.join(safe) or 'none'}"
-             + (f"; NOT verified stopped: {', '.join(unsafe)}" if unsafe else ""))
+             + (f"; NOT verified stopped: {', '.join(unsafe)}" if unsafe else ""), "crit")
         _say(f"driverd: refusing every request; exiting with code {EXIT_AUDIT_DEAD} in {config.failsafe_hold_s:g} s "
              "(free space or fix the disk; the restart repairs a torn last line by itself)")
         safe_log(log, "error", "audit_dead_exit_pending", hold_s=config.failsafe_hold_s, stopped=safe,
@@ -363,6 +384,27 @@ def _dead_status(daemon: Daemon) -> str:
     text = f"audit log dead: {fs.reason}; pumps stopped by fail-safe" + (
         f" except {', '.join(unsafe)} (not verified)" if unsafe else "")
     return text[:400]
+
+
+class Reloader:
+    """The SIGHUP handler: a reload (driverd.runtime.reload) once the daemon runs; before that it is ignored,
+    with a line saying so (systemd's default for SIGHUP, exiting, would stop every pump's supervision)."""
+
+    def __init__(self, config_path: Path, *, follow_stall: bool = True) -> None:
+        self.config_path = config_path
+        self.follow_stall = follow_stall  # the stall threshold follows a reloaded poll period (unless fixed)
+        self.daemon: Daemon | None = None
+        self.control: ControlLoop | None = None
+        self.results: list[ReloadResult] = []
+
+    def __call__(self) -> None:
+        if self.daemon is None or self.control is None:
+            oplog.emit("warning", "config_reload_ignored", detail="SIGHUP while starting: send it again once ready")
+            return
+        result = reload(self.daemon, self.config_path)
+        self.results.append(result)
+        if result.ok and self.follow_stall:
+            self.control.stall_after_s = stall_threshold_s(self.daemon.config)
 
 
 def _on_signal(stop: asyncio.Event, sig: int) -> None:

@@ -264,25 +264,25 @@ def test_dead_channel_task_stops_the_pings(d: Path, listener: Listener, monkeypa
     assert not any("WATCHDOG=1" in m for m in listener.messages)
 
 
-def test_invalid_config_lists_every_problem(d: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_invalid_config_lists_every_problem(d: Path, capfd: pytest.CaptureFixture[str]) -> None:
     bad = d / "bad.toml"
     bad.write_text('[daemon]\nprotocol = 5\npoll_period_s = 1.0\ndeadman_s = 1\nsurprise = true\n', encoding="utf-8")
     assert asyncio.run(serve(bad)) == 1
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err  # fd 2: the op log's stream (operator messages are JSON lines there)
     for fragment in ("daemon.protocol", "daemon.surprise", "daemon.deadman_s", "daemon.audit_dir", "pumps"):
         assert fragment in err
     assert "Traceback" not in err
     assert asyncio.run(serve(d / "missing.toml")) == 1
 
 
-def test_start_failure_is_exit_1_and_the_daemon_is_stopped(d: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_start_failure_is_exit_1_and_the_daemon_is_stopped(d: Path, capfd: pytest.CaptureFixture[str]) -> None:
     config = load_config(write_config(d))
     config.control_socket.write_text("not a socket")
     clock = ScaledClock(START, 1.0)
     code = asyncio.run(asyncio.wait_for(
         serve_config(config, clock, world=World(clock), install_signal_handlers=False), TIMEOUT))
     assert code == 1
-    assert "not a socket" in capsys.readouterr().err
+    assert "not a socket" in capfd.readouterr().err
     assert config.control_socket.read_text() == "not a socket"
     events = [json.loads(line)["event"] for f in sorted(config.audit_dir.glob("*.jsonl"))
               for line in f.read_text().splitlines()]
