@@ -251,7 +251,10 @@ class NewEraDriver(PumpDriver):
         return NE1000_PLUNGER.range_ml_per_h(diameter_mm, NEW_ERA_RESOLUTION)
 
     async def check_unsolicited(self) -> frozenset[AlarmKind]:
-        """Read what the pump sent unprompted (safe-mode Auto-Alarm) without sending; returns latched alarms."""
+        """Read what the pump sent unprompted (safe-mode Auto-Alarm) without sending; returns latched alarms.
+
+        A snapshot: it does not wait. A packet the pump is writing now may not have arrived yet (on a PTY the
+        kernel hands bytes to the reading side later); the next call, or the next transaction's drain, sees it."""
         async with self._lock:
             await self.transport.drain(timeout_s=self.timeout_s)
         return frozenset(self._latched)
