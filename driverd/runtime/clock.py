@@ -1,4 +1,5 @@
-"""Runtime clocks: real time, scaled time (N x real) and virtual time (as fast as the CPU allows).
+"""Runtime clocks: real time, scaled time (N x real), virtual time (as fast as the CPU allows) and paced time
+(virtual time that never runs ahead of N x real time: the demo's `--speed N`).
 
 Every clock offers `now()` (what the core, the simulators and the audit log see) and `sleep_until(t)`.
 The virtual clock advances only when every registered participant is asleep in `sleep_until`, jumping to the
@@ -217,6 +218,66 @@ class VirtualClock:
             _, _, fut = heapq.heappop(self._waiters)
             if not fut.done():
                 fut.set_result(None)
+
+
+class PacedClock(VirtualClock):
+    """Discrete-event time like `VirtualClock`, paced: it never runs ahead of `speed` x the real time elapsed.
+
+    Time still moves only when every participant sleeps, jumping to the earliest wake-up; when that wake-up lies
+    beyond `start + speed x real elapsed`, the jump waits (real time) until the pace allows it. So a daemon and
+    the simulated pumps it drives read one clock that cannot drift apart (no dead-man from a late poll, unlike
+    `ScaledClock`), while a run that cannot keep up simply runs slower than `speed`, never skipping a wake-up.
+    `monotonic` is injectable so tests can freeze real time.
+    """
+
+    def __init__(self, start: datetime, speed: float, *, monotonic: Callable[[], float] = time.monotonic) -> None:
+        if not speed > 0:
+            raise ValueError("speed must be > 0")
+        super().__init__(start)
+        self._speed = speed
+        self._monotonic = monotonic
+        self._t0 = monotonic()
+        self._pace_origin = start
+        self._timer: asyncio.TimerHandle | None = None
+
+    @property
+    def speed(self) -> float:
+        return self._speed
+
+    def pace_limit(self) -> datetime:
+        """The latest course time the pace allows now."""
+        return self._pace_origin + timedelta(seconds=(self._monotonic() - self._t0) * self._speed)
+
+    def floor(self, at_least: datetime) -> None:
+        behind = at_least - self._now
+        super().floor(at_least)
+        if behind > timedelta(0):
+            self._pace_origin += behind  # a restart's jump forward is not time run ahead of the pace
+
+    def _maybe_advance(self) -> None:
+        if self._waiters and self._sleeping() >= self._participants:
+            due = min((w[0] for w in self._waiters if not w[2].done()), default=None)
+            if due is not None and due > self._now:
+                ahead = (due - self.pace_limit()).total_seconds()
+                if ahead > 0:
+                    self._wait_for_pace(ahead / self._speed)
+                    return
+        super()._maybe_advance()
+
+    def _wait_for_pace(self, delay_s: float) -> None:
+        # One timer at a time: an earlier wake-up that arrives meanwhile re-plans it.
+        if self._timer is not None:
+            self._timer.cancel()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (a participant unregistering at shutdown): nobody left to wake
+            self._timer = None
+            return
+        self._timer = loop.call_later(delay_s, self._paced)
+
+    def _paced(self) -> None:
+        self._timer = None
+        self._maybe_advance()
 
 
 #: Default tolerance before a disagreement between the wall clock and course time counts as a step.
