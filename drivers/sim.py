@@ -3,9 +3,11 @@
 There is no wire, but the pump's wire fault plan (``world.faults(name)``) is honoured as if there were one, so a
 lost link can be rehearsed on ``sim://`` too: each operation is one request and one reply; the operation takes
 effect, then a dropped reply (or one delayed past ``timeout_s``) is a ``DriverTimeout``, a garbled one a
-``ProtocolError`` and a disconnect a ``DriverIOError`` (reconnect to go on). Physical alarms and the dead-man are
-the model's. Every operation counts as a valid packet from the host (``model.host_contact()``) before it acts, as
-on a real pump in safe mode. Like the New Era display, readings have 4 significant digits (at most 3 decimals).
+``ProtocolError`` and a disconnect a ``DriverIOError`` (reconnect to go on). While the plan's cable is cut
+(``FaultPlan.cut``) an operation never reaches the model at all: a ``DriverTimeout`` with no effect. Physical
+alarms and the dead-man are the model's. Every operation counts as a valid packet from the host
+(``model.host_contact()``) before it acts, as on a real pump in safe mode. Like the New Era display, readings
+have 4 significant digits (at most 3 decimals).
 
 The model comes from ``options.world`` (a ``simulators.world.World``) or, when none is given, from a
 module-level default world on the system clock (shared by every sim:// driver in the process).
@@ -90,6 +92,9 @@ class SimDriver(PumpDriver):
     def _call(self, op: Callable[[PumpModel], _T]) -> _T:
         """One 'packet': contact (re-arms the dead-man), then the operation, with refusals mapped."""
         model = self.model
+        if self._faults is not None and not self._faults.reaches_pump():
+            # A cut cable: the request never reaches the pump (no contact, no effect), and nothing answers.
+            raise DriverTimeout(f"sim://{self.name}: no reply (link cut)")
         model.host_contact()
         try:
             result = op(model)

@@ -9,8 +9,8 @@ A front-end computes its reply from the model as usual, then asks the plan what 
 - ``"delay"``: sleep ``action.delay_s`` then write ``action.payload``
 - ``"disconnect"``: write nothing and close the connection (TCP) / hang up (PTY)
 
-Faults are queued (``drop_next(2)`` affects the next two replies), sticky (``drop_all()`` drops every reply, a
-cut link, until ``clear()``; it holds no queue, so a long outage costs no memory) or scripted in a scenario file
+Faults are queued (``drop_next(2)`` affects the next two replies), sticky (``drop_all()`` drops every reply until
+``clear()``; it holds no queue, so a long outage costs no memory) or scripted in a scenario file
 counted in replies: ``after_requests = N`` means the first N replies go out normally and the fault starts at reply N+1.
 ``kind = "alarm"`` is a physical fault: it calls ``alarm_hook`` (wired by ``World`` to the pump model's
 ``inject_alarm``, or ``power_cycle`` for power_interrupted) right after reply N, so request N+1 already sees
@@ -36,6 +36,14 @@ Scenario file (TOML)::
     alarm = "occlusion"  # an AlarmKind value
 
 Times here are real seconds (floats are fine: they are waits, not doses).
+
+A cut cable (``cut()`` until ``restore()`` or ``clear()``) is more than dropped replies: requests no longer reach
+the pump either, so it sees no host contact (its dead-man fires) and takes no command. A front-end asks
+``plan.reaches_pump()`` once per request before the pump sees it, and drops the request when it is False.
+
+Every fault that fires (a queued or scheduled one applied to a reply, an alarm, a cut, a restore, drop-all) is
+reported to ``on_event`` (a ``FaultEvent``), so a simulator can print it. Replies dropped by an ongoing cut or
+drop-all are not reported one by one: their start and end are.
 """
 
 from __future__ import annotations
@@ -52,7 +60,7 @@ from typing import Any, Literal, cast
 from driverd.core.errors import Problem, ValidationError
 from drivers.base import AlarmKind
 
-__all__ = ["FaultAction", "FaultKind", "FaultPlan", "FaultScenarioError", "ScheduledFault", "garble"]
+__all__ = ["FaultAction", "FaultEvent", "FaultKind", "FaultPlan", "FaultScenarioError", "ScheduledFault", "garble"]
 
 FaultKind = Literal["send", "drop", "garble", "delay", "disconnect"]
 ScenarioKind = Literal["drop", "garble", "delay", "disconnect", "alarm"]
@@ -70,6 +78,14 @@ class FaultAction:
     kind: FaultKind
     payload: bytes
     delay_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class FaultEvent:
+    """A fault that fired: ``kind`` is drop | garble | delay | disconnect | alarm | cut | restore | drop_all."""
+
+    kind: str
+    detail: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,8 +121,12 @@ class FaultPlan:
         *,
         wire_time_per_byte_s: float | None = None,
         alarm_hook: Callable[[AlarmKind], None] | None = None,
+        on_event: Callable[[FaultEvent], None] | None = None,
     ) -> None:
         self._lock = threading.Lock()
+        self._cut = False
+        self.lost_requests = 0  # requests that never reached the pump (the cable was cut)
+        self.on_event = on_event
         self._queue: deque[FaultAction] = deque()  # one entry per affected reply (payload unused)
         self._scheduled: list[ScheduledFault] = []
         self._drop_all = False
@@ -162,10 +182,56 @@ class FaultPlan:
             self._queue.append(FaultAction("disconnect", b""))
 
     def drop_all(self) -> None:
-        """Drop every reply from now on (a cut link) until `clear()`. Queued faults wait: a reply dropped this way
-        uses none of them up."""
+        """Drop every reply from now on until `clear()` (requests still reach the pump: see `cut` for a pulled
+        cable). Queued faults wait: a reply dropped this way uses none of them up."""
         with self._lock:
+            started = not self._drop_all
             self._drop_all = True
+        if started:
+            self._emit("drop_all", "every reply dropped until restored")
+
+    def cut(self) -> None:
+        """Pull the cable: from now on no request reaches the pump and nothing is answered, until `restore()` or
+        `clear()`. The pump sees no host contact, so its dead-man fires as on a real unplugged line."""
+        with self._lock:
+            started = not self._cut
+            self._cut = True
+        if started:
+            self._emit("cut", "link cut: requests no longer reach the pump, nothing is answered")
+
+    @property
+    def is_cut(self) -> bool:
+        with self._lock:
+            return self._cut
+
+    def reaches_pump(self) -> bool:
+        """Whether a request gets through to the pump (False while cut). Call once per request."""
+        with self._lock:
+            if self._cut:
+                self.lost_requests += 1
+                return False
+            return True
+
+    def restore(self) -> None:
+        """Plug the cable back in: ends `cut` and `drop_all` (queued and scheduled faults stay)."""
+        with self._lock:
+            was = self._cut or self._drop_all
+            self._cut = self._drop_all = False
+        if was:
+            self._emit("restore", "link restored")
+
+    def fire_alarm(self, kind: AlarmKind) -> None:
+        """A physical fault at the pump, now (through `alarm_hook`)."""
+        hook = self.alarm_hook
+        if hook is None:
+            raise RuntimeError(f"alarm {kind.value!r} is due but the plan has no alarm_hook")
+        hook(kind)
+        self._emit("alarm", f"{kind.value} at the pump")
+
+    def _emit(self, kind: str, detail: str) -> None:
+        observer = self.on_event
+        if observer is not None:
+            observer(FaultEvent(kind, detail))
 
     @property
     def dropping_all(self) -> bool:
@@ -175,9 +241,12 @@ class FaultPlan:
     def clear(self) -> None:
         """Forget queued and scheduled faults and end `drop_all` (history and the reply count stay)."""
         with self._lock:
+            was = self._cut or self._drop_all
             self._queue.clear()
             self._scheduled.clear()
-            self._drop_all = False
+            self._drop_all = self._cut = False
+        if was:
+            self._emit("restore", "link restored")
 
     def schedule(self, fault: ScheduledFault) -> None:
         with self._lock:
@@ -211,19 +280,19 @@ class FaultPlan:
                     self._queue.append(FaultAction("disconnect", b""))
                 else:
                     self._queue.extend(FaultAction(f.kind, b"", f.seconds) for _ in range(f.count))
-            hook = self.alarm_hook
         for kind in alarms:
-            if hook is None:
-                raise RuntimeError(f"scenario alarm {kind.value!r} is due but the plan has no alarm_hook")
-            hook(kind)
+            self.fire_alarm(kind)
 
     def on_reply(self, reply: bytes) -> FaultAction:
         """Decide what happens to `reply` (call once per reply, before writing it)."""
         self._activate()
+        sticky = False
         with self._lock:
             self._replies += 1
-            if self._drop_all:
+            n = self._replies
+            if self._drop_all or self._cut:
                 planned: FaultAction | None = FaultAction("drop", b"")
+                sticky = True
             else:
                 planned = self._queue.popleft() if self._queue else None
             if planned is None:
@@ -236,6 +305,9 @@ class FaultPlan:
                 action = FaultAction(planned.kind, b"")
             if action.kind != "send":
                 self.history.append(action)
+        if action.kind != "send" and not sticky:
+            extra = f" by {action.delay_s:g} s" if action.kind == "delay" else ""
+            self._emit(action.kind, f"reply {n}: {action.kind}{extra}")
         self._activate()  # alarms scheduled "after N requests" fire right after reply N
         return action
 

@@ -26,6 +26,8 @@ Faults: each unit's ``FaultPlan`` (from the world, or given) is consulted for ev
 byte-flipped frame (the CRC catches it); a disconnect hangs up the host's PTY for good (a pulled cable).
 TCP: a disconnect closes that client's connection; a garble corrupts the MBAP transaction id, because Modbus/TCP
 has no checksum of its own (payload corruption is undetectable by design and prevented by TCP). An
+A cut (``FaultPlan.cut``) makes the unit unreachable: its requests never reach its registers (no watchdog
+contact, no write) and get no answer, on TCP and RTU alike. An
 ``ExceptionPlan`` per unit injects Modbus exception responses (``endpoint.exception_next(unit, code)``).
 A request for a unit id that the gateway does not serve gets exception 0x0B (gateway target failed to
 respond) on TCP and silence on RTU.
@@ -378,7 +380,8 @@ class _Gateway:
             if self.on_request is not None:
                 self.on_request(pdu)
             unit = self.units.get(pdu.dev_id)
-            if unit is not None:
+            plan = self.plans.get(pdu.dev_id)
+            if unit is not None and not (plan is not None and plan.is_cut):
                 unit.model.host_contact()  # any request re-arms the watchdog, even one that fails
         return pdu
 
@@ -425,6 +428,9 @@ class _FaultyHandler(ServerRequestHandler):
 
     async def handle_request(self) -> None:
         request = self.last_pdu
+        plan = self.gateway.plans.get(request.dev_id) if request is not None else None
+        if plan is not None and not plan.reaches_pump():
+            return  # the unit's cable is cut: the request never reaches it, and it does not answer
         if request is not None and request.dev_id not in self.gateway.units:
             if self.gateway.serial:
                 return  # nobody on the bus answers for this address

@@ -516,6 +516,9 @@ class _Session:
         return self.faults.wire_time_per_byte_s or 0.0
 
     async def feed(self, data: bytes) -> None:
+        if self.faults.is_cut:
+            self.faults.reaches_pump()  # counted as lost: the bytes never reach the pump
+            return
         loop = asyncio.get_running_loop()
         now = loop.time()
         if self.decoder.pending and now - self.last_byte > INTER_BYTE_TIMEOUT_S:
@@ -555,12 +558,12 @@ class _Session:
 AUTO_ALARM_POLL_S: Final = 0.05  # how often the simulator looks for an alarm to announce (safe mode)
 
 
-async def _auto_alarm(protocol: NewEraPumpProtocol, write: Callable[[bytes], None]) -> None:
+async def _auto_alarm(protocol: NewEraPumpProtocol, plan: FaultPlan, write: Callable[[bytes], None]) -> None:
     """Safe-mode Auto-Alarm: the model is lazy, so look for a new alarm now and then and announce it."""
     while True:
         await asyncio.sleep(AUTO_ALARM_POLL_S)
         packet = protocol.poll_unsolicited()
-        if packet is not None:
+        if packet is not None and not plan.is_cut:  # sent into a cut cable: lost, as on the wire
             write(packet)
 
 
@@ -649,7 +652,7 @@ async def _serve_pty(
     if announce is not None:
         write(announce)
     task = asyncio.create_task(worker())
-    ticker = asyncio.create_task(_auto_alarm(protocol, write))
+    ticker = asyncio.create_task(_auto_alarm(protocol, plan, write))
     try:
         yield Endpoint(
             f"newera+serial://{device}?address={protocol.address}", protocol, plan, device=device, _hangup=hang_up
@@ -713,7 +716,7 @@ async def _serve_tcp(
 
     server = await asyncio.start_server(client, host, port)
     chosen = server.sockets[0].getsockname()[1]
-    ticker = asyncio.create_task(_auto_alarm(protocol, broadcast))
+    ticker = asyncio.create_task(_auto_alarm(protocol, plan, broadcast))
     try:
         yield Endpoint(
             f"newera+socket://{host}:{chosen}?address={protocol.address}", protocol, plan, port=chosen, _hangup=hang_up

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
+import signal
 import sys
+import tempfile
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,7 +20,8 @@ def demo(
     speed: Annotated[str, typer.Option(help="'max' (virtual time, as fast as possible) or N (N x real time)")] = "max",
     pumps: Annotated[int, typer.Option(min=1, max=64, help="Number of simulated pumps")] = 1,
     driver: Annotated[str, typer.Option(help="sim (in-process), newera (serial over a PTY) or modbus (TCP)")] = "sim",
-    audit: Annotated[Path | None, typer.Option(help="Audit log directory (default: a new temp dir)")] = None,
+    audit: Annotated[Path | None, typer.Option(help="Keep the audit log (and the demo's keys) in this directory; "
+                                                    "without it everything is removed at exit")] = None,
     faults: Annotated[bool, typer.Option("--faults", help="Inject an occlusion and a link loss on bed-1")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable summary")] = False,
     hl7_to: Annotated[str | None, typer.Option("--hl7-to", metavar="HOST:PORT",
@@ -24,12 +29,7 @@ def demo(
     = None,
 ) -> None:
     """Run a full burst course (100 -> 300 -> 500 mg/24h, 3-day hold, stop) and verify the audit log."""
-    from driverd.audit.reader import iter_lines
-    from driverd.audit.replay import replay_lines
-    from driverd.audit.segments import list_segments
-    from driverd.audit.verify import verify_log
-    from driverd.runtime.demo import DRIVERS, DemoOptions, run_demo
-    from driverd.signing import load_public_key
+    from driverd.runtime.demo import DRIVERS, DemoOptions
 
     if driver not in DRIVERS:
         usage(f"--driver must be one of {', '.join(DRIVERS)}")
@@ -52,7 +52,41 @@ def demo(
         address = parse_address(hl7_to, "--hl7-to", problems)
         if problems:
             usage(str(problems[0]))
-    opts = DemoOptions(driver=driver, pumps=pumps, speed=rate, audit_dir=audit, faults=faults, hl7_to=address)
+    # The work dir holds the demo's private audit key: it goes at exit, on error and on Ctrl-C/SIGTERM too, unless
+    # --audit asked to keep the run (then the log, its public key and the config stay for `audit verify`).
+    work = Path(tempfile.mkdtemp(prefix="driverd-demo-"))
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        opts = DemoOptions(driver=driver, pumps=pumps, speed=rate, audit_dir=audit, faults=faults, hl7_to=address,
+                           work_dir=work)
+        summary, replayed = _run(opts, as_json)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if audit is None:
+            shutil.rmtree(work, ignore_errors=True)
+    summary["kept"] = audit is not None
+    if as_json:
+        emit_json(summary)
+    else:
+        _print(summary, replayed)
+    if not summary["ok"]:
+        if as_json:
+            raise typer.Exit(EXIT_REFUSED)  # the summary says why: "ok": false and "failures"
+        fail("demo FAILED: " + "; ".join(summary["failures"]), as_json=False, code=EXIT_REFUSED)
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds through the finally blocks (the demo's temp dir is removed)
+
+
+def _run(opts: Any, as_json: bool) -> tuple[dict[str, Any], Any]:
+    from driverd.audit.reader import iter_lines
+    from driverd.audit.replay import replay_lines
+    from driverd.audit.segments import list_segments
+    from driverd.audit.verify import verify_log
+    from driverd.runtime.demo import run_demo
+    from driverd.runtime.demo_checks import DemoJudge
+    from driverd.signing import load_public_key
 
     show = sys.stdout.isatty() and not as_json
     if show:
@@ -68,30 +102,38 @@ def demo(
 
     key = load_public_key(result.audit_public_key)
     verified = verify_log(result.audit_dir, public_key=key, require_sealed=True)
+    # Judged from the log itself, as an auditor would: did every course end as planned, reach every step, and
+    # deliver what was commanded (driverd.runtime.demo_checks)?
+    judge = DemoJudge([p["pump_id"] for p in result.pumps], poll_period_s=Decimal(str(opts.poll_period_s)),
+                      deadman_s=opts.deadman_s)
     # Streamed record by record: memory does not grow with the log (32 pumps write about 230,000 records).
-    replayed = replay_lines(line for _, seg in list_segments(result.audit_dir) for line in iter_lines(seg))
-    ok = verified.ok and replayed.ok and not result.timed_out and all(p["phase"] == "stopped" for p in result.pumps)
-    if result.hl7 is not None:
-        ok = ok and bool(result.hl7["delivered"])
+    replayed = replay_lines(judge.watch(line for _, seg in list_segments(result.audit_dir) for line in iter_lines(seg)))
+    failures = judge.reasons()
+    if not verified.ok:
+        failures.append("audit verify failed")
+    if not replayed.ok:
+        failures.append(f"audit replay failed ({len(replayed.divergences)} divergence(s))")
+    if result.timed_out:
+        failures.append("gave up at the virtual time limit before every course ended")
+    if result.hl7 is not None and not result.hl7["delivered"]:
+        failures.append("HL7 messages not all delivered")
     summary: dict[str, Any] = {
-        "ok": ok,
-        "driver": driver,
+        "ok": not failures,
+        "failures": failures,
+        "driver": opts.driver,
+        "speed": opts.speed,
         "virtual_seconds": result.virtual_seconds,
         "audit_dir": str(result.audit_dir),
         "audit_public_key": str(result.audit_public_key),
         "pumps": result.pumps,
+        "courses": judge.summary(),
         "faults": result.faults,
         **({"hl7": result.hl7} if result.hl7 is not None else {}),
         "syringe_log": result.syringe_log,
         "verify": verified.as_dict(),
         "replay": replayed.as_dict(),
     }
-    if as_json:
-        emit_json(summary)
-    else:
-        _print(summary, replayed)
-    if not ok:
-        fail("demo did not complete cleanly (see above)", as_json=as_json, code=EXIT_REFUSED)
+    return summary, replayed
 
 
 def _print(summary: dict[str, Any], replayed: Any) -> None:
@@ -115,5 +157,13 @@ def _print(summary: dict[str, Any], replayed: Any) -> None:
          f"checkpoints, key {(v['key_fingerprint'] or '')[:16]}..., unsealed tail {v['unsealed_records']}")
     echo(f"audit replay: {'OK' if replayed.ok else 'FAILED'} - {replayed.inputs} inputs, "
          f"{replayed.outputs_checked} decisions recomputed, {len(replayed.divergences)} divergence(s)")
-    echo(f"audit log: {summary['audit_dir']}  (public key {summary['audit_public_key']})")
-    echo(f"verify it yourself: driverd audit verify {summary['audit_dir']} --key {summary['audit_public_key']}")
+    for c in summary["courses"]:
+        echo(f"{c['pump_id']}: course {c['course_id']} ended {c['phase']} ({c['end_cause'] or 'no end record'}), "
+             f"steps {len(c['reached_steps'])}/{len(c['planned_steps'])}, pump-reported {c['delivered_mg']} mg, "
+             f"commanded {c['commanded_mg']} mg")
+    if summary["kept"]:
+        echo(f"audit log: {summary['audit_dir']}  (public key {summary['audit_public_key']})")
+        echo(f"verify it yourself: driverd audit verify {summary['audit_dir']} --key {summary['audit_public_key']}")
+    else:
+        echo("audit log: removed at exit with the demo's keys (give --audit DIR to keep them)")
+    echo("demo: OK" if summary["ok"] else "demo: FAILED: " + "; ".join(summary["failures"]))

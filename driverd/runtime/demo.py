@@ -22,7 +22,7 @@ from driverd.core.records import fmt_time
 from driverd.core.schedule_parse import load_json
 from driverd.core.state import Phase
 from driverd.hl7.settings import Address, Hl7Settings
-from driverd.runtime.clock import RuntimeClock, ScaledClock, VirtualClock
+from driverd.runtime.clock import PacedClock, RuntimeClock, VirtualClock
 from driverd.runtime.config import AuditSettings, DaemonConfig, PumpConfig
 from driverd.runtime.daemon import Daemon
 from driverd.signing import generate_keypair, sign_document
@@ -46,12 +46,15 @@ HL7_DRAIN_S = 120.0  # real seconds the demo waits for an HL7 receiver to ACK wh
 class DemoOptions:
     driver: str = "sim"
     pumps: int = 1
-    speed: float | None = None  # None = as fast as the CPU allows (virtual time)
+    speed: float | None = None  # None = as fast as the CPU allows (virtual time); N = never faster than N x real
     audit_dir: Path | None = None
     faults: bool = False
     poll_period_s: float = 60.0
     deadman_s: int = 180
     hl7_to: Address | None = None  # send PCD-01/PCD-04 to this MLLP receiver (an integrator's engine)
+    # Where the demo's keys, config and (without audit_dir) log go; None: a new temp dir that the caller owns
+    # (`driverd demo` makes it and removes it at exit, see driverd.cli.demo).
+    work_dir: Path | None = None
 
 
 @dataclass
@@ -91,7 +94,9 @@ def demo_schedule(pump_id: str, index: int, start: datetime, fill_ml: str | None
 async def run_demo(opts: DemoOptions, progress: Callable[[float, str], None] | None = None) -> DemoResult:
     if opts.driver not in DRIVERS:
         raise ValueError(f"driver must be one of {', '.join(DRIVERS)}")
-    clock: RuntimeClock = VirtualClock(START) if opts.speed is None else ScaledClock(START, opts.speed)
+    # One clock for the daemon and the simulated pumps. With --speed N it is paced, not scaled: time still jumps
+    # from wake-up to wake-up (a late poll cannot fall behind the pump's dead-man), only never faster than N x real.
+    clock: RuntimeClock = VirtualClock(START) if opts.speed is None else PacedClock(START, opts.speed)
     world = World(clock)
     names = [f"bed-{i + 1}" for i in range(opts.pumps)]
     resolution_kw: dict[str, Any] = {}
@@ -102,7 +107,7 @@ async def run_demo(opts: DemoOptions, progress: Callable[[float, str], None] | N
     for name in names:
         world.pump(name, diameter_mm=Decimal(SYRINGE["inner_diameter_mm"]), fill_volume_ml=Decimal(DEMO_FILL),
                    **resolution_kw)
-    work = Path(tempfile.mkdtemp(prefix="driverd-demo-"))
+    work = opts.work_dir if opts.work_dir is not None else Path(tempfile.mkdtemp(prefix="driverd-demo-"))
     audit_dir = opts.audit_dir or work / "audit"
     key_path, pub_path = generate_keypair(work / "keys", "audit")
     async with contextlib.AsyncExitStack() as stack:
@@ -171,15 +176,17 @@ async def _start_simulators(stack: contextlib.AsyncExitStack, driver: str, world
 
 
 async def _wait_for_courses(daemon: Daemon, clock: RuntimeClock, progress: Callable[[float, str], None] | None) -> bool:
-    """Until every course has stopped (True if it had to give up at the 10-day virtual limit)."""
-    limit = START + timedelta(days=10)
+    """Until every course has stopped and its end-of-course record is out (the first report of the stopped pump),
+    so the run is judged on its whole record. True if it gave up at the virtual limit (two days past the plan)."""
+    limit = START + timedelta(days=7)
     total = timedelta(days=5, minutes=5).total_seconds()
     while True:
         phases = [ch.state.phase for ch in daemon.channels.values()]
         if progress is not None:
             done = min((clock.now() - START).total_seconds() / total, 1.0)
             progress(done, ", ".join(sorted({p.value for p in phases})))
-        if all(p is Phase.STOPPED for p in phases):
+        if all(p is Phase.STOPPED and not ch.state.summary_due for p, ch in zip(phases, daemon.channels.values(),
+                                                                               strict=True)):
             return False
         if clock.now() >= limit:
             return True
@@ -214,7 +221,8 @@ async def _drain_hl7(daemon: Daemon) -> dict[str, Any] | None:
 
 
 async def _fault_script(daemon: Daemon, world: World, clock: RuntimeClock, name: str, log: list[str]) -> None:
-    """--faults: an occlusion on day 2 and a lost link on day 3; a clinician resumes each after checking."""
+    """--faults: an occlusion on day 2 and a cut link on day 3 (the pump's dead-man stops it); a clinician resumes
+    each after checking."""
     from drivers.base import AlarmKind
 
     clock.register()
@@ -227,11 +235,11 @@ async def _fault_script(daemon: Daemon, world: World, clock: RuntimeClock, name:
         log.append(f"{fmt_time(clock.now())} {name}: clinician resume -> {_reply(reply)}")
         await clock.sleep_until(START + timedelta(hours=60))
         plan = world.faults(name)
-        plan.drop_all()
-        log.append(f"{fmt_time(clock.now())} {name}: link cut (every reply dropped)")
+        plan.cut()  # a pulled cable: nothing reaches the pump, so its dead-man stops it
+        log.append(f"{fmt_time(clock.now())} {name}: link cut (nothing reaches the pump or comes back)")
         await clock.sleep_until(START + timedelta(hours=61))
-        plan.clear()
-        log.append(f"{fmt_time(clock.now())} {name}: link restored")
+        plan.restore()
+        log.append(f"{fmt_time(clock.now())} {name}: link restored ({plan.lost_requests} requests lost)")
         await clock.sleep_until(START + timedelta(hours=62))
         reply = await daemon.command(name, "resume", "demo-nurse", "pump checked after link loss")
         log.append(f"{fmt_time(clock.now())} {name}: clinician resume -> {_reply(reply)}")
