@@ -1,5 +1,5 @@
 """`driverd demo` end of run: the log is streamed into replay (memory does not grow with the log), and --faults
-cuts the link with FaultPlan.drop_all (no per-reply queue)."""
+cuts the link with FaultPlan.cut (a sticky mode: no per-reply queue)."""
 
 from __future__ import annotations
 
@@ -46,16 +46,16 @@ def test_demo_streams_the_log_into_replay(tmp_path: Path, monkeypatch: pytest.Mo
         real_add(self, rec)
 
     drops: list[int] = []
-    real_drop_all = FaultPlan.drop_all
+    real_cut = FaultPlan.cut
 
-    def spy_drop_all(self: FaultPlan) -> None:
+    def spy_cut(self: FaultPlan) -> None:
         drops.append(self.pending)
-        real_drop_all(self)
+        real_cut(self)
 
     monkeypatch.setattr(demo_mod, "run_demo", run_demo_then_count)
     monkeypatch.setattr(reader, "iter_lines", counting_iter_lines)
     monkeypatch.setattr(replay.Replayer, "add", counting_add)
-    monkeypatch.setattr(FaultPlan, "drop_all", spy_drop_all)
+    monkeypatch.setattr(FaultPlan, "cut", spy_cut)
     res = CliRunner().invoke(app, ["demo", "--faults", "--json", "--audit", str(tmp_path / "log")])
     assert res.exit_code == 0, res.stdout[-2000:]
     summary = json.loads(res.stdout)
