@@ -41,6 +41,7 @@ import asyncio
 import contextlib
 import functools
 import os
+import socket
 import threading
 import tty
 from collections import deque
@@ -602,6 +603,14 @@ def _check_units(unit_ids: Mapping[int, str]) -> None:
         raise ValidationError(problems)
 
 
+def _check_port(host: str, port: int) -> None:
+    """Bind the port the way asyncio's server will (SO_REUSEADDR), and let go: an OSError names why not."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))
+
+
 @contextlib.asynccontextmanager
 async def serve_modbus(
     world: World,
@@ -659,10 +668,15 @@ async def serve_modbus(
     server.gateway = gateway
     if bridge is not None:
         gateway.hang_up = bridge.hang_up
+    if bridge is None and tcp_port:
+        _check_port(host, tcp_port)  # pymodbus only logs the reason and raises a bare RuntimeError
     try:
         if bridge is not None:
             bridge.start()
-        await server.serve_forever(background=True)
+        try:
+            await server.serve_forever(background=True)
+        except RuntimeError as exc:  # pymodbus: "Could not start listen" (the port was taken meanwhile)
+            raise OSError(f"cannot listen on {host}:{tcp_port}: {exc}") from None
         if bridge is not None:
             endpoint = ModbusEndpoint("rtu", "", 0, bridge.host_path, dict(unit_ids), plans, exceptions)
         else:

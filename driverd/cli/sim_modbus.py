@@ -1,12 +1,17 @@
 """`driverd sim modbus`: simulated Modbus pumps (one per unit id) behind one TCP port or RTU on a PTY, real clock.
 
 The first stdout line is the TCP port (``--tcp``) or the device path (``--pty``), so scripts and tests can read
-it; then one driver URL per unit. Runs until SIGINT/SIGTERM. Pumps are named ``modbus-<unit>``.
+it; then one driver URL per unit (then ``control: PATH`` with ``--control``). Every fault that fires prints a
+``fault:`` line; ``--json`` prints one JSON object a line instead (``listening``, ``fault``, ``stopped``). Faults
+can be triggered while it runs: ``driverd sim fault --control PATH [--unit N] cut`` (simulators/control.py).
+pymodbus's own log records come out as one line each on stderr, never as raw text or a traceback. A port in use
+is a one-line error, exit 1. Runs until SIGINT/SIGTERM. Pumps are named ``modbus-<unit>``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import signal
 from pathlib import Path
@@ -14,7 +19,8 @@ from typing import Annotated
 
 import typer
 
-from driverd.cli.output import EXIT_REFUSED, fail, usage
+from driverd.cli.output import usage
+from driverd.cli.sim_console import SimConsole, listen_error, route_library_logs
 from driverd.core.errors import DriverdError
 from drivers.modbus.regmap import RegisterMap, load_map
 from simulators.clock import SystemClock
@@ -46,8 +52,15 @@ def modbus(
         Path | None, typer.Option("--faults", help="fault scenario TOML applied to each unit (simulators/faults.py)")
     ] = None,
     regmap: Annotated[Path | None, typer.Option("--map", help="register map TOML (default: the shipped map)")] = None,
+    control: Annotated[
+        Path | None,
+        typer.Option("--control", help="unix socket for run-time faults (driverd sim fault --control PATH ...)"),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="status lines as JSON objects, one a line")] = False,
 ) -> None:
     """Run simulated syringe pumps that speak Modbus (TCP, or RTU on a PTY), one per unit id."""
+    console = SimConsole(as_json=as_json)
+    route_library_logs(console)
     if pty == (tcp is not None):
         usage("give exactly one of --tcp PORT or --pty")
     if tcp is not None and not 0 <= tcp <= 65535:
@@ -60,22 +73,36 @@ def modbus(
         for unit in unit_ids:
             name = f"modbus-{unit}"
             plan = FaultPlan.from_scenario(faults) if faults else FaultPlan()
+            plan.on_event = functools.partial(console.fault, name)
             plans[unit] = world.set_faults(name, plan)
     except DriverdError as exc:
-        fail(str(exc), as_json=False, code=EXIT_REFUSED)
-    asyncio.run(_serve(world, {u: f"modbus-{u}" for u in unit_ids}, plans, tcp=tcp, pty=pty, host=host, regmap=the_map))
+        console.error(str(exc))
+    try:
+        asyncio.run(_serve(world, {u: f"modbus-{u}" for u in unit_ids}, plans, console, tcp=tcp, pty=pty, host=host,
+                           regmap=the_map, control=control))
+    except _ListenError as exc:
+        console.error(str(exc))
+
+
+class _ListenError(Exception):
+    """The simulator could not open what it serves on (a port in use, a control socket taken)."""
 
 
 async def _serve(
     world: World,
     unit_ids: dict[int, str],
     plans: dict[int, FaultPlan],
+    console: SimConsole,
     *,
     tcp: int | None,
     pty: bool,
     host: str,
     regmap: RegisterMap,
+    control: Path | None = None,
 ) -> None:
+    import contextlib
+
+    from simulators.control import serve_control
     from simulators.modbus import serve_modbus  # imported late (pymodbus): keeps `driverd --help` fast
 
     stop = asyncio.Event()
@@ -87,11 +114,21 @@ async def _serve(
         if pty
         else (serve_modbus(world, unit_ids, plans, tcp_port=tcp, host=host, regmap=regmap))
     )
-    async with server as endpoint:
-        typer.echo(endpoint.path if pty else str(endpoint.port))
-        for unit in unit_ids:
-            typer.echo(endpoint.url(unit))
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            endpoint = await stack.enter_async_context(server)
+        except OSError as exc:
+            raise _ListenError(listen_error(f"--tcp {tcp}: cannot listen on {host}:{tcp}", exc)) from None
+        if control is not None:
+            try:
+                await stack.enter_async_context(serve_control(control, plans))
+            except OSError as exc:
+                raise _ListenError(listen_error(f"--control {control}", exc)) from None
+        extra = {"device": endpoint.path} if pty else {"port": endpoint.port}
+        console.listening(endpoint.path if pty else str(endpoint.port), [endpoint.url(u) for u in unit_ids],
+                          control=str(control) if control else None, **extra)
         await stop.wait()
+    console.stopped()
 
 
 def register(app: typer.Typer) -> None:

@@ -1,7 +1,10 @@
 """`driverd sim newera`: a simulated New Era pump on a pseudo-terminal or a loopback TCP port, real clock.
 
 The first stdout line is the device path (``--pty``) or the TCP port (``--tcp``), so scripts and tests can
-read it; the second is the driver URL. Runs until SIGINT/SIGTERM.
+read it; the second is the driver URL (then ``control: PATH`` with ``--control``). Every fault that fires prints a
+``fault:`` line. ``--json``: one JSON object a line instead (``listening``, ``fault``, ``stopped``). Faults can be
+triggered while it runs: ``driverd sim fault --control PATH cut`` (simulators/control.py). Runs until
+SIGINT/SIGTERM. A port in use is a one-line error, exit 1.
 """
 
 from __future__ import annotations
@@ -14,9 +17,11 @@ from typing import Annotated
 
 import typer
 
-from driverd.cli.output import EXIT_REFUSED, fail, usage
+from driverd.cli.output import usage
+from driverd.cli.sim_console import SimConsole, listen_error, route_library_logs
 from driverd.core.errors import DriverdError, QuantityError
 from driverd.core.quantities import MAX_DIAMETER_MM, MAX_VOLUME_ML, parse_decimal
+from drivers.base import AlarmKind
 from drivers.newera.driver import BAUD_RATES
 from simulators.clock import SystemClock
 from simulators.faults import FaultPlan
@@ -57,8 +62,15 @@ def newera(
         bool,
         typer.Option("--safe-mode/--no-safe-mode", help="--no-safe-mode: firmware without safe mode (SAF -> ?)"),
     ] = True,
+    control: Annotated[
+        Path | None,
+        typer.Option("--control", help="unix socket for run-time faults (driverd sim fault --control PATH ...)"),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="status lines as JSON objects, one a line")] = False,
 ) -> None:
     """Run a simulated New Era syringe pump that speaks the NE-1000 RS-232 protocol."""
+    console = SimConsole(as_json=as_json)
+    route_library_logs(console)
     if pty == (tcp is not None):
         usage("give exactly one of --pty or --tcp PORT")
     if tcp is not None and not 0 <= tcp <= 65535:
@@ -73,37 +85,52 @@ def newera(
     diameter_mm = _decimal(diameter, "diameter", MAX_DIAMETER_MM)
     try:
         model = PumpModel(SystemClock(), fill_volume_ml=fill_ml, diameter_mm=diameter_mm)
-        plan = (
-            FaultPlan.from_scenario(faults, alarm_hook=model.inject_alarm)
-            if faults
-            else FaultPlan(alarm_hook=model.inject_alarm)
-        )
+
+        def alarm_hook(kind: AlarmKind) -> None:
+            # A power interruption is more than a flag: it also disarms the dead-man (as World does).
+            if kind is AlarmKind.POWER_INTERRUPTED:
+                model.power_cycle()
+            else:
+                model.inject_alarm(kind)
+
+        plan = FaultPlan.from_scenario(faults, alarm_hook=alarm_hook) if faults else FaultPlan(alarm_hook=alarm_hook)
+        plan.on_event = lambda ev: console.fault(f"newera-{address}", ev)
         if drop_next:
             plan.drop_next(drop_next)
         if garble_next:
             plan.garble_next(garble_next)
     except DriverdError as exc:
-        fail(str(exc), as_json=False, code=EXIT_REFUSED)
+        console.error(str(exc))
     per_byte = 10 / baud if wire_time else None
-    asyncio.run(
-        _serve(
-            model,
-            plan,
-            pty=pty,
-            tcp=tcp,
-            host=host,
-            address=address,
-            baud=baud,
-            wire_time=per_byte,
-            power_up=power_up,
-            safe_mode=safe_mode,
+    try:
+        asyncio.run(
+            _serve(
+                model,
+                plan,
+                console,
+                pty=pty,
+                tcp=tcp,
+                host=host,
+                address=address,
+                baud=baud,
+                wire_time=per_byte,
+                power_up=power_up,
+                safe_mode=safe_mode,
+                control=control,
+            )
         )
-    )
+    except _ListenError as exc:
+        console.error(str(exc))
+
+
+class _ListenError(Exception):
+    """The simulator could not open what it serves on (a port in use, a control socket taken)."""
 
 
 async def _serve(
     model: PumpModel,
     plan: FaultPlan,
+    console: SimConsole,
     *,
     pty: bool,
     tcp: int | None,
@@ -113,29 +140,43 @@ async def _serve(
     wire_time: float | None,
     power_up: bool,
     safe_mode: bool = True,
+    control: Path | None = None,
 ) -> None:
+    import contextlib
+
+    from simulators.control import serve_control
     from simulators.newera import serve_newera  # imported late: keeps `driverd --help` fast
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with serve_newera(
-        model,
-        plan,
-        pty=pty,
-        tcp_port=tcp,
-        host=host,
-        address=address,
-        wire_time=wire_time,
-        power_up=power_up,
-        safe_mode=safe_mode,
-    ) as endpoint:
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            endpoint = await stack.enter_async_context(serve_newera(
+                model,
+                plan,
+                pty=pty,
+                tcp_port=tcp,
+                host=host,
+                address=address,
+                wire_time=wire_time,
+                power_up=power_up,
+                safe_mode=safe_mode,
+            ))
+        except OSError as exc:
+            raise _ListenError(listen_error(f"--tcp {tcp}: cannot listen on {host}:{tcp}", exc)) from None
+        if control is not None:
+            try:
+                await stack.enter_async_context(serve_control(control, {address: plan}))
+            except OSError as exc:
+                raise _ListenError(listen_error(f"--control {control}", exc)) from None
         first = endpoint.device if pty else str(endpoint.port)
         url = endpoint.url + (f"&baud={baud}" if pty else "")
-        typer.echo(first)
-        typer.echo(url)
+        extra = {"device": endpoint.device} if pty else {"port": endpoint.port}
+        console.listening(first or "", [url], control=str(control) if control else None, **extra)
         await stop.wait()
+    console.stopped()
 
 
 def register(app: typer.Typer) -> None:
