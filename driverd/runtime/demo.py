@@ -237,10 +237,12 @@ async def _fault_script(daemon: Daemon, world: World, clock: RuntimeClock, name:
         plan = world.faults(name)
         plan.cut()  # a pulled cable: nothing reaches the pump, so its dead-man stops it
         log.append(f"{fmt_time(clock.now())} {name}: link cut (nothing reaches the pump or comes back)")
-        await clock.sleep_until(START + timedelta(hours=61))
+        # Ten minutes: well past the link timeout and the pump's dead-man. Not longer, because over a real
+        # transport every request lost to the cut waits out its driver timeout in real time.
+        await clock.sleep_until(START + timedelta(hours=60, minutes=10))
         plan.restore()
         log.append(f"{fmt_time(clock.now())} {name}: link restored ({plan.lost_requests} requests lost)")
-        await clock.sleep_until(START + timedelta(hours=62))
+        await clock.sleep_until(START + timedelta(hours=61))
         reply = await daemon.command(name, "resume", "demo-nurse", "pump checked after link loss")
         log.append(f"{fmt_time(clock.now())} {name}: clinician resume -> {_reply(reply)}")
         await clock.sleep_until(START + timedelta(days=30))
