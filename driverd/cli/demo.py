@@ -17,12 +17,14 @@ from driverd.cli.output import EXIT_REFUSED, emit_json, fail, usage
 
 
 def demo(
-    speed: Annotated[str, typer.Option(help="'max' (virtual time, as fast as possible) or N (N x real time)")] = "max",
+    speed: Annotated[str, typer.Option(help="'max' (virtual time, as fast as possible) or N "
+                                            "(never faster than N x real time)")] = "max",
     pumps: Annotated[int, typer.Option(min=1, max=64, help="Number of simulated pumps")] = 1,
     driver: Annotated[str, typer.Option(help="sim (in-process), newera (serial over a PTY) or modbus (TCP)")] = "sim",
     audit: Annotated[Path | None, typer.Option(help="Keep the audit log (and the demo's keys) in this directory; "
                                                     "without it everything is removed at exit")] = None,
-    faults: Annotated[bool, typer.Option("--faults", help="Inject an occlusion and a link loss on bed-1")] = False,
+    faults: Annotated[bool, typer.Option("--faults", help="Occlude bed-1, then cut its link; a clinician "
+                                                          "resumes each")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable summary")] = False,
     hl7_to: Annotated[str | None, typer.Option("--hl7-to", metavar="HOST:PORT",
                                                help="Send the course's PCD-01/PCD-04 messages to this MLLP receiver")]

@@ -60,7 +60,6 @@ def modbus(
 ) -> None:
     """Run simulated syringe pumps that speak Modbus (TCP, or RTU on a PTY), one per unit id."""
     console = SimConsole(as_json=as_json)
-    route_library_logs(console)
     if pty == (tcp is not None):
         usage("give exactly one of --tcp PORT or --pty")
     if tcp is not None and not 0 <= tcp <= 65535:
@@ -77,6 +76,7 @@ def modbus(
             plans[unit] = world.set_faults(name, plan)
     except DriverdError as exc:
         console.error(str(exc))
+    route_library_logs(console)  # only once it serves: a usage error leaves the process's logging alone
     try:
         asyncio.run(_serve(world, {u: f"modbus-{u}" for u in unit_ids}, plans, console, tcp=tcp, pty=pty, host=host,
                            regmap=the_map, control=control))

@@ -70,7 +70,6 @@ def newera(
 ) -> None:
     """Run a simulated New Era syringe pump that speaks the NE-1000 RS-232 protocol."""
     console = SimConsole(as_json=as_json)
-    route_library_logs(console)
     if pty == (tcp is not None):
         usage("give exactly one of --pty or --tcp PORT")
     if tcp is not None and not 0 <= tcp <= 65535:
@@ -102,6 +101,7 @@ def newera(
     except DriverdError as exc:
         console.error(str(exc))
     per_byte = 10 / baud if wire_time else None
+    route_library_logs(console)  # only once it serves: a usage error leaves the process's logging alone
     try:
         asyncio.run(
             _serve(
