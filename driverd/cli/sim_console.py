@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any, NoReturn
 
@@ -84,23 +85,33 @@ class _OneLine(logging.Handler):
         pass  # never a traceback from the logging machinery itself
 
 
-def route_library_logs(console: SimConsole) -> None:
-    """Every stdlib logging record at WARNING and up goes through `console` as one line; nothing below."""
+@contextlib.contextmanager
+def library_logs_as_lines(console: SimConsole) -> Iterator[None]:
+    """While the simulator serves, every stdlib logging record at WARNING and up goes through `console` as one
+    line and nothing below does; the process's logging is put back as it was afterwards."""
     root = logging.getLogger()
-    for h in list(root.handlers):
-        if isinstance(h, _OneLine):
-            root.removeHandler(h)
+    saved = (list(root.handlers), root.level, logging.lastResort)
+    libs = {name: logging.getLogger(name) for name in ("pymodbus", "serial", "asyncio")}
+    saved_libs = {name: (lib.level, lib.propagate, list(lib.handlers)) for name, lib in libs.items()}
     handler = _OneLine(console)
-    root.addHandler(handler)
+    root.handlers = [handler]
     root.setLevel(logging.WARNING)
     logging.lastResort = handler  # a logger with propagate=False and no handler of its own: still one line
-    for name in ("pymodbus", "serial", "asyncio"):
-        lib = logging.getLogger(name)
+    for lib in libs.values():
         lib.setLevel(logging.WARNING)
         lib.propagate = True
-        for h in list(lib.handlers):
-            if not isinstance(h, logging.NullHandler):
-                lib.removeHandler(h)  # a library's own stream handler would print raw text
+        # a library's own stream handler would print raw text
+        lib.handlers = [h for h in lib.handlers if isinstance(h, logging.NullHandler)]
+    try:
+        yield
+    finally:
+        root.handlers, level, logging.lastResort = saved[0], saved[1], saved[2]
+        root.setLevel(level)
+        for name, lib in libs.items():
+            lvl, propagate, handlers = saved_libs[name]
+            lib.setLevel(lvl)
+            lib.propagate = propagate
+            lib.handlers = handlers
 
 
 def listen_error(what: str, exc: OSError) -> str:

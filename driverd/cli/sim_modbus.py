@@ -20,7 +20,7 @@ from typing import Annotated
 import typer
 
 from driverd.cli.output import usage
-from driverd.cli.sim_console import SimConsole, listen_error, route_library_logs
+from driverd.cli.sim_console import SimConsole, library_logs_as_lines, listen_error
 from driverd.core.errors import DriverdError
 from drivers.modbus.regmap import RegisterMap, load_map
 from simulators.clock import SystemClock
@@ -76,10 +76,10 @@ def modbus(
             plans[unit] = world.set_faults(name, plan)
     except DriverdError as exc:
         console.error(str(exc))
-    route_library_logs(console)  # only once it serves: a usage error leaves the process's logging alone
     try:
-        asyncio.run(_serve(world, {u: f"modbus-{u}" for u in unit_ids}, plans, console, tcp=tcp, pty=pty, host=host,
-                           regmap=the_map, control=control))
+        with library_logs_as_lines(console):
+            asyncio.run(_serve(world, {u: f"modbus-{u}" for u in unit_ids}, plans, console, tcp=tcp, pty=pty,
+                               host=host, regmap=the_map, control=control))
     except _ListenError as exc:
         console.error(str(exc))
 

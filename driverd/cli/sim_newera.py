@@ -18,7 +18,7 @@ from typing import Annotated
 import typer
 
 from driverd.cli.output import usage
-from driverd.cli.sim_console import SimConsole, listen_error, route_library_logs
+from driverd.cli.sim_console import SimConsole, library_logs_as_lines, listen_error
 from driverd.core.errors import DriverdError, QuantityError
 from driverd.core.quantities import MAX_DIAMETER_MM, MAX_VOLUME_ML, parse_decimal
 from drivers.base import AlarmKind
@@ -101,24 +101,24 @@ def newera(
     except DriverdError as exc:
         console.error(str(exc))
     per_byte = 10 / baud if wire_time else None
-    route_library_logs(console)  # only once it serves: a usage error leaves the process's logging alone
     try:
-        asyncio.run(
-            _serve(
-                model,
-                plan,
-                console,
-                pty=pty,
-                tcp=tcp,
-                host=host,
-                address=address,
-                baud=baud,
-                wire_time=per_byte,
-                power_up=power_up,
-                safe_mode=safe_mode,
-                control=control,
+        with library_logs_as_lines(console):
+            asyncio.run(
+                _serve(
+                    model,
+                    plan,
+                    console,
+                    pty=pty,
+                    tcp=tcp,
+                    host=host,
+                    address=address,
+                    baud=baud,
+                    wire_time=per_byte,
+                    power_up=power_up,
+                    safe_mode=safe_mode,
+                    control=control,
+                )
             )
-        )
     except _ListenError as exc:
         console.error(str(exc))
 
