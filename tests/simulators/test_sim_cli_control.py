@@ -240,3 +240,20 @@ def test_pymodbus_records_are_one_line_each(as_json: bool) -> None:
         else:
             assert line.startswith("warning: pymodbus"), line
     assert "Traceback" not in err
+
+
+def test_library_records_become_one_line_and_logging_is_put_back(capsys: pytest.CaptureFixture[str]) -> None:
+    import logging
+
+    from driverd.cli.sim_console import SimConsole, library_logs_as_lines
+
+    root = logging.getLogger()
+    before = (list(root.handlers), root.level, logging.lastResort)
+    with library_logs_as_lines(SimConsole(as_json=False)):
+        try:
+            raise ConnectionError("boom")
+        except ConnectionError:
+            logging.getLogger("pymodbus.logging").exception("Failed to start server\nsecond line")
+        logging.getLogger("pymodbus.logging").info("below warning: not shown")
+    assert capsys.readouterr().err == "error: pymodbus.logging: Failed to start server second line\n"
+    assert (list(root.handlers), root.level, logging.lastResort) == before
