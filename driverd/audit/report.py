@@ -636,7 +636,14 @@ def plot_data(rep: Report) -> list[CoursePlot]:
         if not c.has_course_records() or not (c.setpoints or c.reported_series):
             continue
         end = c.last_at
-        dose = [(at, d if d is not None else Decimal(0)) for at, _, d in c.setpoints if at is not None]
+        # Setpoints at one instant (a syringe change's stop and resume) last no time: the last one holds.
+        dose: list[tuple[datetime, Decimal]] = []
+        for at, _, d in c.setpoints:
+            if at is None:
+                continue
+            if dose and dose[-1][0] == at:
+                dose.pop()
+            dose.append((at, d if d is not None else Decimal(0)))
         if dose and end is not None and end > dose[-1][0]:
             dose.append((end, dose[-1][1]))
         commanded = list(c.commanded_series)
@@ -649,8 +656,8 @@ def plot_data(rep: Report) -> list[CoursePlot]:
             stop = a.cleared_at or end or a.raised_at
             spans.append((a.raised_at, stop, a.code))
         steps, last = [], None
-        for at, _, d in c.setpoints:
-            if at is not None and d != last:
+        for at, d in dose[:-1] if dose and end is not None and dose[-1][0] == end else dose:
+            if d != last:
                 steps.append((at, f"{d} mg/24h"))
             last = d
         out.append(CoursePlot(f"{c.pump_id} {c.course_id or '-'}", dose, commanded, list(c.reported_series), spans,
