@@ -656,7 +656,7 @@ def plot_data(rep: Report) -> list[CoursePlot]:
             stop = a.cleared_at or end or a.raised_at
             spans.append((a.raised_at, stop, a.code))
         steps, last = [], None
-        for at, d in dose[:-1] if dose and end is not None and dose[-1][0] == end else dose:
+        for at, d in dose:  # the point added at the end repeats the last dose: never a mark
             if d != last:
                 steps.append((at, f"{d} mg/24h"))
             last = d
