@@ -299,6 +299,7 @@ class _Pump:
     order: Order | None = None  # the order the next outputs belong to
     input_rec: dict[str, Any] | None = None  # the pump's last input record
     input_course: CourseSummary | None = None
+    pushed: dict[str, Any] | None = None  # the schedule of the pump's last push
     clinician: str = "a clinician"  # who gave the pump's last clinician command
     change_conc: Decimal | None = None  # concentration of the last change_syringe command
     pending_conc: Decimal | None = None  # the syringe being changed to
@@ -350,7 +351,7 @@ class ReportBuilder:
             # Daemon records (request_refused) carry no course: they belong to the pump's current course.
             c = p.course if p.course is not None else self._course(pump_id, None)
         if course_id is not None and (p.course is None or p.course.course_id != course_id):
-            p.course = c
+            p.course = self._course(pump_id, course_id)
         c.records += 1
         if when is not None:
             c.first_at = c.first_at or when
@@ -390,7 +391,7 @@ class ReportBuilder:
             p.order = Order(seq, at, "ward", f"ward push approved by {_approvers(sched)}",
                             f"push {sched.get('schedule_id')} v{sched.get('version')}", why, event)
             c.orders.append(p.order)
-            self._schedules[str(sched.get("schedule_id"))] = sched
+            p.pushed = sched  # in force once the core accepts it (its notice), not if it is refused
         elif event == "pump_report":
             raw = _dec(rec.get("delivered_ml"))
             if raw is not None:
@@ -495,6 +496,8 @@ class ReportBuilder:
                 if a.cleared_at is None and a.cleared_by is None and a.code == "clock_step":
                     a.cleared_at, a.cleared_seq, a.cleared_by = at, seq, by
         elif code in ("schedule_accepted", "schedule_updated"):
+            if p.pushed is not None:
+                self._schedules[str(p.pushed.get("schedule_id"))] = p.pushed
             sched = self._schedules.get(str(c.course_id), {})
             c.schedule_version = sched.get("version") if isinstance(sched.get("version"), int) else None
             c.approvers = _approvers(sched)
@@ -721,10 +724,13 @@ def _draw(ax: Any, d: CoursePlot, zone: Zone, mdates: Any) -> None:
         ax2.plot(xs(d.reported_mg), [float(p[1]) for p in d.reported_mg], color="tab:orange", ls="--",
                  label="pump-reported (cumulative mg)")
     ax2.set_ylabel("delivered (mg)")
-    ax.xaxis.set_major_formatter(mdates.DateFormatter("%m-%d %H:%M", tz=zone.tz))
+    locator = mdates.AutoDateLocator(tz=zone.tz)
+    ax.xaxis.set_major_locator(locator)
+    ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator, tz=zone.tz))
     ax.set_xlabel(f"time ({zone.name})")
     ax.set_title(f"{d.label}: dose, delivery; alarm periods shaded, steps dotted")
     lines = ax.get_legend_handles_labels()
     lines2 = ax2.get_legend_handles_labels()
     if lines[0] or lines2[0]:
-        ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="upper left", fontsize=8)
+        ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="upper center", bbox_to_anchor=(0.5, -0.2),
+                  ncol=3, fontsize=8, frameon=False)
