@@ -109,6 +109,9 @@ def plan(lines: Iterable[Line], keep: Filter) -> Plan:
             pumps.add(rec["pump_id"])
         if isinstance(rec.get("course_id"), str):
             courses.add(rec["course_id"])
+        sched = rec.get("schedule") if rec.get("event") == "schedule_accepted" else None
+        if isinstance(sched, dict) and isinstance(sched.get("schedule_id"), str):
+            courses.add(sched["schedule_id"])  # a pushed course, even one the core refused
         if keep(rec):
             n += 1
             names.update(flatten(rec))
