@@ -163,32 +163,47 @@ class CourseSummary:
     def counting(self) -> bool:
         return not (self.phase in INTERRUPTED and self.pump_state is not None and self.pump_state != "infusing")
 
-    def advance(self, at: datetime) -> None:
-        """Integrate the commanded rate up to `at`, with the state in force since the last call."""
-        if self.since is None:
-            self.since = at
-            self.commanded_series.append((at, self.commanded_mg))
-            return
-        if at <= self.since:
-            return
+    def _segment(self, at: datetime) -> tuple[Decimal, Decimal, bool]:
+        """(mL, mg) the commanded rate gives from the last change to `at`, and whether it is left out for mg."""
+        if self.since is None or at <= self.since or not self.rate:
+            return Decimal(0), Decimal(0), False
         ml = self.rate * _hours(self.since, at)
-        mg = ml * self.conc if self.conc is not None else Decimal(0)
-        if ml and self.conc is None:
-            self.mg_gaps += 1
-        if self._counting:
-            self.commanded_ml += ml
-            self.commanded_mg += mg
-        else:
-            self.excluded_ml += ml
-            self.excluded_mg += mg
-        self.since = at
+        return ml, (ml * self.conc if self.conc is not None else Decimal(0)), self.conc is None
 
-    def changed(self, at: datetime | None) -> None:
-        """After a change of rate, phase, pump state or syringe: a point on the cumulative curve."""
-        # The cumulative curve is linear between changes: a point at each change draws it exactly.
-        if at is not None and (not self.commanded_series or self.commanded_series[-1][0] < at):
-            self.commanded_series.append((at, self.commanded_mg))
+    def change(self, at: datetime | None, *, rate: Decimal | None = None, phase: str | None = None,
+               pump_state: str | None = None, conc: Decimal | None = None) -> None:
+        """Integrate the commanded rate up to `at` with the state in force, then apply a change of rate, phase,
+        pump state or syringe. Only changes cost anything: between them the volume is linear in time."""
+        if at is not None:
+            ml, mg, unknown = self._segment(at)
+            self.mg_gaps += unknown
+            if self._counting:
+                self.commanded_ml += ml
+                self.commanded_mg += mg
+            else:
+                self.excluded_ml += ml
+                self.excluded_mg += mg
+            if self.since is None or at > self.since:
+                self.since = at
+                self.commanded_series.append((at, self.commanded_mg))  # the cumulative curve's corners
+        self.rate = self.rate if rate is None else rate
+        self.phase = self.phase if phase is None else phase
+        self.pump_state = self.pump_state if pump_state is None else pump_state
+        self.conc = self.conc if conc is None else conc
         self._counting = self.counting()
+
+    def commanded_now(self) -> tuple[Decimal, Decimal, Decimal, Decimal, int]:
+        """(commanded mL, mg, not counted mL, mg, unknown-concentration spans) up to the course's last time."""
+        cml, cmg, xml, xmg, gaps = (self.commanded_ml, self.commanded_mg, self.excluded_ml, self.excluded_mg,
+                                    self.mg_gaps)
+        if self.last_at is not None:
+            ml, mg, unknown = self._segment(self.last_at)
+            gaps += unknown
+            if self._counting:
+                cml, cmg = cml + ml, cmg + mg
+            else:
+                xml, xmg = xml + ml, xmg + mg
+        return cml, cmg, xml, xmg, gaps
 
     def count_reported(self, at: datetime | None, raw: Decimal, reset_is_increment: bool = True) -> None:
         prev = self.raw_prev
@@ -209,7 +224,7 @@ class CourseSummary:
     # ------------------------------------------------------------------------------------------------- views
 
     def mg_unknown_reason(self) -> str | None:
-        if self.mg_gaps:
+        if self.commanded_now()[4]:
             return ("the concentration is not known for part of this course (its schedule_accepted is not in the "
                     "records read): mg counts only the volume at a known concentration")
         return None
@@ -220,13 +235,14 @@ class CourseSummary:
 
     def totals(self) -> dict[str, Any]:
         unknown = self.mg_unknown_reason()
+        cml, cmg, xml, xmg, _ = self.commanded_now()
         return {
-            "commanded_ml": _q(self.commanded_ml),
-            "commanded_mg": _q(self.commanded_mg),
+            "commanded_ml": _q(cml),
+            "commanded_mg": _q(cmg),
             "reported_ml": _q(self.reported_ml),
             "reported_mg": _q(self.reported_mg),
-            "not_counted_ml": _q(self.excluded_ml),
-            "not_counted_mg": _q(self.excluded_mg),
+            "not_counted_ml": _q(xml),
+            "not_counted_mg": _q(xmg),
             "not_counted_rule": "commanded volume while the course was in alarm or paused and the pump reported "
                                 "it was not infusing",
             "mg_complete": unknown is None,
@@ -356,7 +372,6 @@ class ReportBuilder:
         if when is not None:
             c.first_at = c.first_at or when
             c.last_at = when
-            c.advance(when)
         if event in _INPUTS:
             self._input(p, c, rec, when)
         elif event in _OUTPUTS:
@@ -396,8 +411,9 @@ class ReportBuilder:
             raw = _dec(rec.get("delivered_ml"))
             if raw is not None:
                 c.count_reported(at, raw)
-            c.pump_state = str(rec.get("state"))
-            c.changed(at)
+            state = str(rec.get("state"))
+            if state != c.pump_state:
+                c.change(at, pump_state=state)
         elif event == "syringe_loaded":
             raw = _dec(rec.get("delivered_ml"))
             if raw is not None:
@@ -446,16 +462,14 @@ class ReportBuilder:
                 return
             dose = _dec(rec.get("dose_mg_per_24h"))
             c.setpoints.append((at, rate, dose))
-            c.rate = rate
-            c.changed(at)
+            c.change(at, rate=rate)
             self._order_for(p, c, rec, at).setpoints.append(
                 {"seq": seq, "at": at, "rate_ml_per_h": rate, "dose_mg_per_24h": dose, "intent": rec.get("intent"),
                  "source": rec.get("source"), "reason": rec.get("reason")})
         elif event == "transition":
             to = str(rec.get("to"))
             c.states.append((at, to))
-            c.phase = to
-            c.changed(at)
+            c.change(at, phase=to)
             self._order_for(p, c, rec, at).transitions.append(
                 {"seq": seq, "from": rec.get("from"), "to": to, "cause": rec.get("cause")})
             if to == "stopped":
@@ -503,14 +517,13 @@ class ReportBuilder:
             c.approvers = _approvers(sched)
             if code == "schedule_accepted":
                 conc = _dec(sched.get("concentration_mg_per_ml"))
-                c.concentration_mg_per_ml = c.conc = conc
+                c.concentration_mg_per_ml = conc
                 c.patient_ref = str(sched.get("patient_ref"))
-                c.changed(at)
+                c.change(at, conc=conc)
         elif code == "syringe_change_started":
             p.pending_conc = p.change_conc
         elif code == "syringe_changed" and p.pending_conc is not None:
-            c.conc = p.pending_conc
-            c.changed(at)
+            c.change(at, conc=p.pending_conc)
 
     @staticmethod
     def _refusal(rec: dict[str, Any], at: datetime | None, order: Order | None, request: str) -> dict[str, Any]:
@@ -650,8 +663,9 @@ def plot_data(rep: Report) -> list[CoursePlot]:
         if dose and end is not None and end > dose[-1][0]:
             dose.append((end, dose[-1][1]))
         commanded = list(c.commanded_series)
-        if end is not None and (not commanded or commanded[-1][0] < end or commanded[-1][1] != c.commanded_mg):
-            commanded.append((end, c.commanded_mg))
+        total_mg = c.commanded_now()[1]
+        if end is not None and (not commanded or commanded[-1][0] < end):
+            commanded.append((end, total_mg))
         spans = []
         for a in c.alarms:
             if a.raised_at is None:
