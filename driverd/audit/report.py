@@ -348,6 +348,8 @@ class ReportBuilder:
         sched = rec.get("schedule") if event == "schedule_accepted" else None
         if isinstance(sched, dict) and isinstance(sched.get("schedule_id"), str):
             r.patients[sched["schedule_id"]] = str(sched.get("patient_ref"))
+        if event == "state_snapshot":
+            self._seed(rec)
         pump_id = rec.get("pump_id")
         if not isinstance(pump_id, str):
             if event == "request_refused":
@@ -381,6 +383,39 @@ class ReportBuilder:
         elif event == "exposure_override":
             c.notices.append((when, "exposure_override", f"{rec.get('reason')} (approved by "
                                                          f"{_approvers(rec)})"))
+
+    def _seed(self, rec: dict[str, Any]) -> None:
+        """A segment read on its own starts with a state snapshot (docs/audit.md, "State snapshots"): a course the
+        records read so far do not know starts from the snapshot's state (schedule, syringe, rate, phase, pump
+        counter), so its mg are known. A course already known is not touched: the log itself says more."""
+        states = rec.get("states")
+        if not isinstance(states, dict):
+            return
+        at = _at(rec.get("ts"))
+        for pump_id, st in states.items():
+            sched = st.get("schedule") if isinstance(st, dict) else None
+            if not isinstance(pump_id, str) or not isinstance(sched, dict) or not isinstance(sched.get("schedule_id"),
+                                                                                             str):
+                continue
+            if (pump_id, sched["schedule_id"]) in self.report.courses:
+                continue
+            c = self._course(pump_id, sched["schedule_id"])
+            p = self._pumps.setdefault(pump_id, _Pump())
+            p.course, p.last_at = c, p.last_at or at
+            self._schedules[sched["schedule_id"]] = sched
+            self.report.patients[sched["schedule_id"]] = str(sched.get("patient_ref"))
+            c.concentration_mg_per_ml = _dec(sched.get("concentration_mg_per_ml"))
+            c.patient_ref = str(sched.get("patient_ref"))
+            c.schedule_version = sched.get("version") if isinstance(sched.get("version"), int) else None
+            c.approvers = _approvers(sched)
+            c.first_at = c.last_at = at
+            c.raw_prev = _dec(st.get("raw_delivered_ml"))
+            phase = st.get("phase")
+            c.change(at, rate=_dec(st.get("commanded_rate")) or Decimal(0),
+                     phase=phase if isinstance(phase, str) else None,
+                     pump_state="infusing" if st.get("pump_infusing") is True else "stopped",
+                     conc=_dec(st.get("syringe_concentration")) or c.concentration_mg_per_ml)
+            c.notices.append((at, "seeded", f"course state taken from the state snapshot at seq {rec.get('seq')}"))
 
     # ------------------------------------------------------------------------------------------------ inputs
 
