@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import os
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +27,7 @@ from driverd.audit.canonical import ZERO_HASH, line_content_hash, loads_line
 from driverd.audit.reader import MAX_LINE_BYTES, Line, iter_lines
 from driverd.audit.segments import resolve_log
 from driverd.audit.signing import fingerprint
-from driverd.audit.verify import VerifyReport, _checkpoint, _envelope, _Fail, _segment_start, verify_log
+from driverd.audit.verify import Failure, VerifyReport, _checkpoint, _envelope, _Fail, _segment_start, verify_log
 from driverd.core.errors import AuditError
 
 #: Problems kept in the report (the count goes on): a log of garbage must not fill memory with problems.
@@ -230,7 +232,26 @@ class Prefix:
 
 
 def verified_prefix(path: Path, workers: int = 1) -> Prefix:
-    return Prefix(verify_log(path, workers=workers))
+    report = verify_log(path, workers=workers)
+    f = report.failure
+    if f is None or f.line != 0 or not path.is_dir() or "missing from the sequence" not in f.reason:
+        return Prefix(report)
+    # A segment missing in the middle: verify stops before reading anything, but the segments before the gap are
+    # a log of their own. Verify those (through a directory of links to them) and keep the gap as the failure.
+    segments = resolve_log(path)
+    run = [seg for i, (n, seg) in enumerate(segments, start=1) if n == i]
+    with tempfile.TemporaryDirectory(prefix="driverd-prefix-") as tmp:
+        for seg in run:
+            os.symlink(seg.resolve(), Path(tmp) / seg.name)
+        before = verify_log(Path(tmp), workers=workers)
+    if before.failure is not None:  # damage before the gap: that is where verification stops
+        before.failure = Failure(before.failure.seq, str(path / Path(before.failure.file).name), before.failure.line,
+                                 before.failure.reason)
+        return Prefix(before)
+    after = segments[len(run)][1]
+    before.ok, before.path = False, str(path)
+    before.failure = Failure((before.last_seq or 0) + 1, str(after), 0, f.reason)
+    return Prefix(before)
 
 
 def prefix_lines(path: Path, prefix: Prefix) -> Iterator[Line]:

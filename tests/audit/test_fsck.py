@@ -189,3 +189,23 @@ def test_a_torn_line_mid_log_points_to_the_prefix(tmp_path: Path) -> None:
     assert res.exit_code == 1 and "--verified-prefix" in res.stderr and res.stdout == ""
     res = runner.invoke(app, ["audit", "report", str(log), "--verified-prefix", "--json"])
     assert res.exit_code == 0 and json.loads(res.stdout)["records"] == 30
+
+
+def test_prefix_before_a_missing_segment(tmp_path: Path, key: Ed25519PrivateKey) -> None:
+    log = write_generic_log(tmp_path / "log", key, n=30)
+    segs = sorted(log.glob("audit-*.jsonl"))
+    assert len(segs) >= 3
+    kept = len(lines_of(segs[0]))
+    segs[1].unlink()
+    res = runner.invoke(app, ["audit", "export", str(log), "--verified-prefix", "--json"])
+    assert res.exit_code == 0, res.output
+    payload = json.loads(res.stdout)
+    assert payload["records"] == kept and payload["verified_prefix"]["stopped_at"]["seq"] == kept + 1
+    assert "segments missing from the sequence: [2]" in res.stderr and f"seq 1..{kept}" in res.stderr
+    # damage before the gap: verification stops there
+    first = lines_of(segs[0])
+    i = next(i for i in range(5, len(first)) if b'"c-1"' in first[i])
+    first[i] = first[i].replace(b'"c-1"', b'"c-2"')
+    put(segs[0], first)
+    payload = json.loads(runner.invoke(app, ["audit", "report", str(log), "--verified-prefix", "--json"]).stdout)
+    assert payload["records"] == i and payload["verified_prefix"]["stopped_at"]["file"] == str(segs[0])
