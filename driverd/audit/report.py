@@ -354,6 +354,13 @@ class ReportBuilder:
         if not isinstance(pump_id, str):
             if event == "request_refused":
                 r.unattributed_refusals.append(self._refusal(rec, _at(rec.get("ts")), None, "request"))
+            elif event == "request_refused_summary":
+                # Refusals over a client's logging budget, counted into one record (no pump, no course).
+                r.unattributed_refusals.append(
+                    {"seq": rec.get("seq"), "at": _at(rec.get("ts")), "source": f"control ({rec.get('peer')})",
+                     "by": None, "request": "requests", "reason": "over_budget",
+                     "detail": f"{rec.get('refused')} refusal(s) not logged one by one: {rec.get('reasons')}",
+                     "event": event})
             return
         p = self._pumps.setdefault(pump_id, _Pump())
         at = _at(rec.get("at"))

@@ -239,3 +239,20 @@ def test_each_segment_alone_starts_from_its_snapshot(demo_log: Path) -> None:
                 assert t["mg_complete"], seg
                 total += t["reported_ml"]
     assert total == whole.totals()["reported_ml"]
+
+
+def test_refusals_without_a_pump() -> None:
+    ts = "2026-03-02T09:00:00Z"
+    recs = [
+        {"seq": 1, "ts": ts, "event": "request_refused", "pump_id": None, "course_id": None, "source": "push",
+         "reason": "malformed", "detail": "schedule must be a JSON object"},
+        {"seq": 2, "ts": ts, "event": "request_refused_summary", "pump_id": None, "course_id": None,
+         "peer": "uid 1000", "refused": 7, "reasons": {"malformed": 7}, "note": "..."},
+    ]
+    rep = build_report(recs)
+    assert [(x["source"], x["reason"]) for x in rep.unattributed_refusals] == [("push", "malformed"),
+                                                                               ("control (uid 1000)", "over_budget")]
+    lines = report_lines(rep)
+    assert "refusals not tied to a pump:" in lines
+    assert "  refused @2026-03-02T09:00:00Z [control (uid 1000)] over_budget: 7 refusal(s) not logged one by one: " \
+           "{'malformed': 7}" in lines
