@@ -63,7 +63,10 @@ def check_config(path: Path) -> CheckReport:
     try:
         config = load_config(path)
     except ConfigError as exc:
-        report.problems.extend(exc.problems)
+        # The file as a whole (unreadable, not UTF-8, not TOML, too large) is the field "config", named in full.
+        whole = ("readable", "size", "encoding", "toml")
+        report.problems.extend(Problem("config", p.rule, f"{path}: {p.detail}") if p.rule in whole else p
+                               for p in exc.problems)
         return report
     report.mode = config.mode
     report.passed("config", path, f"parsed; mode {config.mode}, {len(config.pumps)} pump(s)")
@@ -182,7 +185,9 @@ def _pumps(config: DaemonConfig, report: CheckReport) -> None:
             cls = driver_class(url.driver)
             cls(url, options)  # builds the driver: every URL parameter is checked, nothing is opened
         except (ValidationError, ConfigError) as exc:
-            report.problems.extend(Problem(where, p.rule, f"{pump.id}: {p.path}: {p.detail}") for p in exc.problems)
+            # A driver names the part of the URL ("url.unit"): the field becomes "pumps[0].url.unit".
+            report.problems.extend(Problem(f"pumps[{i}].{p.path}" if p.path.startswith("url") else where, p.rule,
+                                           f"{pump.id} ({pump.url}): {p.detail}") for p in exc.problems)
             continue
         except (DriverdError, OSError, ValueError) as exc:  # e.g. a Modbus map=PATH that cannot be read
             report.problems.append(Problem(where, "driver", f"{pump.id}: {exc}"))
@@ -198,14 +203,24 @@ def _hl7(config: DaemonConfig, report: CheckReport) -> None:
     hl7 = config.hl7
     assert hl7 is not None
     _creatable(report, "hl7.queue_dir", hl7.queue_dir, directory=True)
-    for name, build in (("hl7.tls (client)", hl7.client_ssl), ("hl7.tls (listener)", hl7.server_ssl)):
+    unreadable = False
+    for name in ("tls_ca", "tls_cert", "tls_key"):
+        path = getattr(hl7, name)
+        if path is not None and not os.access(path, os.R_OK):
+            what = "does not exist" if not path.exists() else "is not readable by this user"
+            report.problems.append(Problem(f"hl7.{name}", "readable", f"{path} {what}"))
+            unreadable = True
+    if unreadable:
+        return
+    # Building the SSL contexts the gateway builds proves the PEM files parse and the key matches the certificate.
+    for name, build in (("hl7.tls_ca", hl7.client_ssl), ("hl7.tls_cert", hl7.server_ssl)):
         try:
             ctx = build()
         except (OSError, ssl.SSLError, ValueError) as exc:
             report.problems.append(Problem(name, "tls", f"cannot load the TLS files: {exc}"))
         else:
             if ctx is not None:
-                report.passed(name, hl7.tls_ca or hl7.tls_cert or "", "TLS files load")
+                report.passed(name, getattr(hl7, name.removeprefix("hl7.")) or "", "TLS context builds")
 
 
 def _file_modes(config: DaemonConfig, report: CheckReport) -> None:

@@ -1,0 +1,105 @@
+"""A non-editable wheel works without the checkout: its file list carries the shipped data, and installed into a
+venv outside the checkout it runs `--version`, `config data-dir`, `schedule validate` and `config check`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import driverd
+
+from .wheel import ROOT, build_wheel, venv_borrowing_deps
+
+pytestmark = pytest.mark.slow  # builds a wheel (about 10 s); still runs in CI
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_wheel(tmp_path_factory.mktemp("wheel"))
+
+
+@pytest.fixture(scope="module")
+def venv_bin(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return venv_borrowing_deps(wheel, tmp_path_factory.mktemp("venv") / "v")
+
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Iterator[Path]:
+    """A working directory outside the checkout."""
+    assert ROOT not in tmp_path.parents
+    yield tmp_path
+
+
+def installed(venv_bin: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHONPATH", "DRIVERD_"))}
+    return subprocess.run([str(venv_bin / "driverd"), *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_wheel_lists_every_shipped_data_file(wheel: Path) -> None:
+    names = set(zipfile.ZipFile(wheel).namelist())
+    shipped = [p.relative_to(ROOT / "config") for p in (ROOT / "config").rglob("*")
+               if p.is_file() and "__pycache__" not in p.parts]
+    assert shipped, "config/ is empty?"
+    missing = [str(rel) for rel in shipped if f"driverd/data/{rel.as_posix()}" not in names]
+    assert not missing, f"not in the wheel: {missing}"
+    for needed in ("protocols/ketamine-burst.toml", "drivers/modbus-pump.toml", "schemas/schedule.schema.json",
+                   "schedules/example.json", "schedules/example.signed.json",
+                   "keys/demo/demo-NOT-FOR-CLINICAL-USE.key", "keys/demo/trusted/demo-NOT-FOR-CLINICAL-USE.pub",
+                   "driverd.toml", "driverd.example.toml"):
+        assert f"driverd/data/{needed}" in names
+
+
+def test_wheel_holds_every_module(wheel: Path) -> None:
+    names = set(zipfile.ZipFile(wheel).namelist())
+    modules = [p.relative_to(ROOT).as_posix() for top in ("driverd", "drivers", "simulators")
+               for p in (ROOT / top).rglob("*.py") if "__pycache__" not in p.parts]
+    assert [m for m in modules if m not in names] == []
+    entry_points = zipfile.ZipFile(wheel).read(f"driverd-{driverd.__version__}.dist-info/entry_points.txt").decode()
+    assert "[driverd.drivers]" in entry_points and "driverd = driverd.cli.main:main" in entry_points
+
+
+def test_installed_wheel_runs_version(venv_bin: Path, outside: Path) -> None:
+    r = installed(venv_bin, outside, "--version")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"driverd {driverd.__version__}\n"
+
+
+def test_installed_wheel_reads_its_own_data(venv_bin: Path, outside: Path) -> None:
+    r = installed(venv_bin, outside, "config", "data-dir", "--json")
+    assert r.returncode == 0, r.stderr
+    data = Path(json.loads(r.stdout)["data_dir"])
+    assert venv_bin.parent in data.parents  # inside the venv's site-packages, not the checkout
+    assert ROOT not in data.parents
+    assert (data / "protocols" / "ketamine-burst.toml").read_bytes() == \
+        (ROOT / "config" / "protocols" / "ketamine-burst.toml").read_bytes()
+
+
+def test_installed_wheel_validates_a_shipped_example(venv_bin: Path, outside: Path) -> None:
+    data = Path(installed(venv_bin, outside, "config", "data-dir").stdout.strip())
+    r = installed(venv_bin, outside, "schedule", "validate", str(data / "schedules" / "example.signed.json"),
+                  "--trust", str(data / "keys" / "demo" / "trusted"), "--now", "2026-11-22T12:00:00Z", "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    body = json.loads(r.stdout)
+    assert body["ok"] is True and body["signature"]["key_id"] == "85ae298ab8d11af0"
+    # The default drug library (no --protocol) is the wheel's too: a malformed schedule is judged against it.
+    bad = outside / "bad.json"
+    bad.write_text("{", encoding="utf-8")
+    assert installed(venv_bin, outside, "schedule", "validate", str(bad)).returncode == 1
+
+
+def test_installed_wheel_checks_the_shipped_bench_config(venv_bin: Path, outside: Path) -> None:
+    data = Path(installed(venv_bin, outside, "config", "data-dir").stdout.strip())
+    r = installed(venv_bin, outside, "config", "check", "--config", str(data / "driverd.toml"), "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    body = json.loads(r.stdout)
+    assert body["ok"] is True
+    assert {w["rule"] for w in body["warnings"]} == {"demo-key-trusted", "audit-unsigned"}
+    assert [c["field"] for c in body["checked"] if c["field"].startswith("pumps")] == ["pumps[0].url",
+                                                                                       "pumps[1].url"]
