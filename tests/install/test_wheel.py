@@ -103,3 +103,22 @@ def test_installed_wheel_checks_the_shipped_bench_config(venv_bin: Path, outside
     assert {w["rule"] for w in body["warnings"]} == {"demo-key-trusted", "audit-unsigned"}
     assert [c["field"] for c in body["checked"] if c["field"].startswith("pumps")] == ["pumps[0].url",
                                                                                        "pumps[1].url"]
+
+
+def test_installed_wheel_runs_a_simulator_and_probes_it(venv_bin: Path, outside: Path) -> None:
+    """`sim modbus` and the Modbus driver both read the shipped register map: from the wheel, over loopback TCP."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHONPATH", "DRIVERD_"))}
+    sim = subprocess.Popen([str(venv_bin / "driverd"), "sim", "modbus", "--tcp", "0"], cwd=outside, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert sim.stdout is not None
+        port = sim.stdout.readline().strip()
+        url = sim.stdout.readline().strip()
+        assert port.isdigit() and url == f"modbus+tcp://127.0.0.1:{port}?unit=1", (port, url, sim.stderr)
+        r = installed(venv_bin, outside, "pump", "probe", url, "--json")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert json.loads(r.stdout)["ok"] is True
+    finally:
+        sim.terminate()
+        sim.wait(timeout=60)
+    assert sim.returncode == 0
