@@ -3,6 +3,8 @@ venv outside the checkout it runs `--version`, `config data-dir`, `schedule vali
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import subprocess
@@ -19,14 +21,31 @@ from .wheel import ROOT, build_wheel, venv_borrowing_deps
 pytestmark = pytest.mark.slow  # builds a wheel (about 10 s); still runs in CI
 
 
-@pytest.fixture(scope="module")
+@contextlib.contextmanager
+def shared_dir(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[tuple[Path, bool]]:
+    """A directory shared by every xdist worker of this run, under an exclusive lock: (path, already made)."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the run's base, for every worker
+    with (root / f"{name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        path = root / name
+        done = (path / ".done").exists()
+        path.mkdir(exist_ok=True)
+        yield path, done
+        (path / ".done").touch()
+
+
+@pytest.fixture(scope="session")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_wheel(tmp_path_factory.mktemp("wheel"))
+    """Built once per run, whichever worker gets here first."""
+    with shared_dir(tmp_path_factory, "driverd-wheel") as (path, done):
+        return next((path / "dist").glob("driverd-*.whl")) if done else build_wheel(path)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def venv_bin(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return venv_borrowing_deps(wheel, tmp_path_factory.mktemp("venv") / "v")
+    with shared_dir(tmp_path_factory, "driverd-wheel-venv") as (path, done):
+        return path / "v" / "bin" if done else venv_borrowing_deps(wheel, path / "v")
 
 
 @pytest.fixture
