@@ -141,3 +141,35 @@ def test_installed_wheel_runs_a_simulator_and_probes_it(venv_bin: Path, outside:
         sim.terminate()
         sim.wait(timeout=60)
     assert sim.returncode == 0
+
+
+def test_installed_wheel_runs_the_daemon(venv_bin: Path, outside: Path) -> None:
+    """`driverd run` from the wheel, on the shipped drug library and demo trust store, answers `status` over its
+    socket (found through $DRIVERD_CONFIG) and stops cleanly on SIGTERM."""
+    data = Path(installed(venv_bin, outside, "config", "data-dir").stdout.strip())
+    config = outside / "driverd.toml"
+    config.write_text(
+        f'[daemon]\nprotocol = "{data / "protocols" / "ketamine-burst.toml"}"\n'
+        f'trust_dir = "{data / "keys" / "demo" / "trusted"}"\naudit_dir = "audit"\ncontrol_socket = "d.sock"\n'
+        'mode = "bench"\npoll_period_s = 0.5\ndeadman_s = 0\n\n[[pumps]]\nid = "bed-1"\nurl = "sim://bed-1"\n',
+        encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHONPATH", "DRIVERD_"))}
+    env["DRIVERD_CONFIG"] = str(config)
+    daemon = subprocess.Popen([str(venv_bin / "driverd"), "run", "--json"], cwd=outside, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert daemon.stderr is not None
+        for line in daemon.stderr:  # the daemon logs JSON lines; ready once the socket listens
+            if '"daemon_ready"' in line:
+                break
+        else:
+            pytest.fail(f"daemon exited before ready: {daemon.wait()}")
+        status = subprocess.run([str(venv_bin / "driverd"), "status", "--json"], cwd=outside, env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert status.returncode == 0, status.stdout + status.stderr
+        assert [p["pump_id"] for p in json.loads(status.stdout)["pumps"]] == ["bed-1"]
+    finally:
+        daemon.terminate()
+        daemon.communicate(timeout=60)  # drains the log so a full pipe cannot hold the daemon up
+    assert daemon.returncode == 0
+    assert (outside / "audit").is_dir()
