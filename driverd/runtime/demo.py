@@ -1,7 +1,8 @@
 """`driverd demo`: simulators + the daemon in one process, a whole burst course on the real driver path.
 
-Each simulated pump gets its own schedule, generated from config/schedules/example.json and signed with the DEMO
-key at start (the key is for demos only). The daemon sees exactly what a ward system would push.
+Each simulated pump gets its own schedule, generated from the shipped example schedule (config/schedules/ in the
+repo) and signed with the DEMO key at start (the key is for demos only). The daemon sees exactly what a ward
+system would push.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import driverd
+from driverd import resources
 from driverd.core.records import fmt_time
 from driverd.core.schedule_parse import load_json
 from driverd.core.state import Phase
@@ -28,9 +29,9 @@ from driverd.runtime.daemon import Daemon
 from driverd.signing import generate_keypair, sign_document
 from simulators.world import World
 
-CONFIG_DIR = Path(driverd.__file__).resolve().parent.parent / "config"
-DEMO_KEY = CONFIG_DIR / "keys" / "demo" / "demo-NOT-FOR-CLINICAL-USE.key"
-DEMO_TRUST = CONFIG_DIR / "keys" / "demo" / "trusted"
+CONFIG_DIR = resources.DATA_DIR  # the shipped data (driverd/resources.py): works from a wheel as from a checkout
+DEMO_KEY = resources.DEMO_PRIVATE_KEY
+DEMO_TRUST = resources.DEMO_TRUST_DIR
 START = datetime(2026, 12, 1, 8, 55, tzinfo=UTC)  # five minutes before the first step is due
 # A 30 mL syringe at 100 mg/mL holds the whole course (about 19 mL): what `demo_schedule` (and the tests' rig) use.
 SYRINGE = {"model": "BD Plastipak 30 mL", "inner_diameter_mm": "21.59", "fill_volume_ml": "22"}
@@ -69,7 +70,7 @@ class DemoResult:
 def demo_schedule(pump_id: str, index: int, start: datetime, fill_ml: str | None = None) -> dict[str, Any]:
     """The example schedule re-dated to `start`, for `pump_id`, signed with the DEMO key. With `fill_ml`, syringes
     of that fill, replaced when empty (as many as the course needs)."""
-    doc = load_json((CONFIG_DIR / "schedules" / "example.json").read_bytes())
+    doc = load_json(resources.EXAMPLE_SCHEDULE.read_bytes())
     assert isinstance(doc, dict)
     first = start + timedelta(minutes=5)
     doc["schedule_id"] = f"demo-{pump_id}-{start:%Y%m%d}"
@@ -108,7 +109,7 @@ async def run_demo(opts: DemoOptions, progress: Callable[[float, str], None] | N
     async with contextlib.AsyncExitStack() as stack:
         urls = await _start_simulators(stack, opts.driver, world, names)
         config = DaemonConfig(
-            path=work / "driverd.toml", sha256="demo", protocol=CONFIG_DIR / "protocols" / "ketamine-burst.toml",
+            path=work / "driverd.toml", sha256="demo", protocol=resources.PROTOCOL,
             audit_dir=audit_dir, audit_key=key_path, trust_dir=DEMO_TRUST, control_socket=work / "control.sock",
             socket_mode=0o660, poll_period_s=opts.poll_period_s, link_timeout_s=opts.poll_period_s * 2,
             deadman_s=opts.deadman_s, driver_timeout_s=1.0,
