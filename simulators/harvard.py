@@ -39,12 +39,18 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import ROUND_CEILING, ROUND_DOWN, ROUND_HALF_EVEN, Decimal, localcontext
-from typing import Final
+from typing import Any, Final
 
-from driverd.core.syringe_limits import ELITE11_MAX_DIAMETER_MM, ELITE11_MIN_DIAMETER_MM
+from driverd.core.syringe_limits import (
+    ELITE11_DIAMETER_RESOLUTION,
+    ELITE11_MAX_DIAMETER_MM,
+    ELITE11_MIN_DIAMETER_MM,
+    ELITE11_PLUNGER,
+)
 from drivers.base import AlarmKind, ProtocolError, PumpState
 from drivers.harvard.codec import (
     CLOCK_HZ,
+    ELITE_RATE_RESOLUTION,
     FL_PER_ML,
     ML_PER_H,
     Command,
@@ -57,6 +63,7 @@ from drivers.harvard.codec import (
     parse_volume_unit,
     round_significant,
 )
+from simulators.clock import Clock
 from simulators.faults import FaultPlan
 from simulators.pump import ModelError, PumpModel
 
@@ -106,18 +113,17 @@ def _argument_error(argument: str, message: str) -> _Refused:
     return _Refused([f"Argument error: {argument}", f"   {message}"])
 
 
-def elite_model(clock: object, **kwargs: object) -> PumpModel:
-    """A PumpModel with the Pump 11 Elite's mechanism, resolutions and identity."""
-    from driverd.core.syringe_limits import ELITE11_DIAMETER_RESOLUTION, ELITE11_PLUNGER
-    from drivers.harvard.codec import ELITE_RATE_RESOLUTION
-
-    params: dict[str, object] = {
+def elite_model_kwargs() -> dict[str, Any]:
+    """``PumpModel`` keyword arguments for a Pump 11 Elite: its mechanism, resolutions and identity."""
+    return {
         "model": MODEL_NAME, "firmware": FIRMWARE, "plunger": ELITE11_PLUNGER,
         "rate_resolution": ELITE_RATE_RESOLUTION, "diameter_resolution": ELITE11_DIAMETER_RESOLUTION,
         "max_rate_ml_per_h": Decimal(100000),
     }
-    params.update(kwargs)
-    return PumpModel(clock, **params)  # type: ignore[arg-type]
+
+
+def elite_model(clock: Clock, **overrides: Any) -> PumpModel:
+    return PumpModel(clock, **{**elite_model_kwargs(), **overrides})
 
 
 @dataclass
@@ -148,7 +154,7 @@ class HarvardPumpProtocol:
             # Powered up again: idle, no alarm on the wire, infused volume and timers reset (manual p. 27).
             self.model.clear_alarm()
             self.model.clear_delivered()
-            self._counter_reset_at = self.model.clock.now()  # type: ignore[attr-defined]
+            self._counter_reset_at = self.model.clock.now()
 
     def prompt(self) -> Prompt:
         if self.stalled:
@@ -259,7 +265,7 @@ class HarvardPumpProtocol:
                 total += _seconds(started, ev.at, since)
                 started = None
         if started is not None:
-            total += _seconds(started, self.model.clock.now(), since)  # type: ignore[attr-defined]
+            total += _seconds(started, self.model.clock.now(), since)
         return total
 
     def _irate(self, arg: str) -> list[str]:
@@ -277,14 +283,14 @@ class HarvardPumpProtocol:
             return self._set_rate(_limit(lo, up=True) if low == "min" else _limit(hi, up=False), self.rate_unit, arg)
         value_text, _, unit_text = arg.partition(" ")
         value = parse_number(value_text)
-        unit = RateUnit.parse(unit_text.strip())
-        if value is None or unit is None:
+        sent_unit = RateUnit.parse(unit_text.strip())
+        if value is None or sent_unit is None:
             raise _argument_error(arg, "Invalid argument")
         kept = round_significant(value)
         with localcontext() as ctx:
             ctx.prec = 60
-            ml_per_h = kept * unit.to_ml_per_h
-        return self._set_rate(ml_per_h, unit, arg)
+            ml_per_h = kept * sent_unit.to_ml_per_h
+        return self._set_rate(ml_per_h, sent_unit, arg)
 
     def _set_rate(self, ml_per_h: Decimal, unit: RateUnit, arg: str) -> list[str]:
         if self.stalled:
