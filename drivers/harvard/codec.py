@@ -220,9 +220,9 @@ def decode_reply(buf: bytes, *, address: int, poll: bool, body_lines: int) -> tu
             if complete and not _could_be_body(seg, address):
                 raise ProtocolError(f"malformed reply line {seg!r}")
             return (None, 0)
-        # Without poll mode "NN:" on a non-zero address also starts every body line: it is the idle prompt only
-        # once the expected body lines are in.
-        if address and prompt is Prompt.IDLE and len(lines) < expect:
+        # Without poll mode a prompt is only known to be one once the expected body lines are in: "NN:" on a
+        # non-zero address also starts every body line, and a stray prompt is followed by a line feed.
+        if len(lines) < expect:
             return (None, 0)
         return (Reply(address, tuple(lines), prompt), start + 1 + pos + len(seg))
 
