@@ -60,7 +60,9 @@ def test_reply_framing_address_zero_and_chain_address() -> None:
 @pytest.mark.parametrize("poll", [True, False])
 @pytest.mark.parametrize("prompt", list(Prompt))
 @given(lines=st.lists(st.from_regex(r"[A-Za-z0-9 ./:%]{1,30}", fullmatch=True), max_size=1))
-def test_decode_inverts_encode_whatever_the_chunking(address: int, poll: bool, prompt: Prompt, lines: list[str]) -> None:
+def test_decode_inverts_encode_whatever_the_chunking(
+    address: int, poll: bool, prompt: Prompt, lines: list[str]
+) -> None:
     wire = encode_reply(address, lines, prompt, poll=poll)
     for cut in range(len(wire)):
         head, _ = decode_reply(wire[:cut], address=address, poll=poll, body_lines=len(lines))
@@ -145,7 +147,8 @@ def test_malformed_diameters_are_refused(text: str) -> None:
 
 
 def test_the_driver_never_sends_a_value_the_pump_would_round() -> None:
-    assert format_rate(D("2.083")) == "2.083" and format_rate(D("0.0125")) == "0.0125" and format_rate(D(1000)) == "1000"
+    assert format_rate(D("2.083")) == "2.083" and format_rate(D("0.0125")) == "0.0125"
+    assert format_rate(D(1000)) == "1000"
     for bad in (D("2.0833"), D("10000"), D("-1"), D("NaN"), D("0.00001")):
         with pytest.raises(QuantityError):
             format_rate(bad)

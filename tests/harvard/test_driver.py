@@ -1,0 +1,87 @@
+"""HarvardDriver policy: URL parsing, the missing dead-man (refused unless allowed, loudly), what goes on the wire."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import pytest
+
+from driverd.core.errors import ValidationError
+from drivers.base import DriverError, DriverOptions, PumpState
+from drivers.harvard.driver import HarvardDriver
+from drivers.registry import open_driver
+from simulators.clock import ManualClock
+from simulators.harvard import elite_model, serve_harvard
+
+
+@pytest.mark.parametrize(
+    ("url", "field"),
+    [
+        ("harvard+serial://?address=1", "url.path"),
+        ("harvard+socket://127.0.0.1?address=1", "url.host"),
+        ("harvard+usb:///dev/ttyACM0", "url.transport"),
+        ("harvard+serial:///dev/ttyACM0?address=100", "url.address"),
+        ("harvard+serial:///dev/ttyACM0?baud=4800", "url.baud"),
+        ("harvard+serial:///dev/ttyACM0?baud=12345", "url.baud"),
+        ("harvard+serial:///dev/ttyACM0?without_deadman=maybe", "url.without_deadman"),
+        ("harvard+serial:///dev/ttyACM0?safe=1", "url.safe"),
+    ],
+)
+def test_malformed_urls_name_the_field(url: str, field: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        open_driver(url)
+    assert info.value.problems[0].path == field
+
+
+def test_registered_as_an_entry_point() -> None:
+    driver = open_driver("harvard+serial:///dev/ttyACM0?address=3&baud=9600")
+    assert isinstance(driver, HarvardDriver) and driver.address == 3 and driver.baud == 9600
+    assert not driver.has_deadman
+
+
+def _run(deadman_s: int, extra: str) -> tuple[HarvardDriver, list[bytes]]:
+    """Connect, set 1 mL/h, run; return the driver and every command the pump received."""
+
+    async def main() -> tuple[HarvardDriver, list[bytes]]:
+        model = elite_model(ManualClock(datetime(2026, 1, 1, tzinfo=UTC)))
+        async with serve_harvard(model, pty=True) as ep:
+            seen: list[bytes] = []
+            ep.protocol.tap = lambda cmd: seen.append(f"{cmd.name} {cmd.argument}".encode())
+            driver = open_driver(ep.url + extra, DriverOptions(timeout_s=0.5, deadman_s=deadman_s))
+            assert isinstance(driver, HarvardDriver)
+            try:
+                try:
+                    await driver.connect()
+                finally:
+                    if deadman_s > 0 and "allow" not in extra:
+                        assert seen == [] and model.status().state is PumpState.STOPPED  # refused before any byte
+                await driver.set_rate(Decimal(1))
+                await driver.run()
+                assert model.status().state is PumpState.INFUSING
+            finally:
+                await driver.close()
+            return driver, seen
+
+    return asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_a_deadman_is_asked_for_but_the_elite_has_none_refused_before_any_byte() -> None:
+    with pytest.raises(DriverError, match="without_deadman=allow"):
+        _run(10, "")
+
+
+def test_allowed_without_deadman_runs_and_warns_loudly(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="drivers.harvard.driver"):
+        _, seen = _run(10, "&without_deadman=allow")
+    assert any("NO DEAD-MAN" in r.getMessage() for r in caplog.records)
+    assert seen[:2] == [b"poll on", b"poll "]  # poll mode first: replies then end with an XON
+    assert b"irate 1 m/h" in seen and b"irun " in seen
+    assert not any(s.startswith((b"wrun", b"rrun", b"run ", b"tvolume", b"civolume")) for s in seen)
+
+
+def test_no_deadman_requested_needs_no_flag() -> None:
+    driver, _ = _run(0, "")
+    assert not driver.has_deadman
