@@ -19,9 +19,10 @@ SIMULATOR-ONLY conventions (decided here, documented in docs/simulators.md, test
   a real pump always holds a runnable rate.
 - Target volume/time are not modelled: ``tvolume``/``ttime`` answer "not set", setting one is a command error
   (``ctvolume`` and ``cttime`` work).
-- A stall (the model's occlusion or end of syringe) is shown as the ``*`` prompt and status flag ``S`` until
-  ``touch_screen()``; meanwhile ``irun`` and the settings are command errors (``Motor stalled``) and ``stp``
-  works. Outside poll mode the stall is also announced once with an unasked ``*`` prompt.
+- A stall (the model's occlusion or end of syringe) is shown as the ``*`` prompt and status flag ``S`` until it is
+  acknowledged at the pump (``touch_screen()``, or the model's ``clear_alarm()``); meanwhile ``irun`` and the
+  settings are command errors (``Motor stalled``) and ``stp`` works. Outside poll mode the stall is also
+  announced once with an unasked ``*`` prompt.
 - Power cut (the model's power_cycle): the pump comes back idle, with no alarm on the wire, and resets its
   infused volume and time (manual p. 27), as the next request sees.
 - Other stopping alarms the Elite has no report for (program error, other): the pump is simply idle.
@@ -137,24 +138,29 @@ class HarvardPumpProtocol:
     rate_unit: RateUnit = ML_PER_H  # the unit the rate was last set in: queries answer in it
     syringe_volume: str = "10 ml"
     force: int = 30
-    stalled: bool = False
     tap: Callable[[Command], None] | None = None  # every command addressed to this pump (tests record the wire)
     unsolicited: list[bytes] = field(default_factory=list)
     _announced: bool = False
     _counter_reset_at: datetime | None = None
+    _power_ups_seen: int = 0
 
     # ---- state the wire shows -----
 
+    @property
+    def stalled(self) -> bool:
+        """A stall (occlusion, or the plunger at the end) is shown until acknowledged at the pump."""
+        return bool(self.model.status().unacknowledged & STALL_KINDS)
+
     def _sync(self) -> None:
         """Bring the wire state up to what happened to the mechanism since the last request."""
-        st = self.model.status()
-        if st.unacknowledged & STALL_KINDS:
-            self.stalled = True
-        if AlarmKind.POWER_INTERRUPTED in st.unacknowledged:
+        power_ups = sum(1 for ev in self.model.events() if ev.kind == "power_cycle")
+        if power_ups != self._power_ups_seen:
             # Powered up again: idle, no alarm on the wire, infused volume and timers reset (manual p. 27).
-            self.model.clear_alarm()
+            self._power_ups_seen = power_ups
             self.model.clear_delivered()
             self._counter_reset_at = self.model.clock.now()
+            if not self.stalled:
+                self.model.clear_alarm()  # nothing to acknowledge on an Elite after a power cut
 
     def prompt(self) -> Prompt:
         if self.stalled:
@@ -177,7 +183,6 @@ class HarvardPumpProtocol:
     def touch_screen(self) -> None:
         """Someone acknowledges the stall on the pump's screen (the only way: not over the wire)."""
         self._sync()
-        self.stalled = False
         self._announced = False
         self.model.clear_alarm()
 

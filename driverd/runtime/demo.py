@@ -39,7 +39,7 @@ CONCENTRATION = "100"
 # The demo itself runs the course as a ward would: 8 mL syringes, changed when driverd warns that one is about to
 # run empty (issue 13): the course needs 18.97 mL, so two changes per pump.
 DEMO_FILL = "8"
-DRIVERS = ("sim", "newera", "modbus")
+DRIVERS = ("sim", "newera", "modbus", "harvard")
 HL7_DRAIN_S = 120.0  # real seconds the demo waits for an HL7 receiver to ACK what is still queued
 
 
@@ -100,6 +100,10 @@ async def run_demo(opts: DemoOptions, progress: Callable[[float, str], None] | N
         from drivers.modbus.regmap import load_map
 
         resolution_kw["rate_resolution"] = load_map().rate_resolution()
+    if opts.driver == "harvard":
+        from simulators.harvard import elite_model_kwargs
+
+        resolution_kw.update(elite_model_kwargs())
     for name in names:
         world.pump(name, diameter_mm=Decimal(SYRINGE["inner_diameter_mm"]), fill_volume_ml=Decimal(DEMO_FILL),
                    **resolution_kw)
@@ -128,8 +132,8 @@ async def run_demo(opts: DemoOptions, progress: Callable[[float, str], None] | N
                 if not reply.get("ok"):
                     raise RuntimeError(f"demo schedule refused for {name}: {json.dumps(reply)}")
             fault_log: list[str] = []
-            script = asyncio.create_task(_fault_script(daemon, world, clock, names[0], fault_log)) if opts.faults \
-                else None
+            script = asyncio.create_task(_fault_script(daemon, world, clock, names[0], fault_log,
+                                                       ack_at_pump=opts.driver == "harvard")) if opts.faults else None
             syringe_log: list[str] = []
             nurse = asyncio.create_task(_nurse(daemon, world, clock, names, syringe_log))
             timed_out = await _wait_for_courses(daemon, clock, progress)
@@ -163,6 +167,15 @@ async def _start_simulators(stack: contextlib.AsyncExitStack, driver: str, world
         for n in names:
             ep = await stack.enter_async_context(serve_newera(world.pump(n), world.faults(n), pty=True))
             urls[n] = ep.url
+        return urls
+    if driver == "harvard":
+        from simulators.harvard import serve_harvard
+
+        urls = {}
+        for n in names:
+            ep = await stack.enter_async_context(serve_harvard(world.pump(n), world.faults(n), pty=True))
+            # The Pump 11 Elite has no dead-man: a bench may run it, with the driver's loud warning on every connect.
+            urls[n] = ep.url + "&without_deadman=allow"
         return urls
     from simulators.modbus import serve_modbus
 
@@ -214,8 +227,12 @@ async def _drain_hl7(daemon: Daemon) -> dict[str, Any] | None:
             "pending": len(gw.outbox.pending()) if gw.outbox is not None else 0}
 
 
-async def _fault_script(daemon: Daemon, world: World, clock: RuntimeClock, name: str, log: list[str]) -> None:
-    """--faults: an occlusion on day 2 and a lost link on day 3; a clinician resumes each after checking."""
+async def _fault_script(daemon: Daemon, world: World, clock: RuntimeClock, name: str, log: list[str], *,
+                        ack_at_pump: bool = False) -> None:
+    """--faults: an occlusion on day 2 and a lost link on day 3; a clinician resumes each after checking.
+
+    ``ack_at_pump``: the pump's stall is acknowledged on the pump itself before the resume (Harvard Elite: its
+    stall cannot be acknowledged over the wire)."""
     from drivers.base import AlarmKind
 
     clock.register()
@@ -224,6 +241,9 @@ async def _fault_script(daemon: Daemon, world: World, clock: RuntimeClock, name:
         world.pump(name).inject_alarm(AlarmKind.OCCLUSION)
         log.append(f"{fmt_time(clock.now())} {name}: occlusion injected at the pump")
         await clock.sleep_until(START + timedelta(hours=37))
+        if ack_at_pump:
+            world.pump(name).clear_alarm()
+            log.append(f"{fmt_time(clock.now())} {name}: stall acknowledged on the pump's screen")
         reply = await daemon.command(name, "resume", "demo-nurse", "line checked, occlusion cleared")
         log.append(f"{fmt_time(clock.now())} {name}: clinician resume -> {_reply(reply)}")
         await clock.sleep_until(START + timedelta(hours=60))
