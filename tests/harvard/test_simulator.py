@@ -7,9 +7,12 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from driverd.core.quantities import quantize_down
 from drivers.base import AlarmKind, PumpState
-from drivers.harvard.codec import parse_status
+from drivers.harvard.codec import ELITE_RATE_RESOLUTION, format_rate, parse_rate, parse_status
 from simulators.clock import ManualClock
 from simulators.faults import FaultPlan
 from simulators.harvard import HarvardPumpProtocol, _Session, elite_model
@@ -186,3 +189,14 @@ def test_echo_mode_echoes_what_the_host_types(clock: ManualClock) -> None:
 
     asyncio.run(main())
     assert out[1:] == [b"ver\r", b"\n11 ELITE I Single 3.0.4\r\n:"]
+
+
+@given(st.decimals(min_value=D("0.0027"), max_value=D("2742"), places=4))
+def test_every_rate_the_kernel_can_send_reads_back_unchanged(wanted: Decimal) -> None:
+    """The driver's resolution (4 digits, 4 decimals) is inside what the pump keeps (4 significant digits)."""
+    rate = quantize_down(wanted, ELITE_RATE_RESOLUTION)
+    p = pump(ManualClock(datetime(2026, 1, 1, tzinfo=UTC)))
+    assert p.handle(f"irate {format_rate(rate)} m/h".encode()) == b"\n:"
+    reply = p.handle(b"irate")
+    assert reply is not None
+    assert parse_rate(reply.decode().split("\n")[1].rstrip("\r")) == rate == p.model.status().rate_ml_per_h
