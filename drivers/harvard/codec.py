@@ -289,7 +289,7 @@ class RawStatus:
     """The ``status`` answer, verbatim in the pump's units."""
 
     rate_fl_per_s: int
-    time_cycles: int
+    time_cycles: int  # 1/56,000,000 s (not used by the driver)
     volume_fl: int
     running: bool  # flag 1 upper case: the motor runs
     withdraw: bool  # flag 1 is W/w
@@ -301,6 +301,8 @@ class RawStatus:
         return Decimal(self.volume_fl) / FL_PER_ML
 
 
+# Six flags, the Elite's. The PHD ULTRA's `status` (manual 5419-002, p. 88) has five, time in seconds, and a
+# lower-case direction letter that does not mean idle there: refused rather than misread.
 _STATUS = re.compile(r"(?P<rate>\d{1,20}) (?P<time>\d{1,20}) (?P<vol>\d{1,24}) (?P<flags>[IiWw][.IW][.S][.T][IW][.T])")
 
 

@@ -131,10 +131,12 @@ def test_rate_limits_diameter_version_status() -> None:
     raw = parse_status("578611111 201600000000 2083000000000 I...IT")
     assert raw.running and not raw.stalled and raw.target_reached and raw.infused_ml == D("2.083")
     assert parse_status("0 0 0 i.S.I.").stalled
+    with pytest.raises(ProtocolError):  # a PHD ULTRA's five-flag status (5419-002 p. 88): not misread as an Elite's
+        parse_status("1000 12 5000 i...I")
 
 
-@pytest.mark.parametrize("text", ["", "1 2 3", "1 2 3 I.....", "1 2 3 X.....", "-1 2 3 I.....", "a b c I.....",
-                                  "1 2 3 I......"])
+@pytest.mark.parametrize("text", ["", "1 2 3", "1 2 3 I....", "1 2 3 X.....", "-1 2 3 I.....", "a b c I.....",
+                                  "1 2 3 I......", "1 2 3 I...I.."])
 def test_malformed_status_is_refused(text: str) -> None:
     with pytest.raises(ProtocolError):
         parse_status(text)
