@@ -1,1 +1,1 @@
-"""Harvard Apparatus Pump 11 Elite / PHD ULTRA pump-chain protocol: codec, transport and driver."""
+"""Harvard Apparatus Pump 11 Elite pump-chain protocol: codec, transport and driver."""

@@ -1,7 +1,7 @@
-"""Harvard Apparatus Pump 11 Elite / PHD ULTRA "pump chain" ASCII protocol: pure encoding and decoding, no I/O.
+"""Harvard Apparatus Pump 11 Elite "pump chain" ASCII protocol: pure encoding and decoding, no I/O.
 
 Facts from the Pump 11 Elite User's Manual (publication 5420-002 Rev C, "Pump Chain Commands", pp. 52-58; the
-PHD ULTRA manual 5419-002 documents the same command set):
+PHD ULTRA manual 5419-002 documents the same command family, but its ``status`` differs and is refused here):
 
 - A command is ``[address]command[ argument]`` and a carriage return. The address (0..99) is only written when
   it is not 0; commands are case-insensitive and may be shortened to their first four letters; an ``@`` before the

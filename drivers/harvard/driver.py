@@ -1,4 +1,4 @@
-"""HarvardDriver: Harvard Apparatus Pump 11 Elite (and the PHD ULTRA command set) over USB/RS-232 or a TCP bridge.
+"""HarvardDriver: Harvard Apparatus Pump 11 Elite over USB/RS-232 or a TCP bridge (not the PHD ULTRA: see codec).
 
 URLs: ``harvard+serial:///dev/ttyACM0?address=0&baud=115200``, ``harvard+socket://127.0.0.1:7002?address=1``.
 
