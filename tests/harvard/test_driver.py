@@ -85,3 +85,22 @@ def test_allowed_without_deadman_runs_and_warns_loudly(caplog: pytest.LogCapture
 def test_no_deadman_requested_needs_no_flag() -> None:
     driver, _ = _run(0, "")
     assert not driver.has_deadman
+
+
+@pytest.mark.parametrize("address", [0, 6])
+def test_probe_of_a_pump_outside_poll_mode_frames_by_line_count_and_leaves_it_so(address: int) -> None:
+    """Without poll mode the prompt has no terminator (and 'NN:' also starts body lines): counted framing."""
+
+    async def main() -> None:
+        model = elite_model(ManualClock(datetime(2026, 1, 1, tzinfo=UTC)))
+        model.set_rate(Decimal("2.5"))
+        model.run()
+        async with serve_harvard(model, tcp_port=0, address=address) as ep:
+            seen: list[str] = []
+            ep.protocol.tap = lambda cmd: seen.append(f"{cmd.name} {cmd.argument}".strip())
+            report = await open_driver(ep.url, DriverOptions(timeout_s=0.5, deadman_s=0)).probe()
+            assert report.identity.model == "11 ELITE I Single" and report.deadman_s == 0
+            assert report.status.state is PumpState.INFUSING and report.status.rate_ml_per_h == Decimal("2.5")
+            assert seen == ["poll", "ver", "status", "irate", "diameter"] and not ep.protocol.poll
+
+    asyncio.run(asyncio.wait_for(main(), 30))
