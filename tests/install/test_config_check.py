@@ -147,12 +147,12 @@ def test_non_utf8_config(tmp_path: Path) -> None:
 
 
 def test_unknown_driver_scheme(tmp_path: Path) -> None:
-    config = write_config(tmp_path, pumps='[[pumps]]\nid = "bed-1"\nurl = "harvard+serial:///dev/ttyS0"\n')
+    config = write_config(tmp_path, pumps='[[pumps]]\nid = "bed-1"\nurl = "graseby+serial:///dev/ttyS0"\n')
     code, body = check_json(config)
     assert code == 1
     [problem] = body["problems"]
     assert (problem["path"], problem["rule"]) == ("pumps[0].url.scheme", "known-driver")
-    assert "no driver 'harvard'" in problem["detail"] and "modbus" in problem["detail"]
+    assert "no driver 'graseby'" in problem["detail"] and "modbus" in problem["detail"]
 
 
 @pytest.mark.parametrize(("url", "field", "rule"), [
@@ -299,7 +299,7 @@ def test_hl7_tls_files(tmp_path: Path) -> None:
 
 def test_every_problem_is_reported_not_only_the_first(tmp_path: Path) -> None:
     config = write_config(tmp_path, daemon={"protocol": "nope.toml", "audit_key": "keys/nope.key", "trust_dir": "t"},
-                          pumps='[[pumps]]\nid = "bed-1"\nurl = "harvard+serial:///dev/ttyS0"\n')
+                          pumps='[[pumps]]\nid = "bed-1"\nurl = "graseby+serial:///dev/ttyS0"\n')
     code, body = check_json(config)
     assert code == 1
     assert {p["path"] for p in body["problems"]} == {"daemon.protocol", "daemon.audit_key", "daemon.trust_dir",
