@@ -4,8 +4,9 @@ URLs: ``harvard+serial:///dev/ttyACM0?address=0&baud=115200``, ``harvard+socket:
 
 Policy (facts in drivers/harvard/codec.py and docs/simulators.md):
 - **No dead-man.** The Elite has no host watchdog: if the daemon dies, the pump keeps infusing. With
-  ``options.deadman_s > 0`` connect() refuses the pump unless the URL says ``without_deadman=allow``; then it
-  runs with a loud warning on every connect. ``has_deadman`` is always False.
+  ``options.deadman_s > 0`` the driver refuses to be built (ValidationError on ``url.without_deadman``: the daemon
+  does not start, ``driverd config check`` names it) unless the URL says ``without_deadman=allow``; then it runs
+  with a loud warning on every connect. ``has_deadman`` is always False.
 - connect() switches the pump to poll mode (``poll on``): replies then end with an XON, so they frame exactly, and
   the pump sends nothing it was not asked for. It clears any target volume (``ctvolume``) while stopped: a
   continuous infusion never ends at a target.
@@ -139,6 +140,14 @@ class HarvardDriver(PumpDriver):
         deadman = self.options.deadman_s
         if isinstance(deadman, bool) or not isinstance(deadman, int) or deadman < 0:
             raise ValidationError([Problem("options.deadman_s", "range", f"must be an int >= 0, got {deadman!r}")])
+        if deadman > 0 and self.without_deadman != "allow":
+            # Refused when the driver is built (daemon start, `driverd config check`), before any byte is sent.
+            raise ValidationError([Problem(
+                "url.without_deadman", "deadman",
+                f"a Harvard Pump 11 Elite has no dead-man (no host watchdog): it keeps infusing if the daemon dies, "
+                f"but the daemon asks for one (deadman_s = {deadman}); refused (add without_deadman=allow to the URL "
+                "to run it anyway)",
+            )])
         self.baud = baud
         self.timeout_s = self.options.timeout_s + (MAX_COMMAND + MAX_REPLY // 16) * BITS_PER_BYTE / baud
         self.transport = SerialTransport(port_url, baudrate=baud)
@@ -154,12 +163,7 @@ class HarvardDriver(PumpDriver):
     # ---- lifecycle -----
 
     async def connect(self) -> None:
-        if self.options.deadman_s > 0:
-            if self.without_deadman != "allow":
-                raise DriverError(
-                    f"{self.url.raw}: a Harvard Pump 11 Elite has no dead-man (no host watchdog): it keeps infusing if "
-                    "the daemon dies; refused (add without_deadman=allow to the URL to run it anyway)"
-                )
+        if self.options.deadman_s > 0:  # only with without_deadman=allow: refused in __init__ otherwise
             _log.warning(
                 "%s: Harvard Pump 11 Elite: NO DEAD-MAN, the pump keeps infusing if the daemon dies "
                 "(allowed by without_deadman=allow)",

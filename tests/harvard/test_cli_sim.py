@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import subprocess
 import sys
@@ -10,7 +11,8 @@ from decimal import Decimal
 
 import pytest
 
-from drivers.base import DriverError, DriverOptions, PumpState
+from driverd.core.errors import ValidationError
+from drivers.base import DriverOptions, PumpState
 from drivers.registry import open_driver
 
 CLI = [sys.executable, "-m", "driverd.cli.main", "sim", "harvard"]
@@ -47,8 +49,14 @@ def test_cli_simulator_serves_a_driver(mode: str) -> None:
                 assert first.startswith("/dev/") and url == f"harvard+serial://{first}?address=4&baud=115200"
             else:
                 assert int(first) > 0 and url == f"harvard+socket://127.0.0.1:{first}?address=4"
-            with pytest.raises(DriverError, match="no dead-man"):
-                await open_driver(url, DriverOptions(timeout_s=1.0, deadman_s=30)).connect()
+            probe = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "driverd.cli.main", "pump", "probe", url, "--json",
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            out, err = await asyncio.wait_for(probe.communicate(), 30)
+            report = json.loads(out)
+            assert probe.returncode == 0 and report["model"] == "11 ELITE I Single" and report["deadman_s"] == 0, err
+            with pytest.raises(ValidationError, match="no dead-man"):
+                open_driver(url, DriverOptions(timeout_s=1.0, deadman_s=30))
             driver = open_driver(url + "&without_deadman=allow", DriverOptions(timeout_s=1.0, deadman_s=30))
             await driver.connect()
             try:

@@ -6,11 +6,12 @@ import asyncio
 import logging
 from datetime import UTC, datetime
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 
 from driverd.core.errors import ValidationError
-from drivers.base import DriverError, DriverOptions, PumpState
+from drivers.base import DriverOptions, PumpState
 from drivers.harvard.driver import HarvardDriver
 from drivers.registry import open_driver
 from simulators.clock import ManualClock
@@ -37,7 +38,7 @@ def test_malformed_urls_name_the_field(url: str, field: str) -> None:
 
 
 def test_registered_as_an_entry_point() -> None:
-    driver = open_driver("harvard+serial:///dev/ttyACM0?address=3&baud=9600")
+    driver = open_driver("harvard+serial:///dev/ttyACM0?address=3&baud=9600", DriverOptions(deadman_s=0))
     assert isinstance(driver, HarvardDriver) and driver.address == 3 and driver.baud == 9600
     assert not driver.has_deadman
 
@@ -53,11 +54,7 @@ def _run(deadman_s: int, extra: str) -> tuple[HarvardDriver, list[bytes]]:
             driver = open_driver(ep.url + extra, DriverOptions(timeout_s=0.5, deadman_s=deadman_s))
             assert isinstance(driver, HarvardDriver)
             try:
-                try:
-                    await driver.connect()
-                finally:
-                    if deadman_s > 0 and "allow" not in extra:
-                        assert seen == [] and model.status().state is PumpState.STOPPED  # refused before any byte
+                await driver.connect()
                 await driver.set_rate(Decimal(1))
                 await driver.run()
                 assert model.status().state is PumpState.INFUSING
@@ -68,9 +65,15 @@ def _run(deadman_s: int, extra: str) -> tuple[HarvardDriver, list[bytes]]:
     return asyncio.run(asyncio.wait_for(main(), 30))
 
 
-def test_a_deadman_is_asked_for_but_the_elite_has_none_refused_before_any_byte() -> None:
-    with pytest.raises(DriverError, match="without_deadman=allow"):
-        _run(10, "")
+def test_a_deadman_is_asked_for_but_the_elite_has_none_refused_when_built() -> None:
+    """Refused by configuration: the driver is not even built, so nothing reaches the pump."""
+    with pytest.raises(ValidationError) as info:
+        open_driver("harvard+serial:///dev/ttyACM0", DriverOptions(deadman_s=10))
+    [problem] = info.value.problems
+    assert (problem.path, problem.rule) == ("url.without_deadman", "deadman") and "without_deadman=allow" in str(
+        problem.detail)
+    assert isinstance(open_driver("harvard+serial:///dev/ttyACM0?without_deadman=allow", DriverOptions(deadman_s=10)),
+                      HarvardDriver)
 
 
 def test_allowed_without_deadman_runs_and_warns_loudly(caplog: pytest.LogCaptureFixture) -> None:
@@ -104,3 +107,16 @@ def test_probe_of_a_pump_outside_poll_mode_frames_by_line_count_and_leaves_it_so
             assert seen == ["poll", "ver", "status", "irate", "diameter"] and not ep.protocol.poll
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_config_check_names_the_missing_deadman(tmp_path: Path) -> None:
+    """`driverd config check`: a production config (dead-man on) with an Elite and no without_deadman=allow."""
+    from tests.install.test_config_check import check_json, write_config
+
+    pumps = '[[pumps]]\nid = "bed-1"\nurl = "harvard+socket://127.0.0.1:7002"\n'
+    code, body = check_json(write_config(tmp_path, pumps=pumps))
+    assert code == 1
+    assert [(p["path"], p["rule"]) for p in body["problems"]] == [("pumps[0].url.without_deadman", "deadman")]
+    allowed = '[[pumps]]\nid = "bed-1"\nurl = "harvard+socket://127.0.0.1:7002?without_deadman=allow"\n'
+    code, body = check_json(write_config(tmp_path, pumps=allowed, name="allowed.toml"))
+    assert code == 0 and body["problems"] == []
