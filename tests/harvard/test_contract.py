@@ -25,7 +25,7 @@ from decimal import Decimal
 
 import pytest
 
-from drivers.base import AlarmKind, PumpAlarm, PumpRejected, PumpState
+from drivers.base import AlarmKind, DriverOptions, PumpAlarm, PumpDriver, PumpRejected, PumpState
 from drivers.harvard.codec import Command
 from drivers.harvard.driver import HarvardDriver
 from drivers.registry import open_driver
@@ -67,9 +67,11 @@ class _HarvardContract(WireFaultContract, ProbeContract, DriverContract):
             assert isinstance(driver, HarvardDriver)
             await driver.connect()
             try:
-                yield Harness(
-                    driver, model, world.clock, faults, reopen=lambda o: open_driver(endpoint.url, o), requests=log
-                )
+                # A config that asks for a dead-man must allow its absence to build an Elite driver at all.
+                def reopen(o: DriverOptions) -> PumpDriver:
+                    return open_driver(endpoint.url + ("&without_deadman=allow" if o.deadman_s else ""), o)
+
+                yield Harness(driver, model, world.clock, faults, reopen=reopen, requests=log)
             finally:
                 await driver.close()
 
@@ -101,14 +103,15 @@ class _HarvardContract(WireFaultContract, ProbeContract, DriverContract):
 
         self.run_with_harness(body)
 
-    def test_probe_of_a_running_pump_in_safe_mode_changes_nothing(self) -> None:  # type: ignore[override]
+    @pytest.mark.parametrize("probe_deadman_s", [0, 9])
+    def test_probe_of_a_running_pump_in_safe_mode_changes_nothing(self, probe_deadman_s: int) -> None:
         """Replaced (no safe mode): a probe of a running pump changes nothing; it keeps running."""
 
         async def body(h: Harness) -> None:
             await self.ready_to_infuse(h, Decimal("1.5"))
             before = h.model.status()
             poll_before = self.endpoint.protocol.poll  # on: the daemon's driver switched it on at connect
-            report, _ = await self.probe_recorded(h, 9)
+            report, _ = await self.probe_recorded(h, probe_deadman_s)
             assert report.deadman_s == 0
             assert report.status.state is PumpState.INFUSING and report.status.rate_ml_per_h == Decimal("1.5")
             after = h.model.status()
