@@ -20,7 +20,8 @@ def demo(
     speed: Annotated[str, typer.Option(help="'max' (virtual time, as fast as possible) or N "
                                             "(never faster than N x real time)")] = "max",
     pumps: Annotated[int, typer.Option(min=1, max=64, help="Number of simulated pumps")] = 1,
-    driver: Annotated[str, typer.Option(help="sim (in-process), newera (serial over a PTY) or modbus (TCP)")] = "sim",
+    driver: Annotated[str, typer.Option(help="sim (in-process), newera or harvard (serial over a PTY), modbus (TCP)")]
+    = "sim",
     audit: Annotated[Path | None, typer.Option(help="Keep the audit log (and the demo's keys) in this directory; "
                                                     "without it everything is removed at exit")] = None,
     faults: Annotated[bool, typer.Option("--faults", help="Occlude bed-1, then cut its link; a clinician "
