@@ -5,16 +5,20 @@ A demo passes only if, for every pump:
 - its course ended the planned way (`course_summary` cause `hold_complete` or `taper_complete`), not in alarm,
   not cut short (`course_cap`, `clinician_stop`), and the end-of-course record is in the log;
 - every planned step was reached (a `step_due` setpoint for each step dose of the schedule in force);
-- the pump-reported delivery (`course_summary.delivered_mg`) matches the commanded one (`commanded_mg`, the
-  commanded rates integrated over the time the course ran them) within the allowance below.
+- the pump-reported delivery matches the commanded one within the allowance below. Both come from the auditors'
+  accounting (`driverd.audit.report`, fed the same records): commanded = the commanded rates integrated, left
+  out while the course is in alarm or paused and the pump reports it is not infusing, counted while it kept
+  infusing (a pump without a dead-man runs on through a lost link); pump-reported = what its counter added. A
+  log without pump reports for the course falls back to the core's end-of-course record
+  (`course_summary.delivered_mg` against `commanded_mg`).
 
 The allowance, in mg, is what exact bookkeeping cannot see, and nothing more:
 - the pump's volume counter: each syringe's last reading is truncated to the counter's resolution (the
   `pump_verified` record's digits at the largest reading: the syringe's fill, or the course's whole volume for a
   counter that a syringe change does not reset), so up to one counter step per syringe, times the concentration;
-- around each alarm, the pump may deliver unobserved, by design: after a pump alarm it stopped on its own up to
-  one poll period before the core saw it (delivered < commanded), and after a lost link it ran on at its last
-  rate until its dead-man fired, up to `deadman_s` after the last contact (delivered > commanded). Each alarm
+- around each alarm, what nobody could see: after a pump alarm the pump stopped on its own up to one poll period
+  before the core saw it; during a lost link there are no pump reports at all (from the last one before the loss
+  to the first one after it), so when a pump with a dead-man stopped inside that gap is unknown. Each alarm
   allows the dose in force at that moment over that window.
 """
 
@@ -23,8 +27,11 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any, Protocol
+
+from driverd.audit.report import ReportBuilder
 
 PLANNED_ENDS = frozenset({"hold_complete", "taper_complete"})
 LINK_ALARMS = frozenset({"link_lost"})
@@ -101,6 +108,9 @@ class DemoJudge:
         self.courses: dict[str, CourseFacts] = {}  # course id -> facts
         self.last_course: dict[str, str] = {}  # pump -> its latest course id
         self.resolution: dict[str, dict[str, Any]] = {}  # pump -> the verified pump's resolution
+        self.accounting = ReportBuilder()  # the auditors' commanded and pump-reported volumes
+        self._last_report: dict[str, datetime] = {}  # pump -> time of its latest pump report
+        self._outage: dict[str, tuple[datetime, CourseFacts, Decimal]] = {}  # pump -> (last report, course, dose)
 
     def watch(self, lines: Iterable[_HasRecord]) -> Iterator[_HasRecord]:
         """Pass audit lines through (to replay, say) while judging each one."""
@@ -109,11 +119,13 @@ class DemoJudge:
             yield line
 
     def add(self, rec: dict[str, Any]) -> None:
+        self.accounting.add(rec)
         event = rec.get("event")
-        if event == "pump_report":
-            return  # the bulk of the log; nothing here depends on it
         pump = rec.get("pump_id")
         if not isinstance(pump, str):
+            return
+        if event == "pump_report":
+            self._report(pump, rec)
             return
         if event == "schedule_accepted":
             self._schedule(pump, rec)
@@ -139,10 +151,37 @@ class DemoJudge:
             code = str(rec.get("code"))
             if course.phase not in ("stopped", "idle"):
                 course.active_alarms.append(code)
-            window = self.deadman_s if code in LINK_ALARMS else self.poll_period_s
-            course.unobserved_mg += course.dose * window / _DAY_S
+            if code in LINK_ALARMS:
+                since = self._last_report.get(pump)
+                if since is not None and pump not in self._outage:
+                    self._outage[pump] = (since, course, course.dose)  # closed by the next pump report
+            else:
+                course.unobserved_mg += course.dose * self.poll_period_s / _DAY_S
         elif event == "course_summary":
             course.summary = rec
+
+    def _report(self, pump: str, rec: dict[str, Any]) -> None:
+        try:
+            at = datetime.fromisoformat(str(rec.get("at")).replace("Z", "+00:00"))
+        except ValueError:
+            return
+        outage = self._outage.pop(pump, None)
+        if outage is not None:
+            since, course, dose = outage
+            seconds = Decimal(max((at - since).total_seconds(), 0))
+            course.unobserved_mg += dose * seconds / _DAY_S
+        self._last_report[pump] = at
+
+    def delivery(self, course: CourseFacts) -> tuple[Decimal | None, Decimal | None]:
+        """(pump-reported mg, commanded mg): the auditors' accounting when it saw pump reports for the course
+        and knows every concentration, else the core's end-of-course record."""
+        acc = self.accounting.report.courses.get((course.pump_id, course.course_id))
+        if acc is not None and acc.reported_series:
+            totals = acc.totals()
+            if totals["mg_complete"]:
+                return totals["reported_mg"], totals["commanded_mg"]
+        s = course.summary or {}
+        return _dec(s.get("delivered_mg")), _dec(s.get("commanded_mg"))
 
     def _schedule(self, pump: str, rec: dict[str, Any]) -> None:
         try:
@@ -198,7 +237,7 @@ class DemoJudge:
             out.append(f"reached {len(c.planned_steps) - len(missing)} of {len(c.planned_steps)} planned steps "
                        f"(never reached: {', '.join(f'{d} mg/24h' for d in missing)})")
         if c.summary is not None:
-            delivered, commanded = _dec(c.summary.get("delivered_mg")), _dec(c.summary.get("commanded_mg"))
+            delivered, commanded = self.delivery(c)
             if delivered is None or commanded is None:
                 out.append("end-of-course record lacks delivered_mg or commanded_mg")
             else:
@@ -209,4 +248,14 @@ class DemoJudge:
         return out
 
     def summary(self) -> list[dict[str, Any]]:
-        return [self.courses[cid].as_dict() for p in self.pumps if (cid := self.last_course.get(p)) is not None]
+        out = []
+        for p in self.pumps:
+            cid = self.last_course.get(p)
+            if cid is None:
+                continue
+            c = self.courses[cid]
+            delivered, commanded = self.delivery(c)
+            out.append(c.as_dict() | {"delivered_mg": None if delivered is None else str(_q(delivered)),
+                                      "commanded_mg": None if commanded is None else str(_q(commanded)),
+                                      "allowed_mg": str(_q(self.allowance_mg(c)))})
+        return out

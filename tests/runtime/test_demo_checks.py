@@ -108,13 +108,54 @@ def test_a_counter_above_ten_ml_has_a_coarser_step() -> None:
 
 
 def test_each_alarm_allows_what_the_pump_may_deliver_unobserved() -> None:
-    # At 500 mg/24h: a lost link allows the dead-man window (180 s = 1.0417 mg), a pump alarm one poll (60 s).
+    # At 500 mg/24h: a lost link allows the gap without pump reports (here 10 minutes = 3.4722 mg), a pump alarm
+    # one poll (60 s = 0.3472 mg); plus 0.1 mg for the counter.
+    def report(at: str) -> dict[str, Any]:
+        return {"event": "pump_report", "pump_id": "bed-1", "course_id": None, "at": at, "state": "infusing"}
+
     records = _clean_course()[:-1]
-    records[6:6] = [_rec("alarm", code="link_lost"), _rec("transition", to="alarm", **{"from": "holding"}),
+    records[6:6] = [report("2026-12-03T20:54:00Z"), _rec("alarm", code="link_lost"),
+                    _rec("transition", to="alarm", **{"from": "holding"}), report("2026-12-03T21:04:00Z"),
                     _rec("transition", to="holding", **{"from": "alarm"})]
-    assert judge([*records, _summary("1897.100", "1896")]) == []  # within 0.1 (counter) + 1.0417 (dead-man)
-    failing = judge([*records, _summary("1897.200", "1896")])
-    assert len(failing) == 1 and "allowed 1.142 mg" in failing[0]
+    assert judge([*records, _summary("1899.500", "1896")]) == []
+    failing = judge([*records, _summary("1899.600", "1896")])
+    assert len(failing) == 1 and "allowed 3.572 mg" in failing[0]
+    records.insert(8, _rec("alarm", code="pump_alarm:occlusion"))
+    assert judge([*records, _summary("1899.900", "1896")]) == []
+    assert "allowed 3.919 mg" in judge([*records, _summary("1900.000", "1896")])[0]
+
+
+@pytest.fixture(scope="module")
+def demo_log(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """A real demo course's audit records (sim://, virtual time)."""
+    import asyncio
+
+    from driverd.audit.reader import iter_records
+    from driverd.runtime.demo import DemoOptions, run_demo
+
+    work = tmp_path_factory.mktemp("demo")
+    result = asyncio.run(run_demo(DemoOptions(work_dir=work)))
+    return list(iter_records(result.audit_dir))
+
+
+def test_a_real_demo_log_passes_on_the_auditors_accounting(demo_log: list[dict[str, Any]]) -> None:
+    j = DemoJudge(["bed-1"], poll_period_s=60, deadman_s=180)
+    for r in demo_log:
+        j.add(r)
+    assert j.reasons() == []
+    (course,) = j.summary()
+    assert course["delivered_mg"] == course["commanded_mg"] == "1896.000"
+
+
+def test_a_pump_that_under_delivers_fails_the_demo(demo_log: list[dict[str, Any]]) -> None:
+    """The same log with the pump's counter 1 % short (a slipping plunger): the accounting catches it."""
+    j = DemoJudge(["bed-1"], poll_period_s=60, deadman_s=180)
+    for r in demo_log:
+        if r["event"] in ("pump_report", "syringe_loaded") and r.get("delivered_ml"):
+            r = r | {"delivered_ml": str((Decimal(r["delivered_ml"]) * Decimal("0.99")).quantize(Decimal("0.001")))}
+        j.add(r)
+    (reason,) = j.reasons()
+    assert reason.startswith("bed-1: pump-reported delivery 187") and "differs from commanded 1896.000 mg" in reason
 
 
 def test_a_malformed_record_changes_nothing() -> None:
