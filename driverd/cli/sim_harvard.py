@@ -1,12 +1,15 @@
 """`driverd sim harvard`: a simulated Harvard Apparatus Pump 11 Elite on a pseudo-terminal or a loopback TCP port.
 
-The first stdout line is the device path (``--pty``) or the TCP port (``--tcp``); the second is the driver URL.
-Runs until SIGINT/SIGTERM, on the real clock.
+The first stdout line is the device path (``--pty``) or the TCP port (``--tcp``); the second is the driver URL
+(then ``control: PATH`` with ``--control``). Every fault that fires prints a ``fault:`` line; ``--json`` prints one
+JSON object a line instead. Faults can be triggered while it runs: ``driverd sim fault --control PATH cut``. A port
+in use is a one-line error, exit 1. Runs until SIGINT/SIGTERM, on the real clock.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 from decimal import Decimal
 from pathlib import Path
@@ -14,7 +17,8 @@ from typing import Annotated
 
 import typer
 
-from driverd.cli.output import EXIT_REFUSED, fail, usage
+from driverd.cli.output import usage
+from driverd.cli.sim_console import SimConsole, library_logs_as_lines, listen_error
 from driverd.core.errors import DriverdError, QuantityError
 from driverd.core.quantities import MAX_DIAMETER_MM, MAX_VOLUME_ML, parse_decimal
 from drivers.harvard.driver import BAUD_RATES
@@ -44,9 +48,16 @@ def harvard(
     ] = None,
     fill: Annotated[str, typer.Option("--fill", help="syringe fill volume, mL")] = "17",
     diameter: Annotated[str, typer.Option("--diameter", help="syringe inner diameter, mm")] = "19.13",
+    control: Annotated[
+        Path | None,
+        typer.Option("--control", help="unix socket for run-time faults (driverd sim fault --control PATH ...)"),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="status lines as JSON objects, one a line")] = False,
 ) -> None:
     """Run a simulated Harvard Apparatus Pump 11 Elite that speaks its pump-chain ASCII protocol."""
     from simulators.harvard import elite_model_kwargs
+
+    console = SimConsole(as_json=as_json)
 
     if pty == (tcp is not None):
         usage("give exactly one of --pty or --tcp PORT")
@@ -67,23 +78,47 @@ def harvard(
         )
         if wire_time:
             plan.set_baud(baud)
+        plan.on_event = lambda ev: console.fault(f"harvard-{address}", ev)
     except DriverdError as exc:
-        fail(str(exc), as_json=False, code=EXIT_REFUSED)
-    asyncio.run(_serve(model, plan, pty=pty, tcp=tcp, host=host, address=address, baud=baud))
+        console.error(str(exc))
+    try:
+        with library_logs_as_lines(console):
+            asyncio.run(_serve(model, plan, console, pty=pty, tcp=tcp, host=host, address=address, baud=baud,
+                               control=control))
+    except _ListenError as exc:
+        console.error(str(exc))
 
 
-async def _serve(model: PumpModel, plan: FaultPlan, *, pty: bool, tcp: int | None, host: str, address: int,
-                 baud: int) -> None:
+class _ListenError(Exception):
+    """The simulator could not open what it serves on (a port in use, a control socket taken)."""
+
+
+async def _serve(model: PumpModel, plan: FaultPlan, console: SimConsole, *, pty: bool, tcp: int | None, host: str,
+                 address: int, baud: int, control: Path | None = None) -> None:
+    from simulators.control import serve_control
     from simulators.harvard import serve_harvard  # imported late: keeps `driverd --help` fast
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with serve_harvard(model, plan, pty=pty, tcp_port=tcp, host=host, address=address) as endpoint:
-        typer.echo(endpoint.device if pty else str(endpoint.port))
-        typer.echo(endpoint.url + (f"&baud={baud}" if pty else ""))
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            endpoint = await stack.enter_async_context(
+                serve_harvard(model, plan, pty=pty, tcp_port=tcp, host=host, address=address))
+        except OSError as exc:
+            raise _ListenError(listen_error(f"--tcp {tcp}: cannot listen on {host}:{tcp}", exc)) from None
+        if control is not None:
+            try:
+                await stack.enter_async_context(serve_control(control, {address: plan}))
+            except OSError as exc:
+                raise _ListenError(listen_error(f"--control {control}", exc)) from None
+        extra = {"device": endpoint.device} if pty else {"port": endpoint.port}
+        console.listening(endpoint.device or "" if pty else str(endpoint.port),
+                          [endpoint.url + (f"&baud={baud}" if pty else "")],
+                          control=str(control) if control else None, **extra)
         await stop.wait()
+    console.stopped()
 
 
 def register(app: typer.Typer) -> None:

@@ -83,7 +83,7 @@ def busy_port() -> Iterator[int]:
 # ---- a port in use -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["newera", "modbus"])
+@pytest.mark.parametrize("kind", ["newera", "modbus", "harvard"])
 def test_a_port_in_use_is_one_line_and_exit_1(kind: str) -> None:
     with busy_port() as port:
         res = subprocess.run([*DRIVERD, "sim", kind, "--tcp", str(port)], capture_output=True, text=True, timeout=60)
@@ -92,7 +92,7 @@ def test_a_port_in_use_is_one_line_and_exit_1(kind: str) -> None:
     assert res.stderr == f"error: --tcp {port}: cannot listen on 127.0.0.1:{port}: address already in use\n"
 
 
-@pytest.mark.parametrize("kind", ["newera", "modbus"])
+@pytest.mark.parametrize("kind", ["newera", "modbus", "harvard"])
 def test_a_port_in_use_with_json_is_a_json_error(kind: str) -> None:
     with busy_port() as port:
         res = subprocess.run([*DRIVERD, "sim", kind, "--tcp", str(port), "--json"], capture_output=True, text=True,
@@ -257,3 +257,20 @@ def test_library_records_become_one_line_and_logging_is_put_back(capsys: pytest.
         logging.getLogger("pymodbus.logging").info("below warning: not shown")
     assert capsys.readouterr().err == "error: pymodbus.logging: Failed to start server second line\n"
     assert (list(root.handlers), root.level, logging.lastResort) == before
+
+
+def test_harvard_cut_at_run_time_prints_and_stops_answering(tmp_path: Path) -> None:
+    control = tmp_path / "ctl.sock"
+    with running("harvard", "--tcp", "0", "--json", "--control", str(control)) as sim:
+        hello = sim.json_line()
+        port = hello["port"]
+        assert isinstance(port, int) and hello["urls"] == [f"harvard+socket://127.0.0.1:{port}?address=0"]
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+            s.sendall(b"ver\r")
+            assert s.recv(200), "the pump answers before the cut"
+            assert _fault(control, "cut") == (0, "unit 0: cut\n")
+            assert sim.json_line()["kind"] == "cut"
+            s.settimeout(1.0)
+            s.sendall(b"ver\r")
+            with pytest.raises(TimeoutError):
+                s.recv(200)  # a cut cable: no answer (nor an echo)
