@@ -57,7 +57,7 @@ def test_a_course_left_in_alarm_fails_the_demo_with_the_reason(demo_tmp: Path, m
     """An induced failure: an occlusion at the pump that nobody resumes. The demo must not print OK."""
     from drivers.base import AlarmKind
 
-    async def unattended_occlusion(daemon: Any, world: Any, clock: Any, name: str, log: list[str]) -> None:
+    async def unattended_occlusion(daemon: Any, world: Any, clock: Any, name: str, log: list[str], **_: Any) -> None:
         clock.register()
         try:
             await clock.sleep_until(demo_mod.START + timedelta(hours=30))
@@ -69,7 +69,7 @@ def test_a_course_left_in_alarm_fails_the_demo_with_the_reason(demo_tmp: Path, m
 
     monkeypatch.setattr(demo_mod, "_fault_script", unattended_occlusion)
     res = CliRunner().invoke(app, ["demo", "--faults"])
-    assert res.exit_code == 1
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.exception  # a verdict, not a crash
     out = res.stdout + res.stderr
     assert "demo: FAILED: " in out and "demo: OK" not in out
     assert "bed-1: course demo-bed-1-20261201 ended in alarm (pump_alarm:occlusion)" in out
@@ -94,7 +94,7 @@ def test_json_failure_lists_the_reasons(demo_tmp: Path, monkeypatch: pytest.Monk
 
     monkeypatch.setattr(demo_mod, "demo_schedule", late_steps)
     res = CliRunner().invoke(app, ["demo", "--json"])
-    assert res.exit_code == 1
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.exception
     summary = json.loads(res.stdout)
     assert summary["ok"] is False
     assert "bed-1: course demo-bed-1-20261201 did not end (phase holding)" in summary["failures"]
