@@ -89,7 +89,9 @@ class Channel:
         self.connected = False
         self.failing_since: datetime | None = None
         self.last_status: PumpStatus | None = None
-        self.last_error = ""
+        self.last_error = ""  # the newest unresolved error (status shows it; cleared once what failed works again)
+        self.last_error_at: datetime | None = None
+        self._error_kind = ""  # which operation set last_error: "link" (connect/poll/setpoint), "prime", "syringe"
         self.polls = 0
         self.stopping = False
         self._primed_for: str | None = None
@@ -107,6 +109,14 @@ class Channel:
     def set_clock_step_tolerance(self, tolerance: timedelta) -> None:
         """A reload (SIGHUP) changed clock_step_tolerance_s: steps from now on are judged by the new value."""
         self._clock_watch.tolerance = tolerance
+
+    def _error(self, kind: str, text: str) -> None:
+        self.last_error, self.last_error_at, self._error_kind = text, self.clock.now(), kind
+
+    def _resolved(self, kind: str) -> None:
+        """What failed works again: its error no longer shows in `status`."""
+        if self._error_kind == kind:
+            self.last_error, self.last_error_at, self._error_kind = "", None, ""
 
     @property
     def link_lost(self) -> bool:
@@ -221,7 +231,7 @@ class Channel:
         except (DriverError, TimeoutError) as exc:
             # No (valid) answer somewhere on the way: the setpoint may or may not have landed, and a RUN may never
             # have gone out. Read the pump once more; only if that fails too is the result left uncertain.
-            self.last_error = f"{type(exc).__name__}: {exc}"
+            self._error("link", f"{type(exc).__name__}: {exc}")
             return await self._delivering(sp, self.last_error)
 
     async def _delivering(self, sp: Setpoint, error: str) -> SetpointResult:
@@ -240,7 +250,7 @@ class Channel:
             self.connected = True
         except (DriverError, TimeoutError) as exc:
             self.connected = False
-            self.last_error = f"connect: {type(exc).__name__}: {exc}"
+            self._error("link", f"connect: {type(exc).__name__}: {exc}")
             with contextlib.suppress(Exception):
                 await self.driver.close()
 
@@ -254,7 +264,7 @@ class Channel:
             try:
                 status = await self._io(self.driver.read_status())
             except (DriverError, TimeoutError) as exc:
-                self.last_error = f"{type(exc).__name__}: {exc}"
+                self._error("link", f"{type(exc).__name__}: {exc}")
                 if not isinstance(exc, (TimeoutError, DriverTimeout)):
                     # A broken transport (not merely a late reply): reopen it on the next poll.
                     self.connected = False
@@ -271,6 +281,7 @@ class Channel:
             return
         self.failing_since = None
         self.last_status = status
+        self._resolved("link")  # the pump answers again
         if self.link_lost:
             await self.handle(LinkRestored(self.clock.now()))
         await self.handle(self._report(status))
@@ -296,8 +307,9 @@ class Channel:
             identity = await self._io(self.driver.identify())
         except (DriverError, TimeoutError) as exc:
             self._primed_for = None  # try again on the next poll
-            self.last_error = f"prime: {type(exc).__name__}: {exc}"
+            self._error("prime", f"prime: {type(exc).__name__}: {exc}")
             return
+        self._resolved("prime")
         await self.handle(PumpVerified(self.clock.now(), diameter, self.driver.resolution, identity.model))
 
     async def load_syringe(self) -> tuple[Command, ...]:
@@ -315,8 +327,9 @@ class Channel:
             status = await self._io(self.driver.read_status())
         except (DriverError, TimeoutError) as exc:
             self._loaded_for = None
-            self.last_error = f"syringe change: {type(exc).__name__}: {exc}"
+            self._error("syringe", f"syringe change: {type(exc).__name__}: {exc}")
             return ()
+        self._resolved("syringe")
         self.last_status = status
         return await self.handle(SyringeLoaded(self.clock.now(), diameter, status.delivered_ml))
 
