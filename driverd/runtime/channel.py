@@ -33,6 +33,7 @@ from driverd.core.events import (
 from driverd.core.kernel import Setpoint
 from driverd.core.machine import predicted_empty_at, step
 from driverd.core.protocol import ProtocolSpec
+from driverd.core.quantities import rate_to_dose
 from driverd.core.records import command_to_record, event_to_record, fmt_dec, fmt_time
 from driverd.core.state import CourseState, Phase
 from driverd.runtime import telemetry
@@ -404,7 +405,8 @@ class Channel:
             view = self.pump_view()
             # "OK" only if nothing was refused and whatever was sent is verified at the pump.
             result = {"ok": not refusals and view["verified"], "refusals": refusals, "phase": self.state.phase.value,
-                      "seq": seq, "durable_seq": self.audit.seq, **view}
+                      "seq": seq, "durable_seq": self.audit.seq,
+                      "level_mg_per_24h": fmt_dec(self.state.level_mg_per_24h), **view}
             if isinstance(event, ClinicianCommand) and event.action == "change_syringe":
                 result.update(syringe_view(self.state))
         if not request.reply.done():
@@ -423,11 +425,18 @@ class Channel:
             view["pump_state"] = None if delivered is None else ("infusing" if delivered > 0 else "stopped")
             view["pump_rate_ml_per_h"] = None if delivered is None else fmt_dec(delivered)
             view["verified"] = pending is None and delivered == sp.rate_ml_per_h
-            return view
+            return self._with_dose(view, delivered)
         st = self.last_status
         view["pump_state"] = st.state.value if st else None
         view["pump_rate_ml_per_h"] = fmt_dec(st.delivering_ml_per_h) if st else None
         view["verified"] = pending is None
+        return self._with_dose(view, st.delivering_ml_per_h if st else None)
+
+    def _with_dose(self, view: dict[str, Any], rate: Decimal | None) -> dict[str, Any]:
+        """The dose the pump's read-back rate delivers, at the syringe's concentration (None while unknown)."""
+        known = rate is not None and self.state.schedule is not None
+        view["pump_dose_mg_per_24h"] = fmt_dec(rate_to_dose(rate, self.state.concentration).normalize()) \
+            if known and rate is not None else None
         return view
 
     def _expired(self, request: Request) -> bool:
