@@ -254,3 +254,12 @@ def report(
             typer.echo(text)
         if png is not None:
             typer.echo(f"wrote {png}")
+
+
+def _register_tail() -> None:
+    from driverd.cli.audit_tail import tail
+
+    app.command("tail")(tail)
+
+
+_register_tail()

@@ -90,7 +90,7 @@ def run_cli(argv: Sequence[str] | None = None, command: typer.Typer = app) -> in
             else:
                 exc.show()
             code = EXIT_REFUSED
-        except click_exc.Abort:  # Ctrl-C / end of input at a prompt
+        except typer.Abort:  # Ctrl-C / end of input at a prompt
             code = EXIT_REFUSED
         except SystemExit as exc:
             if _stdout_closed():
