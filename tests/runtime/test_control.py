@@ -260,8 +260,8 @@ def _not_an_object(_doc: dict[str, Any], _tmp: Path) -> Any:
     ("mutate", "reason"),
     [
         (_unsigned, "unsigned"),
-        (_wrong_key, "unknown-key"),
-        (_altered, "bad-signature"),
+        (_wrong_key, "unknown_key"),
+        (_altered, "bad_signature"),
         (_wrong_pump, "unknown_pump"),
         (_over_ceiling, "invalid"),
     ],
