@@ -51,9 +51,18 @@ def _silence_stdout() -> None:
         pass
 
 
-def _stdout_closed() -> bool:
-    # On EPIPE typer wraps the streams in click's PacifyFlushWrapper and exits 1; that wrapper is our signal.
-    return isinstance(sys.stdout, click_utils.PacifyFlushWrapper)
+def _stdout_closed(exc: BaseException | None = None) -> bool:
+    """Did the reader close stdout? typer then wraps the streams in click's PacifyFlushWrapper and exits 1;
+    rich points stdout at /dev/null and exits 1 from inside `except BrokenPipeError`."""
+    if isinstance(sys.stdout, click_utils.PacifyFlushWrapper):
+        return True
+    seen = 0
+    cause = exc.__context__ if exc is not None else None
+    while cause is not None and seen < 8:
+        if isinstance(cause, BrokenPipeError):
+            return True
+        cause, seen = cause.__context__, seen + 1
+    return False
 
 
 def _show_usage_error(exc: click_exc.ClickException, as_json: bool) -> None:
@@ -93,7 +102,7 @@ def run_cli(argv: Sequence[str] | None = None, command: typer.Typer = app) -> in
         except typer.Abort:  # Ctrl-C / end of input at a prompt
             code = EXIT_REFUSED
         except SystemExit as exc:
-            if _stdout_closed():
+            if _stdout_closed(exc):
                 return EXIT_OK
             code = exc.code if isinstance(exc.code, int) else EXIT_REFUSED
     except BrokenPipeError:  # stdout closed while reporting an error above
