@@ -178,25 +178,26 @@ def print_status(path: Path, reply: Mapping[str, Any], zone: tzinfo | None) -> N
 
 
 def status_table(path: Path, reply: Mapping[str, Any], zone: tzinfo | None) -> Any:
-    """The same view as a rich renderable (for --watch)."""
+    """The same view as a rich renderable (for --watch): the table, then each pump's details under it."""
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
 
     table = Table(title=" ".join(_headline(path, reply, zone)), title_justify="left", expand=False)
     for col in COLUMNS:
-        table.add_column(col, no_wrap=col in ("PUMP", "PHASE"),
+        table.add_column(col, no_wrap=col in ("PUMP", "PHASE", "SCHEDULE", "LINK"),
                          justify="right" if "mL/h" in col or col == "mg/24h" else "left")
+    notes = Text()
     for p in reply.get("pumps", []):
         if not isinstance(p, Mapping):
             continue
-        row = pump_row(p, zone)
         alarmed = p.get("phase") == "alarm" or bool(p.get("alarms"))
-        table.add_row(*row, style="bold red" if alarmed else None)
-        details = pump_details(p, zone)
-        if details:
-            table.add_row("", Text("\n".join(details), style="yellow"), end_section=True)
-    return Group(table)
+        table.add_row(*pump_row(p, zone), style="bold red" if alarmed else None)
+        for line in pump_details(p, zone):
+            urgent = line.startswith(("PENDING", "last error", "clock fault")) or "NEAR EMPTY" in line
+            notes.append(f"{p.get('pump_id')}: {line}\n", style="bold yellow" if urgent else None)
+    notes.rstrip()
+    return Group(table, notes) if notes else table
 
 
 # ------------------------------------------------------------------------------------------------ command
