@@ -396,6 +396,8 @@ class Channel:
             await self.execute(cmds)
             await self.prime()
             cmds += await self.load_syringe()  # a syringe change is answered with its outcome
+            if self.last_result is None:
+                await self._read_back()
             # Nothing acknowledged may be lost: every record the reply depends on is on disk before it is sent.
             self.audit.flush()
         except Exception as exc:  # a bad request must never kill the channel
@@ -411,6 +413,17 @@ class Channel:
                 result.update(syringe_view(self.state))
         if not request.reply.done():
             request.reply.set_result(result)
+
+    async def _read_back(self) -> None:
+        """A fresh read of the pump for a reply that sent no setpoint (hold, a refusal): the clinician is told what
+        it runs now, not what the last poll saw (a setpoint applied since would be missing). Read only: the core
+        gets the pump's reports from the polls."""
+        if not self.connected:
+            return
+        try:
+            self.last_status = await self._io(self.driver.read_status())
+        except (DriverError, TimeoutError):
+            pass  # the reply shows the last poll's status
 
     def pump_view(self) -> dict[str, Any]:
         """What the pump runs now, for a reply: a clinician is told the rate the pump read back for the setpoint

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -253,3 +255,38 @@ def test_a_closed_stdout_is_not_a_failure(args: tuple[str, ...]) -> None:
         os.close(write_end)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr and "Exception ignored" not in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------ sim --json
+
+
+@pytest.mark.parametrize("args", [("sim", "newera", "--tcp", "0"), ("sim", "modbus", "--tcp", "0", "--units", "1,2")])
+def test_simulators_print_their_endpoint_as_json(args: tuple[str, ...]) -> None:
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-m", "driverd.cli.main", *args, "--json"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert proc.stdout is not None
+        lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=lambda: lines.put(proc.stdout.readline()), daemon=True).start()  # type: ignore[union-attr]
+        first = json.loads(lines.get(timeout=BOUND_S))
+        assert isinstance(first["port"], int) and first["port"] > 0
+        urls = first["urls"] if "urls" in first else [first["url"]]
+        assert all(f":{first['port']}" in u for u in urls) and len(urls) == (2 if args[1] == "modbus" else 1)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=BOUND_S) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_simulator_error_is_json_under_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "faults.toml"
+    bad.write_text('[[fault]]\nafter_requests = -1\nkind = "explode"\n', encoding="utf-8")
+    for sim in ("newera", "modbus"):
+        extra = ("--pty",) if sim == "newera" else ("--tcp", "0")
+        code, out, _ = call(capsys, "sim", sim, *extra, "--faults", str(bad), "--json")
+        assert code == 1
+        assert json.loads(out)["ok"] is False
