@@ -110,9 +110,19 @@ def run_cli(argv: Sequence[str] | None = None, command: typer.Typer = app) -> in
         return EXIT_OK
     if _stdout_closed():
         return EXIT_OK
-    if code not in (EXIT_OK, EXIT_REFUSED, EXIT_USAGE):
+    if code not in (EXIT_OK, EXIT_REFUSED, EXIT_USAGE) and not _daemon_code(args, code):
         code = EXIT_REFUSED  # e.g. 130 from an interrupt: only 0/1/2 leave driverd
     return code
+
+
+def _daemon_code(args: list[str], code: int) -> bool:
+    """The one code outside 0/1/2: the daemon (`driverd run`) exits 3 when its audit log died at run time and
+    every pump was stopped by the fail-safe, so the service manager can tell that apart (docs/safety.md, CRA-3)."""
+    if not args or args[0] != "run":
+        return False
+    from driverd.runtime.service import EXIT_AUDIT_DEAD
+
+    return code == EXIT_AUDIT_DEAD
 
 
 def main() -> None:

@@ -420,10 +420,8 @@ class Channel:
         gets the pump's reports from the polls."""
         if not self.connected:
             return
-        try:
+        with contextlib.suppress(DriverError, TimeoutError):  # if it fails, the reply shows the last poll's
             self.last_status = await self._io(self.driver.read_status())
-        except (DriverError, TimeoutError):
-            pass  # the reply shows the last poll's status
 
     def pump_view(self) -> dict[str, Any]:
         """What the pump runs now, for a reply: a clinician is told the rate the pump read back for the setpoint

@@ -290,3 +290,24 @@ def test_a_simulator_error_is_json_under_json(tmp_path: Path, capsys: pytest.Cap
         code, out, _ = call(capsys, "sim", sim, *extra, "--faults", str(bad), "--json")
         assert code == 1
         assert json.loads(out)["ok"] is False
+
+
+def test_the_daemon_keeps_its_audit_dead_exit_code() -> None:
+    """3 is `driverd run`'s alone (audit log dead, pumps stopped: docs/safety.md CRA-3); any other command's odd
+    code is reported as 1."""
+    from driverd.runtime.service import EXIT_AUDIT_DEAD
+
+    sub = typer.Typer()
+
+    @sub.command("run")
+    def run_() -> None:
+        """The daemon."""
+        raise typer.Exit(EXIT_AUDIT_DEAD)
+
+    @sub.command("other")
+    def other() -> None:
+        """Not the daemon."""
+        raise typer.Exit(EXIT_AUDIT_DEAD)
+
+    assert run_cli(["run"], sub) == EXIT_AUDIT_DEAD == 3
+    assert run_cli(["other"], sub) == 1
