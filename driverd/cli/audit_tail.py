@@ -31,7 +31,7 @@ ISO_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d(:\d\d(\.\d+)?)?(Z|[+-]\d\d:\d\
 
 def _value(value: Any, zone: tzinfo | None) -> str:
     if isinstance(value, str) and ISO_TIME.fullmatch(value):
-        text = format_time(value, zone)
+        text = format_time(value, zone, precise=True)
     elif isinstance(value, str) and value and " " not in value and "=" not in value and '"' not in value:
         text = value
     else:
@@ -42,7 +42,8 @@ def _value(value: Any, zone: tzinfo | None) -> str:
 
 def readable(record: dict[str, Any], zone: tzinfo | None) -> str:
     """One record as one readable line."""
-    head = [f"{record.get('seq', '?')!s:>7}", format_time(record.get("ts"), zone) if record.get("ts") else "-",
+    ts = record.get("ts")
+    head = [f"{record.get('seq', '?')!s:>7}", format_time(ts, zone, precise=True) if ts else "-",
             str(record.get("event", "?"))]
     if record.get("pump_id") is not None:
         head.append(f"pump={_value(record['pump_id'], zone)}")

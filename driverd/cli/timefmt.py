@@ -38,8 +38,9 @@ def parse_zone(spec: str) -> tzinfo | None:
                       f"({type(exc).__name__})") from None
 
 
-def format_time(value: datetime | str | None, zone: tzinfo | None = UTC) -> str:
-    """ISO 8601 with zone in `zone` (None: local). Text that is not a time is returned as it is; None is '-'."""
+def format_time(value: datetime | str | None, zone: tzinfo | None = UTC, *, precise: bool = False) -> str:
+    """ISO 8601 with zone in `zone` (None: local), to the second unless `precise` (audit records keep their
+    microseconds). Text that is not a time is returned as it is; None is '-'."""
     if value is None:
         return "-"
     if isinstance(value, str):
@@ -52,5 +53,7 @@ def format_time(value: datetime | str | None, zone: tzinfo | None = UTC) -> str:
     if at.tzinfo is None:
         return at.isoformat()  # never guess a zone for a naive time
     shown = at.astimezone(zone) if zone is not None else at.astimezone()
+    if not precise:
+        shown = shown.replace(microsecond=0)
     text = shown.isoformat()
     return text[:-6] + "Z" if text.endswith("+00:00") and zone is UTC else text
