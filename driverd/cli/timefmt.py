@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, tzinfo
 from typing import Annotated
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import typer
+
+from driverd.audit.timezones import UnknownZone
+from driverd.audit.timezones import parse_zone as resolve_zone
 
 TzOpt = Annotated[
     str,
@@ -32,10 +34,9 @@ def parse_zone(spec: str) -> tzinfo | None:
     if text.lower() == "local":
         return None
     try:
-        return ZoneInfo(text)
-    except (ZoneInfoNotFoundError, ValueError) as exc:
-        raise BadZone(f"--tz: unknown zone {spec[:64]!r}; use UTC, local or an IANA name like Europe/London "
-                      f"({type(exc).__name__})") from None
+        return resolve_zone(text).tz  # one resolver for every --tz (reports use it too)
+    except UnknownZone as exc:
+        raise BadZone(str(exc)) from None
 
 
 def format_time(value: datetime | str | None, zone: tzinfo | None = UTC, *, precise: bool = False) -> str:

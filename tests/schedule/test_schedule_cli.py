@@ -115,7 +115,7 @@ def test_validate_trust_altered_fails(tmp_path: Path) -> None:
     doc["hold_days"] = "2"  # still clinically valid, but not what was signed
     r = run("schedule", "validate", write(tmp_path, doc), "--json", "--now", NOW, "--trust", DEMO_TRUST)
     assert r.exit_code == 1
-    assert {(p["path"], p["rule"]) for p in out_json(r)["problems"]} == {("/signature", "bad-signature")}
+    assert {(p["path"], p["rule"]) for p in out_json(r)["problems"]} == {("/signature", "bad_signature")}
 
 
 def test_validate_trust_wrong_key(tmp_path: Path) -> None:
@@ -126,7 +126,7 @@ def test_validate_trust_wrong_key(tmp_path: Path) -> None:
     assert run("schedule", "sign", EXAMPLE, "--key", other, "--out", signed).exit_code == 0
     r = run("schedule", "validate", signed, "--json", "--now", NOW, "--trust", DEMO_TRUST)
     assert r.exit_code == 1
-    assert ("/signature", "unknown-key") in {(p["path"], p["rule"]) for p in out_json(r)["problems"]}
+    assert ("/signature", "unknown_key") in {(p["path"], p["rule"]) for p in out_json(r)["problems"]}
 
 
 @pytest.mark.parametrize(
