@@ -386,3 +386,12 @@ def report(
             typer.echo(text)
         for path in written.values():
             typer.echo(f"wrote {path}")
+
+
+def _register_tail() -> None:
+    from driverd.cli.audit_tail import tail
+
+    app.command("tail")(tail)
+
+
+_register_tail()

@@ -34,7 +34,8 @@ class SimConsole:
     def listening(self, first: str, urls: list[str], **fields: Any) -> None:
         """The start-up lines. Text: the port or device path, then one driver URL a line (scripts read these)."""
         if self.as_json:
-            self._out(json.dumps({"event": "listening", "urls": urls, **fields}, sort_keys=True))
+            one = {"url": urls[0]} if len(urls) == 1 else {}
+            self._out(json.dumps({"event": "listening", "urls": urls, **one, **fields}, sort_keys=True))
             return
         self._out(first)
         for url in urls:
@@ -67,8 +68,8 @@ class SimConsole:
         else:
             self._out(f"{record.levelname.lower()}: {record.name}: {message}", err=True)
 
-    def error(self, message: str) -> NoReturn:
-        fail(message, as_json=self.as_json, code=EXIT_REFUSED)
+    def error(self, message: str, *, error_code: str | None = None) -> NoReturn:
+        fail(message, as_json=self.as_json, code=EXIT_REFUSED, error_code=error_code)
 
 
 class _OneLine(logging.Handler):

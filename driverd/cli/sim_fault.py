@@ -31,7 +31,7 @@ def fault(
     try:
         parse_fault(words)  # malformed words are a usage error here, before anything is sent
     except FaultControlError as exc:
-        usage(str(exc))
+        usage(str(exc), as_json)
     try:
         reply = send_fault(control, words, unit)
     except OSError as exc:

@@ -28,16 +28,16 @@ from simulators.faults import FaultPlan
 from simulators.world import World
 
 
-def parse_units(text: str) -> list[int]:
+def parse_units(text: str, as_json: bool = False) -> list[int]:
     """ "1,2,3" -> [1, 2, 3]; unit ids 1..247, no duplicates (usage error otherwise)."""
     if not re.fullmatch(r"\s*\d{1,3}(\s*,\s*\d{1,3})*\s*", text):
-        usage(f"--units: expected comma-separated unit ids like 1,2,3, got {text!r}")
+        usage(f"--units: expected comma-separated unit ids like 1,2,3, got {text!r}", as_json)
     units = [int(u) for u in text.split(",")]
     bad = [u for u in units if not 1 <= u <= 247]
     if bad:
-        usage(f"--units: unit ids are 1..247, got {bad[0]}")
+        usage(f"--units: unit ids are 1..247, got {bad[0]}", as_json)
     if len(set(units)) != len(units):
-        usage("--units: a unit id is listed twice")
+        usage("--units: a unit id is listed twice", as_json)
     return units
 
 
@@ -56,15 +56,16 @@ def modbus(
         Path | None,
         typer.Option("--control", help="unix socket for run-time faults (driverd sim fault --control PATH ...)"),
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="status lines as JSON objects, one a line")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="status lines as JSON objects, one a line (first the "
+                                                         "endpoint: port or device, url(s)); errors as JSON")] = False,
 ) -> None:
     """Run simulated syringe pumps that speak Modbus (TCP, or RTU on a PTY), one per unit id."""
     console = SimConsole(as_json=as_json)
     if pty == (tcp is not None):
-        usage("give exactly one of --tcp PORT or --pty")
+        usage("give exactly one of --tcp PORT or --pty", as_json)
     if tcp is not None and not 0 <= tcp <= 65535:
-        usage(f"--tcp: port must be 0..65535, got {tcp}")
-    unit_ids = parse_units(units)
+        usage(f"--tcp: port must be 0..65535, got {tcp}", as_json)
+    unit_ids = parse_units(units, as_json)
     world = World(SystemClock())
     try:
         the_map = load_map(regmap) if regmap else load_map()
@@ -75,7 +76,7 @@ def modbus(
             plan.on_event = functools.partial(console.fault, name)
             plans[unit] = world.set_faults(name, plan)
     except DriverdError as exc:
-        console.error(str(exc))
+        console.error(str(exc), error_code="config")
     try:
         with library_logs_as_lines(console):
             asyncio.run(_serve(world, {u: f"modbus-{u}" for u in unit_ids}, plans, console, tcp=tcp, pty=pty,

@@ -28,11 +28,11 @@ from simulators.faults import FaultPlan
 from simulators.pump import PumpModel
 
 
-def _decimal(text: str, name: str, maximum: Decimal) -> Decimal:
+def _decimal(text: str, name: str, maximum: Decimal, as_json: bool = False) -> Decimal:
     try:
         return parse_decimal(text, name, maximum=maximum, allow_zero=False)
     except QuantityError as exc:
-        usage(f"--{name}: {exc}")
+        usage(f"--{name}: {exc}", as_json)
 
 
 def newera(
@@ -66,22 +66,23 @@ def newera(
         Path | None,
         typer.Option("--control", help="unix socket for run-time faults (driverd sim fault --control PATH ...)"),
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="status lines as JSON objects, one a line")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="status lines as JSON objects, one a line (first the "
+                                                         "endpoint: port or device, url(s)); errors as JSON")] = False,
 ) -> None:
     """Run a simulated New Era syringe pump that speaks the NE-1000 RS-232 protocol."""
     console = SimConsole(as_json=as_json)
     if pty == (tcp is not None):
-        usage("give exactly one of --pty or --tcp PORT")
+        usage("give exactly one of --pty or --tcp PORT", as_json)
     if tcp is not None and not 0 <= tcp <= 65535:
-        usage(f"--tcp: port must be 0..65535, got {tcp}")
+        usage(f"--tcp: port must be 0..65535, got {tcp}", as_json)
     if not 0 <= address <= 99:
-        usage(f"--address: must be 0..99, got {address}")
+        usage(f"--address: must be 0..99, got {address}", as_json)
     if baud not in BAUD_RATES:
-        usage(f"--baud: must be one of {', '.join(map(str, BAUD_RATES))}, got {baud}")
+        usage(f"--baud: must be one of {', '.join(map(str, BAUD_RATES))}, got {baud}", as_json)
     if drop_next < 0 or garble_next < 0:
-        usage("--drop-next/--garble-next: must be >= 0")
-    fill_ml = _decimal(fill, "fill", MAX_VOLUME_ML)
-    diameter_mm = _decimal(diameter, "diameter", MAX_DIAMETER_MM)
+        usage("--drop-next/--garble-next: must be >= 0", as_json)
+    fill_ml = _decimal(fill, "fill", MAX_VOLUME_ML, as_json)
+    diameter_mm = _decimal(diameter, "diameter", MAX_DIAMETER_MM, as_json)
     try:
         model = PumpModel(SystemClock(), fill_volume_ml=fill_ml, diameter_mm=diameter_mm)
 
