@@ -69,8 +69,8 @@ def test_the_command_list_is_what_this_file_covers() -> None:
     assert set(COMMANDS) == {
         "run", "status", "demo", "schedule validate", "schedule sign", "schedule push", "keys generate",
         "audit verify", "audit replay", "audit export", "audit report", "audit tail", "pump probe", "sim newera",
-        "sim modbus", "sim harvard", "config check", "config data-dir", *(f"course {c}" for c in CLINICIAN),
-        "course change-syringe", "hl7 listen", "hl7 send-test"}
+        "sim modbus", "sim harvard", "sim fault", "config check", "config data-dir",
+        *(f"course {c}" for c in CLINICIAN), "course change-syringe", "hl7 listen", "hl7 send-test"}
 
 
 # ------------------------------------------------------------------------------------------------ help
@@ -135,6 +135,7 @@ def test_an_unknown_option_is_exit_2_and_json_under_json(path: str, capsys: pyte
     ("sim", "newera"),  # neither --pty nor --tcp
     ("sim", "modbus", "--tcp", "0", "--units", "0"),
     ("sim", "harvard", "--tcp", "0", "--address", "100"),
+    ("sim", "fault", "--control", "/nonexistent/sim.sock", "explode"),  # not a fault word
     ("schedule", "validate", "/nonexistent/schedule.json"),
     ("run", "--speed", "0"),
 ])
