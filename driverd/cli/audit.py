@@ -60,6 +60,11 @@ def verify(
         typer.Option("--jobs", min=1, max=64, help="worker processes (default: one per CPU, at most 8; logs under "
                                                    "4 MiB are verified in this process)"),
     ] = None,
+    archive: Annotated[
+        list[Path] | None,
+        typer.Option("--archive", metavar="DIR", help="also verify the segments `audit archive` moved to DIR: one "
+                                                      "chain from seq 1 through the live log (repeatable)"),
+    ] = None,
     full: Annotated[
         bool, typer.Option("--full", help="also replay the whole log through the core: every decision and every "
                                           "state snapshot must equal what replay computes (start-up trusts "
@@ -89,8 +94,14 @@ def verify(
     schedules: dict[str, Any] | None = None
     try:
         with _progress("verifying", total_bytes(log), as_json) as progress:
-            report = verify_log(log, public_key=public, require_sealed=require_sealed, progress=progress,
-                                workers=workers)
+            if archive:
+                from driverd.audit.archive import verify_with_archive
+
+                report = verify_with_archive(log, list(archive), public_key=public, require_sealed=require_sealed,
+                                             progress=progress, workers=workers)
+            else:
+                report = verify_log(log, public_key=public, require_sealed=require_sealed, progress=progress,
+                                    workers=workers)
         if store is not None and report.ok:
             schedules = _check_schedules(log, store)
         replayed = _full_replay(log) if full and report.ok else None
@@ -254,3 +265,9 @@ def report(
             typer.echo(text)
         if png is not None:
             typer.echo(f"wrote {png}")
+
+
+# `driverd audit archive` lives in its own module (issue 12).
+from driverd.cli.audit_archive import archive as _archive  # noqa: E402
+
+app.command("archive")(_archive)
