@@ -151,8 +151,14 @@ def _check_schedules(log: Path, store: Any) -> dict[str, Any]:
     from driverd.audit.schedules import ScheduleChecker, UntrustedSchedule
 
     checker = ScheduleChecker(store)
+    library = False
     try:
         for rec in iter_records(log):
+            library = library or rec.get("event") == "library_loaded"
+            if rec.get("event") == "state_snapshot" and not library and isinstance(rec.get("library"), str):
+                # A live log after `audit archive` starts from a snapshot: the library in force is the snapshot's.
+                checker.add({"event": "library_loaded", "text": rec["library"]})
+                library = True
             checker.add(rec)
     except UntrustedSchedule as exc:
         return {"ok": False, "checked": checker.checked, "seq": exc.seq, "failure": str(exc)}

@@ -28,17 +28,29 @@ class ArchiveLog:
     live_course: str
 
 
-def make_log(work: Path, pumps: int = 2, live_hours: int = 13) -> ArchiveLog:
-    """Takes a few seconds (a 5-day course per pump in virtual time)."""
+def make_log(work: Path, pumps: int = 2, live_hours: int = 13, *, snapshot_every: timedelta | None = None,
+             poll_s: int = 60) -> ArchiveLog:
+    """Takes a few seconds (a 5-day course per pump in virtual time). snapshot_every: instead of the shipped 6 h
+    (fewer segments); poll_s: the demo's poll (a longer one writes fewer records)."""
+    from driverd.runtime import daemon as daemon_module
+
     audit = work / "audit"
-    result = asyncio.run(run_demo(DemoOptions(pumps=pumps, audit_dir=audit)))
-    key = result.audit_public_key.with_suffix(".key")
-    course = asyncio.run(_live_course(audit, key, pumps, live_hours))
+    shipped = daemon_module.SNAPSHOT_EVERY
+    daemon_module.SNAPSHOT_EVERY = snapshot_every or shipped
+    try:
+        result = asyncio.run(run_demo(DemoOptions(pumps=pumps, audit_dir=audit, poll_period_s=poll_s,
+                                                  deadman_s=max(180, 3 * poll_s))))
+        key = result.audit_public_key.with_suffix(".key")
+        course = asyncio.run(run_daemon(audit, key, pumps, LIVE_START, live_hours, push=True))
+    finally:
+        daemon_module.SNAPSHOT_EVERY = shipped
     return ArchiveLog(audit, key, result.audit_public_key, course)
 
 
-async def _live_course(audit: Path, key: Path, pumps: int, hours: int) -> str:
-    clock = VirtualClock(LIVE_START)
+async def run_daemon(audit: Path, key: Path, pumps: int, start: datetime, hours: int, *, push: bool) -> str:
+    """A daemon on the sim pumps started on `audit` at `start` (its start-up recovers every course from the log),
+    run for `hours`, then stopped. push: a new course on bed-1 first (returns its id)."""
+    clock = VirtualClock(start)
     clock.register()  # time moves only while this waits
     world = World(clock)
     names = [f"bed-{i + 1}" for i in range(pumps)]
@@ -55,18 +67,21 @@ async def _live_course(audit: Path, key: Path, pumps: int, hours: int) -> str:
     )
     daemon = Daemon(config, clock, world=world)
     await daemon.start()
+    course = ""
     try:
-        doc = demo_schedule("bed-1", pumps + 1, LIVE_START)  # another patient (exposure gap)
-        reply = await daemon.push_schedule(doc)
-        assert reply.get("ok"), reply
+        if push:
+            doc = demo_schedule("bed-1", pumps + 1, start)  # another patient (the exposure gap)
+            reply = await daemon.push_schedule(doc)
+            assert reply.get("ok"), reply
+            course = str(doc["schedule_id"])
         for h in range(1, hours + 1):
-            await asyncio.wait_for(clock.sleep_until(LIVE_START + timedelta(hours=h, seconds=30)), 60)
+            await asyncio.wait_for(clock.sleep_until(start + timedelta(hours=h, seconds=30)), 60)
             daemon.tick_audit()  # the runtime's audit timer: group commit, and a snapshot when one is due
     finally:
         clock.unregister()
         with contextlib.suppress(Exception):
             await daemon.stop()
-    return str(doc["schedule_id"])
+    return course
 
 
 def snapshot_times(audit: Path) -> list[datetime]:
