@@ -562,6 +562,10 @@ def _finish(log: Path, anchor: Anchor, segs: list[tuple[int, Path]], hook: StepH
     left against the anchor (and its archived copy: copied again if that is missing or torn), then remove them."""
     left = [(n, p) for n, p in segs if n < anchor.first_segment]
     if not left:
+        try:
+            _fsync_dir(log)  # the last run may have crashed after its last removal, before making it durable
+        except OSError as exc:
+            raise AuditError(f"{log}: cannot sync the directory: {exc.strerror or exc}") from None
         return []
     by_number = {s.segment: s for s in anchor.segments}
     for n, p in left:

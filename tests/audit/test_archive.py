@@ -43,9 +43,9 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> ArchiveLog:
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory: pytest.TempPathFactory) -> ArchiveLog:
-    """The same story with fewer segments and records (a snapshot every 2 days, a 5-minute poll): for the crash
+    """The same story with fewer segments (a snapshot every 2 days): for the crash
     campaign, which archives a copy of it once per step boundary."""
-    return make_log(tmp_path_factory.mktemp("archive-small"), snapshot_every=timedelta(days=2), poll_s=300)
+    return make_log(tmp_path_factory.mktemp("archive-small"), snapshot_every=timedelta(days=2))
 
 
 @pytest.fixture
@@ -306,18 +306,21 @@ def _crash_campaign(made: ArchiveLog, src: Path, dest_src: Path | None, tmp_path
 
         with pytest.raises(Crash):
             _archive(log, dest, made, before, step=crash_at)
-        _assert_live_log_works(log, made, want)
-        assert _cli("audit", "replay", log).exit_code == 0, name
+        assert verify_log(log, public_key=load_public_key(made.pub)).ok, name
         # Start-up on the crashed log (writer repair + recovery), as the daemon does; it appends to the last segment.
-        writer, _ = open_log(log, AuditConfig(), _key(made), lambda: LIVE_START + timedelta(days=2), TRUST)
+        writer, recovered = open_log(log, AuditConfig(), _key(made), lambda: LIVE_START + timedelta(days=2), TRUST)
         writer.close()
-        res = _archive(log, dest, made, before)  # run again: finishes the job
-        assert res.first_segment == list_segments(clean / "audit")[0][0], name
-        assert list_segments(log)[0][0] == res.first_segment
+        assert ({p: repr(s) for p, s in recovered.states.items()}, recovered.ledger.to_fields(),
+                recovered.versions) == want, name
+        try:
+            _archive(log, dest, made, before)  # run again: finishes the job
+        except ArchiveRefused as exc:  # the crash came after the last removal: done, nothing more may go (below)
+            assert name.startswith(("removed:", "live_synced")), (name, exc)
+            assert exc.reason in ("not_before_date", "course_active"), (name, exc)
+        assert list_segments(log)[0][0] == list_segments(clean / "audit")[0][0], name
         for n, p in list_segments(clean / "arch"):
             assert (dest / p.name).read_bytes() == p.read_bytes(), (name, n)
         assert not list(dest.glob("*.part")) and not (log / (ANCHOR_NAME + ".tmp")).exists()
-        assert verify_log(log, public_key=load_public_key(made.pub)).ok
         assert _cli("audit", "verify", log, "--archive", dest, "--key", made.pub).exit_code == 0, name
         shutil.rmtree(work)
     return len(steps)
