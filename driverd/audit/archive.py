@@ -269,16 +269,18 @@ class Plan:
     snapshot: dict[str, Any]  # the cut segment's opening snapshot
 
 
-def plan(live: list[_SegmentInfo], before: datetime) -> Plan:
-    """The largest prefix of `live` (oldest first; the last segment is the one being written) that may go: every
-    segment sealed, entirely before `before`, its courses ended by the snapshot that opens the segment after it.
-    Raises ArchiveRefused naming why the oldest segment cannot go when none can."""
-    if len(live) < 2:
-        raise ArchiveRefused("live_segment", f"only the live segment {live[0].number if live else '?'} is left "
-                                             "(the segment being written is never archived)")
+def plan(closed: list[_SegmentInfo], before: datetime) -> Plan:
+    """The largest prefix of `closed` (the live log's segments oldest first, less the one being written, which is
+    neither moved nor read) that may go: every segment sealed, entirely before `before`, its courses ended by the
+    snapshot that opens the segment after it (itself a closed segment, which stays). Raises ArchiveRefused naming
+    why the oldest segment cannot go when none can."""
+    if len(closed) < 2:
+        raise ArchiveRefused("live_segment", "too few segments: the segment being written is never archived, and "
+                                             "the live log must keep a closed segment that opens with a snapshot")
     reason: ArchiveRefused | None = None
     best: Plan | None = None
     courses: set[tuple[str, str]] = set()
+    live = closed
     for i, seg in enumerate(live[:-1]):
         if not seg.sealed:
             reason = reason or ArchiveRefused("unsealed", f"segment {seg.number} does not end with a signed "
@@ -417,16 +419,14 @@ def _archive(log: Path, before: datetime, dest: Path, key: Ed25519PrivateKey | N
     segs = list_segments(log)
     if not segs:
         raise ArchiveRefused("empty", f"{log}: no audit segments")
-    # The whole live log must verify (chain, signatures, and the anchor of an earlier archive).
-    report = verify_log(log, public_key=public_key)
-    if not report.ok:
-        raise ArchiveRefused("does_not_verify", f"the live log does not verify: {report.failure}")
-    log_fp = report.key_fingerprint
-    if log_fp is not None and key is None:
-        raise ArchiveRefused("key_required", "the log is signed: give the daemon's audit key (--key) to sign the "
-                                             "archive anchor")
-    if key is not None and log_fp != fingerprint(key.public_key()):
-        raise ArchiveRefused("key_mismatch", f"--key {fingerprint(key.public_key())} is not the log's key {log_fp}")
+    if anchor is not None:
+        report = verify_log(log, public_key=public_key, segments=[(n, p) for n, p in segs
+                                                                  if n == anchor.first_segment])
+        if not report.ok:  # the anchor itself, before acting on it
+            raise ArchiveRefused("does_not_verify", f"the live log does not verify: {report.failure}")
+        if key is not None and report.key_fingerprint != fingerprint(key.public_key()):
+            raise ArchiveRefused("key_mismatch", f"--key {fingerprint(key.public_key())} is not the log's key "
+                                                 f"{report.key_fingerprint}")
     first_live = anchor.first_segment if anchor is not None else 1
     if anchor is not None:
         result.finished = _finish(log, anchor, segs, hook)
@@ -435,13 +435,26 @@ def _archive(log: Path, before: datetime, dest: Path, key: Ed25519PrivateKey | N
         result.signed = anchor.sig is not None
     elif segs[0][0] != 1:
         raise ArchiveRefused("no_anchor", f"{log}: the log starts at segment {segs[0][0]} and has no archive anchor")
-    infos = [_scan(n, p) for n, p in segs]
+    infos = [_scan(n, p) for n, p in segs[:-1]]  # the segment being written is not read: it may be growing
     try:
         chosen = plan(infos, before)
     except ArchiveRefused:
         if result.finished:
             return result  # an interrupted run finished; nothing more may go
         raise
+    # What goes, and the segment the live log will open with, must verify (chain, signatures, and the anchor of an
+    # earlier archive). Only closed segments: the daemon may be appending to the last one meanwhile.
+    report = verify_log(log, public_key=public_key, segments=[(i.number, i.path) for i in infos
+                                                               if i.number <= chosen.cut])
+    if not report.ok:
+        raise ArchiveRefused("does_not_verify", f"the live log does not verify: {report.failure}")
+    if report.key_fingerprint is not None and key is None:
+        raise ArchiveRefused("key_required", "the log is signed: give the daemon's audit key (--key) to sign the "
+                                             "archive anchor")
+    if key is not None and report.key_fingerprint != fingerprint(key.public_key()):
+        raise ArchiveRefused("key_mismatch", f"--key {fingerprint(key.public_key())} is not the log's key "
+                                             f"{report.key_fingerprint}")
+    log_fp = report.key_fingerprint
     # The snapshot the live log will start from must be what replay of the log up to it gives (as `verify --full`
     # checks): replay what is archived now (from the live log's start) through that snapshot.
     replayer = Replayer()

@@ -427,7 +427,7 @@ def verify_log(
     given = segments is not None
     segments = segments if segments is not None else resolve_log(path)
     anchor: Anchor | None = None
-    if not given and first_segment == 1 and path.is_dir():
+    if first_segment == 1 and path.is_dir() and (not given or (segments and segments[0][0] > 1)):
         try:
             anchor = read_anchor(path)
         except AuditError as exc:

@@ -154,10 +154,14 @@ def test_an_unsigned_log_is_never_archived(tmp_path: Path) -> None:
     w = AuditWriter.open(tmp_path / "log", small_config(), None, StepClock())
     for _ in range(4):
         w.append("daemon_start", pump_id=None, course_id=None, durable=True)
-    w.rotate()
-    w.append("state_snapshot", pump_id=None, course_id=None, durable=True, format=1, states={}, versions={},
-             library=None, ledger={"patients": {}, "started": {}, "ended": {}, "last_at": {}}, schedules=[])
+    for _ in range(2):
+        w.rotate()
+        w.append("state_snapshot", pump_id=None, course_id=None, durable=True, format=1, states={}, versions={},
+                 library=None, ledger={"patients": {}, "started": {}, "ended": {}, "last_at": {}}, schedules=[])
+        for _ in range(3):
+            w.append("daemon_stop", pump_id=None, course_id=None, durable=True)
     w.close()
+    assert len(list_segments(tmp_path / "log")) == 3
     with pytest.raises(ArchiveRefused) as refused:  # an unsigned log has no checkpoint: nothing is sealed
         archive_log(tmp_path / "log", FAR, tmp_path / "arch", None)
     assert refused.value.reason == "unsealed"
