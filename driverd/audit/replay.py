@@ -98,8 +98,8 @@ class ReplayResult:
             "outputs_checked": self.outputs_checked,
             "divergences": [d.as_dict() for d in self.divergences],
             "interrupted": [i.as_dict() for i in self.interrupted],
-            "seeded_from": self.seeded_from,
             **self.report.as_dict(),
+            "seeded_from": self.seeded_from,
         }
 
     def text_lines(self) -> list[str]:

@@ -116,11 +116,16 @@ class Report:
     torn_tails: int = 0
     reopened: int = 0
     patients: dict[str, str] = field(default_factory=dict)  # course id -> patient_ref (from the accepted schedules)
+    # The log began after seq 1 with a state snapshot (the live log after `audit archive`): its seq, and the
+    # bursts of its exposure ledger, i.e. the courses before it (archived), carried into the exposure ledger.
+    seeded_from: int | None = None
+    carried: list[dict[str, Any]] = field(default_factory=list)
 
     def exposure(self) -> dict[str, list[dict[str, Any]]]:
         """The per-patient exposure ledger (issue 13), rebuilt from the log like the daemon's: every course that
         delivered drug, from its first non-zero setpoint to its end-of-course record."""
         out: dict[str, list[dict[str, Any]]] = {}
+        own: set[str] = set()
         for c in self.courses.values():
             if c.course_id is None or c.course_id not in self.patients:
                 continue
@@ -128,9 +133,13 @@ class Report:
             if started is None:
                 continue
             h = c.handover or {}
+            own.add(c.course_id)
             out.setdefault(self.patients[c.course_id], []).append(
                 {"course_id": c.course_id, "pump_id": c.pump_id, "started_at": started, "ended_at": h.get("at"),
                  "delivered_mg": h.get("delivered_mg")})
+        for b in self.carried:  # bursts before a snapshot the log starts from (archived courses)
+            if b["course_id"] not in own:
+                out.setdefault(b["patient_ref"], []).insert(0, {k: v for k, v in b.items() if k != "patient_ref"})
         return out
 
     def as_dict(self) -> dict[str, Any]:
@@ -141,6 +150,7 @@ class Report:
             "restarts": self.reopened,
             "courses": [c.as_dict() for c in self.courses.values()],
             "exposure": self.exposure(),
+            "seeded_from": self.seeded_from,
         }
 
 
@@ -150,11 +160,19 @@ class ReportBuilder:
     def __init__(self) -> None:
         self.report = Report()
         self._last_at: dict[str, datetime] = {}
+        self._suffix: bool | None = None
+        self._course_data = False
 
     def add(self, rec: dict[str, Any]) -> None:
         r = self.report
         r.records += 1
         event = rec.get("event")
+        if self._suffix is None:
+            self._suffix = rec.get("seq") != 1
+        if event == "state_snapshot" and self._suffix and not self._course_data:
+            self._seed(rec)
+        if event not in ("segment_start", "checkpoint", "torn_tail_truncated", "log_reopened"):
+            self._course_data = True
         if event == "library_loaded":
             r.library_versions.append(str(rec.get("version") or rec.get("library_version") or "?"))
         elif event == "torn_tail_truncated":
@@ -203,6 +221,30 @@ class ReportBuilder:
                 c.reported.append((at, ml))
 
 
+    def _seed(self, rec: dict[str, Any]) -> None:
+        """The live log after `audit archive` starts from a state snapshot: what came before is in the archive.
+        Its library version and exposure ledger (the archived courses' bursts) are carried into the report."""
+        from driverd.audit.exposure import LedgerBuilder
+        from driverd.core.errors import DriverdError
+        from driverd.core.protocol import parse_protocol
+
+        r = self.report
+        r.seeded_from = rec.get("seq") if isinstance(rec.get("seq"), int) else None
+        if isinstance(rec.get("library"), str):
+            try:
+                r.library_versions.append(f"{parse_protocol(rec['library']).library_version} (from the snapshot)")
+            except DriverdError:
+                r.library_versions.append("? (from the snapshot)")
+        try:
+            ledger = LedgerBuilder.from_fields(rec.get("ledger"))
+        except DriverdError:
+            return
+        r.carried = [{"patient_ref": b.patient_ref, "course_id": b.course_id, "pump_id": None,
+                      "started_at": b.started_at, "ended_at": b.ended_at,
+                      "delivered_mg": b.drug_mg if b.ended_at is not None else None, "archived": True}
+                     for b in ledger.ledger().values()]
+
+
 def build_report(records: Iterable[dict[str, Any]]) -> Report:
     b = ReportBuilder()
     for rec in records:
@@ -216,6 +258,9 @@ def _t(at: datetime | None) -> str:
 
 def report_lines(rep: Report) -> list[str]:
     out = [f"{rep.records} records; drug library: {', '.join(rep.library_versions) or 'none logged'}"]
+    if rep.seeded_from is not None:
+        out.append(f"starts from the state snapshot at seq {rep.seeded_from}: earlier records are archived (their "
+                   "courses are in the archive; their bursts are in the exposure ledger below)")
     if rep.reopened or rep.torn_tails:
         out.append(f"writer restarts: {rep.reopened}; torn tails truncated: {rep.torn_tails}")
     for c in rep.courses.values():
@@ -257,7 +302,8 @@ def report_lines(rep: Report) -> list[str]:
             for b in bursts:
                 end = _t(b["ended_at"]) if b["ended_at"] else "running"
                 mg = f"{b['delivered_mg']} mg" if b["delivered_mg"] is not None else "mg: see the course"
-                out.append(f"  {patient}: {b['course_id']} on {b['pump_id']} {_t(b['started_at'])} .. {end}, {mg}")
+                where = "(archived)" if b.get("archived") else f"on {b['pump_id']}"
+                out.append(f"  {patient}: {b['course_id']} {where} {_t(b['started_at'])} .. {end}, {mg}")
     return out
 
 

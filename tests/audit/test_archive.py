@@ -124,7 +124,17 @@ def test_archive_leaves_a_live_log_that_verifies_replays_and_recovers(made: Arch
     replayed = json.loads(res.stdout)
     assert replayed["ok"] and replayed["seeded_from"] == anchor.snapshot_seq and replayed["outputs_checked"] > 0
     res = _cli("audit", "report", log, "--json")
-    assert res.exit_code == 0 and any(c["course_id"] == made.live_course for c in json.loads(res.stdout)["courses"])
+    assert res.exit_code == 0
+    rep = json.loads(res.stdout)
+    assert any(c["course_id"] == made.live_course for c in rep["courses"]) and rep["seeded_from"] == anchor.snapshot_seq
+    bursts = {b["course_id"]: b for bs in rep["exposure"].values() for b in bs}
+    assert {c for c, b in bursts.items() if b.get("archived")} == archived_courses  # carried from the snapshot
+    whole_report = json.loads(_cli("audit", "report", dest, "--json").stdout)["exposure"]
+    for bs in whole_report.values():
+        for b in bs:
+            assert (b["started_at"], b["ended_at"], b["delivered_mg"]) == (
+                bursts[b["course_id"]]["started_at"], bursts[b["course_id"]]["ended_at"],
+                bursts[b["course_id"]]["delivered_mg"])
     res = _cli("audit", "export", log, "--format", "jsonl")
     assert res.exit_code == 0 and [json.loads(x)["seq"] for x in res.stdout.splitlines()] == [r["seq"] for r in records]
     # The real daemon starts on the archived log (recovery from its snapshot), runs the live course on, and stops.
