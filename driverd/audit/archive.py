@@ -420,8 +420,11 @@ def _archive(log: Path, before: datetime, dest: Path, key: Ed25519PrivateKey | N
     if not segs:
         raise ArchiveRefused("empty", f"{log}: no audit segments")
     if anchor is not None:
-        report = verify_log(log, public_key=public_key, segments=[(n, p) for n, p in segs
-                                                                  if n == anchor.first_segment])
+        first_seg = [(n, p) for n, p in segs if n == anchor.first_segment]
+        if not first_seg:
+            raise ArchiveRefused("does_not_verify", f"segment {anchor.first_segment}, where the anchor says the live "
+                                                    "log starts, is missing")
+        report = verify_log(log, public_key=public_key, segments=first_seg)
         if not report.ok:  # the anchor itself, before acting on it
             raise ArchiveRefused("does_not_verify", f"the live log does not verify: {report.failure}")
         if key is not None and report.key_fingerprint != fingerprint(key.public_key()):

@@ -30,7 +30,7 @@ from driverd.audit.canonical import (
     sha256_hex,
 )
 from driverd.audit.reader import MAX_LINE_BYTES, LineTooLong
-from driverd.audit.segments import resolve_log
+from driverd.audit.segments import list_segments, resolve_log
 from driverd.audit.signing import checkpoint_signature_ok, fingerprint, public_from_b64, raw_public
 from driverd.core.errors import AuditError
 
@@ -425,7 +425,9 @@ def verify_log(
     from driverd.audit.archive import Anchor, read_anchor
 
     given = segments is not None
-    segments = segments if segments is not None else resolve_log(path)
+    if segments is None:
+        # From a snapshot's segment (start-up), the archive anchor is not consulted: recovery does not need it.
+        segments = list_segments(path) if first_segment > 1 and path.is_dir() else resolve_log(path)
     anchor: Anchor | None = None
     if first_segment == 1 and path.is_dir() and (not given or (segments and segments[0][0] > 1)):
         try:
