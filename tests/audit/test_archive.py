@@ -239,10 +239,21 @@ def test_an_archive_dir_holding_another_logs_segment_is_refused(made: ArchiveLog
 # ------------------------------------------------------------------------------------------- the anchor
 
 
-def _archived(made: ArchiveLog, log: Path, tmp_path: Path) -> Path:
-    dest = tmp_path / "archive"
-    _archive(log, dest, made)
-    return dest
+@pytest.fixture(scope="module")
+def archived(made: ArchiveLog, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The made log archived once (live log, archive): copied by the tests that only read or damage it."""
+    work = tmp_path_factory.mktemp("archived")
+    shutil.copytree(made.audit, work / "audit")
+    _archive(work / "audit", work / "archive", made)
+    return work / "audit", work / "archive"
+
+
+def _archived(archived: tuple[Path, Path], tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the archived log and of its archive."""
+    log, dest = tmp_path / "audit", tmp_path / "archive"
+    shutil.copytree(archived[0], log)
+    shutil.copytree(archived[1], dest)
+    return log, dest
 
 
 @pytest.mark.parametrize(("edit", "words"), [
@@ -255,8 +266,9 @@ def _archived(made: ArchiveLog, log: Path, tmp_path: Path) -> Path:
     (lambda a: {**a, "extra": 1}, "unknown field"),
     (lambda a: {**a, "last_seq": a["last_seq"] - 1}, "last_seq"),
 ])
-def test_a_tampered_anchor_fails_verify(made: ArchiveLog, log: Path, tmp_path: Path, edit: Any, words: str) -> None:
-    _archived(made, log, tmp_path)
+def test_a_tampered_anchor_fails_verify(made: ArchiveLog, archived: tuple[Path, Path], tmp_path: Path, edit: Any,
+                                        words: str) -> None:
+    log, _ = _archived(archived, tmp_path)
     path = log / ANCHOR_NAME
     path.write_text(json.dumps(edit(json.loads(path.read_text())), sort_keys=True, separators=(",", ":")))
     res = _cli("audit", "verify", log, "--json")
@@ -268,15 +280,15 @@ def test_a_tampered_anchor_fails_verify(made: ArchiveLog, log: Path, tmp_path: P
     assert recover(log, TRUST, load_public_key(made.pub)).snapshot_seq is not None
 
 
-def test_without_its_anchor_the_live_log_does_not_verify(made: ArchiveLog, log: Path, tmp_path: Path) -> None:
-    _archived(made, log, tmp_path)
+def test_without_its_anchor_the_live_log_does_not_verify(archived: tuple[Path, Path], tmp_path: Path) -> None:
+    log, _ = _archived(archived, tmp_path)
     (log / ANCHOR_NAME).unlink()
     res = _cli("audit", "verify", log, "--json")
     assert res.exit_code == 1 and "segment 1 is missing" in json.loads(res.stdout)["failure"]["reason"]
 
 
-def test_a_torn_or_missing_archived_copy_fails_whole_chain_verify(made: ArchiveLog, log: Path, tmp_path: Path) -> None:
-    dest = _archived(made, log, tmp_path)
+def test_a_torn_or_missing_archived_copy_fails_whole_chain_verify(archived: tuple[Path, Path], tmp_path: Path) -> None:
+    log, dest = _archived(archived, tmp_path)
     copy = dest / segment_name(3)
     copy.write_bytes(copy.read_bytes()[:1000])
     res = _cli("audit", "verify", log, "--archive", dest, "--json")
