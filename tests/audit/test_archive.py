@@ -445,3 +445,42 @@ def test_parse_before() -> None:
     for bad in ("", "8 Dec", "2026-12-08T10:00", "2026-02-30"):
         with pytest.raises(ValueError, match="--before"):
             parse_before(bad)
+
+
+def _anchor_fields() -> dict[str, Any]:
+    seg = {"segment": 1, "first_seq": 1, "last_seq": 10, "bytes": 100, "sha256": "a" * 64, "archive": "/srv/a"}
+    return {"format": "driverd-archive-anchor/1", "first_segment": 2, "last_seq": 10, "last_hash": "b" * 64,
+            "snapshot_seq": 12, "segments": [seg], "archived_at": "2026-12-08T00:00:00Z", "key_fingerprint": None,
+            "public_key": None, "sig": None}
+
+
+@pytest.mark.parametrize(("edit", "field"), [
+    (lambda a: {**a, "last_hash": "B" * 64}, "last_hash"),
+    (lambda a: {**a, "snapshot_seq": 10}, "snapshot_seq"),
+    (lambda a: {**a, "archived_at": "yesterday"}, "archived_at"),
+    (lambda a: {**a, "first_segment": 1}, "first_segment"),
+    (lambda a: {**a, "first_segment": True}, "first_segment"),
+    (lambda a: {**a, "segments": [{**a["segments"][0], "sha256": "xyz"}]}, "segments[0].sha256"),
+    (lambda a: {**a, "segments": [{**a["segments"][0], "archive": ""}]}, "segments[0].archive"),
+    (lambda a: {**a, "segments": [{**a["segments"][0], "first_seq": 2}]}, "segments[0]"),
+    (lambda a: {**a, "segments": "all"}, "segments"),
+    (lambda a: {**a, "sig": "abc"}, "sig"),
+    (lambda a: {**a, "key_fingerprint": 7}, "key_fingerprint"),
+])
+def test_read_anchor_names_the_field_and_the_rule(tmp_path: Path, edit: Any, field: str) -> None:
+    from driverd.audit.canonical import dumps
+
+    assert read_anchor(tmp_path) is None
+    (tmp_path / ANCHOR_NAME).write_bytes(dumps(_anchor_fields()) + b"\n")
+    assert read_anchor(tmp_path) is not None  # the unedited one parses
+    (tmp_path / ANCHOR_NAME).write_bytes(dumps(edit(_anchor_fields())) + b"\n")
+    with pytest.raises(AuditError) as err:
+        read_anchor(tmp_path)
+    assert f"{ANCHOR_NAME}: {field}: " in str(err.value)
+
+
+def test_read_anchor_refuses_what_is_not_canonical_json(tmp_path: Path) -> None:
+    for data in (b"", b"{not json", b'{"format": "driverd-archive-anchor/1"}', b"[1,2]"):
+        (tmp_path / ANCHOR_NAME).write_bytes(data)
+        with pytest.raises(AuditError, match=ANCHOR_NAME):
+            read_anchor(tmp_path)
