@@ -647,6 +647,14 @@ def parse_before(text: str) -> datetime:
 
 
 
+def whole_chain(log: Path, archives: list[Path]) -> list[tuple[int, Path]]:
+    """The archived segments (checked against the anchor) followed by the live ones."""
+    anchor = read_anchor(log)
+    if anchor is None:
+        raise AuditError(f"{log}: --archive given but the log has no archive anchor ({ANCHOR_NAME})")
+    return archive_segments(anchor, archives) + [(n, p) for n, p in list_segments(log) if n >= anchor.first_segment]
+
+
 def verify_with_archive(log: Path, archives: list[Path], **kw: Any) -> Any:
     """`audit verify LOG --archive DIR`: the archived segments (each as the anchor recorded it) followed by the
     live ones, verified as one chain from seq 1; then the anchor's signature. Returns a VerifyReport."""

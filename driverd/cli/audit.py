@@ -104,7 +104,7 @@ def verify(
                                     workers=workers)
         if store is not None and report.ok:
             schedules = _check_schedules(log, store)
-        replayed = _full_replay(log) if full and report.ok else None
+        replayed = _full_replay(log, archive) if full and report.ok else None
     except DriverdError as exc:
         fail(str(exc), as_json=as_json)
     ok = report.ok and (schedules is None or schedules["ok"]) and (replayed is None or replayed["ok"])
@@ -127,15 +127,21 @@ def verify(
         raise typer.Exit(EXIT_REFUSED)
 
 
-def _full_replay(log: Path) -> dict[str, Any]:
-    """`--full`: replay from the first record; every state snapshot is compared with replay's own states."""
+def _full_replay(log: Path, archive: list[Path] | None = None) -> dict[str, Any]:
+    """`--full`: replay from the first record; every state snapshot is compared with replay's own states. With
+    --archive, from the first archived record through the live log."""
     from driverd.audit.reader import iter_records
     from driverd.audit.replay import Replayer
     from driverd.audit.snapshot import SNAPSHOT_EVENT
 
+    records = iter_records(log)
+    if archive:
+        from driverd.audit.archive import whole_chain
+
+        records = (rec for _, seg in whole_chain(log, list(archive)) for rec in iter_records(seg))
     replayer = Replayer()
     snapshots = 0
-    for rec in iter_records(log):
+    for rec in records:
         snapshots += rec.get("event") == SNAPSHOT_EVENT
         replayer.add(rec)
     result = replayer.finish()

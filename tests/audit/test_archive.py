@@ -115,6 +115,9 @@ def test_archive_leaves_a_live_log_that_verifies_replays_and_recovers(made: Arch
         assert res.exit_code == 0, (args, res.stdout[-2000:])
         v = json.loads(res.stdout)
         assert v["ok"] and (v.get("full") is None or v["full"]["ok"])
+    snapshots = sum(r["event"] == "state_snapshot" for r in iter_records(made.audit))
+    full = json.loads(_cli("audit", "verify", log, "--archive", dest, "--full", "--json").stdout)["full"]
+    assert full["ok"] and full["snapshots"] == snapshots  # replayed from seq 1 through the live log
     whole_chain = json.loads(_cli("audit", "verify", log, "--archive", dest, "--json").stdout)
     assert (whole_chain["first_seq"], whole_chain["last_seq"], whole_chain["records"]) == (1, whole[-1], len(whole))
     live_only = json.loads(_cli("audit", "verify", log, "--json").stdout)
