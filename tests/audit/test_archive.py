@@ -487,3 +487,30 @@ def test_read_anchor_refuses_what_is_not_canonical_json(tmp_path: Path) -> None:
         (tmp_path / ANCHOR_NAME).write_bytes(data)
         with pytest.raises(AuditError, match=ANCHOR_NAME):
             read_anchor(tmp_path)
+
+
+def test_segments_opened_by_size_not_by_a_snapshot_are_refused(tmp_path: Path, key: Any) -> None:
+    from tests.audit.conftest import write_generic_log
+
+    log = write_generic_log(tmp_path / "log", key, n=40)  # segments rotated by size: none opens with a snapshot
+    assert len(list_segments(log)) >= 3
+    with pytest.raises(ArchiveRefused) as refused:
+        archive_log(log, FAR, tmp_path / "arch", key)
+    assert refused.value.reason == "no_snapshot" and "segment 2" in refused.value.detail
+    assert not (tmp_path / "arch").exists() and list_segments(log)[0][0] == 1
+
+
+def test_archive_while_the_daemon_writes(made: ArchiveLog, log: Path, tmp_path: Path) -> None:
+    """The daemon's writer holds the log (and its lock) and appends while archive runs: archive neither reads nor
+    moves the segment being written, and the log verifies afterwards with the daemon's later records."""
+    writer, _ = open_log(log, AuditConfig(), _key(made), lambda: LIVE_START + timedelta(days=2), TRUST)
+    try:
+        writer.append("daemon_note", pump_id=None, course_id=None, durable=True, text="before")
+        res = _archive(log, tmp_path / "arch", made, step=lambda _s: writer.append(
+            "daemon_note", pump_id=None, course_id=None, durable=False, text="during"))
+        writer.append("daemon_note", pump_id=None, course_id=None, durable=True, text="after")
+    finally:
+        writer.close()
+    assert res.archived
+    assert verify_log(log, public_key=load_public_key(made.pub), require_sealed=True).ok
+    assert _cli("audit", "verify", log, "--archive", tmp_path / "arch", "--full").exit_code == 0
