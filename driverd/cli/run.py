@@ -1,5 +1,7 @@
 """`driverd run --config PATH`: the daemon in the foreground (systemd's ExecStart).
 
+The config is `--config`, else $DRIVERD_CONFIG, else /etc/driverd/driverd.toml.
+
 Operational logs go to stderr (JSON lines unless stderr is a terminal; `<N>` priority prefixes when stderr is the
 journal); the audit log goes to audit_dir. SIGHUP reloads the trust store and the settings that can change live.
 Exit 0 after a clean SIGTERM/SIGINT stop; 1 if the config is invalid, the daemon cannot start, or `--speed` is
@@ -16,13 +18,15 @@ from typing import Annotated
 import typer
 
 from driverd.cli.output import usage
-from driverd.cli.status import DEFAULT_CONFIG
+from driverd.cli.status import CONFIG_ENV, DEFAULT_CONFIG
 
 MAX_SPEED = 1_000_000.0
 
 
 def run(
-    config: Annotated[Path, typer.Option("--config", help="Daemon config (TOML).")] = DEFAULT_CONFIG,
+    config: Annotated[
+        Path, typer.Option("--config", envvar=CONFIG_ENV, help="Daemon config (TOML); else $DRIVERD_CONFIG.")
+    ] = DEFAULT_CONFIG,
     as_json: Annotated[
         bool, typer.Option("--json", help="JSON log lines even on a terminal (the default when not a terminal).")
     ] = False,

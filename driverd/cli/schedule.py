@@ -16,7 +16,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
-import driverd
+from driverd import resources
 from driverd.cli.output import EXIT_OK, EXIT_REFUSED, EXIT_USAGE, emit_json, fail
 from driverd.core.canonical import canonical_bytes, decimal_text, to_json_text
 from driverd.core.errors import ConfigError, Problem, ValidationError
@@ -37,13 +37,12 @@ from driverd.signing import KeyFileError, SignatureRejected, TrustStore, sign_do
 
 app = typer.Typer(help="Validate and sign schedules.", no_args_is_help=True)
 
-CONFIG_DIR = Path(driverd.__file__).resolve().parent.parent / "config"
-DEFAULT_PROTOCOL = CONFIG_DIR / "protocols" / "ketamine-burst.toml"
-SCHEMA_PATH = CONFIG_DIR / "schemas" / "schedule.schema.json"
+DEFAULT_PROTOCOL = resources.PROTOCOL
+SCHEMA_PATH = resources.SCHEDULE_SCHEMA
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
 ProtocolOpt = Annotated[
-    Path | None, typer.Option("--protocol", help="Drug-library TOML (default: config/protocols/ketamine-burst.toml).")
+    Path | None, typer.Option("--protocol", help="Drug-library TOML (default: the shipped ketamine-burst.toml).")
 ]
 
 
@@ -393,10 +392,13 @@ def push(
     as_json: JsonOpt = False,
     socket: Annotated[
         Path | None,
-        typer.Option("--socket", help="Control socket (default: control_socket of --config).", show_default=False),
+        typer.Option("--socket", envvar="DRIVERD_SOCKET", show_default=False,
+                     help="Control socket (default: $DRIVERD_SOCKET, else control_socket of the config)."),
     ] = None,
     config: Annotated[
-        Path | None, typer.Option("--config", help="Daemon config, used to find the control socket.")
+        Path | None, typer.Option("--config", envvar="DRIVERD_CONFIG", show_default=False,
+                                  help="Daemon config, used to find the control socket (default: $DRIVERD_CONFIG, "
+                                  "else /etc/driverd/driverd.toml).")
     ] = None,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for the daemon's reply.")] = 40.0,
 ) -> None:

@@ -1,6 +1,7 @@
 """`driverd status`, and the client side every command that talks to a running daemon shares.
 
-The socket is `--socket PATH`, or the `control_socket` of `--config` (default: the repo's config/driverd.toml).
+The socket is `--socket PATH`, else $DRIVERD_SOCKET, else the `control_socket` of the config: `--config PATH`, else
+$DRIVERD_CONFIG, else /etc/driverd/driverd.toml.
 A daemon that does not answer is exit 1 "cannot reach driverd at <socket>"; an unreadable config is exit 2.
 """
 
@@ -13,21 +14,27 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
-import driverd
 from driverd.cli.output import EXIT_USAGE, emit_json, fail
 from driverd.core.errors import ConfigError
 from driverd.runtime.config import load_config
 from driverd.runtime.control import ControlError, ControlUnavailable, request_sync
 
-DEFAULT_CONFIG = Path(driverd.__file__).resolve().parent.parent / "config" / "driverd.toml"
+# Where the config is looked up: --config, then $DRIVERD_CONFIG, then DEFAULT_CONFIG (the systemd unit's path); the
+# socket: --socket, then $DRIVERD_SOCKET, then the config's control_socket. An empty variable counts as unset.
+DEFAULT_CONFIG = Path("/etc/driverd/driverd.toml")
+CONFIG_ENV = "DRIVERD_CONFIG"
+SOCKET_ENV = "DRIVERD_SOCKET"
 DEFAULT_TIMEOUT_S = 40.0  # above the server's own 30 s request bound, so its "outcome unknown" reply arrives
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
 SocketOpt = Annotated[
     Path | None,
-    typer.Option("--socket", help="Control socket (default: control_socket of --config).", show_default=False),
+    typer.Option("--socket", envvar=SOCKET_ENV, show_default=False,
+                 help="Control socket (default: $DRIVERD_SOCKET, else control_socket of the config)."),
 ]
-ConfigOpt = Annotated[Path, typer.Option("--config", help="Daemon config, used to find the control socket.")]
+ConfigOpt = Annotated[
+    Path, typer.Option("--config", envvar=CONFIG_ENV, help="Daemon config, used to find the control socket.")
+]
 TimeoutOpt = Annotated[float, typer.Option("--timeout", help="Seconds to wait for the daemon's reply.")]
 
 

@@ -110,7 +110,7 @@ def test_archive_leaves_a_live_log_that_verifies_replays_and_recovers(made: Arch
     _assert_live_log_works(log, made, want)
     for args in (("verify", log, "--key", made.pub), ("verify", log, "--full"),
                  ("verify", log, "--archive", dest, "--key", made.pub, "--full"), ("verify", dest, "--key", made.pub),
-                 ("verify", log, "--trust", DEMO_TRUST)):
+                 ("verify", log, "--trust", DEMO_TRUST), ("verify", log, "--all", "--key", made.pub)):
         res = _cli("audit", *args, "--json")
         assert res.exit_code == 0, (args, res.stdout[-2000:])
         v = json.loads(res.stdout)
@@ -129,7 +129,8 @@ def test_archive_leaves_a_live_log_that_verifies_replays_and_recovers(made: Arch
     res = _cli("audit", "report", log, "--json")
     assert res.exit_code == 0
     rep = json.loads(res.stdout)
-    assert any(c["course_id"] == made.live_course for c in rep["courses"]) and rep["seeded_from"] == anchor.snapshot_seq
+    assert any(c["course_id"] == made.live_course for c in rep["courses"])
+    assert rep["carried_from"] == anchor.snapshot_seq
     bursts = {b["course_id"]: b for bs in rep["exposure"].values() for b in bs}
     assert {c for c, b in bursts.items() if b.get("archived")} == archived_courses  # carried from the snapshot
     whole_report = json.loads(_cli("audit", "report", dest, "--json").stdout)["exposure"]
