@@ -67,8 +67,8 @@ def parse_zone(value: str) -> Zone:
         return _local()
     try:
         return Zone(text, ZoneInfo(text))
-    except (ZoneInfoNotFoundError, ValueError):
-        raise UnknownZone(f"--tz: unknown time zone {value!r} (use local, UTC or an IANA name such as "
+    except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a name longer than a file name may be
+        raise UnknownZone(f"--tz: unknown zone {value[:64]!r} (use local, UTC or an IANA name such as "
                           "Europe/London)") from None
 
 

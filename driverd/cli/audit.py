@@ -411,7 +411,20 @@ def report(
             typer.echo(f"wrote {path}")
 
 
-# `driverd audit archive` lives in its own module (issue 12).
-from driverd.cli.audit_archive import archive as _archive  # noqa: E402
+def _register_tail() -> None:
+    from driverd.cli.audit_tail import tail
 
-app.command("archive")(_archive)
+    app.command("tail")(tail)
+
+
+_register_tail()
+
+
+def _register_archive() -> None:
+    # `driverd audit archive` lives in its own module (issue 12).
+    from driverd.cli.audit_archive import archive
+
+    app.command("archive")(archive)
+
+
+_register_archive()

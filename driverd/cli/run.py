@@ -17,8 +17,10 @@ from typing import Annotated
 
 import typer
 
-from driverd.cli.output import usage
+from driverd.cli.output import config_error, usage
 from driverd.cli.status import CONFIG_ENV, DEFAULT_CONFIG
+from driverd.core.errors import ConfigError
+from driverd.runtime.config import load_config
 
 MAX_SPEED = 1_000_000.0
 
@@ -40,7 +42,13 @@ def run(
     from driverd.runtime.service import configure_logging, serve
 
     if speed is not None and not (math.isfinite(speed) and 0 < speed <= MAX_SPEED):
-        usage(f"--speed: a number above 0 and at most {MAX_SPEED:g}, got {speed}")
+        usage(f"--speed: a number above 0 and at most {MAX_SPEED:g}, got {speed}", as_json)
+    if as_json:  # a bad config as one JSON error on stdout (serve re-reads it; without --json it reports it)
+        try:
+            load_config(config)
+        except ConfigError as exc:
+            config_error(f"config {ascii(str(config))[1:-1]}: {exc}", as_json=True,
+                         problems=[p.as_dict() for p in exc.problems])
     configure_logging(json_output=True if as_json else None)
     try:
         code = asyncio.run(serve(config, speed=speed))

@@ -1,6 +1,7 @@
 """`driverd schedule ...` commands: validate, sign (push is added by the runtime work).
 
-Exit codes: 0 ok; 1 invalid / refused / signature failed; 2 usage (bad option, unreadable file or config).
+Exit codes: 0 ok; 1 invalid / refused / signature failed / drug library or trust store missing or invalid;
+2 usage (bad option, unreadable schedule file).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from driverd import resources
-from driverd.cli.output import EXIT_OK, EXIT_REFUSED, EXIT_USAGE, emit_json, fail
+from driverd.cli.output import EXIT_OK, EXIT_REFUSED, EXIT_USAGE, config_error, emit_json, fail
 from driverd.core.canonical import canonical_bytes, decimal_text, to_json_text
 from driverd.core.errors import ConfigError, Problem, ValidationError
 from driverd.core.protocol import ProtocolSpec, parse_protocol
@@ -79,12 +80,12 @@ def load_protocol(path: Path | None, as_json: bool) -> ProtocolSpec:
     path = path or DEFAULT_PROTOCOL
     try:
         text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        _usage(f"cannot read protocol {_show_path(path)}: {exc}", as_json)
+    except (OSError, UnicodeDecodeError) as exc:  # the drug library is configuration: exit 1, like any config
+        config_error(f"cannot read protocol {_show_path(path)}: {exc}", as_json=as_json)
     try:
         return parse_protocol(text)
     except ConfigError as exc:
-        _usage(f"invalid protocol {_show_path(path)}: {exc}", as_json)
+        config_error(f"invalid protocol {_show_path(path)}: {exc}", as_json=as_json)
 
 
 def _schema_problems(doc: object) -> list[Problem]:
@@ -256,7 +257,7 @@ def validate(
         try:
             store = TrustStore.load(trust)
         except ConfigError as exc:
-            _usage(f"--trust: {exc}", as_json)
+            config_error(f"--trust: {exc}", as_json=as_json)
     data = _read_document_bytes(file, as_json)
     name = _show_path(file)
     problems: list[Problem] = []

@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from driverd.cli.output import EXIT_REFUSED, fail, usage
+from driverd.cli.output import EXIT_REFUSED, emit_json, fail, usage
 from driverd.core.errors import DriverdError, QuantityError
 from driverd.core.quantities import MAX_DIAMETER_MM, MAX_VOLUME_ML, parse_decimal
 from drivers.harvard.driver import BAUD_RATES
@@ -23,11 +23,11 @@ from simulators.faults import FaultPlan
 from simulators.pump import PumpModel
 
 
-def _decimal(text: str, name: str, maximum: Decimal) -> Decimal:
+def _decimal(text: str, name: str, maximum: Decimal, as_json: bool = False) -> Decimal:
     try:
         return parse_decimal(text, name, maximum=maximum, allow_zero=False)
     except QuantityError as exc:
-        usage(f"--{name}: {exc}")
+        usage(f"--{name}: {exc}", as_json)
 
 
 def harvard(
@@ -44,20 +44,22 @@ def harvard(
     ] = None,
     fill: Annotated[str, typer.Option("--fill", help="syringe fill volume, mL")] = "17",
     diameter: Annotated[str, typer.Option("--diameter", help="syringe inner diameter, mm")] = "19.13",
+    as_json: Annotated[bool, typer.Option("--json", help="print the endpoint as one JSON line "
+                                          "({device|port, url}); errors as JSON")] = False,
 ) -> None:
     """Run a simulated Harvard Apparatus Pump 11 Elite that speaks its pump-chain ASCII protocol."""
     from simulators.harvard import elite_model_kwargs
 
     if pty == (tcp is not None):
-        usage("give exactly one of --pty or --tcp PORT")
+        usage("give exactly one of --pty or --tcp PORT", as_json)
     if tcp is not None and not 0 <= tcp <= 65535:
-        usage(f"--tcp: port must be 0..65535, got {tcp}")
+        usage(f"--tcp: port must be 0..65535, got {tcp}", as_json)
     if not 0 <= address <= 99:
-        usage(f"--address: must be 0..99, got {address}")
+        usage(f"--address: must be 0..99, got {address}", as_json)
     if baud not in BAUD_RATES:
-        usage(f"--baud: must be one of {', '.join(map(str, BAUD_RATES))}, got {baud}")
-    fill_ml = _decimal(fill, "fill", MAX_VOLUME_ML)
-    diameter_mm = _decimal(diameter, "diameter", MAX_DIAMETER_MM)
+        usage(f"--baud: must be one of {', '.join(map(str, BAUD_RATES))}, got {baud}", as_json)
+    fill_ml = _decimal(fill, "fill", MAX_VOLUME_ML, as_json)
+    diameter_mm = _decimal(diameter, "diameter", MAX_DIAMETER_MM, as_json)
     try:
         model = PumpModel(SystemClock(), fill_volume_ml=fill_ml, diameter_mm=diameter_mm, **elite_model_kwargs())
         plan = (
@@ -68,12 +70,12 @@ def harvard(
         if wire_time:
             plan.set_baud(baud)
     except DriverdError as exc:
-        fail(str(exc), as_json=False, code=EXIT_REFUSED)
-    asyncio.run(_serve(model, plan, pty=pty, tcp=tcp, host=host, address=address, baud=baud))
+        fail(str(exc), as_json=as_json, code=EXIT_REFUSED)
+    asyncio.run(_serve(model, plan, pty=pty, tcp=tcp, host=host, address=address, baud=baud, as_json=as_json))
 
 
 async def _serve(model: PumpModel, plan: FaultPlan, *, pty: bool, tcp: int | None, host: str, address: int,
-                 baud: int) -> None:
+                 baud: int, as_json: bool = False) -> None:
     from simulators.harvard import serve_harvard  # imported late: keeps `driverd --help` fast
 
     stop = asyncio.Event()
@@ -81,8 +83,12 @@ async def _serve(model: PumpModel, plan: FaultPlan, *, pty: bool, tcp: int | Non
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     async with serve_harvard(model, plan, pty=pty, tcp_port=tcp, host=host, address=address) as endpoint:
-        typer.echo(endpoint.device if pty else str(endpoint.port))
-        typer.echo(endpoint.url + (f"&baud={baud}" if pty else ""))
+        url = endpoint.url + (f"&baud={baud}" if pty else "")
+        if as_json:
+            emit_json({"device": endpoint.device, "url": url} if pty else {"port": endpoint.port, "url": url})
+        else:
+            typer.echo(endpoint.device if pty else str(endpoint.port))
+            typer.echo(url)
         await stop.wait()
 
 

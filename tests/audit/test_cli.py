@@ -90,7 +90,7 @@ def test_export_torn_log_fails_cleanly(generic_log: Path) -> None:
     seg = sorted(generic_log.glob("audit-*.jsonl"))[-1]
     seg.write_bytes(seg.read_bytes()[:-5])
     res = runner.invoke(app, ["audit", "export", str(generic_log), "--format", "csv", "--json"])
-    assert res.exit_code == 1 and "torn" in json.loads(res.stdout)["error"]
+    assert res.exit_code == 1 and "torn" in json.loads(res.stdout)["error"]["message"]
 
 
 def test_report_text_json_and_png_without_matplotlib(generic_log: Path, tmp_path: Path) -> None:

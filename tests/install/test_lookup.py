@@ -46,7 +46,7 @@ def config_with_socket(tmp_path: Path, name: str) -> Path:
 
 def reached(result: Result) -> str:
     body = json.loads(result.stdout)
-    assert body["ok"] is False and "cannot reach driverd" in body["error"], body
+    assert body["ok"] is False and "cannot reach driverd" in body["error"]["message"], body
     return str(body["socket"])
 
 
