@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from driverd.cli.output import EXIT_REFUSED, EXIT_USAGE, emit_json, fail, usage
+from driverd.cli.output import EXIT_REFUSED, emit_json, fail, usage
 from driverd.core.errors import DriverdError
 
 
@@ -29,9 +29,7 @@ def archive(
     from driverd.signing import load_private_key
 
     def bad_usage(message: str) -> None:
-        if as_json:
-            fail(message, as_json=True, code=EXIT_USAGE)
-        usage(message)
+        usage(message, as_json)
 
     try:
         cut = parse_before(before)
@@ -48,9 +46,11 @@ def archive(
     try:
         result = archive_log(log, cut, dest, private)
     except ArchiveRefused as exc:
-        fail(f"archive refused ({exc.reason}): {exc.detail}", as_json=as_json, code=EXIT_REFUSED, reason=exc.reason)
+        # JSON: error.code is the reason (not_before_date, course_active, ...).
+        fail(f"archive refused ({exc.reason}): {exc.detail}", as_json=as_json, code=EXIT_REFUSED,
+             error_code=exc.reason)
     except DriverdError as exc:
-        fail(str(exc), as_json=as_json, code=EXIT_REFUSED, reason="io_error")
+        fail(str(exc), as_json=as_json, code=EXIT_REFUSED, error_code="io_error")
     if as_json:
         emit_json(result.as_dict())
         return

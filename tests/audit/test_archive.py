@@ -192,8 +192,8 @@ def test_segments_of_a_live_course_are_never_archived(made: ArchiveLog, log: Pat
     assert res.first_segment == list_segments(log)[0][0]
     res2 = _cli("audit", "archive", log, dest, "--before", "2027-01-01", "--key", made.key, "--json")
     assert res2.exit_code == 1
-    assert json.loads(res2.stdout)["reason"] == "course_active"
-    assert made.live_course in json.loads(res2.stdout)["error"]
+    assert json.loads(res2.stdout)["error"]["code"] == "course_active"
+    assert made.live_course in json.loads(res2.stdout)["error"]["message"]
 
 
 @pytest.mark.parametrize(("args", "reason"), [
@@ -206,7 +206,7 @@ def test_refusals_name_the_reason_and_move_nothing(made: ArchiveLog, log: Path, 
     extra = () if reason == "key_required" else ("--key", str(made.key))
     res = _cli("audit", "archive", log, tmp_path / "arch", *args, *extra, "--json")
     assert res.exit_code == 1, res.stdout
-    assert json.loads(res.stdout)["reason"] == reason
+    assert json.loads(res.stdout)["error"]["code"] == reason
     assert sorted(p.name for p in log.iterdir()) == before
 
 
@@ -215,9 +215,9 @@ def test_refusals_other_key_same_dir_bad_date_damaged_log(made: ArchiveLog, log:
 
     other, _ = generate_keypair(tmp_path / "k", "other")
     res = _cli("audit", "archive", log, tmp_path / "a", "--before", "2026-12-08", "--key", other, "--json")
-    assert res.exit_code == 1 and json.loads(res.stdout)["reason"] == "key_mismatch"
+    assert res.exit_code == 1 and json.loads(res.stdout)["error"]["code"] == "key_mismatch"
     res = _cli("audit", "archive", log, log, "--before", "2026-12-08", "--key", made.key, "--json")
-    assert res.exit_code == 1 and json.loads(res.stdout)["reason"] == "same_directory"
+    assert res.exit_code == 1 and json.loads(res.stdout)["error"]["code"] == "same_directory"
     for bad in ("yesterday", "2026-13-01", "2026-12-08T10:00"):  # the last has no zone
         res = _cli("audit", "archive", log, tmp_path / "a", "--before", bad, "--key", made.key)
         assert res.exit_code == 2 and "--before" in res.stderr
@@ -226,7 +226,7 @@ def test_refusals_other_key_same_dir_bad_date_damaged_log(made: ArchiveLog, log:
     data[len(data) // 2] ^= 1
     seg.write_bytes(bytes(data))
     res = _cli("audit", "archive", log, tmp_path / "a", "--before", "2026-12-08", "--key", made.key, "--json")
-    assert res.exit_code == 1 and json.loads(res.stdout)["reason"] == "does_not_verify"
+    assert res.exit_code == 1 and json.loads(res.stdout)["error"]["code"] == "does_not_verify"
     assert not (tmp_path / "a").exists() and not (log / ANCHOR_NAME).exists()
 
 
@@ -278,7 +278,7 @@ def test_a_tampered_anchor_fails_verify(made: ArchiveLog, archived: tuple[Path, 
     res = _cli("audit", "verify", log, "--json")
     assert res.exit_code == 1
     out = json.loads(res.stdout)
-    reason = out["failure"]["reason"] if "failure" in out else out["error"]  # unreadable anchor: no log to read
+    reason = out["failure"]["reason"] if "failure" in out else out["error"]["message"]  # unreadable: no log to read
     assert words in reason, out
     # Start-up does not read the anchor (it starts from the newest snapshot): a damaged one does not stop it.
     assert recover(log, TRUST, load_public_key(made.pub)).snapshot_seq is not None
