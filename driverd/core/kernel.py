@@ -7,7 +7,6 @@ module can construct) or a `Refusal` with a stable reason code. Decreases and st
 
 from __future__ import annotations
 
-import bisect
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal, localcontext
@@ -255,7 +254,7 @@ def _cumulative(state: CourseState, t: datetime, *, mg: bool = False) -> Decimal
         return _value(samples[0] if samples else last, mg)
     if t >= samples[-1].at:
         return _between(samples[-1], last, t, mg)
-    i = bisect.bisect_right(samples, t, key=sample_at)
+    i = samples.index_after(t)
     return _between(samples[i - 1], samples[i], t, mg)
 
 

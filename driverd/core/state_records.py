@@ -19,6 +19,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from driverd.core.errors import DriverdError, Problem, ValidationError
+from driverd.core.history import History
 from driverd.core.kernel import Setpoint, restore_setpoint
 from driverd.core.quantities import Resolution
 from driverd.core.records import fmt_time, schedule_from_fields, schedule_to_fields
@@ -64,7 +65,7 @@ def _encode_obj(obj: Any) -> dict[str, Any]:
 def _encode(value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, str)):
         return value
-    if isinstance(value, tuple) and value and isinstance(value[0], Sample):
+    if isinstance(value, History):
         # The 24-h history (up to ~1,440 samples) is most of a state: rows, not objects.
         return [[fmt_time(x.at), exact_dec(x.delivered_ml), exact_dec(x.delivered_mg)] for x in value]
     if isinstance(value, Decimal):
@@ -102,6 +103,10 @@ def _decode(hint: Any, raw: Any, path: str) -> Any:
         if item is Sample:
             return tuple(_sample(v, f"{path}[{i}]") for i, v in enumerate(raw))
         return tuple(_decode(item, v, f"{path}[{i}]") for i, v in enumerate(raw))
+    if hint is History:
+        if not isinstance(raw, list):
+            raise _bad(path, "type", f"expected a list, got {raw!r}")
+        return History(_sample(v, f"{path}[{i}]") for i, v in enumerate(raw))
     if hint is bool:
         if not isinstance(raw, bool):
             raise _bad(path, "type", f"expected true or false, got {raw!r}")
