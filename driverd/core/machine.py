@@ -33,10 +33,13 @@ from driverd.core.kernel import (
     Proposal,
     Refusal,
     Setpoint,
+    cumulative_drug,
     gate,
     hours_between,
     pump_rate,
-    window_drug,
+    span_days,
+    span_hours,
+    span_minutes,
 )
 from driverd.core.protocol import ProtocolSpec
 from driverd.core.quantities import dose_to_rate, quantize_down, rate_to_dose
@@ -193,9 +196,9 @@ def _alarm(state: CourseState, code: str, detail: str) -> Out:
 def _cap_times(state: CourseState, protocol: ProtocolSpec) -> tuple[datetime, datetime] | None:
     if state.started_at is None or state.schedule is None:
         return None
-    cap = state.started_at + timedelta(days=float(protocol.max_course_days))
+    cap = state.started_at + span_days(protocol.max_course_days)
     taper_len = state.schedule.taper[-1].after_hours if state.schedule.taper else Decimal(0)
-    return cap - timedelta(hours=float(taper_len)), cap
+    return cap - span_hours(taper_len), cap
 
 
 def _enforce_cap(state: CourseState, now: datetime, protocol: ProtocolSpec) -> Out:
@@ -281,7 +284,7 @@ def _on_tick(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
             return _auto(state, protocol, now, sch.steps[0].dose_mg_per_24h, "start")
     elif state.phase is P.TITRATING:
         i = sch.next_step_index(state.level_mg_per_24h)
-        interval = timedelta(hours=float(protocol.step_interval_hours))
+        interval = span_hours(protocol.step_interval_hours)
         if i is None:
             return _begin_hold(state, now, "top_step")
         due = state.last_change_at is None or now >= state.last_change_at + interval
@@ -289,7 +292,7 @@ def _on_tick(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
             return _auto(state, protocol, now, sch.steps[i].dose_mg_per_24h, "escalate")
     elif state.phase is P.HOLDING:
         assert state.hold_started_at is not None
-        if now >= state.hold_started_at + timedelta(days=float(sch.hold_days)):
+        if now >= state.hold_started_at + span_days(sch.hold_days):
             return _begin_taper(state, protocol, now, "schedule", "hold_complete")
     elif state.phase is P.TAPERING:
         return _taper_steps(state, protocol, now)
@@ -341,7 +344,7 @@ def _taper_steps(state: CourseState, protocol: ProtocolSpec, now: datetime) -> O
     cmds: tuple[Command, ...] = ()
     while state.taper_index < len(sch.taper):
         entry = sch.taper[state.taper_index]
-        if now < state.taper_started_at + timedelta(hours=float(entry.after_hours)):
+        if now < state.taper_started_at + span_hours(entry.after_hours):
             break
         state = evolve(state, taper_index=state.taper_index + 1)
         if entry.dose_mg_per_24h == 0:
@@ -738,7 +741,7 @@ def _warn_near_empty(state: CourseState, protocol: ProtocolSpec, now: datetime, 
     if state.empty_warned:
         return state, cmds
     empty_at = predicted_empty_at(state)
-    if empty_at is None or now < empty_at - timedelta(minutes=float(protocol.syringe_warning_minutes)):
+    if empty_at is None or now < empty_at - span_minutes(protocol.syringe_warning_minutes):
         return state, cmds
     detail = (f"syringe {state.syringe_changes + 1} predicted empty at {empty_at.isoformat()}: "
               f"{state.remaining_ml:.3f} mL left at {state.commanded_rate} mL/h")
@@ -786,8 +789,10 @@ def _ceiling_breach(state: CourseState, protocol: ProtocolSpec, event: PumpRepor
     now = event.at
     conc = state.concentration
     # In mg: a window can span syringes of different concentration (each volume counted at its own).
-    past = window_drug(state, now - WINDOW, now)
-    ahead = past - window_drug(state, now - WINDOW, now - WINDOW + CEILING_LOOKAHEAD) \
+    # window_drug(start, end) is cumulative(end) - cumulative(start): the window's start is computed once.
+    start = cumulative_drug(state, now - WINDOW)
+    past = cumulative_drug(state, now) - start
+    ahead = past - (cumulative_drug(state, now - WINDOW + CEILING_LOOKAHEAD) - start) \
         + event.rate_ml_per_h * conc * hours_between(now, now + CEILING_LOOKAHEAD)
     worst = max(past, ahead)
     # The counter's display step, read twice (start and end of the window), is the only slack allowed.
@@ -815,7 +820,7 @@ def _check_deviation(state: CourseState, protocol: ProtocolSpec, now: datetime, 
         return state, cmds
     # At least the configured window; at low rates up to the stretched one, so small faults show above the
     # counter's step while a large one is caught as soon as the configured window has passed.
-    if now - base.at < timedelta(minutes=float(protocol.deviation_window_minutes)):
+    if now - base.at < span_minutes(protocol.deviation_window_minutes):
         return state, cmds
     start = _sample_before(state, now - _deviation_window(protocol, state.commanded_rate))
     if start is None or start.at < base.at:
@@ -837,7 +842,7 @@ def _deviation_window(protocol: ProtocolSpec, rate: Decimal) -> timedelta:
     """The configured window, stretched at low rates until the counter's display step (read at both ends) is at
     most `deviation_limit` of the expected volume: then a correct pump never alarms and a fault twice the limit
     always does. At 0.416 mL/h with a 0.01 mL step and 10 % that is 29 min instead of 15."""
-    configured = timedelta(minutes=float(protocol.deviation_window_minutes))
+    configured = span_minutes(protocol.deviation_window_minutes)
     needed_h = 2 * protocol.counter_resolution_ml / (protocol.deviation_limit * rate)
     return max(configured, timedelta(microseconds=int(needed_h * 3_600_000_000)))
 
