@@ -14,6 +14,7 @@ import dataclasses
 import enum
 import types
 import typing
+from collections.abc import Callable
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -41,8 +42,20 @@ def exact_dec(d: Decimal) -> str:
     return format(d, "f") if isinstance(exp, int) and exp <= 0 else str(d)
 
 
-def state_to_fields(state: CourseState) -> dict[str, Any]:
-    return _encode_obj(state)
+SampleRow = Callable[[Sample], list[str]]
+
+
+def sample_row(sample: Sample) -> list[str]:
+    """One history sample as the snapshot holds it: [at, delivered_ml, delivered_mg]."""
+    return [fmt_time(sample.at), exact_dec(sample.delivered_ml), exact_dec(sample.delivered_mg)]
+
+
+def state_to_fields(state: CourseState, row: SampleRow = sample_row) -> dict[str, Any]:
+    """`row` encodes one history sample; a caller encoding many snapshots of the same history may pass a cached
+    one (`sample_row` of an identical sample gives the identical row)."""
+    out = _encode_obj(state)
+    out["samples"] = [row(x) for x in state.samples]
+    return out
 
 
 def state_from_fields(fields: Any, path: str = "state") -> CourseState:
@@ -66,8 +79,8 @@ def _encode(value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, str)):
         return value
     if isinstance(value, History):
-        # The 24-h history (up to ~1,440 samples) is most of a state: rows, not objects.
-        return [[fmt_time(x.at), exact_dec(x.delivered_ml), exact_dec(x.delivered_mg)] for x in value]
+        # The 24-h history (up to ~1,440 samples) is most of a state: rows, not objects (see state_to_fields).
+        return None
     if isinstance(value, Decimal):
         return exact_dec(value)
     if isinstance(value, datetime):
@@ -106,7 +119,7 @@ def _decode(hint: Any, raw: Any, path: str) -> Any:
     if hint is History:
         if not isinstance(raw, list):
             raise _bad(path, "type", f"expected a list, got {raw!r}")
-        return History(_sample(v, f"{path}[{i}]") for i, v in enumerate(raw))
+        return History(_samples(raw, path))
     if hint is bool:
         if not isinstance(raw, bool):
             raise _bad(path, "type", f"expected true or false, got {raw!r}")
@@ -158,6 +171,27 @@ def _decode_obj(cls: type, raw: Any, path: str) -> Any:
         return cls(**kwargs)
     except (DriverdError, ValueError) as exc:
         raise _bad(path, "value", str(exc)) from None
+
+
+def _samples(raw: list[Any], path: str) -> list[Sample]:
+    """The history rows: a fast path for well-formed rows (most of a snapshot's bytes: start-up time), and the
+    validating path, which names the field and the rule, for the first row that is not plainly well formed."""
+    out: list[Sample] = []
+    parse_time, dec = datetime.fromisoformat, Decimal
+    for row in raw:
+        if type(row) is list and len(row) == 3:
+            at, ml, mg = row
+            if type(at) is str and type(ml) is str and type(mg) is str:
+                try:
+                    t, dml, dmg = parse_time(at), dec(ml), dec(mg)
+                except (ValueError, InvalidOperation):
+                    pass
+                else:
+                    if t.tzinfo is not None and dml.is_finite() and dmg.is_finite():
+                        out.append(Sample(t, dml, dmg))
+                        continue
+        out.append(_sample(row, f"{path}[{len(out)}]"))  # raises, naming the field and the rule
+    return out
 
 
 def _sample(raw: Any, path: str) -> Sample:
