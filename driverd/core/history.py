@@ -15,29 +15,28 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Iterator
 from datetime import datetime
 from itertools import islice
-from operator import attrgetter
 from typing import TYPE_CHECKING, overload
 
 if TYPE_CHECKING:
     from driverd.core.state import Sample
 
-_AT = attrgetter("at")
-
-
 class History:
     """Samples oldest first, strictly increasing in time. Immutable from the outside."""
 
-    __slots__ = ("_buf", "_hi", "_lo")
+    # _times[i] is _buf[i].at: bisect without a key function (C comparisons only). The core is single-threaded
+    # (the daemon steps each course on its event loop); an append checks it was the one that filled the slot.
+    __slots__ = ("_buf", "_hi", "_lo", "_times")
 
     def __init__(self, samples: Iterable[Sample] = ()) -> None:
         self._buf: list[Sample] = list(samples)
+        self._times: list[datetime] = [s.at for s in self._buf]
         self._lo = 0
         self._hi = len(self._buf)
 
     @classmethod
-    def _view(cls, buf: list[Sample], lo: int, hi: int) -> History:
+    def _view(cls, buf: list[Sample], times: list[datetime], lo: int, hi: int) -> History:
         view = object.__new__(cls)
-        view._buf, view._lo, view._hi = buf, lo, hi
+        view._buf, view._times, view._lo, view._hi = buf, times, lo, hi
         return view
 
     def __len__(self) -> int:
@@ -84,29 +83,50 @@ class History:
 
     def append(self, sample: Sample) -> History:
         """This history with `sample` (newer than every sample in it) added at the end."""
-        buf, hi = self._buf, self._hi
-        if hi == len(buf):
+        buf, times, hi = self._buf, self._times, self._hi
+        if hi == len(buf) == len(times):
             buf.append(sample)
-            if buf[hi] is sample:  # nobody else appended to this buffer in between
-                return History._view(buf, self._lo, hi + 1)
-        elif buf[hi] is sample or repr(buf[hi]) == repr(sample):
+            times.append(sample.at)
+            if buf[hi] is sample and len(buf) == len(times):  # nobody else appended to this buffer in between
+                return History._view(buf, times, self._lo, hi + 1)
+        elif len(buf) > hi and (buf[hi] is sample or repr(buf[hi]) == repr(sample)):
             # A branch adding the very same sample (repr: same instant, zone, digits and exponents) shares it.
-            return History._view(buf, self._lo, hi + 1)
-        fresh = buf[self._lo:hi]
-        fresh.append(sample)
-        return History._view(fresh, 0, len(fresh))
+            return History._view(buf, times, self._lo, hi + 1)
+        return History([*buf[self._lo:hi], sample])
 
     def since(self, horizon: datetime) -> History:
         """The samples at or after `horizon` (a bisect: the history is sorted by time)."""
-        buf, lo, hi = self._buf, self._lo, self._hi
-        cut = bisect_left(buf, horizon, lo, hi, key=_AT)
+        lo, hi = self._lo, self._hi
+        cut = bisect_left(self._times, horizon, lo, hi)
         if cut == lo:
             return self
         if cut > hi - cut and cut > 64:
             # The dead prefix outgrew the live part: drop it (a copy of the live part, amortized O(1) per sample).
-            return History(buf[cut:hi])
-        return History._view(buf, cut, hi)
+            return History(self._buf[cut:hi])
+        return History._view(self._buf, self._times, cut, hi)
+
+    def newest(self) -> Sample | None:
+        return self._buf[self._hi - 1] if self._hi > self._lo else None
+
+    def at_or_before(self, at: datetime) -> Sample | None:
+        """The newest sample at or before `at`."""
+        i = bisect_right(self._times, at, self._lo, self._hi)
+        return self._buf[i - 1] if i > self._lo else None
+
+    def bracket(self, at: datetime) -> tuple[Sample | None, Sample | None]:
+        """Where `at` falls, for interpolation: (None, None) if empty; (None, first) at or before the first sample;
+        (newest, None) at or after the newest; else (a, b) with a.at <= at < b.at, adjacent."""
+        lo, hi = self._lo, self._hi
+        if lo == hi:
+            return None, None
+        times, buf = self._times, self._buf
+        if at <= times[lo]:
+            return None, buf[lo]
+        if at >= times[hi - 1]:
+            return buf[hi - 1], None
+        i = bisect_right(times, at, lo, hi)
+        return buf[i - 1], buf[i]
 
     def index_after(self, at: datetime) -> int:
         """How many samples are at or before `at` (bisect_right by time)."""
-        return bisect_right(self._buf, at, self._lo, self._hi, key=_AT) - self._lo
+        return bisect_right(self._times, at, self._lo, self._hi) - self._lo

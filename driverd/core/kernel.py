@@ -252,17 +252,17 @@ def _value(sample: Sample, mg: bool) -> Decimal:
 def _cumulative(state: CourseState, t: datetime, *, mg: bool = False) -> Decimal:
     """Course-cumulative delivered volume (or drug) at t from the kept samples and the newest report (no copy
     of the history: this runs on every report)."""
-    samples, last = state.samples, state.last_sample
+    last = state.last_sample
     if last is None:
         return Decimal(0)
     if t >= last.at:
         return _value(last, mg)
-    if not samples or t <= samples[0].at:
-        return _value(samples[0] if samples else last, mg)
-    if t >= samples[-1].at:
-        return _between(samples[-1], last, t, mg)
-    i = samples.index_after(t)
-    return _between(samples[i - 1], samples[i], t, mg)
+    # Empty history: the newest report; at or before the first sample: its value; after the newest kept sample:
+    # between it and the newest report; else between the two kept samples around t.
+    a, b = state.samples.bracket(t)
+    if a is None:
+        return _value(b if b is not None else last, mg)
+    return _between(a, b if b is not None else last, t, mg)
 
 
 def _between(a: Sample, b: Sample, t: datetime, mg: bool = False) -> Decimal:

@@ -661,7 +661,8 @@ def _counted(state: CourseState, at: datetime, increment: Decimal, raw: Decimal)
     else:
         sample = Sample(at, last.delivered_ml + increment, last.delivered_mg + increment * conc)
     samples = state.samples
-    if not samples or at - samples[-1].at >= SAMPLE_SPACING:
+    newest = samples.newest()
+    if newest is None or at - newest.at >= SAMPLE_SPACING:
         # Samples are strictly increasing in time (appended only SAMPLE_SPACING apart): trimmed by bisect, and
         # appended without copying the ~1,440 kept (driverd.core.history).
         samples = samples.since(at - WINDOW - SAMPLE_SPACING).append(sample)
@@ -849,8 +850,7 @@ def _deviation_window(protocol: ProtocolSpec, rate: Decimal) -> timedelta:
 
 def _sample_before(state: CourseState, at: datetime) -> Sample | None:
     """The newest kept sample at or before `at` (bisect: the history holds up to ~1,440 samples)."""
-    i = state.samples.index_after(at)
-    return state.samples[i - 1] if i else None
+    return state.samples.at_or_before(at)
 
 
 def _stop_in_alarm(state: CourseState, protocol: ProtocolSpec, now: datetime, reason: str) -> Out:

@@ -26,6 +26,10 @@ class Phase(enum.Enum):
     PAUSED = "paused"
     ALARM = "alarm"
 
+    # Members are singletons compared by identity: hash them by identity too (C), not Enum's hash of the name (a
+    # Python call on every `phase in RUNNING`, several per pump report).
+    __hash__ = object.__hash__
+
 
 #: Setpoint intents that never raise the rate: re-sent until verified (an increase is never re-sent).
 DECREASE_INTENTS = frozenset({"reduce", "taper", "stop"})
