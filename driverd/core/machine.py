@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime, timedelta
 from decimal import Decimal
+from functools import lru_cache
 
 from driverd.core.commands import ApplySetpoint, Command, CourseEnded, Notice, RaiseAlarm, Refused, Transitioned
 from driverd.core.errors import IllegalTransition
@@ -34,6 +35,7 @@ from driverd.core.kernel import (
     Refusal,
     Setpoint,
     cumulative_drug,
+    cumulative_drug_bounds,
     gate,
     hours_between,
     pump_rate,
@@ -93,6 +95,10 @@ def _running_mg_per_h(state: CourseState) -> Decimal:
 def _track_commanded(before: CourseState, after: CourseState, now: datetime) -> CourseState:
     """Integrate the commanded rate (mg) for the end-of-course record, touching the state only when it changes
     (an idle tick must leave the state identical: the channel does not log those)."""
+    if after.commanded_since is not None and after.phase is before.phase and \
+            after.commanded_rate is before.commanded_rate and after.schedule is before.schedule and \
+            after.syringe_concentration is before.syringe_concentration:
+        return after  # the same inputs to _running_mg_per_h: was == will, and commanded_since is set
     was, will = _running_mg_per_h(before), _running_mg_per_h(after)
     if was == will and (after.commanded_since is not None or will == 0):
         return after
@@ -789,18 +795,43 @@ def _ceiling_breach(state: CourseState, protocol: ProtocolSpec, event: PumpRepor
         return ""
     now = event.at
     conc = state.concentration
+    # The counter's display step, read twice (start and end of the window), is the only slack allowed.
+    limit = protocol.ceiling_mg_per_24h + 2 * protocol.counter_resolution_ml * conc
+    lookahead = event.rate_ml_per_h * conc * hours_between(now, now + CEILING_LOOKAHEAD)
+    cum_now = cumulative_drug(state, now)
+    if _surely_within(state, now, cum_now, lookahead, limit):
+        return ""
     # In mg: a window can span syringes of different concentration (each volume counted at its own).
     # window_drug(start, end) is cumulative(end) - cumulative(start): the window's start is computed once.
     start = cumulative_drug(state, now - WINDOW)
-    past = cumulative_drug(state, now) - start
-    ahead = past - (cumulative_drug(state, now - WINDOW + CEILING_LOOKAHEAD) - start) \
-        + event.rate_ml_per_h * conc * hours_between(now, now + CEILING_LOOKAHEAD)
+    past = cum_now - start
+    ahead = past - (cumulative_drug(state, now - WINDOW + CEILING_LOOKAHEAD) - start) + lookahead
     worst = max(past, ahead)
-    # The counter's display step, read twice (start and end of the window), is the only slack allowed.
-    if worst <= protocol.ceiling_mg_per_24h + 2 * protocol.counter_resolution_ml * conc:
+    if worst <= limit:
         return ""
     return (f"{worst:.3f} mg in a 24-h window at the delivered rate, above the ceiling "
             f"{protocol.ceiling_mg_per_24h} mg/24h")
+
+
+#: Below this magnitude every rounding in the ceiling check is far below _SLACK (28-34 significant digits).
+_BOUNDED = Decimal("1E12")
+_SLACK = Decimal("1E-6")
+
+
+def _surely_within(state: CourseState, now: datetime, cum_now: Decimal, lookahead: Decimal, limit: Decimal) -> bool:
+    """True only if the exact check of `_ceiling_breach` cannot find a breach, decided without interpolating.
+
+    A cumulative value between two kept samples is interpolated linearly, so it lies between their values
+    (`cumulative_drug_bounds`; the roundings of the interpolation move it by far less than _SLACK at these
+    magnitudes). past = now - start <= cum_now - low(start); ahead = cum_now - at(start + 1 h) + lookahead, with
+    the window's start cancelling, <= cum_now - low(start + 1 h) + lookahead. If both bounds plus _SLACK are
+    within the limit, so is the exact maximum; otherwise the exact check decides. It is the common case: a
+    window holding less than the ceiling by more than one sample's delivery."""
+    low0 = cumulative_drug_bounds(state, now - WINDOW)[0]
+    low1 = cumulative_drug_bounds(state, now - WINDOW + CEILING_LOOKAHEAD)[0]
+    if not all(-_BOUNDED < v < _BOUNDED for v in (cum_now, low0, low1, lookahead, limit)):
+        return False
+    return cum_now - low0 + _SLACK <= limit and cum_now - low1 + lookahead + _SLACK <= limit
 
 
 def _reported_readback(event: PumpReport) -> Decimal:
@@ -843,8 +874,15 @@ def _deviation_window(protocol: ProtocolSpec, rate: Decimal) -> timedelta:
     """The configured window, stretched at low rates until the counter's display step (read at both ends) is at
     most `deviation_limit` of the expected volume: then a correct pump never alarms and a fault twice the limit
     always does. At 0.416 mL/h with a 0.01 mL step and 10 % that is 29 min instead of 15."""
-    configured = span_minutes(protocol.deviation_window_minutes)
-    needed_h = 2 * protocol.counter_resolution_ml / (protocol.deviation_limit * rate)
+    return _stretched_window(protocol.deviation_window_minutes, protocol.counter_resolution_ml,
+                             protocol.deviation_limit, rate)
+
+
+@lru_cache(maxsize=1024)
+def _stretched_window(minutes: Decimal, resolution: Decimal, limit: Decimal, rate: Decimal) -> timedelta:
+    """_deviation_window's arithmetic, cached: it depends only on these (the rate changes with setpoints only)."""
+    configured = span_minutes(minutes)
+    needed_h = 2 * resolution / (limit * rate)
     return max(configured, timedelta(microseconds=int(needed_h * 3_600_000_000)))
 
 
