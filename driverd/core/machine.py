@@ -829,7 +829,8 @@ def _surely_within(state: CourseState, now: datetime, cum_now: Decimal, lookahea
     window holding less than the ceiling by more than one sample's delivery."""
     low0 = cumulative_drug_bounds(state, now - WINDOW)[0]
     low1 = cumulative_drug_bounds(state, now - WINDOW + CEILING_LOOKAHEAD)[0]
-    if not all(-_BOUNDED < v < _BOUNDED for v in (cum_now, low0, low1, lookahead, limit)):
+    b = _BOUNDED
+    if not (-b < cum_now < b and -b < low0 < b and -b < low1 < b and -b < lookahead < b and -b < limit < b):
         return False
     return cum_now - low0 + _SLACK <= limit and cum_now - low1 + lookahead + _SLACK <= limit
 

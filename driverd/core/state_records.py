@@ -38,8 +38,11 @@ _HINTS: dict[type, dict[str, Any]] = {
 
 def exact_dec(d: Decimal) -> str:
     """A Decimal as a string that `Decimal()` parses back with the same sign, digits and exponent."""
+    text = str(d)
+    if "E" not in text:
+        return text  # plain notation: str gives it only for exponents <= 0, where it is format(d, "f")
     exp = d.as_tuple().exponent
-    return format(d, "f") if isinstance(exp, int) and exp <= 0 else str(d)
+    return format(d, "f") if isinstance(exp, int) and exp <= 0 else text
 
 
 SampleRow = Callable[[Sample], list[str]]
