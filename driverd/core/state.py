@@ -142,6 +142,13 @@ class CourseState:
     summary_due: str = ""  # why the course stopped, until the end-of-course record is out (next pump report)
     stopped_at: datetime | None = None  # when the course stopped (the end of the burst, for the exposure ledger)
 
+    def __eq__(self, other: object) -> bool:
+        # The dataclass's field-tuple comparison, as a comparison of the instance dicts (each holds exactly the
+        # fields; values compared with ==, identical objects short-cut): the channel compares states on every poll.
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self.__dict__ == other.__dict__
+
     @property
     def course_id(self) -> str | None:
         return self.schedule.schedule_id if self.schedule else None
