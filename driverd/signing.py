@@ -43,10 +43,21 @@ class KeyFileError(DriverdError):
     """A key file that cannot be created or read (exists already, unreadable, not an Ed25519 key)."""
 
 
+#: The names these codes had before every refusal code became snake_case. Audit logs written before then carry
+#: them in `request_refused` records; they mean the same (docs/operations.md, "Refusal codes").
+LEGACY_SIGNATURE_CODES: Final = {"malformed-signature": "malformed_signature", "wrong-alg": "wrong_alg",
+                                 "unknown-key": "unknown_key", "bad-signature": "bad_signature"}
+
+
+def current_code(code: str) -> str:
+    """A refusal code as it is named now (an old log's name mapped to the current one)."""
+    return LEGACY_SIGNATURE_CODES.get(code, code)
+
+
 class SignatureRejected(SignatureError):
     """A signature check that failed; `reason` is a stable code.
 
-    Codes: unsigned, malformed-signature, wrong-alg, unknown-key, bad-signature.
+    Codes: unsigned, malformed_signature, wrong_alg, unknown_key, bad_signature.
     """
 
     def __init__(self, reason: str, detail: str) -> None:
@@ -183,34 +194,34 @@ class TrustStore:
         if sig is None:
             raise SignatureRejected("unsigned", "document has no signature")
         if not isinstance(sig, Mapping):
-            raise SignatureRejected("malformed-signature", "signature must be an object {key_id, alg, value}")
+            raise SignatureRejected("malformed_signature", "signature must be an object {key_id, alg, value}")
         extra = set(sig) - {"key_id", "alg", "value"}
         if extra:
             names = ", ".join(sorted(repr(k)[:40] for k in extra))
-            raise SignatureRejected("malformed-signature", f"unknown signature field(s): {names}")
+            raise SignatureRejected("malformed_signature", f"unknown signature field(s): {names}")
         alg, kid, value = sig.get("alg"), sig.get("key_id"), sig.get("value")
         if not isinstance(alg, str) or not isinstance(kid, str) or not isinstance(value, str):
-            raise SignatureRejected("malformed-signature", "signature needs string fields key_id, alg and value")
+            raise SignatureRejected("malformed_signature", "signature needs string fields key_id, alg and value")
         if alg != ALG:
-            raise SignatureRejected("wrong-alg", f"signature algorithm must be {ALG!r}")
+            raise SignatureRejected("wrong_alg", f"signature algorithm must be {ALG!r}")
         if not _KEY_ID_RE.fullmatch(kid):
-            raise SignatureRejected("malformed-signature", "key_id must be 16 lowercase hex digits")
+            raise SignatureRejected("malformed_signature", "key_id must be 16 lowercase hex digits")
         try:
             raw = base64.b64decode(value.encode("ascii"), validate=True)
         except (binascii.Error, UnicodeEncodeError):
-            raise SignatureRejected("malformed-signature", "signature value is not valid base64") from None
+            raise SignatureRejected("malformed_signature", "signature value is not valid base64") from None
         if len(raw) != 64:
-            raise SignatureRejected("malformed-signature", f"an Ed25519 signature is 64 bytes, got {len(raw)}")
+            raise SignatureRejected("malformed_signature", f"an Ed25519 signature is 64 bytes, got {len(raw)}")
         key = self.keys.get(kid)
         if key is None:
-            raise SignatureRejected("unknown-key", f"key id {kid} is not in the trust store")
+            raise SignatureRejected("unknown_key", f"key id {kid} is not in the trust store")
         try:
             message = canonical_bytes(signed_content(doc))
         except (TypeError, ValueError) as exc:
-            raise SignatureRejected("malformed-signature", f"document has no canonical form: {exc}") from None
+            raise SignatureRejected("malformed_signature", f"document has no canonical form: {exc}") from None
         try:
             key.verify(raw, message)
         except InvalidSignature:
             detail = "signature does not match the document (altered after signing?)"
-            raise SignatureRejected("bad-signature", detail) from None
+            raise SignatureRejected("bad_signature", detail) from None
         return kid

@@ -135,8 +135,11 @@ class PumpModel:
         max_rate_ml_per_h: Decimal = Decimal("1000"),
         rate_resolution: Resolution = NEW_ERA_RESOLUTION,
         plunger: PlungerLimits | None = NE1000_PLUNGER,
+        diameter_resolution: Resolution = NEW_ERA_RESOLUTION,
     ) -> None:
         self.clock = clock
+        # The diameters the pump holds (New Era: 4 digits, 3 decimals; Harvard Elite: 4 decimals).
+        self.diameter_resolution = diameter_resolution
         self.model = model
         self.firmware = firmware
         self.rate_resolution = rate_resolution
@@ -291,13 +294,14 @@ class PumpModel:
         if self._state_running:
             raise ModelError("NA", f"{what}: not applicable while infusing; stop first")
 
-    @staticmethod
-    def _check_diameter(mm: object) -> Decimal:
+    def _check_diameter(self, mm: object) -> Decimal:
         d = _require_decimal(mm, "diameter_mm")
         if not MIN_DIAMETER_MM <= d <= MAX_DIAMETER_MM:
             raise ModelError("OOR", f"diameter_mm: must be {MIN_DIAMETER_MM}..{MAX_DIAMETER_MM} mm, got {d}")
-        if not _representable(d, NEW_ERA_RESOLUTION):
-            raise ModelError("OOR", f"diameter_mm: {d} has more than 4 digits or 3 decimals")
+        res = self.diameter_resolution
+        if not _representable(d, res):
+            digits = f"{res.significant} digits or " if res.significant is not None else ""
+            raise ModelError("OOR", f"diameter_mm: {d} has more than {digits}{res.decimals} decimals")
         return d
 
     @staticmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -65,6 +66,10 @@ def verify(
                                           "state snapshot must equal what replay computes (start-up trusts "
                                           "the newest snapshot on its signature alone)")
     ] = False,
+    all_problems: Annotated[
+        bool, typer.Option("--all", help="list every problem in the log (like git fsck), not only the first: seq, "
+                                         "file:line, rule and reason for each; one process")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Check canonical form, seq continuity, the hash chain, segment links and every checkpoint signature."""
@@ -86,6 +91,9 @@ def verify(
         if as_json:
             fail(str(exc), as_json=True, code=EXIT_USAGE)
         usage(str(exc))
+    if all_problems:
+        _verify_all(log, public, require_sealed, store, trust, full, as_json)
+        return
     schedules: dict[str, Any] | None = None
     try:
         with _progress("verifying", total_bytes(log), as_json) as progress:
@@ -112,6 +120,41 @@ def verify(
                            "equal what replay computes")
             else:
                 typer.echo(f"FAILED (full): {replayed['failure']}")
+    if not ok:
+        raise typer.Exit(EXIT_REFUSED)
+
+
+def _verify_all(log: Path, public: Any, require_sealed: bool, store: Any, trust: Path | None, full: bool,
+                as_json: bool) -> None:
+    """`verify --all`: every problem, then (on a clean log) the --trust and --full checks as without --all."""
+    from driverd.audit.fsck import check_all
+
+    try:
+        found = check_all(log, public_key=public, require_sealed=require_sealed)
+        schedules = _check_schedules(log, store) if store is not None and found.ok else None
+        replayed = _full_replay(log) if full and found.ok else None
+    except DriverdError as exc:
+        fail(str(exc), as_json=as_json)
+    ok = found.ok and (schedules is None or schedules["ok"]) and (replayed is None or replayed["ok"])
+    if as_json:
+        emit_json({**found.as_dict(), "ok": ok, "schedules": schedules, "full": replayed})
+    else:
+        for p in found.problems:
+            seq = f"seq {p.seq}" if p.seq is not None else "log"
+            where = f"{p.file}:{p.line}" if p.line else p.file
+            typer.echo(f"{seq} ({where}) [{p.rule}] {p.reason}")
+        if found.count > len(found.problems):
+            typer.echo(f"... and {found.count - len(found.problems)} more problem(s) not listed")
+        if found.ok:
+            typer.echo(f"OK: no problem in {found.lines} line(s), {found.segments} segment(s)")
+        else:
+            typer.echo(f"FAILED: {found.count} problem(s) in {found.lines} line(s), {found.segments} segment(s)")
+        if schedules is not None:
+            typer.echo(f"  schedules: {schedules['checked']} accepted schedule(s), each signed by a key in {trust}"
+                       if schedules["ok"] else f"FAILED: {schedules['failure']}")
+        if replayed is not None:
+            typer.echo(f"  full: {replayed['snapshots']} state snapshot(s) and {replayed['outputs']} decision(s) "
+                       "equal what replay computes" if replayed["ok"] else f"FAILED (full): {replayed['failure']}")
     if not ok:
         raise typer.Exit(EXIT_REFUSED)
 
@@ -191,66 +234,164 @@ def replay(log: LogArg, as_json: JsonOpt = False) -> None:
         raise typer.Exit(EXIT_REFUSED)
 
 
+PrefixOpt = Annotated[
+    bool, typer.Option("--verified-prefix", help="on a damaged log, use only the part `audit verify` accepts (every "
+                                                 "record before its first failure), with a loud warning naming where "
+                                                 "verification stopped")
+]
+
+
+def _source(log: Path, verified_prefix: bool, as_json: bool) -> tuple[Callable[[], Iterator[Any]], Any]:
+    """The lines to read: all of them, or the verified prefix (then also the Prefix, for its warning)."""
+    from driverd.audit.fsck import prefix_lines
+    from driverd.audit.fsck import verified_prefix as find_prefix
+    from driverd.audit.reader import iter_lines
+    from driverd.audit.verify import default_workers
+
+    if not verified_prefix:
+        return (lambda: iter_lines(log)), None
+    try:
+        prefix = find_prefix(log, workers=default_workers())
+    except DriverdError as exc:
+        fail(str(exc), as_json=as_json)
+    warning = prefix.warning()
+    if warning is not None:
+        typer.secho(warning, err=True, fg=typer.colors.RED, bold=True)
+    return (lambda: prefix_lines(log, prefix)), prefix
+
+
+def _damaged_hint(message: str) -> str:
+    if "audit verify" in message or "torn" in message or "canonical" in message or "longer than" in message:
+        return (f"{message} (`driverd audit verify --all` lists every problem; --verified-prefix reads the part "
+                "before the first)")
+    return message
+
+
 @app.command()
 def export(
     log: LogArg,
-    fmt: Annotated[str, typer.Option("--format", help="csv or jsonl")] = "jsonl",
+    fmt: Annotated[str, typer.Option("--format", help="csv (a column per field, nested fields as dotted columns) "
+                                                      "or jsonl (the exact lines)")] = "jsonl",
     out: Annotated[Path | None, typer.Option("--out", help="write here instead of stdout")] = None,
+    pump: Annotated[str | None, typer.Option("--pump", help="only this pump's records")] = None,
+    course: Annotated[str | None, typer.Option("--course", help="only this course's records (and its push)")] = None,
+    since: Annotated[str | None, typer.Option("--since", help="only records written at or after this ISO 8601 time "
+                                                              "(with Z or an offset; a date alone is 00:00 UTC)")]
+    = None,
+    verified_prefix: PrefixOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Export every record as CSV (envelope columns + fields as JSON) or JSONL (the exact lines)."""
-    from driverd.audit.export import FORMATS, export_text
-    from driverd.audit.reader import iter_lines
+    """Export records as CSV (flattened columns) or JSONL (the exact lines), optionally filtered."""
+    import io
+    import os
+    import tempfile
+
+    from driverd.audit.export import FORMATS, Filter, plan, write
+    from driverd.audit.timezones import parse_since
+
+    def bad_usage(message: str) -> None:
+        if as_json:
+            fail(message, as_json=True, code=EXIT_USAGE)
+        usage(message)
 
     _need_log(log, as_json)
     if fmt not in FORMATS:
-        if as_json:
-            fail(f"--format must be one of {', '.join(FORMATS)}", as_json=True, code=EXIT_USAGE)
-        usage(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+        bad_usage(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    keep = Filter(pump=pump, course=course)
+    if since is not None:
+        try:
+            keep = Filter(pump=pump, course=course, since=parse_since(since))
+        except DriverdError as exc:
+            bad_usage(str(exc))
+    source, prefix = _source(log, verified_prefix, as_json)
+    extra = {"verified_prefix": prefix.as_dict()} if prefix is not None else {}
     try:
-        text = export_text(iter_lines(log), fmt)
+        p = plan(source(), keep)
+        if out is None:
+            buf = io.StringIO() if as_json else sys.stdout
+            try:
+                n = write(source(), fmt, buf, keep, p.columns)
+            except BrokenPipeError:
+                # `| head`: the reader has what it wanted; a closed pipe is not a failure.
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                return
+            if as_json:
+                assert isinstance(buf, io.StringIO)
+                emit_json({"ok": True, "format": fmt, "records": n, "data": buf.getvalue(), **extra})
+            return
+        # Written beside the target and renamed: a failure leaves no partial file (and no file at all).
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent if str(out.parent) else ".")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+                n = write(source(), fmt, f, keep, p.columns)
+            os.replace(tmp, out)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
     except DriverdError as exc:
-        fail(str(exc), as_json=as_json)
-    if out is None:
-        if as_json:
-            emit_json({"ok": True, "format": fmt, "data": text})
-        else:
-            sys.stdout.write(text)
-        return
-    try:
-        out.write_text(text, encoding="utf-8")
+        fail(_damaged_hint(str(exc)), as_json=as_json)
     except OSError as exc:
         fail(f"{out}: cannot write: {exc.strerror}", as_json=as_json)
     if as_json:
-        emit_json({"ok": True, "format": fmt, "out": str(out), "records": text.count("\n") - (fmt == "csv")})
+        emit_json({"ok": True, "format": fmt, "out": str(out), "records": n, **extra})
     else:
-        typer.echo(f"wrote {out}")
+        typer.echo(f"wrote {n} record(s) to {out}")
 
 
 @app.command()
 def report(
     log: LogArg,
-    png: Annotated[Path | None, typer.Option("--png", help="also draw a dose timeline (needs driverd[plot])")] = None,
+    png: Annotated[Path | None, typer.Option("--png", help="also draw each course (dose over time, commanded vs "
+                                                           "pump-reported mg, alarms shaded, steps marked) as PNG; "
+                                                           "needs driverd[plot]")] = None,
+    svg: Annotated[Path | None, typer.Option("--svg", help="the same drawing as SVG; needs driverd[plot]")] = None,
+    tz: Annotated[str, typer.Option("--tz", help="time zone of the human report and the plots' time axis: local, "
+                                                 "UTC or an IANA name (Europe/London); JSON is always UTC")] = "UTC",
+    verified_prefix: PrefixOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Readable summary per pump and course: states with times, rates, mg delivered, refusals, alarms."""
-    from driverd.audit.reader import iter_records
-    from driverd.audit.report import build_report, plot_png, report_lines
+    """Per course: who ordered each change and why, states, mg commanded and pump-reported, alarm periods,
+    refusals, the handover record; times ISO 8601 with zone."""
+    from driverd.audit.report import build_report, plot, report_lines
+    from driverd.audit.timezones import parse_zone
 
     _need_log(log, as_json)
     try:
-        rep = build_report(iter_records(log))
+        zone = parse_zone(tz)
     except DriverdError as exc:
-        fail(str(exc), as_json=as_json)
-    if png is not None:
-        try:
-            plot_png(rep, png)
-        except DriverdError as exc:
-            fail(str(exc), as_json=as_json)
+        if as_json:
+            fail(str(exc), as_json=True, code=EXIT_USAGE)
+        usage(str(exc))
+    for path in (png, svg):
+        if path is not None and (path.is_dir() or not (path.parent if str(path.parent) else Path(".")).is_dir()):
+            message = f"{path}: not a file in an existing directory"
+            if as_json:
+                fail(message, as_json=True, code=EXIT_USAGE)
+            usage(message)
+    source, prefix = _source(log, verified_prefix, as_json)
+    try:
+        rep = build_report(line.record for line in source())
+        for path, fmt in ((png, "png"), (svg, "svg")):
+            if path is not None:
+                plot(rep, path, fmt, zone)
+    except DriverdError as exc:
+        fail(_damaged_hint(str(exc)), as_json=as_json)
+    written = {k: str(v) for k, v in (("png", png), ("svg", svg)) if v is not None}
     if as_json:
-        emit_json({"ok": True, **rep.as_dict(), **({"png": str(png)} if png else {})})
+        emit_json({"ok": True, **rep.as_dict(), **written,
+                   **({"verified_prefix": prefix.as_dict()} if prefix is not None else {})})
     else:
-        for text in report_lines(rep):
+        for text in report_lines(rep, zone):
             typer.echo(text)
-        if png is not None:
-            typer.echo(f"wrote {png}")
+        for path in written.values():
+            typer.echo(f"wrote {path}")
+
+
+def _register_tail() -> None:
+    from driverd.cli.audit_tail import tail
+
+    app.command("tail")(tail)
+
+
+_register_tail()

@@ -15,7 +15,8 @@ from driverd.cli.output import EXIT_REFUSED, emit_json, fail, usage
 def demo(
     speed: Annotated[str, typer.Option(help="'max' (virtual time, as fast as possible) or N (N x real time)")] = "max",
     pumps: Annotated[int, typer.Option(min=1, max=64, help="Number of simulated pumps")] = 1,
-    driver: Annotated[str, typer.Option(help="sim (in-process), newera (serial over a PTY) or modbus (TCP)")] = "sim",
+    driver: Annotated[str, typer.Option(help="sim (in-process), newera or harvard (serial over a PTY), modbus (TCP)")]
+    = "sim",
     audit: Annotated[Path | None, typer.Option(help="Audit log directory (default: a new temp dir)")] = None,
     faults: Annotated[bool, typer.Option("--faults", help="Inject an occlusion and a link loss on bed-1")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable summary")] = False,

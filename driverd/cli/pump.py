@@ -26,8 +26,9 @@ async def _probe(url: str, timeout_s: float) -> dict[str, Any]:
     from drivers.base import DriverOptions
     from drivers.registry import open_driver
 
-    # probe() never uses options.deadman_s: it sends queries only, so a pump's dead-man stays as it is.
-    report = await open_driver(url, DriverOptions(timeout_s=timeout_s, retries=1)).probe()
+    # probe() never uses options.deadman_s: it sends queries only, so a pump's dead-man stays as it is. 0 says so
+    # (a driver for a pump without a dead-man refuses to be built for a dead-man unless its URL allows it).
+    report = await open_driver(url, DriverOptions(timeout_s=timeout_s, retries=1, deadman_s=0)).probe()
     ident, status = report.identity, report.status
     return {
         "ok": True,

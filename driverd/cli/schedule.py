@@ -1,6 +1,7 @@
 """`driverd schedule ...` commands: validate, sign (push is added by the runtime work).
 
-Exit codes: 0 ok; 1 invalid / refused / signature failed; 2 usage (bad option, unreadable file or config).
+Exit codes: 0 ok; 1 invalid / refused / signature failed / drug library or trust store missing or invalid;
+2 usage (bad option, unreadable schedule file).
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
-import driverd
-from driverd.cli.output import EXIT_OK, EXIT_REFUSED, EXIT_USAGE, emit_json, fail
+from driverd import resources
+from driverd.cli.output import EXIT_OK, EXIT_REFUSED, EXIT_USAGE, config_error, emit_json, fail
 from driverd.core.canonical import canonical_bytes, decimal_text, to_json_text
 from driverd.core.errors import ConfigError, Problem, ValidationError
 from driverd.core.protocol import ProtocolSpec, parse_protocol
@@ -37,13 +38,12 @@ from driverd.signing import KeyFileError, SignatureRejected, TrustStore, sign_do
 
 app = typer.Typer(help="Validate and sign schedules.", no_args_is_help=True)
 
-CONFIG_DIR = Path(driverd.__file__).resolve().parent.parent / "config"
-DEFAULT_PROTOCOL = CONFIG_DIR / "protocols" / "ketamine-burst.toml"
-SCHEMA_PATH = CONFIG_DIR / "schemas" / "schedule.schema.json"
+DEFAULT_PROTOCOL = resources.PROTOCOL
+SCHEMA_PATH = resources.SCHEDULE_SCHEMA
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
 ProtocolOpt = Annotated[
-    Path | None, typer.Option("--protocol", help="Drug-library TOML (default: config/protocols/ketamine-burst.toml).")
+    Path | None, typer.Option("--protocol", help="Drug-library TOML (default: the shipped ketamine-burst.toml).")
 ]
 
 
@@ -80,12 +80,12 @@ def load_protocol(path: Path | None, as_json: bool) -> ProtocolSpec:
     path = path or DEFAULT_PROTOCOL
     try:
         text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        _usage(f"cannot read protocol {_show_path(path)}: {exc}", as_json)
+    except (OSError, UnicodeDecodeError) as exc:  # the drug library is configuration: exit 1, like any config
+        config_error(f"cannot read protocol {_show_path(path)}: {exc}", as_json=as_json)
     try:
         return parse_protocol(text)
     except ConfigError as exc:
-        _usage(f"invalid protocol {_show_path(path)}: {exc}", as_json)
+        config_error(f"invalid protocol {_show_path(path)}: {exc}", as_json=as_json)
 
 
 def _schema_problems(doc: object) -> list[Problem]:
@@ -257,7 +257,7 @@ def validate(
         try:
             store = TrustStore.load(trust)
         except ConfigError as exc:
-            _usage(f"--trust: {exc}", as_json)
+            config_error(f"--trust: {exc}", as_json=as_json)
     data = _read_document_bytes(file, as_json)
     name = _show_path(file)
     problems: list[Problem] = []
@@ -393,10 +393,13 @@ def push(
     as_json: JsonOpt = False,
     socket: Annotated[
         Path | None,
-        typer.Option("--socket", help="Control socket (default: control_socket of --config).", show_default=False),
+        typer.Option("--socket", envvar="DRIVERD_SOCKET", show_default=False,
+                     help="Control socket (default: $DRIVERD_SOCKET, else control_socket of the config)."),
     ] = None,
     config: Annotated[
-        Path | None, typer.Option("--config", help="Daemon config, used to find the control socket.")
+        Path | None, typer.Option("--config", envvar="DRIVERD_CONFIG", show_default=False,
+                                  help="Daemon config, used to find the control socket (default: $DRIVERD_CONFIG, "
+                                  "else /etc/driverd/driverd.toml).")
     ] = None,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for the daemon's reply.")] = 40.0,
 ) -> None:

@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from driverd.cli.output import EXIT_REFUSED, fail, usage
+from driverd.cli.output import EXIT_REFUSED, emit_json, fail, usage
 from driverd.core.errors import DriverdError, QuantityError
 from driverd.core.quantities import MAX_DIAMETER_MM, MAX_VOLUME_ML, parse_decimal
 from drivers.newera.driver import BAUD_RATES
@@ -23,11 +23,11 @@ from simulators.faults import FaultPlan
 from simulators.pump import PumpModel
 
 
-def _decimal(text: str, name: str, maximum: Decimal) -> Decimal:
+def _decimal(text: str, name: str, maximum: Decimal, as_json: bool = False) -> Decimal:
     try:
         return parse_decimal(text, name, maximum=maximum, allow_zero=False)
     except QuantityError as exc:
-        usage(f"--{name}: {exc}")
+        usage(f"--{name}: {exc}", as_json)
 
 
 def newera(
@@ -57,20 +57,22 @@ def newera(
         bool,
         typer.Option("--safe-mode/--no-safe-mode", help="--no-safe-mode: firmware without safe mode (SAF -> ?)"),
     ] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="print the endpoint as one JSON line "
+                                                         '({"device" or "port", "url"}); errors as JSON')] = False,
 ) -> None:
     """Run a simulated New Era syringe pump that speaks the NE-1000 RS-232 protocol."""
     if pty == (tcp is not None):
-        usage("give exactly one of --pty or --tcp PORT")
+        usage("give exactly one of --pty or --tcp PORT", as_json)
     if tcp is not None and not 0 <= tcp <= 65535:
-        usage(f"--tcp: port must be 0..65535, got {tcp}")
+        usage(f"--tcp: port must be 0..65535, got {tcp}", as_json)
     if not 0 <= address <= 99:
-        usage(f"--address: must be 0..99, got {address}")
+        usage(f"--address: must be 0..99, got {address}", as_json)
     if baud not in BAUD_RATES:
-        usage(f"--baud: must be one of {', '.join(map(str, BAUD_RATES))}, got {baud}")
+        usage(f"--baud: must be one of {', '.join(map(str, BAUD_RATES))}, got {baud}", as_json)
     if drop_next < 0 or garble_next < 0:
-        usage("--drop-next/--garble-next: must be >= 0")
-    fill_ml = _decimal(fill, "fill", MAX_VOLUME_ML)
-    diameter_mm = _decimal(diameter, "diameter", MAX_DIAMETER_MM)
+        usage("--drop-next/--garble-next: must be >= 0", as_json)
+    fill_ml = _decimal(fill, "fill", MAX_VOLUME_ML, as_json)
+    diameter_mm = _decimal(diameter, "diameter", MAX_DIAMETER_MM, as_json)
     try:
         model = PumpModel(SystemClock(), fill_volume_ml=fill_ml, diameter_mm=diameter_mm)
         plan = (
@@ -83,7 +85,7 @@ def newera(
         if garble_next:
             plan.garble_next(garble_next)
     except DriverdError as exc:
-        fail(str(exc), as_json=False, code=EXIT_REFUSED)
+        fail(str(exc), as_json=as_json, code=EXIT_REFUSED)
     per_byte = 10 / baud if wire_time else None
     asyncio.run(
         _serve(
@@ -97,6 +99,7 @@ def newera(
             wire_time=per_byte,
             power_up=power_up,
             safe_mode=safe_mode,
+            as_json=as_json,
         )
     )
 
@@ -113,6 +116,7 @@ async def _serve(
     wire_time: float | None,
     power_up: bool,
     safe_mode: bool = True,
+    as_json: bool = False,
 ) -> None:
     from simulators.newera import serve_newera  # imported late: keeps `driverd --help` fast
 
@@ -133,8 +137,11 @@ async def _serve(
     ) as endpoint:
         first = endpoint.device if pty else str(endpoint.port)
         url = endpoint.url + (f"&baud={baud}" if pty else "")
-        typer.echo(first)
-        typer.echo(url)
+        if as_json:
+            emit_json({"device": endpoint.device, "url": url} if pty else {"port": endpoint.port, "url": url})
+        else:
+            typer.echo(first)
+            typer.echo(url)
         await stop.wait()
 
 

@@ -76,3 +76,17 @@ class PlungerLimits:
 
 # NE-1000 / NE-500 mechanism (manual §12.5; see module docstring): 0.004205 cm/h and 5.1005 cm/min in mm/h.
 NE1000_PLUNGER: Final = PlungerLimits(Decimal("0.04205"), Decimal("3060.3"))
+
+
+# Harvard Apparatus Pump 11 Elite mechanism (User's Manual, publication 5420-002 Rev C, Specifications, and the
+# pump's own `metrics` report as quoted in flowchem's Elite 11 client): a 24 threads-per-inch lead screw turned
+# 15,360 microsteps per revolution (0.0689 µm per microstep), one microstep every 27 s at the slowest and every
+# 26 µs at the fastest. That is 0.009187 mm/h (0.153 µm/min) to 9540.2 mm/h (159.0 mm/min), min rounded up and
+# max down. The manual's Appendix B (nominal min/max rates per syringe) agrees within 0.05 %: with a 60 mL syringe
+# (26.59 mm) 85.05 nl/min and 88.32 mL/min. (The manual's Specifications table gives "27.5 sec/µstep" and
+# 0.15 µm/min; Appendix B and `metrics` both follow 27 s, the higher and so the safer minimum.)
+ELITE11_PLUNGER: Final = PlungerLimits(Decimal("0.009187"), Decimal("9540.2"))
+# The Elite holds a syringe diameter to 4 decimals (`diameter` answers "#.#### mm"), 0.1 to 33 mm (`metrics`).
+ELITE11_DIAMETER_RESOLUTION: Final = Resolution(decimals=4)
+ELITE11_MIN_DIAMETER_MM: Final = Decimal("0.1")
+ELITE11_MAX_DIAMETER_MM: Final = Decimal(33)

@@ -33,6 +33,7 @@ from driverd.core.events import (
 from driverd.core.kernel import Setpoint
 from driverd.core.machine import predicted_empty_at, step
 from driverd.core.protocol import ProtocolSpec
+from driverd.core.quantities import rate_to_dose
 from driverd.core.records import command_to_record, event_to_record, fmt_dec, fmt_time
 from driverd.core.state import CourseState, Phase
 from driverd.runtime import telemetry
@@ -89,7 +90,9 @@ class Channel:
         self.connected = False
         self.failing_since: datetime | None = None
         self.last_status: PumpStatus | None = None
-        self.last_error = ""
+        self.last_error = ""  # the newest unresolved error (status shows it; cleared once what failed works again)
+        self.last_error_at: datetime | None = None
+        self._error_kind = ""  # which operation set last_error: "link" (connect/poll/setpoint), "prime", "syringe"
         self.polls = 0
         self.stopping = False
         self._primed_for: str | None = None
@@ -107,6 +110,14 @@ class Channel:
     def set_clock_step_tolerance(self, tolerance: timedelta) -> None:
         """A reload (SIGHUP) changed clock_step_tolerance_s: steps from now on are judged by the new value."""
         self._clock_watch.tolerance = tolerance
+
+    def _error(self, kind: str, text: str) -> None:
+        self.last_error, self.last_error_at, self._error_kind = text, self.clock.now(), kind
+
+    def _resolved(self, kind: str) -> None:
+        """What failed works again: its error no longer shows in `status`."""
+        if self._error_kind == kind:
+            self.last_error, self.last_error_at, self._error_kind = "", None, ""
 
     @property
     def link_lost(self) -> bool:
@@ -221,7 +232,7 @@ class Channel:
         except (DriverError, TimeoutError) as exc:
             # No (valid) answer somewhere on the way: the setpoint may or may not have landed, and a RUN may never
             # have gone out. Read the pump once more; only if that fails too is the result left uncertain.
-            self.last_error = f"{type(exc).__name__}: {exc}"
+            self._error("link", f"{type(exc).__name__}: {exc}")
             return await self._delivering(sp, self.last_error)
 
     async def _delivering(self, sp: Setpoint, error: str) -> SetpointResult:
@@ -240,7 +251,7 @@ class Channel:
             self.connected = True
         except (DriverError, TimeoutError) as exc:
             self.connected = False
-            self.last_error = f"connect: {type(exc).__name__}: {exc}"
+            self._error("link", f"connect: {type(exc).__name__}: {exc}")
             with contextlib.suppress(Exception):
                 await self.driver.close()
 
@@ -254,7 +265,7 @@ class Channel:
             try:
                 status = await self._io(self.driver.read_status())
             except (DriverError, TimeoutError) as exc:
-                self.last_error = f"{type(exc).__name__}: {exc}"
+                self._error("link", f"{type(exc).__name__}: {exc}")
                 if not isinstance(exc, (TimeoutError, DriverTimeout)):
                     # A broken transport (not merely a late reply): reopen it on the next poll.
                     self.connected = False
@@ -271,6 +282,7 @@ class Channel:
             return
         self.failing_since = None
         self.last_status = status
+        self._resolved("link")  # the pump answers again
         if self.link_lost:
             await self.handle(LinkRestored(self.clock.now()))
         await self.handle(self._report(status))
@@ -296,8 +308,9 @@ class Channel:
             identity = await self._io(self.driver.identify())
         except (DriverError, TimeoutError) as exc:
             self._primed_for = None  # try again on the next poll
-            self.last_error = f"prime: {type(exc).__name__}: {exc}"
+            self._error("prime", f"prime: {type(exc).__name__}: {exc}")
             return
+        self._resolved("prime")
         await self.handle(PumpVerified(self.clock.now(), diameter, self.driver.resolution, identity.model))
 
     async def load_syringe(self) -> tuple[Command, ...]:
@@ -315,8 +328,9 @@ class Channel:
             status = await self._io(self.driver.read_status())
         except (DriverError, TimeoutError) as exc:
             self._loaded_for = None
-            self.last_error = f"syringe change: {type(exc).__name__}: {exc}"
+            self._error("syringe", f"syringe change: {type(exc).__name__}: {exc}")
             return ()
+        self._resolved("syringe")
         self.last_status = status
         return await self.handle(SyringeLoaded(self.clock.now(), diameter, status.delivered_ml))
 
@@ -382,6 +396,8 @@ class Channel:
             await self.execute(cmds)
             await self.prime()
             cmds += await self.load_syringe()  # a syringe change is answered with its outcome
+            if self.last_result is None:
+                await self._read_back()
             # Nothing acknowledged may be lost: every record the reply depends on is on disk before it is sent.
             self.audit.flush()
         except Exception as exc:  # a bad request must never kill the channel
@@ -391,11 +407,21 @@ class Channel:
             view = self.pump_view()
             # "OK" only if nothing was refused and whatever was sent is verified at the pump.
             result = {"ok": not refusals and view["verified"], "refusals": refusals, "phase": self.state.phase.value,
-                      "seq": seq, "durable_seq": self.audit.seq, **view}
+                      "seq": seq, "durable_seq": self.audit.seq,
+                      "level_mg_per_24h": fmt_dec(self.state.level_mg_per_24h), **view}
             if isinstance(event, ClinicianCommand) and event.action == "change_syringe":
                 result.update(syringe_view(self.state))
         if not request.reply.done():
             request.reply.set_result(result)
+
+    async def _read_back(self) -> None:
+        """A fresh read of the pump for a reply that sent no setpoint (hold, a refusal): the clinician is told what
+        it runs now, not what the last poll saw (a setpoint applied since would be missing). Read only: the core
+        gets the pump's reports from the polls."""
+        if not self.connected:
+            return
+        with contextlib.suppress(DriverError, TimeoutError):  # if it fails, the reply shows the last poll's
+            self.last_status = await self._io(self.driver.read_status())
 
     def pump_view(self) -> dict[str, Any]:
         """What the pump runs now, for a reply: a clinician is told the rate the pump read back for the setpoint
@@ -410,11 +436,18 @@ class Channel:
             view["pump_state"] = None if delivered is None else ("infusing" if delivered > 0 else "stopped")
             view["pump_rate_ml_per_h"] = None if delivered is None else fmt_dec(delivered)
             view["verified"] = pending is None and delivered == sp.rate_ml_per_h
-            return view
+            return self._with_dose(view, delivered)
         st = self.last_status
         view["pump_state"] = st.state.value if st else None
         view["pump_rate_ml_per_h"] = fmt_dec(st.delivering_ml_per_h) if st else None
         view["verified"] = pending is None
+        return self._with_dose(view, st.delivering_ml_per_h if st else None)
+
+    def _with_dose(self, view: dict[str, Any], rate: Decimal | None) -> dict[str, Any]:
+        """The dose the pump's read-back rate delivers, at the syringe's concentration (None while unknown)."""
+        known = rate is not None and self.state.schedule is not None
+        view["pump_dose_mg_per_24h"] = fmt_dec(rate_to_dose(rate, self.state.concentration).normalize()) \
+            if known and rate is not None else None
         return view
 
     def _expired(self, request: Request) -> bool:

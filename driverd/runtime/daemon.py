@@ -29,6 +29,7 @@ from driverd.core.errors import DriverdError, SignatureError, ValidationError
 from driverd.core.events import CLINICIAN_ACTIONS, ClinicianCommand, ClockStepped, Event, LinkLost, ScheduleAccepted
 from driverd.core.exposure import Breach, Burst, check_course
 from driverd.core.machine import initial_state
+from driverd.core.next_step import next_step
 from driverd.core.protocol import ProtocolSpec, parse_protocol
 from driverd.core.records import fmt_dec, fmt_time
 from driverd.core.schedule import Schedule
@@ -417,13 +418,17 @@ class Daemon:
 
     def status(self) -> dict[str, Any]:
         pumps = []
+        now = self.clock.now()
         for pid, ch in self.channels.items():
             s = ch.state
             st = ch.last_status
+            upcoming = next_step(s, ch.protocol)
             pumps.append({
                 "pump_id": pid,
                 "phase": s.phase.value,
                 "course_id": s.course_id,
+                "schedule_id": s.course_id,
+                "schedule_version": s.schedule.version if s.schedule else None,
                 "level_mg_per_24h": fmt_dec(s.level_mg_per_24h),
                 "commanded_ml_per_h": fmt_dec(s.commanded_rate),
                 "verified_ml_per_h": fmt_dec(s.verified_rate),
@@ -434,13 +439,23 @@ class Daemon:
                 "link": "lost" if ch.link_lost else ("up" if ch.connected else "down"),
                 "pump_state": st.state.value if st else None,
                 "pump_rate_ml_per_h": fmt_dec(st.rate_ml_per_h) if st else None,
+                # what the pump itself reports it delivers now (0 unless infusing), next to the commanded rate
+                "reported_ml_per_h": fmt_dec(st.delivering_ml_per_h) if st else None,
+                "unverified_setpoint": s.pending.setpoint.id if s.pending else None,
+                "next_step": None if upcoming is None else {
+                    "at": fmt_time(upcoming.at), "dose_mg_per_24h": fmt_dec(upcoming.dose_mg_per_24h),
+                    "kind": upcoming.kind, "auto": upcoming.auto},
+                # the schedule's next step is due but waits for a clinician (`driverd course escalate`)
+                "pending_confirmation": None if upcoming is None or not upcoming.awaiting_confirmation(now) else {
+                    "since": fmt_time(upcoming.at), "dose_mg_per_24h": fmt_dec(upcoming.dose_mg_per_24h)},
                 "started_at": fmt_time(s.started_at) if s.started_at else None,
                 "last_error": ch.last_error or None,
+                "last_error_at": fmt_time(ch.last_error_at) if ch.last_error and ch.last_error_at else None,
                 "clock_fault": s.clock_fault or None,
                 **syringe_view(s),
             })
         assert self.protocol is not None
-        body: dict[str, Any] = {"ok": True, "now": fmt_time(self.clock.now()),
+        body: dict[str, Any] = {"ok": True, "now": fmt_time(now),
                                 "library": self.protocol.library_version, "pumps": pumps}
         if self.gateway is not None:
             body["hl7"] = self.gateway.status()

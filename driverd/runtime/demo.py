@@ -1,7 +1,8 @@
 """`driverd demo`: simulators + the daemon in one process, a whole burst course on the real driver path.
 
-Each simulated pump gets its own schedule, generated from config/schedules/example.json and signed with the DEMO
-key at start (the key is for demos only). The daemon sees exactly what a ward system would push.
+Each simulated pump gets its own schedule, generated from the shipped example schedule (config/schedules/ in the
+repo) and signed with the DEMO key at start (the key is for demos only). The daemon sees exactly what a ward
+system would push.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import driverd
+from driverd import resources
 from driverd.core.records import fmt_time
 from driverd.core.schedule_parse import load_json
 from driverd.core.state import Phase
@@ -28,9 +29,9 @@ from driverd.runtime.daemon import Daemon
 from driverd.signing import generate_keypair, sign_document
 from simulators.world import World
 
-CONFIG_DIR = Path(driverd.__file__).resolve().parent.parent / "config"
-DEMO_KEY = CONFIG_DIR / "keys" / "demo" / "demo-NOT-FOR-CLINICAL-USE.key"
-DEMO_TRUST = CONFIG_DIR / "keys" / "demo" / "trusted"
+CONFIG_DIR = resources.DATA_DIR  # the shipped data (driverd/resources.py): works from a wheel as from a checkout
+DEMO_KEY = resources.DEMO_PRIVATE_KEY
+DEMO_TRUST = resources.DEMO_TRUST_DIR
 START = datetime(2026, 12, 1, 8, 55, tzinfo=UTC)  # five minutes before the first step is due
 # A 30 mL syringe at 100 mg/mL holds the whole course (about 19 mL): what `demo_schedule` (and the tests' rig) use.
 SYRINGE = {"model": "BD Plastipak 30 mL", "inner_diameter_mm": "21.59", "fill_volume_ml": "22"}
@@ -38,7 +39,7 @@ CONCENTRATION = "100"
 # The demo itself runs the course as a ward would: 8 mL syringes, changed when driverd warns that one is about to
 # run empty (issue 13): the course needs 18.97 mL, so two changes per pump.
 DEMO_FILL = "8"
-DRIVERS = ("sim", "newera", "modbus")
+DRIVERS = ("sim", "newera", "modbus", "harvard")
 HL7_DRAIN_S = 120.0  # real seconds the demo waits for an HL7 receiver to ACK what is still queued
 
 
@@ -69,7 +70,7 @@ class DemoResult:
 def demo_schedule(pump_id: str, index: int, start: datetime, fill_ml: str | None = None) -> dict[str, Any]:
     """The example schedule re-dated to `start`, for `pump_id`, signed with the DEMO key. With `fill_ml`, syringes
     of that fill, replaced when empty (as many as the course needs)."""
-    doc = load_json((CONFIG_DIR / "schedules" / "example.json").read_bytes())
+    doc = load_json(resources.EXAMPLE_SCHEDULE.read_bytes())
     assert isinstance(doc, dict)
     first = start + timedelta(minutes=5)
     doc["schedule_id"] = f"demo-{pump_id}-{start:%Y%m%d}"
@@ -99,6 +100,10 @@ async def run_demo(opts: DemoOptions, progress: Callable[[float, str], None] | N
         from drivers.modbus.regmap import load_map
 
         resolution_kw["rate_resolution"] = load_map().rate_resolution()
+    if opts.driver == "harvard":
+        from simulators.harvard import elite_model_kwargs
+
+        resolution_kw.update(elite_model_kwargs())
     for name in names:
         world.pump(name, diameter_mm=Decimal(SYRINGE["inner_diameter_mm"]), fill_volume_ml=Decimal(DEMO_FILL),
                    **resolution_kw)
@@ -108,7 +113,7 @@ async def run_demo(opts: DemoOptions, progress: Callable[[float, str], None] | N
     async with contextlib.AsyncExitStack() as stack:
         urls = await _start_simulators(stack, opts.driver, world, names)
         config = DaemonConfig(
-            path=work / "driverd.toml", sha256="demo", protocol=CONFIG_DIR / "protocols" / "ketamine-burst.toml",
+            path=work / "driverd.toml", sha256="demo", protocol=resources.PROTOCOL,
             audit_dir=audit_dir, audit_key=key_path, trust_dir=DEMO_TRUST, control_socket=work / "control.sock",
             socket_mode=0o660, poll_period_s=opts.poll_period_s, link_timeout_s=opts.poll_period_s * 2,
             deadman_s=opts.deadman_s, driver_timeout_s=1.0,
@@ -127,8 +132,8 @@ async def run_demo(opts: DemoOptions, progress: Callable[[float, str], None] | N
                 if not reply.get("ok"):
                     raise RuntimeError(f"demo schedule refused for {name}: {json.dumps(reply)}")
             fault_log: list[str] = []
-            script = asyncio.create_task(_fault_script(daemon, world, clock, names[0], fault_log)) if opts.faults \
-                else None
+            script = asyncio.create_task(_fault_script(daemon, world, clock, names[0], fault_log,
+                                                       ack_at_pump=opts.driver == "harvard")) if opts.faults else None
             syringe_log: list[str] = []
             nurse = asyncio.create_task(_nurse(daemon, world, clock, names, syringe_log))
             timed_out = await _wait_for_courses(daemon, clock, progress)
@@ -162,6 +167,15 @@ async def _start_simulators(stack: contextlib.AsyncExitStack, driver: str, world
         for n in names:
             ep = await stack.enter_async_context(serve_newera(world.pump(n), world.faults(n), pty=True))
             urls[n] = ep.url
+        return urls
+    if driver == "harvard":
+        from simulators.harvard import serve_harvard
+
+        urls = {}
+        for n in names:
+            ep = await stack.enter_async_context(serve_harvard(world.pump(n), world.faults(n), pty=True))
+            # The Pump 11 Elite has no dead-man: a bench may run it, with the driver's loud warning on every connect.
+            urls[n] = ep.url + "&without_deadman=allow"
         return urls
     from simulators.modbus import serve_modbus
 
@@ -215,8 +229,12 @@ async def _drain_hl7(daemon: Daemon) -> dict[str, Any] | None:
             "pending": len(gw.outbox.pending()) if gw.outbox is not None else 0}
 
 
-async def _fault_script(daemon: Daemon, world: World, clock: RuntimeClock, name: str, log: list[str]) -> None:
-    """--faults: an occlusion on day 2 and a lost link on day 3; a clinician resumes each after checking."""
+async def _fault_script(daemon: Daemon, world: World, clock: RuntimeClock, name: str, log: list[str], *,
+                        ack_at_pump: bool = False) -> None:
+    """--faults: an occlusion on day 2 and a lost link on day 3; a clinician resumes each after checking.
+
+    ``ack_at_pump``: the pump's stall is acknowledged on the pump itself before the resume (Harvard Elite: its
+    stall cannot be acknowledged over the wire)."""
     from drivers.base import AlarmKind
 
     clock.register()
@@ -225,6 +243,9 @@ async def _fault_script(daemon: Daemon, world: World, clock: RuntimeClock, name:
         world.pump(name).inject_alarm(AlarmKind.OCCLUSION)
         log.append(f"{fmt_time(clock.now())} {name}: occlusion injected at the pump")
         await clock.sleep_until(START + timedelta(hours=37))
+        if ack_at_pump:
+            world.pump(name).clear_alarm()
+            log.append(f"{fmt_time(clock.now())} {name}: stall acknowledged on the pump's screen")
         reply = await daemon.command(name, "resume", "demo-nurse", "line checked, occlusion cleared")
         log.append(f"{fmt_time(clock.now())} {name}: clinician resume -> {_reply(reply)}")
         await clock.sleep_until(START + timedelta(hours=60))

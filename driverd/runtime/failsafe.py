@@ -169,6 +169,7 @@ class FailSafe:
             else:
                 p["pump_state"] = "stopped_by_failsafe" if stop.stopped else "stop_unverified"
             p["pump_rate_ml_per_h"] = _opt(stop.readback_ml_per_h) if stop else None
+            p["reported_ml_per_h"] = p["pump_rate_ml_per_h"]
             p["verified_ml_per_h"] = _opt(stop.readback_ml_per_h) if stop and stop.stopped else None
             p["failsafe"] = stop.as_dict() if stop else None
         return reply

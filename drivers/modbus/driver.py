@@ -1,7 +1,8 @@
 """Modbus pump driver on pymodbus 3.16's async clients (TCP and RTU), addressed through a register map.
 
 URLs: ``modbus+tcp://host:port?unit=N`` (port 502 by default) and ``modbus+rtu:///dev/ttyX?baud=B&unit=N``;
-optional ``map=PATH`` names another register map file (default: config/drivers/modbus-pump.toml).
+optional ``map=PATH`` names another register map file (default: the shipped map, config/drivers/modbus-pump.toml
+in the repo).
 
 Rules this driver keeps:
 - Every write is followed by a read of the matching read-back point, and that read-back is what is returned.

@@ -14,6 +14,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Final, Literal
 
+from driverd import resources
 from driverd.core.errors import ConfigError, Problem, QuantityError
 from driverd.core.quantities import Resolution, parse_decimal
 from driverd.core.syringe_limits import PlungerLimits
@@ -40,7 +41,7 @@ WORD_ORDERS: Final = frozenset({"big", "little"})
 ACCESS: Final = frozenset({"r", "rw", "w"})
 KNOWN_COMMANDS: Final = frozenset({"acknowledge_alarms", "clear_delivered"})
 
-DEFAULT_MAP: Final = Path(__file__).resolve().parents[2] / "config" / "drivers" / "modbus-pump.toml"
+DEFAULT_MAP: Final = resources.REGISTER_MAP  # shipped package data (config/drivers/modbus-pump.toml in the repo)
 
 _DEVICE_KEYS: Final = frozenset(
     {

@@ -6,7 +6,8 @@ Both directions live here so the driver (host side) and the simulator (pump side
   with LEN = len(DATA) + 4 and CRC-16/XMODEM over DATA.
 - pump -> host: basic mode STX ``<address:2><status>[data]`` ETX; safe mode the same STX/LEN/CRC/ETX framing.
 
-Source: /work/shared/reference/newera-serial.md (NE-1000 manual §10.2-10.4, nesp-lib). Every decoder is total:
+Sources: the NE-1000 user manual (publication 1200-01, §10.2-10.4) and the open-source client nesp-lib (PyPI
+`nesp-lib`); docs/simulators.md lists what is implemented and every known difference. Every decoder is total:
 malformed input gives ``ProtocolError`` (never IndexError/UnicodeError), and numbers are Decimal, never float.
 """
 

@@ -42,7 +42,7 @@ def test_correct_course_replays_clean(course_dir: Path) -> None:
     # 100 -> 300 -> 500 mg/24h at 50 mg/mL, quantized down for the pump, then the stop after a 1-day hold
     assert [r for _, r, _ in course.setpoints] == [D("0.083"), D("0.250"), D("0.416"), D("0")]
     assert [s for _, s in course.states] == ["primed", "titrating", "holding", "stopped"]
-    assert any(reason for _, src, reason, _ in course.refusals if src == "clinician")
+    assert any(r["reason"] for r in course.refusals if r["source"] == "clinician")
     d = course.as_dict()
     assert d["commanded_mg"] == d["reported_mg"]  # the exact test pump delivers what was commanded, to the mg
 

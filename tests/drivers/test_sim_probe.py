@@ -71,7 +71,7 @@ def test_probe_malformed_url_exits_1_with_a_clear_message() -> None:
     result = runner.invoke(app, ["pump", "probe", "nosuchdriver://x", "--json"])
     assert result.exit_code == 1
     out = json.loads(result.stdout)
-    assert out["ok"] is False and "nosuchdriver" in out["error"] and out["kind"] == "ValidationError"
+    assert out["ok"] is False and "nosuchdriver" in out["error"]["message"] and out["kind"] == "ValidationError"
 
 
 def test_probe_usage_errors_exit_2() -> None:

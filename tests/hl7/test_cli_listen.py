@@ -119,7 +119,7 @@ def test_listen_refuses_a_bad_port_and_a_busy_one() -> None:
                                                         env={**os.environ, "PYTHONPATH": str(REPO)})
             out, _ = await asyncio.wait_for(busy.communicate(), 30)
             assert busy.returncode == 1
-            assert json.loads(out)["ok"] is False and "cannot listen" in json.loads(out)["error"]
+            assert json.loads(out)["ok"] is False and "cannot listen" in json.loads(out)["error"]["message"]
         finally:
             await _stop(proc)
 

@@ -260,8 +260,8 @@ def _not_an_object(_doc: dict[str, Any], _tmp: Path) -> Any:
     ("mutate", "reason"),
     [
         (_unsigned, "unsigned"),
-        (_wrong_key, "unknown-key"),
-        (_altered, "bad-signature"),
+        (_wrong_key, "unknown_key"),
+        (_altered, "bad_signature"),
         (_wrong_pump, "unknown_pump"),
         (_over_ceiling, "invalid"),
     ],
@@ -618,9 +618,9 @@ def test_cli_daemon_not_running_and_bad_config(tmp_path: Path) -> None:
             assert f"cannot reach driverd at {sock}" in res.output
             res = cli(*args, "--socket", str(sock), "--json")
             assert res.exit_code == 1
-            assert json.loads(res.stdout)["error"].startswith(f"cannot reach driverd at {sock}")
+            assert json.loads(res.stdout)["error"]["message"].startswith(f"cannot reach driverd at {sock}")
     res = cli("status", "--config", str(tmp_path / "nope.toml"))
-    assert res.exit_code == 2
+    assert res.exit_code == 1  # a missing config is exit 1 in every command
     assert "cannot use config" in res.output
     assert "Traceback" not in res.output
 
@@ -718,6 +718,7 @@ def test_cli_change_syringe_against_live_socket(tmp_path: Path) -> None:
             assert body["phase"] == "paused" and body["syringe"]["change_in_progress"]["fill_ml"] == "17"
             res = cli(*base, "--fill", "17")
             assert res.exit_code == 0, res.output
-            assert "phase titrating" in res.output and "(50 mg/mL)" in res.output
+            assert "phase titrating" in res.output and "syringe at 50 mg/mL" in res.output
+            assert "pump runs 0.083 mL/h (99.6 mg/24h), verified; course level 100 mg/24h; record seq" in res.output
             res = cli("status", "--socket", sock)
             assert "syringe 2: 17.000 of 17 mL at 50 mg/mL left" in res.output

@@ -130,7 +130,7 @@ def test_reload_switches_the_trust_store_and_live_settings_and_keeps_the_rest(d:
         # Only the ward's key is trusted now: a demo-signed schedule is refused, the pharmacy's accepted.
         doc = demo_schedule("bed-1", 1, START)
         refused = await daemon.push_schedule(doc)
-        assert refused["ok"] is False and refused["refusals"][0]["reason"] == "unknown-key", refused
+        assert refused["ok"] is False and refused["refusals"][0]["reason"] == "unknown_key", refused
         accepted = await daemon.push_schedule(sign_document({k: v for k, v in doc.items() if k != "signature"}, key))
         assert accepted["refusals"] == [], accepted
 

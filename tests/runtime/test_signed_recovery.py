@@ -97,8 +97,8 @@ def forgeries(tmp: Path) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
     other["hold_days"] = "2"
     return {
         "no-document": ({"doc": genuine, "document": None}, {"text": "no signed `document`"}),
-        "key-not-trusted": ({"doc": sign_document(genuine, rogue_key)}, {"text": "[unknown-key]"}),
-        "signature-over-other-content": ({"doc": altered}, {"text": "[bad-signature]"}),
+        "key-not-trusted": ({"doc": sign_document(genuine, rogue_key)}, {"text": "[unknown_key]"}),
+        "signature-over-other-content": ({"doc": altered}, {"text": "[bad_signature]"}),
         "fields-differ-from-document": ({"doc": genuine, "fields_from": other},
                                         {"text": "differs from its signed document"}),
     }
@@ -210,7 +210,7 @@ async def _key_removed(tmp_path: Path) -> None:
         with pytest.raises(AuditError) as info:
             await restart(r, trust_dir=trust)
         msg = str(info.value)
-        assert f"seq {accepted['seq']}:" in msg and "is not in the trust store [unknown-key]" in msg, msg
+        assert f"seq {accepted['seq']}:" in msg and "is not in the trust store [unknown_key]" in msg, msg
         await r.advance_to(r.clock.now() + timedelta(minutes=30))
         assert r.wire_rates(NAME) == sent  # nothing sent by the refused daemon
         _only_reopened(before, r.records())

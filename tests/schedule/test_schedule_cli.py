@@ -115,7 +115,7 @@ def test_validate_trust_altered_fails(tmp_path: Path) -> None:
     doc["hold_days"] = "2"  # still clinically valid, but not what was signed
     r = run("schedule", "validate", write(tmp_path, doc), "--json", "--now", NOW, "--trust", DEMO_TRUST)
     assert r.exit_code == 1
-    assert {(p["path"], p["rule"]) for p in out_json(r)["problems"]} == {("/signature", "bad-signature")}
+    assert {(p["path"], p["rule"]) for p in out_json(r)["problems"]} == {("/signature", "bad_signature")}
 
 
 def test_validate_trust_wrong_key(tmp_path: Path) -> None:
@@ -126,7 +126,7 @@ def test_validate_trust_wrong_key(tmp_path: Path) -> None:
     assert run("schedule", "sign", EXAMPLE, "--key", other, "--out", signed).exit_code == 0
     r = run("schedule", "validate", signed, "--json", "--now", NOW, "--trust", DEMO_TRUST)
     assert r.exit_code == 1
-    assert ("/signature", "unknown-key") in {(p["path"], p["rule"]) for p in out_json(r)["problems"]}
+    assert ("/signature", "unknown_key") in {(p["path"], p["rule"]) for p in out_json(r)["problems"]}
 
 
 @pytest.mark.parametrize(
@@ -182,8 +182,6 @@ def test_validate_huge_file(tmp_path: Path) -> None:
         ["schedule", "validate", "/nonexistent/schedule.json"],
         ["schedule", "validate", str(EXAMPLE), "--now", "yesterday"],
         ["schedule", "validate", str(EXAMPLE), "--now", "2026-11-22T12:00:00"],
-        ["schedule", "validate", str(EXAMPLE), "--trust", "/nonexistent/dir"],
-        ["schedule", "validate", str(EXAMPLE), "--protocol", "/nonexistent.toml"],
         ["schedule", "validate", str(EXAMPLE), "--bogus-option"],
         ["schedule", "sign", str(EXAMPLE)],
         ["schedule", "sign", str(EXAMPLE), "--key", "/nonexistent.key"],
@@ -195,11 +193,19 @@ def test_usage_errors_exit_2(args: list[str]) -> None:
     assert r.exit_code == 2
 
 
+@pytest.mark.parametrize("args", [["--trust", "/nonexistent/dir"], ["--protocol", "/nonexistent.toml"]])
+def test_missing_configuration_exits_1(args: list[str]) -> None:
+    """The drug library and the trust store are configuration: missing or invalid is exit 1 in every command."""
+    r = run("schedule", "validate", str(EXAMPLE), *args, "--json")
+    assert r.exit_code == 1
+    assert out_json(r)["error"]["code"] == "config"
+
+
 def test_usage_error_json_shape() -> None:
     r = run("schedule", "validate", "/nonexistent/schedule.json", "--json")
     assert r.exit_code == 2
     body = out_json(r)
-    assert body["ok"] is False and body["usage"] is True and "cannot read" in body["error"]
+    assert body["ok"] is False and body["usage"] is True and "cannot read" in body["error"]["message"]
 
 
 def test_validate_directory_is_usage_error(tmp_path: Path) -> None:
@@ -210,7 +216,7 @@ def test_validate_bad_protocol_file(tmp_path: Path) -> None:
     bad = tmp_path / "p.toml"
     bad.write_text("[library]\nid = 1\n")
     r = run("schedule", "validate", EXAMPLE, "--protocol", bad, "--json")
-    assert r.exit_code == 2 and "invalid protocol" in out_json(r)["error"]
+    assert r.exit_code == 1 and "invalid protocol" in out_json(r)["error"]["message"]
 
 
 # --- sign ---------------------------------------------------------------------------------------------------
@@ -272,7 +278,7 @@ def test_keys_generate_text_and_refuse_overwrite(tmp_path: Path) -> None:
     assert (tmp_path / "ward.key").exists() and (tmp_path / "ward.pub").exists()
     r = run("keys", "generate", tmp_path, "--name", "ward", "--json")
     assert r.exit_code == 1
-    assert "already exists" in out_json(r)["error"]
+    assert "already exists" in out_json(r)["error"]["message"]
 
 
 def test_keys_generate_bad_name(tmp_path: Path) -> None:

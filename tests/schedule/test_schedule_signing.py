@@ -143,27 +143,27 @@ def test_unsigned(doc: dict[str, Any], keys: tuple[Path, Path, TrustStore]) -> N
 
 def test_wrong_key(doc: dict[str, Any], keys: tuple[Path, Path, TrustStore]) -> None:
     _, other, store = keys
-    assert reason(store, sign_document(doc, other)) == "unknown-key"
+    assert reason(store, sign_document(doc, other)) == "unknown_key"
 
 
 def test_key_id_of_trusted_key_but_signed_by_another(doc: dict[str, Any], keys: tuple[Path, Path, TrustStore]) -> None:
     priv, other, store = keys
     forged = sign_document(doc, other)
     forged["signature"]["key_id"] = sign_document(doc, priv)["signature"]["key_id"]
-    assert reason(store, forged) == "bad-signature"
+    assert reason(store, forged) == "bad_signature"
 
 
 def test_altered_after_signing(doc: dict[str, Any], keys: tuple[Path, Path, TrustStore]) -> None:
     priv, _, store = keys
     signed = sign_document(doc, priv)
     signed["steps"][2]["dose_mg_per_24h"] = "450"
-    assert reason(store, signed) == "bad-signature"
+    assert reason(store, signed) == "bad_signature"
 
 
 def test_wrong_alg(doc: dict[str, Any], keys: tuple[Path, Path, TrustStore]) -> None:
     signed = sign_document(doc, keys[0])
     signed["signature"]["alg"] = "rsa-sha256"
-    assert reason(keys[2], signed) == "wrong-alg"
+    assert reason(keys[2], signed) == "wrong_alg"
 
 
 @pytest.mark.parametrize(
@@ -185,13 +185,13 @@ def test_malformed_signature(
 ) -> None:
     signed = sign_document(doc, keys[0])
     signed["signature"] = damage(signed["signature"])
-    assert reason(keys[2], signed) == "malformed-signature"
+    assert reason(keys[2], signed) == "malformed_signature"
 
 
 def test_float_in_document_is_refused_not_crashed(doc: dict[str, Any], keys: tuple[Path, Path, TrustStore]) -> None:
     signed = sign_document(doc, keys[0])
     signed["hold_days"] = 3.0
-    assert reason(keys[2], signed) == "malformed-signature"
+    assert reason(keys[2], signed) == "malformed_signature"
 
 
 def _leaf_paths(node: Any, base: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
@@ -222,7 +222,7 @@ def test_any_single_field_mutation_breaks_the_signature(
         )
     )
     node[path[-1]] = new
-    assert reason(store, tampered) == "bad-signature"
+    assert reason(store, tampered) == "bad_signature"
 
 
 # --- the committed demo artefacts ---------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Harvard Apparatus Pump 11 Elite pump-chain protocol: codec, transport and driver."""
