@@ -176,6 +176,9 @@ class Replayer:
         self._accepted: dict[str, dict[str, Any]] = {}  # schedule digest -> its schedule_accepted record
         self._pumps: dict[str, _Pump] = {}
         self._summary = ReportBuilder()
+        # History rows encoded for the last snapshot checked (id -> (sample, row)): the next one reuses them.
+        self._rows: dict[int, tuple[Any, list[str]]] = {}
+        self._rows_next: dict[int, tuple[Any, list[str]]] = {}
         self.result = ReplayResult(report=self._summary.report)
         self._suffix: bool | None = None  # the first record added was not seq 1 (None: nothing added yet)
         self._course_data = False  # a record other than the writer's own has been added (or seed() was called)
@@ -244,14 +247,30 @@ class Replayer:
                 self._accepted[str(acc["schedule"].get("digest"))] = acc
 
     def _check_snapshot(self, rec: dict[str, Any]) -> None:
-        """A snapshot must hold exactly the states replay has computed up to it, and the library in force."""
+        """A snapshot must hold exactly the states replay has computed up to it, and the library in force.
+
+        Fast path: a pump's state in the snapshot is identical to ours when its fields equal ours encoded
+        (decoding is exact: decode(encode(state)) is the state itself, tests/core/test_state_records.py), and
+        each history sample is encoded once for all the snapshots it appears in. Only when some state differs is
+        the snapshot decoded, and judged as before (parse errors, ==, repr)."""
         from driverd.audit.snapshot import read_snapshot, schedules_in
 
+        raw_states: dict[str, Any] = rec["states"] if isinstance(rec.get("states"), dict) else {}
+        pumps = sorted(set(raw_states) | set(self._pumps)) if raw_states else []
+        replayed = {q: (self._pumps[q].state if q in self._pumps else self._initial_state(q)) for q in pumps}
+        identical = bool(pumps)
+        for pump in pumps:  # every pump encoded (no short cut): the next snapshot reuses the rows
+            encoded = self._encode_state(replayed[pump])
+            identical = identical and raw_states.get(pump) == encoded
+        self._rows = self._rows_next
+        self._rows_next = {}
         try:
-            snap = read_snapshot(rec)
+            snap = read_snapshot(rec, decode_states=not identical)
         except DriverdError as exc:
             self._diverge(rec, "", None, "snapshot", None, None, f"state snapshot does not parse: {exc}")
             return
+        if identical:
+            snap.states = replayed
         if snap.library != self._library_text:
             self._diverge(rec, "", None, "snapshot", None, None, "state snapshot names another drug library")
         if snap.versions != self._versions:
@@ -266,6 +285,8 @@ class Replayer:
         if snap.ledger.to_fields() != self._ledger.to_fields():
             self._diverge(rec, "", None, "snapshot", None, None,
                           "state snapshot exposure ledger differs from the log's")
+        if identical:
+            return  # every state is identical to ours (above): nothing more to compare
         for pump_id in sorted(set(snap.states) | set(self._pumps)):
             p = self._pumps.get(pump_id)
             ours = p.state if p is not None else self._initial_state(pump_id)
@@ -273,6 +294,19 @@ class Replayer:
             if theirs != ours or repr(theirs) != repr(ours):
                 self._diverge(rec, pump_id, None, "snapshot", None, None,
                               f"state snapshot differs from the replayed state of pump {pump_id}")
+
+    def _encode_state(self, state: Any) -> Any:
+        from driverd.core.state_records import sample_row, state_to_fields
+
+        rows, kept = self._rows, self._rows_next
+
+        def row(sample: Any) -> list[str]:
+            hit = rows.get(id(sample))
+            out = hit[1] if hit is not None and hit[0] is sample else sample_row(sample)
+            kept[id(sample)] = (sample, out)  # the sample is held, so its id is not reused while cached
+            return out
+
+        return state_to_fields(state, row)
 
     def states(self) -> dict[str, Any]:
         """Each pump's course state after everything added so far (crash recovery starts from these)."""
