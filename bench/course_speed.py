@@ -3,7 +3,11 @@
 Runs the real demo path (daemon, channels, safety kernel, audit log with fdatasync and signed checkpoints, the
 simulator on its real transport) once per driver and round, and prints the ratio to virtual time.
 
-usage: python bench/course_speed.py [sim newera modbus] [--rounds N] [--profile FILE]
+With --poll S the pump is polled every S seconds of virtual time (the shipped default is 1 s; the demo's 60 s
+is this script's default, as in its earlier figures). With --before DIR (an earlier checkout, e.g. `git archive
+main | tar -x -C DIR`) that version runs the same course in the same rounds, in a subprocess.
+
+usage: python bench/course_speed.py [sim newera modbus] [--rounds N] [--poll S] [--profile FILE] [--before DIR]
 """
 
 from __future__ import annotations
@@ -11,6 +15,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,23 +30,44 @@ from common import machine, median, say, table
 from driverd.runtime.demo import DemoOptions, run_demo
 
 
-def run_once(driver: str) -> tuple[float, Any]:
-    t0 = time.perf_counter()
-    result = asyncio.run(run_demo(DemoOptions(driver=driver)))
+def run_once(driver: str, poll: float = 60.0) -> tuple[float, Any]:
+    t0, c0 = time.perf_counter(), time.process_time()
+    result = asyncio.run(run_demo(DemoOptions(driver=driver, poll_period_s=poll)))
+    result.cpu_s = time.process_time() - c0  # this process's CPU: on a shared machine wall time also measures others
     return time.perf_counter() - t0, result
+
+
+BEFORE_SNIPPET = """
+import asyncio, json, sys, time
+from driverd.runtime.demo import DemoOptions, run_demo
+t0, c0 = time.perf_counter(), time.process_time()
+r = asyncio.run(run_demo(DemoOptions(driver=sys.argv[1], poll_period_s=float(sys.argv[2]))))
+print(json.dumps([time.perf_counter() - t0, r.virtual_seconds, r.pumps[0]["polls"], r.pumps[0]["phase"],
+                  time.process_time() - c0]))
+"""
+
+
+def run_before(src: Path, driver: str, poll: float) -> list[Any]:
+    """The same course by the checkout in src, timed inside its own process (its imports excluded)."""
+    done = subprocess.run([sys.executable, "-c", BEFORE_SNIPPET, driver, str(poll)], cwd=src, check=True,
+                          env={**os.environ, "PYTHONPATH": str(src)}, capture_output=True, text=True)
+    out: list[Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("drivers", nargs="*", default=["sim", "newera", "modbus"])
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--poll", type=float, default=60.0, help="poll period in virtual seconds (shipped: 1)")
     ap.add_argument("--profile", type=Path, help="cProfile one run (the first driver) into FILE")
+    ap.add_argument("--before", type=Path, help="an earlier checkout to run side by side")
     args = ap.parse_args()
     say("machine:", machine())
     if args.profile is not None:
         prof = cProfile.Profile()
         prof.enable()
-        run_once(args.drivers[0])
+        run_once(args.drivers[0], args.poll)
         prof.disable()
         prof.dump_stats(args.profile)
         say(f"profile written to {args.profile}")
@@ -48,18 +76,34 @@ def main() -> None:
     for driver in args.drivers:
         walls: list[float] = []
         result: Any = None
+        cpus: list[float] = []
+        before: list[list[Any]] = []
         for _ in range(args.rounds):
-            wall, result = run_once(driver)
+            wall, result = run_once(driver, args.poll)
             walls.append(wall)
-            say(f"  {driver:7s} wall {wall:6.2f} s  phase {result.pumps[0]['phase']}  "
-                f"delivered {result.pumps[0]['delivered_ml']} mL")
+            cpus.append(result.cpu_s)
+            say(f"  {driver:7s} wall {wall:6.2f} s  CPU {result.cpu_s:6.2f} s  phase {result.pumps[0]['phase']}  "
+                f"delivered {result.pumps[0]['delivered_ml']} mL  polls {result.pumps[0]['polls']}")
+            if args.before is not None:
+                before.append(run_before(args.before, driver, args.poll))
+                say(f"  {driver:7s} before: wall {before[-1][0]:6.2f} s  CPU {before[-1][4]:6.2f} s  "
+                    f"phase {before[-1][3]}  polls {before[-1][2]}")
+        if before:
+            bw = median([b[0] for b in before])
+            bc = median([b[4] for b in before])
+            rows.append([f"{driver} (before: {args.before})", f"{bw:.2f} s (min {min(b[0] for b in before):.2f})",
+                         f"{bc:.2f} s", f"{before[0][1] / bw:,.0f}x", f"{before[0][1] / bc:,.0f}x",
+                         f"{bw / before[0][2] * 1e3:.3f} ms", before[0][2], before[0][3]])
         polls = result.pumps[0]["polls"]
         w = median(walls)
-        rows.append([driver, f"{w:.2f} s (min {min(walls):.2f})", f"{result.virtual_seconds / w:,.0f}x",
-                     f"{w / polls * 1e3:.3f} ms", polls, result.pumps[0]["phase"]])
+        c = median(cpus)
+        rows.append([driver, f"{w:.2f} s (min {min(walls):.2f})", f"{c:.2f} s", f"{result.virtual_seconds / w:,.0f}x",
+                     f"{result.virtual_seconds / c:,.0f}x", f"{w / polls * 1e3:.3f} ms", polls,
+                     result.pumps[0]["phase"]])
     say()
-    say(table(["driver", f"wall (median of {args.rounds})", "speed-up vs virtual", "per poll", "polls",
-               "final phase"], rows))
+    say(f"poll period {args.poll:g} s (virtual)")
+    say(table(["driver", f"wall (median of {args.rounds})", "CPU", "speed-up vs virtual (wall)", "(CPU)", "per poll",
+               "polls", "final phase"], rows))
     say("load at end:", machine())
 
 

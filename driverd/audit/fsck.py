@@ -94,16 +94,27 @@ def check_all(path: Path, *, public_key: Ed25519PublicKey | None = None, require
         scratch.key_source, scratch.key_fingerprint = "argument", fingerprint(public_key)
     numbers = [n for n, _ in segments]
     standalone = not path.is_dir()
+    # After `audit archive`, the live log continues the archived chain from its anchor (archive.py).
+    from driverd.audit.archive import anchor_problem, read_anchor
+
+    anchor = None
     if path.is_dir():
-        if numbers[0] != 1:
-            out.add(Problem(None, str(segments[0][1]), 0, "segments", f"segment 1 is missing (log starts at "
+        try:
+            anchor = read_anchor(path)
+        except AuditError as exc:
+            out.add(Problem(None, str(path), 0, "anchor", str(exc)))
+    first = anchor.first_segment if anchor is not None else 1
+    if path.is_dir():
+        if numbers[0] != first:
+            out.add(Problem(None, str(segments[0][1]), 0, "segments", f"segment {first} is missing (log starts at "
                                                                       f"{numbers[0]})"))
-        missing = sorted(set(range(1, numbers[-1] + 1)) - set(numbers) - ({1} if numbers[0] != 1 else set()))
-        if missing and numbers[0] == 1:
+        missing = sorted(set(range(first, numbers[-1] + 1)) - set(numbers) - ({first} if numbers[0] != first
+                                                                               else set()))
+        if missing and numbers[0] == first:
             out.add(Problem(None, str(path), 0, "segments", f"segments missing from the sequence: {missing}"))
     key = public_key
-    expected: int | None = None
-    prev: str | None = None
+    expected: int | None = anchor.last_seq + 1 if anchor is not None else None
+    prev: str | None = anchor.last_hash if anchor is not None else None
     prev_damaged = False
     good = 0  # records without a problem (a key in a later segment of an unsigned log needs it)
     unsealed_from: int | None = None
@@ -133,6 +144,10 @@ def check_all(path: Path, *, public_key: Ed25519PublicKey | None = None, require
             raise AuditError(f"{seg}: cannot read: {exc.strerror}") from None
         if lineno == 0:
             out.add(Problem(expected, str(seg), 0, "empty_segment", "empty segment (no segment_start)"))
+    if anchor is not None:
+        why = anchor_problem(anchor, scratch.key_fingerprint, public_key)
+        if why is not None:
+            out.add(Problem(None, str(path), 0, "anchor", f"archive anchor: {why}"))
     if require_sealed and unsealed_from is not None:
         out.add(Problem(unsealed_from, last_file, 0, "unsealed_tail",
                         "unsealed tail (records after the last checkpoint)"))

@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 ENVELOPE = frozenset({"seq", "ts", "event", "pump_id", "course_id", "prev", "hash"})
 #: Records the writer puts first after a restart: whatever the previous process had not logged yet, it never will.
 CRASH_BOUNDARIES = frozenset({"torn_tail_truncated", "log_reopened"})
+#: The writer's own records (writer.WRITER_EVENTS): they carry no course data.
+WRITER_RECORDS = frozenset({"segment_start", "checkpoint", "torn_tail_truncated", "log_reopened"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +83,9 @@ class ReplayResult:
     inputs: int = 0
     outputs_checked: int = 0
     report: Report = field(default_factory=Report)
+    # The log did not start at seq 1 (the segments before were archived, or one segment was given) and its first
+    # record with course data was a state snapshot: replay started from that snapshot's states (its seq).
+    seeded_from: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -94,6 +99,7 @@ class ReplayResult:
             "divergences": [d.as_dict() for d in self.divergences],
             "interrupted": [i.as_dict() for i in self.interrupted],
             **self.report.as_dict(),
+            "seeded_from": self.seeded_from,
         }
 
     def text_lines(self) -> list[str]:
@@ -103,6 +109,9 @@ class ReplayResult:
         )
         note = "  (replay checks decisions, not integrity: `driverd audit verify` checks the chain and signatures)"
         out = [head, note]
+        if self.seeded_from is not None:
+            out.append(f"  started from the state snapshot at seq {self.seeded_from}: the log before it is not here "
+                       "(archived: see its archive anchor); decisions from there on are checked")
         for i in self.interrupted:
             names = ", ".join(str(o.get("event")) for o in i.outputs)
             out.append(f"  interrupted by a crash after input seq {i.input_seq} (pump {i.pump_id}): {names} "
@@ -167,11 +176,25 @@ class Replayer:
         self._accepted: dict[str, dict[str, Any]] = {}  # schedule digest -> its schedule_accepted record
         self._pumps: dict[str, _Pump] = {}
         self._summary = ReportBuilder()
+        # History rows encoded for the last snapshot checked (id -> (sample, row)): the next one reuses them.
+        self._rows: dict[int, tuple[Any, list[str]]] = {}
+        self._rows_next: dict[int, tuple[Any, list[str]]] = {}
         self.result = ReplayResult(report=self._summary.report)
+        self._suffix: bool | None = None  # the first record added was not seq 1 (None: nothing added yet)
+        self._course_data = False  # a record other than the writer's own has been added (or seed() was called)
 
     def add(self, rec: dict[str, Any]) -> None:
         self._summary.add(rec)
         event = rec.get("event")
+        if self._suffix is None:
+            self._suffix = rec.get("seq") != 1
+        if event == "state_snapshot" and self._suffix and not self._course_data:
+            # A log that begins after seq 1 with a state snapshot (after `audit archive`, the live log starts
+            # so): replay carries on from it, as start-up does. In a whole log every snapshot is checked instead.
+            self._seed_record(rec)
+            return
+        if event not in WRITER_RECORDS:
+            self._course_data = True
         if event == "library_loaded":
             self._load_library(rec)
             return
@@ -199,8 +222,20 @@ class Replayer:
     def library_text(self) -> str | None:
         return self._library_text
 
+    def _seed_record(self, rec: dict[str, Any]) -> None:
+        from driverd.audit.snapshot import read_snapshot
+
+        try:
+            snap = read_snapshot(rec)
+        except DriverdError as exc:
+            self._diverge(rec, "", None, "snapshot", None, None, f"state snapshot does not parse: {exc}")
+            return
+        self.seed(snap)
+        self.result.seeded_from = rec.get("seq") if isinstance(rec.get("seq"), int) else None
+
     def seed(self, snap: Snapshot) -> None:
         """Start from a state snapshot (start-up replays only what follows it)."""
+        self._course_data = True  # later snapshots are checked against it
         for pump_id, state in snap.states.items():
             self._pumps[pump_id] = _Pump(state)
         if snap.library is not None:
@@ -212,14 +247,30 @@ class Replayer:
                 self._accepted[str(acc["schedule"].get("digest"))] = acc
 
     def _check_snapshot(self, rec: dict[str, Any]) -> None:
-        """A snapshot must hold exactly the states replay has computed up to it, and the library in force."""
+        """A snapshot must hold exactly the states replay has computed up to it, and the library in force.
+
+        Fast path: a pump's state in the snapshot is identical to ours when its fields equal ours encoded
+        (decoding is exact: decode(encode(state)) is the state itself, tests/core/test_state_records.py), and
+        each history sample is encoded once for all the snapshots it appears in. Only when some state differs is
+        the snapshot decoded, and judged as before (parse errors, ==, repr)."""
         from driverd.audit.snapshot import read_snapshot, schedules_in
 
+        raw_states: dict[str, Any] = rec["states"] if isinstance(rec.get("states"), dict) else {}
+        pumps = sorted(set(raw_states) | set(self._pumps)) if raw_states else []
+        replayed = {q: (self._pumps[q].state if q in self._pumps else self._initial_state(q)) for q in pumps}
+        identical = bool(pumps)
+        for pump in pumps:  # every pump encoded (no short cut): the next snapshot reuses the rows
+            encoded = self._encode_state(replayed[pump])
+            identical = identical and raw_states.get(pump) == encoded
+        self._rows = self._rows_next
+        self._rows_next = {}
         try:
-            snap = read_snapshot(rec)
+            snap = read_snapshot(rec, decode_states=not identical)
         except DriverdError as exc:
             self._diverge(rec, "", None, "snapshot", None, None, f"state snapshot does not parse: {exc}")
             return
+        if identical:
+            snap.states = replayed
         if snap.library != self._library_text:
             self._diverge(rec, "", None, "snapshot", None, None, "state snapshot names another drug library")
         if snap.versions != self._versions:
@@ -234,6 +285,8 @@ class Replayer:
         if snap.ledger.to_fields() != self._ledger.to_fields():
             self._diverge(rec, "", None, "snapshot", None, None,
                           "state snapshot exposure ledger differs from the log's")
+        if identical:
+            return  # every state is identical to ours (above): nothing more to compare
         for pump_id in sorted(set(snap.states) | set(self._pumps)):
             p = self._pumps.get(pump_id)
             ours = p.state if p is not None else self._initial_state(pump_id)
@@ -241,6 +294,19 @@ class Replayer:
             if theirs != ours or repr(theirs) != repr(ours):
                 self._diverge(rec, pump_id, None, "snapshot", None, None,
                               f"state snapshot differs from the replayed state of pump {pump_id}")
+
+    def _encode_state(self, state: Any) -> Any:
+        from driverd.core.state_records import sample_row, state_to_fields
+
+        rows, kept = self._rows, self._rows_next
+
+        def row(sample: Any) -> list[str]:
+            hit = rows.get(id(sample))
+            out = hit[1] if hit is not None and hit[0] is sample else sample_row(sample)
+            kept[id(sample)] = (sample, out)  # the sample is held, so its id is not reused while cached
+            return out
+
+        return state_to_fields(state, row)
 
     def states(self) -> dict[str, Any]:
         """Each pump's course state after everything added so far (crash recovery starts from these)."""

@@ -279,6 +279,10 @@ class Report:
     reopened: int = 0
     patients: dict[str, str] = field(default_factory=dict)  # course id -> patient_ref (from the accepted schedules)
     unattributed_refusals: list[dict[str, Any]] = field(default_factory=list)  # refused before any pump was known
+    # The log began after seq 1 with a state snapshot (the live log after `audit archive`): its seq, and the
+    # bursts of its exposure ledger (the courses before it, archived), carried into the exposure ledger.
+    carried_from: int | None = None
+    carried: list[dict[str, Any]] = field(default_factory=list)
 
     def exposure(self) -> dict[str, list[dict[str, Any]]]:
         """The per-patient exposure ledger (issue 13), rebuilt from the log like the daemon's: every course that
@@ -294,6 +298,10 @@ class Report:
             out.setdefault(self.patients[c.course_id], []).append(
                 {"course_id": c.course_id, "pump_id": c.pump_id, "started_at": started, "ended_at": h.get("at"),
                  "delivered_mg": h.get("delivered_mg")})
+        own = {b["course_id"] for bursts in out.values() for b in bursts}
+        for b in self.carried:  # bursts before the snapshot the log starts from (archived courses)
+            if b["course_id"] not in own:
+                out.setdefault(b["patient_ref"], []).insert(0, {k: v for k, v in b.items() if k != "patient_ref"})
         return out
 
     def as_dict(self) -> dict[str, Any]:
@@ -305,6 +313,7 @@ class Report:
             "courses": [c.as_dict() for c in self.courses.values()],
             "unattributed_refusals": self.unattributed_refusals,
             "exposure": self.exposure(),
+            "carried_from": self.carried_from,
         }
 
 
@@ -328,6 +337,7 @@ class ReportBuilder:
         self.report = Report()
         self._pumps: dict[str, _Pump] = {}
         self._schedules: dict[str, dict[str, Any]] = {}  # schedule_id -> the last accepted schedule's fields
+        self._writer_records = 0  # the writer's own records so far (segment_start, checkpoint, ...)
 
     def _course(self, pump: str, course_id: str | None) -> CourseSummary:
         c = self.report.courses.get((pump, course_id))
@@ -349,7 +359,11 @@ class ReportBuilder:
         if isinstance(sched, dict) and isinstance(sched.get("schedule_id"), str):
             r.patients[sched["schedule_id"]] = str(sched.get("patient_ref"))
         if event == "state_snapshot":
+            if r.records == self._writer_records + 1 and rec.get("seq") != 1 and r.carried_from is None:
+                self._carry(rec)
             self._seed(rec)
+        elif event in ("segment_start", "checkpoint", "torn_tail_truncated", "log_reopened"):
+            self._writer_records += 1
         pump_id = rec.get("pump_id")
         if not isinstance(pump_id, str):
             if event == "request_refused":
@@ -390,6 +404,30 @@ class ReportBuilder:
         elif event == "exposure_override":
             c.notices.append((when, "exposure_override", f"{rec.get('reason')} (approved by "
                                                          f"{_approvers(rec)})"))
+
+    def _carry(self, rec: dict[str, Any]) -> None:
+        """The live log after `audit archive` starts (after the writer's own records) from a state snapshot: what
+        came before is in the archive. Its library version and the archived courses' bursts (from the snapshot's
+        exposure ledger) are carried into the report."""
+        from driverd.audit.exposure import LedgerBuilder
+        from driverd.core.errors import DriverdError
+        from driverd.core.protocol import parse_protocol
+
+        r = self.report
+        r.carried_from = rec.get("seq") if isinstance(rec.get("seq"), int) else None
+        if isinstance(rec.get("library"), str):
+            try:
+                r.library_versions.append(f"{parse_protocol(rec['library']).library_version} (from the snapshot)")
+            except DriverdError:
+                r.library_versions.append("? (from the snapshot)")
+        try:
+            ledger = LedgerBuilder.from_fields(rec.get("ledger"))
+        except DriverdError:
+            return
+        r.carried = [{"patient_ref": b.patient_ref, "course_id": b.course_id, "pump_id": None,
+                      "started_at": b.started_at, "ended_at": b.ended_at,
+                      "delivered_mg": b.drug_mg if b.ended_at is not None else None, "archived": True}
+                     for b in ledger.ledger().values()]
 
     def _seed(self, rec: dict[str, Any]) -> None:
         """A segment read on its own starts with a state snapshot (docs/audit.md, "State snapshots"): a course the
@@ -618,6 +656,9 @@ def report_lines(rep: Report, zone: Zone = UTC_ZONE) -> list[str]:
            f"times ISO 8601 in {zone.name}"]
     if rep.reopened or rep.torn_tails:
         out.append(f"writer restarts: {rep.reopened}; torn tails truncated: {rep.torn_tails}")
+    if rep.carried_from is not None:
+        out.append(f"starts from the state snapshot at seq {rep.carried_from}: earlier records are archived (their "
+                   "courses are in the archive; their bursts are in the exposure ledger below)")
     for c in rep.courses.values():
         out.append("")
         if not c.has_course_records():
@@ -669,7 +710,8 @@ def report_lines(rep: Report, zone: Zone = UTC_ZONE) -> list[str]:
             for b in bursts:
                 end = t(b["ended_at"]) if b["ended_at"] else "running"
                 mg = f"{b['delivered_mg']} mg" if b["delivered_mg"] is not None else "mg: see the course"
-                out.append(f"  {patient}: {b['course_id']} on {b['pump_id']} {t(b['started_at'])} .. {end}, {mg}")
+                where = "(archived)" if b.get("archived") else f"on {b['pump_id']}"
+                out.append(f"  {patient}: {b['course_id']} {where} {t(b['started_at'])} .. {end}, {mg}")
     return out
 
 

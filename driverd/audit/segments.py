@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Final
@@ -9,6 +10,9 @@ from typing import Final
 from driverd.core.errors import AuditError
 
 SEGMENT_RE: Final = re.compile(r"^audit-(\d{6,})\.jsonl$")
+#: Left in the live log directory by `driverd audit archive` (driverd/audit/archive.py): the segments before its
+#: `first_segment` were archived; the live log is the segments from there on.
+ANCHOR_NAME: Final = "archive-anchor.json"
 
 
 def segment_name(number: int) -> str:
@@ -35,10 +39,32 @@ def list_segments(directory: Path) -> list[tuple[int, Path]]:
     return found
 
 
+def anchor_first_segment(directory: Path) -> int:
+    """The first segment of the live log: the archive anchor's `first_segment`, or 1 without an anchor. (The
+    anchor is checked in full, signature included, by verify: archive.py.)"""
+    anchor = directory / ANCHOR_NAME
+    try:
+        data = anchor.read_bytes()
+    except FileNotFoundError:
+        return 1
+    except OSError as exc:
+        raise AuditError(f"{anchor}: cannot read the archive anchor: {exc.strerror}") from None
+    try:
+        first = json.loads(data).get("first_segment")
+    except (ValueError, AttributeError):
+        first = None
+    if isinstance(first, bool) or not isinstance(first, int) or first < 2:
+        raise AuditError(f"{anchor}: first_segment: not an archive anchor (expected an integer >= 2)")
+    return first
+
+
 def resolve_log(path: Path) -> list[tuple[int, Path]]:
-    """LOG|DIR as given on the command line: a directory of segments, or one segment file."""
+    """LOG|DIR as given on the command line: a directory of segments, or one segment file. In a directory with an
+    archive anchor, the live log starts at the anchor's first segment: segments before it (left by an archive cut
+    short between writing the anchor and removing them) are archived copies and are not read."""
     if path.is_dir():
-        segs = list_segments(path)
+        first = anchor_first_segment(path)
+        segs = [(n, p) for n, p in list_segments(path) if n >= first]
         if not segs:
             raise AuditError(f"{path}: no audit segments (audit-NNNNNN.jsonl) in this directory")
         return segs

@@ -30,7 +30,7 @@ from driverd.audit.canonical import (
     sha256_hex,
 )
 from driverd.audit.reader import MAX_LINE_BYTES, LineTooLong
-from driverd.audit.segments import resolve_log
+from driverd.audit.segments import list_segments, resolve_log
 from driverd.audit.signing import checkpoint_signature_ok, fingerprint, public_from_b64, raw_public
 from driverd.core.errors import AuditError
 
@@ -76,6 +76,7 @@ class VerifyReport:
     last_checkpoint_seq: int | None = None
     unsealed_records: int = 0  # records after the last checkpoint
     notes: list[str] = field(default_factory=list)
+    archived: dict[str, Any] | None = None  # the archive anchor the live log starts from (`audit archive`)
 
     @property
     def unsealed_from(self) -> int | None:
@@ -86,6 +87,8 @@ class VerifyReport:
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["unsealed_from"] = self.unsealed_from
+        if d["archived"] is None:
+            del d["archived"]
         return d
 
 
@@ -408,20 +411,38 @@ def verify_log(
     workers: int = 1,
     chunk_bytes: int | None = None,
     first_segment: int = 1,
+    segments: list[tuple[int, Path]] | None = None,
 ) -> VerifyReport:
     """Verify LOG (one segment file) or DIR (all segments). Raises AuditError only if nothing is readable.
 
     `workers` > 1 checks chunks of the log in that many processes (logs over PARALLEL_MIN_BYTES only); the
     report is the same whatever the number of workers and the chunk size (`chunk_bytes`, default: the log split
-    about four ways per worker, 1 to 8 MiB a chunk)."""
-    segments = resolve_log(path)
+    about four ways per worker, 1 to 8 MiB a chunk).
+
+    A directory with an archive anchor (`driverd audit archive`) is verified from the anchor's first segment, its
+    first record linked to the anchor's last hash and seq, and the anchor's signature checked with the log's key.
+    `segments`: verify exactly these (e.g. archived segments followed by the live ones: one chain from seq 1)."""
+    from driverd.audit.archive import Anchor, read_anchor
+
+    given = segments is not None
+    if segments is None:
+        # From a snapshot's segment (start-up), the archive anchor is not consulted: recovery does not need it.
+        segments = list_segments(path) if first_segment > 1 and path.is_dir() else resolve_log(path)
+    anchor: Anchor | None = None
+    if first_segment == 1 and path.is_dir() and (not given or (segments and segments[0][0] > 1)):
+        try:
+            anchor = read_anchor(path)
+        except AuditError as exc:
+            return VerifyReport(path=str(path), ok=False, failure=Failure(None, str(path), 0, str(exc)))
+        if anchor is not None:
+            first_segment = anchor.first_segment
     if first_segment > 1 and path.is_dir():
         # Start-up from a state snapshot (issue 12): only the segments from the snapshot's on. Their first
         # segment_start's link back is not checked (its predecessor is not read).
         segments = [(n, p) for n, p in segments if n >= first_segment] or segments[-1:]
     report = VerifyReport(path=str(path))
     report.segments = len(segments)
-    standalone = not path.is_dir() or first_segment > 1
+    standalone = not path.is_dir() or (first_segment > 1 and anchor is None)
     numbers = [n for n, _ in segments]
     if path.is_dir():
         if numbers[0] != first_segment:
@@ -449,6 +470,8 @@ def verify_log(
     key = public_key
     expected_seq: int | None = None
     prev_line_hash: str | None = None
+    if anchor is not None:  # the live log continues the archived chain
+        expected_seq, prev_line_hash = anchor.last_seq + 1, anchor.last_hash
     lines_before = 0  # lines of the current segment in the chunks before this one
     results = _results(chunks, workers)
     try:
@@ -473,6 +496,10 @@ def verify_log(
         if close is not None:
             close()
 
+    if anchor is not None:
+        _check_anchor(anchor, path, public_key, report)
+        if not report.ok:
+            return report
     if report.key_source == "log":
         report.notes.append(
             "checked against the public key recorded in the log itself: anyone who rewrote the whole log could "
@@ -492,6 +519,38 @@ def verify_log(
             report.unsealed_from, str(segments[-1][1]), 0, "unsealed tail (records after the last checkpoint)"
         )
     return report
+
+
+def _check_anchor(anchor: Any, path: Path, public_key: Ed25519PublicKey | None, report: VerifyReport) -> None:
+    """The live log verified from the anchor's last hash on: now the anchor itself (its signature, by the log's
+    key) and that the snapshot it names is in the live log."""
+    from driverd.audit.archive import anchor_problem
+    from driverd.audit.segments import ANCHOR_NAME, list_segments
+
+    where = str(path / ANCHOR_NAME)
+    problem = anchor_problem(anchor, report.key_fingerprint, public_key)
+    if problem is None and not (report.first_seq or 0) <= anchor.snapshot_seq <= (report.last_seq or 0):
+        problem = f"the anchor's snapshot seq {anchor.snapshot_seq} is not in the live log"
+    if problem is not None:
+        report.ok = False
+        report.failure = Failure(None, where, 0, f"archive anchor: {problem}")
+        return
+    archives = sorted({s.archive for s in anchor.segments})
+    report.archived = {"segments": len(anchor.segments), "last_seq": anchor.last_seq,
+                       "snapshot_seq": anchor.snapshot_seq, "archives": archives, "signed": anchor.sig is not None,
+                       "archived_at": anchor.archived_at}
+    report.notes.append(
+        f"segments 1..{anchor.first_segment - 1} (seq 1..{anchor.last_seq}) are archived in {', '.join(archives)}; "
+        f"the live log continues from their last hash, and starts from the state snapshot at seq "
+        f"{anchor.snapshot_seq} (pass --archive DIR to verify the whole chain)"
+        + ("" if anchor.sig is not None else "; the anchor is unsigned, like the log")
+    )
+    left = [n for n, _ in list_segments(path) if n < anchor.first_segment]
+    if left:
+        report.notes.append(
+            f"segments {left[0]}..{left[-1]} are still here though archived (an archive was cut short before "
+            "removing them; run `driverd audit archive` again to finish): not read"
+        )
 
 
 def _key_after(chunk: _Chunk, key: Ed25519PublicKey | None) -> Ed25519PublicKey | None:

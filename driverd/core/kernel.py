@@ -7,10 +7,10 @@ module can construct) or a `Refusal` with a stable reason code. Decreases and st
 
 from __future__ import annotations
 
-import bisect
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal, localcontext
+from functools import lru_cache
 from typing import Literal
 
 from driverd.core.protocol import ProtocolSpec
@@ -133,7 +133,7 @@ def _check_increase(
         return Refusal("uncertain", f"setpoint {state.pending.setpoint.id} is not yet verified")
     if state.taper_lock and (state.lock_ceiling_rate is None or rate > state.lock_ceiling_rate):
         return Refusal("taper_lock", f"taper lock: no rate above {state.lock_ceiling_rate} mL/h")
-    if state.started_at is not None and now >= state.started_at + timedelta(days=float(protocol.max_course_days)):
+    if state.started_at is not None and now >= state.started_at + span_days(protocol.max_course_days):
         return Refusal("course_length", f"course reached its {protocol.max_course_days}-day cap")
     if rate > pump_rate(state, schedule.max_dose_mg_per_24h):
         return Refusal("schedule_max", f"{dose} mg/24h is above the approved schedule's highest step")
@@ -181,7 +181,7 @@ def _check_step(state: CourseState, protocol: ProtocolSpec, proposal: Proposal, 
         return Refusal("max_step", f"step of {target - state.level_mg_per_24h} exceeds {protocol.max_step_mg_per_24h}")
     if now < step.not_before:
         return Refusal("not_before", f"step {index} not before {step.not_before.isoformat()}")
-    interval = timedelta(hours=float(protocol.step_interval_hours))
+    interval = span_hours(protocol.step_interval_hours)
     if state.last_change_at is not None and now < state.last_change_at + interval:
         return Refusal("interval", f"next change not before {(state.last_change_at + interval).isoformat()}")
     if proposal.intent == "start" and now >= schedule.expires_at:
@@ -239,6 +239,29 @@ def window_drug(state: CourseState, start: datetime, end: datetime) -> Decimal:
     return _cumulative(state, end, mg=True) - _cumulative(state, start, mg=True)
 
 
+def cumulative_drug(state: CourseState, t: datetime) -> Decimal:
+    """Course-cumulative delivered drug (mg) at t (t <= the newest report): window_drug(a, b) is
+    cumulative_drug(b) - cumulative_drug(a)."""
+    return _cumulative(state, t, mg=True)
+
+
+def cumulative_drug_bounds(state: CourseState, t: datetime) -> tuple[Decimal, Decimal]:
+    """(low, high) around cumulative_drug(state, t), without interpolating: the values of the two samples t falls
+    between (the value itself where cumulative_drug does not interpolate). Interpolation stays between them up to
+    its roundings in _CTX (34 digits; relative error below 1E-32 of the values)."""
+    last = state.last_sample
+    if last is None:
+        return Decimal(0), Decimal(0)
+    if t >= last.at:
+        return last.delivered_mg, last.delivered_mg
+    a, b = state.samples.bracket(t)
+    if a is None:
+        v = (b if b is not None else last).delivered_mg
+        return v, v
+    va, vb = a.delivered_mg, (b if b is not None else last).delivered_mg
+    return (va, vb) if va <= vb else (vb, va)
+
+
 def _value(sample: Sample, mg: bool) -> Decimal:
     return sample.delivered_mg if mg else sample.delivered_ml
 
@@ -246,25 +269,26 @@ def _value(sample: Sample, mg: bool) -> Decimal:
 def _cumulative(state: CourseState, t: datetime, *, mg: bool = False) -> Decimal:
     """Course-cumulative delivered volume (or drug) at t from the kept samples and the newest report (no copy
     of the history: this runs on every report)."""
-    samples, last = state.samples, state.last_sample
+    last = state.last_sample
     if last is None:
         return Decimal(0)
     if t >= last.at:
         return _value(last, mg)
-    if not samples or t <= samples[0].at:
-        return _value(samples[0] if samples else last, mg)
-    if t >= samples[-1].at:
-        return _between(samples[-1], last, t, mg)
-    i = bisect.bisect_right(samples, t, key=sample_at)
-    return _between(samples[i - 1], samples[i], t, mg)
+    # Empty history: the newest report; at or before the first sample: its value; after the newest kept sample:
+    # between it and the newest report; else between the two kept samples around t.
+    a, b = state.samples.bracket(t)
+    if a is None:
+        return _value(b if b is not None else last, mg)
+    return _between(a, b if b is not None else last, t, mg)
 
 
 def _between(a: Sample, b: Sample, t: datetime, mg: bool = False) -> Decimal:
     span = _hours(b.at - a.at)
     if span == 0:
         return _value(b, mg)
-    with localcontext(_CTX):
-        return _value(a, mg) + (_value(b, mg) - _value(a, mg)) * _hours(t - a.at) / span
+    va, vb = _value(a, mg), _value(b, mg)
+    # (vb - va) * h / span + va, each operation rounded in _CTX exactly as under localcontext(_CTX).
+    return _CTX.add(va, _CTX.divide(_CTX.multiply(_CTX.subtract(vb, va), _hours(t - a.at)), span))
 
 
 def sample_at(sample: Sample) -> datetime:
@@ -272,15 +296,38 @@ def sample_at(sample: Sample) -> datetime:
     return sample.at
 
 
+@lru_cache(maxsize=256)
+def span_days(days: Decimal) -> timedelta:
+    """timedelta(days=float(days)), cached: limits from the library and the schedule, read on every event."""
+    return timedelta(days=float(days))
+
+
+@lru_cache(maxsize=256)
+def span_hours(hours: Decimal) -> timedelta:
+    """timedelta(hours=float(hours)), cached (see span_days)."""
+    return timedelta(hours=float(hours))
+
+
+@lru_cache(maxsize=256)
+def span_minutes(minutes: Decimal) -> timedelta:
+    """timedelta(minutes=float(minutes)), cached (see span_days)."""
+    return timedelta(minutes=float(minutes))
+
+
 def hours_between(a: datetime, b: datetime) -> Decimal:
     """Exact hours from a to b (microsecond resolution, no float)."""
     return _hours(b - a)
 
 
+_MICROS_PER_HOUR = Decimal(3_600_000_000)
+
+
+@lru_cache(maxsize=4096)
 def _hours(delta: timedelta) -> Decimal:
+    """Exact hours in `delta`, rounded in _CTX. Cached: the same spans recur on every report (the 60-s sample
+    spacing, a poll period, 24 h); a Decimal is immutable, so sharing one is safe."""
     micro = (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
-    with localcontext(_CTX):
-        return Decimal(micro) / Decimal(3_600_000_000)
+    return _CTX.divide(Decimal(micro), _MICROS_PER_HOUR)
 
 
 def restore_setpoint(

@@ -7,11 +7,11 @@ there is no other way to build an `ApplySetpoint` (a `Setpoint` can only be cons
 
 from __future__ import annotations
 
-from bisect import bisect_left, bisect_right
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime, timedelta
 from decimal import Decimal
+from functools import lru_cache
 
 from driverd.core.commands import ApplySetpoint, Command, CourseEnded, Notice, RaiseAlarm, Refused, Transitioned
 from driverd.core.errors import IllegalTransition
@@ -34,15 +34,18 @@ from driverd.core.kernel import (
     Proposal,
     Refusal,
     Setpoint,
+    cumulative_drug,
+    cumulative_drug_bounds,
     gate,
     hours_between,
     pump_rate,
-    sample_at,
-    window_drug,
+    span_days,
+    span_hours,
+    span_minutes,
 )
 from driverd.core.protocol import ProtocolSpec
 from driverd.core.quantities import dose_to_rate, quantize_down, rate_to_dose
-from driverd.core.state import ACTIVE, RUNNING, CourseState, Pending, Phase, Sample, SyringeChange
+from driverd.core.state import ACTIVE, RUNNING, CourseState, Pending, Phase, Sample, SyringeChange, evolve
 
 Out = tuple[CourseState, tuple[Command, ...]]
 Handler = Callable[[CourseState, Event, ProtocolSpec], Out]
@@ -74,12 +77,12 @@ def reduce(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
     state = _track_commanded(start, state, event.at)
     if start.phase is not P.STOPPED and state.phase is P.STOPPED and state.schedule is not None:
         causes = [c.cause for c in pre + cmds if isinstance(c, Transitioned)]
-        state = replace(state, summary_due=causes[-1] if causes else "stopped", stopped_at=event.at)
+        state = evolve(state, summary_due=causes[-1] if causes else "stopped", stopped_at=event.at)
     if state.summary_due and isinstance(event, PumpReport) and not state.pump_infusing:
         # The handover record waits for the first report of the stopped pump: its counter then holds everything
         # the course delivered.
         cmds += (_course_ended(state),)
-        state = replace(state, summary_due="")
+        state = evolve(state, summary_due="")
     return state, pre + cmds
 
 
@@ -92,13 +95,17 @@ def _running_mg_per_h(state: CourseState) -> Decimal:
 def _track_commanded(before: CourseState, after: CourseState, now: datetime) -> CourseState:
     """Integrate the commanded rate (mg) for the end-of-course record, touching the state only when it changes
     (an idle tick must leave the state identical: the channel does not log those)."""
+    if after.commanded_since is not None and after.phase is before.phase and \
+            after.commanded_rate is before.commanded_rate and after.schedule is before.schedule and \
+            after.syringe_concentration is before.syringe_concentration:
+        return after  # the same inputs to _running_mg_per_h: was == will, and commanded_since is set
     was, will = _running_mg_per_h(before), _running_mg_per_h(after)
     if was == will and (after.commanded_since is not None or will == 0):
         return after
     total = after.commanded_mg
     if was > 0 and before.commanded_since is not None:
         total += was * hours_between(before.commanded_since, now)
-    return replace(after, commanded_mg=total, commanded_since=now if will > 0 else None)
+    return evolve(after, commanded_mg=total, commanded_since=now if will > 0 else None)
 
 
 def _course_ended(state: CourseState) -> CourseEnded:
@@ -136,7 +143,7 @@ def _event_name(event: Event) -> str:
 def _goto(state: CourseState, phase: Phase, cause: str) -> Out:
     if state.phase is phase:
         return state, ()
-    return replace(state, phase=phase), (Transitioned(state.phase.value, phase.value, cause),)
+    return evolve(state, phase=phase), (Transitioned(state.phase.value, phase.value, cause),)
 
 
 def _propose(
@@ -146,7 +153,7 @@ def _propose(
     verdict = gate(state, protocol, Proposal(dose, intent, source, reason), now)
     if isinstance(verdict, Refusal):
         return state, verdict, (Refused(source, verdict.reason, verdict.detail),)
-    state = replace(
+    state = evolve(
         state,
         commanded_rate=verdict.rate_ml_per_h,
         pending=Pending(verdict, attempts=1),
@@ -164,13 +171,13 @@ def _set_level(state: CourseState, dose: Decimal, now: datetime) -> CourseState:
     if state.taper_lock and state.schedule is not None and state.resolution is not None:
         lvl = pump_rate(state, dose)
         lock = lvl if lock is None else min(lock, lvl)
-    return replace(state, level_mg_per_24h=dose, last_change_at=now, lock_ceiling_rate=lock)
+    return evolve(state, level_mg_per_24h=dose, last_change_at=now, lock_ceiling_rate=lock)
 
 
 def _stop(state: CourseState, protocol: ProtocolSpec, now: datetime, source: str, reason: str) -> Out:
     state, verdict, cmds = _propose(state, protocol, now, Decimal(0), "stop", source, reason)
     assert isinstance(verdict, Setpoint), "the kernel always allows a stop"
-    state = replace(state, taper_lock=True, lock_ceiling_rate=Decimal(0), level_mg_per_24h=Decimal(0),
+    state = evolve(state, taper_lock=True, lock_ceiling_rate=Decimal(0), level_mg_per_24h=Decimal(0),
                     resume_to=None)
     state, t = _goto(state, P.STOPPED, reason)
     return state, cmds + t
@@ -180,14 +187,14 @@ def _alarm(state: CourseState, code: str, detail: str) -> Out:
     if code in state.alarm_causes and (state.phase is P.ALARM or state.phase not in ACTIVE):
         return state, ()  # already an active cause: raised once, acknowledged once
     cmds: tuple[Command, ...] = (RaiseAlarm(code, detail),)
-    state = replace(state, alarm_causes=(*state.alarm_causes, code), alarms_raised=(*state.alarms_raised, code))
+    state = evolve(state, alarm_causes=(*state.alarm_causes, code), alarms_raised=(*state.alarms_raised, code))
     if state.phase not in ACTIVE:
         # A stopped (or not yet started) course stays where it is: an alarm there is raised, never a way back in.
-        return replace(state, alarm_code=code), cmds
+        return evolve(state, alarm_code=code), cmds
     if state.phase is P.ALARM:
-        return replace(state, alarm_code=code), cmds
+        return evolve(state, alarm_code=code), cmds
     resume_to = state.resume_to if state.phase is P.PAUSED else state.phase
-    state = replace(state, alarm_code=code, resume_to=resume_to)
+    state = evolve(state, alarm_code=code, resume_to=resume_to)
     state, t = _goto(state, P.ALARM, code)
     return state, cmds + t
 
@@ -195,9 +202,9 @@ def _alarm(state: CourseState, code: str, detail: str) -> Out:
 def _cap_times(state: CourseState, protocol: ProtocolSpec) -> tuple[datetime, datetime] | None:
     if state.started_at is None or state.schedule is None:
         return None
-    cap = state.started_at + timedelta(days=float(protocol.max_course_days))
+    cap = state.started_at + span_days(protocol.max_course_days)
     taper_len = state.schedule.taper[-1].after_hours if state.schedule.taper else Decimal(0)
-    return cap - timedelta(hours=float(taper_len)), cap
+    return cap - span_hours(taper_len), cap
 
 
 def _enforce_cap(state: CourseState, now: datetime, protocol: ProtocolSpec) -> Out:
@@ -234,7 +241,7 @@ def _on_schedule(state: CourseState, event: Event, protocol: ProtocolSpec) -> Ou
         fresh = CourseState(pump_id=state.pump_id, schedule=new, next_setpoint_id=state.next_setpoint_id,
                             link_up=state.link_up, clock_fault=state.clock_fault)
         note = Notice("schedule_accepted", f"{new.schedule_id} v{new.version} ({new.digest[:16]})")
-        fresh, t = _goto(replace(fresh, phase=state.phase), P.IDLE, "new_course")
+        fresh, t = _goto(evolve(fresh, phase=state.phase), P.IDLE, "new_course")
         return fresh, (note, *t)
     assert old is not None
     if new.schedule_id != old.schedule_id:
@@ -248,7 +255,7 @@ def _on_schedule(state: CourseState, event: Event, protocol: ProtocolSpec) -> Ou
     if state.phase is P.TAPERING or state.taper_lock:
         # In every phase (alarm and paused included): the approved tail-off cannot be moved once it began.
         return state, (Refused("push", "taper_lock", "no schedule update once the taper has begun"),)
-    state = replace(state, schedule=new)
+    state = evolve(state, schedule=new)
     cmds: tuple[Command, ...] = (Notice("schedule_updated", f"{new.schedule_id} v{new.version}"),)
     if state.level_mg_per_24h > new.max_dose_mg_per_24h:
         state, more = _reduce_to(state, protocol, event.at, new.max_dose_mg_per_24h, "push", "schedule_lowered")
@@ -263,10 +270,10 @@ def _on_verified(state: CourseState, event: Event, protocol: ProtocolSpec) -> Ou
         return state, (Refused("machine", "no_schedule", "pump verified before any schedule"),)
     spec = protocol.syringe(sch.syringe_model)
     if event.diameter_mm != sch.inner_diameter_mm or spec is None or spec.inner_diameter_mm != event.diameter_mm:
-        state, t = _goto(replace(state, pump_diameter_mm=event.diameter_mm), P.IDLE, "syringe_mismatch")
+        state, t = _goto(evolve(state, pump_diameter_mm=event.diameter_mm), P.IDLE, "syringe_mismatch")
         return state, (Refused("machine", "syringe_mismatch",
                                f"pump reads back {event.diameter_mm} mm; schedule {sch.inner_diameter_mm} mm"), *t)
-    state = replace(state, pump_diameter_mm=event.diameter_mm, resolution=event.resolution, pump_model=event.model)
+    state = evolve(state, pump_diameter_mm=event.diameter_mm, resolution=event.resolution, pump_model=event.model)
     return _goto(state, P.PRIMED, "pump_verified")
 
 
@@ -283,7 +290,7 @@ def _on_tick(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
             return _auto(state, protocol, now, sch.steps[0].dose_mg_per_24h, "start")
     elif state.phase is P.TITRATING:
         i = sch.next_step_index(state.level_mg_per_24h)
-        interval = timedelta(hours=float(protocol.step_interval_hours))
+        interval = span_hours(protocol.step_interval_hours)
         if i is None:
             return _begin_hold(state, now, "top_step")
         due = state.last_change_at is None or now >= state.last_change_at + interval
@@ -291,7 +298,7 @@ def _on_tick(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
             return _auto(state, protocol, now, sch.steps[i].dose_mg_per_24h, "escalate")
     elif state.phase is P.HOLDING:
         assert state.hold_started_at is not None
-        if now >= state.hold_started_at + timedelta(days=float(sch.hold_days)):
+        if now >= state.hold_started_at + span_days(sch.hold_days):
             return _begin_taper(state, protocol, now, "schedule", "hold_complete")
     elif state.phase is P.TAPERING:
         return _taper_steps(state, protocol, now)
@@ -306,7 +313,7 @@ def _auto(state: CourseState, protocol: ProtocolSpec, now: datetime, dose: Decim
         tag = f"{dose}:{verdict.reason}"
         if before.last_refusal == tag:
             return before, ()
-        return replace(before, last_refusal=tag), cmds
+        return evolve(before, last_refusal=tag), cmds
     return _after_step(state, now, dose, cmds)
 
 
@@ -321,7 +328,7 @@ def _after_step(state: CourseState, now: datetime, dose: Decimal, cmds: tuple[Co
 
 
 def _begin_hold(state: CourseState, now: datetime, cause: str) -> Out:
-    state = replace(state, hold_started_at=state.hold_started_at or now)
+    state = evolve(state, hold_started_at=state.hold_started_at or now)
     return _goto(state, P.HOLDING, cause)
 
 
@@ -330,7 +337,7 @@ def _begin_taper(state: CourseState, protocol: ProtocolSpec, now: datetime, sour
     if not state.schedule.taper:
         return _stop(state, protocol, now, source, cause)
     ceiling = pump_rate(state, state.level_mg_per_24h) if state.resolution else Decimal(0)
-    state = replace(state, taper_lock=True, lock_ceiling_rate=min(ceiling, state.commanded_rate) if
+    state = evolve(state, taper_lock=True, lock_ceiling_rate=min(ceiling, state.commanded_rate) if
                     state.phase in RUNNING else ceiling, taper_started_at=now, taper_index=0)
     state, t = _goto(state, P.TAPERING, cause)
     state, more = _taper_steps(state, protocol, now)
@@ -343,9 +350,9 @@ def _taper_steps(state: CourseState, protocol: ProtocolSpec, now: datetime) -> O
     cmds: tuple[Command, ...] = ()
     while state.taper_index < len(sch.taper):
         entry = sch.taper[state.taper_index]
-        if now < state.taper_started_at + timedelta(hours=float(entry.after_hours)):
+        if now < state.taper_started_at + span_hours(entry.after_hours):
             break
-        state = replace(state, taper_index=state.taper_index + 1)
+        state = evolve(state, taper_index=state.taper_index + 1)
         if entry.dose_mg_per_24h == 0:
             state, more = _stop(state, protocol, now, "schedule", "taper_complete")
             return state, cmds + more
@@ -394,7 +401,7 @@ def _on_escalate(state: CourseState, event: Event, protocol: ProtocolSpec) -> Ou
     if isinstance(verdict, Refusal):
         return state, cmds
     if intent == "escalate" and state.phase is P.HOLDING:
-        state = replace(state, hold_started_at=None)
+        state = evolve(state, hold_started_at=None)
     return _after_step(state, event.at, dose, cmds)
 
 
@@ -441,13 +448,13 @@ def _on_resume(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
         return state, (Refused("clinician", "syringe_empty", "the syringe is empty: change it (change_syringe)"),)
     if "unexpected_infusion" in state.alarm_causes and state.pump_infusing:
         return state, (Refused("clinician", "alarm_active", "the pump still infuses on its own"),)
-    resumed, cmds = _resume(replace(state, alarm_causes=()), event, protocol)
+    resumed, cmds = _resume(evolve(state, alarm_causes=()), event, protocol)
     if any(isinstance(c, Refused) for c in cmds):
         return state, cmds  # refused: every cause stays active
     acked: tuple[Command, ...] = (Notice("alarm_cleared", ", ".join(state.alarm_causes)),) if state.alarm_causes \
         else ()
     if resumed.syringe_change is not None:  # resumed on the syringe in the pump: no change is waiting any more
-        resumed = replace(resumed, syringe_change=None)
+        resumed = evolve(resumed, syringe_change=None)
         acked += (Notice("syringe_change_abandoned", "resumed on the syringe in the pump"),)
     return resumed, acked + cmds
 
@@ -456,8 +463,8 @@ def _resume(state: CourseState, event: ClinicianCommand, protocol: ProtocolSpec)
     target_phase = state.resume_to or P.HOLDING
     if target_phase is P.PRIMED or state.level_mg_per_24h == 0:
         if state.started_at is None:
-            return _goto(replace(state, alarm_code="", resume_to=None), P.PRIMED, "clinician_resume")
-        state = replace(state, alarm_code="", resume_to=None, hold_started_at=state.hold_started_at or event.at)
+            return _goto(evolve(state, alarm_code="", resume_to=None), P.PRIMED, "clinician_resume")
+        state = evolve(state, alarm_code="", resume_to=None, hold_started_at=state.hold_started_at or event.at)
         return _goto(state, P.HOLDING, "clinician_resume")
     assert state.schedule is not None
     dose = _resume_dose(state)
@@ -466,7 +473,7 @@ def _resume(state: CourseState, event: ClinicianCommand, protocol: ProtocolSpec)
         return state, cmds
     # The hold clock starts only when the course holds: a resume during titration must not start it early.
     hold_at = state.hold_started_at or event.at if target_phase is P.HOLDING else state.hold_started_at
-    state = replace(_set_level(state, dose, event.at), alarm_code="", resume_to=None, hold_started_at=hold_at)
+    state = evolve(_set_level(state, dose, event.at), alarm_code="", resume_to=None, hold_started_at=hold_at)
     state = _restart_interval_after_long_stop(state, event.at)
     state, t = _goto(state, target_phase, "clinician_resume")
     return state, cmds + t
@@ -509,7 +516,7 @@ def _on_change_syringe(state: CourseState, event: Event, protocol: ProtocolSpec)
     cmds: tuple[Command, ...] = ()
     if state.alarm_causes:
         cmds += (Notice("alarm_cleared", ", ".join(state.alarm_causes) + " (syringe change)"),)
-    state = replace(state, syringe_change=change, alarm_causes=(), alarm_code="")
+    state = evolve(state, syringe_change=change, alarm_causes=(), alarm_code="")
     cmds += (Notice("syringe_change_started", f"syringe {state.syringe_changes + 2}: {fill} mL at {conc} mg/mL "
                                               f"by {event.by}: {event.reason}" + (
                                                   "" if loaded else "; pump stopped: load the new syringe, then "
@@ -518,7 +525,7 @@ def _on_change_syringe(state: CourseState, event: Event, protocol: ProtocolSpec)
         state, _, stop = _propose(state, protocol, event.at, Decimal(0), "stop", "clinician", "syringe_change")
         cmds += stop
     if state.phase in RUNNING:
-        state = replace(state, resume_to=state.phase)
+        state = evolve(state, resume_to=state.phase)
     if state.phase is not P.PRIMED:
         state, t = _goto(state, P.PAUSED, "syringe_change")
         cmds += t
@@ -538,7 +545,7 @@ def _on_syringe_loaded(state: CourseState, event: Event, protocol: ProtocolSpec)
     if not change.loaded:
         return state, (Refused("machine", "syringe_not_loaded", "the pump was infusing at the change: give "
                                                                 "change_syringe again once the new syringe is in"),)
-    state = replace(state, pump_diameter_mm=event.diameter_mm)
+    state = evolve(state, pump_diameter_mm=event.diameter_mm)
     if event.diameter_mm != sch.inner_diameter_mm:
         return state, (Refused("machine", "syringe_mismatch",
                                f"pump reads back {event.diameter_mm} mm; schedule {sch.inner_diameter_mm} mm"),)
@@ -555,12 +562,12 @@ def _on_syringe_loaded(state: CourseState, event: Event, protocol: ProtocolSpec)
     state = _count(state, event.at, increment, raw)
     old_conc = state.concentration
     lock = state.lock_ceiling_rate
-    state = replace(state, syringe_concentration=change.concentration_mg_per_ml, syringe_fill_ml=change.fill_ml,
+    state = evolve(state, syringe_concentration=change.concentration_mg_per_ml, syringe_fill_ml=change.fill_ml,
                     syringe_started_ml=state.delivered_ml, syringe_changes=state.syringe_changes + 1,
                     syringe_change=None, empty_warned=False)
     # The resume ceiling (last verified rate) and the taper lock are limits on drug: carried to the new
     # concentration as the same mg/24h, quantized down. Never higher than before.
-    state = replace(state, verified_run_rate=_same_drug(state, state.verified_run_rate, old_conc),
+    state = evolve(state, verified_run_rate=_same_drug(state, state.verified_run_rate, old_conc),
                     lock_ceiling_rate=None if lock is None else _same_drug(state, lock, old_conc))
     done = Notice("syringe_changed", f"syringe {state.syringe_changes + 1}: {change.fill_ml} mL at "
                                      f"{change.concentration_mg_per_ml} mg/mL; course delivered "
@@ -573,7 +580,7 @@ def _on_syringe_loaded(state: CourseState, event: Event, protocol: ProtocolSpec)
     if isinstance(verdict, Refusal):
         return state, (done, *cmds)  # stays paused with the new syringe in: a clinician resumes
     # Same level, same clocks: the step interval and the hold are not restarted by a syringe change.
-    state = replace(state, alarm_code="", resume_to=None)
+    state = evolve(state, alarm_code="", resume_to=None)
     state, t = _goto(state, target, "syringe_changed")
     return state, (done, *cmds, *t)
 
@@ -598,23 +605,23 @@ def _on_clock_stepped(state: CourseState, event: Event, protocol: ProtocolSpec) 
     direction = "forward" if event.delta_s > 0 else "backward"
     detail = f"wall clock stepped {direction} by {abs(event.delta_s)} s (wall reads {event.wall_at.isoformat()})"
     # last_refusal reset: an automatic step refused before the step is logged again with the new reason.
-    return replace(state, clock_fault=detail, last_refusal=""), (RaiseAlarm("clock_step", detail),)
+    return evolve(state, clock_fault=detail, last_refusal=""), (RaiseAlarm("clock_step", detail),)
 
 
 def _on_ack_clock(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
     assert isinstance(event, ClinicianCommand)
     if not state.clock_fault:
         return state, (Refused("clinician", "no_clock_fault", "no clock step to acknowledge"),)
-    return replace(state, clock_fault=""), (Notice("clock_acknowledged", f"{state.clock_fault}; by {event.by}: "
+    return evolve(state, clock_fault=""), (Notice("clock_acknowledged", f"{state.clock_fault}; by {event.by}: "
                                                                          f"{event.reason}"),)
 
 
 def _track_interruption(before: CourseState, after: CourseState, now: datetime) -> CourseState:
     """Remember when delivery under the course stopped (left a running phase for PAUSED or ALARM)."""
     if after.phase in RUNNING:
-        return after if after.interrupted_at is None else replace(after, interrupted_at=None)
+        return after if after.interrupted_at is None else evolve(after, interrupted_at=None)
     if before.phase in RUNNING and after.phase in (P.PAUSED, P.ALARM) and after.interrupted_at is None:
-        return replace(after, interrupted_at=now)
+        return evolve(after, interrupted_at=now)
     return after
 
 
@@ -632,7 +639,7 @@ def _restart_interval_after_long_stop(state: CourseState, now: datetime) -> Cour
     """After a long stop the patient was not observed at the level for the interval: start it again."""
     if state.interrupted_at is None or now - state.interrupted_at < LONG_STOP:
         return state
-    return replace(state, last_change_at=now)
+    return evolve(state, last_change_at=now)
 
 
 # ---------------------------------------------------------------------------------------------- pump
@@ -643,21 +650,29 @@ def _accumulate(state: CourseState, event: PumpReport) -> CourseState:
     prev = state.raw_delivered_ml
     # The pump's counter can reset (power cycle, new syringe, cleared): count only what it added.
     increment = Decimal(0) if prev is None else (raw - prev if raw >= prev else raw)
-    state = _count(state, event.at, increment, raw)
-    return replace(state, pump_alarms=event.alarms, pump_infusing=event.state == "infusing")
+    return evolve(state, **_counted(state, event.at, increment, raw), pump_alarms=event.alarms,
+                  pump_infusing=event.state == "infusing")
 
 
 def _count(state: CourseState, at: datetime, increment: Decimal, raw: Decimal) -> CourseState:
     """Add what the pump's counter added (at the concentration of the syringe in the pump) to the course totals."""
+    return evolve(state, **_counted(state, at, increment, raw))
+
+
+def _counted(state: CourseState, at: datetime, increment: Decimal, raw: Decimal) -> dict[str, object]:
     conc = state.concentration if state.schedule is not None else Decimal(0)
-    sample = Sample(at, state.delivered_ml + increment, state.delivered_mg + increment * conc)
+    last = state.last_sample
+    if last is None:
+        sample = Sample(at, Decimal(0) + increment, Decimal(0) + increment * conc)
+    else:
+        sample = Sample(at, last.delivered_ml + increment, last.delivered_mg + increment * conc)
     samples = state.samples
-    if not samples or at - samples[-1].at >= SAMPLE_SPACING:
-        horizon = at - WINDOW - SAMPLE_SPACING
-        # Samples are strictly increasing in time (appended only SAMPLE_SPACING apart): bisect, don't scan ~1,440.
-        cut = bisect_left(samples, horizon, key=sample_at) if samples and samples[0].at < horizon else 0
-        samples = (*samples[cut:], sample)
-    return replace(state, samples=samples, last_sample=sample, raw_delivered_ml=raw)
+    newest = samples.newest()
+    if newest is None or at - newest.at >= SAMPLE_SPACING:
+        # Samples are strictly increasing in time (appended only SAMPLE_SPACING apart): trimmed by bisect, and
+        # appended without copying the ~1,440 kept (driverd.core.history).
+        samples = samples.since(at - WINDOW - SAMPLE_SPACING).append(sample)
+    return {"samples": samples, "last_sample": sample, "raw_delivered_ml": raw}
 
 
 def _on_report(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
@@ -712,7 +727,7 @@ def _on_report(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
             more += stop
         return state, cmds + more
     if event.state != "infusing" and state.commanded_rate > 0:
-        state = replace(state, resume_to=state.phase)
+        state = evolve(state, resume_to=state.phase)
         state, t = _goto(state, P.PAUSED, "stopped_at_pump")
         return state, (*cmds, Notice("stopped_at_pump", f"pump reports {event.state}"), *t)
     state, cmds = _warn_near_empty(state, protocol, event.at, cmds)
@@ -733,11 +748,11 @@ def _warn_near_empty(state: CourseState, protocol: ProtocolSpec, now: datetime, 
     if state.empty_warned:
         return state, cmds
     empty_at = predicted_empty_at(state)
-    if empty_at is None or now < empty_at - timedelta(minutes=float(protocol.syringe_warning_minutes)):
+    if empty_at is None or now < empty_at - span_minutes(protocol.syringe_warning_minutes):
         return state, cmds
     detail = (f"syringe {state.syringe_changes + 1} predicted empty at {empty_at.isoformat()}: "
               f"{state.remaining_ml:.3f} mL left at {state.commanded_rate} mL/h")
-    return replace(state, empty_warned=True), (*cmds, Notice("syringe_near_empty", detail))
+    return evolve(state, empty_warned=True), (*cmds, Notice("syringe_near_empty", detail))
 
 
 #: Phases in which the course commands no infusion at all: a pump infusing there does so on its own.
@@ -780,16 +795,44 @@ def _ceiling_breach(state: CourseState, protocol: ProtocolSpec, event: PumpRepor
         return ""
     now = event.at
     conc = state.concentration
-    # In mg: a window can span syringes of different concentration (each volume counted at its own).
-    past = window_drug(state, now - WINDOW, now)
-    ahead = past - window_drug(state, now - WINDOW, now - WINDOW + CEILING_LOOKAHEAD) \
-        + event.rate_ml_per_h * conc * hours_between(now, now + CEILING_LOOKAHEAD)
-    worst = max(past, ahead)
     # The counter's display step, read twice (start and end of the window), is the only slack allowed.
-    if worst <= protocol.ceiling_mg_per_24h + 2 * protocol.counter_resolution_ml * conc:
+    limit = protocol.ceiling_mg_per_24h + 2 * protocol.counter_resolution_ml * conc
+    lookahead = event.rate_ml_per_h * conc * hours_between(now, now + CEILING_LOOKAHEAD)
+    cum_now = cumulative_drug(state, now)
+    if _surely_within(state, now, cum_now, lookahead, limit):
+        return ""
+    # In mg: a window can span syringes of different concentration (each volume counted at its own).
+    # window_drug(start, end) is cumulative(end) - cumulative(start): the window's start is computed once.
+    start = cumulative_drug(state, now - WINDOW)
+    past = cum_now - start
+    ahead = past - (cumulative_drug(state, now - WINDOW + CEILING_LOOKAHEAD) - start) + lookahead
+    worst = max(past, ahead)
+    if worst <= limit:
         return ""
     return (f"{worst:.3f} mg in a 24-h window at the delivered rate, above the ceiling "
             f"{protocol.ceiling_mg_per_24h} mg/24h")
+
+
+#: Below this magnitude every rounding in the ceiling check is far below _SLACK (28-34 significant digits).
+_BOUNDED = Decimal("1E12")
+_SLACK = Decimal("1E-6")
+
+
+def _surely_within(state: CourseState, now: datetime, cum_now: Decimal, lookahead: Decimal, limit: Decimal) -> bool:
+    """True only if the exact check of `_ceiling_breach` cannot find a breach, decided without interpolating.
+
+    A cumulative value between two kept samples is interpolated linearly, so it lies between their values
+    (`cumulative_drug_bounds`; the roundings of the interpolation move it by far less than _SLACK at these
+    magnitudes). past = now - start <= cum_now - low(start); ahead = cum_now - at(start + 1 h) + lookahead, with
+    the window's start cancelling, <= cum_now - low(start + 1 h) + lookahead. If both bounds plus _SLACK are
+    within the limit, so is the exact maximum; otherwise the exact check decides. It is the common case: a
+    window holding less than the ceiling by more than one sample's delivery."""
+    low0 = cumulative_drug_bounds(state, now - WINDOW)[0]
+    low1 = cumulative_drug_bounds(state, now - WINDOW + CEILING_LOOKAHEAD)[0]
+    b = _BOUNDED
+    if not (-b < cum_now < b and -b < low0 < b and -b < low1 < b and -b < lookahead < b and -b < limit < b):
+        return False
+    return cum_now - low0 + _SLACK <= limit and cum_now - low1 + lookahead + _SLACK <= limit
 
 
 def _reported_readback(event: PumpReport) -> Decimal:
@@ -806,11 +849,11 @@ def _check_deviation(state: CourseState, protocol: ProtocolSpec, now: datetime, 
     base = state.deviation_base
     if base is None or state.commanded_rate == 0:
         if state.commanded_rate > 0 and state.last_sample is not None:
-            state = replace(state, deviation_base=state.last_sample)
+            state = evolve(state, deviation_base=state.last_sample)
         return state, cmds
     # At least the configured window; at low rates up to the stretched one, so small faults show above the
     # counter's step while a large one is caught as soon as the configured window has passed.
-    if now - base.at < timedelta(minutes=float(protocol.deviation_window_minutes)):
+    if now - base.at < span_minutes(protocol.deviation_window_minutes):
         return state, cmds
     start = _sample_before(state, now - _deviation_window(protocol, state.commanded_rate))
     if start is None or start.at < base.at:
@@ -832,15 +875,21 @@ def _deviation_window(protocol: ProtocolSpec, rate: Decimal) -> timedelta:
     """The configured window, stretched at low rates until the counter's display step (read at both ends) is at
     most `deviation_limit` of the expected volume: then a correct pump never alarms and a fault twice the limit
     always does. At 0.416 mL/h with a 0.01 mL step and 10 % that is 29 min instead of 15."""
-    configured = timedelta(minutes=float(protocol.deviation_window_minutes))
-    needed_h = 2 * protocol.counter_resolution_ml / (protocol.deviation_limit * rate)
+    return _stretched_window(protocol.deviation_window_minutes, protocol.counter_resolution_ml,
+                             protocol.deviation_limit, rate)
+
+
+@lru_cache(maxsize=1024)
+def _stretched_window(minutes: Decimal, resolution: Decimal, limit: Decimal, rate: Decimal) -> timedelta:
+    """_deviation_window's arithmetic, cached: it depends only on these (the rate changes with setpoints only)."""
+    configured = span_minutes(minutes)
+    needed_h = 2 * resolution / (limit * rate)
     return max(configured, timedelta(microseconds=int(needed_h * 3_600_000_000)))
 
 
 def _sample_before(state: CourseState, at: datetime) -> Sample | None:
     """The newest kept sample at or before `at` (bisect: the history holds up to ~1,440 samples)."""
-    i = bisect_right(state.samples, at, key=sample_at)
-    return state.samples[i - 1] if i else None
+    return state.samples.at_or_before(at)
 
 
 def _stop_in_alarm(state: CourseState, protocol: ProtocolSpec, now: datetime, reason: str) -> Out:
@@ -855,7 +904,7 @@ def _on_result(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
     if pending is None or pending.setpoint.id != event.setpoint_id:
         return state, (Notice("stale_result", f"result for setpoint {event.setpoint_id} not pending"),)
     if event.readback_ml_per_h is None:
-        state = replace(state, pending=replace(pending, uncertain=True))
+        state = evolve(state, pending=replace(pending, uncertain=True))
         return state, (Notice("setpoint_uncertain", f"setpoint {event.setpoint_id} unacknowledged: {event.error}"),)
     return _check_readback(state, protocol, event.at, event.readback_ml_per_h)
 
@@ -867,7 +916,7 @@ def _check_readback(
     assert pending is not None
     sp = pending.setpoint
     if readback == sp.rate_ml_per_h:
-        state = replace(
+        state = evolve(
             state,
             pending=None,
             verified_rate=readback,
@@ -879,13 +928,13 @@ def _check_readback(
         return _resend_decrease(state, pending, readback, from_report)
     if state.phase is P.ALARM:
         # Reconciling after a fault: the pump did not take it. Never re-send (that could raise the rate in alarm).
-        state = replace(state, pending=None)
+        state = evolve(state, pending=None)
         return state, (Notice("setpoint_not_applied", f"pump holds {readback} mL/h, not {sp.rate_ml_per_h}"),)
     if pending.attempts == 1 and state.link_up:
-        state = replace(state, pending=Pending(sp, attempts=2))
+        state = evolve(state, pending=Pending(sp, attempts=2))
         return state, (Notice("readback_retry", f"read back {readback}, sent {sp.rate_ml_per_h}"),
                        ApplySetpoint(sp, attempt=2))
-    state = replace(state, pending=None)
+    state = evolve(state, pending=None)
     state, cmds = _alarm(state, "readback_mismatch", f"read back {readback} mL/h, sent {sp.rate_ml_per_h}")
     if readback > sp.rate_ml_per_h and not sp.is_stop:
         state, stop = _stop_in_alarm(state, protocol, now, "readback_over")
@@ -904,24 +953,24 @@ def _resend_decrease(state: CourseState, pending: Pending, readback: Decimal, fr
                              f"pump still delivers {readback} mL/h; {sp.rate_ml_per_h} sent {pending.attempts} times")
     if pending.attempts == 1 or from_report:
         attempt = pending.attempts + 1
-        state = replace(state, pending=Pending(sp, attempts=attempt, resend=True))
+        state = evolve(state, pending=Pending(sp, attempts=attempt, resend=True))
         return state, (*cmds, Notice("readback_retry", f"read back {readback}, sent {sp.rate_ml_per_h}"),
                        ApplySetpoint(sp, attempt=attempt))
     # Straight after a failed re-send: wait for the next report rather than loop on the wire.
-    return replace(state, pending=Pending(sp, attempts=pending.attempts, resend=True)), cmds
+    return evolve(state, pending=Pending(sp, attempts=pending.attempts, resend=True)), cmds
 
 
 def _on_link_lost(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
     assert isinstance(event, LinkLost)
     pending = state.pending
-    state = replace(state, link_up=False, pending=replace(pending, uncertain=True) if pending else None)
+    state = evolve(state, link_up=False, pending=replace(pending, uncertain=True) if pending else None)
     if state.phase in ACTIVE:
         return _alarm(state, "link_lost", event.detail)
     return state, (Notice("link_lost", event.detail),)
 
 
 def _on_link_restored(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
-    return replace(state, link_up=True), (Notice("link_restored", "pump answers again; clinician must resume"),)
+    return evolve(state, link_up=True), (Notice("link_restored", "pump answers again; clinician must resume"),)
 
 
 # ---------------------------------------------------------------------------------------------- the table

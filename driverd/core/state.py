@@ -6,8 +6,9 @@ import enum
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from driverd.core.history import History
 from driverd.core.quantities import Resolution
 from driverd.core.schedule import Schedule
 
@@ -24,6 +25,10 @@ class Phase(enum.Enum):
     STOPPED = "stopped"
     PAUSED = "paused"
     ALARM = "alarm"
+
+    # Members are singletons compared by identity: hash them by identity too (C), not Enum's hash of the name (a
+    # Python call on every `phase in RUNNING`, several per pump report).
+    __hash__ = object.__hash__
 
 
 #: Setpoint intents that never raise the rate: re-sent until verified (an increase is never re-sent).
@@ -74,7 +79,13 @@ class Pending:
         return self.setpoint.intent in DECREASE_INTENTS
 
 
-@dataclass(frozen=True, slots=True)
+#: The empty history (a value like any other: appending to it gives a new history and leaves it empty).
+NO_SAMPLES = History()
+
+
+# Not slots: `evolve` copies the instance dict (about 1 µs) where dataclasses.replace re-runs __init__ over all
+# fields (about 20 µs); the machine makes a new state several times per pump report.
+@dataclass(frozen=True)
 class CourseState:
     pump_id: str
     phase: Phase = Phase.IDLE
@@ -103,7 +114,7 @@ class CourseState:
     pump_alarms: tuple[str, ...] = ()  # alarms in the last pump report
     pump_infusing: bool = False
     next_setpoint_id: int = 1
-    samples: tuple[Sample, ...] = ()  # thinned history for the rolling 24-h window
+    samples: History = NO_SAMPLES  # thinned history for the rolling 24-h window (immutable, O(1) append)
     last_sample: Sample | None = None  # newest report (always kept, even between thinned samples)
     raw_delivered_ml: Decimal | None = None  # the pump's own counter at the last report (to detect resets)
     last_refusal: str = ""  # de-duplicates automatic refusals so a blocked step is logged once
@@ -130,6 +141,13 @@ class CourseState:
     alarms_raised: tuple[str, ...] = ()  # every alarm cause raised during the course, in order
     summary_due: str = ""  # why the course stopped, until the end-of-course record is out (next pump report)
     stopped_at: datetime | None = None  # when the course stopped (the end of the burst, for the exposure ledger)
+
+    def __eq__(self, other: object) -> bool:
+        # The dataclass's field-tuple comparison, as a comparison of the instance dicts (each holds exactly the
+        # fields; values compared with ==, identical objects short-cut): the channel compares states on every poll.
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self.__dict__ == other.__dict__
 
     @property
     def course_id(self) -> str | None:
@@ -162,3 +180,18 @@ class CourseState:
     def remaining_ml(self) -> Decimal:
         """What the syringe in the pump still holds by the pump's read-backs (never below 0)."""
         return max(self.fill_ml - (self.delivered_ml - self.syringe_started_ml), Decimal(0))
+
+
+_FIELDS = frozenset(CourseState.__dataclass_fields__)
+
+
+def evolve(state: CourseState, **changes: Any) -> CourseState:
+    """`dataclasses.replace` for the course state, without re-running __init__ (the state is frozen: nothing can
+    change the copy afterwards, as with replace). Unknown field names are an error, as with replace."""
+    if not changes.keys() <= _FIELDS:
+        raise TypeError(f"not fields of CourseState: {sorted(changes.keys() - _FIELDS)}")
+    new = object.__new__(CourseState)
+    d = new.__dict__
+    d.update(state.__dict__)
+    d.update(changes)
+    return new

@@ -14,11 +14,13 @@ import dataclasses
 import enum
 import types
 import typing
+from collections.abc import Callable
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from driverd.core.errors import DriverdError, Problem, ValidationError
+from driverd.core.history import History
 from driverd.core.kernel import Setpoint, restore_setpoint
 from driverd.core.quantities import Resolution
 from driverd.core.records import fmt_time, schedule_from_fields, schedule_to_fields
@@ -36,12 +38,27 @@ _HINTS: dict[type, dict[str, Any]] = {
 
 def exact_dec(d: Decimal) -> str:
     """A Decimal as a string that `Decimal()` parses back with the same sign, digits and exponent."""
+    text = str(d)
+    if "E" not in text:
+        return text  # plain notation: str gives it only for exponents <= 0, where it is format(d, "f")
     exp = d.as_tuple().exponent
-    return format(d, "f") if isinstance(exp, int) and exp <= 0 else str(d)
+    return format(d, "f") if isinstance(exp, int) and exp <= 0 else text
 
 
-def state_to_fields(state: CourseState) -> dict[str, Any]:
-    return _encode_obj(state)
+SampleRow = Callable[[Sample], list[str]]
+
+
+def sample_row(sample: Sample) -> list[str]:
+    """One history sample as the snapshot holds it: [at, delivered_ml, delivered_mg]."""
+    return [fmt_time(sample.at), exact_dec(sample.delivered_ml), exact_dec(sample.delivered_mg)]
+
+
+def state_to_fields(state: CourseState, row: SampleRow = sample_row) -> dict[str, Any]:
+    """`row` encodes one history sample; a caller encoding many snapshots of the same history may pass a cached
+    one (`sample_row` of an identical sample gives the identical row)."""
+    out = _encode_obj(state)
+    out["samples"] = [row(x) for x in state.samples]
+    return out
 
 
 def state_from_fields(fields: Any, path: str = "state") -> CourseState:
@@ -64,9 +81,9 @@ def _encode_obj(obj: Any) -> dict[str, Any]:
 def _encode(value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, str)):
         return value
-    if isinstance(value, tuple) and value and isinstance(value[0], Sample):
-        # The 24-h history (up to ~1,440 samples) is most of a state: rows, not objects.
-        return [[fmt_time(x.at), exact_dec(x.delivered_ml), exact_dec(x.delivered_mg)] for x in value]
+    if isinstance(value, History):
+        # The 24-h history (up to ~1,440 samples) is most of a state: rows, not objects (see state_to_fields).
+        return None
     if isinstance(value, Decimal):
         return exact_dec(value)
     if isinstance(value, datetime):
@@ -102,6 +119,10 @@ def _decode(hint: Any, raw: Any, path: str) -> Any:
         if item is Sample:
             return tuple(_sample(v, f"{path}[{i}]") for i, v in enumerate(raw))
         return tuple(_decode(item, v, f"{path}[{i}]") for i, v in enumerate(raw))
+    if hint is History:
+        if not isinstance(raw, list):
+            raise _bad(path, "type", f"expected a list, got {raw!r}")
+        return History(_samples(raw, path))
     if hint is bool:
         if not isinstance(raw, bool):
             raise _bad(path, "type", f"expected true or false, got {raw!r}")
@@ -153,6 +174,27 @@ def _decode_obj(cls: type, raw: Any, path: str) -> Any:
         return cls(**kwargs)
     except (DriverdError, ValueError) as exc:
         raise _bad(path, "value", str(exc)) from None
+
+
+def _samples(raw: list[Any], path: str) -> list[Sample]:
+    """The history rows: a fast path for well-formed rows (most of a snapshot's bytes: start-up time), and the
+    validating path, which names the field and the rule, for the first row that is not plainly well formed."""
+    out: list[Sample] = []
+    parse_time, dec = datetime.fromisoformat, Decimal
+    for row in raw:
+        if type(row) is list and len(row) == 3:
+            at, ml, mg = row
+            if type(at) is str and type(ml) is str and type(mg) is str:
+                try:
+                    t, dml, dmg = parse_time(at), dec(ml), dec(mg)
+                except (ValueError, InvalidOperation):
+                    pass
+                else:
+                    if t.tzinfo is not None and dml.is_finite() and dmg.is_finite():
+                        out.append(Sample(t, dml, dmg))
+                        continue
+        out.append(_sample(row, f"{path}[{len(out)}]"))  # raises, naming the field and the rule
+    return out
 
 
 def _sample(raw: Any, path: str) -> Sample:

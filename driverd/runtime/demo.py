@@ -206,7 +206,9 @@ async def _wait_for_courses(daemon: Daemon, clock: RuntimeClock, progress: Calla
             return True
         daemon.changed.clear()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(daemon.changed.wait(), timeout=5.0)
+            # asyncio.timeout, not wait_for: wait_for makes a task per call in 3.11 (one per poll here).
+            async with asyncio.timeout(5.0):
+                await daemon.changed.wait()
         # This loop wakes on every poll (thousands of times per virtual course): sync telemetry only when the
         # group-commit delay has passed, not on every wake-up. Setpoints and alarms are synced before they act.
         if daemon.audit is not None:

@@ -22,7 +22,7 @@ from driverd.audit.exposure import LedgerBuilder
 from driverd.audit.reader import iter_lines
 from driverd.audit.replay import Interrupted, Replayer
 from driverd.audit.schedules import ScheduleChecker
-from driverd.audit.segments import list_segments
+from driverd.audit.segments import anchor_first_segment, list_segments
 from driverd.audit.snapshot import newest_snapshot
 from driverd.audit.verify import verify_log
 from driverd.audit.writer import AuditConfig, AuditWriter
@@ -83,7 +83,11 @@ def recover(audit_dir: Path, trust: TrustStore, public_key: Ed25519PublicKey | N
             schedules.add(rec)
             if isinstance(acc.get("schedule"), dict):
                 out.accepted[str(acc["schedule"].get("digest"))] = rec
-    for _, path in list_segments(audit_dir)[(snap.segment - 1) if snap else 0:]:
+    # By number, not position: after `audit archive` the directory no longer starts at segment 1.
+    first = snap.segment if snap is not None else anchor_first_segment(audit_dir)
+    for number, path in list_segments(audit_dir):
+        if number < first:
+            continue
         for line in iter_lines(path):
             rec = line.record
             if snap is not None and rec["seq"] <= snap.seq:

@@ -88,7 +88,7 @@ def test_bad_since_is_a_usage_error_and_writes_nothing(log: Path, tmp_path: Path
     res = runner.invoke(app, ["audit", "export", str(log), "--format", "csv", "--since", since, "--out", str(out)])
     assert res.exit_code == 2 and "--since" in res.stderr and not out.exists() and res.stdout == ""
     res = runner.invoke(app, ["audit", "export", str(log), "--since", since, "--json"])
-    assert res.exit_code == 2 and "--since" in json.loads(res.stdout)["error"]
+    assert res.exit_code == 2 and "--since" in json.loads(res.stdout)["error"]["message"]
 
 
 @pytest.mark.parametrize(("flag", "value"), [("--pump", "bed-9"), ("--course", "S-9")])

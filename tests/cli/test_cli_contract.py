@@ -68,8 +68,8 @@ def call(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]
 def test_the_command_list_is_what_this_file_covers() -> None:
     assert set(COMMANDS) == {
         "run", "status", "demo", "schedule validate", "schedule sign", "schedule push", "keys generate",
-        "audit verify", "audit replay", "audit export", "audit report", "audit tail", "pump probe", "sim newera",
-        "sim modbus", "sim harvard", "sim fault", "config check", "config data-dir",
+        "audit verify", "audit replay", "audit export", "audit report", "audit tail", "audit archive",
+        "pump probe", "sim newera", "sim modbus", "sim harvard", "sim fault", "config check", "config data-dir",
         *(f"course {c}" for c in CLINICIAN), "course change-syringe", "hl7 listen", "hl7 send-test"}
 
 

@@ -158,3 +158,12 @@ def test_not_an_object_is_refused() -> None:
 def test_replace_keeps_round_trip_for_unusual_exponents() -> None:
     s = replace(course_states([(61, "poll")])[-1], commanded_mg=D("1E+2"), level_mg_per_24h=D("1.000"))
     assert_identical(round_trip(s), s)
+
+
+@given(st.decimals(allow_nan=False, allow_infinity=False) | st.builds(Decimal, st.from_regex(
+    r"-?[0-9]{1,12}(\.[0-9]{0,12})?(E[+-]?[0-9]{1,2})?", fullmatch=True)))
+def test_exact_dec_is_plain_for_exponents_up_to_zero_else_scientific(d: Decimal) -> None:
+    exp = d.as_tuple().exponent
+    assert isinstance(exp, int)
+    assert exact_dec(d) == (format(d, "f") if exp <= 0 else str(d))
+    assert Decimal(exact_dec(d)).as_tuple() == d.as_tuple()

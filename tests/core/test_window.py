@@ -30,3 +30,28 @@ def test_window_equals_the_plain_filter(gaps_s: list[int], ml_per_report: int) -
             expected = [s for s in expected if s.at >= horizon] + [sample]
         assert list(state.samples) == expected
         assert state.last_sample == sample
+
+
+@given(st.lists(st.tuples(st.integers(min_value=1, max_value=3 * 3600), st.integers(min_value=-50, max_value=5000)),
+                min_size=1, max_size=80),
+       st.integers(min_value=-2 * 86_400, max_value=2 * 86_400), st.sampled_from(["0", "10", "50", "100"]))
+def test_cumulative_bounds_hold_the_interpolated_value(steps: list[tuple[int, int]], offset_s: int,
+                                                       conc: str) -> None:
+    """The ceiling check's short cut (machine._surely_within) rests on this: the interpolated cumulative drug at any
+    time lies within the bounds read off the two samples around it (counter resets and decreases included)."""
+    from dataclasses import replace
+
+    from driverd.core.kernel import cumulative_drug, cumulative_drug_bounds
+    from tests.core.factories import schedule
+
+    state = replace(CourseState(pump_id="p"), schedule=schedule(conc="50"), syringe_concentration=Decimal(conc))
+    at = T0
+    raw = Decimal(0)
+    for gap, change in steps:
+        at += timedelta(seconds=gap, microseconds=gap * 13)
+        raw = max(raw + Decimal(change) / 1000, Decimal(0)) if change >= 0 else Decimal(-change) / 1000
+        state = _accumulate(state, PumpReport(at, "infusing", Decimal("0.1"), raw, ()))
+    t = at + timedelta(seconds=offset_s, microseconds=offset_s % 997)
+    low, high = cumulative_drug_bounds(state, t)
+    value = cumulative_drug(state, t)
+    assert low - Decimal("1E-20") <= value <= high + Decimal("1E-20")

@@ -222,3 +222,22 @@ def test_a_malformed_snapshot_is_refused_naming_the_field(course: Path, change: 
     with pytest.raises(ValidationError) as info:
         read_snapshot({**good, **change})
     assert (info.value.problems[0].path, info.value.problems[0].rule) == (path, rule)
+
+
+def test_replay_refuses_a_snapshot_whose_history_differs_only_in_form(course: Path) -> None:
+    """Replay compares a snapshot's states in their encoded form (each history row encoded once for every snapshot
+    it appears in): a sample that differs only in a Decimal's exponent is a different state, and a malformed row
+    is reported as such, as when every snapshot was decoded."""
+    records = [json.loads(line) for _, line in _lines(course / "audit")]
+    i = max(i for i, r in enumerate(records) if r["event"] == SNAPSHOT_EVENT and r["states"])
+    pump = sorted(records[i]["states"])[0]
+    rows = records[i]["states"][pump]["samples"]
+    assert len(rows) > 2
+    for row, kind in (([*rows[1][:2], rows[1][2] + "0" if "." in rows[1][2] else rows[1][2] + ".0"], "differs"),
+                      ([*rows[1][:2], "lots"], "does not parse")):
+        state = {**records[i]["states"][pump], "samples": [rows[0], row, *rows[2:]]}
+        forged = {**records[i], "states": {**records[i]["states"], pump: state}}
+        result = replay_records([*records[:i], forged, *records[i + 1:]])
+        assert [(d.kind, d.seq) for d in result.divergences] == [("snapshot", records[i]["seq"])]
+        assert kind in result.divergences[0].detail
+    assert replay_records(records).ok

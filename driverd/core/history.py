@@ -1,0 +1,132 @@
+"""The delivered-volume history kept for the rolling 24-h window: an immutable sequence of samples with O(1)
+append and trim (issue 12: the tuple it replaces was copied, up to 1,440 samples, on every kept sample).
+
+A `History` is a view `[lo, hi)` of a buffer that only ever grows at its end. Appending to the newest view of a
+buffer appends to the buffer in place and returns a longer view: every existing view still sees exactly the
+samples it saw, because no slot of the buffer is ever written twice. Appending to an older view (a branch: the
+same state stepped twice) reuses the next slot if it already holds an identical sample, else copies. Trimming
+moves `lo`; the dead prefix is dropped by copying once it outgrows the live part (amortized O(1)). So a history
+is a value: equal when its samples are equal, whatever buffer it shares.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, bisect_right
+from collections.abc import Iterable, Iterator
+from datetime import datetime
+from itertools import islice
+from typing import TYPE_CHECKING, overload
+
+if TYPE_CHECKING:
+    from driverd.core.state import Sample
+
+class History:
+    """Samples oldest first, strictly increasing in time. Immutable from the outside."""
+
+    # _times[i] is _buf[i].at: bisect without a key function (C comparisons only). The core is single-threaded
+    # (the daemon steps each course on its event loop); an append checks it was the one that filled the slot.
+    __slots__ = ("_buf", "_hi", "_lo", "_times")
+
+    def __init__(self, samples: Iterable[Sample] = ()) -> None:
+        self._buf: list[Sample] = list(samples)
+        self._times: list[datetime] = [s.at for s in self._buf]
+        self._lo = 0
+        self._hi = len(self._buf)
+
+    @classmethod
+    def _view(cls, buf: list[Sample], times: list[datetime], lo: int, hi: int) -> History:
+        view = object.__new__(cls)
+        view._buf, view._times, view._lo, view._hi = buf, times, lo, hi
+        return view
+
+    def __len__(self) -> int:
+        return self._hi - self._lo
+
+    def __bool__(self) -> bool:
+        return self._hi > self._lo
+
+    def __iter__(self) -> Iterator[Sample]:
+        return islice(self._buf, self._lo, self._hi)
+
+    @overload
+    def __getitem__(self, i: int) -> Sample: ...
+    @overload
+    def __getitem__(self, i: slice) -> tuple[Sample, ...]: ...
+
+    def __getitem__(self, i: int | slice) -> Sample | tuple[Sample, ...]:
+        if isinstance(i, slice):
+            return tuple(self._buf[self._lo:self._hi][i])
+        n = self._hi - self._lo
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError("history index out of range")
+        return self._buf[self._lo + i]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, History):
+            return NotImplemented
+        if len(self) != len(other):
+            return False
+        if self._buf is other._buf and self._lo == other._lo:
+            return True
+        return all(a == b for a, b in zip(self, other, strict=True))
+
+    def __hash__(self) -> int:
+        return hash(tuple(self))
+
+    def __repr__(self) -> str:
+        return f"History({list(self)!r})"
+
+    def __reduce__(self) -> tuple[type[History], tuple[list[Sample]]]:
+        return (History, (list(self),))
+
+    def append(self, sample: Sample) -> History:
+        """This history with `sample` (newer than every sample in it) added at the end."""
+        buf, times, hi = self._buf, self._times, self._hi
+        if hi == len(buf) == len(times):
+            buf.append(sample)
+            times.append(sample.at)
+            if buf[hi] is sample and len(buf) == len(times):  # nobody else appended to this buffer in between
+                return History._view(buf, times, self._lo, hi + 1)
+        elif len(buf) > hi and (buf[hi] is sample or repr(buf[hi]) == repr(sample)):
+            # A branch adding the very same sample (repr: same instant, zone, digits and exponents) shares it.
+            return History._view(buf, times, self._lo, hi + 1)
+        return History([*buf[self._lo:hi], sample])
+
+    def since(self, horizon: datetime) -> History:
+        """The samples at or after `horizon` (a bisect: the history is sorted by time)."""
+        lo, hi = self._lo, self._hi
+        cut = bisect_left(self._times, horizon, lo, hi)
+        if cut == lo:
+            return self
+        if cut > hi - cut and cut > 64:
+            # The dead prefix outgrew the live part: drop it (a copy of the live part, amortized O(1) per sample).
+            return History(self._buf[cut:hi])
+        return History._view(self._buf, self._times, cut, hi)
+
+    def newest(self) -> Sample | None:
+        return self._buf[self._hi - 1] if self._hi > self._lo else None
+
+    def at_or_before(self, at: datetime) -> Sample | None:
+        """The newest sample at or before `at`."""
+        i = bisect_right(self._times, at, self._lo, self._hi)
+        return self._buf[i - 1] if i > self._lo else None
+
+    def bracket(self, at: datetime) -> tuple[Sample | None, Sample | None]:
+        """Where `at` falls, for interpolation: (None, None) if empty; (None, first) at or before the first sample;
+        (newest, None) at or after the newest; else (a, b) with a.at <= at < b.at, adjacent."""
+        lo, hi = self._lo, self._hi
+        if lo == hi:
+            return None, None
+        times, buf = self._times, self._buf
+        if at <= times[lo]:
+            return None, buf[lo]
+        if at >= times[hi - 1]:
+            return buf[hi - 1], None
+        i = bisect_right(times, at, lo, hi)
+        return buf[i - 1], buf[i]
+
+    def index_after(self, at: datetime) -> int:
+        """How many samples are at or before `at` (bisect_right by time)."""
+        return bisect_right(self._times, at, self._lo, self._hi) - self._lo

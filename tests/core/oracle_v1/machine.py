@@ -1,0 +1,951 @@
+"""The course state machine: `reduce(state, event, protocol) -> (state, commands)`.
+
+Pure and synchronous. Which events a phase accepts is one table (`TRANSITIONS`); anything else raises
+`IllegalTransition`. Every setpoint is produced by `_propose`, which goes through the safety kernel's `gate` —
+there is no other way to build an `ApplySetpoint` (a `Setpoint` can only be constructed by the kernel).
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, bisect_right
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import datetime, timedelta
+from decimal import Decimal
+
+from driverd.core.commands import ApplySetpoint, Command, CourseEnded, Notice, RaiseAlarm, Refused, Transitioned
+from driverd.core.errors import IllegalTransition
+from driverd.core.events import (
+    WARNING_ALARMS,
+    ClinicianCommand,
+    ClockStepped,
+    Event,
+    LinkLost,
+    LinkRestored,
+    PumpReport,
+    PumpVerified,
+    ScheduleAccepted,
+    SetpointResult,
+    SyringeLoaded,
+    Tick,
+)
+from driverd.core.protocol import ProtocolSpec
+from driverd.core.quantities import dose_to_rate, quantize_down, rate_to_dose
+from tests.core.oracle_v1.kernel import (
+    Intent,
+    Proposal,
+    Refusal,
+    Setpoint,
+    gate,
+    hours_between,
+    pump_rate,
+    sample_at,
+    window_drug,
+)
+from tests.core.oracle_v1.state import ACTIVE, RUNNING, CourseState, Pending, Phase, Sample, SyringeChange
+
+Out = tuple[CourseState, tuple[Command, ...]]
+Handler = Callable[[CourseState, Event, ProtocolSpec], Out]
+
+P = Phase
+_ALL = frozenset(Phase)
+SAMPLE_SPACING = timedelta(seconds=60)  # thinning of delivered-volume history kept for the 24-h window
+WINDOW = timedelta(hours=24)
+CEILING_LOOKAHEAD = timedelta(hours=1)  # the delivered-dose check looks this far ahead at the reported rate
+
+
+def initial_state(pump_id: str) -> CourseState:
+    return CourseState(pump_id=pump_id)
+
+
+def reduce(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
+    """Apply one event. Raises IllegalTransition if the current phase does not accept it."""
+    start = state
+    state, pre = _enforce_cap(state, event.at, protocol)
+    key: type | str = type(event)
+    if isinstance(event, ClinicianCommand):
+        key = f"clinician:{event.action}"
+    phases_handler = TRANSITIONS.get(key)
+    if phases_handler is None or state.phase not in phases_handler[0]:
+        raise IllegalTransition(state.phase.value, _event_name(event))
+    before = state
+    state, cmds = phases_handler[1](state, event, protocol)
+    state = _track_interruption(before, state, event.at)
+    state = _track_commanded(start, state, event.at)
+    if start.phase is not P.STOPPED and state.phase is P.STOPPED and state.schedule is not None:
+        causes = [c.cause for c in pre + cmds if isinstance(c, Transitioned)]
+        state = replace(state, summary_due=causes[-1] if causes else "stopped", stopped_at=event.at)
+    if state.summary_due and isinstance(event, PumpReport) and not state.pump_infusing:
+        # The handover record waits for the first report of the stopped pump: its counter then holds everything
+        # the course delivered.
+        cmds += (_course_ended(state),)
+        state = replace(state, summary_due="")
+    return state, pre + cmds
+
+
+def _running_mg_per_h(state: CourseState) -> Decimal:
+    if state.phase not in RUNNING or state.schedule is None or state.commanded_rate <= 0:
+        return Decimal(0)
+    return state.commanded_rate * state.concentration
+
+
+def _track_commanded(before: CourseState, after: CourseState, now: datetime) -> CourseState:
+    """Integrate the commanded rate (mg) for the end-of-course record, touching the state only when it changes
+    (an idle tick must leave the state identical: the channel does not log those)."""
+    was, will = _running_mg_per_h(before), _running_mg_per_h(after)
+    if was == will and (after.commanded_since is not None or will == 0):
+        return after
+    total = after.commanded_mg
+    if was > 0 and before.commanded_since is not None:
+        total += was * hours_between(before.commanded_since, now)
+    return replace(after, commanded_mg=total, commanded_since=now if will > 0 else None)
+
+
+def _course_ended(state: CourseState) -> CourseEnded:
+    assert state.schedule is not None
+    cause = state.summary_due
+    return CourseEnded(delivered_mg=state.delivered_mg, delivered_ml=state.delivered_ml,
+                       commanded_mg=state.commanded_mg, syringes=state.syringe_changes + 1,
+                       alarms=state.alarms_raised, handover_note=state.schedule.handover_note, cause=cause)
+
+
+def step(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
+    """`reduce`, but an illegal transition becomes a logged refusal and leaves the state unchanged.
+
+    The daemon and the audit replay both use this, so they agree on what an illegal event produces.
+    """
+    source = "clinician" if isinstance(event, ClinicianCommand) else "machine"
+    try:
+        return reduce(state, event, protocol)
+    except IllegalTransition as exc:
+        return state, (Refused(source, "illegal_transition", str(exc)),)
+    except ArithmeticError as exc:
+        # A NaN, an infinity or a huge exponent somewhere in the event: refused, the state unchanged.
+        return state, (Refused(source, "invalid_number", f"{type(exc).__name__}: a number is out of range"),)
+
+
+def _event_name(event: Event) -> str:
+    if isinstance(event, ClinicianCommand):
+        return f"clinician:{event.action}"
+    return type(event).__name__
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _goto(state: CourseState, phase: Phase, cause: str) -> Out:
+    if state.phase is phase:
+        return state, ()
+    return replace(state, phase=phase), (Transitioned(state.phase.value, phase.value, cause),)
+
+
+def _propose(
+    state: CourseState, protocol: ProtocolSpec, now: datetime, dose: Decimal, intent: Intent, source: str, reason: str
+) -> tuple[CourseState, Setpoint | Refusal, tuple[Command, ...]]:
+    """Ask the kernel; on approval record the setpoint as pending and emit it."""
+    verdict = gate(state, protocol, Proposal(dose, intent, source, reason), now)
+    if isinstance(verdict, Refusal):
+        return state, verdict, (Refused(source, verdict.reason, verdict.detail),)
+    state = replace(
+        state,
+        commanded_rate=verdict.rate_ml_per_h,
+        pending=Pending(verdict, attempts=1),
+        next_setpoint_id=state.next_setpoint_id + 1,
+        started_at=state.started_at if state.started_at or verdict.is_stop else now,
+        last_refusal="",
+    )
+    return state, verdict, (ApplySetpoint(verdict),)
+
+
+def _set_level(state: CourseState, dose: Decimal, now: datetime) -> CourseState:
+    if dose == state.level_mg_per_24h:
+        return state
+    lock = state.lock_ceiling_rate
+    if state.taper_lock and state.schedule is not None and state.resolution is not None:
+        lvl = pump_rate(state, dose)
+        lock = lvl if lock is None else min(lock, lvl)
+    return replace(state, level_mg_per_24h=dose, last_change_at=now, lock_ceiling_rate=lock)
+
+
+def _stop(state: CourseState, protocol: ProtocolSpec, now: datetime, source: str, reason: str) -> Out:
+    state, verdict, cmds = _propose(state, protocol, now, Decimal(0), "stop", source, reason)
+    assert isinstance(verdict, Setpoint), "the kernel always allows a stop"
+    state = replace(state, taper_lock=True, lock_ceiling_rate=Decimal(0), level_mg_per_24h=Decimal(0),
+                    resume_to=None)
+    state, t = _goto(state, P.STOPPED, reason)
+    return state, cmds + t
+
+
+def _alarm(state: CourseState, code: str, detail: str) -> Out:
+    if code in state.alarm_causes and (state.phase is P.ALARM or state.phase not in ACTIVE):
+        return state, ()  # already an active cause: raised once, acknowledged once
+    cmds: tuple[Command, ...] = (RaiseAlarm(code, detail),)
+    state = replace(state, alarm_causes=(*state.alarm_causes, code), alarms_raised=(*state.alarms_raised, code))
+    if state.phase not in ACTIVE:
+        # A stopped (or not yet started) course stays where it is: an alarm there is raised, never a way back in.
+        return replace(state, alarm_code=code), cmds
+    if state.phase is P.ALARM:
+        return replace(state, alarm_code=code), cmds
+    resume_to = state.resume_to if state.phase is P.PAUSED else state.phase
+    state = replace(state, alarm_code=code, resume_to=resume_to)
+    state, t = _goto(state, P.ALARM, code)
+    return state, cmds + t
+
+
+def _cap_times(state: CourseState, protocol: ProtocolSpec) -> tuple[datetime, datetime] | None:
+    if state.started_at is None or state.schedule is None:
+        return None
+    cap = state.started_at + timedelta(days=float(protocol.max_course_days))
+    taper_len = state.schedule.taper[-1].after_hours if state.schedule.taper else Decimal(0)
+    return cap - timedelta(hours=float(taper_len)), cap
+
+
+def _enforce_cap(state: CourseState, now: datetime, protocol: ProtocolSpec) -> Out:
+    """The course-length cap holds on every event, not only on ticks: at the cap the course is stopped."""
+    times = _cap_times(state, protocol)
+    if times is None or state.phase not in ACTIVE:
+        return state, ()
+    taper_at, cap = times
+    if now >= cap:
+        return _stop(state, protocol, now, "machine", "course_cap")
+    if now >= taper_at and state.phase in (P.TITRATING, P.HOLDING):
+        return _begin_taper(state, protocol, now, "machine", "course_cap")
+    return state, ()
+
+
+# ---------------------------------------------------------------------------------------------- schedule
+
+
+def _on_schedule(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
+    assert isinstance(event, ScheduleAccepted)
+    new = event.schedule
+    if new.pump_id != state.pump_id:
+        return state, (Refused("push", "wrong_pump", f"schedule is for {new.pump_id!r}, not {state.pump_id!r}"),)
+    if new.protocol != protocol.id:
+        return state, (Refused("push", "protocol", f"schedule protocol {new.protocol!r} is not {protocol.id!r}"),)
+    old = state.schedule
+    if state.phase in (P.IDLE, P.STOPPED):
+        if old is not None and old.schedule_id == new.schedule_id:
+            if state.phase is P.STOPPED:
+                return state, (Refused("push", "course_ended", "this course has stopped; a new course needs a new "
+                                       "schedule_id"),)
+            if new.version <= old.version:
+                return state, (Refused("push", "version", f"version {new.version} is not above {old.version}"),)
+        fresh = CourseState(pump_id=state.pump_id, schedule=new, next_setpoint_id=state.next_setpoint_id,
+                            link_up=state.link_up, clock_fault=state.clock_fault)
+        note = Notice("schedule_accepted", f"{new.schedule_id} v{new.version} ({new.digest[:16]})")
+        fresh, t = _goto(replace(fresh, phase=state.phase), P.IDLE, "new_course")
+        return fresh, (note, *t)
+    assert old is not None
+    if new.schedule_id != old.schedule_id:
+        return state, (Refused("push", "course_active", f"course {old.schedule_id} is still active"),)
+    if new.version <= old.version:
+        return state, (Refused("push", "version", f"version {new.version} is not above {old.version}"),)
+    if (new.drug_name, new.concentration_mg_per_ml, new.syringe_model, new.inner_diameter_mm) != (
+        old.drug_name, old.concentration_mg_per_ml, old.syringe_model, old.inner_diameter_mm
+    ):
+        return state, (Refused("push", "course_mismatch", "drug, concentration or syringe differ: a new course"),)
+    if state.phase is P.TAPERING or state.taper_lock:
+        # In every phase (alarm and paused included): the approved tail-off cannot be moved once it began.
+        return state, (Refused("push", "taper_lock", "no schedule update once the taper has begun"),)
+    state = replace(state, schedule=new)
+    cmds: tuple[Command, ...] = (Notice("schedule_updated", f"{new.schedule_id} v{new.version}"),)
+    if state.level_mg_per_24h > new.max_dose_mg_per_24h:
+        state, more = _reduce_to(state, protocol, event.at, new.max_dose_mg_per_24h, "push", "schedule_lowered")
+        cmds += more
+    return state, cmds
+
+
+def _on_verified(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
+    assert isinstance(event, PumpVerified)
+    sch = state.schedule
+    if sch is None:
+        return state, (Refused("machine", "no_schedule", "pump verified before any schedule"),)
+    spec = protocol.syringe(sch.syringe_model)
+    if event.diameter_mm != sch.inner_diameter_mm or spec is None or spec.inner_diameter_mm != event.diameter_mm:
+        state, t = _goto(replace(state, pump_diameter_mm=event.diameter_mm), P.IDLE, "syringe_mismatch")
+        return state, (Refused("machine", "syringe_mismatch",
+                               f"pump reads back {event.diameter_mm} mm; schedule {sch.inner_diameter_mm} mm"), *t)
+    state = replace(state, pump_diameter_mm=event.diameter_mm, resolution=event.resolution, pump_model=event.model)
+    return _goto(state, P.PRIMED, "pump_verified")
+
+
+# ---------------------------------------------------------------------------------------------- time
+
+
+def _on_tick(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
+    now = event.at
+    sch = state.schedule
+    if sch is None:
+        return state, ()
+    if state.phase is P.PRIMED:
+        if sch.steps[0].auto and now >= sch.steps[0].not_before:
+            return _auto(state, protocol, now, sch.steps[0].dose_mg_per_24h, "start")
+    elif state.phase is P.TITRATING:
+        i = sch.next_step_index(state.level_mg_per_24h)
+        interval = timedelta(hours=float(protocol.step_interval_hours))
+        if i is None:
+            return _begin_hold(state, now, "top_step")
+        due = state.last_change_at is None or now >= state.last_change_at + interval
+        if sch.steps[i].auto and due and now >= sch.steps[i].not_before and state.pending is None:
+            return _auto(state, protocol, now, sch.steps[i].dose_mg_per_24h, "escalate")
+    elif state.phase is P.HOLDING:
+        assert state.hold_started_at is not None
+        if now >= state.hold_started_at + timedelta(days=float(sch.hold_days)):
+            return _begin_taper(state, protocol, now, "schedule", "hold_complete")
+    elif state.phase is P.TAPERING:
+        return _taper_steps(state, protocol, now)
+    return state, ()
+
+
+def _auto(state: CourseState, protocol: ProtocolSpec, now: datetime, dose: Decimal, intent: Intent) -> Out:
+    """An automatic step from the schedule; a refusal is logged once per (step, reason), not on every tick."""
+    before = state
+    state, verdict, cmds = _propose(state, protocol, now, dose, intent, "schedule", "step_due")
+    if isinstance(verdict, Refusal):
+        tag = f"{dose}:{verdict.reason}"
+        if before.last_refusal == tag:
+            return before, ()
+        return replace(before, last_refusal=tag), cmds
+    return _after_step(state, now, dose, cmds)
+
+
+def _after_step(state: CourseState, now: datetime, dose: Decimal, cmds: tuple[Command, ...]) -> Out:
+    state = _set_level(state, dose, now)
+    assert state.schedule is not None
+    if state.schedule.next_step_index(dose) is None:
+        state, t = _begin_hold(state, now, "top_step")
+    else:
+        state, t = _goto(state, P.TITRATING, "step")
+    return state, cmds + t
+
+
+def _begin_hold(state: CourseState, now: datetime, cause: str) -> Out:
+    state = replace(state, hold_started_at=state.hold_started_at or now)
+    return _goto(state, P.HOLDING, cause)
+
+
+def _begin_taper(state: CourseState, protocol: ProtocolSpec, now: datetime, source: str, cause: str) -> Out:
+    assert state.schedule is not None
+    if not state.schedule.taper:
+        return _stop(state, protocol, now, source, cause)
+    ceiling = pump_rate(state, state.level_mg_per_24h) if state.resolution else Decimal(0)
+    state = replace(state, taper_lock=True, lock_ceiling_rate=min(ceiling, state.commanded_rate) if
+                    state.phase in RUNNING else ceiling, taper_started_at=now, taper_index=0)
+    state, t = _goto(state, P.TAPERING, cause)
+    state, more = _taper_steps(state, protocol, now)
+    return state, t + more
+
+
+def _taper_steps(state: CourseState, protocol: ProtocolSpec, now: datetime) -> Out:
+    sch = state.schedule
+    assert sch is not None and state.taper_started_at is not None
+    cmds: tuple[Command, ...] = ()
+    while state.taper_index < len(sch.taper):
+        entry = sch.taper[state.taper_index]
+        if now < state.taper_started_at + timedelta(hours=float(entry.after_hours)):
+            break
+        state = replace(state, taper_index=state.taper_index + 1)
+        if entry.dose_mg_per_24h == 0:
+            state, more = _stop(state, protocol, now, "schedule", "taper_complete")
+            return state, cmds + more
+        if entry.dose_mg_per_24h >= state.level_mg_per_24h:
+            cmds += (Notice("taper_step_skipped", f"{entry.dose_mg_per_24h} mg/24h is not below the current level"),)
+            continue
+        state, more = _reduce_to(state, protocol, now, entry.dose_mg_per_24h, "schedule", "taper_step", "taper")
+        cmds += more
+    return state, cmds
+
+
+# ---------------------------------------------------------------------------------------------- clinician
+
+
+def _reduce_to(
+    state: CourseState, protocol: ProtocolSpec, now: datetime, dose: Decimal, source: str, reason: str,
+    intent: Intent = "reduce",
+) -> Out:
+    """Lower the level and send the lower rate to a pump that runs: while the course runs, and also in alarm or
+    paused when the pump still infuses above it (a decrease must reach the pump, not wait for a resume)."""
+    infusing_above = (state.pump_infusing and state.resolution is not None and state.schedule is not None
+                      and pump_rate(state, dose) < state.commanded_rate)
+    if state.phase in RUNNING or infusing_above:
+        state, verdict, cmds = _propose(state, protocol, now, dose, intent, source, reason)
+        if isinstance(verdict, Refusal):
+            return state, cmds
+        return _set_level(state, dose, now), cmds
+    return _set_level(state, dose, now), (Notice("level_lowered", f"{dose} mg/24h (applies on resume)"),)
+
+
+def _on_hold(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
+    assert isinstance(event, ClinicianCommand)
+    return _begin_hold(state, event.at, "clinician_hold")
+
+
+def _on_escalate(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
+    assert isinstance(event, ClinicianCommand) and state.schedule is not None
+    i = state.schedule.next_step_index(state.level_mg_per_24h)
+    if i is None:
+        return state, (Refused("clinician", "no_next_step", "already at the schedule's highest step"),)
+    dose = state.schedule.steps[i].dose_mg_per_24h
+    if event.dose_mg_per_24h is not None and event.dose_mg_per_24h != dose:
+        return state, (Refused("clinician", "not_next_step", f"the next step is {dose} mg/24h"),)
+    intent: Intent = "start" if state.phase is P.PRIMED else "escalate"
+    state, verdict, cmds = _propose(state, protocol, event.at, dose, intent, "clinician", event.reason)
+    if isinstance(verdict, Refusal):
+        return state, cmds
+    if intent == "escalate" and state.phase is P.HOLDING:
+        state = replace(state, hold_started_at=None)
+    return _after_step(state, event.at, dose, cmds)
+
+
+def _on_reduce(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
+    assert isinstance(event, ClinicianCommand) and state.schedule is not None
+    level = state.level_mg_per_24h
+    target = event.dose_mg_per_24h
+    if target is None:
+        lower = [s.dose_mg_per_24h for s in state.schedule.steps if s.dose_mg_per_24h < level]
+        if not lower:
+            return state, (Refused("clinician", "no_lower_step", "no lower step: give a dose, or stop"),)
+        target = lower[-1]
+    if target <= 0:
+        return state, (Refused("clinician", "use_stop", "reduce to 0 is a stop: use stop"),)
+    if target >= level:
+        return state, (Refused("clinician", "not_a_reduction", f"{target} is not below {level} mg/24h"),)
+    state, cmds = _reduce_to(state, protocol, event.at, target, "clinician", event.reason)
+    if state.phase is P.TITRATING and state.level_mg_per_24h == target:
+        state, t = _begin_hold(state, event.at, "reduced")
+        cmds += t
+    return state, cmds
+
+
+def _on_taper(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
+    assert isinstance(event, ClinicianCommand)
+    return _begin_taper(state, protocol, event.at, "clinician", "clinician_taper")
+
+
+def _on_stop(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
+    assert isinstance(event, ClinicianCommand)
+    return _stop(state, protocol, event.at, "clinician", "clinician_stop")
+
+
+def _on_resume(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
+    assert isinstance(event, ClinicianCommand)
+    if not state.link_up:
+        return state, (Refused("clinician", "link_down", "no link to the pump"),)
+    blocking = [a for a in state.pump_alarms if a not in WARNING_ALARMS]
+    if blocking:
+        return state, (Refused("clinician", "alarm_active", f"pump still reports {', '.join(blocking)}"),)
+    if state.pending is not None:
+        return state, (Refused("clinician", "uncertain", "a setpoint is still unverified"),)
+    if "syringe_empty" in state.alarm_causes and _syringe_empty(state, protocol):
+        return state, (Refused("clinician", "syringe_empty", "the syringe is empty: change it (change_syringe)"),)
+    if "unexpected_infusion" in state.alarm_causes and state.pump_infusing:
+        return state, (Refused("clinician", "alarm_active", "the pump still infuses on its own"),)
+    resumed, cmds = _resume(replace(state, alarm_causes=()), event, protocol)
+    if any(isinstance(c, Refused) for c in cmds):
+        return state, cmds  # refused: every cause stays active
+    acked: tuple[Command, ...] = (Notice("alarm_cleared", ", ".join(state.alarm_causes)),) if state.alarm_causes \
+        else ()
+    if resumed.syringe_change is not None:  # resumed on the syringe in the pump: no change is waiting any more
+        resumed = replace(resumed, syringe_change=None)
+        acked += (Notice("syringe_change_abandoned", "resumed on the syringe in the pump"),)
+    return resumed, acked + cmds
+
+
+def _resume(state: CourseState, event: ClinicianCommand, protocol: ProtocolSpec) -> Out:
+    target_phase = state.resume_to or P.HOLDING
+    if target_phase is P.PRIMED or state.level_mg_per_24h == 0:
+        if state.started_at is None:
+            return _goto(replace(state, alarm_code="", resume_to=None), P.PRIMED, "clinician_resume")
+        state = replace(state, alarm_code="", resume_to=None, hold_started_at=state.hold_started_at or event.at)
+        return _goto(state, P.HOLDING, "clinician_resume")
+    assert state.schedule is not None
+    dose = _resume_dose(state)
+    state, verdict, cmds = _propose(state, protocol, event.at, dose, "resume", "clinician", event.reason)
+    if isinstance(verdict, Refusal):
+        return state, cmds
+    # The hold clock starts only when the course holds: a resume during titration must not start it early.
+    hold_at = state.hold_started_at or event.at if target_phase is P.HOLDING else state.hold_started_at
+    state = replace(_set_level(state, dose, event.at), alarm_code="", resume_to=None, hold_started_at=hold_at)
+    state = _restart_interval_after_long_stop(state, event.at)
+    state, t = _goto(state, target_phase, "clinician_resume")
+    return state, cmds + t
+
+
+# ---------------------------------------------------------------------------------------------- syringe change
+
+#: Alarm causes a syringe change deals with (the syringe ran empty): the only alarm a change may acknowledge.
+END_OF_SYRINGE_CAUSES = frozenset({"pump_alarm:end_of_syringe", "syringe_empty"})
+
+
+def _on_change_syringe(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
+    """A clinician changes the syringe: stop the pump (a decrease), wait for the new syringe's read-back
+    (`SyringeLoaded`). The new fill and concentration are checked here against the library and the signed
+    schedule; nothing else of the course changes (level, step-interval clock, hold clock, taper lock)."""
+    assert isinstance(event, ClinicianCommand) and state.schedule is not None
+    sch = state.schedule
+    fill = event.fill_volume_ml
+    conc = event.concentration_mg_per_ml if event.concentration_mg_per_ml is not None else state.concentration
+    spec = protocol.syringe(sch.syringe_model)
+    if fill is None or spec is None or not 0 < fill <= spec.max_fill_ml:
+        most = spec.max_fill_ml if spec is not None else 0
+        return state, (Refused("clinician", "fill_volume", f"fill {fill} mL: must be > 0 and <= {most} mL "
+                                                           f"for {sch.syringe_model}"),)
+    if conc not in protocol.concentrations_mg_per_ml:
+        return state, (Refused("clinician", "concentration", f"{conc} mg/mL is not in the drug library"),)
+    if conc not in sch.approved_concentrations:
+        approved = ", ".join(str(c) for c in sorted(sch.approved_concentrations))
+        return state, (Refused("clinician", "concentration_not_approved",
+                               f"{conc} mg/mL is not approved by the signed schedule ({approved} mg/mL)"),)
+    if state.phase is P.ALARM and not set(state.alarm_causes) <= END_OF_SYRINGE_CAUSES:
+        others = ", ".join(c for c in state.alarm_causes if c not in END_OF_SYRINGE_CAUSES)
+        return state, (Refused("clinician", "alarm_active", f"a syringe change acknowledges only an end of "
+                                                            f"syringe; resolve and resume {others} first"),)
+    if state.pending is not None and not state.pending.is_decrease:
+        return state, (Refused("clinician", "uncertain", "a setpoint is still unverified"),)
+    # Infusing now means the old syringe is still in: stop, and wait for the command given after the swap.
+    loaded = not state.pump_infusing
+    change = SyringeChange(fill, conc, event.by, event.reason, event.at, loaded)
+    cmds: tuple[Command, ...] = ()
+    if state.alarm_causes:
+        cmds += (Notice("alarm_cleared", ", ".join(state.alarm_causes) + " (syringe change)"),)
+    state = replace(state, syringe_change=change, alarm_causes=(), alarm_code="")
+    cmds += (Notice("syringe_change_started", f"syringe {state.syringe_changes + 2}: {fill} mL at {conc} mg/mL "
+                                              f"by {event.by}: {event.reason}" + (
+                                                  "" if loaded else "; pump stopped: load the new syringe, then "
+                                                                    "give change_syringe again")),)
+    if state.commanded_rate > 0 or state.pump_infusing:
+        state, _, stop = _propose(state, protocol, event.at, Decimal(0), "stop", "clinician", "syringe_change")
+        cmds += stop
+    if state.phase in RUNNING:
+        state = replace(state, resume_to=state.phase)
+    if state.phase is not P.PRIMED:
+        state, t = _goto(state, P.PAUSED, "syringe_change")
+        cmds += t
+    return state, cmds
+
+
+def _on_syringe_loaded(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
+    """The pump's read-back for the new syringe: verify it, carry the accounting over, resume at the same dose
+    level with the rate recomputed for the new concentration (quantized down, through the kernel as any resume).
+    A refused check leaves the change waiting and the pump stopped; a refused resume leaves the course paused
+    with the new syringe in (a clinician resumes)."""
+    assert isinstance(event, SyringeLoaded) and state.schedule is not None
+    change = state.syringe_change
+    sch = state.schedule
+    if change is None:
+        return state, (Refused("machine", "no_syringe_change", "no syringe change in progress"),)
+    if not change.loaded:
+        return state, (Refused("machine", "syringe_not_loaded", "the pump was infusing at the change: give "
+                                                                "change_syringe again once the new syringe is in"),)
+    state = replace(state, pump_diameter_mm=event.diameter_mm)
+    if event.diameter_mm != sch.inner_diameter_mm:
+        return state, (Refused("machine", "syringe_mismatch",
+                               f"pump reads back {event.diameter_mm} mm; schedule {sch.inner_diameter_mm} mm"),)
+    if state.pending is not None:
+        return state, (Refused("machine", "uncertain", "the stop is not yet verified"),)
+    blocking = [a for a in state.pump_alarms if a not in WARNING_ALARMS]
+    if blocking:
+        return state, (Refused("machine", "alarm_active", f"pump still reports {', '.join(blocking)}"),)
+    # Accounting: what the old syringe delivered since the last report counts at its concentration; the new
+    # syringe's counter is the baseline from here (a pump that resets it on loading loses nothing).
+    prev = state.raw_delivered_ml
+    raw = event.delivered_ml
+    increment = Decimal(0) if prev is None or raw < prev else raw - prev
+    state = _count(state, event.at, increment, raw)
+    old_conc = state.concentration
+    lock = state.lock_ceiling_rate
+    state = replace(state, syringe_concentration=change.concentration_mg_per_ml, syringe_fill_ml=change.fill_ml,
+                    syringe_started_ml=state.delivered_ml, syringe_changes=state.syringe_changes + 1,
+                    syringe_change=None, empty_warned=False)
+    # The resume ceiling (last verified rate) and the taper lock are limits on drug: carried to the new
+    # concentration as the same mg/24h, quantized down. Never higher than before.
+    state = replace(state, verified_run_rate=_same_drug(state, state.verified_run_rate, old_conc),
+                    lock_ceiling_rate=None if lock is None else _same_drug(state, lock, old_conc))
+    done = Notice("syringe_changed", f"syringe {state.syringe_changes + 1}: {change.fill_ml} mL at "
+                                     f"{change.concentration_mg_per_ml} mg/mL; course delivered "
+                                     f"{state.delivered_mg} mg so far")
+    target = state.resume_to
+    if target is None or target is P.PRIMED or state.level_mg_per_24h == 0:
+        return state, (done,)
+    dose = _resume_dose(state)
+    state, verdict, cmds = _propose(state, protocol, event.at, dose, "resume", "clinician", "syringe_change")
+    if isinstance(verdict, Refusal):
+        return state, (done, *cmds)  # stays paused with the new syringe in: a clinician resumes
+    # Same level, same clocks: the step interval and the hold are not restarted by a syringe change.
+    state = replace(state, alarm_code="", resume_to=None)
+    state, t = _goto(state, target, "syringe_changed")
+    return state, (done, *cmds, *t)
+
+
+def _same_drug(state: CourseState, rate: Decimal, old_conc: Decimal) -> Decimal:
+    """The rate at the syringe now in the pump that delivers at most what `rate` delivered at `old_conc`."""
+    if rate == 0 or state.resolution is None:
+        return rate
+    return quantize_down(dose_to_rate(rate_to_dose(rate, old_conc), state.concentration), state.resolution)
+
+
+# ---------------------------------------------------------------------------------------------- time faults
+
+#: A resume after an interruption at least this long restarts the step interval (docs/safety.md, "Time").
+LONG_STOP = timedelta(hours=2)
+
+
+def _on_clock_stepped(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
+    """A wall-clock step: course time did not follow it, but schedule times are absolute and nobody knows which
+    reading was right. No start or escalation until a clinician acknowledges; decreases and stop stay allowed."""
+    assert isinstance(event, ClockStepped)
+    direction = "forward" if event.delta_s > 0 else "backward"
+    detail = f"wall clock stepped {direction} by {abs(event.delta_s)} s (wall reads {event.wall_at.isoformat()})"
+    # last_refusal reset: an automatic step refused before the step is logged again with the new reason.
+    return replace(state, clock_fault=detail, last_refusal=""), (RaiseAlarm("clock_step", detail),)
+
+
+def _on_ack_clock(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
+    assert isinstance(event, ClinicianCommand)
+    if not state.clock_fault:
+        return state, (Refused("clinician", "no_clock_fault", "no clock step to acknowledge"),)
+    return replace(state, clock_fault=""), (Notice("clock_acknowledged", f"{state.clock_fault}; by {event.by}: "
+                                                                         f"{event.reason}"),)
+
+
+def _track_interruption(before: CourseState, after: CourseState, now: datetime) -> CourseState:
+    """Remember when delivery under the course stopped (left a running phase for PAUSED or ALARM)."""
+    if after.phase in RUNNING:
+        return after if after.interrupted_at is None else replace(after, interrupted_at=None)
+    if before.phase in RUNNING and after.phase in (P.PAUSED, P.ALARM) and after.interrupted_at is None:
+        return replace(after, interrupted_at=now)
+    return after
+
+
+def _resume_dose(state: CourseState) -> Decimal:
+    """The dose a resume asks for: the course level if the pump runs it at or below the last verified rate,
+    else what that verified rate delivers. Never the quantized dose of an unchanged level: lowering 100 to the
+    99.84 its rate delivers would make the next "escalation" back to 100 a change at the same rate."""
+    assert state.schedule is not None
+    if pump_rate(state, state.level_mg_per_24h) <= state.verified_run_rate:
+        return state.level_mg_per_24h
+    return rate_to_dose(state.verified_run_rate, state.concentration)
+
+
+def _restart_interval_after_long_stop(state: CourseState, now: datetime) -> CourseState:
+    """After a long stop the patient was not observed at the level for the interval: start it again."""
+    if state.interrupted_at is None or now - state.interrupted_at < LONG_STOP:
+        return state
+    return replace(state, last_change_at=now)
+
+
+# ---------------------------------------------------------------------------------------------- pump
+
+
+def _accumulate(state: CourseState, event: PumpReport) -> CourseState:
+    raw = event.delivered_ml
+    prev = state.raw_delivered_ml
+    # The pump's counter can reset (power cycle, new syringe, cleared): count only what it added.
+    increment = Decimal(0) if prev is None else (raw - prev if raw >= prev else raw)
+    state = _count(state, event.at, increment, raw)
+    return replace(state, pump_alarms=event.alarms, pump_infusing=event.state == "infusing")
+
+
+def _count(state: CourseState, at: datetime, increment: Decimal, raw: Decimal) -> CourseState:
+    """Add what the pump's counter added (at the concentration of the syringe in the pump) to the course totals."""
+    conc = state.concentration if state.schedule is not None else Decimal(0)
+    sample = Sample(at, state.delivered_ml + increment, state.delivered_mg + increment * conc)
+    samples = state.samples
+    if not samples or at - samples[-1].at >= SAMPLE_SPACING:
+        horizon = at - WINDOW - SAMPLE_SPACING
+        # Samples are strictly increasing in time (appended only SAMPLE_SPACING apart): bisect, don't scan ~1,440.
+        cut = bisect_left(samples, horizon, key=sample_at) if samples and samples[0].at < horizon else 0
+        samples = (*samples[cut:], sample)
+    return replace(state, samples=samples, last_sample=sample, raw_delivered_ml=raw)
+
+
+def _on_report(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
+    """What the pump really does, checked on every report and in every phase: reconcile a setpoint still open,
+    stop infusion nobody commanded, record every new pump alarm, watch the 24-h dose and the delivery accuracy."""
+    assert isinstance(event, PumpReport)
+    before = state
+    state = _accumulate(state, event)
+    cmds: tuple[Command, ...] = ()
+    new_warnings = sorted(set(event.alarms) & WARNING_ALARMS - set(before.pump_alarms))
+    cmds += tuple(Notice(f"pump_warning:{w}", "the pump warns") for w in new_warnings)
+    pending = state.pending
+    if pending is not None and (pending.uncertain or pending.resend):
+        state, more = _check_readback(state, protocol, event.at, _reported_readback(event), from_report=True)
+        cmds += more
+        if state.pending is not None:
+            return state, cmds
+        pending = None
+    if pending is None:
+        unexpected = _unexpected_infusion(state, event)
+        if unexpected:
+            state, more = _alarm(state, "unexpected_infusion", unexpected)
+            state, stop = _stop_in_alarm(state, protocol, event.at, "unexpected_infusion")
+            return state, cmds + more + stop
+    if state.phase not in ACTIVE:
+        return state, cmds
+    blocking = sorted(a for a in event.alarms if a not in WARNING_ALARMS)
+    fresh = [a for a in blocking if f"pump_alarm:{a}" not in state.alarm_causes or state.phase is not P.ALARM]
+    if fresh:
+        empty = _syringe_empty(state, protocol)
+        for a in fresh:  # each pump alarm is its own cause and record, also during another alarm
+            if empty and a in _EMPTY_LOOKALIKES:
+                # The syringe is used up by the read-backs: that is the cause, whatever the pump calls it (a New Era
+                # pump reports a motor stall).
+                state, more = _alarm(state, "syringe_empty", f"end of syringe: {empty}; pump reports {a}")
+            else:
+                state, more = _alarm(state, f"pump_alarm:{a}", f"pump reports {', '.join(blocking)}")
+            cmds += more
+        return state, cmds
+    breach = _ceiling_breach(state, protocol, event) if pending is None else ""
+    if breach:
+        state, more = _alarm(state, "dose_ceiling", breach)
+        state, stop = _stop_in_alarm(state, protocol, event.at, "dose_ceiling")
+        return state, cmds + more + stop
+    if state.phase not in RUNNING or pending is not None:
+        return state, cmds
+    if event.state == "infusing" and event.rate_ml_per_h != state.commanded_rate:
+        state, more = _alarm(state, "rate_mismatch",
+                             f"pump runs {event.rate_ml_per_h} mL/h, commanded {state.commanded_rate}")
+        if event.rate_ml_per_h > state.commanded_rate:
+            state, stop = _stop_in_alarm(state, protocol, event.at, "over_rate")
+            more += stop
+        return state, cmds + more
+    if event.state != "infusing" and state.commanded_rate > 0:
+        state = replace(state, resume_to=state.phase)
+        state, t = _goto(state, P.PAUSED, "stopped_at_pump")
+        return state, (*cmds, Notice("stopped_at_pump", f"pump reports {event.state}"), *t)
+    state, cmds = _warn_near_empty(state, protocol, event.at, cmds)
+    return _check_deviation(state, protocol, event.at, cmds)
+
+
+def predicted_empty_at(state: CourseState) -> datetime | None:
+    """When the syringe in the pump runs empty at the commanded rate, from its remaining volume by the pump's
+    read-backs (rounded down to the microsecond: never later than it will). None when nothing runs."""
+    if state.schedule is None or state.commanded_rate <= 0 or state.last_sample is None:
+        return None
+    hours = state.remaining_ml / state.commanded_rate
+    return state.last_sample.at + timedelta(microseconds=int(hours * 3_600_000_000))
+
+
+def _warn_near_empty(state: CourseState, protocol: ProtocolSpec, now: datetime, cmds: tuple[Command, ...]) -> Out:
+    """Once per syringe: a warning `syringe_warning_minutes` before it is predicted to run empty."""
+    if state.empty_warned:
+        return state, cmds
+    empty_at = predicted_empty_at(state)
+    if empty_at is None or now < empty_at - timedelta(minutes=float(protocol.syringe_warning_minutes)):
+        return state, cmds
+    detail = (f"syringe {state.syringe_changes + 1} predicted empty at {empty_at.isoformat()}: "
+              f"{state.remaining_ml:.3f} mL left at {state.commanded_rate} mL/h")
+    return replace(state, empty_warned=True), (*cmds, Notice("syringe_near_empty", detail))
+
+
+#: Phases in which the course commands no infusion at all: a pump infusing there does so on its own.
+_NO_INFUSION = frozenset({P.IDLE, P.PRIMED, P.PAUSED, P.STOPPED})
+
+
+#: Pump alarms an empty syringe shows as (New Era: a motor stall at the plunger's end).
+_EMPTY_LOOKALIKES = frozenset({"end_of_syringe", "occlusion"})
+
+
+def _syringe_empty(state: CourseState, protocol: ProtocolSpec) -> str:
+    """Why the syringe in the pump counts as empty by the read-backs ("" if it does not): what it delivered is
+    within two counter steps of its fill."""
+    if state.schedule is None:
+        return ""
+    used = state.delivered_ml - state.syringe_started_ml
+    if state.fill_ml - used > 2 * protocol.counter_resolution_ml:
+        return ""
+    return f"{used} mL of the {state.fill_ml} mL fill delivered"
+
+
+def _unexpected_infusion(state: CourseState, event: PumpReport) -> str:
+    """Why this report shows infusion the course did not command ("" if it does not): RUN pressed at the panel,
+    an old rate left running, a restart at the panel while paused, or running above the commanded rate in alarm."""
+    if event.state != "infusing":
+        return ""
+    rate = event.rate_ml_per_h
+    if state.phase in _NO_INFUSION:
+        return f"pump infuses {rate} mL/h while the course is {state.phase.value} (nothing commanded)"
+    if state.phase is P.ALARM and (state.commanded_rate == 0 or rate > state.commanded_rate):
+        return f"pump infuses {rate} mL/h in alarm; commanded {state.commanded_rate} mL/h"
+    return ""
+
+
+def _ceiling_breach(state: CourseState, protocol: ProtocolSpec, event: PumpReport) -> str:
+    """The drug-library ceiling, watched on what the pump delivers (its read-backs), not only on what is
+    proposed: the 24-h window ending now, and ending an hour from now at the rate the pump reports."""
+    sch = state.schedule
+    if sch is None or event.state != "infusing":
+        return ""
+    now = event.at
+    conc = state.concentration
+    # In mg: a window can span syringes of different concentration (each volume counted at its own).
+    past = window_drug(state, now - WINDOW, now)
+    ahead = past - window_drug(state, now - WINDOW, now - WINDOW + CEILING_LOOKAHEAD) \
+        + event.rate_ml_per_h * conc * hours_between(now, now + CEILING_LOOKAHEAD)
+    worst = max(past, ahead)
+    # The counter's display step, read twice (start and end of the window), is the only slack allowed.
+    if worst <= protocol.ceiling_mg_per_24h + 2 * protocol.counter_resolution_ml * conc:
+        return ""
+    return (f"{worst:.3f} mg in a 24-h window at the delivered rate, above the ceiling "
+            f"{protocol.ceiling_mg_per_24h} mg/24h")
+
+
+def _reported_readback(event: PumpReport) -> Decimal:
+    """What a report tells about an uncertain setpoint: the rate the pump delivers. A stopped pump keeps its
+    programmed rate, but a rate it does not run was never delivered: counting it as verified would raise the
+    ceiling a clinician may resume to."""
+    return event.rate_ml_per_h if event.state == "infusing" else Decimal(0)
+
+
+def _check_deviation(state: CourseState, protocol: ProtocolSpec, now: datetime, cmds: tuple[Command, ...]) -> Out:
+    """Delivered vs commanded volume over a sliding window (GIP 1.2.2-1.2.3): a fault that starts after days of
+    correct running is caught within about one window, not diluted by the whole run. The window never reaches
+    back before the first report at the current verified rate (`deviation_base`)."""
+    base = state.deviation_base
+    if base is None or state.commanded_rate == 0:
+        if state.commanded_rate > 0 and state.last_sample is not None:
+            state = replace(state, deviation_base=state.last_sample)
+        return state, cmds
+    # At least the configured window; at low rates up to the stretched one, so small faults show above the
+    # counter's step while a large one is caught as soon as the configured window has passed.
+    if now - base.at < timedelta(minutes=float(protocol.deviation_window_minutes)):
+        return state, cmds
+    start = _sample_before(state, now - _deviation_window(protocol, state.commanded_rate))
+    if start is None or start.at < base.at:
+        start = base
+    expected = state.commanded_rate * hours_between(start.at, now)
+    actual = state.delivered_ml - start.delivered_ml
+    if abs(actual - expected) <= max(expected * protocol.deviation_limit, 2 * protocol.counter_resolution_ml):
+        return state, cmds
+    code = "over_infusion" if actual > expected else "under_infusion"
+    detail = f"delivered {actual} mL vs expected {expected:.4f} mL over {now - start.at}"
+    state, more = _alarm(state, code, detail)
+    if code == "over_infusion":
+        state, stop = _stop_in_alarm(state, protocol, now, code)
+        more += stop
+    return state, cmds + more
+
+
+def _deviation_window(protocol: ProtocolSpec, rate: Decimal) -> timedelta:
+    """The configured window, stretched at low rates until the counter's display step (read at both ends) is at
+    most `deviation_limit` of the expected volume: then a correct pump never alarms and a fault twice the limit
+    always does. At 0.416 mL/h with a 0.01 mL step and 10 % that is 29 min instead of 15."""
+    configured = timedelta(minutes=float(protocol.deviation_window_minutes))
+    needed_h = 2 * protocol.counter_resolution_ml / (protocol.deviation_limit * rate)
+    return max(configured, timedelta(microseconds=int(needed_h * 3_600_000_000)))
+
+
+def _sample_before(state: CourseState, at: datetime) -> Sample | None:
+    """The newest kept sample at or before `at` (bisect: the history holds up to ~1,440 samples)."""
+    i = bisect_right(state.samples, at, key=sample_at)
+    return state.samples[i - 1] if i else None
+
+
+def _stop_in_alarm(state: CourseState, protocol: ProtocolSpec, now: datetime, reason: str) -> Out:
+    """Stop the pump but keep the course (in alarm) so a clinician can decide; the rate is never raised."""
+    state, _, cmds = _propose(state, protocol, now, Decimal(0), "stop", "machine", reason)
+    return state, cmds
+
+
+def _on_result(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
+    assert isinstance(event, SetpointResult)
+    pending = state.pending
+    if pending is None or pending.setpoint.id != event.setpoint_id:
+        return state, (Notice("stale_result", f"result for setpoint {event.setpoint_id} not pending"),)
+    if event.readback_ml_per_h is None:
+        state = replace(state, pending=replace(pending, uncertain=True))
+        return state, (Notice("setpoint_uncertain", f"setpoint {event.setpoint_id} unacknowledged: {event.error}"),)
+    return _check_readback(state, protocol, event.at, event.readback_ml_per_h)
+
+
+def _check_readback(
+    state: CourseState, protocol: ProtocolSpec, now: datetime, readback: Decimal, *, from_report: bool = False
+) -> Out:
+    pending = state.pending
+    assert pending is not None
+    sp = pending.setpoint
+    if readback == sp.rate_ml_per_h:
+        state = replace(
+            state,
+            pending=None,
+            verified_rate=readback,
+            verified_run_rate=readback if readback > 0 else state.verified_run_rate,
+            deviation_base=None,
+        )
+        return state, ()
+    if pending.is_decrease and readback > sp.rate_ml_per_h:
+        return _resend_decrease(state, pending, readback, from_report)
+    if state.phase is P.ALARM:
+        # Reconciling after a fault: the pump did not take it. Never re-send (that could raise the rate in alarm).
+        state = replace(state, pending=None)
+        return state, (Notice("setpoint_not_applied", f"pump holds {readback} mL/h, not {sp.rate_ml_per_h}"),)
+    if pending.attempts == 1 and state.link_up:
+        state = replace(state, pending=Pending(sp, attempts=2))
+        return state, (Notice("readback_retry", f"read back {readback}, sent {sp.rate_ml_per_h}"),
+                       ApplySetpoint(sp, attempt=2))
+    state = replace(state, pending=None)
+    state, cmds = _alarm(state, "readback_mismatch", f"read back {readback} mL/h, sent {sp.rate_ml_per_h}")
+    if readback > sp.rate_ml_per_h and not sp.is_stop:
+        state, stop = _stop_in_alarm(state, protocol, now, "readback_over")
+        cmds += stop
+    return state, cmds
+
+
+def _resend_decrease(state: CourseState, pending: Pending, readback: Decimal, from_report: bool) -> Out:
+    """A decrease or stop the pump has not taken (it still delivers more): it stays pending and is sent again,
+    at once after the first miss and then once per pump report, until a read-back shows it. It is never dropped:
+    giving up on a stop would leave the pump running. After the second miss the course alarms (once)."""
+    sp = pending.setpoint
+    cmds: tuple[Command, ...] = ()
+    if pending.attempts >= 2:
+        state, cmds = _alarm(state, "readback_mismatch",
+                             f"pump still delivers {readback} mL/h; {sp.rate_ml_per_h} sent {pending.attempts} times")
+    if pending.attempts == 1 or from_report:
+        attempt = pending.attempts + 1
+        state = replace(state, pending=Pending(sp, attempts=attempt, resend=True))
+        return state, (*cmds, Notice("readback_retry", f"read back {readback}, sent {sp.rate_ml_per_h}"),
+                       ApplySetpoint(sp, attempt=attempt))
+    # Straight after a failed re-send: wait for the next report rather than loop on the wire.
+    return replace(state, pending=Pending(sp, attempts=pending.attempts, resend=True)), cmds
+
+
+def _on_link_lost(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
+    assert isinstance(event, LinkLost)
+    pending = state.pending
+    state = replace(state, link_up=False, pending=replace(pending, uncertain=True) if pending else None)
+    if state.phase in ACTIVE:
+        return _alarm(state, "link_lost", event.detail)
+    return state, (Notice("link_lost", event.detail),)
+
+
+def _on_link_restored(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
+    return replace(state, link_up=True), (Notice("link_restored", "pump answers again; clinician must resume"),)
+
+
+# ---------------------------------------------------------------------------------------------- the table
+
+_LIVE = frozenset({P.PRIMED, P.TITRATING, P.HOLDING, P.TAPERING, P.PAUSED, P.ALARM})
+
+#: event kind -> (phases that accept it, handler). Everything not listed is an IllegalTransition.
+TRANSITIONS: dict[type | str, tuple[frozenset[Phase], Handler]] = {
+    ScheduleAccepted: (_ALL, _on_schedule),
+    PumpVerified: (frozenset({P.IDLE, P.PRIMED}), _on_verified),
+    Tick: (_ALL, _on_tick),
+    PumpReport: (_ALL, _on_report),
+    SetpointResult: (_ALL, _on_result),
+    LinkLost: (_ALL, _on_link_lost),
+    LinkRestored: (_ALL, _on_link_restored),
+    "clinician:hold": (frozenset({P.TITRATING}), _on_hold),
+    "clinician:escalate": (frozenset({P.PRIMED, P.TITRATING, P.HOLDING}), _on_escalate),
+    "clinician:reduce": (frozenset({P.TITRATING, P.HOLDING, P.TAPERING, P.PAUSED, P.ALARM}), _on_reduce),
+    "clinician:taper": (frozenset({P.TITRATING, P.HOLDING}), _on_taper),
+    "clinician:stop": (_LIVE, _on_stop),
+    "clinician:resume": (frozenset({P.PAUSED, P.ALARM}), _on_resume),
+    ClockStepped: (_ALL, _on_clock_stepped),
+    "clinician:ack_clock": (_ALL, _on_ack_clock),
+    "clinician:change_syringe": (frozenset({P.PRIMED, P.TITRATING, P.HOLDING, P.TAPERING, P.PAUSED, P.ALARM}),
+                                 _on_change_syringe),
+    SyringeLoaded: (frozenset({P.PRIMED, P.PAUSED}), _on_syringe_loaded),
+}
