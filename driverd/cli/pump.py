@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from driverd.cli.output import emit_json, fail, usage
+from driverd.cli.sim_console import library_logs_silenced
 from driverd.core.errors import DriverdError
 from driverd.core.quantities import fmt
 
@@ -63,7 +64,8 @@ def probe(
     # Six queries, each retried once, plus resends after an alarm reply: a probe must never hang.
     bound = timeout * 20 + 5
     try:
-        info = asyncio.run(asyncio.wait_for(_probe(url, timeout), bound))
+        with library_logs_silenced():
+            info = asyncio.run(asyncio.wait_for(_probe(url, timeout), bound))
     except DriverdError as exc:
         fail(f"{url}: {exc}", as_json=as_json, kind=type(exc).__name__)
     except TimeoutError:

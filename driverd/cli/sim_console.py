@@ -86,13 +86,16 @@ class _OneLine(logging.Handler):
         pass  # never a traceback from the logging machinery itself
 
 
+_LIBRARIES = ("pymodbus", "serial", "asyncio")
+
+
 @contextlib.contextmanager
 def library_logs_as_lines(console: SimConsole) -> Iterator[None]:
     """While the simulator serves, every stdlib logging record at WARNING and up goes through `console` as one
     line and nothing below does; the process's logging is put back as it was afterwards."""
     root = logging.getLogger()
     saved = (list(root.handlers), root.level, logging.lastResort)
-    libs = {name: logging.getLogger(name) for name in ("pymodbus", "serial", "asyncio")}
+    libs = {name: logging.getLogger(name) for name in _LIBRARIES}
     saved_libs = {name: (lib.level, lib.propagate, list(lib.handlers)) for name, lib in libs.items()}
     handler = _OneLine(console)
     root.handlers = [handler]
@@ -111,6 +114,24 @@ def library_logs_as_lines(console: SimConsole) -> Iterator[None]:
         for name, lib in libs.items():
             lvl, propagate, handlers = saved_libs[name]
             lib.setLevel(lvl)
+            lib.propagate = propagate
+            lib.handlers = handlers
+
+
+@contextlib.contextmanager
+def library_logs_silenced() -> Iterator[None]:
+    """For a one-shot client command (`pump probe`): the driver turns a library's failure into its own error,
+    which the command prints as one line, so the library's own log records (pymodbus's "Failed to connect" and
+    the like) are dropped instead of reaching the terminal as raw text; logging is put back afterwards."""
+    libs = [logging.getLogger(name) for name in _LIBRARIES]
+    saved = [(lib.propagate, list(lib.handlers)) for lib in libs]
+    for lib in libs:
+        lib.propagate = False
+        lib.handlers = [logging.NullHandler()]  # a handler of its own: Python's last resort never prints it
+    try:
+        yield
+    finally:
+        for lib, (propagate, handlers) in zip(libs, saved, strict=True):
             lib.propagate = propagate
             lib.handlers = handlers
 

@@ -107,3 +107,24 @@ def test_a_driver_without_its_own_probe_refuses_rather_than_connecting() -> None
     with pytest.raises(DriverError, match="no read-only probe"):
         asyncio.run(PumpDriver.probe(driver))  # the base class's default, as a third-party driver would inherit it
     assert pump.status().deadman_s == 0  # nothing reached the pump
+
+
+def test_probe_keeps_library_logs_off_the_terminal_whatever_logging_state_it_finds() -> None:
+    # The state an earlier command can leave behind (structlog reset, a library logger with no handler and no
+    # propagation): Python's last resort would then print pymodbus's "Failed to connect" as raw text.
+    import logging
+    import socket
+
+    lib = logging.getLogger("pymodbus")
+    before = (lib.propagate, list(lib.handlers))
+    lib.propagate, lib.handlers = False, []
+    try:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        result = runner.invoke(app, ["pump", "probe", f"modbus+tcp://127.0.0.1:{port}?unit=1", "--timeout", "0.5"])
+        assert result.exit_code == 1
+        assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+        assert (lib.propagate, lib.handlers) == (False, [])  # put back as it was
+    finally:
+        lib.propagate, lib.handlers = before
