@@ -135,6 +135,12 @@ class ScaledClock(_FreeRunning):
     def wall(self) -> datetime:
         return self.now() + self._wall_offset
 
+    def readings(self) -> tuple[datetime, datetime]:
+        """(now, wall) from ONE reading of the monotonic clock. Two separate reads differ by the real time between
+        them times the speed (55 us at 36000x is 2 s): ClockWatch would see that as a wall-clock step."""
+        now = self.now()
+        return now, now + self._wall_offset
+
     def step_wall(self, delta: timedelta) -> None:
         """Make the wall reading jump by `delta` (a simulated NTP or operator step); `now()` does not move."""
         self._wall_offset += delta
@@ -297,6 +303,14 @@ class WallStep:
         return Decimal(micro).scaleb(-6)
 
 
+def _readings(clock: RuntimeClock) -> tuple[datetime, datetime]:
+    """(now, wall) as close together as the clock allows: a scaled clock gives both from one reading."""
+    both = getattr(clock, "readings", None)
+    if both is not None:
+        return both()  # type: ignore[no-any-return]
+    return clock.now(), clock.wall()
+
+
 class ClockWatch:
     """Detects wall-clock steps: the offset wall - now() is constant while neither steps (NTP slewing moves
     both), so a change of it beyond the tolerance is a step. Small changes add up until they exceed it."""
@@ -306,11 +320,11 @@ class ClockWatch:
             raise ValueError("clock step tolerance must be > 0")
         self.clock = clock
         self.tolerance = tolerance
-        self._offset = clock.wall() - clock.now()
+        now, wall = _readings(clock)
+        self._offset = wall - now
 
     def check(self) -> WallStep | None:
-        now = self.clock.now()
-        wall = self.clock.wall()
+        now, wall = _readings(self.clock)
         delta = (wall - now) - self._offset
         if abs(delta) <= self.tolerance:
             return None

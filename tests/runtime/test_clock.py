@@ -163,3 +163,14 @@ def test_step_wall_moves_the_wall_reading_only() -> None:
         assert clock.now() - before < timedelta(minutes=1)
         step = watch.check()
         assert step is not None and timedelta(days=2) - step.delta < timedelta(seconds=1)
+
+
+def test_a_fast_scaled_clock_never_shows_a_phantom_wall_step() -> None:
+    # At 10^12 x, the real nanoseconds between a now() and a separate wall() read are thousands of virtual
+    # seconds: the watch must take both from one reading (`driverd run --speed N`, bench configs only).
+    clock = ScaledClock(T0, 1e12)
+    watch = ClockWatch(clock)
+    assert all(watch.check() is None for _ in range(1000))
+    clock.step_wall(timedelta(hours=1))  # a real step is still seen
+    step = watch.check()
+    assert step is not None and timedelta(minutes=59) < step.delta < timedelta(minutes=61)
