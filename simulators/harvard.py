@@ -30,12 +30,8 @@ SIMULATOR-ONLY conventions (decided here, documented in docs/simulators.md, test
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import os
-import socket
-import termios
-import tty
+import functools
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -67,6 +63,7 @@ from drivers.harvard.codec import (
 from simulators.clock import Clock
 from simulators.faults import FaultPlan
 from simulators.pump import ModelError, PumpModel
+from simulators.serving import HangUp, Write, announce_unsolicited, send_reply, serve_pty, serve_tcp
 
 STALL_KINDS: Final = frozenset({AlarmKind.OCCLUSION, AlarmKind.END_OF_SYRINGE})
 STOP_EVENTS: Final = frozenset({"stop", "power_cycle"} | {k.value for k in AlarmKind} - {"near_end", "low_battery"})
@@ -521,30 +518,15 @@ class _Session:
                 await self._send(reply)
 
     async def _send(self, reply: bytes) -> None:
-        action = self.faults.on_reply(reply)
-        per_byte = self.faults.wire_time_per_byte_s or 0.0
-        if per_byte:
-            await asyncio.sleep(per_byte * len(action.payload or reply))
-        if action.kind == "drop":
-            return
-        if action.kind == "disconnect":
+        if await send_reply(self.faults, reply, self.write, self.disconnect, self.faults.wire_time_per_byte_s or 0.0):
             self.closed = True
-            self.disconnect()
-            return
-        if action.kind == "delay":
-            await asyncio.sleep(action.delay_s)
-        self.write(action.payload)
 
 
 UNSOLICITED_POLL_S: Final = 0.05
 
 
 async def _announcer(protocol: HarvardPumpProtocol, plan: FaultPlan, write: Callable[[bytes], None]) -> None:
-    while True:
-        await asyncio.sleep(UNSOLICITED_POLL_S)
-        packet = protocol.poll_unsolicited()
-        if packet is not None and not plan.is_cut:  # sent into a cut cable: lost, as on the wire
-            write(packet)
+    await announce_unsolicited(protocol, plan, write, UNSOLICITED_POLL_S)
 
 
 @contextlib.asynccontextmanager
@@ -575,107 +557,19 @@ async def serve_harvard(
 
 @contextlib.asynccontextmanager
 async def _serve_pty(protocol: HarvardPumpProtocol, plan: FaultPlan) -> AsyncIterator[Endpoint]:
-    loop = asyncio.get_running_loop()
-    master, slave = os.openpty()
-    tty.setraw(slave, termios.TCSANOW)  # raw: no echo, no CR/LF translation, XON passes through
-    os.set_blocking(master, False)
-    device = os.ttyname(slave)
-    state = {"master": master}
-    queue: asyncio.Queue[bytes] = asyncio.Queue()
+    def session(write: Write, disconnect: HangUp) -> _Session:
+        return _Session(protocol, plan, write, disconnect)
 
-    def write(data: bytes) -> None:
-        fd = state["master"]
-        if fd >= 0:
-            with contextlib.suppress(BlockingIOError, OSError):
-                os.write(fd, data)
-
-    def hang_up() -> None:
-        fd = state["master"]
-        if fd >= 0:
-            loop.remove_reader(fd)
-            os.close(fd)
-            state["master"] = -1
-
-    def readable() -> None:
-        try:
-            data = os.read(state["master"], 4096)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if data:
-            queue.put_nowait(data)
-
-    session = _Session(protocol, plan, write, hang_up)
-
-    async def worker() -> None:
-        while True:
-            await session.feed(await queue.get())
-            if session.closed:
-                return
-
-    loop.add_reader(master, readable)
-    tasks = [asyncio.create_task(worker()), asyncio.create_task(_announcer(protocol, plan, write))]
-    try:
+    async with serve_pty(session, functools.partial(_announcer, protocol, plan)) as (device, hang_up):
         yield Endpoint(f"harvard+serial://{device}?address={protocol.address}", protocol, plan, device=device,
                        _hangup=hang_up)
-    finally:
-        for t in tasks:
-            t.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
-        hang_up()
-        os.close(slave)
 
 
 @contextlib.asynccontextmanager
 async def _serve_tcp(protocol: HarvardPumpProtocol, plan: FaultPlan, host: str, port: int) -> AsyncIterator[Endpoint]:
-    writers: set[asyncio.StreamWriter] = set()
+    def session(write: Write, disconnect: HangUp) -> _Session:
+        return _Session(protocol, plan, write, disconnect)
 
-    async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writers.add(writer)
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-        def write(data: bytes) -> None:
-            if not writer.is_closing():
-                writer.write(data)
-
-        session = _Session(protocol, plan, write, writer.close)
-        try:
-            while not session.closed:
-                data = await reader.read(4096)
-                if not data:
-                    break
-                await session.feed(data)
-                await writer.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            writers.discard(writer)
-            writer.close()
-
-    def hang_up() -> None:
-        for w in list(writers):
-            w.close()
-
-    def broadcast(data: bytes) -> None:
-        for w in list(writers):
-            if not w.is_closing():
-                w.write(data)
-
-    server = await asyncio.start_server(client, host, port)
-    chosen = server.sockets[0].getsockname()[1]
-    ticker = asyncio.create_task(_announcer(protocol, plan, broadcast))
-    try:
+    async with serve_tcp(session, functools.partial(_announcer, protocol, plan), host, port) as (chosen, hang_up):
         yield Endpoint(f"harvard+socket://{host}:{chosen}?address={protocol.address}", protocol, plan, port=chosen,
                        _hangup=hang_up)
-    finally:
-        ticker.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await ticker
-        server.close()
-        hang_up()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(server.wait_closed(), 5)

@@ -28,10 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import socket
-import termios
-import tty
+import functools
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -60,6 +57,7 @@ from drivers.newera.codec import (
 )
 from simulators.faults import FaultPlan
 from simulators.pump import ModelError, PumpModel
+from simulators.serving import HangUp, Write, announce_unsolicited, send_reply, serve_pty, serve_tcp
 
 INTER_BYTE_TIMEOUT_S: Final = 0.5  # a partial packet older than this is discarded (manual)
 
@@ -540,19 +538,8 @@ class _Session:
                 await self._send(reply, len(frame.payload) + (5 if frame.safe else 1))
 
     async def _send(self, reply: bytes, request_len: int) -> None:
-        action = self.faults.on_reply(reply)
-        per_byte = self._per_byte()
-        if per_byte:
-            await asyncio.sleep(per_byte * (request_len + len(action.payload or reply)))
-        if action.kind == "drop":
-            return
-        if action.kind == "disconnect":
+        if await send_reply(self.faults, reply, self.write, self.disconnect, self._per_byte(), request_len):
             self.closed = True
-            self.disconnect()
-            return
-        if action.kind == "delay":
-            await asyncio.sleep(action.delay_s)
-        self.write(action.payload)
 
 
 AUTO_ALARM_POLL_S: Final = 0.05  # how often the simulator looks for an alarm to announce (safe mode)
@@ -560,11 +547,7 @@ AUTO_ALARM_POLL_S: Final = 0.05  # how often the simulator looks for an alarm to
 
 async def _auto_alarm(protocol: NewEraPumpProtocol, plan: FaultPlan, write: Callable[[bytes], None]) -> None:
     """Safe-mode Auto-Alarm: the model is lazy, so look for a new alarm now and then and announce it."""
-    while True:
-        await asyncio.sleep(AUTO_ALARM_POLL_S)
-        packet = protocol.poll_unsolicited()
-        if packet is not None and not plan.is_cut:  # sent into a cut cable: lost, as on the wire
-            write(packet)
+    await announce_unsolicited(protocol, plan, write, AUTO_ALARM_POLL_S)
 
 
 @contextlib.asynccontextmanager
@@ -606,64 +589,13 @@ async def serve_newera(
 async def _serve_pty(
     protocol: NewEraPumpProtocol, plan: FaultPlan, wire_time: float | None, announce: bytes | None
 ) -> AsyncIterator[Endpoint]:
-    loop = asyncio.get_running_loop()
-    master, slave = os.openpty()
-    # Raw at once: with the default line discipline the slave would echo our replies back to us.
-    tty.setraw(slave, termios.TCSANOW)
-    os.set_blocking(master, False)
-    device = os.ttyname(slave)
-    state = {"master": master}
-    queue: asyncio.Queue[bytes] = asyncio.Queue()
+    def session(write: Write, disconnect: HangUp) -> _Session:
+        return _Session(protocol, plan, wire_time, write, disconnect)
 
-    def write(data: bytes) -> None:
-        fd = state["master"]
-        if fd < 0:
-            return
-        with contextlib.suppress(BlockingIOError, OSError):
-            os.write(fd, data)  # a full buffer means nobody reads: the bytes are lost, as on a wire
-
-    def hang_up() -> None:
-        fd = state["master"]
-        if fd >= 0:
-            loop.remove_reader(fd)
-            os.close(fd)
-            state["master"] = -1
-
-    def readable() -> None:
-        try:
-            data = os.read(state["master"], 4096)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""  # EIO: no slave open right now; we hold our own slave fd, so this is rare
-        if data:
-            queue.put_nowait(data)
-
-    session = _Session(protocol, plan, wire_time, write, hang_up)
-
-    async def worker() -> None:
-        while True:
-            data = await queue.get()
-            await session.feed(data)
-            if session.closed:
-                return
-
-    loop.add_reader(master, readable)
-    if announce is not None:
-        write(announce)
-    task = asyncio.create_task(worker())
-    ticker = asyncio.create_task(_auto_alarm(protocol, plan, write))
-    try:
+    async with serve_pty(session, functools.partial(_auto_alarm, protocol, plan), announce) as (device, hang_up):
         yield Endpoint(
             f"newera+serial://{device}?address={protocol.address}", protocol, plan, device=device, _hangup=hang_up
         )
-    finally:
-        for t in (task, ticker):
-            t.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
-        hang_up()
-        os.close(slave)
 
 
 @contextlib.asynccontextmanager
@@ -675,57 +607,11 @@ async def _serve_tcp(
     host: str,
     port: int,
 ) -> AsyncIterator[Endpoint]:
-    writers: set[asyncio.StreamWriter] = set()
-    pending_announce = [announce]
+    def session(write: Write, disconnect: HangUp) -> _Session:
+        return _Session(protocol, plan, wire_time, write, disconnect)
 
-    async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writers.add(writer)
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-        def write(data: bytes) -> None:
-            if not writer.is_closing():
-                writer.write(data)
-
-        session = _Session(protocol, plan, wire_time, write, writer.close)
-        if pending_announce[0] is not None:
-            write(pending_announce[0])
-            pending_announce[0] = None
-        try:
-            while not session.closed:
-                data = await reader.read(4096)
-                if not data:
-                    break
-                await session.feed(data)
-                await writer.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            writers.discard(writer)
-            writer.close()
-
-    def hang_up() -> None:
-        for w in list(writers):
-            w.close()
-
-    def broadcast(data: bytes) -> None:
-        for w in list(writers):
-            if not w.is_closing():
-                w.write(data)
-
-    server = await asyncio.start_server(client, host, port)
-    chosen = server.sockets[0].getsockname()[1]
-    ticker = asyncio.create_task(_auto_alarm(protocol, plan, broadcast))
-    try:
+    background = functools.partial(_auto_alarm, protocol, plan)
+    async with serve_tcp(session, background, host, port, announce) as (chosen, hang_up):
         yield Endpoint(
             f"newera+socket://{host}:{chosen}?address={protocol.address}", protocol, plan, port=chosen, _hangup=hang_up
         )
-    finally:
-        ticker.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await ticker
-        server.close()
-        hang_up()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(server.wait_closed(), 5)
