@@ -36,6 +36,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from driverd.audit.canonical import dumps, format_ts, parse_ts, sha256_hex
+from driverd.audit.durable import fsync_dir, make_dirs
 from driverd.audit.reader import iter_lines
 from driverd.audit.segments import ANCHOR_NAME, list_segments, segment_name
 from driverd.audit.signing import fingerprint, public_from_b64
@@ -343,14 +344,6 @@ def _file_sha256(path: Path) -> tuple[str, int]:
     return h.hexdigest(), n
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_file(path: Path, chunks: Iterator[bytes], mode: int) -> None:
     """Write and fsync a new file (replacing a leftover one); on an I/O error (disk full) it is removed."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
@@ -476,7 +469,7 @@ def _archive(log: Path, before: datetime, dest: Path, key: Ed25519PrivateKey | N
     try:
         _make_archive_dir(dest)
         moved = [_copy(info, dest, hook) for info in chosen.segments]
-        _fsync_dir(dest)
+        fsync_dir(dest)
     except OSError as exc:
         raise AuditError(f"{dest}: archiving failed, nothing removed from the live log: {exc.strerror or exc} "
                          f"(errno {exc.errno})") from None
@@ -509,9 +502,9 @@ def _archive(log: Path, before: datetime, dest: Path, key: Ed25519PrivateKey | N
 
 
 def _make_archive_dir(dest: Path) -> None:
-    from driverd.audit.writer import DIR_MODE, _make_dirs
+    from driverd.audit.writer import DIR_MODE
 
-    _make_dirs(dest, DIR_MODE)
+    make_dirs(dest, DIR_MODE)
 
 
 def _copy(info: _SegmentInfo, dest: Path, hook: StepHook) -> ArchivedSegment:
@@ -555,7 +548,7 @@ def _write_anchor(log: Path, anchor: Anchor, hook: StepHook) -> None:
     hook("anchor_tmp")
     os.replace(tmp, log / ANCHOR_NAME)
     hook("anchor_renamed")
-    _fsync_dir(log)
+    fsync_dir(log)
     hook("anchor_synced")
 
 
@@ -566,7 +559,7 @@ def _remove(log: Path, numbers: list[int], hook: StepHook) -> None:
             with contextlib.suppress(FileNotFoundError):
                 (log / segment_name(n)).unlink()
             hook(f"removed:{n}")
-        _fsync_dir(log)
+        fsync_dir(log)
     except OSError as exc:
         raise AuditError(f"{log}: removing archived segments failed ({exc.strerror or exc}); the anchor is "
                          "written, run `driverd audit archive` again to finish") from None
@@ -579,7 +572,7 @@ def _finish(log: Path, anchor: Anchor, segs: list[tuple[int, Path]], hook: StepH
     left = [(n, p) for n, p in segs if n < anchor.first_segment]
     if not left:
         try:
-            _fsync_dir(log)  # the last run may have crashed after its last removal, before making it durable
+            fsync_dir(log)  # the last run may have crashed after its last removal, before making it durable
         except OSError as exc:
             raise AuditError(f"{log}: cannot sync the directory: {exc.strerror or exc}") from None
         return []
@@ -600,7 +593,7 @@ def _finish(log: Path, anchor: Anchor, segs: list[tuple[int, Path]], hook: StepH
                 _make_archive_dir(Path(entry.archive))
                 info = _SegmentInfo(n, p, entry.first_seq, entry.last_seq)
                 _copy(info, Path(entry.archive), hook)
-                _fsync_dir(Path(entry.archive))
+                fsync_dir(Path(entry.archive))
             except OSError as exc:
                 raise AuditError(f"{copy}: cannot restore the archived copy: {exc.strerror or exc}") from None
     _remove(log, [n for n, _ in left], hook)

@@ -49,6 +49,7 @@ from driverd.audit.canonical import (
     record_hash,
     sha256_hex,
 )
+from driverd.audit.durable import make_dirs
 from driverd.audit.segments import list_segments, segment_name
 from driverd.audit.signing import fingerprint, public_b64, sign_checkpoint
 from driverd.core.errors import AuditError, ConfigError, Problem
@@ -173,7 +174,7 @@ class AuditWriter:
         """Open (creating if needed) the log directory, recover a torn tail, and start appending."""
         path_dir = Path(path_dir)
         try:
-            _make_dirs(path_dir, DIR_MODE)
+            make_dirs(path_dir, DIR_MODE)
             dir_fd = os.open(path_dir, os.O_RDONLY | os.O_DIRECTORY)
         except OSError as exc:
             raise AuditError(f"{path_dir}: cannot open audit directory: {exc.strerror}") from None
@@ -589,30 +590,6 @@ def _durable_kwarg(_logger: Any, _method: str, event_dict: EventDict) -> EventDi
 
 
 # ----------------------------------------------------------------------------------------- file helpers
-
-
-def _make_dirs(path: Path, mode: int) -> None:
-    """Create `path` and any missing parents with `mode` (the umask can only narrow it), fsyncing each new
-    name into its parent. An existing directory is left as it is (the daemon checks it at start)."""
-    missing: list[Path] = []
-    p = path
-    while not p.exists():
-        missing.append(p)
-        p = p.parent
-    for d in reversed(missing):
-        try:
-            os.mkdir(d, mode)
-        except FileExistsError:
-            continue
-        _fsync_dir(d.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _read(path: Path) -> bytes:
