@@ -4,17 +4,24 @@ traceback), and one-line errors with exit 1 (a port in use, a control socket tak
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
 import os
+import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
-from typing import Any, NoReturn
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
 
-from driverd.cli.output import EXIT_REFUSED, fail
-from simulators.faults import FaultEvent
+from driverd.cli.output import EXIT_REFUSED, fail, usage
+from driverd.core.errors import QuantityError
+from driverd.core.quantities import parse_decimal
+from simulators.faults import FaultEvent, FaultPlan
 
 
 def _now() -> str:
@@ -141,3 +148,72 @@ def listen_error(what: str, exc: OSError) -> str:
     # asyncio's bind error wraps the system's reason in a long sentence: the errno's own text says it
     reason = os.strerror(exc.errno) if exc.errno else (exc.strerror or str(exc))
     return f"{what}: {reason[:1].lower()}{reason[1:]}"
+
+
+# ------------------------------------------------------------------------------ what every simulator command shares
+
+E = TypeVar("E")
+
+
+class ListenError(Exception):
+    """The simulator could not open what it serves on (a port in use, a control socket taken)."""
+
+
+def check_serial_endpoint(pty: bool, tcp: int | None, address: int, baud: int, baud_rates: tuple[int, ...],
+                          as_json: bool) -> None:
+    """The options of a serial-protocol simulator (New Era, Harvard): usage error (exit 2) naming the option."""
+    if pty == (tcp is not None):
+        usage("give exactly one of --pty or --tcp PORT", as_json)
+    if tcp is not None and not 0 <= tcp <= 65535:
+        usage(f"--tcp: port must be 0..65535, got {tcp}", as_json)
+    if not 0 <= address <= 99:
+        usage(f"--address: must be 0..99, got {address}", as_json)
+    if baud not in baud_rates:
+        usage(f"--baud: must be one of {', '.join(map(str, baud_rates))}, got {baud}", as_json)
+
+
+def decimal_option(text: str, name: str, maximum: Decimal, as_json: bool = False) -> Decimal:
+    """A positive decimal option (`--fill`, `--diameter`); a usage error naming it otherwise."""
+    try:
+        return parse_decimal(text, name, maximum=maximum, allow_zero=False)
+    except QuantityError as exc:
+        usage(f"--{name}: {exc}", as_json)
+
+
+def run_simulator(console: SimConsole, open_server: Callable[[], AbstractAsyncContextManager[E]],
+                  describe: Callable[[E], tuple[str, list[str], dict[str, Any]]], *, tcp: int | None, host: str,
+                  control: Path | None, plans: Mapping[int, FaultPlan]) -> None:
+    """Serve until SIGINT/SIGTERM with library logs as lines: open the server (and the `--control` socket), print
+    the listening line (`describe`: first line, urls, JSON extras), wait, print the stop. What cannot be opened is
+    one error line and exit 1."""
+    try:
+        with library_logs_as_lines(console):
+            asyncio.run(_serve_until_signal(console, open_server, describe, tcp=tcp, host=host, control=control,
+                                            plans=plans))
+    except ListenError as exc:
+        console.error(str(exc))
+
+
+async def _serve_until_signal(console: SimConsole, open_server: Callable[[], AbstractAsyncContextManager[E]],
+                              describe: Callable[[E], tuple[str, list[str], dict[str, Any]]], *, tcp: int | None,
+                              host: str, control: Path | None, plans: Mapping[int, FaultPlan]) -> None:
+    from simulators.control import serve_control
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            endpoint = await stack.enter_async_context(open_server())
+        except OSError as exc:
+            raise ListenError(listen_error(f"--tcp {tcp}: cannot listen on {host}:{tcp}", exc)) from None
+        if control is not None:
+            try:
+                await stack.enter_async_context(serve_control(control, plans))
+            except OSError as exc:
+                raise ListenError(listen_error(f"--control {control}", exc)) from None
+        first, urls, extra = describe(endpoint)
+        console.listening(first, urls, control=str(control) if control else None, **extra)
+        await stop.wait()
+    console.stopped()

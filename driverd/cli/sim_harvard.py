@@ -8,30 +8,18 @@ in use is a one-line error, exit 1. Runs until SIGINT/SIGTERM, on the real clock
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import signal
-from decimal import Decimal
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from driverd.cli.output import usage
-from driverd.cli.sim_console import SimConsole, library_logs_as_lines, listen_error
-from driverd.core.errors import DriverdError, QuantityError
-from driverd.core.quantities import MAX_DIAMETER_MM, MAX_VOLUME_ML, parse_decimal
+from driverd.cli.sim_console import SimConsole, check_serial_endpoint, decimal_option, run_simulator
+from driverd.core.errors import DriverdError
+from driverd.core.quantities import MAX_DIAMETER_MM, MAX_VOLUME_ML
 from drivers.harvard.driver import BAUD_RATES
 from simulators.clock import SystemClock
 from simulators.faults import FaultPlan
 from simulators.pump import PumpModel
-
-
-def _decimal(text: str, name: str, maximum: Decimal, as_json: bool = False) -> Decimal:
-    try:
-        return parse_decimal(text, name, maximum=maximum, allow_zero=False)
-    except QuantityError as exc:
-        usage(f"--{name}: {exc}", as_json)
 
 
 def harvard(
@@ -60,16 +48,9 @@ def harvard(
 
     console = SimConsole(as_json=as_json)
 
-    if pty == (tcp is not None):
-        usage("give exactly one of --pty or --tcp PORT", as_json)
-    if tcp is not None and not 0 <= tcp <= 65535:
-        usage(f"--tcp: port must be 0..65535, got {tcp}", as_json)
-    if not 0 <= address <= 99:
-        usage(f"--address: must be 0..99, got {address}", as_json)
-    if baud not in BAUD_RATES:
-        usage(f"--baud: must be one of {', '.join(map(str, BAUD_RATES))}, got {baud}", as_json)
-    fill_ml = _decimal(fill, "fill", MAX_VOLUME_ML, as_json)
-    diameter_mm = _decimal(diameter, "diameter", MAX_DIAMETER_MM, as_json)
+    check_serial_endpoint(pty, tcp, address, baud, BAUD_RATES, as_json)
+    fill_ml = decimal_option(fill, "fill", MAX_VOLUME_ML, as_json)
+    diameter_mm = decimal_option(diameter, "diameter", MAX_DIAMETER_MM, as_json)
     try:
         model = PumpModel(SystemClock(), fill_volume_ml=fill_ml, diameter_mm=diameter_mm, **elite_model_kwargs())
         plan = (
@@ -82,44 +63,15 @@ def harvard(
         plan.on_event = lambda ev: console.fault(f"harvard-{address}", ev)
     except DriverdError as exc:
         console.error(str(exc))
-    try:
-        with library_logs_as_lines(console):
-            asyncio.run(_serve(model, plan, console, pty=pty, tcp=tcp, host=host, address=address, baud=baud,
-                               control=control))
-    except _ListenError as exc:
-        console.error(str(exc))
+    from simulators.harvard import Endpoint, serve_harvard  # imported late: keeps `driverd --help` fast
 
+    def describe(endpoint: Endpoint) -> tuple[str, list[str], dict[str, Any]]:
+        extra: dict[str, Any] = {"device": endpoint.device} if pty else {"port": endpoint.port}
+        return (endpoint.device or "" if pty else str(endpoint.port),
+                [endpoint.url + (f"&baud={baud}" if pty else "")], extra)
 
-class _ListenError(Exception):
-    """The simulator could not open what it serves on (a port in use, a control socket taken)."""
-
-
-async def _serve(model: PumpModel, plan: FaultPlan, console: SimConsole, *, pty: bool, tcp: int | None, host: str,
-                 address: int, baud: int, control: Path | None = None) -> None:
-    from simulators.control import serve_control
-    from simulators.harvard import serve_harvard  # imported late: keeps `driverd --help` fast
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    async with contextlib.AsyncExitStack() as stack:
-        try:
-            endpoint = await stack.enter_async_context(
-                serve_harvard(model, plan, pty=pty, tcp_port=tcp, host=host, address=address))
-        except OSError as exc:
-            raise _ListenError(listen_error(f"--tcp {tcp}: cannot listen on {host}:{tcp}", exc)) from None
-        if control is not None:
-            try:
-                await stack.enter_async_context(serve_control(control, {address: plan}))
-            except OSError as exc:
-                raise _ListenError(listen_error(f"--control {control}", exc)) from None
-        extra = {"device": endpoint.device} if pty else {"port": endpoint.port}
-        console.listening(endpoint.device or "" if pty else str(endpoint.port),
-                          [endpoint.url + (f"&baud={baud}" if pty else "")],
-                          control=str(control) if control else None, **extra)
-        await stop.wait()
-    console.stopped()
+    run_simulator(console, lambda: serve_harvard(model, plan, pty=pty, tcp_port=tcp, host=host, address=address),
+                  describe, tcp=tcp, host=host, control=control, plans={address: plan})
 
 
 def register(app: typer.Typer) -> None:

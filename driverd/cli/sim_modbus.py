@@ -10,19 +10,18 @@ is a one-line error, exit 1. Runs until SIGINT/SIGTERM. Pumps are named ``modbus
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import re
-import signal
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from driverd.cli.output import usage
-from driverd.cli.sim_console import SimConsole, library_logs_as_lines, listen_error
+from driverd.cli.sim_console import SimConsole, run_simulator
 from driverd.core.errors import DriverdError
-from drivers.modbus.regmap import RegisterMap, load_map
+from drivers.modbus.regmap import load_map
 from simulators.clock import SystemClock
 from simulators.faults import FaultPlan
 from simulators.world import World
@@ -77,59 +76,20 @@ def modbus(
             plans[unit] = world.set_faults(name, plan)
     except DriverdError as exc:
         console.error(str(exc), error_code="config")
-    try:
-        with library_logs_as_lines(console):
-            asyncio.run(_serve(world, {u: f"modbus-{u}" for u in unit_ids}, plans, console, tcp=tcp, pty=pty,
-                               host=host, regmap=the_map, control=control))
-    except _ListenError as exc:
-        console.error(str(exc))
+    from simulators.modbus import ModbusEndpoint, serve_modbus  # imported late (pymodbus): keeps `driverd --help` fast
 
+    names = {u: f"modbus-{u}" for u in unit_ids}
 
-class _ListenError(Exception):
-    """The simulator could not open what it serves on (a port in use, a control socket taken)."""
+    def open_server() -> AbstractAsyncContextManager[ModbusEndpoint]:
+        if pty:
+            return serve_modbus(world, names, plans, pty=True, regmap=the_map)
+        return serve_modbus(world, names, plans, tcp_port=tcp, host=host, regmap=the_map)
 
+    def describe(endpoint: ModbusEndpoint) -> tuple[str, list[str], dict[str, Any]]:
+        extra: dict[str, Any] = {"device": endpoint.path} if pty else {"port": endpoint.port}
+        return endpoint.path if pty else str(endpoint.port), [endpoint.url(u) for u in unit_ids], extra
 
-async def _serve(
-    world: World,
-    unit_ids: dict[int, str],
-    plans: dict[int, FaultPlan],
-    console: SimConsole,
-    *,
-    tcp: int | None,
-    pty: bool,
-    host: str,
-    regmap: RegisterMap,
-    control: Path | None = None,
-) -> None:
-    import contextlib
-
-    from simulators.control import serve_control
-    from simulators.modbus import serve_modbus  # imported late (pymodbus): keeps `driverd --help` fast
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    server = (
-        serve_modbus(world, unit_ids, plans, pty=True, regmap=regmap)
-        if pty
-        else (serve_modbus(world, unit_ids, plans, tcp_port=tcp, host=host, regmap=regmap))
-    )
-    async with contextlib.AsyncExitStack() as stack:
-        try:
-            endpoint = await stack.enter_async_context(server)
-        except OSError as exc:
-            raise _ListenError(listen_error(f"--tcp {tcp}: cannot listen on {host}:{tcp}", exc)) from None
-        if control is not None:
-            try:
-                await stack.enter_async_context(serve_control(control, plans))
-            except OSError as exc:
-                raise _ListenError(listen_error(f"--control {control}", exc)) from None
-        extra = {"device": endpoint.path} if pty else {"port": endpoint.port}
-        console.listening(endpoint.path if pty else str(endpoint.port), [endpoint.url(u) for u in unit_ids],
-                          control=str(control) if control else None, **extra)
-        await stop.wait()
-    console.stopped()
+    run_simulator(console, open_server, describe, tcp=tcp, host=host, control=control, plans=plans)
 
 
 def register(app: typer.Typer) -> None:
