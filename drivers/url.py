@@ -63,3 +63,35 @@ def parse_url(url: str) -> DriverURL:
         path = parts.netloc
         host = ""
     return DriverURL(raw=url, driver=driver, transport=transport, host=host, port=port, path=path, params=params)
+
+
+def serial_port_url(url: DriverURL, driver: str, params: set[str], *, default_baud: int,
+                    baud_rates: tuple[int, ...]) -> tuple[str, int, int]:
+    """A serial-protocol driver's URL (`<driver>+serial:///dev/tty` or `<driver>+socket://host:port`, with
+    `address` 0..99, `baud` and the other `params`) -> (pyserial URL, address, baud). Raises ValidationError
+    listing every problem of the URL's form first, then the first bad number."""
+    problems: list[Problem] = []
+    if url.driver != driver:
+        problems.append(Problem("url.scheme", "driver", f"not a {driver} URL: {url.raw!r}"))
+    unknown = set(url.params) - params
+    problems += [Problem(f"url.{k}", "known-parameter", f"unknown parameter {k!r}") for k in sorted(unknown)]
+    if url.transport == "serial":
+        if not url.path or url.host:
+            problems.append(Problem("url.path", "required", f"{driver}+serial:///dev/<tty> needs a device path"))
+        port_url = url.path
+    elif url.transport == "socket":
+        if not url.host or url.port is None:
+            problems.append(Problem("url.host", "required", f"{driver}+socket://<host>:<port> needs host and port"))
+        port_url = f"socket://{url.host}:{url.port}"
+    else:
+        problems.append(Problem("url.transport", "enum", f"transport must be serial or socket, got {url.transport!r}"))
+        port_url = ""
+    if problems:
+        raise ValidationError(problems)
+    address = url.int_param("address", 0, lo=0, hi=99)
+    baud = url.int_param("baud", default_baud, lo=min(baud_rates), hi=max(baud_rates))
+    if baud not in baud_rates:
+        raise ValidationError(
+            [Problem("url.baud", "enum", f"baud must be one of {', '.join(map(str, baud_rates))}, got {baud}")]
+        )
+    return port_url, address, baud

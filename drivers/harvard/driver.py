@@ -67,7 +67,7 @@ from drivers.harvard.codec import (
     parse_version,
 )
 from drivers.harvard.transport import SerialTransport
-from drivers.url import DriverURL
+from drivers.url import DriverURL, serial_port_url
 
 BAUD_RATES: Final = (9600, 19200, 38400, 57600, 115200, 128000, 230400, 256000, 460800, 921600)
 WITHOUT_DEADMAN: Final = ("refuse", "allow")
@@ -106,32 +106,9 @@ class HarvardDriver(PumpDriver):
 
     def __init__(self, url: DriverURL, options: DriverOptions | None = None) -> None:
         super().__init__(url, options)
-        problems: list[Problem] = []
-        if url.driver != "harvard":
-            problems.append(Problem("url.scheme", "driver", f"not a harvard URL: {url.raw!r}"))
-        unknown = set(url.params) - {"address", "baud", "without_deadman"}
-        problems += [Problem(f"url.{k}", "known-parameter", f"unknown parameter {k!r}") for k in sorted(unknown)]
-        if url.transport == "serial":
-            if not url.path or url.host:
-                problems.append(Problem("url.path", "required", "harvard+serial:///dev/<tty> needs a device path"))
-            port_url = url.path
-        elif url.transport == "socket":
-            if not url.host or url.port is None:
-                problems.append(Problem("url.host", "required", "harvard+socket://<host>:<port> needs host and port"))
-            port_url = f"socket://{url.host}:{url.port}"
-        else:
-            problems.append(
-                Problem("url.transport", "enum", f"transport must be serial or socket, got {url.transport!r}")
-            )
-            port_url = ""
-        if problems:
-            raise ValidationError(problems)
-        self.address = url.int_param("address", 0, lo=0, hi=99)
-        baud = url.int_param("baud", 115200, lo=9600, hi=921600)
-        if baud not in BAUD_RATES:
-            raise ValidationError(
-                [Problem("url.baud", "enum", f"baud must be one of {', '.join(map(str, BAUD_RATES))}, got {baud}")]
-            )
+        port_url, self.address, baud = serial_port_url(
+            url, "harvard", {"address", "baud", "without_deadman"}, default_baud=115200, baud_rates=BAUD_RATES
+        )
         self.without_deadman = url.params.get("without_deadman", "refuse")
         if self.without_deadman not in WITHOUT_DEADMAN:
             raise ValidationError(

@@ -72,7 +72,7 @@ from drivers.newera.codec import (
     parse_reply,
 )
 from drivers.newera.transport import SerialTransport
-from drivers.url import DriverURL
+from drivers.url import DriverURL, serial_port_url
 
 BAUD_RATES: Final = (300, 1200, 2400, 9600, 19200)
 MAX_SAFE_TIMEOUT_S: Final = 255
@@ -145,32 +145,9 @@ class NewEraDriver(PumpDriver):
 
     def __init__(self, url: DriverURL, options: DriverOptions | None = None) -> None:
         super().__init__(url, options)
-        problems: list[Problem] = []
-        if url.driver != "newera":
-            problems.append(Problem("url.scheme", "driver", f"not a newera URL: {url.raw!r}"))
-        unknown = set(url.params) - {"address", "baud", "without_safe_mode"}
-        problems += [Problem(f"url.{k}", "known-parameter", f"unknown parameter {k!r}") for k in sorted(unknown)]
-        if url.transport == "serial":
-            if not url.path or url.host:
-                problems.append(Problem("url.path", "required", "newera+serial:///dev/<tty> needs a device path"))
-            port_url = url.path
-        elif url.transport == "socket":
-            if not url.host or url.port is None:
-                problems.append(Problem("url.host", "required", "newera+socket://<host>:<port> needs host and port"))
-            port_url = f"socket://{url.host}:{url.port}"
-        else:
-            problems.append(
-                Problem("url.transport", "enum", f"transport must be serial or socket, got {url.transport!r}")
-            )
-            port_url = ""
-        if problems:
-            raise ValidationError(problems)
-        self.address = url.int_param("address", 0, lo=0, hi=99)
-        baud = url.int_param("baud", 19200, lo=300, hi=19200)
-        if baud not in BAUD_RATES:
-            raise ValidationError(
-                [Problem("url.baud", "enum", f"baud must be one of {', '.join(map(str, BAUD_RATES))}, got {baud}")]
-            )
+        port_url, self.address, baud = serial_port_url(
+            url, "newera", {"address", "baud", "without_safe_mode"}, default_baud=19200, baud_rates=BAUD_RATES
+        )
         deadman = self.options.deadman_s
         if isinstance(deadman, bool) or not isinstance(deadman, int) or not 0 <= deadman <= MAX_SAFE_TIMEOUT_S:
             raise ValidationError(
