@@ -182,12 +182,20 @@ class Replayer:
         self.result = ReplayResult(report=self._summary.report)
         self._suffix: bool | None = None  # the first record added was not seq 1 (None: nothing added yet)
         self._course_data = False  # a record other than the writer's own has been added (or seed() was called)
+        # The last snapshot or delta, for checking the next delta (audit/snapshot.py, SnapshotChain).
+        from driverd.audit.snapshot import SnapshotChain
+
+        self._chain = SnapshotChain()
+        self._segment = 0  # the segment being read (from its segment_start)
+        self._follow = False  # the next record's prev is the line hash of the last snapshot or delta
 
     def add(self, rec: dict[str, Any]) -> None:
         self._summary.add(rec)
         event = rec.get("event")
         if self._suffix is None:
             self._suffix = rec.get("seq") != 1
+        if self._follow or event == "segment_start":
+            self._see(rec)
         if event == "state_snapshot" and self._suffix and not self._course_data:
             # A log that begins after seq 1 with a state snapshot (after `audit archive`, the live log starts
             # so): replay carries on from it, as start-up does. In a whole log every snapshot is checked instead.
@@ -203,6 +211,10 @@ class Replayer:
             return
         if event == "state_snapshot":
             self._check_snapshot(rec)
+            self._mark_chain(rec)
+            return
+        if event == "state_delta":
+            self._check_delta(rec)
             return
         self._ledger.add(rec)
         if event == "schedule_accepted" and isinstance(rec.get("schedule"), dict):
@@ -245,6 +257,12 @@ class Replayer:
         for acc in snap.schedules:
             if isinstance(acc.get("schedule"), dict):
                 self._accepted[str(acc["schedule"].get("digest"))] = acc
+        states, versions, ledger = dict(snap.states), dict(snap.versions), snap.ledger.to_fields()
+        schedules = list(snap.schedules)
+        self._chain.mark(lambda: self._chain.encode(states, versions, snap.library, ledger, schedules),
+                         {"seq": snap.seq, "segment": snap.segment or self._segment,
+                          "line_sha256": snap.line_sha256}, full=True)
+        self._follow = snap.line_sha256 is None
 
     def _check_snapshot(self, rec: dict[str, Any]) -> None:
         """A snapshot must hold exactly the states replay has computed up to it, and the library in force.
@@ -294,6 +312,58 @@ class Replayer:
             if theirs != ours or repr(theirs) != repr(ours):
                 self._diverge(rec, pump_id, None, "snapshot", None, None,
                               f"state snapshot differs from the replayed state of pump {pump_id}")
+
+    # ------------------------------------------------------------------------------------------ deltas
+
+    def _see(self, rec: dict[str, Any]) -> None:
+        if self._follow:
+            self._follow = False
+            if self._chain.parent is not None and isinstance(rec.get("prev"), str):
+                self._chain.parent["line_sha256"] = rec["prev"]
+        if rec.get("event") == "segment_start" and isinstance(rec.get("segment"), int):
+            self._segment = rec["segment"]
+
+    def _chain_view(self, pumps: Iterable[str]) -> Any:
+        from driverd.audit.snapshot import schedules_in
+
+        states = {q: (self._pumps[q].state if q in self._pumps else self._initial_state(q)) for q in pumps}
+        return states, dict(self._versions), self._library_text, self._ledger.to_fields(), \
+            schedules_in(states, self._accepted)
+
+    def _mark_chain(self, rec: dict[str, Any]) -> None:
+        """The snapshot just checked is the parent of the next delta: replay's own view of it (the same pumps),
+        encoded only if a delta comes."""
+        raw = rec["states"] if isinstance(rec.get("states"), dict) else {}
+        view = self._chain_view(sorted(set(raw) | set(self._pumps)))
+        seq = rec["seq"] if isinstance(rec.get("seq"), int) else 0
+        self._chain.mark(lambda: self._chain.encode(*view), {"seq": seq, "segment": self._segment,
+                                                             "line_sha256": None}, full=True)
+        self._follow = True
+
+    def _check_delta(self, rec: dict[str, Any]) -> None:
+        """A delta must be exactly the record the daemon writes from replay's states against the previous snapshot
+        or delta (the same code: SnapshotChain). Judged like a snapshot (divergence kind `snapshot`)."""
+        from driverd.audit.snapshot import apply_delta, delta_body, full_fields
+
+        prev = self._chain.last()
+        cur = self._chain.encode(*self._chain_view(sorted(set(prev.states if prev else ()) | set(self._pumps))))
+        expected = self._chain.delta_fields(cur)
+        found = delta_body(rec)
+        if expected is None:
+            self._diverge(rec, "", None, "snapshot", None, None,
+                          "state delta without a state snapshot before it (replay the log from a full snapshot)")
+        elif found != expected:
+            assert prev is not None
+            try:
+                apply_delta(full_fields(prev), rec)
+            except DriverdError as exc:
+                self._diverge(rec, "", None, "snapshot", None, None, f"state delta does not parse: {exc}")
+            else:
+                self._diverge(rec, _delta_culprit(found, expected), None, "snapshot", None, None,
+                              f"state delta differs from the replayed states ({_delta_where(found, expected)})")
+        seq = rec["seq"] if isinstance(rec.get("seq"), int) else 0
+        self._chain.mark(cur, {"seq": seq, "segment": self._segment, "line_sha256": None}, full=False)
+        self._follow = True
 
     def _encode_state(self, state: Any) -> Any:
         from driverd.core.state_records import sample_row, state_to_fields
@@ -422,3 +492,20 @@ def replay_records(records: Iterable[dict[str, Any]], replayer: Replayer | None 
 
 def replay_lines(lines: Iterable[Line], replayer: Replayer | None = None) -> ReplayResult:
     return replay_records((line.record for line in lines), replayer)
+
+
+def _delta_where(found: dict[str, Any], expected: dict[str, Any]) -> str:
+    keys = sorted(k for k in set(found) | set(expected) if found.get(k) != expected.get(k))
+    pumps = found.get("pumps"), expected.get("pumps")
+    if keys == ["pumps"] and all(isinstance(x, dict) for x in pumps):
+        return f"pump {_delta_culprit(found, expected)}"
+    return ", ".join(keys)
+
+
+def _delta_culprit(found: dict[str, Any], expected: dict[str, Any]) -> str:
+    a, b = found.get("pumps"), expected.get("pumps")
+    if isinstance(a, dict) and isinstance(b, dict):
+        for pump in sorted(set(a) | set(b)):
+            if a.get(pump) != b.get(pump):
+                return str(pump)
+    return ""
