@@ -180,8 +180,8 @@ def _forge(records: list[dict[str, Any]], i: int, change: dict[str, Any]) -> lis
 
 def test_replay_refuses_a_delta_that_differs_from_the_log(course: Path) -> None:
     records = _records(course / "audit")
-    i = max(i for i, r in enumerate(records)
-            if r["event"] == DELTA_EVENT and any(p.get("fields", {}).get("raw_delivered_ml") for p in r["pumps"].values()))
+    i = max(i for i, r in enumerate(records) if r["event"] == DELTA_EVENT
+            and any(p.get("fields", {}).get("raw_delivered_ml") for p in r["pumps"].values()))
     pump = sorted(p for p, x in records[i]["pumps"].items() if x.get("fields", {}).get("raw_delivered_ml"))[0]
     patch = records[i]["pumps"][pump]
     wrong = str(Decimal(patch["fields"]["raw_delivered_ml"]) + Decimal("0.001"))
