@@ -10,6 +10,7 @@ guess a state).
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -58,9 +59,22 @@ def open_log(
 
 
 def recover(audit_dir: Path, trust: TrustStore, public_key: Ed25519PublicKey | None = None) -> Recovered:
-    """Rebuild every course. From the newest signed state snapshot if there is one (the log is verified from its
-    segment on, with the daemon's own key when given, and only the records after it are replayed), else from the
-    whole log."""
+    """Rebuild every course. From the newest signed state snapshot or delta if there is one (the log is verified
+    from its segment on, with the daemon's own key when given, and only the records after it are replayed), else
+    from the whole log."""
+    # Start-up makes a few hundred thousand objects that all live on (the history samples of every state) and no
+    # cycles worth collecting: the cyclic GC's passes over them were a third of a 32-pump start (bench/README.md,
+    # section 15). Reference counting still frees everything else.
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _recover(audit_dir, trust, public_key)
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _recover(audit_dir: Path, trust: TrustStore, public_key: Ed25519PublicKey | None) -> Recovered:
     if not audit_dir.is_dir() or not list_segments(audit_dir):
         return Recovered()
     snap = newest_snapshot(audit_dir)
@@ -106,8 +120,8 @@ def recover(audit_dir: Path, trust: TrustStore, public_key: Ed25519PublicKey | N
                     out.versions[sid] = max(out.versions.get(sid, 0), ver)
     result = replayer.finish()
     if result.divergences:
-        first = result.divergences[0]
-        raise AuditError(f"audit replay diverges at seq {first.seq} ({first.kind}: {first.detail}); refusing to start")
+        bad = result.divergences[0]
+        raise AuditError(f"audit replay diverges at seq {bad.seq} ({bad.kind}: {bad.detail}); refusing to start")
     out.states = replayer.states()
     out.interrupted = list(result.interrupted)
     out.library = replayer.library_text

@@ -30,13 +30,14 @@ class ArchiveLog:
 
 def make_log(work: Path, pumps: int = 2, live_hours: int = 13, *, snapshot_every: timedelta | None = None,
              poll_s: int = 60) -> ArchiveLog:
-    """Takes a few seconds (a 5-day course per pump in virtual time). snapshot_every: instead of the shipped 6 h
-    (fewer segments); poll_s: the demo's poll (a longer one writes fewer records)."""
+    """Takes a few seconds (a 5-day course per pump in virtual time). snapshot_every: full snapshots this often
+    (default 6 h, more often than the shipped 24 h: the live course of 13 h then has full snapshots, the only
+    segments archive may cut at, besides its start); poll_s: the demo's poll (a longer one writes fewer records)."""
     from driverd.runtime import daemon as daemon_module
 
     audit = work / "audit"
     shipped = daemon_module.SNAPSHOT_EVERY
-    daemon_module.SNAPSHOT_EVERY = snapshot_every or shipped
+    daemon_module.SNAPSHOT_EVERY = snapshot_every or timedelta(hours=6)
     try:
         result = asyncio.run(run_demo(DemoOptions(pumps=pumps, audit_dir=audit, poll_period_s=poll_s,
                                                   deadman_s=max(180, 3 * poll_s))))
