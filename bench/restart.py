@@ -8,8 +8,9 @@ segment, replay what follows), median of --rounds, wall and CPU seconds:
 
 - after a clean stop: the whole log (it ends with the stop's full snapshot);
 - after a crash at the worst point between snapshots: the log cut at the end of the segment with the most records
-  among those followed by a periodic snapshot or delta (each opens its segment), i.e. just before that snapshot
-  or delta was written: start-up then replays that whole segment from the snapshot or delta that opens it.
+  among those followed by a periodic snapshot or delta (each opens its segment), from the second day of the
+  courses on (full 24-h histories), i.e. just before that snapshot or delta was written: start-up then replays
+  that whole segment from the snapshot or delta that opens it.
 
 With --before DIR (a `git archive` of the code before), the same is done for logs made by that code, timed by
 that code (in a subprocess, its imports excluded), and that code's logs are also recovered by the code after
@@ -104,7 +105,10 @@ def crash_log(audit: Path, dest: Path) -> int:
     Returns the records replayed from the one before."""
     segs = list_segments(audit)
     counts = [sum(1 for _ in p.open("rb")) for _, p in segs]
-    worst = max((i for i in range(len(segs) - 2) if opens_with_snapshot(segs[i + 1][1])), key=lambda i: counts[i])
+    # From the second day on (the first third of the log): every pump's 24-h history is full, so the snapshot
+    # start-up decodes is as large as it gets, as well as the records it replays.
+    worst = max((i for i in range(len(segs) // 3, len(segs) - 2) if opens_with_snapshot(segs[i + 1][1])),
+                key=lambda i: counts[i])
     if not dest.is_dir():
         dest.mkdir()
         for _, p in segs[: worst + 1]:
