@@ -26,7 +26,6 @@ import hashlib
 from bisect import bisect_left
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -70,8 +69,9 @@ def snapshot_fields(states: Mapping[str, CourseState], versions: Mapping[str, in
 
 
 def full_fields(enc: Encoded) -> dict[str, Any]:
-    """`snapshot_fields` of what `SnapshotChain.encode` encoded (the same fields, the rows encoded once)."""
-    return {"format": STATE_FORMAT, "states": {p: {**f, "samples": enc.rows[p]} for p, f in enc.states.items()},
+    """`snapshot_fields` of what `SnapshotChain.encode` encoded (the same fields)."""
+    return {"format": STATE_FORMAT,
+            "states": {p: {**f, "samples": [sample_row(x) for x in enc.samples[p]]} for p, f in enc.states.items()},
             "versions": enc.versions, "library": enc.library, "ledger": enc.ledger, "schedules": enc.schedules}
 
 
@@ -112,47 +112,41 @@ def read_snapshot(rec: Mapping[str, Any], segment: int = 0, *, decode_states: bo
 
 @dataclass
 class Encoded:
-    """What a snapshot holds, encoded as the log holds it: the base a delta is taken against."""
+    """What a snapshot holds, its state fields encoded as the log holds them (the history as the samples
+    themselves: encoded only when written, so the daemon keeps no second copy of every pump's history)."""
 
     states: dict[str, dict[str, Any]]  # pump -> state fields without "samples"
-    rows: dict[str, list[Any]]  # pump -> history rows
-    times: dict[str, list[datetime]]  # pump -> the rows' times (empty when rebuilt from the log: see _times_of)
+    samples: dict[str, list[Any]]  # pump -> the history samples (the states' own objects)
     versions: dict[str, int]
     library: str | None
     ledger: dict[str, Any]
     schedules: list[Any]
 
 
+def _no_row(_sample: Any) -> list[str]:
+    return []
+
+
 class SnapshotChain:
     """The last snapshot or delta written (by the daemon) or checked (by replay), and the next delta against it.
 
     The daemon and replay share this code, so replay checks a delta by computing the very record the daemon
-    would have written from replay's own states and comparing the two. History rows are encoded once per sample
-    object (a cache of the rows of the last encoding), so a delta costs about the state's scalar fields."""
+    would have written from replay's own states and comparing the two. A history shares its samples with the
+    histories it grew from, so the rows a delta adds are found by identity and only they are encoded."""
 
     def __init__(self) -> None:
-        self._rows: dict[int, tuple[Any, list[str]]] = {}
         self._last: Encoded | Callable[[], Encoded] | None = None
         self.parent: dict[str, Any] | None = None  # {"seq", "segment", "line_sha256"} of the last one
         self.since: int = 0  # deltas since the last full snapshot
 
     def encode(self, states: Mapping[str, CourseState], versions: Mapping[str, int], library: str | None,
                ledger: dict[str, Any], schedules: list[Any]) -> Encoded:
-        rows, kept = self._rows, {}
-
-        def row(sample: Any) -> list[str]:
-            hit = rows.get(id(sample))
-            out = hit[1] if hit is not None and hit[0] is sample else sample_row(sample)
-            kept[id(sample)] = (sample, out)  # the sample is held, so its id is not reused while cached
-            return out
-
-        enc = Encoded({}, {}, {}, dict(sorted(versions.items())), library, ledger, schedules)
+        enc = Encoded({}, {}, dict(sorted(versions.items())), library, ledger, schedules)
         for pump, state in sorted(states.items()):
-            fields = state_to_fields(state, row)
-            enc.rows[pump] = fields.pop("samples")
-            enc.times[pump] = [x.at for x in state.samples]
+            fields = state_to_fields(state, _no_row)
+            del fields["samples"]
             enc.states[pump] = fields
-        self._rows = kept
+            enc.samples[pump] = list(state.samples)
         return enc
 
     def last(self) -> Encoded | None:
@@ -175,10 +169,10 @@ class SnapshotChain:
         for pump, fields in cur.states.items():
             old = prev.states.get(pump)
             if old is None:
-                pumps[pump] = {"state": {**fields, "samples": cur.rows[pump]}}
+                pumps[pump] = {"state": {**fields, "samples": [sample_row(x) for x in cur.samples[pump]]}}
                 continue
             patch: dict[str, Any] = {"fields": {k: v for k, v in fields.items() if old.get(k) != v}}
-            history = _history_patch(prev.rows[pump], _times_of(prev, pump), cur.rows[pump], cur.times[pump])
+            history = _history_patch(prev.samples[pump], cur.samples[pump])
             if patch["fields"] or history != {"drop": 0, "add": []}:
                 pumps[pump] = {**patch, **history}
         out: dict[str, Any] = {"format": DELTA_FORMAT, "parent": dict(self.parent), "pumps": pumps,
@@ -192,24 +186,17 @@ class SnapshotChain:
         return out
 
 
-def _times_of(enc: Encoded, pump: str) -> list[datetime]:
-    times = enc.times.get(pump)
-    if times is None or len(times) != len(enc.rows[pump]):
-        times = enc.times[pump] = [datetime.fromisoformat(r[0]) for r in enc.rows[pump]]
-    return times
-
-
-def _history_patch(old: list[Any], old_times: list[datetime], new: list[Any],
-                   new_times: list[datetime]) -> dict[str, Any]:
-    """{"drop": k, "add": rows} when `new` is `old` less its first k rows plus `rows` (the 24-h window slid and
-    grew), else {"samples": new} (the history was restarted: a new course)."""
+def _history_patch(old: list[Any], new: list[Any]) -> dict[str, Any]:
+    """{"drop": k, "add": rows} when `new` is `old` less its first k samples plus those of `rows` (the 24-h window
+    slid and grew), else {"samples": rows of new} (the history was restarted: a new course). Samples are compared
+    by identity, else by their rows (exact: a Decimal's exponent counts)."""
     if not new:
         return {"drop": len(old), "add": []}
-    k = bisect_left(old_times, new_times[0])  # times strictly increase: the only possible overlap starts here
+    k = bisect_left([x.at for x in old], new[0].at)  # times strictly increase: the only possible overlap
     kept = len(old) - k
-    if kept <= len(new) and old[k:] == new[:kept]:
-        return {"drop": k, "add": new[kept:]}
-    return {"samples": new}
+    if kept <= len(new) and all(a is b or sample_row(a) == sample_row(b) for a, b in zip(old[k:], new, strict=False)):
+        return {"drop": k, "add": [sample_row(x) for x in new[kept:]]}
+    return {"samples": [sample_row(x) for x in new]}
 
 
 def _bad(path: str, rule: str, detail: str) -> ValidationError:
