@@ -97,7 +97,9 @@ def running_state() -> tuple[CourseState, Course]:
     return state, course
 
 
-def report_after(state: CourseState, seconds: int = 60, add_ml: Decimal = D("0.01")) -> PumpReport:
+def report_after(state: CourseState, seconds: int = 60) -> PumpReport:
+    """The next report, 60 s on, the counter one display step (0.01 mL) further."""
+    add_ml = D("0.01")
     assert state.last_sample is not None and state.raw_delivered_ml is not None
     return PumpReport(state.last_sample.at + timedelta(seconds=seconds), "infusing", state.commanded_rate,
                       state.raw_delivered_ml + add_ml, ())
