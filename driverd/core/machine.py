@@ -29,6 +29,7 @@ from driverd.core.events import (
     SyringeLoaded,
     Tick,
 )
+from driverd.core.history import History
 from driverd.core.kernel import (
     Intent,
     Proposal,
@@ -660,16 +661,18 @@ def _accumulate(state: CourseState, event: PumpReport) -> CourseState:
     prev = state.raw_delivered_ml
     # The pump's counter can reset (power cycle, new syringe, cleared): count only what it added.
     increment = Decimal(0) if prev is None else (raw - prev if raw >= prev else raw)
-    return evolve(state, **_counted(state, event.at, increment, raw), pump_alarms=event.alarms,
+    samples, sample = _counted(state, event.at, increment)
+    return evolve(state, samples=samples, last_sample=sample, raw_delivered_ml=raw, pump_alarms=event.alarms,
                   pump_infusing=event.state == "infusing")
 
 
 def _count(state: CourseState, at: datetime, increment: Decimal, raw: Decimal) -> CourseState:
     """Add what the pump's counter added (at the concentration of the syringe in the pump) to the course totals."""
-    return evolve(state, **_counted(state, at, increment, raw))
+    samples, sample = _counted(state, at, increment)
+    return evolve(state, samples=samples, last_sample=sample, raw_delivered_ml=raw)
 
 
-def _counted(state: CourseState, at: datetime, increment: Decimal, raw: Decimal) -> dict[str, object]:
+def _counted(state: CourseState, at: datetime, increment: Decimal) -> tuple[History, Sample]:
     conc = state.concentration if state.schedule is not None else Decimal(0)
     last = state.last_sample
     if last is None:
@@ -681,8 +684,8 @@ def _counted(state: CourseState, at: datetime, increment: Decimal, raw: Decimal)
     if newest is None or at - newest.at >= SAMPLE_SPACING:
         # Samples are strictly increasing in time (appended only SAMPLE_SPACING apart): trimmed by bisect, and
         # appended without copying the ~1,440 kept (driverd.core.history).
-        samples = samples.since(at - WINDOW - SAMPLE_SPACING).append(sample)
-    return {"samples": samples, "last_sample": sample, "raw_delivered_ml": raw}
+        samples = samples.push(sample, at - WINDOW - SAMPLE_SPACING)
+    return samples, sample
 
 
 def _on_report(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
