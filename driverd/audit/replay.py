@@ -340,7 +340,8 @@ class Replayer:
         p = self._pumps.get(pump_id)
         if p is None:
             p = self._pumps[pump_id] = _Pump(self._initial_state(pump_id))
-        self._flush_missing(pump_id, p)
+        if p.expected:
+            self._flush_missing(pump_id, p)
         p.input_seq = rec["seq"]
         p.course_id = rec.get("course_id")
         self.result.inputs += 1
@@ -353,7 +354,8 @@ class Replayer:
         except DriverdError as exc:
             self._diverge(rec, pump_id, p.course_id, "input", None, _fields(rec), f"cannot fold this input: {exc}")
             return
-        p.expected = [(name, _canon(fields)) for name, fields in map(self._command_to_record, cmds)]
+        if cmds:  # most inputs (a quiet pump report) decide nothing: p.expected is already empty
+            p.expected = [(name, _canon(fields)) for name, fields in map(self._command_to_record, cmds)]
 
     def _output(self, pump_id: str, rec: dict[str, Any]) -> None:
         p = self._pumps.get(pump_id)
