@@ -11,7 +11,7 @@ path itself is checked against the verbatim old core in test_oracle_equivalence.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import fields, replace
 from datetime import timedelta
 from decimal import Decimal
 from typing import Any
@@ -24,8 +24,10 @@ from driverd.core import machine
 from driverd.core.events import Event, PumpReport
 from driverd.core.history import History
 from driverd.core.kernel import cumulative_drug, hours_between, span_minutes
-from driverd.core.state import RUNNING, CourseState, Sample, evolve
+from driverd.core.state import RUNNING, CourseState, Phase, Sample, evolve
 from tests.core.factories import PROTOCOL
+from tests.core.oracle_v1 import machine as old_machine
+from tests.core.oracle_v1 import state as old_state
 from tests.core.test_oracle_equivalence import ACTIONS, SECONDS, Course, projection
 
 D = Decimal
@@ -45,6 +47,27 @@ def both_paths(state: CourseState, ev: PumpReport, protocol: Any = PROTOCOL) -> 
         assert projection(quiet, True) == projection(g_state, True)
         assert quiet == g_state
     return quiet, general
+
+
+def _to_old(value: Any) -> Any:
+    """A field of the new core's state as the old core holds it (its own Phase and Sample; a tuple history)."""
+    if isinstance(value, Phase):
+        return old_state.Phase(value.value)
+    if isinstance(value, Sample):
+        return old_state.Sample(value.at, value.delivered_ml, value.delivered_mg)
+    if isinstance(value, History):
+        return tuple(_to_old(s) for s in value)
+    return value
+
+
+def oracle_agrees(state: CourseState, ev: PumpReport) -> None:
+    """The old core (tests/core/oracle_v1), given the same state, decides as the new core's `step`."""
+    assert state.pending is None and state.syringe_change is None  # the crafted states here hold neither
+    old = old_state.CourseState(**{f.name: _to_old(getattr(state, f.name)) for f in fields(state)})
+    new_after, new_cmds = machine.step(state, ev, PROTOCOL)
+    old_after, old_cmds = old_machine.step(old, ev, PROTOCOL)
+    assert repr(new_cmds) == repr(old_cmds)
+    assert projection(new_after, True) == projection(old_after, True)
 
 
 class Checked(Course):
@@ -141,6 +164,7 @@ def test_the_ceiling_at_the_exact_limit(offset: Decimal) -> None:
     pre = evolve(pre, last_sample=shifted, samples=History([*list(pre.samples)[:-1], shifted]))
     assert worst_after(pre, ev)[0] == limit + offset
     quiet, general = both_paths(pre, ev)
+    oracle_agrees(pre, ev)
     breach = "dose_ceiling" in general[0].alarms_raised
     assert breach == (offset > 0)
     # Within 1E-6 of the limit the bound does not decide: the exact check runs, inside the quiet path or not.
@@ -164,6 +188,7 @@ def test_near_empty_at_its_threshold(extra_ml: Decimal, warns: bool) -> None:
     pre = evolve(state, syringe_started_ml=started, empty_warned=False)
     assert machine._accumulate(pre, ev).remaining_ml == remaining
     quiet, general = both_paths(pre, ev)
+    oracle_agrees(pre, ev)
     assert general[0].empty_warned == warns
     assert (quiet is None) == warns
 
@@ -192,6 +217,7 @@ def test_the_accuracy_window_at_its_limit(sign: int, delta: Decimal) -> None:
     samples = [moved if s is anchor else s for s in state.samples]
     pre = evolve(state, samples=History(samples), deviation_base=moved if anchor is base else base)
     quiet, general = both_paths(pre, ev)
+    oracle_agrees(pre, ev)
     alarmed = any(a in general[0].alarms_raised for a in ("over_infusion", "under_infusion"))
     assert alarmed == (delta > 0)
     assert (quiet is None) == alarmed
@@ -210,6 +236,7 @@ def test_a_report_that_would_act_is_never_quiet() -> None:
     ]
     for name, change in variants:
         quiet, general = both_paths(state, change(ev))
+        oracle_agrees(state, change(ev))
         assert quiet is None, name
         assert general[1], name
     quiet, general = both_paths(state, ev)
