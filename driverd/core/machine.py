@@ -1081,19 +1081,27 @@ def _cached_cap_times(state: CourseState, protocol: ProtocolSpec) -> tuple[datet
 _FAR_US = Decimal(10) ** 16
 
 
+def _warnings_seen(alarms: tuple[str, ...], before: tuple[str, ...]) -> bool:
+    """Every alarm of the report is a warning the previous report already showed: no new warning notice, no
+    blocking pump alarm (`_on_report` acts on nothing else of a report's alarms)."""
+    return all(a in WARNING_ALARMS and a in before for a in alarms)
+
+
 def _quiet_report(state: CourseState, event: PumpReport, protocol: ProtocolSpec) -> CourseState | None:
     """The state after a pump report that provably yields no command, or None (the general path decides).
 
     The general path for a report in a running phase, with nothing pending, the pump infusing at the commanded
-    rate and no pump alarm, runs: the course cap (`_enforce_cap`), `_accumulate`, no warning and no blocking alarm
-    (none reported), no read-back (nothing pending), no unexpected infusion (a running phase), the ceiling
-    (`_ceiling_breach`), no rate mismatch, `_warn_near_empty`, `_check_deviation` (with a deviation base), then
-    `_track_interruption` and `_track_commanded`, which return the state as it is when it is running and
-    `commanded_since` is set (the rate and the phase did not change). Each check is repeated here with the same
-    operands, or decided by a bound that implies its answer."""
+    rate and no pump alarm other than warnings the previous report showed already, runs: the course cap
+    (`_enforce_cap`), `_accumulate`, no new warning and no blocking alarm, no read-back (nothing pending), no
+    unexpected infusion (a running phase), the ceiling (`_ceiling_breach`), no rate mismatch, `_warn_near_empty`,
+    `_check_deviation` (with a deviation base), then `_track_interruption` and `_track_commanded`, which return the
+    state as it is when it is running and `commanded_since` is set (the rate and the phase did not change). Each
+    check is repeated here with the same operands, or decided by a bound that implies its answer."""
     phase = state.phase
     rate = state.commanded_rate
-    if (phase not in RUNNING or state.pending is not None or event.alarms or event.state != "infusing"
+    if event.alarms and not _warnings_seen(event.alarms, state.pump_alarms):
+        return None
+    if (phase not in RUNNING or state.pending is not None or event.state != "infusing"
             or state.deviation_base is None or state.interrupted_at is not None
             or state.commanded_since is None or state.summary_due or state.schedule is None
             or event.rate_ml_per_h != rate or not rate > 0):

@@ -241,3 +241,13 @@ def test_a_report_that_would_act_is_never_quiet() -> None:
         assert general[1], name
     quiet, general = both_paths(state, ev)
     assert quiet is not None and general[1] == ()
+    # A warning the previous report showed already (near_end while the syringe runs out) stays quiet; a new
+    # warning is a notice, a blocking alarm is an alarm.
+    warned = machine._accumulate(state, replace(ev, alarms=("near_end",)))
+    again = report_after(warned)
+    for alarms, quiet_expected in [(("near_end",), True), (("near_end", "low_battery"), False),
+                                   (("low_battery",), False), (("near_end", "occlusion"), False), ((), True)]:
+        quiet, general = both_paths(warned, replace(again, alarms=alarms))
+        oracle_agrees(warned, replace(again, alarms=alarms))
+        assert (quiet is not None) == quiet_expected, alarms
+        assert (general[1] == ()) == quiet_expected, alarms
