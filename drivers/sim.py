@@ -168,11 +168,12 @@ class SimDriver(PumpDriver):
         self._call(lambda m: m.clear_alarm())
 
     async def read_status(self) -> PumpStatus:
-        s = self._call(lambda m: m.status())
+        # reading(): status()'s values that a status read carries, without the model's extras (once per poll).
+        state, rate, delivered, diameter, alarms = self._call(lambda m: m.reading())
         return PumpStatus(
-            state=s.state,
-            rate_ml_per_h=s.rate_ml_per_h,
-            delivered_ml=quantize_down(s.delivered_ml, self.resolution),
-            diameter_mm=s.diameter_mm,
-            alarms=s.alarms,
+            state=state,
+            rate_ml_per_h=rate,
+            delivered_ml=quantize_down(delivered, self.resolution),
+            diameter_mm=diameter,
+            alarms=alarms,
         )
