@@ -9,10 +9,10 @@ that always steps twice (the rule before the shortcut).
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from driverd.core.commands import ApplySetpoint
@@ -26,6 +26,7 @@ from tests.runtime.test_telemetry_compaction import STEPS, play, rig
 
 D = Decimal
 RATE = D("0.083")  # 100 mg/24h at 50 mg/mL, quantized down (what the first step commands)
+ESCALATED_COUNTER = D("1.991")  # RATE for 24 h less 30 s
 
 # One report after the previous: (seconds later, the counter: ("add", n) 0.001-mL steps more, or ("reset", n) back to
 # n steps; the exponent it is shown with, pump state, alarms). Steady reports are the likeliest, as on a ward.
@@ -41,35 +42,64 @@ REPORT = st.tuples(
 Drawn = tuple[int, tuple[str, int], str, str, tuple[str, ...]]
 
 
-def running() -> CourseState:
-    """A course at its first step, the setpoint verified, one report in."""
-    state, cmds = step(primed(), Tick(T0), PROTOCOL)
+def _apply(state: CourseState, at: datetime) -> CourseState:
+    state, cmds = step(state, Tick(at), PROTOCOL)
     sp = next(c for c in cmds if isinstance(c, ApplySetpoint)).setpoint
-    state, _ = step(state, SetpointResult(T0, sp.id, sp.rate_ml_per_h), PROTOCOL)
+    state, _ = step(state, SetpointResult(at, sp.id, sp.rate_ml_per_h), PROTOCOL)
+    return state
+
+
+def running(start: str = "reported") -> CourseState:
+    """A course at its first step, the setpoint verified, one report in ("reported"); or none yet ("unreported":
+    no history, no deviation base); or escalated to the second step a day later, verified, not reported yet
+    ("escalated": a history, no deviation base). The next report is due one second after the state's time."""
+    state = _apply(primed(), T0)
+    if start == "unreported":
+        return state
     state, _ = step(state, PumpReport(T0, "infusing", RATE, D("0.000"), ()), PROTOCOL)
+    if start == "escalated":
+        later = T0 + timedelta(hours=24)
+        state, _ = step(state, PumpReport(later - timedelta(seconds=30), "infusing", RATE, ESCALATED_COUNTER, ()),
+                        PROTOCOL)
+        state = _apply(state, later)
     return state
 
 
 class Counter:
-    def __init__(self) -> None:
-        self.at = T0
-        self.steps = 0
+    def __init__(self, at: datetime = T0, rate: Decimal = RATE, steps: int = 0) -> None:
+        self.at = at
+        self.steps = steps
+        self.rate = rate
 
     def report(self, drawn: Drawn) -> PumpReport:
         dt, (how, n), exp, state, alarms = drawn
         self.at += timedelta(seconds=dt)
         self.steps = n if how == "reset" else self.steps + n
         shown = (D(self.steps) / 1000).quantize(D(exp)) if exp != "1" else D(self.steps) / 1000
-        return PumpReport(self.at, state, RATE if state == "infusing" else D(0), shown, alarms)
+        return PumpReport(self.at, state, self.rate if state == "infusing" else D(0), shown, alarms)
+
+
+def counter(start: str, state: CourseState) -> Counter:
+    """The pump's counter where `running(start)` left it."""
+    if start == "escalated":
+        return Counter(T0 + timedelta(hours=24), state.commanded_rate, int(ESCALATED_COUNTER * 1000))
+    return Counter(T0, state.commanded_rate)
 
 
 @settings(max_examples=500, deadline=None)
-@given(st.lists(REPORT, max_size=12), st.lists(REPORT, min_size=1, max_size=3), REPORT)
+@given(st.sampled_from(["reported", "unreported", "escalated"]), st.lists(REPORT, max_size=12),
+       st.lists(REPORT, min_size=1, max_size=3), REPORT)
+# A held report that set the deviation base (the first report at a newly verified rate): replay's would be the next.
+@example("escalated", [], [(1, ("add", 1), "0.001", "infusing", ())], (1, ("add", 0), "0.001", "infusing", ()))
+# A held report with a finer display exponent, and one after a counter reset.
+@example("reported", [], [(1, ("add", 2), "0.0001", "infusing", ())], (1, ("add", 1), "0.001", "infusing", ()))
+@example("reported", [(1, ("add", 15), "0.001", "infusing", ())], [(1, ("reset", 1), "0.001", "infusing", ())],
+         (1, ("add", 20), "0.001", "infusing", ()))
 def test_a_yes_means_the_second_step_gives_exactly_the_live_result(
-    before: list[Drawn], held: list[Drawn], new: Drawn
+    start: str, before: list[Drawn], held: list[Drawn], new: Drawn
 ) -> None:
-    pump = Counter()
-    replayed = running()
+    replayed = running(start)
+    pump = counter(start, replayed)
     for drawn in before:
         replayed, _ = step(replayed, pump.report(drawn), PROTOCOL)
     live = replayed  # any state replay's reaches with more reports (the shortcut's claim does not need more)
