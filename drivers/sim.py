@@ -58,6 +58,9 @@ def default_world() -> World:
 class SimDriver(PumpDriver):
     scheme: ClassVar[str] = "sim"
     resolution: ClassVar[Resolution] = NEW_ERA_RESOLUTION
+    #: No I/O: every operation completes without yielding to the event loop (a fault plan's delay or drop is a
+    #: DriverTimeout at once), so the channel arms no backstop timer for it, one that could never fire.
+    never_suspends: ClassVar[bool] = True
 
     def __init__(self, url: DriverURL, options: DriverOptions | None = None) -> None:
         super().__init__(url, options)

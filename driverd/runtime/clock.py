@@ -204,8 +204,9 @@ class VirtualClock:
         finally:
             if not fut.done():  # cancelled: forget the wake-up
                 fut.cancel()
-            self._waiters = [w for w in self._waiters if not w[2].done()]
-            heapq.heapify(self._waiters)
+            # Woken by the clock, its entry is already popped. Woken otherwise (a request, a cancel), the entry stays
+            # until it reaches the heap's top: a done entry never counts as asleep and _maybe_advance drops it
+            # there (no rebuild of the heap per wake-up, once per poll per pump).
 
     def _sleeping(self) -> int:
         return sum(1 for w in self._waiters if not w[2].done())

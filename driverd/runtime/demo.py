@@ -41,6 +41,7 @@ CONCENTRATION = "100"
 DEMO_FILL = "8"
 DRIVERS = ("sim", "newera", "modbus", "harvard")
 HL7_DRAIN_S = 120.0  # real seconds the demo waits for an HL7 receiver to ACK what is still queued
+NUDGE_S = 5.0  # real seconds: the course watch looks at least this often, even when no course changes
 
 
 @dataclass
@@ -194,6 +195,25 @@ async def _wait_for_courses(daemon: Daemon, clock: RuntimeClock, progress: Calla
     so the run is judged on its whole record. True if it gave up at the virtual limit (two days past the plan)."""
     limit = START + timedelta(days=7)
     total = timedelta(days=5, minutes=5).total_seconds()
+    # Wakes on every course change (each poll), and at least every NUDGE_S real seconds (the virtual limit, progress,
+    # a group commit when nothing changes): one repeating timer, not one armed and cancelled per wake-up.
+    loop = asyncio.get_running_loop()
+    nudge: asyncio.TimerHandle
+
+    def _nudge() -> None:
+        nonlocal nudge
+        daemon.changed.set()
+        nudge = loop.call_later(NUDGE_S, _nudge)
+
+    nudge = loop.call_later(NUDGE_S, _nudge)
+    try:
+        return await _watch_courses(daemon, clock, progress, limit, total)
+    finally:
+        nudge.cancel()
+
+
+async def _watch_courses(daemon: Daemon, clock: RuntimeClock, progress: Callable[[float, str], None] | None,
+                         limit: datetime, total: float) -> bool:
     while True:
         phases = [ch.state.phase for ch in daemon.channels.values()]
         if progress is not None:
@@ -205,10 +225,7 @@ async def _wait_for_courses(daemon: Daemon, clock: RuntimeClock, progress: Calla
         if clock.now() >= limit:
             return True
         daemon.changed.clear()
-        with contextlib.suppress(TimeoutError):
-            # asyncio.timeout, not wait_for: wait_for makes a task per call in 3.11 (one per poll here).
-            async with asyncio.timeout(5.0):
-                await daemon.changed.wait()
+        await daemon.changed.wait()
         # This loop wakes on every poll (thousands of times per virtual course): sync telemetry only when the
         # group-commit delay has passed, not on every wake-up. Setpoints and alarms are synced before they act.
         if daemon.audit is not None:
