@@ -186,7 +186,8 @@ class Channel:
 
     async def handle(self, event: Event) -> tuple[Command, ...]:
         cmds = self.feed(event)
-        await self.execute(cmds)
+        if cmds:  # most inputs command nothing: no coroutine for an empty execute (several per poll)
+            await self.execute(cmds)
         return cmds
 
     async def execute(self, cmds: tuple[Command, ...]) -> None:
@@ -341,9 +342,13 @@ class Channel:
     async def check_clock(self) -> None:
         """A wall-clock step is a fault for the core (audit record `clock_stepped` with its size and direction).
         Course time (`clock.now()`) never follows the step, so the core never sees time run backward or jump."""
-        stepped = self._clock_watch.check()
+        stepped = self._clock_step()
         if stepped is not None:
-            await self.handle(ClockStepped(stepped.at, stepped.delta_s, stepped.wall_at))
+            await self.handle(stepped)
+
+    def _clock_step(self) -> ClockStepped | None:
+        stepped = self._clock_watch.check()
+        return None if stepped is None else ClockStepped(stepped.at, stepped.delta_s, stepped.wall_at)
 
     # ------------------------------------------------------------------------------------------ loop
 
@@ -353,11 +358,17 @@ class Channel:
             await self.connect()
             next_poll = self.clock.now()
             while not self.stopping:
-                await self.check_clock()
+                # Once per poll: a step that has nothing to do is skipped without entering its coroutine (its own
+                # first check: a wall-clock step seen, a course IDLE to prime, a syringe change to load).
+                stepped = self._clock_step()
+                if stepped is not None:
+                    await self.handle(stepped)
                 await self.poll()
                 await self.handle(Tick(self.clock.now()))
-                await self.prime()
-                await self.load_syringe()
+                if self.state.phase is Phase.IDLE:
+                    await self.prime()
+                if self.state.syringe_change is not None:
+                    await self.load_syringe()
                 next_poll += self.poll_period
                 if next_poll <= self.clock.now():
                     next_poll = self.clock.now() + self.poll_period

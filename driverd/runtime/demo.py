@@ -23,6 +23,7 @@ from driverd.core.records import fmt_time
 from driverd.core.schedule_parse import load_json
 from driverd.core.state import Phase
 from driverd.hl7.settings import Address, Hl7Settings
+from driverd.runtime.channel import Channel
 from driverd.runtime.clock import PacedClock, RuntimeClock, VirtualClock
 from driverd.runtime.config import AuditSettings, DaemonConfig, PumpConfig
 from driverd.runtime.daemon import Daemon
@@ -195,42 +196,84 @@ async def _wait_for_courses(daemon: Daemon, clock: RuntimeClock, progress: Calla
     so the run is judged on its whole record. True if it gave up at the virtual limit (two days past the plan)."""
     limit = START + timedelta(days=7)
     total = timedelta(days=5, minutes=5).total_seconds()
-    # Wakes on every course change (each poll), and at least every NUDGE_S real seconds (the virtual limit, progress,
-    # a group commit when nothing changes): one repeating timer, not one armed and cancelled per wake-up.
-    loop = asyncio.get_running_loop()
-    nudge: asyncio.TimerHandle
+    return await _watch_courses(daemon, clock, progress, limit, total)
 
-    def _nudge() -> None:
-        nonlocal nudge
-        daemon.changed.set()
-        nudge = loop.call_later(NUDGE_S, _nudge)
 
-    nudge = loop.call_later(NUDGE_S, _nudge)
-    try:
-        return await _watch_courses(daemon, clock, progress, limit, total)
-    finally:
-        nudge.cancel()
+class _CourseWatch:
+    """Decides, at each course change (a daemon listener), whether the watch loop has anything to do after it.
+
+    The loop's check after a change (is every course over, is the virtual limit reached, is a state snapshot due)
+    runs at the first turn of the event loop after the change, when virtual time has moved at most one poll
+    period past it (the changing channel sleeps until its next poll at the latest). So the loop is woken only
+    after a change where that check can act: a stopped course, or within a poll period of the limit or of the
+    next snapshot. Those are exactly the wake-ups at which the loop of every change acts, at the same points, so
+    the log is the same (`tests/runtime/test_demo_watch.py`); at a 1 s poll it saves a task switch per poll.
+    With a progress display every change wakes it, as before."""
+
+    def __init__(self, daemon: Daemon, clock: RuntimeClock, every_change: bool, limit: datetime) -> None:
+        self.daemon, self.clock, self.every_change, self.limit = daemon, clock, every_change, limit
+        self.wake: asyncio.Future[bool] | None = None  # result True: the full check; False: group commit only
+
+    def on_change(self, channel: Channel) -> None:
+        wake = self.wake
+        if wake is None or wake.done():
+            return
+        if self.every_change or channel.state.phase is Phase.STOPPED:
+            wake.set_result(True)
+            return
+        ahead = self.clock.now() + channel.poll_period
+        due = self.daemon.next_snapshot_at
+        if ahead >= self.limit or (due is not None and ahead >= due):
+            wake.set_result(True)
+
+    def nudge(self, full: bool) -> None:
+        wake = self.wake
+        if wake is not None and not wake.done():
+            wake.set_result(full)
 
 
 async def _watch_courses(daemon: Daemon, clock: RuntimeClock, progress: Callable[[float, str], None] | None,
                          limit: datetime, total: float) -> bool:
-    while True:
-        phases = [ch.state.phase for ch in daemon.channels.values()]
-        if progress is not None:
-            done = min((clock.now() - START).total_seconds() / total, 1.0)
-            progress(done, ", ".join(sorted({p.value for p in phases})))
-        if all(p is Phase.STOPPED and not ch.state.summary_due for p, ch in zip(phases, daemon.channels.values(),
-                                                                               strict=True)):
-            return False
-        if clock.now() >= limit:
-            return True
-        daemon.changed.clear()
-        await daemon.changed.wait()
-        # This loop wakes on every poll (thousands of times per virtual course): sync telemetry only when the
-        # group-commit delay has passed, not on every wake-up. Setpoints and alarms are synced before they act.
-        if daemon.audit is not None:
-            daemon.maybe_snapshot()
-            daemon.audit.flush_due()
+    watch = _CourseWatch(daemon, clock, progress is not None, limit)
+    daemon.listeners.append(watch.on_change)
+    loop = asyncio.get_running_loop()
+    # Real-time wake-ups: the group commit (telemetry is synced within about group_commit_ms, as when the loop
+    # woke on every poll) and, every NUDGE_S, the full check (as the loop's old 5-s timeout did).
+    commit_s = daemon.config.audit.group_commit_ms / 1000
+    timers: dict[bool, asyncio.TimerHandle] = {}
+
+    def repeat(delay: float, full: bool) -> None:
+        watch.nudge(full)
+        timers[full] = loop.call_later(delay, repeat, delay, full)
+
+    timers.update({False: loop.call_later(commit_s, repeat, commit_s, False),
+                   True: loop.call_later(NUDGE_S, repeat, NUDGE_S, True)})
+    try:
+        full = True
+        while True:
+            if full:
+                phases = [ch.state.phase for ch in daemon.channels.values()]
+                if progress is not None:
+                    done = min((clock.now() - START).total_seconds() / total, 1.0)
+                    progress(done, ", ".join(sorted({p.value for p in phases})))
+                if all(p is Phase.STOPPED and not ch.state.summary_due
+                       for p, ch in zip(phases, daemon.channels.values(), strict=True)):
+                    return False
+                if clock.now() >= limit:
+                    return True
+            watch.wake = loop.create_future()
+            full = await watch.wake
+            # Sync telemetry only when the group-commit delay has passed, not on every wake-up. Setpoints and
+            # alarms are synced before they act.
+            if daemon.audit is not None:
+                if full:
+                    daemon.maybe_snapshot()
+                daemon.audit.flush_due()
+    finally:
+        watch.wake = None
+        daemon.listeners.remove(watch.on_change)
+        for timer in timers.values():
+            timer.cancel()
 
 
 async def _drain_hl7(daemon: Daemon) -> dict[str, Any] | None:
