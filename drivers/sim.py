@@ -73,7 +73,7 @@ class SimDriver(PumpDriver):
             problems.append(
                 Problem("url.name", "format", f"pump name must be 1-64 of [A-Za-z0-9._-], got {url.path!r}")
             )
-        problems += [Problem(f"url.{k}", "known-param", f"sim:// takes no parameter {k!r}") for k in url.params]
+        problems += [Problem(f"url.{k}", "unknown-parameter", f"sim:// takes no parameter {k!r}") for k in url.params]
         world = self.options.world
         if world is not None and not isinstance(world, World):
             problems.append(Problem("options.world", "type", f"expected a World, got {type(world).__name__}"))

@@ -74,7 +74,7 @@ def serial_port_url(url: DriverURL, driver: str, params: set[str], *, default_ba
     if url.driver != driver:
         problems.append(Problem("url.scheme", "driver", f"not a {driver} URL: {url.raw!r}"))
     unknown = set(url.params) - params
-    problems += [Problem(f"url.{k}", "known-parameter", f"unknown parameter {k!r}") for k in sorted(unknown)]
+    problems += [Problem(f"url.{k}", "unknown-parameter", f"unknown parameter {k!r}") for k in sorted(unknown)]
     if url.transport == "serial":
         if not url.path or url.host:
             problems.append(Problem("url.path", "required", f"{driver}+serial:///dev/<tty> needs a device path"))

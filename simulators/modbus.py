@@ -647,7 +647,7 @@ async def serve_modbus(
         plans[unit] = (faults or {}).get(unit) or world.faults(name)
     devices = [u.device() for u in units.values()]
     # FC43/14 basic device identification from the map (pymodbus answers it from this block).
-    identity = ModbusDeviceIdentification(
+    identity = ModbusDeviceIdentification(  # type: ignore[no-untyped-call]
         info_name={
             "VendorName": regmap.vendor,
             "ProductCode": regmap.product_code,

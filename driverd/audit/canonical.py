@@ -242,7 +242,7 @@ def loads_line_fast(line: bytes) -> dict[str, Any] | None:
     try:
         obj = decode(line)
         if type(obj) is dict and encode(obj) == line:
-            return obj  # type: ignore[no-any-return]
+            return obj
     except Exception:
         pass
     return None

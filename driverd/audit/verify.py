@@ -186,7 +186,8 @@ def _verify_chunk(chunk: _Chunk) -> _ChunkResult:
     sha256 = hashlib.sha256
     cut = hash_cut_from_line
     fast = canonical_fast_codec()
-    decode, encode = fast if fast is not None else (None, None)
+    if fast is not None:  # used only under `fast is not None` below
+        decode, encode = fast
     try:
         with open(chunk.path, "rb") as f:
             f.seek(chunk.start)

@@ -407,8 +407,8 @@ def report(
     else:
         for text in report_lines(rep, zone):
             typer.echo(text)
-        for path in written.values():
-            typer.echo(f"wrote {path}")
+        for shown in written.values():
+            typer.echo(f"wrote {shown}")
 
 
 def _register_tail() -> None:

@@ -14,7 +14,6 @@ import typer
 from driverd import resources
 from driverd.cli.output import EXIT_OK, EXIT_REFUSED, emit_json
 from driverd.cli.status import CONFIG_ENV, DEFAULT_CONFIG
-from driverd.runtime.config_check import check_config
 
 app = typer.Typer(help="Check a daemon config; show where the shipped data lives.", no_args_is_help=True)
 
@@ -34,6 +33,8 @@ def check(
 ) -> None:
     """Check a config and everything it names (drug library, trust store, keys, directories, pump URLs and their
     drivers) without starting anything, like `nginx -t`. Exit 0 usable, 1 problems."""
+    from driverd.runtime.config_check import check_config  # lazy: keeps other commands' start-up light
+
     report = check_config(config)
     if as_json:
         emit_json(report.as_dict())

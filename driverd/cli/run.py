@@ -20,7 +20,6 @@ import typer
 from driverd.cli.output import config_error, usage
 from driverd.cli.status import CONFIG_ENV, DEFAULT_CONFIG
 from driverd.core.errors import ConfigError
-from driverd.runtime.config import load_config
 
 MAX_SPEED = 1_000_000.0
 
@@ -39,6 +38,7 @@ def run(
     ] = None,
 ) -> None:
     """Run the daemon: one channel per configured pump, the control socket, sd_notify and the watchdog."""
+    from driverd.runtime.config import load_config  # lazy: the runtime is imported only by the commands using it
     from driverd.runtime.service import configure_logging, serve
 
     if speed is not None and not (math.isfinite(speed) and 0 < speed <= MAX_SPEED):

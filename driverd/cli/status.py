@@ -21,8 +21,6 @@ import typer
 from driverd.cli.output import EXIT_USAGE, config_error, emit_json, error_payload, fail
 from driverd.cli.timefmt import BadZone, TzOpt, format_time, parse_zone
 from driverd.core.errors import ConfigError
-from driverd.runtime.config import load_config
-from driverd.runtime.control import ControlError, ControlUnavailable, request_sync
 
 # Where the config is looked up: --config, then $DRIVERD_CONFIG, then DEFAULT_CONFIG (the systemd unit's path); the
 # socket: --socket, then $DRIVERD_SOCKET, then the config's control_socket. An empty variable counts as unset.
@@ -51,6 +49,8 @@ def _show(path: Path) -> str:
 def resolve_socket(socket: Path | None, config: Path, as_json: bool) -> Path:
     if socket is not None:
         return socket
+    from driverd.runtime.config import load_config  # lazy: every CLI command would pay for the runtime's imports
+
     try:
         return load_config(config).control_socket
     except ConfigError as exc:
@@ -67,6 +67,8 @@ def _check_timeout(timeout: float, as_json: bool) -> None:
 def call(socket: Path, payload: Mapping[str, Any], as_json: bool, timeout: float) -> dict[str, Any]:
     """One request to the daemon; unreachable or broken exchanges are exit 1 with the reason."""
     _check_timeout(timeout, as_json)
+    from driverd.runtime.control import ControlError, ControlUnavailable, request_sync  # lazy, as above
+
     try:
         return request_sync(socket, payload, timeout)
     except ControlUnavailable as exc:

@@ -29,7 +29,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from driverd.audit.report import ReportBuilder
 
@@ -95,7 +95,11 @@ def _q(d: Decimal | None) -> Decimal | None:
 
 
 class _HasRecord(Protocol):
-    record: dict[str, Any]
+    @property
+    def record(self) -> dict[str, Any]: ...
+
+
+_L = TypeVar("_L", bound=_HasRecord)
 
 
 class DemoJudge:
@@ -112,7 +116,7 @@ class DemoJudge:
         self._last_report: dict[str, datetime] = {}  # pump -> time of its latest pump report
         self._outage: dict[str, tuple[datetime, CourseFacts, Decimal]] = {}  # pump -> (last report, course, dose)
 
-    def watch(self, lines: Iterable[_HasRecord]) -> Iterator[_HasRecord]:
+    def watch(self, lines: Iterable[_L]) -> Iterator[_L]:
         """Pass audit lines through (to replay, say) while judging each one."""
         for line in lines:
             self.add(line.record)
@@ -193,10 +197,12 @@ class DemoJudge:
         cid = doc["schedule_id"]
         course = self.courses.setdefault(cid, CourseFacts(pump, cid))
         self.last_course[pump] = cid
-        steps = doc.get("steps") if isinstance(doc.get("steps"), list) else []
+        raw_steps = doc.get("steps")
+        steps: list[Any] = raw_steps if isinstance(raw_steps, list) else []
         course.planned_steps = tuple(d for s in steps if isinstance(s, dict)
                                      and (d := _dec(s.get("dose_mg_per_24h"))) is not None)
-        drug = doc.get("drug") if isinstance(doc.get("drug"), dict) else {}
+        raw_drug = doc.get("drug")
+        drug: dict[str, Any] = raw_drug if isinstance(raw_drug, dict) else {}
         course.concentration = _dec(drug.get("concentration_mg_per_ml"))
         fills = [doc.get("syringe", {}).get("fill_volume_ml")] if isinstance(doc.get("syringe"), dict) else []
         extra = doc.get("syringes")

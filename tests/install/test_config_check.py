@@ -157,10 +157,10 @@ def test_unknown_driver_scheme(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("url", "field", "rule"), [
     ("modbus+tcp://127.0.0.1:5020?unit=999", "pumps[0].url.unit", "range"),
-    ("newera+socket://127.0.0.1:7001?bogus=1", "pumps[0].url.bogus", "known-parameter"),
+    ("newera+socket://127.0.0.1:7001?bogus=1", "pumps[0].url.bogus", "unknown-parameter"),
     ("modbus+tcp://127.0.0.1:5020?bogus=1", "pumps[0].url.bogus", "unknown-parameter"),
     ("newera+carrier-pigeon://x", "pumps[0].url.transport", "enum"),
-    ("sim://bed-1?x=1", "pumps[0].url.x", "known-param"),
+    ("sim://bed-1?x=1", "pumps[0].url.x", "unknown-parameter"),
     ("not-a-url", "pumps[0].url", "format"),
 ])
 def test_bad_driver_url(tmp_path: Path, url: str, field: str, rule: str) -> None:
