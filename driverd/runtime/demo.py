@@ -180,9 +180,9 @@ async def _start_simulators(stack: contextlib.AsyncExitStack, driver: str, world
 
         urls = {}
         for n in names:
-            ep = await stack.enter_async_context(serve_harvard(world.pump(n), world.faults(n), pty=True))
+            elite = await stack.enter_async_context(serve_harvard(world.pump(n), world.faults(n), pty=True))
             # The Pump 11 Elite has no dead-man: a bench may run it, with the driver's loud warning on every connect.
-            urls[n] = ep.url + "&without_deadman=allow"
+            urls[n] = elite.url + "&without_deadman=allow"
         return urls
     from simulators.modbus import serve_modbus
 
