@@ -293,7 +293,7 @@ class Channel:
         await self.handle(self._report(status))
 
     def _report(self, status: PumpStatus) -> PumpReport:
-        alarms = tuple(sorted(a.value for a in status.alarms))
+        alarms = tuple(sorted(a.value for a in status.alarms)) if status.alarms else ()
         return PumpReport(self.clock.now(), status.state.value, status.rate_ml_per_h, status.delivered_ml, alarms)
 
     async def prime(self) -> None:

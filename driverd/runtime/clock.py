@@ -177,6 +177,11 @@ class VirtualClock:
         """Make the wall reading jump by `delta` (a simulated NTP or operator step); `now()` does not move."""
         self._wall_offset += delta
 
+    @property
+    def wall_offset(self) -> timedelta:
+        """wall() - now(), exactly."""
+        return self._wall_offset
+
     def floor(self, at_least: datetime) -> None:
         behind = at_least - self._now
         if behind > timedelta(0):
@@ -325,7 +330,13 @@ class ClockWatch:
         self._offset = wall - now
 
     def check(self) -> WallStep | None:
-        now, wall = _readings(self.clock)
+        # Once per poll. A virtual clock's wall reading is course time plus its wall offset: compare the offsets.
+        clock = self.clock
+        if isinstance(clock, VirtualClock):
+            delta = clock.wall_offset - self._offset
+            if abs(delta) <= self.tolerance:
+                return None
+        now, wall = _readings(clock)
         delta = (wall - now) - self._offset
         if abs(delta) <= self.tolerance:
             return None

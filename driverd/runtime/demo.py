@@ -213,17 +213,21 @@ class _CourseWatch:
     def __init__(self, daemon: Daemon, clock: RuntimeClock, every_change: bool, limit: datetime) -> None:
         self.daemon, self.clock, self.every_change, self.limit = daemon, clock, every_change, limit
         self.wake: asyncio.Future[bool] | None = None  # result True: the full check; False: group commit only
+        self._margin = max((ch.poll_period for ch in daemon.channels.values()), default=timedelta(0))
+        self.gate_at = limit - self._margin
+        self.regate()
+
+    def regate(self) -> None:
+        """From when a change may be followed by the limit or a snapshot (after the loop acted: a snapshot moves
+        the next one): a poll period (the longest) before the earlier of the two."""
+        due = self.daemon.next_snapshot_at
+        self.gate_at = min(self.limit, due if due is not None else self.limit) - self._margin
 
     def on_change(self, channel: Channel) -> None:
         wake = self.wake
         if wake is None or wake.done():
             return
-        if self.every_change or channel.state.phase is Phase.STOPPED:
-            wake.set_result(True)
-            return
-        ahead = self.clock.now() + channel.poll_period
-        due = self.daemon.next_snapshot_at
-        if ahead >= self.limit or (due is not None and ahead >= due):
+        if self.every_change or channel.state.phase is Phase.STOPPED or self.clock.now() >= self.gate_at:
             wake.set_result(True)
 
     def nudge(self, full: bool) -> None:
@@ -268,6 +272,7 @@ async def _watch_courses(daemon: Daemon, clock: RuntimeClock, progress: Callable
             if daemon.audit is not None:
                 if full:
                     daemon.maybe_snapshot()
+                    watch.regate()
                 daemon.audit.flush_due()
     finally:
         watch.wake = None
