@@ -85,6 +85,8 @@ class SimDriver(PumpDriver):
         self.name = url.path
         self._model: PumpModel | None = None
         self._faults: FaultPlan | None = None
+        # The counter as last shown: (shown, the reading's adjusted exponent, shown + one step of its last digit).
+        self._shown: tuple[Decimal, int, Decimal] | None = None
 
     @property
     def model(self) -> PumpModel:
@@ -170,13 +172,27 @@ class SimDriver(PumpDriver):
     async def clear_alarm(self) -> None:
         self._call(lambda m: m.clear_alarm())
 
+    def _display(self, delivered: Decimal) -> Decimal:
+        """`quantize_down(delivered, resolution)`: what the counter shows. The display changes every few polls
+        only, so a reading that shows the same is recognised without quantizing: quantize_down depends on the
+        magnitude (adjusted exponent) and rounds down at its last kept digit, so a reading of the same magnitude
+        in [shown, shown + that digit's step) shows `shown` (tests/drivers/test_sim_display.py)."""
+        last = self._shown
+        adjusted = delivered.adjusted()
+        if last is not None and adjusted == last[1] and last[0] <= delivered < last[2]:
+            return last[0]
+        shown = quantize_down(delivered, self.resolution)
+        if shown != 0:
+            self._shown = (shown, adjusted, shown + Decimal((0, (1,), shown.as_tuple().exponent)))
+        return shown
+
     async def read_status(self) -> PumpStatus:
         # reading(): status()'s values that a status read carries, without the model's extras (once per poll).
         state, rate, delivered, diameter, alarms = self._call(lambda m: m.reading())
         return PumpStatus(
             state=state,
             rate_ml_per_h=rate,
-            delivered_ml=quantize_down(delivered, self.resolution),
+            delivered_ml=self._display(delivered),
             diameter_mm=diameter,
             alarms=alarms,
         )
