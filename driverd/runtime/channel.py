@@ -352,23 +352,28 @@ class Channel:
 
     # ------------------------------------------------------------------------------------------ loop
 
+    async def cycle(self) -> None:
+        """One poll period's work (`run` does it every `poll_period`; bench/synth_log.py calls it directly to write
+        a long log without the event loop's timers)."""
+        # Once per poll: a step that has nothing to do is skipped without entering its coroutine (its own first
+        # check: a wall-clock step seen, a course IDLE to prime, a syringe change to load).
+        stepped = self._clock_step()
+        if stepped is not None:
+            await self.handle(stepped)
+        await self.poll()
+        await self.handle(Tick(self.clock.now()))
+        if self.state.phase is Phase.IDLE:
+            await self.prime()
+        if self.state.syringe_change is not None:
+            await self.load_syringe()
+
     async def run(self) -> None:
         self.clock.register()
         try:
             await self.connect()
             next_poll = self.clock.now()
             while not self.stopping:
-                # Once per poll: a step that has nothing to do is skipped without entering its coroutine (its own
-                # first check: a wall-clock step seen, a course IDLE to prime, a syringe change to load).
-                stepped = self._clock_step()
-                if stepped is not None:
-                    await self.handle(stepped)
-                await self.poll()
-                await self.handle(Tick(self.clock.now()))
-                if self.state.phase is Phase.IDLE:
-                    await self.prime()
-                if self.state.syringe_change is not None:
-                    await self.load_syringe()
+                await self.cycle()
                 next_poll += self.poll_period
                 if next_poll <= self.clock.now():
                     next_poll = self.clock.now() + self.poll_period
