@@ -240,11 +240,6 @@ class Daemon:
             self.maybe_snapshot()
             self.audit.flush()
 
-    @property
-    def next_snapshot_at(self) -> datetime | None:
-        """When `maybe_snapshot` writes the next snapshot (daemon clock); None before the first (at start)."""
-        return None if self._last_snapshot_at is None else self._last_snapshot_at + SNAPSHOT_EVERY
-
     def maybe_snapshot(self) -> None:
         """A state snapshot if SNAPSHOT_EVERY has passed since the last (daemon clock)."""
         if self.audit is not None and not self.audit.dead and self._last_snapshot_at is not None \

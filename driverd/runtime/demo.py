@@ -200,40 +200,51 @@ async def _wait_for_courses(daemon: Daemon, clock: RuntimeClock, progress: Calla
 
 
 class _CourseWatch:
-    """Decides, at each course change (a daemon listener), whether the watch loop has anything to do after it.
+    """What the demo does after each course change (a daemon listener), at the turn of the event loop where its
+    watch loop, woken by the change, used to do it: the same work at the same points, without a task switch per
+    poll when there is nothing to decide.
 
-    The loop's check after a change (is every course over, is the virtual limit reached, is a state snapshot due)
-    runs at the first turn of the event loop after the change, when virtual time has moved at most one poll
-    period past it (the changing channel sleeps until its next poll at the latest). So the loop is woken only
-    after a change where that check can act: a stopped course, or within a poll period of the limit or of the
-    next snapshot. Those are exactly the wake-ups at which the loop of every change acts, at the same points, so
-    the log is the same (`tests/runtime/test_demo_watch.py`); at a 1 s poll it saves a task switch per poll.
-    With a progress display every change wakes it, as before."""
+    After a change the loop checks whether every course is over or the 7-day limit is reached (then the demo ends),
+    writes a state snapshot if one is due and syncs telemetry if the group commit is due. The loop itself is woken
+    only when its check can end the demo: a stopped course, or within a poll period of the limit (virtual time
+    moves at most one poll period between a change and that turn: the changing channel sleeps until its next poll
+    at the latest). Otherwise the snapshot and the group commit run in a callback queued where the loop's wake-up
+    would have been (`tests/runtime/test_demo_watch.py`: the same run and log, record for record). With a progress
+    display every change wakes the loop, as before."""
 
     def __init__(self, daemon: Daemon, clock: RuntimeClock, every_change: bool, limit: datetime) -> None:
-        self.daemon, self.clock, self.every_change, self.limit = daemon, clock, every_change, limit
-        self.wake: asyncio.Future[bool] | None = None  # result True: the full check; False: group commit only
-        self._margin = max((ch.poll_period for ch in daemon.channels.values()), default=timedelta(0))
-        self.gate_at = limit - self._margin
-        self.regate()
-
-    def regate(self) -> None:
-        """From when a change may be followed by the limit or a snapshot (after the loop acted: a snapshot moves
-        the next one): a poll period (the longest) before the earlier of the two."""
-        due = self.daemon.next_snapshot_at
-        self.gate_at = min(self.limit, due if due is not None else self.limit) - self._margin
+        self.daemon, self.clock, self.every_change = daemon, clock, every_change
+        self.loop = asyncio.get_running_loop()
+        self.wake: asyncio.Future[bool] | None = None  # the loop's wait (the result is unused)
+        margin = max((ch.poll_period for ch in daemon.channels.values()), default=timedelta(0))
+        self.gate_at = limit - margin
+        self._queued = False  # an audit turn is queued
 
     def on_change(self, channel: Channel) -> None:
         wake = self.wake
         if wake is None or wake.done():
-            return
+            return  # the loop is awake: it does the work itself
         if self.every_change or channel.state.phase is Phase.STOPPED or self.clock.now() >= self.gate_at:
             wake.set_result(True)
+        elif not self._queued:
+            self._queued = True
+            self.loop.call_soon(self._audit_turn)
 
-    def nudge(self, full: bool) -> None:
+    def nudge(self) -> None:
         wake = self.wake
         if wake is not None and not wake.done():
-            wake.set_result(full)
+            wake.set_result(True)
+
+    def _audit_turn(self) -> None:
+        self._queued = False
+        wake = self.wake
+        if wake is None or wake.done() or self.daemon.audit is None:
+            return
+        try:
+            self.daemon.maybe_snapshot()
+            self.daemon.audit.flush_due()
+        except BaseException as exc:  # the loop raises it, as when it did this work itself
+            wake.set_exception(exc)
 
 
 async def _watch_courses(daemon: Daemon, clock: RuntimeClock, progress: Callable[[float, str], None] | None,
@@ -241,44 +252,37 @@ async def _watch_courses(daemon: Daemon, clock: RuntimeClock, progress: Callable
     watch = _CourseWatch(daemon, clock, progress is not None, limit)
     daemon.listeners.append(watch.on_change)
     loop = asyncio.get_running_loop()
-    # Real-time wake-ups: the group commit (telemetry is synced within about group_commit_ms, as when the loop
-    # woke on every poll) and, every NUDGE_S, the full check (as the loop's old 5-s timeout did).
-    commit_s = daemon.config.audit.group_commit_ms / 1000
-    timers: dict[bool, asyncio.TimerHandle] = {}
+    # At least every NUDGE_S real seconds even when no course changes (the loop's old 5-s timeout).
+    timer: asyncio.TimerHandle
 
-    def repeat(delay: float, full: bool) -> None:
-        watch.nudge(full)
-        timers[full] = loop.call_later(delay, repeat, delay, full)
+    def repeat() -> None:
+        nonlocal timer
+        watch.nudge()
+        timer = loop.call_later(NUDGE_S, repeat)
 
-    timers.update({False: loop.call_later(commit_s, repeat, commit_s, False),
-                   True: loop.call_later(NUDGE_S, repeat, NUDGE_S, True)})
+    timer = loop.call_later(NUDGE_S, repeat)
     try:
-        full = True
         while True:
-            if full:
-                phases = [ch.state.phase for ch in daemon.channels.values()]
-                if progress is not None:
-                    done = min((clock.now() - START).total_seconds() / total, 1.0)
-                    progress(done, ", ".join(sorted({p.value for p in phases})))
-                if all(p is Phase.STOPPED and not ch.state.summary_due
-                       for p, ch in zip(phases, daemon.channels.values(), strict=True)):
-                    return False
-                if clock.now() >= limit:
-                    return True
+            phases = [ch.state.phase for ch in daemon.channels.values()]
+            if progress is not None:
+                done = min((clock.now() - START).total_seconds() / total, 1.0)
+                progress(done, ", ".join(sorted({p.value for p in phases})))
+            if all(p is Phase.STOPPED and not ch.state.summary_due for p, ch in zip(phases, daemon.channels.values(),
+                                                                                   strict=True)):
+                return False
+            if clock.now() >= limit:
+                return True
             watch.wake = loop.create_future()
-            full = await watch.wake
+            await watch.wake
             # Sync telemetry only when the group-commit delay has passed, not on every wake-up. Setpoints and
             # alarms are synced before they act.
             if daemon.audit is not None:
-                if full:
-                    daemon.maybe_snapshot()
-                    watch.regate()
+                daemon.maybe_snapshot()
                 daemon.audit.flush_due()
     finally:
         watch.wake = None
         daemon.listeners.remove(watch.on_change)
-        for timer in timers.values():
-            timer.cancel()
+        timer.cancel()
 
 
 async def _drain_hl7(daemon: Daemon) -> dict[str, Any] | None:

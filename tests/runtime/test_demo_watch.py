@@ -1,5 +1,7 @@
-"""The demo's course watch wakes only after the changes where its check can act (`demo._CourseWatch`): the run
-and its log are the same as when it wakes after every change (a progress display makes it do that)."""
+"""The demo's course watch (`demo._CourseWatch`) wakes its loop only after the changes where the loop can end the
+demo, and does the snapshot and group commit of the other changes in a callback at the same turn of the event
+loop: the run and its log are the same, record for record, as when the loop wakes after every change (a progress
+display makes it do that), whatever the daemon's snapshot policy (the real `maybe_snapshot` runs at both)."""
 
 from __future__ import annotations
 
