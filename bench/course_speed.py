@@ -68,6 +68,7 @@ SHARES = [
     ("  wall-clock step check", "check", "runtime/clock.py"),
     ("demo course watch (its loop)", "_watch_courses", "runtime/demo.py"),
     ("demo watch gate (per change)", "on_change", "runtime/demo.py"),
+    ("demo watch callback (snapshot if due, group commit)", "_audit_turn", "runtime/demo.py"),
 ]
 
 
