@@ -343,17 +343,22 @@ class Channel:
 
     # ------------------------------------------------------------------------------------------ loop
 
+    async def cycle(self) -> None:
+        """One poll period's work (`run` does it every `poll_period`; bench/synth_log.py calls it directly to write
+        a long log without the event loop's timers)."""
+        await self.check_clock()
+        await self.poll()
+        await self.handle(Tick(self.clock.now()))
+        await self.prime()
+        await self.load_syringe()
+
     async def run(self) -> None:
         self.clock.register()
         try:
             await self.connect()
             next_poll = self.clock.now()
             while not self.stopping:
-                await self.check_clock()
-                await self.poll()
-                await self.handle(Tick(self.clock.now()))
-                await self.prime()
-                await self.load_syringe()
+                await self.cycle()
                 next_poll += self.poll_period
                 if next_poll <= self.clock.now():
                     next_poll = self.clock.now() + self.poll_period
