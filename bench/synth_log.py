@@ -132,6 +132,12 @@ class ModelPump(PumpDriver):
     async def configure_syringe(self, diameter_mm: Decimal) -> Decimal:
         self._accepts()
         self.diameter = diameter_mm
+        if self.state is PumpState.STOPPED:
+            # A new course's syringe (the channel primes a stopped pump): the nurse clears the volume dispensed.
+            # Without this the counter runs on from course to course, and past 100 mL its 4 significant digits
+            # read in 0.1 mL steps: the core's 1-h accuracy window then sees 0.1-0.3 mL for 0.208 mL and raises
+            # under_infusion (what a real New Era pump never cleared between courses would do too).
+            self._base = Decimal(0)
         return diameter_mm
 
     async def set_rate(self, rate_ml_per_h: Decimal) -> Decimal:
@@ -281,6 +287,9 @@ async def course_events(daemon: Daemon, models: dict[str, ModelPump], plan: Plan
                         rng: random.Random, faults: float, stats: Stats) -> None:
     """The ward around one pump: the next course pushed once the last has ended; an occlusion and its resume."""
     state = daemon.channels[name].state
+    if state.phase is Phase.ALARM and plan.resume_at is None:
+        # Only the occlusions drawn here are expected: anything else would leave the pump idle (not the worst case).
+        raise RuntimeError(f"{name}: unexpected alarm at {now}: {', '.join(state.alarm_causes)}")
     if plan.occlude_at is not None and now >= plan.occlude_at:
         plan.occlude_at = None
         if state.phase in (Phase.TITRATING, Phase.HOLDING, Phase.TAPERING):
