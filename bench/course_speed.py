@@ -55,6 +55,38 @@ def run_before(src: Path, driver: str, poll: float) -> list[Any]:
     return out
 
 
+# Where a poll's CPU goes: (label, function name, file it is in). Cumulative time, so the rows overlap (the channel's
+# poll holds the core step, the simulated pump and the compactor).
+SHARES = [
+    ("channel task (everything a poll does)", "run", "runtime/channel.py"),
+    ("  core steps (machine.step: report + tick)", "step", "core/machine.py"),
+    ("  compactor's shortcut (report_replay)", "replay_step_agrees", "core/report_replay.py"),
+    ("  simulated pump + sim:// driver (read_status)", "read_status", "drivers/sim.py"),
+    ("    of which quantize_down (the counter's display)", "quantize_down", "core/quantities.py"),
+    ("  audit appends (records logged)", "append", "audit/writer.py"),
+    ("  virtual clock sleep_until (waiter heap)", "sleep_until", "runtime/clock.py"),
+    ("  wall-clock step check", "check", "runtime/clock.py"),
+    ("demo course watch (its loop)", "_watch_courses", "runtime/demo.py"),
+    ("demo watch gate (per change)", "on_change", "runtime/demo.py"),
+    ("demo watch callback (snapshot if due, group commit)", "_audit_turn", "runtime/demo.py"),
+]
+
+
+def profile_shares(path: Path, polls: int) -> str:
+    """The profile as shares of the whole and profiled microseconds per poll (cProfile adds ~2x overhead)."""
+    import pstats
+
+    stats = pstats.Stats(str(path))
+    total = stats.total_tt  # type: ignore[attr-defined]
+    raw = stats.stats  # type: ignore[attr-defined]
+    rows = []
+    for label, name, where in SHARES:
+        cum = sum(v[3] for (f, _, n), v in raw.items() if n == name and f.endswith(where))
+        rows.append([label, f"{cum / total * 100:.1f} %", f"{cum / polls * 1e6:.1f}"])
+    rows.append(["total (profiled)", "100 %", f"{total / polls * 1e6:.1f}"])
+    return table(["where (cumulative)", "share", "profiled µs per poll"], rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("drivers", nargs="*", default=["sim", "newera", "modbus"])
@@ -67,12 +99,14 @@ def main() -> None:
     if args.profile is not None:
         prof = cProfile.Profile()
         prof.enable()
-        run_once(args.drivers[0], args.poll)
+        _, result = run_once(args.drivers[0], args.poll)
         prof.disable()
         prof.dump_stats(args.profile)
         say(f"profile written to {args.profile}")
+        say(profile_shares(args.profile, result.pumps[0]["polls"]))
         return
     rows = []
+    ratios: list[str] = []
     for driver in args.drivers:
         walls: list[float] = []
         result: Any = None
@@ -93,17 +127,25 @@ def main() -> None:
             bc = median([b[4] for b in before])
             rows.append([f"{driver} (before: {args.before})", f"{bw:.2f} s (min {min(b[0] for b in before):.2f})",
                          f"{bc:.2f} s", f"{before[0][1] / bw:,.0f}x", f"{before[0][1] / bc:,.0f}x",
-                         f"{bw / before[0][2] * 1e3:.3f} ms", before[0][2], before[0][3]])
+                         f"{bw / before[0][2] * 1e6:.1f} µs", f"{bc / before[0][2] * 1e6:.1f} µs", before[0][2],
+                         before[0][3]])
         polls = result.pumps[0]["polls"]
         w = median(walls)
         c = median(cpus)
         rows.append([driver, f"{w:.2f} s (min {min(walls):.2f})", f"{c:.2f} s", f"{result.virtual_seconds / w:,.0f}x",
-                     f"{result.virtual_seconds / c:,.0f}x", f"{w / polls * 1e3:.3f} ms", polls,
-                     result.pumps[0]["phase"]])
+                     f"{result.virtual_seconds / c:,.0f}x", f"{w / polls * 1e6:.1f} µs", f"{c / polls * 1e6:.1f} µs",
+                     polls, result.pumps[0]["phase"]])
+        if before:
+            # Same rounds, same machine load: the ratio is the figure to compare on a shared machine.
+            ratios.append(f"{driver}: before/after, medians of {args.rounds} rounds: wall {bw / w:.2f}x, "
+                          f"CPU {bc / c:.2f}x (per round: "
+                          + ", ".join(f"{b[4] / a:.2f}" for b, a in zip(before, cpus, strict=True)) + " CPU)")
     say()
     say(f"poll period {args.poll:g} s (virtual)")
-    say(table(["driver", f"wall (median of {args.rounds})", "CPU", "speed-up vs virtual (wall)", "(CPU)", "per poll",
-               "polls", "final phase"], rows))
+    say(table(["driver", f"wall (median of {args.rounds})", "CPU", "speed-up vs virtual (wall)", "(CPU)",
+               "wall per poll", "CPU per poll", "polls", "final phase"], rows))
+    for line in ratios:
+        say(line)
     say("load at end:", machine())
 
 

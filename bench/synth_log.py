@@ -19,8 +19,9 @@ Each pump runs one whole course after another (titrate, hold, taper, stop: the s
 schedule id, patient and signature per course, `runtime.demo.demo_schedule`), the first ones staggered across
 the first course's length. `--restart-at DAYS...`: at each of those days the daemon stops cleanly and starts
 again on the same log (as a maintenance restart does), and copies of the log are kept in OUT/at-<D>d/: `clean/`
-right after the stop, `crash/` just before the periodic snapshot that fell due before it (the worst point for a
-crash: the most records since a sealed snapshot). Copies hard-link the sealed segments (they never change).
+right after the stop, `crash/` just before the first snapshot (or state delta) the daemon writes from that day on
+(the worst point for a crash: the most records since the newest sealed state). Copies hard-link the sealed
+segments (they never change).
 
 usage: python bench/synth_log.py OUT --pumps 32 --days 365 [--poll 60] [--faults 0.1] [--restart-at 5 30 90]
 """
@@ -238,7 +239,6 @@ async def generate(out: Path, pumps: int, days: float, poll_s: float, faults: fl
     stagger = COURSE / max(pumps, 1)
     plans = {n: Plan(START + i * stagger) for i, n in enumerate(names)}
     stops = sorted(START + timedelta(days=d) for d in restart_at)
-    crash_taken: set[datetime] = set()
     started = time.perf_counter()
     with model_pumps(clock, models):
         daemon = Daemon(config, clock)
@@ -252,17 +252,20 @@ async def generate(out: Path, pumps: int, days: float, poll_s: float, faults: fl
                 await ch.cycle()
             stats.polls += len(names)
             due = stops[0] if stops else None
-            if due is not None and now >= due and due not in crash_taken and daemon._last_snapshot_at is not None \
-                    and now - daemon._last_snapshot_at >= daemon_module.SNAPSHOT_EVERY:
-                # A crash now loses nothing sealed but has the most records since the newest snapshot.
-                assert daemon.audit is not None
-                daemon.audit.flush()
-                copy_log(config.audit_dir, out / f"at-{label(due)}" / "crash")
-                crash_taken.add(due)
-            daemon.maybe_snapshot()
             assert daemon.audit is not None
+            crash_due = due is not None and now >= due
+            if crash_due:
+                # Until the daemon next writes a snapshot (or delta): the log as it is now, kept each round, is the
+                # worst crash point when that write comes (the most records since the newest sealed state).
+                daemon.audit.flush()
+                crash = out / f"at-{label(due)}" / "crash"
+                if crash.exists():
+                    shutil.rmtree(crash)
+                copy_log(config.audit_dir, crash)
+            before = daemon.audit.seq
+            daemon.maybe_snapshot()  # the daemon's own policy decides (interval, deltas)
             daemon.audit.flush_due()
-            if due is not None and due in crash_taken:
+            if due is not None and crash_due and daemon.audit.seq != before:
                 stops.pop(0)
                 await daemon.stop()
                 copy_log(config.audit_dir, out / f"at-{label(due)}" / "clean")

@@ -12,7 +12,9 @@ shared machine wall time also measures the neighbours.
 Rows: sha256sum (the reference); verify_log in this process (workers=1) and with --jobs worker processes (what
 `driverd audit verify` does); the `driverd audit verify` command itself (interpreter start and imports included);
 decoding alone (iter_lines: the parse replay pays); replay (iter_lines + replay_lines). Then an "anatomy" of the
-per-line work of verify: reading lines, SHA-256 per line, parsing, the canonical-form check, the content hash.
+per-line work of verify: reading lines, SHA-256 per line, parsing, the canonical-form check, the content hash. Last,
+a "replay anatomy" (this checkout, and --before's): CPU per record of decoding, event_from_record, the core's fold,
+the report builder, replay with and without the snapshot checks, and the whole `audit replay`.
 
 With --before DIR (a checkout of an earlier version, e.g. `git archive 0ed788e | tar -x -C DIR`), that version's
 verify_log and replay are timed in the same rounds, in a subprocess (its own imports excluded from the timing).
@@ -137,6 +139,79 @@ print(json.dumps(out))
 """
 
 
+REPLAY_ANATOMY_SNIPPET = """
+import gc, json, resource, sys, time
+from pathlib import Path
+from driverd.audit.reader import iter_lines
+from driverd.audit.replay import replay_lines, replay_records
+from driverd.audit.report import ReportBuilder
+from driverd.core import machine, records
+
+def cpu():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+log, rounds = Path(sys.argv[1]), int(sys.argv[2])
+recs = [line.record for line in iter_lines(log)]
+proto = machine.parse_protocol(next(r for r in recs if r["event"] == "library_loaded")["text"]) \
+    if hasattr(machine, "parse_protocol") else None
+if proto is None:
+    from driverd.core.protocol import parse_protocol
+    proto = parse_protocol(next(r for r in recs if r["event"] == "library_loaded")["text"])
+inputs = [r for r in recs if r.get("event") in records.INPUT_EVENTS]
+events = [(r["pump_id"], records.event_from_record(r)) for r in inputs]
+no_snapshots = [r for r in recs if r.get("event") != "state_snapshot"]
+
+def decode():
+    for _ in iter_lines(log):
+        pass
+
+def to_events():
+    for r in inputs:
+        records.event_from_record(r)
+
+def fold():
+    states = {}
+    for pump, event in events:
+        state = states.get(pump)
+        states[pump], _ = machine.step(state if state is not None else machine.initial_state(pump), event, proto)
+
+def report():
+    b = ReportBuilder()
+    for r in recs:
+        b.add(r)
+
+def from_decoded():
+    assert replay_records(recs).ok
+
+def no_snaps():
+    assert replay_records(no_snapshots).ok
+
+def whole():
+    assert replay_lines(iter_lines(log)).ok
+
+stages = {"decode (iter_lines)": decode, "event_from_record (inputs)": to_events, "core fold (machine.step)": fold,
+          "report builder alone": report, "replay of decoded records, snapshots left out": no_snaps,
+          "replay of decoded records": from_decoded, "audit replay (decode + replay)": whole}
+best = {k: float("inf") for k in stages}
+for _ in range(rounds):
+    for k, fn in stages.items():
+        gc.collect()
+        c = cpu()
+        fn()
+        best[k] = min(best[k], cpu() - c)
+print(json.dumps({"records": len(recs), "inputs": len(inputs), "best": best}))
+"""
+
+
+def replay_anatomy(src: Path, log: Path, rounds: int) -> dict[str, Any]:
+    """Where replay's time goes, per record (CPU, best of rounds), for the checkout in src, in a subprocess."""
+    done = subprocess.run([sys.executable, "-c", REPLAY_ANATOMY_SNIPPET, str(log), str(rounds)], cwd=src,
+                          env={**os.environ, "PYTHONPATH": str(src)}, check=True, capture_output=True, text=True)
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
 def before_round(src: Path, log: Path) -> dict[str, list[Any]]:
     """One verify and one replay by the checkout in src, timed inside its own process."""
     done = subprocess.run([sys.executable, "-c", BEFORE_SNIPPET, str(log)], cwd=src, env={**os.environ,
@@ -225,6 +300,21 @@ def main() -> None:
     an = anatomy(files)
     say(table(["stage", "seconds", "records/s", "speed vs sha256sum"],
               [[k, f"{v:.3f}", f"{records / v:,.0f}", f"{ref / v:.4f}"] for k, v in an.items()]))
+    say("\nreplay anatomy: CPU per record, best of rounds, each stage its own pass (this checkout"
+        f"{' | before' if args.before else ''}):\n")
+    mine = replay_anatomy(ROOT, args.log, args.rounds)
+    theirs = replay_anatomy(args.before, args.log, args.rounds) if args.before else None
+    n = mine["records"]
+    head = ["stage", "us/record", "records/s by CPU"] + (["before us/record", "before records/s"] if theirs else [])
+    arows = []
+    for k, v in mine["best"].items():
+        row = [k, f"{v / n * 1e6:.2f}", f"{n / v:,.0f}"]
+        if theirs:
+            b = theirs["best"][k]
+            row += [f"{b / n * 1e6:.2f}", f"{n / b:,.0f}"]
+        arows.append(row)
+    say(table(head, arows))
+    say(f"({n:,} records, {mine['inputs']:,} of them core inputs; per-record figures divide by all records)")
     say("\nload at end:", machine())
 
 

@@ -58,6 +58,9 @@ def default_world() -> World:
 class SimDriver(PumpDriver):
     scheme: ClassVar[str] = "sim"
     resolution: ClassVar[Resolution] = NEW_ERA_RESOLUTION
+    #: No I/O: every operation completes without yielding to the event loop (a fault plan's delay or drop is a
+    #: DriverTimeout at once), so the channel arms no backstop timer for it, one that could never fire.
+    never_suspends: ClassVar[bool] = True
 
     def __init__(self, url: DriverURL, options: DriverOptions | None = None) -> None:
         super().__init__(url, options)
@@ -82,6 +85,8 @@ class SimDriver(PumpDriver):
         self.name = url.path
         self._model: PumpModel | None = None
         self._faults: FaultPlan | None = None
+        # The counter as last shown: (shown, the reading's adjusted exponent, shown + one step of its last digit).
+        self._shown: tuple[Decimal, int, Decimal] | None = None
 
     @property
     def model(self) -> PumpModel:
@@ -167,12 +172,27 @@ class SimDriver(PumpDriver):
     async def clear_alarm(self) -> None:
         self._call(lambda m: m.clear_alarm())
 
+    def _display(self, delivered: Decimal) -> Decimal:
+        """`quantize_down(delivered, resolution)`: what the counter shows. The display changes every few polls
+        only, so a reading that shows the same is recognised without quantizing: quantize_down depends on the
+        magnitude (adjusted exponent) and rounds down at its last kept digit, so a reading of the same magnitude
+        in [shown, shown + that digit's step) shows `shown` (tests/drivers/test_sim_display.py)."""
+        last = self._shown
+        adjusted = delivered.adjusted()
+        if last is not None and adjusted == last[1] and last[0] <= delivered < last[2]:
+            return last[0]
+        shown = quantize_down(delivered, self.resolution)
+        if shown != 0:
+            self._shown = (shown, adjusted, shown + Decimal((0, (1,), shown.as_tuple().exponent)))
+        return shown
+
     async def read_status(self) -> PumpStatus:
-        s = self._call(lambda m: m.status())
+        # reading(): status()'s values that a status read carries, without the model's extras (once per poll).
+        state, rate, delivered, diameter, alarms = self._call(lambda m: m.reading())
         return PumpStatus(
-            state=s.state,
-            rate_ml_per_h=s.rate_ml_per_h,
-            delivered_ml=quantize_down(s.delivered_ml, self.resolution),
-            diameter_mm=s.diameter_mm,
-            alarms=s.alarms,
+            state=state,
+            rate_ml_per_h=rate,
+            delivered_ml=self._display(delivered),
+            diameter_mm=diameter,
+            alarms=alarms,
         )

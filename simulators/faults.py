@@ -285,6 +285,11 @@ class FaultPlan:
 
     def on_reply(self, reply: bytes) -> FaultAction:
         """Decide what happens to `reply` (call once per reply, before writing it)."""
+        with self._lock:
+            if not (self._scheduled or self._queue or self._drop_all or self._cut):
+                # Nothing planned (every poll of a healthy link): the reply goes out, only the count moves.
+                self._replies += 1
+                return FaultAction("send", reply)
         self._activate()
         sticky = False
         with self._lock:

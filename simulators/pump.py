@@ -19,6 +19,7 @@ longer blocks. Warnings (near-end, low battery) never stop the pump and never bl
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -58,6 +59,7 @@ _EXACT: Final = Context(prec=80)
 _REPORT: Final = Context(prec=34)
 # pi to 34 digits: plunger travel is informational geometry, never a setpoint, so a rounded pi is fine.
 _PI: Final = Decimal("3.141592653589793238462643383279503")
+_ONE_US: Final = timedelta(microseconds=1)
 
 
 class ModelError(DriverdError):
@@ -154,6 +156,14 @@ class PumpModel:
         self._lock = threading.RLock()
         self._origin = self._read_clock()
         self._t = Decimal(0)  # µs since origin up to which the model is advanced
+        # The last clock reading and its µs: a poll reads the model twice at one instant (contact, then status).
+        self._read_at: datetime | None = None
+        self._read_us = Decimal(0)
+        # No event (near end, end of syringe, dead-man) can fall before this µs; None: not known. A lower bound
+        # computed by the full check and forgotten by every command, so a poll between events only integrates.
+        self._quiet_until: int | float | None = None
+        self._area_for: Decimal | None = None  # the diameter `_area` was computed for (the same object)
+        self._area = Decimal(0)
         self._diameter = self._check_diameter(diameter_mm)
         self._fill = self._check_fill(fill_volume_ml)
         self._rate = Decimal(0)
@@ -188,10 +198,16 @@ class PumpModel:
         return t
 
     def _now_us(self) -> Decimal:
-        delta = self._read_clock() - self._origin
-        us = Decimal(delta // timedelta(microseconds=1))
+        t = self.clock.now()
+        if t is self._read_at:
+            us = self._read_us
+        else:
+            if t.tzinfo is None:
+                raise ValueError("clock.now() returned a naive datetime; clocks must be timezone-aware UTC")
+            us = Decimal((t - self._origin) // _ONE_US)
+            self._read_at, self._read_us = t, us
         # A wall clock stepped backwards must not un-infuse anything: time only moves forward here.
-        return max(us, self._t)
+        return us if us >= self._t else self._t
 
     def _at(self, us: Decimal) -> datetime:
         return self._origin + timedelta(microseconds=int(us))
@@ -223,6 +239,10 @@ class PumpModel:
     def _advance(self) -> None:
         """Bring the model to clock.now(), firing due events at their exact times, earliest first."""
         now = self._now_us()
+        quiet = self._quiet_until
+        if quiet is not None and now < quiet:
+            self._integrate_to(now)  # no event before `quiet`: what the loop below would do
+            return
         while True:
             due: list[tuple[Decimal, int, str]] = []
             if self._state_running and self._rate > 0:
@@ -236,8 +256,12 @@ class PumpModel:
                 due.append((self._t, 0, "near_end"))
             if self._deadman_armed and self._deadman_s > 0:
                 due.append((self._last_contact + self._deadman_s * 1_000_000, 2, "deadman"))
+            upcoming = due
             due = [d for d in due if d[0] <= now]
             if not due:
+                # A µs below the earliest event's time (computed at 80 digits): nothing can fire before it. The
+                # dead-man's time only moves later with host contact; every command forgets the bound.
+                self._quiet_until = int(min(upcoming)[0]) - 1 if upcoming else math.inf
                 break
             at, _, what = min(due)
             if what == "near_end":
@@ -264,12 +288,10 @@ class PumpModel:
     # ---- conditions -----
 
     def _remaining_rate_us(self) -> Decimal:
-        with localcontext(_EXACT):
-            return self._fill_rate_us() - self._used()
+        return _EXACT.subtract(self._fill_rate_us(), self._used())
 
     def _near_end_holds(self) -> bool:
-        with localcontext(_EXACT):
-            return self._remaining_rate_us() <= self.near_end_ml * _US_PER_H
+        return self._remaining_rate_us() <= _EXACT.multiply(self.near_end_ml, _US_PER_H)
 
     def _holds(self, kind: AlarmKind) -> bool:
         """Whether a latched alarm's physical condition still holds (then acknowledging cannot remove it)."""
@@ -318,16 +340,25 @@ class PumpModel:
             self._advance()
             return self._snapshot()
 
-    def _snapshot(self) -> ModelStatus:
+    def reading(self) -> tuple[PumpState, Decimal, Decimal, Decimal, frozenset[AlarmKind]]:
+        """What a status read carries: (state, rate mL/h, delivered mL, diameter mm, alarms), the same values as
+        `status()` without the model's extras (remaining, plunger travel, ...): the sim:// driver's poll."""
+        with self._lock:
+            self._advance()
+            return (self._state(), self._rate, self._ml(_EXACT.subtract(self._total, self._clear_mark)),
+                    self._diameter, frozenset(self._alarms))
+
+    def _state(self) -> PumpState:
         if self._state_running:
-            state = PumpState.INFUSING
-        elif self._blocking():
-            state = PumpState.ALARM
-        else:
-            state = PumpState.STOPPED
+            return PumpState.INFUSING
+        if self._blocking():
+            return PumpState.ALARM
+        return PumpState.STOPPED
+
+    def _snapshot(self) -> ModelStatus:
         delivered = _EXACT.subtract(self._total, self._clear_mark)
         return ModelStatus(
-            state=state,
+            state=self._state(),
             rate_ml_per_h=self._rate,
             delivered_ml=self._ml(delivered),
             remaining_ml=self._ml(self._remaining_rate_us()),
@@ -342,10 +373,13 @@ class PumpModel:
         )
 
     def _travel_mm(self) -> Decimal:
-        # volume [mm^3] / cross-section [mm^2]; 1 mL = 1000 mm^3
-        with localcontext(_REPORT):
-            area = _PI * self._diameter * self._diameter / 4
-            return self._ml(self._used()) * 1000 / area
+        # volume [mm^3] / cross-section [mm^2]; 1 mL = 1000 mm^3. The operations of `_PI * d * d / 4` and
+        # `ml * 1000 / area` under localcontext(_REPORT), as Context methods; the area once per diameter.
+        d = self._diameter
+        if d is not self._area_for:
+            self._area = _REPORT.divide(_REPORT.multiply(_REPORT.multiply(_PI, d), d), 4)
+            self._area_for = d
+        return _REPORT.divide(_REPORT.multiply(self._ml(self._used()), 1000), self._area)
 
     @property
     def deadman_setting_s(self) -> int:
@@ -369,6 +403,7 @@ class PumpModel:
     def set_diameter(self, mm: Decimal) -> None:
         with self._lock:
             self._advance()
+            self._quiet_until = None  # a command: the next read checks for events in full
             self._require_no_alarm("set_diameter")
             self._require_stopped("set_diameter")
             self._diameter = self._check_diameter(mm)
@@ -390,6 +425,7 @@ class PumpModel:
         """
         with self._lock:
             self._advance()
+            self._quiet_until = None  # a command: the next read checks for events in full
             self._require_no_alarm("set_rate")
             r = _require_decimal(ml_per_h, "rate_ml_per_h")
             if r < 0:
@@ -417,6 +453,7 @@ class PumpModel:
     def run(self) -> None:
         with self._lock:
             self._advance()
+            self._quiet_until = None  # a command: the next read checks for events in full
             self._require_no_alarm("run")
             if self._state_running:
                 return  # idempotent
@@ -431,6 +468,7 @@ class PumpModel:
         """Always allowed, idempotent (also in alarm)."""
         with self._lock:
             self._advance()
+            self._quiet_until = None  # a command: the next read checks for events in full
             if self._state_running:
                 self._state_running = False
                 self._record(self._t, "stop")
@@ -439,6 +477,7 @@ class PumpModel:
         """Acknowledge: latched flags whose condition no longer holds go; the rest stay, acknowledged."""
         with self._lock:
             self._advance()
+            self._quiet_until = None  # a command: the next read checks for events in full
             self._unacked.clear()
             self._alarms = {a for a in self._alarms if self._holds(a)}
 
@@ -447,6 +486,8 @@ class PumpModel:
         with self._lock:
             self._advance()
             if self._deadman_s > 0:
+                if not self._deadman_armed:
+                    self._quiet_until = None  # a dead-man time appears (moving it later keeps the bound valid)
                 self._deadman_armed = True
                 self._last_contact = self._t
 
@@ -454,6 +495,7 @@ class PumpModel:
         """0 disables. >0 sets the timeout; it is armed by the next host_contact (like New Era safe mode)."""
         with self._lock:
             self._advance()
+            self._quiet_until = None  # a command: the next read checks for events in full
             if isinstance(seconds, bool) or not isinstance(seconds, int):
                 raise ModelError("OOR", f"deadman_s: expected an int, got {type(seconds).__name__}")
             if not 0 <= seconds <= MAX_DEADMAN_S:
@@ -464,12 +506,14 @@ class PumpModel:
     def clear_delivered(self) -> None:
         with self._lock:
             self._advance()
+            self._quiet_until = None  # a command: the next read checks for events in full
             self._clear_mark = self._total
 
     def load_syringe(self, fill_volume_ml: Decimal, diameter_mm: Decimal | None = None) -> None:
         """A new, full syringe (the delivered counter is not reset: use clear_delivered)."""
         with self._lock:
             self._advance()
+            self._quiet_until = None  # a command: the next read checks for events in full
             self._require_no_alarm("load_syringe")
             self._require_stopped("load_syringe")
             fill = self._check_fill(fill_volume_ml)
@@ -485,6 +529,7 @@ class PumpModel:
         """Raise an alarm as the hardware would: stopping kinds stop the pump; warnings keep it infusing."""
         with self._lock:
             self._advance()
+            self._quiet_until = None  # a command: the next read checks for events in full
             if not isinstance(kind, AlarmKind):
                 raise ModelError("OOR", f"kind: expected an AlarmKind, got {kind!r}")
             if kind in WARNING_ALARMS:
@@ -498,6 +543,7 @@ class PumpModel:
         """Power lost and back: stopped, settings kept, POWER_INTERRUPTED latched, dead-man disarmed."""
         with self._lock:
             self._advance()
+            self._quiet_until = None  # a command: the next read checks for events in full
             self._state_running = False
             self._deadman_armed = False
             self._record(self._t, "power_cycle")
@@ -507,6 +553,7 @@ class PumpModel:
         """0..100; at or below 20 % the LOW_BATTERY warning is raised (the pump keeps infusing)."""
         with self._lock:
             self._advance()
+            self._quiet_until = None  # a command: the next read checks for events in full
             if isinstance(pct, bool) or not isinstance(pct, int) or not 0 <= pct <= 100:
                 raise ModelError("OOR", f"battery_pct: must be an int 0..100, got {pct!r}")
             self._battery = pct

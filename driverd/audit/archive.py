@@ -222,6 +222,9 @@ class _SegmentInfo:
     courses: set[tuple[str, str]] = field(default_factory=set)  # (pump, course) with records here
     # The first state snapshot, if only the writer's own records come before it and a checkpoint after it.
     opening_snapshot: dict[str, Any] | None = None
+    # It opens with a state delta instead: never a cut (the live log must start from a full snapshot), and not a
+    # reason worth reporting either (most segments open so).
+    opening_delta: bool = False
 
 
 def _scan(number: int, path: Path) -> _SegmentInfo:
@@ -241,6 +244,7 @@ def _scan(number: int, path: Path) -> _SegmentInfo:
             info.opening_snapshot = snapshot
         if event == "state_snapshot" and not course_data:
             snapshot = rec
+        info.opening_delta = info.opening_delta or (event == "state_delta" and not course_data)
         if event not in _WRITER_RECORDS:
             course_data = True
         pump, course = rec.get("pump_id"), rec.get("course_id")
@@ -295,9 +299,9 @@ def plan(closed: list[_SegmentInfo], before: datetime) -> Plan:
         courses |= seg.courses
         nxt = live[i + 1]
         if nxt.opening_snapshot is None:
-            reason = reason or ArchiveRefused(
+            reason = reason or (None if nxt.opening_delta else ArchiveRefused(
                 "no_snapshot", f"segment {nxt.number} does not open with a sealed state snapshot, so the live log "
-                               f"could not start there")
+                               f"could not start there"))
             continue
         active = _active_course(nxt.opening_snapshot, courses)
         if active is not None:
@@ -307,8 +311,9 @@ def plan(closed: list[_SegmentInfo], before: datetime) -> Plan:
             continue
         best = Plan(live[0].number, nxt.number, live[: i + 1], nxt.opening_snapshot)
     if best is None:
-        assert reason is not None
-        raise reason
+        raise reason or ArchiveRefused("no_snapshot", "no closed segment after the oldest opens with a sealed full "
+                                                      "state snapshot (only deltas), so the live log could not start "
+                                                      "there")
     return best
 
 

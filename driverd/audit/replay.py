@@ -19,7 +19,9 @@ course carry over); the summary is reported per (pump, course). The drug library
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import gc
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -176,18 +178,26 @@ class Replayer:
         self._accepted: dict[str, dict[str, Any]] = {}  # schedule digest -> its schedule_accepted record
         self._pumps: dict[str, _Pump] = {}
         self._summary = ReportBuilder()
-        # History rows encoded for the last snapshot checked (id -> (sample, row)): the next one reuses them.
-        self._rows: dict[int, tuple[Any, list[str]]] = {}
-        self._rows_next: dict[int, tuple[Any, list[str]]] = {}
+        # History rows encoded for the last snapshot checked (History.encoded): the next one reuses them.
+        self._rows: dict[int, Any] = {}
+        self._rows_next: dict[int, Any] = {}
         self.result = ReplayResult(report=self._summary.report)
         self._suffix: bool | None = None  # the first record added was not seq 1 (None: nothing added yet)
         self._course_data = False  # a record other than the writer's own has been added (or seed() was called)
+        # The last snapshot or delta, for checking the next delta (audit/snapshot.py, SnapshotChain).
+        from driverd.audit.snapshot import SnapshotChain
+
+        self._chain = SnapshotChain()
+        self._segment = 0  # the segment being read (from its segment_start)
+        self._follow = False  # the next record's prev is the line hash of the last snapshot or delta
 
     def add(self, rec: dict[str, Any]) -> None:
         self._summary.add(rec)
         event = rec.get("event")
         if self._suffix is None:
             self._suffix = rec.get("seq") != 1
+        if self._follow or event == "segment_start":
+            self._see(rec)
         if event == "state_snapshot" and self._suffix and not self._course_data:
             # A log that begins after seq 1 with a state snapshot (after `audit archive`, the live log starts
             # so): replay carries on from it, as start-up does. In a whole log every snapshot is checked instead.
@@ -203,6 +213,10 @@ class Replayer:
             return
         if event == "state_snapshot":
             self._check_snapshot(rec)
+            self._mark_chain(rec)
+            return
+        if event == "state_delta":
+            self._check_delta(rec)
             return
         self._ledger.add(rec)
         if event == "schedule_accepted" and isinstance(rec.get("schedule"), dict):
@@ -245,6 +259,12 @@ class Replayer:
         for acc in snap.schedules:
             if isinstance(acc.get("schedule"), dict):
                 self._accepted[str(acc["schedule"].get("digest"))] = acc
+        states, versions, ledger = dict(snap.states), dict(snap.versions), snap.ledger.to_fields()
+        schedules = list(snap.schedules)
+        self._chain.mark(lambda: self._chain.encode(states, versions, snap.library, ledger, schedules),
+                         {"seq": snap.seq, "segment": snap.segment or self._segment,
+                          "line_sha256": snap.line_sha256}, full=True)
+        self._follow = snap.line_sha256 is None
 
     def _check_snapshot(self, rec: dict[str, Any]) -> None:
         """A snapshot must hold exactly the states replay has computed up to it, and the library in force.
@@ -295,18 +315,66 @@ class Replayer:
                 self._diverge(rec, pump_id, None, "snapshot", None, None,
                               f"state snapshot differs from the replayed state of pump {pump_id}")
 
+    # ------------------------------------------------------------------------------------------ deltas
+
+    def _see(self, rec: dict[str, Any]) -> None:
+        if self._follow:
+            self._follow = False
+            if self._chain.parent is not None and isinstance(rec.get("prev"), str):
+                self._chain.parent["line_sha256"] = rec["prev"]
+        if rec.get("event") == "segment_start" and isinstance(rec.get("segment"), int):
+            self._segment = rec["segment"]
+
+    def _chain_view(self, pumps: Iterable[str]) -> Any:
+        from driverd.audit.snapshot import schedules_in
+
+        states = {q: (self._pumps[q].state if q in self._pumps else self._initial_state(q)) for q in pumps}
+        return states, dict(self._versions), self._library_text, self._ledger.to_fields(), \
+            schedules_in(states, self._accepted)
+
+    def _mark_chain(self, rec: dict[str, Any]) -> None:
+        """The snapshot just checked is the parent of the next delta: replay's own view of it (the same pumps),
+        encoded only if a delta comes."""
+        raw = rec["states"] if isinstance(rec.get("states"), dict) else {}
+        view = self._chain_view(sorted(set(raw) | set(self._pumps)))
+        seq = rec["seq"] if isinstance(rec.get("seq"), int) else 0
+        self._chain.mark(lambda: self._chain.encode(*view), {"seq": seq, "segment": self._segment,
+                                                             "line_sha256": None}, full=True)
+        self._follow = True
+
+    def _check_delta(self, rec: dict[str, Any]) -> None:
+        """A delta must be exactly the record the daemon writes from replay's states against the previous snapshot
+        or delta (the same code: SnapshotChain). Judged like a snapshot (divergence kind `snapshot`)."""
+        from driverd.audit.snapshot import apply_delta, delta_body, full_fields
+
+        prev = self._chain.last()
+        cur = self._chain.encode(*self._chain_view(sorted(set(prev.states if prev else ()) | set(self._pumps))))
+        expected = self._chain.delta_fields(cur)
+        found = delta_body(rec)
+        if expected is None:
+            self._diverge(rec, "", None, "snapshot", None, None,
+                          "state delta without a state snapshot before it (replay the log from a full snapshot)")
+        elif found != expected:
+            assert prev is not None
+            try:
+                apply_delta(full_fields(prev), rec)
+            except DriverdError as exc:
+                self._diverge(rec, "", None, "snapshot", None, None, f"state delta does not parse: {exc}")
+            else:
+                self._diverge(rec, _delta_culprit(found, expected), None, "snapshot", None, None,
+                              f"state delta differs from the replayed states ({_delta_where(found, expected)})")
+        seq = rec["seq"] if isinstance(rec.get("seq"), int) else 0
+        self._chain.mark(cur, {"seq": seq, "segment": self._segment, "line_sha256": None}, full=False)
+        self._follow = True
+
     def _encode_state(self, state: Any) -> Any:
+        """state_to_fields(state), with each history sample's row encoded once for all the snapshots that hold it
+        (`History.encoded`: the history is a view of an append-only buffer)."""
         from driverd.core.state_records import sample_row, state_to_fields
 
-        rows, kept = self._rows, self._rows_next
-
-        def row(sample: Any) -> list[str]:
-            hit = rows.get(id(sample))
-            out = hit[1] if hit is not None and hit[0] is sample else sample_row(sample)
-            kept[id(sample)] = (sample, out)  # the sample is held, so its id is not reused while cached
-            return out
-
-        return state_to_fields(state, row)
+        fields = state_to_fields(state, _no_row)
+        fields["samples"] = state.samples.encoded(sample_row, self._rows, self._rows_next)
+        return fields
 
     def states(self) -> dict[str, Any]:
         """Each pump's course state after everything added so far (crash recovery starts from these)."""
@@ -342,7 +410,8 @@ class Replayer:
         p = self._pumps.get(pump_id)
         if p is None:
             p = self._pumps[pump_id] = _Pump(self._initial_state(pump_id))
-        self._flush_missing(pump_id, p)
+        if p.expected:
+            self._flush_missing(pump_id, p)
         p.input_seq = rec["seq"]
         p.course_id = rec.get("course_id")
         self.result.inputs += 1
@@ -355,7 +424,8 @@ class Replayer:
         except DriverdError as exc:
             self._diverge(rec, pump_id, p.course_id, "input", None, _fields(rec), f"cannot fold this input: {exc}")
             return
-        p.expected = [(name, _canon(fields)) for name, fields in map(self._command_to_record, cmds)]
+        if cmds:  # most inputs (a quiet pump report) decide nothing: p.expected is already empty
+            p.expected = [(name, _canon(fields)) for name, fields in map(self._command_to_record, cmds)]
 
     def _output(self, pump_id: str, rec: dict[str, Any]) -> None:
         p = self._pumps.get(pump_id)
@@ -402,6 +472,13 @@ class Replayer:
         self.result.divergences.append(Divergence(rec["seq"], pump_id, course, kind, expected, found, detail))
 
 
+_NO_ROW: list[str] = []
+
+
+def _no_row(sample: Any) -> list[str]:
+    return _NO_ROW
+
+
 def _fields(rec: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in rec.items() if k not in ENVELOPE}
 
@@ -415,10 +492,44 @@ def _canon(fields: dict[str, Any]) -> dict[str, Any]:
 
 def replay_records(records: Iterable[dict[str, Any]], replayer: Replayer | None = None) -> ReplayResult:
     r = replayer or Replayer()
-    for rec in records:
-        r.add(rec)
+    with _collector_paused():
+        for rec in records:
+            r.add(rec)
     return r.finish()
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """The cyclic garbage collector off while replay folds (and on again after, as it was). Replay allocates
+    several tracked objects per record (records, states, samples, history views) and makes no cycles (a whole
+    replay of the 7-pump bench log leaves 0 objects for gc.collect()); the collector's passes over the growing
+    young generations cost up to a fifth of replay's CPU (bench/README.md, section 13). Reference counting frees
+    everything as before."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def replay_lines(lines: Iterable[Line], replayer: Replayer | None = None) -> ReplayResult:
     return replay_records((line.record for line in lines), replayer)
+
+
+def _delta_where(found: dict[str, Any], expected: dict[str, Any]) -> str:
+    keys = sorted(k for k in set(found) | set(expected) if found.get(k) != expected.get(k))
+    pumps = found.get("pumps"), expected.get("pumps")
+    if keys == ["pumps"] and all(isinstance(x, dict) for x in pumps):
+        return f"pump {_delta_culprit(found, expected)}"
+    return ", ".join(keys)
+
+
+def _delta_culprit(found: dict[str, Any], expected: dict[str, Any]) -> str:
+    a, b = found.get("pumps"), expected.get("pumps")
+    if isinstance(a, dict) and isinstance(b, dict):
+        for pump in sorted(set(a) | set(b)):
+            if a.get(pump) != b.get(pump):
+                return str(pump)
+    return ""

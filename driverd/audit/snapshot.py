@@ -5,26 +5,44 @@ log up to it gives (`core/state_records.py`, exact), the highest schedule versio
 library in force (its text: replay needs it), and the exposure ledger's builder state. The writer follows it
 with a checkpoint (reason `snapshot`), whose signature seals it like every record before it.
 
-Start-up (`runtime/recovery.py`) takes the newest snapshot sealed by a checkpoint, verifies the log from the
-snapshot's segment on, and replays only the records after it. `driverd audit replay` (and `audit verify --full`)
-replays from the start and checks every snapshot against the states it has computed there.
+A `state_delta` record (format 1 of its own; written between full snapshots, every DELTA_RECORDS records or
+DELTA_EVERY, see runtime/daemon.py) holds only what changed since the previous snapshot or delta, its `parent`:
+per pump, the encoded fields that differ and the history rows added (and how many old rows the 24-h window
+dropped), plus the versions, and the library, ledger and schedules when they changed. The parent is named by its
+seq, its segment and the SHA-256 of its exact line (the next record's `prev`), so a delta sealed by a checkpoint
+also seals its ancestors: start-up rebuilds the state from the full snapshot at the root of the chain and the
+deltas after it, checking each ancestor line's hash, without reading or verifying the records in between.
+
+Start-up (`runtime/recovery.py`) takes the newest snapshot or delta sealed by a checkpoint (one whose chain does
+not resolve is passed over for the one before it), verifies the log from its segment on, and replays only the
+records after it. `driverd audit replay` (and `audit verify --full`) replays from the start and checks every
+snapshot and every delta against the states it has computed there (a delta must be exactly the one the daemon
+would write from replay's states: `SnapshotChain`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import hashlib
+from bisect import bisect_left
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from driverd.audit.canonical import loads_line
 from driverd.audit.exposure import LedgerBuilder
-from driverd.audit.reader import iter_records
-from driverd.audit.segments import list_segments
-from driverd.core.errors import Problem, ValidationError
+from driverd.audit.reader import bounded_lines
+from driverd.audit.segments import list_segments, segment_name
+from driverd.core.errors import AuditError, DriverdError, Problem, ValidationError
 from driverd.core.state import CourseState
-from driverd.core.state_records import STATE_FORMAT, state_from_fields, state_to_fields
+from driverd.core.state_records import STATE_FORMAT, sample_row, state_from_fields, state_to_fields
 
 SNAPSHOT_EVENT = "state_snapshot"
+DELTA_EVENT = "state_delta"
+#: Version of the delta record (a reader refuses versions it does not know). Full snapshots keep STATE_FORMAT.
+DELTA_FORMAT = 1
+#: A parent is among the first lines of its segment (a snapshot or delta opens its segment: writer.rotate).
+PARENT_WITHIN_LINES = 16
 
 
 @dataclass
@@ -36,6 +54,8 @@ class Snapshot:
     library: str | None
     ledger: LedgerBuilder
     schedules: list[dict[str, Any]]  # the schedule_accepted records (pump_id, schedule, document) of its states
+    line: int = 0  # its line in its segment (start-up skips the lines up to it without parsing them)
+    line_sha256: str | None = None  # SHA-256 of its line (a delta after it names it so)
 
 
 def snapshot_fields(states: Mapping[str, CourseState], versions: Mapping[str, int], library: str | None,
@@ -46,6 +66,13 @@ def snapshot_fields(states: Mapping[str, CourseState], versions: Mapping[str, in
     return {"format": STATE_FORMAT, "states": {p: state_to_fields(s) for p, s in sorted(states.items())},
             "versions": dict(sorted(versions.items())), "library": library, "ledger": ledger.to_fields(),
             "schedules": schedules_in(states, accepted)}
+
+
+def full_fields(enc: Encoded) -> dict[str, Any]:
+    """`snapshot_fields` of what `SnapshotChain.encode` encoded (the same fields)."""
+    return {"format": STATE_FORMAT,
+            "states": {p: {**f, "samples": [sample_row(x) for x in enc.samples[p]]} for p, f in enc.states.items()},
+            "versions": enc.versions, "library": enc.library, "ledger": enc.ledger, "schedules": enc.schedules}
 
 
 def schedules_in(states: Mapping[str, CourseState], accepted: Mapping[str, Mapping[str, Any]]) -> list[Any]:
@@ -80,41 +107,275 @@ def read_snapshot(rec: Mapping[str, Any], segment: int = 0, *, decode_states: bo
                     dict(versions), library, LedgerBuilder.from_fields(rec.get("ledger")), list(schedules))
 
 
-def _records(path: Path) -> Iterator[dict[str, Any]]:
-    yield from iter_records(path)
+# ------------------------------------------------------------------------------------------ deltas
+
+
+@dataclass
+class Encoded:
+    """What a snapshot holds, its state fields encoded as the log holds them (the history as the samples
+    themselves: encoded only when written, so the daemon keeps no second copy of every pump's history)."""
+
+    states: dict[str, dict[str, Any]]  # pump -> state fields without "samples"
+    samples: dict[str, list[Any]]  # pump -> the history samples (the states' own objects)
+    versions: dict[str, int]
+    library: str | None
+    ledger: dict[str, Any]
+    schedules: list[Any]
+
+
+def _no_row(_sample: Any) -> list[str]:
+    return []
+
+
+class SnapshotChain:
+    """The last snapshot or delta written (by the daemon) or checked (by replay), and the next delta against it.
+
+    The daemon and replay share this code, so replay checks a delta by computing the very record the daemon
+    would have written from replay's own states and comparing the two. A history shares its samples with the
+    histories it grew from, so the rows a delta adds are found by identity and only they are encoded."""
+
+    def __init__(self) -> None:
+        self._last: Encoded | Callable[[], Encoded] | None = None
+        self.parent: dict[str, Any] | None = None  # {"seq", "segment", "line_sha256"} of the last one
+        self.since: int = 0  # deltas since the last full snapshot
+
+    def encode(self, states: Mapping[str, CourseState], versions: Mapping[str, int], library: str | None,
+               ledger: dict[str, Any], schedules: list[Any]) -> Encoded:
+        enc = Encoded({}, {}, dict(sorted(versions.items())), library, ledger, schedules)
+        for pump, state in sorted(states.items()):
+            fields = state_to_fields(state, _no_row)
+            del fields["samples"]
+            enc.states[pump] = fields
+            enc.samples[pump] = list(state.samples)
+        return enc
+
+    def last(self) -> Encoded | None:
+        if callable(self._last):
+            self._last = self._last()
+        return self._last
+
+    def mark(self, last: Encoded | Callable[[], Encoded], parent: dict[str, Any], *, full: bool) -> None:
+        """`last` was written (or checked) as the record `parent` names; a callable is encoded when a delta needs
+        it (replay meets many full snapshots and may meet no delta)."""
+        self._last, self.parent = last, parent
+        self.since = 0 if full else self.since + 1
+
+    def delta_fields(self, cur: Encoded) -> dict[str, Any] | None:
+        """The `state_delta` fields taking the last snapshot to `cur`, or None when there is no last one."""
+        prev = self.last()
+        if prev is None or self.parent is None or self.parent.get("line_sha256") is None:
+            return None
+        pumps: dict[str, Any] = {}
+        for pump, fields in cur.states.items():
+            old = prev.states.get(pump)
+            if old is None:
+                pumps[pump] = {"state": {**fields, "samples": [sample_row(x) for x in cur.samples[pump]]}}
+                continue
+            patch: dict[str, Any] = {"fields": {k: v for k, v in fields.items() if old.get(k) != v}}
+            history = _history_patch(prev.samples[pump], cur.samples[pump])
+            if patch["fields"] or history != {"drop": 0, "add": []}:
+                pumps[pump] = {**patch, **history}
+        out: dict[str, Any] = {"format": DELTA_FORMAT, "parent": dict(self.parent), "pumps": pumps,
+                               "gone": sorted(set(prev.states) - set(cur.states)), "versions": cur.versions}
+        if cur.library != prev.library:
+            out["library"] = cur.library
+        if cur.ledger != prev.ledger:
+            out["ledger"] = cur.ledger
+        if cur.schedules != prev.schedules:
+            out["schedules"] = cur.schedules
+        return out
+
+
+def _history_patch(old: list[Any], new: list[Any]) -> dict[str, Any]:
+    """{"drop": k, "add": rows} when `new` is `old` less its first k samples plus those of `rows` (the 24-h window
+    slid and grew), else {"samples": rows of new} (the history was restarted: a new course). Samples are compared
+    by identity, else by their rows (exact: a Decimal's exponent counts)."""
+    if not new:
+        return {"drop": len(old), "add": []}
+    k = bisect_left([x.at for x in old], new[0].at)  # times strictly increase: the only possible overlap
+    kept = len(old) - k
+    if kept <= len(new) and all(a is b or sample_row(a) == sample_row(b) for a, b in zip(old[k:], new, strict=False)):
+        return {"drop": k, "add": [sample_row(x) for x in new[kept:]]}
+    return {"samples": [sample_row(x) for x in new]}
+
+
+def _bad(path: str, rule: str, detail: str) -> ValidationError:
+    return ValidationError([Problem(path, rule, detail)])
+
+
+def parent_ref(rec: Mapping[str, Any]) -> dict[str, Any]:
+    """A delta's `parent` field, checked: {"seq": int, "segment": int, "line_sha256": 64 hex}."""
+    ref = rec.get("parent")
+    if not isinstance(ref, dict) or set(ref) != {"seq", "segment", "line_sha256"}:
+        raise _bad("parent", "type", "expected an object with seq, segment and line_sha256")
+    for key in ("seq", "segment"):
+        if isinstance(ref[key], bool) or not isinstance(ref[key], int) or ref[key] < 1:
+            raise _bad(f"parent.{key}", "type", "expected a positive integer")
+    h = ref["line_sha256"]
+    if not isinstance(h, str) or len(h) != 64 or h.strip("0123456789abcdef"):
+        raise _bad("parent.line_sha256", "type", "expected 64 lowercase hex digits")
+    return ref
+
+
+_DELTA_KEYS = frozenset({"format", "parent", "pumps", "gone", "versions", "library", "ledger", "schedules"})
+
+
+def apply_delta(base: dict[str, Any], rec: Mapping[str, Any]) -> dict[str, Any]:
+    """The snapshot fields (`states` with rows, `versions`, `library`, `ledger`, `schedules`) after `rec`, a
+    `state_delta`, from `base`, those of its parent (not modified). Raises ValidationError naming the field and
+    the rule; the states themselves are checked when the result is read (`read_snapshot`)."""
+    if rec.get("format") != DELTA_FORMAT:
+        raise _bad("format", "version", f"unknown state delta format {rec.get('format')!r}")
+    unknown = sorted(k for k in rec if k not in _DELTA_KEYS and k not in _ENVELOPE)
+    if unknown:
+        raise _bad(unknown[0], "unknown", "not a field of a state delta")
+    pumps, gone = rec.get("pumps"), rec.get("gone")
+    if not isinstance(pumps, dict):
+        raise _bad("pumps", "type", "expected an object")
+    if not isinstance(gone, list) or not all(isinstance(g, str) for g in gone):
+        raise _bad("gone", "type", "expected a list of pump ids")
+    states: dict[str, Any] = dict(base["states"])
+    for pump in gone:
+        if states.pop(pump, None) is None:
+            raise _bad(f"gone.{pump}", "unknown", "no such pump in the parent")
+    for pump, patch in pumps.items():
+        states[pump] = _apply_patch(states.get(pump), patch, f"pumps.{pump}")
+    out = {"states": states, "versions": rec.get("versions"), "library": base.get("library"),
+           "ledger": base.get("ledger"), "schedules": base.get("schedules")}
+    for key in ("library", "ledger", "schedules"):
+        if key in rec:
+            out[key] = rec[key]
+    return out
+
+
+def _apply_patch(old: Any, patch: Any, path: str) -> dict[str, Any]:
+    if not isinstance(patch, dict):
+        raise _bad(path, "type", "expected an object")
+    if set(patch) == {"state"}:
+        if not isinstance(patch["state"], dict):
+            raise _bad(f"{path}.state", "type", "expected an object")
+        return patch["state"]
+    if set(patch) not in ({"fields", "drop", "add"}, {"fields", "samples"}):
+        raise _bad(path, "type", "expected {state} or {fields, drop, add} or {fields, samples}")
+    if not isinstance(old, dict) or not isinstance(old.get("samples"), list):
+        raise _bad(path, "unknown", "a patch for a pump the parent does not hold")
+    fields = patch["fields"]
+    if not isinstance(fields, dict) or "samples" in fields or not set(fields) <= set(old):
+        raise _bad(f"{path}.fields", "type", "expected an object of the state's fields")
+    out = {**old, **fields}
+    if "samples" in patch:
+        if not isinstance(patch["samples"], list):
+            raise _bad(f"{path}.samples", "type", "expected a list")
+        out["samples"] = patch["samples"]
+        return out
+    drop, add, rows = patch["drop"], patch["add"], old["samples"]
+    if isinstance(drop, bool) or not isinstance(drop, int) or not 0 <= drop <= len(rows):
+        raise _bad(f"{path}.drop", "range", f"expected an integer from 0 to {len(rows)}")
+    if not isinstance(add, list):
+        raise _bad(f"{path}.add", "type", "expected a list")
+    out["samples"] = rows[drop:] + add
+    return out
+
+
+_ENVELOPE = frozenset({"seq", "ts", "event", "pump_id", "course_id", "prev", "hash"})
+
+
+def delta_body(rec: Mapping[str, Any]) -> dict[str, Any]:
+    """A delta record less its envelope: what `SnapshotChain.delta_fields` gives."""
+    return {k: v for k, v in rec.items() if k not in _ENVELOPE}
+
+
+# ------------------------------------------------------------------------------------------ finding them
+
+
+class ChainBroken(Exception):
+    """A delta's ancestors cannot be read back exactly (start-up then takes an older snapshot)."""
+
+
+def _candidates(path: Path) -> tuple[list[tuple[int, int, bytes]], int | None]:
+    """(snapshot and delta lines of a segment as (seq, line number, line), the last checkpoint's seq). Only lines
+    whose bytes name those events are parsed (canonical JSON: `"event":"..."` appears as such at the top level;
+    a nested one is told apart by parsing). Integrity is verify's job."""
+    found: list[tuple[int, int, bytes]] = []
+    checkpoint: int | None = None
+    try:
+        with path.open("rb") as f:
+            for n, raw in enumerate(bounded_lines(f), start=1):
+                is_cp = b'"event":"checkpoint"' in raw
+                if not is_cp and b'"event":"state_' not in raw:
+                    continue
+                try:
+                    rec = loads_line(raw.rstrip(b"\n"))
+                except ValueError:
+                    continue  # a torn last line: not sealed; damage elsewhere: verify refuses it
+                seq = rec.get("seq")
+                if not isinstance(seq, int):
+                    continue
+                if rec.get("event") == "checkpoint":
+                    checkpoint = seq
+                elif rec.get("event") in (SNAPSHOT_EVENT, DELTA_EVENT):
+                    found.append((seq, n, raw.rstrip(b"\n")))
+    except (OSError, ValueError):  # LineTooLong is a ValueError: verify reports it
+        pass
+    return found, checkpoint
 
 
 def newest_snapshot(audit_dir: Path) -> Snapshot | None:
-    """The newest snapshot sealed by a later checkpoint, reading segments from the newest back (so only the
-    segments after it and its own are read). Integrity is not checked here: verify from its segment on."""
-    segments = list_segments(audit_dir)
+    """The newest snapshot or delta sealed by a later checkpoint, as a Snapshot (a delta rebuilt from its chain),
+    reading segments from the newest back (so only the segments after it and its own are read). A delta whose
+    chain does not resolve (an ancestor missing or not the line its child names) is passed over for an older
+    one. Integrity is not checked here: verify from its segment on."""
     sealed_after: int | None = None  # seq of the newest checkpoint seen in the segments read so far
-    for number, path in reversed(segments):
-        found: dict[str, Any] | None = None
-        last_checkpoint: int | None = None
-        for rec in _records(path):
-            event = rec.get("event")
-            if event == SNAPSHOT_EVENT:
-                found = rec
-            elif event == "checkpoint" and isinstance(rec.get("seq"), int):
-                last_checkpoint = rec["seq"]
-        sealed_after = last_checkpoint if last_checkpoint is not None else sealed_after
-        if found is not None and sealed_after is not None and sealed_after > found["seq"]:
-            return read_snapshot(found, number)
-        if found is not None:
-            # The newest snapshot is not sealed yet (a crash between it and its checkpoint): an older one, in
-            # this segment or before, is sealed by this segment's checkpoints.
-            older = _sealed_in(path, sealed_after)
-            if older is not None:
-                return read_snapshot(older, number)
+    for number, path in reversed(list_segments(audit_dir)):
+        found, checkpoint = _candidates(path)
+        sealed_after = checkpoint if checkpoint is not None else sealed_after
+        for seq, lineno, raw in reversed(found):
+            if sealed_after is None or sealed_after <= seq:
+                continue  # written just before a crash, without its checkpoint
+            try:
+                rec = loads_line(raw)
+                if rec.get("event") == SNAPSHOT_EVENT:
+                    snap = read_snapshot(rec, number)
+                else:
+                    snap = read_snapshot({**resolve_delta(audit_dir, rec), "seq": seq}, number)
+            except (ChainBroken, DriverdError, ValueError):
+                continue
+            snap.line = lineno
+            snap.line_sha256 = hashlib.sha256(raw).hexdigest()
+            return snap
     return None
 
 
-def _sealed_in(path: Path, sealed_after: int | None) -> dict[str, Any] | None:
-    if sealed_after is None:
-        return None
-    best: dict[str, Any] | None = None
-    for rec in _records(path):
-        if rec.get("event") == SNAPSHOT_EVENT and rec["seq"] < sealed_after:
-            best = rec
-    return best
+def resolve_delta(audit_dir: Path, rec: Mapping[str, Any]) -> dict[str, Any]:
+    """The snapshot fields a delta stands for: its ancestors read back by their segment and line hash, up to a
+    full snapshot, and the deltas applied in order. Raises ChainBroken, or ValidationError for a malformed one."""
+    chain: list[Mapping[str, Any]] = [rec]
+    while chain[-1].get("event") == DELTA_EVENT:
+        if len(chain) > 100_000:
+            raise ChainBroken("delta chain too long")
+        chain.append(_read_parent(audit_dir, parent_ref(chain[-1])))
+    root = chain.pop()
+    if root.get("format") != STATE_FORMAT or not isinstance(root.get("states"), dict):
+        raise _bad("format", "version", f"unknown snapshot format {root.get('format')!r}")
+    fields = {k: root.get(k) for k in ("states", "versions", "library", "ledger", "schedules")}
+    for delta in reversed(chain):
+        fields = apply_delta(fields, delta)
+    return {"format": STATE_FORMAT, **fields}
+
+
+def _read_parent(audit_dir: Path, ref: dict[str, Any]) -> dict[str, Any]:
+    path = audit_dir / segment_name(ref["segment"])
+    try:
+        with path.open("rb") as f:
+            for n, raw in enumerate(bounded_lines(f)):
+                if n >= PARENT_WITHIN_LINES:
+                    break
+                line = raw.rstrip(b"\n")
+                if hashlib.sha256(line).hexdigest() == ref["line_sha256"]:
+                    rec = loads_line(line)
+                    if rec.get("seq") != ref["seq"] or rec.get("event") not in (SNAPSHOT_EVENT, DELTA_EVENT):
+                        raise ChainBroken(f"the line of seq {ref['seq']} holds another record")
+                    return rec
+    except (OSError, ValueError, AuditError) as exc:
+        raise ChainBroken(f"segment {ref['segment']}: {exc}") from None
+    raise ChainBroken(f"seq {ref['seq']} not found at the start of segment {ref['segment']}")

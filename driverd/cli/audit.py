@@ -127,8 +127,8 @@ def verify(
                 typer.echo(f"FAILED: {schedules['failure']}")
         if replayed is not None:
             if replayed["ok"]:
-                typer.echo(f"  full: {replayed['snapshots']} state snapshot(s) and {replayed['outputs']} decision(s) "
-                           "equal what replay computes")
+                typer.echo(f"  full: {replayed['snapshots']} state snapshot(s), {replayed['deltas']} state "
+                           f"delta(s) and {replayed['outputs']} decision(s) equal what replay computes")
             else:
                 typer.echo(f"FAILED (full): {replayed['failure']}")
     if not ok:
@@ -164,8 +164,9 @@ def _verify_all(log: Path, public: Any, require_sealed: bool, store: Any, trust:
             typer.echo(f"  schedules: {schedules['checked']} accepted schedule(s), each signed by a key in {trust}"
                        if schedules["ok"] else f"FAILED: {schedules['failure']}")
         if replayed is not None:
-            typer.echo(f"  full: {replayed['snapshots']} state snapshot(s) and {replayed['outputs']} decision(s) "
-                       "equal what replay computes" if replayed["ok"] else f"FAILED (full): {replayed['failure']}")
+            typer.echo(f"  full: {replayed['snapshots']} state snapshot(s), {replayed['deltas']} state delta(s) and "
+                       f"{replayed['outputs']} decision(s) equal what replay computes"
+                       if replayed["ok"] else f"FAILED (full): {replayed['failure']}")
     if not ok:
         raise typer.Exit(EXIT_REFUSED)
 
@@ -175,7 +176,7 @@ def _full_replay(log: Path, archive: list[Path] | None = None) -> dict[str, Any]
     --archive, from the first archived record through the live log."""
     from driverd.audit.reader import iter_records
     from driverd.audit.replay import Replayer
-    from driverd.audit.snapshot import SNAPSHOT_EVENT
+    from driverd.audit.snapshot import DELTA_EVENT, SNAPSHOT_EVENT
 
     records = iter_records(log)
     if archive:
@@ -183,13 +184,14 @@ def _full_replay(log: Path, archive: list[Path] | None = None) -> dict[str, Any]
 
         records = (rec for _, seg in whole_chain(log, list(archive)) for rec in iter_records(seg))
     replayer = Replayer()
-    snapshots = 0
+    snapshots = deltas = 0
     for rec in records:
         snapshots += rec.get("event") == SNAPSHOT_EVENT
+        deltas += rec.get("event") == DELTA_EVENT
         replayer.add(rec)
     result = replayer.finish()
     first = result.divergences[0] if result.divergences else None
-    return {"ok": first is None, "snapshots": snapshots, "outputs": result.outputs_checked,
+    return {"ok": first is None, "snapshots": snapshots, "deltas": deltas, "outputs": result.outputs_checked,
             "divergences": len(result.divergences),
             "failure": None if first is None else f"seq {first.seq} ({first.kind}): {first.detail}"}
 

@@ -219,13 +219,43 @@ def max_window_mg(state: CourseState, rate: Decimal, now: datetime) -> Decimal:
 
         ends = {now, now + WINDOW}
         ends.update(s.at + WINDOW for s in samples if now - WINDOW < s.at <= now)
+        at_sample = _cumulative_at_samples(state, now - WINDOW, now)
         best = Decimal(0)
         for end in ends:
             start = end - WINDOW
-            past = cum_now - cum_at(start) if start < now else Decimal(0)
+            if start < now:
+                known = at_sample.get(start)
+                past = cum_now - (known if known is not None else cum_at(start))
+            else:
+                past = Decimal(0)
             future = rate * _hours(end - max(now, start))
             best = max(best, past + future)
         return best
+
+
+def _cumulative_at_samples(state: CourseState, after: datetime, until: datetime) -> dict[datetime, Decimal]:
+    """cumulative_drug(state, s.at) for every kept sample s with after < s.at <= until, in one pass: the same
+    values `_cumulative` gives (the same `_between` on the same bracket), without a bisect per sample. At a
+    kept sample's time `bracket` gives (None, first) for the first, else (s, the next sample or the newest report).
+    The newest report's own time is left to `_cumulative` (it answers with the report's value)."""
+    last = state.last_sample
+    out: dict[datetime, Decimal] = {}
+    if last is None:
+        return out
+    samples = state.samples
+    n = len(samples)
+    first = samples.index_after(after)
+    for i in range(first, n):
+        s = samples[i]
+        if s.at > until:
+            break
+        if s.at >= last.at:
+            continue
+        if i == 0:
+            out[s.at] = s.delivered_mg
+        else:
+            out[s.at] = _between(s, samples[i + 1] if i + 1 < n else last, s.at, True)
+    return out
 
 
 def window_volume(state: CourseState, start: datetime, end: datetime) -> Decimal:
@@ -317,6 +347,11 @@ def span_minutes(minutes: Decimal) -> timedelta:
 def hours_between(a: datetime, b: datetime) -> Decimal:
     """Exact hours from a to b (microsecond resolution, no float)."""
     return _hours(b - a)
+
+
+def hours_in(delta: timedelta) -> Decimal:
+    """Exact hours in `delta`: what hours_between(a, a + delta) gives for any a."""
+    return _hours(delta)
 
 
 _MICROS_PER_HOUR = Decimal(3_600_000_000)

@@ -29,6 +29,7 @@ from driverd.core.events import (
     SyringeLoaded,
     Tick,
 )
+from driverd.core.history import History
 from driverd.core.kernel import (
     Intent,
     Proposal,
@@ -38,6 +39,7 @@ from driverd.core.kernel import (
     cumulative_drug_bounds,
     gate,
     hours_between,
+    hours_in,
     pump_rate,
     span_days,
     span_hours,
@@ -63,6 +65,15 @@ def initial_state(pump_id: str) -> CourseState:
 
 def reduce(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
     """Apply one event. Raises IllegalTransition if the current phase does not accept it."""
+    if event.__class__ is PumpReport:
+        quiet = _quiet_report(state, event, protocol)
+        if quiet is not None:
+            return quiet, ()
+    return _reduce(state, event, protocol)
+
+
+def _reduce(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
+    """The general path: every event, every check (`reduce` without the quiet pump report's short cut)."""
     start = state
     state, pre = _enforce_cap(state, event.at, protocol)
     key: type | str = type(event)
@@ -650,16 +661,18 @@ def _accumulate(state: CourseState, event: PumpReport) -> CourseState:
     prev = state.raw_delivered_ml
     # The pump's counter can reset (power cycle, new syringe, cleared): count only what it added.
     increment = Decimal(0) if prev is None else (raw - prev if raw >= prev else raw)
-    return evolve(state, **_counted(state, event.at, increment, raw), pump_alarms=event.alarms,
+    samples, sample = _counted(state, event.at, increment)
+    return evolve(state, samples=samples, last_sample=sample, raw_delivered_ml=raw, pump_alarms=event.alarms,
                   pump_infusing=event.state == "infusing")
 
 
 def _count(state: CourseState, at: datetime, increment: Decimal, raw: Decimal) -> CourseState:
     """Add what the pump's counter added (at the concentration of the syringe in the pump) to the course totals."""
-    return evolve(state, **_counted(state, at, increment, raw))
+    samples, sample = _counted(state, at, increment)
+    return evolve(state, samples=samples, last_sample=sample, raw_delivered_ml=raw)
 
 
-def _counted(state: CourseState, at: datetime, increment: Decimal, raw: Decimal) -> dict[str, object]:
+def _counted(state: CourseState, at: datetime, increment: Decimal) -> tuple[History, Sample]:
     conc = state.concentration if state.schedule is not None else Decimal(0)
     last = state.last_sample
     if last is None:
@@ -671,8 +684,8 @@ def _counted(state: CourseState, at: datetime, increment: Decimal, raw: Decimal)
     if newest is None or at - newest.at >= SAMPLE_SPACING:
         # Samples are strictly increasing in time (appended only SAMPLE_SPACING apart): trimmed by bisect, and
         # appended without copying the ~1,440 kept (driverd.core.history).
-        samples = samples.since(at - WINDOW - SAMPLE_SPACING).append(sample)
-    return {"samples": samples, "last_sample": sample, "raw_delivered_ml": raw}
+        samples = samples.push(sample, at - WINDOW - SAMPLE_SPACING)
+    return samples, sample
 
 
 def _on_report(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
@@ -998,3 +1011,141 @@ TRANSITIONS: dict[type | str, tuple[frozenset[Phase], Handler]] = {
                                  _on_change_syringe),
     SyringeLoaded: (frozenset({P.PRIMED, P.PAUSED}), _on_syringe_loaded),
 }
+
+
+# ---------------------------------------------------------------------------------------------- the quiet report
+#
+# Issue 12 (replay at 100,000 records/s): nearly every pump report of a running course changes nothing but the
+# counters. `_quiet_report` decides that case in one function, with per-protocol and per-rate constants cached,
+# and hands every other case to the general path (`_on_report` through the transition table). It never decides
+# anything the general path would decide otherwise: it returns a state only when each check of the general path,
+# run on the same inputs, provably produces no command and changes nothing but what `_accumulate` changes, and
+# then that state is `_accumulate`'s own result. Any doubt (a bound that does not decide, a number out of range,
+# an exception) returns None, and the general path decides from the original state. Proved against the verbatim
+# old core (tests/core/test_oracle_equivalence.py) and against the general path alone (tests/core/test_quiet_report.py).
+
+#: Identity caches: keyed by id() of immutable objects that the entry holds (so an id cannot be reused while the
+#: entry lives). The core runs in the default decimal context (nothing in driverd changes it), so a value computed
+#: once is the value the same expression gives on every report.
+_CAPS: dict[tuple[int, int, int], tuple[object, object, object, tuple[datetime, datetime] | None]] = {}
+_LIMITS: dict[tuple[int, int, int], tuple[object, object, object, _QuietLimits]] = {}
+_CACHE_MAX = 4096
+
+
+class _QuietLimits:
+    """What the quiet report's checks need for one (protocol, concentration, commanded rate)."""
+
+    __slots__ = ("deviation_min", "deviation_window", "limit", "lookahead", "two_steps_ml", "warn_us")
+
+    def __init__(self, protocol: ProtocolSpec, conc: Decimal, rate: Decimal) -> None:
+        # _ceiling_breach's limit; its lookahead is event.rate * conc * (1 h in hours): the quiet report requires
+        # event.rate == rate (by value), and a product's value does not depend on its factors' exponents.
+        self.limit = protocol.ceiling_mg_per_24h + 2 * protocol.counter_resolution_ml * conc
+        self.lookahead = rate * conc * hours_in(CEILING_LOOKAHEAD)
+        # _warn_near_empty warns iff now >= last.at + timedelta(us=int(x)) - W with last.at == now, i.e. iff
+        # int(x) <= W in microseconds; x >= W + 1 proves it does not.
+        w = span_minutes(protocol.syringe_warning_minutes)
+        self.warn_us = (w.days * 86_400 + w.seconds) * 1_000_000 + w.microseconds
+        self.deviation_min = span_minutes(protocol.deviation_window_minutes)
+        self.deviation_window = _deviation_window(protocol, rate)
+        self.two_steps_ml = 2 * protocol.counter_resolution_ml
+
+
+def _quiet_limits(protocol: ProtocolSpec, conc: Decimal, rate: Decimal) -> _QuietLimits:
+    key = (id(protocol), id(conc), id(rate))
+    hit = _LIMITS.get(key)
+    if hit is not None and hit[0] is protocol and hit[1] is conc and hit[2] is rate:
+        return hit[3]
+    limits = _QuietLimits(protocol, conc, rate)
+    if len(_LIMITS) >= _CACHE_MAX:
+        _LIMITS.clear()
+    _LIMITS[key] = (protocol, conc, rate, limits)
+    return limits
+
+
+def _cached_cap_times(state: CourseState, protocol: ProtocolSpec) -> tuple[datetime, datetime] | None:
+    started, sch = state.started_at, state.schedule
+    key = (id(started), id(sch), id(protocol))
+    hit = _CAPS.get(key)
+    if hit is not None and hit[0] is started and hit[1] is sch and hit[2] is protocol:
+        return hit[3]
+    times = _cap_times(state, protocol)
+    if len(_CAPS) >= _CACHE_MAX:
+        _CAPS.clear()
+    _CAPS[key] = (started, sch, protocol, times)
+    return times
+
+
+#: |x| below this many microseconds (about 317 years) and a report dated before year 9000: no datetime arithmetic
+#: of the checks can overflow.
+_FAR_US = Decimal(10) ** 16
+
+
+def _warnings_seen(alarms: tuple[str, ...], before: tuple[str, ...]) -> bool:
+    """Every alarm of the report is a warning the previous report already showed: no new warning notice, no
+    blocking pump alarm (`_on_report` acts on nothing else of a report's alarms)."""
+    return all(a in WARNING_ALARMS and a in before for a in alarms)
+
+
+def _quiet_report(state: CourseState, event: PumpReport, protocol: ProtocolSpec) -> CourseState | None:
+    """The state after a pump report that provably yields no command, or None (the general path decides).
+
+    The general path for a report in a running phase, with nothing pending, the pump infusing at the commanded
+    rate and no pump alarm other than warnings the previous report showed already, runs: the course cap
+    (`_enforce_cap`), `_accumulate`, no new warning and no blocking alarm, no read-back (nothing pending), no
+    unexpected infusion (a running phase), the ceiling (`_ceiling_breach`), no rate mismatch, `_warn_near_empty`,
+    `_check_deviation` (with a deviation base), then `_track_interruption` and `_track_commanded`, which return the
+    state as it is when it is running and `commanded_since` is set (the rate and the phase did not change). Each
+    check is repeated here with the same operands, or decided by a bound that implies its answer."""
+    phase = state.phase
+    rate = state.commanded_rate
+    if event.alarms and not _warnings_seen(event.alarms, state.pump_alarms):
+        return None
+    if (phase not in RUNNING or state.pending is not None or event.state != "infusing"
+            or state.deviation_base is None or state.interrupted_at is not None
+            or state.commanded_since is None or state.summary_due or state.schedule is None
+            or event.rate_ml_per_h != rate or not rate > 0):
+        return None
+    now = event.at
+    if not 1 < now.year < 9000:
+        return None
+    try:
+        times = _cached_cap_times(state, protocol)
+        if times is not None and (now >= times[1] or (now >= times[0] and phase is not P.TAPERING)):
+            return None  # the cap stops or tapers the course
+        new = _accumulate(state, event)
+        conc = new.concentration
+        q = _quiet_limits(protocol, conc, rate)
+        last = new.last_sample
+        assert last is not None and last.at == now
+        # The ceiling: _surely_within's bound, else the exact check itself.
+        cum_now = last.delivered_mg
+        t0 = now - WINDOW
+        low0 = cumulative_drug_bounds(new, t0)[0]
+        low1 = cumulative_drug_bounds(new, t0 + CEILING_LOOKAHEAD)[0]
+        b, limit, lookahead = _BOUNDED, q.limit, q.lookahead
+        surely_within = (-b < cum_now < b and -b < low0 < b and -b < low1 < b and -b < lookahead < b
+                         and -b < limit < b and cum_now - low0 + _SLACK <= limit
+                         and cum_now - low1 + lookahead + _SLACK <= limit)
+        if not surely_within and _ceiling_breach(new, protocol, event):
+            return None
+        # Near empty (once per syringe): predicted_empty_at's arithmetic, compared in microseconds.
+        if not new.empty_warned:
+            x = (new.remaining_ml / rate) * 3_600_000_000
+            if not q.warn_us + 1 <= x < _FAR_US:
+                return None
+        # Delivery accuracy: _check_deviation's arithmetic, its window constants cached.
+        base = new.deviation_base
+        assert base is not None
+        if now - base.at < q.deviation_min:
+            return new
+        start = new.samples.at_or_before(now - q.deviation_window)
+        if start is None or start.at < base.at:
+            start = base
+        expected = rate * hours_between(start.at, now)
+        actual = last.delivered_ml - start.delivered_ml
+        if abs(actual - expected) <= max(expected * protocol.deviation_limit, q.two_steps_ml):
+            return new
+        return None
+    except ArithmeticError:
+        return None

@@ -186,7 +186,8 @@ class Channel:
 
     async def handle(self, event: Event) -> tuple[Command, ...]:
         cmds = self.feed(event)
-        await self.execute(cmds)
+        if cmds:  # most inputs command nothing: no coroutine for an empty execute (several per poll)
+            await self.execute(cmds)
         return cmds
 
     async def execute(self, cmds: tuple[Command, ...]) -> None:
@@ -199,6 +200,10 @@ class Channel:
     # ------------------------------------------------------------------------------------------ I/O
 
     async def _io(self, op: Awaitable[Any]) -> Any:
+        if getattr(self.driver, "never_suspends", False):
+            # An in-process driver (sim://): its operation never yields to the event loop, so no timer could
+            # fire during it. Not arming one saves a timer per poll in virtual time.
+            return await op
         # A backstop above the driver's own timeouts. asyncio.timeout, not wait_for: no extra task per call.
         async with asyncio.timeout(self.io_timeout * 4):
             return await op
@@ -288,7 +293,7 @@ class Channel:
         await self.handle(self._report(status))
 
     def _report(self, status: PumpStatus) -> PumpReport:
-        alarms = tuple(sorted(a.value for a in status.alarms))
+        alarms = tuple(sorted(a.value for a in status.alarms)) if status.alarms else ()
         return PumpReport(self.clock.now(), status.state.value, status.rate_ml_per_h, status.delivered_ml, alarms)
 
     async def prime(self) -> None:
@@ -337,20 +342,30 @@ class Channel:
     async def check_clock(self) -> None:
         """A wall-clock step is a fault for the core (audit record `clock_stepped` with its size and direction).
         Course time (`clock.now()`) never follows the step, so the core never sees time run backward or jump."""
-        stepped = self._clock_watch.check()
+        stepped = self._clock_step()
         if stepped is not None:
-            await self.handle(ClockStepped(stepped.at, stepped.delta_s, stepped.wall_at))
+            await self.handle(stepped)
+
+    def _clock_step(self) -> ClockStepped | None:
+        stepped = self._clock_watch.check()
+        return None if stepped is None else ClockStepped(stepped.at, stepped.delta_s, stepped.wall_at)
 
     # ------------------------------------------------------------------------------------------ loop
 
     async def cycle(self) -> None:
         """One poll period's work (`run` does it every `poll_period`; bench/synth_log.py calls it directly to write
         a long log without the event loop's timers)."""
-        await self.check_clock()
+        # Once per poll: a step that has nothing to do is skipped without entering its coroutine (its own first
+        # check: a wall-clock step seen, a course IDLE to prime, a syringe change to load).
+        stepped = self._clock_step()
+        if stepped is not None:
+            await self.handle(stepped)
         await self.poll()
         await self.handle(Tick(self.clock.now()))
-        await self.prime()
-        await self.load_syringe()
+        if self.state.phase is Phase.IDLE:
+            await self.prime()
+        if self.state.syringe_change is not None:
+            await self.load_syringe()
 
     async def run(self) -> None:
         self.clock.register()

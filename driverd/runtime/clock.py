@@ -177,6 +177,11 @@ class VirtualClock:
         """Make the wall reading jump by `delta` (a simulated NTP or operator step); `now()` does not move."""
         self._wall_offset += delta
 
+    @property
+    def wall_offset(self) -> timedelta:
+        """wall() - now(), exactly."""
+        return self._wall_offset
+
     def floor(self, at_least: datetime) -> None:
         behind = at_least - self._now
         if behind > timedelta(0):
@@ -204,8 +209,9 @@ class VirtualClock:
         finally:
             if not fut.done():  # cancelled: forget the wake-up
                 fut.cancel()
-            self._waiters = [w for w in self._waiters if not w[2].done()]
-            heapq.heapify(self._waiters)
+            # Woken by the clock, its entry is already popped. Woken otherwise (a request, a cancel), the entry stays
+            # until it reaches the heap's top: a done entry never counts as asleep and _maybe_advance drops it
+            # there (no rebuild of the heap per wake-up, once per poll per pump).
 
     def _sleeping(self) -> int:
         return sum(1 for w in self._waiters if not w[2].done())
@@ -324,7 +330,13 @@ class ClockWatch:
         self._offset = wall - now
 
     def check(self) -> WallStep | None:
-        now, wall = _readings(self.clock)
+        # Once per poll. A virtual clock's wall reading is course time plus its wall offset: compare the offsets.
+        clock = self.clock
+        if isinstance(clock, VirtualClock):
+            delta = clock.wall_offset - self._offset
+            if abs(delta) <= self.tolerance:
+                return None
+        now, wall = _readings(clock)
         delta = (wall - now) - self._offset
         if abs(delta) <= self.tolerance:
             return None

@@ -22,7 +22,7 @@ import driverd
 from driverd.audit.canonical import parse_ts
 from driverd.audit.exposure import LedgerBuilder
 from driverd.audit.segments import list_segments
-from driverd.audit.snapshot import SNAPSHOT_EVENT, snapshot_fields
+from driverd.audit.snapshot import DELTA_EVENT, SNAPSHOT_EVENT, SnapshotChain, full_fields, schedules_in
 from driverd.audit.writer import AuditConfig, AuditWriter
 from driverd.core.canonical import canonical_bytes
 from driverd.core.errors import DriverdError, SignatureError, ValidationError
@@ -50,8 +50,12 @@ if TYPE_CHECKING:
     from driverd.hl7.gateway import Gateway
 
 MAX_TEXT = 256
-#: A state snapshot at least this often (daemon clock), besides the one at every start.
-SNAPSHOT_EVERY = timedelta(hours=6)
+#: A full state snapshot at least this often (daemon clock), besides the one at every start and clean stop.
+SNAPSHOT_EVERY = timedelta(hours=24)
+#: A state delta (what changed since the last snapshot or delta: docs/audit.md) after this many records or this
+#: long, whichever comes first: a restart after a crash replays at most about DELTA_RECORDS records.
+DELTA_RECORDS = 1_000
+DELTA_EVERY = timedelta(hours=1)
 
 log = structlog.get_logger("driverd.daemon")
 
@@ -88,7 +92,10 @@ class Daemon:
         self._seen_versions: dict[str, int] = {}
         self._accepted: dict[str, dict[str, Any]] = {}
         self._other_states: dict[str, CourseState] = {}
-        self._last_snapshot_at: datetime | None = None
+        self._last_snapshot_at: datetime | None = None  # the last full snapshot
+        self._last_delta_at: datetime | None = None  # the last snapshot or delta
+        self._last_delta_seq = 0
+        self._chain = SnapshotChain()
         # The journald op log, derived from each audit record as appended (the service turns it on; the demo
         # and tests that build a Daemon directly print nothing).
         self.oplog: OpLog | None = None
@@ -241,24 +248,39 @@ class Daemon:
             self.audit.flush()
 
     def maybe_snapshot(self) -> None:
-        """A state snapshot if SNAPSHOT_EVERY has passed since the last (daemon clock)."""
-        if self.audit is not None and not self.audit.dead and self._last_snapshot_at is not None \
-                and self.clock.now() - self._last_snapshot_at >= SNAPSHOT_EVERY:
+        """A full state snapshot if SNAPSHOT_EVERY has passed since the last (daemon clock), else a state delta if
+        DELTA_RECORDS records or DELTA_EVERY have passed since the last snapshot or delta."""
+        if self.audit is None or self.audit.dead or self._last_snapshot_at is None or self._last_delta_at is None:
+            return
+        now = self.clock.now()
+        if now - self._last_snapshot_at >= SNAPSHOT_EVERY:
             self.write_snapshot()
+        elif self.audit.seq - self._last_delta_seq >= DELTA_RECORDS or (
+                now - self._last_delta_at >= DELTA_EVERY and self.audit.seq - self._last_delta_seq > 3):
+            self.write_snapshot(delta=True)
 
-    def write_snapshot(self) -> None:
+    def write_snapshot(self, *, delta: bool = False) -> None:
         """A signed state snapshot (issue 12): every course as replay of the log up to here gives it (a channel's
         `telemetry.replayed`: the live state less a pump report held back), the schedule versions seen, the drug
-        library, the exposure ledger; then a checkpoint, which signs it. Start-up carries on from the newest."""
+        library, the exposure ledger; then a checkpoint, which signs it. Start-up carries on from the newest.
+        `delta`: only what changed since the last snapshot or delta (a full one when there is none)."""
         assert self.audit is not None
         states = dict(self._other_states)
         states.update({p: ch.telemetry.replayed for p, ch in self.channels.items()})
-        self.audit.rotate()
-        self.audit.append(SNAPSHOT_EVENT, pump_id=None, course_id=None, durable=True,
-                          **snapshot_fields(states, self._seen_versions, self.protocol_text, self._ledger,
-                                            self._accepted))
+        enc = self._chain.encode(states, self._seen_versions, self.protocol_text, self._ledger.to_fields(),
+                                 schedules_in(states, self._accepted))
+        fields = self._chain.delta_fields(enc) if delta else None
+        self.audit.rotate()  # a snapshot or delta opens its segment: start-up verifies from there
+        if fields is None:
+            rec = self.audit.append(SNAPSHOT_EVENT, pump_id=None, course_id=None, durable=True, **full_fields(enc))
+            self._last_snapshot_at = self.clock.now()
+        else:
+            rec = self.audit.append(DELTA_EVENT, pump_id=None, course_id=None, durable=True, **fields)
+        self._chain.mark(enc, {"seq": rec["seq"], "segment": self.audit.segment, "line_sha256": self.audit.head},
+                         full=fields is None)
         self.audit.checkpoint("snapshot")
-        self._last_snapshot_at = self.clock.now()
+        self._last_delta_at = self.clock.now()
+        self._last_delta_seq = self.audit.seq
 
     def _appended(self, rec: dict[str, Any]) -> None:
         if self.oplog is not None:

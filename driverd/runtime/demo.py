@@ -23,6 +23,7 @@ from driverd.core.records import fmt_time
 from driverd.core.schedule_parse import load_json
 from driverd.core.state import Phase
 from driverd.hl7.settings import Address, Hl7Settings
+from driverd.runtime.channel import Channel
 from driverd.runtime.clock import PacedClock, RuntimeClock, VirtualClock
 from driverd.runtime.config import AuditSettings, DaemonConfig, PumpConfig
 from driverd.runtime.daemon import Daemon
@@ -41,6 +42,7 @@ CONCENTRATION = "100"
 DEMO_FILL = "8"
 DRIVERS = ("sim", "newera", "modbus", "harvard")
 HL7_DRAIN_S = 120.0  # real seconds the demo waits for an HL7 receiver to ACK what is still queued
+NUDGE_S = 5.0  # real seconds: the course watch looks at least this often, even when no course changes
 
 
 @dataclass
@@ -178,9 +180,9 @@ async def _start_simulators(stack: contextlib.AsyncExitStack, driver: str, world
 
         urls = {}
         for n in names:
-            ep = await stack.enter_async_context(serve_harvard(world.pump(n), world.faults(n), pty=True))
+            elite = await stack.enter_async_context(serve_harvard(world.pump(n), world.faults(n), pty=True))
             # The Pump 11 Elite has no dead-man: a bench may run it, with the driver's loud warning on every connect.
-            urls[n] = ep.url + "&without_deadman=allow"
+            urls[n] = elite.url + "&without_deadman=allow"
         return urls
     from simulators.modbus import serve_modbus
 
@@ -194,26 +196,93 @@ async def _wait_for_courses(daemon: Daemon, clock: RuntimeClock, progress: Calla
     so the run is judged on its whole record. True if it gave up at the virtual limit (two days past the plan)."""
     limit = START + timedelta(days=7)
     total = timedelta(days=5, minutes=5).total_seconds()
-    while True:
-        phases = [ch.state.phase for ch in daemon.channels.values()]
-        if progress is not None:
-            done = min((clock.now() - START).total_seconds() / total, 1.0)
-            progress(done, ", ".join(sorted({p.value for p in phases})))
-        if all(p is Phase.STOPPED and not ch.state.summary_due for p, ch in zip(phases, daemon.channels.values(),
-                                                                               strict=True)):
-            return False
-        if clock.now() >= limit:
-            return True
-        daemon.changed.clear()
-        with contextlib.suppress(TimeoutError):
-            # asyncio.timeout, not wait_for: wait_for makes a task per call in 3.11 (one per poll here).
-            async with asyncio.timeout(5.0):
-                await daemon.changed.wait()
-        # This loop wakes on every poll (thousands of times per virtual course): sync telemetry only when the
-        # group-commit delay has passed, not on every wake-up. Setpoints and alarms are synced before they act.
-        if daemon.audit is not None:
-            daemon.maybe_snapshot()
-            daemon.audit.flush_due()
+    return await _watch_courses(daemon, clock, progress, limit, total)
+
+
+class _CourseWatch:
+    """What the demo does after each course change (a daemon listener), at the turn of the event loop where its
+    watch loop, woken by the change, used to do it: the same work at the same points, without a task switch per
+    poll when there is nothing to decide.
+
+    After a change the loop checks whether every course is over or the 7-day limit is reached (then the demo ends),
+    writes a state snapshot if one is due and syncs telemetry if the group commit is due. The loop itself is woken
+    only when its check can end the demo: a stopped course, or within a poll period of the limit (virtual time
+    moves at most one poll period between a change and that turn: the changing channel sleeps until its next poll
+    at the latest). Otherwise the snapshot and the group commit run in a callback queued where the loop's wake-up
+    would have been (`tests/runtime/test_demo_watch.py`: the same run and log, record for record). With a progress
+    display every change wakes the loop, as before."""
+
+    def __init__(self, daemon: Daemon, clock: RuntimeClock, every_change: bool, limit: datetime) -> None:
+        self.daemon, self.clock, self.every_change = daemon, clock, every_change
+        self.loop = asyncio.get_running_loop()
+        self.wake: asyncio.Future[bool] | None = None  # the loop's wait (the result is unused)
+        margin = max((ch.poll_period for ch in daemon.channels.values()), default=timedelta(0))
+        self.gate_at = limit - margin
+        self._queued = False  # an audit turn is queued
+
+    def on_change(self, channel: Channel) -> None:
+        wake = self.wake
+        if wake is None or wake.done():
+            return  # the loop is awake: it does the work itself
+        if self.every_change or channel.state.phase is Phase.STOPPED or self.clock.now() >= self.gate_at:
+            wake.set_result(True)
+        elif not self._queued:
+            self._queued = True
+            self.loop.call_soon(self._audit_turn)
+
+    def nudge(self) -> None:
+        wake = self.wake
+        if wake is not None and not wake.done():
+            wake.set_result(True)
+
+    def _audit_turn(self) -> None:
+        self._queued = False
+        wake = self.wake
+        if wake is None or wake.done() or self.daemon.audit is None:
+            return
+        try:
+            self.daemon.maybe_snapshot()
+            self.daemon.audit.flush_due()
+        except BaseException as exc:  # the loop raises it, as when it did this work itself
+            wake.set_exception(exc)
+
+
+async def _watch_courses(daemon: Daemon, clock: RuntimeClock, progress: Callable[[float, str], None] | None,
+                         limit: datetime, total: float) -> bool:
+    watch = _CourseWatch(daemon, clock, progress is not None, limit)
+    daemon.listeners.append(watch.on_change)
+    loop = asyncio.get_running_loop()
+    # At least every NUDGE_S real seconds even when no course changes (the loop's old 5-s timeout).
+    timer: asyncio.TimerHandle
+
+    def repeat() -> None:
+        nonlocal timer
+        watch.nudge()
+        timer = loop.call_later(NUDGE_S, repeat)
+
+    timer = loop.call_later(NUDGE_S, repeat)
+    try:
+        while True:
+            phases = [ch.state.phase for ch in daemon.channels.values()]
+            if progress is not None:
+                done = min((clock.now() - START).total_seconds() / total, 1.0)
+                progress(done, ", ".join(sorted({p.value for p in phases})))
+            if all(p is Phase.STOPPED and not ch.state.summary_due for p, ch in zip(phases, daemon.channels.values(),
+                                                                                   strict=True)):
+                return False
+            if clock.now() >= limit:
+                return True
+            watch.wake = loop.create_future()
+            await watch.wake
+            # Sync telemetry only when the group-commit delay has passed, not on every wake-up. Setpoints and
+            # alarms are synced before they act.
+            if daemon.audit is not None:
+                daemon.maybe_snapshot()
+                daemon.audit.flush_due()
+    finally:
+        watch.wake = None
+        daemon.listeners.remove(watch.on_change)
+        timer.cancel()
 
 
 async def _drain_hl7(daemon: Daemon) -> dict[str, Any] | None:

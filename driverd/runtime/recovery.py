@@ -10,7 +10,8 @@ guess a state).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import gc
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -18,8 +19,9 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from driverd.audit.canonical import loads_line
 from driverd.audit.exposure import LedgerBuilder
-from driverd.audit.reader import iter_lines
+from driverd.audit.reader import LineTooLong, bounded_lines
 from driverd.audit.replay import Interrupted, Replayer
 from driverd.audit.schedules import ScheduleChecker
 from driverd.audit.segments import anchor_first_segment, list_segments
@@ -57,9 +59,22 @@ def open_log(
 
 
 def recover(audit_dir: Path, trust: TrustStore, public_key: Ed25519PublicKey | None = None) -> Recovered:
-    """Rebuild every course. From the newest signed state snapshot if there is one (the log is verified from its
-    segment on, with the daemon's own key when given, and only the records after it are replayed), else from the
-    whole log."""
+    """Rebuild every course. From the newest signed state snapshot or delta if there is one (the log is verified
+    from its segment on, with the daemon's own key when given, and only the records after it are replayed), else
+    from the whole log."""
+    # Start-up makes a few hundred thousand objects that all live on (the history samples of every state) and no
+    # cycles worth collecting: the cyclic GC's passes over them were a third of a 32-pump start (bench/README.md,
+    # section 15). Reference counting still frees everything else.
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _recover(audit_dir, trust, public_key)
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _recover(audit_dir: Path, trust: TrustStore, public_key: Ed25519PublicKey | None) -> Recovered:
     if not audit_dir.is_dir() or not list_segments(audit_dir):
         return Recovered()
     snap = newest_snapshot(audit_dir)
@@ -88,8 +103,9 @@ def recover(audit_dir: Path, trust: TrustStore, public_key: Ed25519PublicKey | N
     for number, path in list_segments(audit_dir):
         if number < first:
             continue
-        for line in iter_lines(path):
-            rec = line.record
+        # The lines up to the snapshot are not parsed (one is the snapshot itself, up to a few MB).
+        skip = snap.line if snap is not None and number == snap.segment else 0
+        for rec in _records(path, skip):
             if snap is not None and rec["seq"] <= snap.seq:
                 continue
             schedules.add(rec)
@@ -104,9 +120,27 @@ def recover(audit_dir: Path, trust: TrustStore, public_key: Ed25519PublicKey | N
                     out.versions[sid] = max(out.versions.get(sid, 0), ver)
     result = replayer.finish()
     if result.divergences:
-        first = result.divergences[0]
-        raise AuditError(f"audit replay diverges at seq {first.seq} ({first.kind}: {first.detail}); refusing to start")
+        bad = result.divergences[0]
+        raise AuditError(f"audit replay diverges at seq {bad.seq} ({bad.kind}: {bad.detail}); refusing to start")
     out.states = replayer.states()
     out.interrupted = list(result.interrupted)
     out.library = replayer.library_text
     return out
+
+
+def _records(path: Path, skip: int) -> Iterator[dict[str, Any]]:
+    """The records of one segment after its first `skip` lines (those are not parsed), as `iter_lines` reads
+    them (verify has just checked them: an error here means the file changed since)."""
+    try:
+        with path.open("rb") as f:
+            for n, raw in enumerate(bounded_lines(f), start=1):
+                if n <= skip:
+                    continue
+                if not raw.endswith(b"\n"):
+                    raise AuditError(f"{path}:{n}: torn last line (partial write); run `driverd audit verify`")
+                try:
+                    yield loads_line(raw[:-1])
+                except ValueError as exc:
+                    raise AuditError(f"{path}:{n}: not a canonical audit record: {exc}") from None
+    except (LineTooLong, OSError) as exc:
+        raise AuditError(f"{path}: cannot read: {exc}") from None

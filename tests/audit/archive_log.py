@@ -29,14 +29,19 @@ class ArchiveLog:
 
 
 def make_log(work: Path, pumps: int = 2, live_hours: int = 13, *, snapshot_every: timedelta | None = None,
-             poll_s: int = 60) -> ArchiveLog:
-    """Takes a few seconds (a 5-day course per pump in virtual time). snapshot_every: instead of the shipped 6 h
-    (fewer segments); poll_s: the demo's poll (a longer one writes fewer records)."""
+             poll_s: int = 60, deltas: bool = True) -> ArchiveLog:
+    """Takes a few seconds (a 5-day course per pump in virtual time). snapshot_every: full snapshots this often
+    (default 6 h, more often than the shipped 24 h: the live course of 13 h then has full snapshots, the only
+    segments archive may cut at, besides its start); poll_s: the demo's poll (a longer one writes fewer records);
+    deltas=False: no state deltas (each opens a segment: far fewer segments)."""
     from driverd.runtime import daemon as daemon_module
 
     audit = work / "audit"
     shipped = daemon_module.SNAPSHOT_EVERY
-    daemon_module.SNAPSHOT_EVERY = snapshot_every or shipped
+    shipped_deltas = daemon_module.DELTA_RECORDS, daemon_module.DELTA_EVERY
+    daemon_module.SNAPSHOT_EVERY = snapshot_every or timedelta(hours=6)
+    if not deltas:
+        daemon_module.DELTA_RECORDS, daemon_module.DELTA_EVERY = 10**12, timedelta(days=10**4)
     try:
         result = asyncio.run(run_demo(DemoOptions(pumps=pumps, audit_dir=audit, poll_period_s=poll_s,
                                                   deadman_s=max(180, 3 * poll_s))))
@@ -44,6 +49,7 @@ def make_log(work: Path, pumps: int = 2, live_hours: int = 13, *, snapshot_every
         course = asyncio.run(run_daemon(audit, key, pumps, LIVE_START, live_hours, push=True))
     finally:
         daemon_module.SNAPSHOT_EVERY = shipped
+        daemon_module.DELTA_RECORDS, daemon_module.DELTA_EVERY = shipped_deltas
     return ArchiveLog(audit, key, result.audit_public_key, course)
 
 

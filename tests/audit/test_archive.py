@@ -43,9 +43,9 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> ArchiveLog:
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory: pytest.TempPathFactory) -> ArchiveLog:
-    """The same story with fewer segments (a snapshot every 2 days): for the crash
+    """The same story with fewer segments (a snapshot every 2 days, no deltas): for the crash
     campaign, which archives a copy of it once per step boundary."""
-    return make_log(tmp_path_factory.mktemp("archive-small"), snapshot_every=timedelta(days=2))
+    return make_log(tmp_path_factory.mktemp("archive-small"), snapshot_every=timedelta(days=2), deltas=False)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from simulators.world import World
 
 # What only reads the pump model: sim://'s "queries". host_contact is the packet's arrival (re-arms the dead-man,
 # as any valid packet does on a real pump). Any other model call acts on the pump.
-QUERIES = frozenset({"status", "identity", "host_contact", "events", "rate_history"})
+QUERIES = frozenset({"status", "reading", "identity", "host_contact", "events", "rate_history"})
 
 
 class _RecordingModel:
