@@ -32,7 +32,7 @@ from typing import Any
 from driverd.audit.canonical import loads_line
 from driverd.audit.exposure import LedgerBuilder
 from driverd.audit.reader import bounded_lines
-from driverd.audit.segments import list_segments, segment_name
+from driverd.audit.segments import segment_name, segment_names
 from driverd.core.errors import AuditError, DriverdError, Problem, ValidationError
 from driverd.core.state import CourseState
 from driverd.core.state_records import STATE_FORMAT, sample_row, state_from_fields, state_to_fields
@@ -326,8 +326,8 @@ def newest_snapshot(audit_dir: Path) -> Snapshot | None:
     chain does not resolve (an ancestor missing or not the line its child names) is passed over for an older
     one. Integrity is not checked here: verify from its segment on."""
     sealed_after: int | None = None  # seq of the newest checkpoint seen in the segments read so far
-    for number, path in reversed(list_segments(audit_dir)):
-        found, checkpoint = _candidates(path)
+    for number, name in reversed(segment_names(audit_dir)):
+        found, checkpoint = _candidates(audit_dir / name)
         sealed_after = checkpoint if checkpoint is not None else sealed_after
         for seq, lineno, raw in reversed(found):
             if sealed_after is None or sealed_after <= seq:

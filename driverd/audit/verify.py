@@ -428,7 +428,8 @@ def verify_log(
     given = segments is not None
     if segments is None:
         # From a snapshot's segment (start-up), the archive anchor is not consulted: recovery does not need it.
-        segments = list_segments(path) if first_segment > 1 and path.is_dir() else resolve_log(path)
+        segments = (list_segments(path, first_segment) or list_segments(path)[-1:]) if first_segment > 1 \
+            and path.is_dir() else resolve_log(path)
     anchor: Anchor | None = None
     if first_segment == 1 and path.is_dir() and (not given or (segments and segments[0][0] > 1)):
         try:

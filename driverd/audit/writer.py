@@ -50,7 +50,7 @@ from driverd.audit.canonical import (
     sha256_hex,
 )
 from driverd.audit.durable import make_dirs
-from driverd.audit.segments import list_segments, segment_name
+from driverd.audit.segments import segment_name, segment_names
 from driverd.audit.signing import fingerprint, public_b64, sign_checkpoint
 from driverd.core.errors import AuditError, ConfigError, Problem
 
@@ -474,24 +474,26 @@ class AuditWriter:
     # ----------------------------------------------------------------------------------- open/recover
 
     def _start(self) -> None:
-        segs = list_segments(self.directory)
+        # Names, not Paths: a year's log has ~9,000 segments and only the first and last two are opened here.
+        segs = segment_names(self.directory)
         if not segs:
             self._create_segment(1)
             return
         numbers = [n for n, _ in segs]
         if numbers != list(range(numbers[0], numbers[0] + len(numbers))):
             raise AuditError(f"{self.directory}: segment numbers are not consecutive: {numbers}")
-        self._check_key(segs[0][1], len(segs) == 1)
-        number, path = segs[-1]
+        self._check_key(self.directory / segs[0][1], len(segs) == 1)
+        number, path = segs[-1][0], self.directory / segs[-1][1]
         torn = _recover_tail(path)
         data = _read(path)
         if not data:
             # The crash tore this segment's very first line: restart the segment from the previous one.
             if len(segs) > 1:
-                last = _last_line(_read(segs[-2][1]))
+                previous = self.directory / segs[-2][1]
+                last = _last_line(_read(previous))
                 if last is None:
-                    raise AuditError(f"{segs[-2][1]}: previous segment is empty; refusing to continue")
-                self._adopt_last_line(last, segs[-2][1])
+                    raise AuditError(f"{previous}: previous segment is empty; refusing to continue")
+                self._adopt_last_line(last, previous)
             try:
                 self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
             except OSError as exc:

@@ -21,7 +21,7 @@ import structlog
 import driverd
 from driverd.audit.canonical import parse_ts
 from driverd.audit.exposure import LedgerBuilder
-from driverd.audit.segments import list_segments
+from driverd.audit.segments import segment_names
 from driverd.audit.snapshot import DELTA_EVENT, SNAPSHOT_EVENT, SnapshotChain, full_fields, schedules_in
 from driverd.audit.writer import AuditConfig, AuditWriter
 from driverd.core.canonical import canonical_bytes
@@ -506,9 +506,9 @@ def _quantity(value: Any, name: str, problems: list[str], *, required: bool) -> 
 
 def _last_logged_ts(audit_dir: Path) -> datetime | None:
     """The `ts` of the log's last whole record (the log verified during recovery; a torn tail is skipped)."""
-    segments = list_segments(audit_dir) if audit_dir.is_dir() else []
-    for _, path in reversed(segments):
-        for line in reversed(path.read_bytes().splitlines()):
+    segments = segment_names(audit_dir) if audit_dir.is_dir() else []
+    for _, name in reversed(segments):
+        for line in reversed((audit_dir / name).read_bytes().splitlines()):
             try:
                 return parse_ts(json.loads(line)["ts"])
             except (ValueError, KeyError, TypeError):

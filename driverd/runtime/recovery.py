@@ -24,7 +24,7 @@ from driverd.audit.exposure import LedgerBuilder
 from driverd.audit.reader import LineTooLong, bounded_lines
 from driverd.audit.replay import Interrupted, Replayer
 from driverd.audit.schedules import ScheduleChecker
-from driverd.audit.segments import anchor_first_segment, list_segments
+from driverd.audit.segments import anchor_first_segment, list_segments, segment_names
 from driverd.audit.snapshot import newest_snapshot
 from driverd.audit.verify import verify_log
 from driverd.audit.writer import AuditConfig, AuditWriter
@@ -75,7 +75,7 @@ def recover(audit_dir: Path, trust: TrustStore, public_key: Ed25519PublicKey | N
 
 
 def _recover(audit_dir: Path, trust: TrustStore, public_key: Ed25519PublicKey | None) -> Recovered:
-    if not audit_dir.is_dir() or not list_segments(audit_dir):
+    if not audit_dir.is_dir() or not segment_names(audit_dir):
         return Recovered()
     snap = newest_snapshot(audit_dir)
     # From a snapshot, the log before it is not read: the suffix must be signed with the daemon's own key.
@@ -100,9 +100,7 @@ def _recover(audit_dir: Path, trust: TrustStore, public_key: Ed25519PublicKey | 
                 out.accepted[str(acc["schedule"].get("digest"))] = rec
     # By number, not position: after `audit archive` the directory no longer starts at segment 1.
     first = snap.segment if snap is not None else anchor_first_segment(audit_dir)
-    for number, path in list_segments(audit_dir):
-        if number < first:
-            continue
+    for number, path in list_segments(audit_dir, first):
         # The lines up to the snapshot are not parsed (one is the snapshot itself, up to a few MB).
         skip = snap.line if snap is not None and number == snap.segment else 0
         for rec in _records(path, skip):
