@@ -17,8 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from driverd.audit.exposure import LedgerBuilder
-from driverd.audit.replay import Replayer, replay_records
-from driverd.audit.segments import list_segments, segment_name
+from driverd.audit.replay import replay_records
 from driverd.audit.snapshot import SNAPSHOT_EVENT, newest_snapshot, read_snapshot, snapshot_fields
 from driverd.audit.writer import WRITER_EVENTS, AuditConfig, AuditWriter
 from driverd.cli.main import app
@@ -29,6 +28,7 @@ from driverd.runtime.demo import DEMO_TRUST, START
 from driverd.runtime.recovery import open_log, recover
 from driverd.signing import TrustStore, load_private_key
 from tests.runtime.e2e import Timing, rig, run
+from tests.runtime.log_prefix import log_lines, replay_prefix, write_prefix
 
 TRUST = TrustStore.load(DEMO_TRUST)
 SHIPPED_EVERY = daemon_module.SNAPSHOT_EVERY
@@ -65,34 +65,14 @@ def course(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return work
 
 
-def _lines(audit: Path) -> list[tuple[int, bytes]]:
-    return [(n, line) for n, p in list_segments(audit) for line in p.read_bytes().splitlines(keepends=True)]
-
-
-def _write_prefix(lines: list[tuple[int, bytes]], k: int, tail: bytes, dest: Path) -> None:
-    for p in dest.glob("*.jsonl"):
-        p.unlink()
-    dest.mkdir(exist_ok=True)
-    segs: dict[int, bytearray] = {}
-    for number, line in lines[:k]:
-        segs.setdefault(number, bytearray()).extend(line)
-    if k < len(lines):
-        segs.setdefault(lines[k][0], bytearray()).extend(tail)
-    for number, data in segs.items():
-        (dest / segment_name(number)).write_bytes(bytes(data))
-
-
 def _full_replay_states(lines: list[tuple[int, bytes]], k: int) -> dict[str, CourseState]:
-    r = Replayer()
-    for _, line in lines[:k]:
-        r.add(json.loads(line))
-    return r.states()
+    return replay_prefix(lines, k)[1]
 
 
 def test_start_up_from_the_newest_snapshot_gives_the_whole_logs_states(course: Path) -> None:
     tmp_path = course
     audit = tmp_path / "audit"
-    records = [json.loads(line) for _, line in _lines(audit)]
+    records = [json.loads(line) for _, line in log_lines(audit)]
     snaps = [r for r in records if r["event"] == SNAPSHOT_EVENT]
     assert len(snaps) >= 20  # one at each start, then hourly
     for s in snaps:  # each is followed by the checkpoint that signs it
@@ -103,7 +83,7 @@ def test_start_up_from_the_newest_snapshot_gives_the_whole_logs_states(course: P
     recovered = recover(audit, TRUST, load_private_key(tmp_path / "keys" / "audit.key").public_key())
     assert recovered.snapshot_seq == snaps[-1]["seq"]
     assert recovered.records < len(records) - snaps[-1]["seq"] + 5  # only what follows the snapshot
-    full = _full_replay_states(_lines(audit), len(records))
+    full = _full_replay_states(log_lines(audit), len(records))
     assert recovered.states == full
     assert {p: repr(s) for p, s in recovered.states.items()} == {p: repr(s) for p, s in full.items()}
     ledger = LedgerBuilder()
@@ -113,7 +93,7 @@ def test_start_up_from_the_newest_snapshot_gives_the_whole_logs_states(course: P
 
 
 def test_a_crash_at_every_boundary_of_writing_a_snapshot_recovers(course: Path, tmp_path: Path) -> None:
-    lines = _lines(course / "audit")
+    lines = log_lines(course / "audit")
     key = load_private_key(course / "keys" / "audit.key")
     rng = random.Random(12)
     index = {json.loads(line)["seq"]: k for k, (_, line) in enumerate(lines)}
@@ -124,7 +104,7 @@ def test_a_crash_at_every_boundary_of_writing_a_snapshot_recovers(course: Path, 
         k = index[seq]  # lines[k] is the snapshot, lines[k + 1] its checkpoint
         for cut in (k, k + 1, k + 2):  # before the snapshot, between it and its checkpoint, after the checkpoint
             for torn in (b"", lines[cut][1][:rng.randrange(1, len(lines[cut][1]) - 1)]):  # boundary, torn inside
-                _write_prefix(lines, cut, torn, dest)
+                write_prefix(lines, cut, torn, dest)
                 writer, recovered = open_log(dest, AuditConfig(), key, lambda: START + timedelta(days=30), TRUST)
                 writer.close()
                 assert recovered.states == _full_replay_states(lines, cut), (seq, cut, len(torn))
@@ -133,7 +113,7 @@ def test_a_crash_at_every_boundary_of_writing_a_snapshot_recovers(course: Path, 
 
 
 def test_replay_refuses_a_snapshot_that_differs_from_the_log(course: Path) -> None:
-    records = [json.loads(line) for _, line in _lines(course / "audit")]
+    records = [json.loads(line) for _, line in log_lines(course / "audit")]
     i = max(i for i, r in enumerate(records) if r["event"] == SNAPSHOT_EVENT and r["states"])
     snap = read_snapshot(records[i])
     pump = sorted(snap.states)[0]
@@ -148,10 +128,10 @@ def test_replay_refuses_a_snapshot_that_differs_from_the_log(course: Path) -> No
 
 
 def test_the_newest_unsealed_snapshot_is_not_used(course: Path, tmp_path: Path) -> None:
-    lines = _lines(course / "audit")
+    lines = log_lines(course / "audit")
     last = max(k for k, (_, line) in enumerate(lines) if b'"state_snapshot"' in line)
     dest = tmp_path / "cut"
-    _write_prefix(lines, last + 1, b"", dest)  # the snapshot's checkpoint never made it
+    write_prefix(lines, last + 1, b"", dest)  # the snapshot's checkpoint never made it
     snap = newest_snapshot(dest)
     assert snap is not None and snap.seq < json.loads(lines[last][1])["seq"]
 
@@ -169,7 +149,7 @@ def _resign(records: list[dict[str, Any]], dest: Path, key_path: Path) -> None:
 
 
 def test_audit_verify_full_finds_a_signed_snapshot_that_replay_does_not_reach(course: Path, tmp_path: Path) -> None:
-    records = [json.loads(line) for _, line in _lines(course / "audit")]
+    records = [json.loads(line) for _, line in log_lines(course / "audit")]
     i = max(i for i, r in enumerate(records) if r["event"] == SNAPSHOT_EVENT)
     snap = read_snapshot(records[i])
     pump = sorted(snap.states)[0]
@@ -216,7 +196,7 @@ def _acc(snap: Any) -> dict[str, Any]:
 ])
 def test_a_malformed_snapshot_is_refused_naming_the_field(course: Path, change: dict[str, Any], path: str,
                                                          rule: str) -> None:
-    records = [json.loads(line) for _, line in _lines(course / "audit")]
+    records = [json.loads(line) for _, line in log_lines(course / "audit")]
     good = next(r for r in records if r["event"] == SNAPSHOT_EVENT)
     read_snapshot(good)
     with pytest.raises(ValidationError) as info:
@@ -228,7 +208,7 @@ def test_replay_refuses_a_snapshot_whose_history_differs_only_in_form(course: Pa
     """Replay compares a snapshot's states in their encoded form (each history row encoded once for every snapshot
     it appears in): a sample that differs only in a Decimal's exponent is a different state, and a malformed row
     is reported as such, as when every snapshot was decoded."""
-    records = [json.loads(line) for _, line in _lines(course / "audit")]
+    records = [json.loads(line) for _, line in log_lines(course / "audit")]
     i = max(i for i, r in enumerate(records) if r["event"] == SNAPSHOT_EVENT and r["states"])
     pump = sorted(records[i]["states"])[0]
     rows = records[i]["states"][pump]["samples"]

@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from driverd.audit.replay import Replayer, replay_records
-from driverd.audit.segments import list_segments, segment_name
+from driverd.audit.replay import replay_records
+from driverd.audit.segments import segment_name
 from driverd.audit.snapshot import DELTA_EVENT, SNAPSHOT_EVENT, apply_delta, newest_snapshot
 from driverd.audit.writer import WRITER_EVENTS, AuditConfig, AuditWriter
 from driverd.cli.main import app
@@ -31,6 +31,7 @@ from driverd.runtime.demo import DEMO_TRUST, START
 from driverd.runtime.recovery import open_log, recover
 from driverd.signing import TrustStore, load_private_key
 from tests.runtime.e2e import Timing, rig, run
+from tests.runtime.log_prefix import log_lines, replay_prefix, write_prefix
 
 TRUST = TrustStore.load(DEMO_TRUST)
 OFF = timedelta(seconds=30)
@@ -66,33 +67,14 @@ def course(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return work
 
 
-def _lines(audit: Path) -> list[tuple[int, bytes]]:
-    return [(n, line) for n, p in list_segments(audit) for line in p.read_bytes().splitlines(keepends=True)]
-
-
-def _write_prefix(lines: list[tuple[int, bytes]], k: int, tail: bytes, dest: Path) -> None:
-    for p in dest.glob("*.jsonl"):
-        p.unlink()
-    dest.mkdir(exist_ok=True)
-    segs: dict[int, bytearray] = {}
-    for number, line in lines[:k]:
-        segs.setdefault(number, bytearray()).extend(line)
-    if k < len(lines):
-        segs.setdefault(lines[k][0], bytearray()).extend(tail)
-    for number, data in segs.items():
-        (dest / segment_name(number)).write_bytes(bytes(data))
-
-
 def _full_replay_states(lines: list[tuple[int, bytes]], k: int) -> dict[str, CourseState]:
-    r = Replayer()
-    for _, line in lines[:k]:
-        r.add(json.loads(line))
-    assert r.finish().ok
-    return r.states()
+    result, states = replay_prefix(lines, k)
+    assert result.ok
+    return states
 
 
 def _records(audit: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for _, line in _lines(audit)]
+    return [json.loads(line) for _, line in log_lines(audit)]
 
 
 def test_start_up_from_the_newest_delta_gives_the_whole_logs_states(course: Path) -> None:
@@ -110,19 +92,19 @@ def test_start_up_from_the_newest_delta_gives_the_whole_logs_states(course: Path
     assert result.ok, result.divergences[:3]
     key = load_private_key(course / "keys" / "audit.key").public_key()
     # The newest record of either kind is the clean stop's full snapshot: cut the log after the newest delta.
-    last_delta = max(k for k, (_, line) in enumerate(_lines(audit)) if b'"event":"state_delta"' in line)
+    last_delta = max(k for k, (_, line) in enumerate(log_lines(audit)) if b'"event":"state_delta"' in line)
     dest = course / "to-last-delta"
-    _write_prefix(_lines(audit), last_delta + 2, b"", dest)  # the delta and its checkpoint
+    write_prefix(log_lines(audit), last_delta + 2, b"", dest)  # the delta and its checkpoint
     recovered = recover(dest, TRUST, key)
     assert recovered.snapshot_seq == deltas[-1]["seq"] and recovered.records == 1  # its checkpoint
-    full = _full_replay_states(_lines(audit), last_delta + 2)
+    full = _full_replay_states(log_lines(audit), last_delta + 2)
     assert {p: repr(s) for p, s in recovered.states.items()} == {p: repr(s) for p, s in full.items()}
     whole = recover(audit, TRUST, key)
     assert whole.snapshot_seq == fulls[-1]["seq"]
 
 
 def test_a_crash_at_every_boundary_of_writing_a_delta_recovers(course: Path, tmp_path: Path) -> None:
-    lines = _lines(course / "audit")
+    lines = log_lines(course / "audit")
     key = load_private_key(course / "keys" / "audit.key")
     rng = random.Random(13)
     index = {json.loads(line)["seq"]: k for k, (_, line) in enumerate(lines)}
@@ -133,7 +115,7 @@ def test_a_crash_at_every_boundary_of_writing_a_delta_recovers(course: Path, tmp
         k = index[seq]  # lines[k] is the delta, lines[k + 1] its checkpoint
         for cut in (k - 1, k, k + 1, k + 2):  # before its segment's checkpoint, before it, unsealed, sealed
             for torn in (b"", lines[cut][1][:rng.randrange(1, len(lines[cut][1]) - 1)]):  # boundary, torn inside
-                _write_prefix(lines, cut, torn, dest)
+                write_prefix(lines, cut, torn, dest)
                 writer, recovered = open_log(dest, AuditConfig(), key, lambda: START + timedelta(days=30), TRUST)
                 writer.close()
                 assert recovered.states == _full_replay_states(lines, cut), (seq, cut, len(torn))
@@ -145,11 +127,11 @@ def test_a_crash_at_every_boundary_of_writing_a_delta_recovers(course: Path, tmp
 
 
 def test_a_delta_whose_chain_does_not_resolve_is_passed_over(course: Path, tmp_path: Path) -> None:
-    lines = _lines(course / "audit")
+    lines = log_lines(course / "audit")
     last = max(k for k, (_, line) in enumerate(lines) if b'"event":"state_delta"' in line)
     rec = json.loads(lines[last][1])
     dest = tmp_path / "broken"
-    _write_prefix(lines, last + 2, b"", dest)
+    write_prefix(lines, last + 2, b"", dest)
     assert newest_snapshot(dest).seq == rec["seq"]  # type: ignore[union-attr]
     parent = rec["parent"]
     seg = dest / segment_name(parent["segment"])
@@ -287,4 +269,4 @@ def test_a_log_written_before_deltas_verifies_replays_recovers_and_carries_on(tm
 
     recovered = recover(audit, TRUST, load_public_key(pub))
     assert recovered.snapshot_seq == max(r["seq"] for r in records if r["event"] == SNAPSHOT_EVENT)
-    assert recovered.states == _full_replay_states(_lines(audit), len(records))
+    assert recovered.states == _full_replay_states(log_lines(audit), len(records))
