@@ -160,7 +160,7 @@ if proto is None:
     proto = parse_protocol(next(r for r in recs if r["event"] == "library_loaded")["text"])
 inputs = [r for r in recs if r.get("event") in records.INPUT_EVENTS]
 events = [(r["pump_id"], records.event_from_record(r)) for r in inputs]
-no_snapshots = [r for r in recs if r.get("event") != "state_snapshot"]
+no_snapshots = [r for r in recs if r.get("event") not in ("state_snapshot", "state_delta")]
 
 def decode():
     for _ in iter_lines(log):
