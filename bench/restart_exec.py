@@ -14,9 +14,8 @@ The references, in the same run:
 - `python -c "import driverd.runtime.service"` (interpreter + imports);
 - the same restart on the 5-day log.
 
-The synthetic log's course time may be ahead of the wall clock (the generator starts its step clock at a fixed
-date). The daemon then starts course time at the log's last record and raises a clock fault for every course (docs/
-safety.md, "Time"). That is one more record per pump at start, and it is logged as such.
+The log must end before the wall clock (`synth_log.py --start DATE`): a daemon started behind its log's last
+record raises a clock fault on every course (docs/safety.md, "Time"), which is not a plain restart.
 
 usage: python bench/restart_exec.py OUT [--days 5 365] [--rounds 5]
 """
@@ -32,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -83,6 +83,13 @@ def pumps_in(audit: Path) -> list[str]:
             if isinstance(pid, str):
                 ids.add(pid)
     return sorted(ids, key=lambda s: (len(s), s))
+
+
+def last_ts(audit: Path) -> datetime:
+    import json
+
+    last_line = list_segments(audit)[-1][1].read_bytes().rstrip(b"\n").rsplit(b"\n", 1)[-1]
+    return datetime.fromisoformat(json.loads(last_line)["ts"].replace("Z", "+00:00"))
 
 
 def run_until_ready(argv: list[str], env: dict[str, str], notify: Path | None) -> tuple[float, float]:
@@ -150,6 +157,11 @@ def main() -> None:
     for name, log in logs.items():
         if not log.is_dir():
             raise SystemExit(f"{log}: missing (run bench/synth_log.py with --restart-at {name.split()[0]})")
+    for log in logs.values():
+        last = last_ts(log)
+        if last > datetime.now(UTC):
+            raise SystemExit(f"{log}: its last record ({last:%Y-%m-%d %H:%M}) is after the wall clock: the daemon "
+                             "would start with a clock fault on every course (generate with synth_log.py --start DATE)")
     pumps = pumps_in(next(iter(logs.values())))
     say(f"{len(pumps)} pumps; logs: " + ", ".join(f"{n}: {len(list_segments(p))} segments" for n, p in logs.items()))
     # An installed daemon runs from compiled bytecode (pip writes the .pyc files at install). This machine sets
