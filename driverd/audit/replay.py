@@ -132,6 +132,16 @@ class ReplayResult:
 Reduce = Callable[[Any, Any, ProtocolSpec], tuple[Any, tuple[Any, ...]]]
 
 
+class _NoReport:
+    """Stands in for the ReportBuilder when replay builds no report (its report stays empty)."""
+
+    def __init__(self) -> None:
+        self.report = Report()
+
+    def add(self, rec: dict[str, Any]) -> None:
+        pass
+
+
 @dataclass(slots=True)
 class _Pump:
     state: Any
@@ -152,6 +162,7 @@ class Replayer:
         command_to_record: Callable[[Any], tuple[str, dict[str, Any]]] | None = None,
         input_events: frozenset[str] | None = None,
         output_events: frozenset[str] | None = None,
+        report: bool = True,
     ) -> None:
         if None in (initial_state, reduce, event_from_record, command_to_record, input_events, output_events):
             from driverd.core import machine, records
@@ -177,7 +188,8 @@ class Replayer:
         self._ledger = LedgerBuilder()  # the exposure ledger's builder (checked against snapshots)
         self._accepted: dict[str, dict[str, Any]] = {}  # schedule digest -> its schedule_accepted record
         self._pumps: dict[str, _Pump] = {}
-        self._summary = ReportBuilder()
+        # report=False: no per-course report (a parallel replay's workers: the parent builds it, replay_parallel.py)
+        self._summary: ReportBuilder | _NoReport = ReportBuilder() if report else _NoReport()
         # History rows encoded for the last snapshot checked (History.encoded): the next one reuses them.
         self._rows: dict[int, Any] = {}
         self._rows_next: dict[int, Any] = {}
