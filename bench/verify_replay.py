@@ -11,15 +11,17 @@ shared machine wall time also measures the neighbours.
 
 Rows: sha256sum (the reference); verify_log in this process (workers=1) and with --jobs worker processes (what
 `driverd audit verify` does); the `driverd audit verify` command itself (interpreter start and imports included);
-decoding alone (iter_lines: the parse replay pays); replay (iter_lines + replay_lines). Then an "anatomy" of the
-per-line work of verify: reading lines, SHA-256 per line, parsing, the canonical-form check, the content hash. Last,
-a "replay anatomy" (this checkout, and --before's): CPU per record of decoding, event_from_record, the core's fold,
-the report builder, replay with and without the snapshot checks, and the whole `audit replay`.
+decoding alone (iter_lines: the parse replay pays); replay (iter_lines + replay_lines); parallel replay
+(replay_log with --replay-jobs worker processes, what `driverd audit replay --jobs` runs: the log cut at state
+snapshots). Then an "anatomy" of the per-line work of verify: reading lines, SHA-256 per line, parsing, the
+canonical-form check, the content hash. Last, a "replay anatomy" (this checkout, and --before's): CPU per record of
+decoding, event_from_record, the core's fold, the report builder, replay with and without the snapshot checks, and
+the whole `audit replay`.
 
 With --before DIR (a checkout of an earlier version, e.g. `git archive 0ed788e | tar -x -C DIR`), that version's
 verify_log and replay are timed in the same rounds, in a subprocess (its own imports excluded from the timing).
 
-usage: python bench/verify_replay.py [--log DIR] [--pumps P] [--rounds R] [--jobs J] [--before DIR]
+usage: python bench/verify_replay.py [--log DIR] [--pumps P] [--rounds R] [--jobs J] [--replay-jobs J] [--before DIR]
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from common import machine, median, say, sha256sum_seconds, table, warm
 from driverd.audit.canonical import _FAST_CODEC, _parse, _reference_dumps, line_content_hash, loads_line, record_hash
 from driverd.audit.reader import iter_lines
 from driverd.audit.replay import replay_lines
+from driverd.audit.replay_parallel import ReplayInfo, replay_log
 from driverd.audit.segments import list_segments
 from driverd.audit.verify import default_workers, verify_log
 
@@ -227,6 +230,7 @@ def main() -> None:
     ap.add_argument("--pumps", type=int, default=7)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--jobs", type=int, default=default_workers())
+    ap.add_argument("--replay-jobs", type=int, default=2, help="worker processes of the parallel replay row")
     ap.add_argument("--before", type=Path, help="an earlier checkout to time side by side")
     args = ap.parse_args()
     say("machine:", machine(args.log.parent))
@@ -257,6 +261,17 @@ def main() -> None:
     def replay() -> None:
         replay_ok.append(replay_lines(iter_lines(args.log)).ok)
 
+    # The parallel replay must give the sequential result exactly, and run in parallel (not fall back).
+    info = ReplayInfo()
+    par = replay_log(args.log, jobs=args.replay_jobs, info=info)
+    same = par.as_dict() == replay_lines(iter_lines(args.log)).as_dict()
+    say(f"parallel replay, --jobs {args.replay_jobs}: {info.mode} {info.reason}, cut at snapshot seq(s) {info.slices}; "
+        f"result equal to the sequential one: {same}")
+    assert same and info.mode == "parallel", info
+
+    def replay_par() -> None:
+        replay_ok.append(replay_log(args.log, jobs=args.replay_jobs).ok)
+
     contenders: dict[str, Any] = {
         "sha256sum (coreutils, whole files)": sha,
         "verify_log, 1 process": ver1,
@@ -265,6 +280,7 @@ def main() -> None:
             lambda: cli_verify(args.log, args.jobs),
         "decode only (iter_lines)": decode,
         "`audit replay` (iter_lines + replay_lines)": replay,
+        f"`audit replay --jobs {args.replay_jobs}` (replay_log: cut at snapshots)": replay_par,
     }
     walls: dict[str, list[float]] = {k: [] for k in contenders}
     cpus: dict[str, list[float]] = {k: [] for k in contenders}

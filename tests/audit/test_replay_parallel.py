@@ -114,10 +114,10 @@ def test_parallel_equals_sequential_on_real_logs(logs: dict[str, Path], name: st
     assert want.ok and want.inputs > 100 and want.report.courses
     cuts = _snapshot_seqs(log)[1:]  # the first snapshot is never a cut (an archived log starts from it)
     assert cuts, name
-    for split in ([cuts[0]], [cuts[-1]], cuts[:: max(1, len(cuts) // 3)], cuts):
+    for split in ([cuts[-1]], cuts) if len(cuts) > 1 else ([cuts[0]],):
         info = _same(log, want, split_seqs=split)
         assert info.slices == sorted(split)
-    for jobs in (1, 2, 3, 4):
+    for jobs in (1, 2, 3, 4) if name == "demo" else (2, 3):
         info = _same(log, want, parallel=jobs > 1, jobs=jobs, min_bytes=0)
         assert len(info.slices) <= max(0, jobs - 1)
     if name == "archived":
@@ -143,7 +143,7 @@ def test_counts_without_the_report(logs: dict[str, Path]) -> None:
 _WANT: dict[str, ReplayResult] = {}
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_any_cut_points(renamed: Path, data: st.DataObject) -> None:
     cuts = _snapshot_seqs(renamed)[1:]
@@ -237,7 +237,8 @@ def test_a_divergence_inside_a_slice_is_merged(made: ArchiveLog, tmp_path: Path)
 
 
 def _snapshot_edit(rec: dict[str, Any], pump: str = "bed-1") -> dict[str, Any]:
-    states = {**rec["states"], pump: {**rec["states"][pump], "setpoint_seq": rec["states"][pump]["setpoint_seq"] + 7}}
+    state = rec["states"][pump]
+    states = {**rec["states"], pump: {**state, "next_setpoint_id": state["next_setpoint_id"] + 7}}
     return {**rec, "states": states}
 
 
