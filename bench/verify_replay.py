@@ -269,8 +269,13 @@ def main() -> None:
         f"result equal to the sequential one: {same}")
     assert same and info.mode == "parallel", info
 
+    par_cpu: list[tuple[float, list[float]]] = []  # (this process, each worker) per round
+
     def replay_par() -> None:
-        replay_ok.append(replay_log(args.log, jobs=args.replay_jobs).ok)
+        got = ReplayInfo()
+        replay_ok.append(replay_log(args.log, jobs=args.replay_jobs, info=got).ok)
+        assert got.mode == "parallel", got
+        par_cpu.append((got.cpu_parent, got.cpu_workers))
 
     contenders: dict[str, Any] = {
         "sha256sum (coreutils, whole files)": sha,
@@ -312,6 +317,18 @@ def main() -> None:
     rows.insert(1, ["hashlib.sha256 (whole files, in-process)", f"{t_hashlib:.3f}", "", f"{records / t_hashlib:,.0f}",
                     f"{mb / t_hashlib:,.0f}", f"{ref / t_hashlib:.3f}"])
     say(table(["", "wall s", "CPU s", "records/s", "MB/s", "speed vs sha256sum"], rows))
+    seq_w = median(walls["`audit replay` (iter_lines + replay_lines)"])
+    par_w = median(walls[f"`audit replay --jobs {args.replay_jobs}` (replay_log: cut at snapshots)"])
+    parent = median([p for p, _ in par_cpu])
+    workers = [median([w[k] for _, w in par_cpu]) for k in range(len(par_cpu[0][1]))]
+    seq_cpu = median(cpus["`audit replay` (iter_lines + replay_lines)"])
+    # With as many idle cores as processes, the wall is the slowest process; on 2 cores, at least half the CPU.
+    ideal = max([parent, *workers, (parent + sum(workers)) / os.cpu_count()])  # type: ignore[operator]
+    say(f"\nparallel replay, --jobs {args.replay_jobs}: wall {par_w / seq_w:.2f} x the sequential replay's in the "
+        f"same rounds; CPU (median) this process {parent:.2f} s (plan, report, merge), workers "
+        f"{', '.join(f'{w:.2f}' for w in workers)} s; sequential {seq_cpu:.2f} s. On {os.cpu_count()} idle cores "
+        f"(from the CPU figures, not measured): {ideal:.2f} s = {records / ideal:,.0f} records/s, "
+        f"{seq_cpu / ideal:.2f} x the sequential replay's CPU")
     say("\nanatomy of the per-line work (one pass each, cumulative):\n")
     an = anatomy(files)
     say(table(["stage", "seconds", "records/s", "speed vs sha256sum"],

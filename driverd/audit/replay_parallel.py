@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import threading
+import time
 from bisect import bisect_right
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -69,6 +70,9 @@ class ReplayInfo:
     slices: list[int] = field(default_factory=list)  # seqs of the snapshots the log was cut at
     snapshots: int = 0  # state_snapshot records replayed (checked, or seeded from at an archived log's start)
     deltas: int = 0  # state_delta records replayed
+    # CPU seconds of this process (plan, report, merge) and of each worker (for the bench: the critical path).
+    cpu_parent: float = 0.0
+    cpu_workers: list[float] = field(default_factory=list)
 
 
 class _Unusual(Exception):
@@ -276,6 +280,7 @@ class _SliceResult:
     seeded: list[str] = field(default_factory=list)  # ... right after the seed
     snapshots: int = 0
     deltas: int = 0
+    cpu: float = 0.0  # CPU seconds of the worker
 
 
 def _index(accepted: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -308,6 +313,7 @@ def _resume(r: Replayer, rec: dict[str, Any], sl: _Slice) -> None:
 
 
 def _replay_slice(sl: _Slice, done: Any = None) -> _SliceResult:
+    cpu = time.process_time()
     out = _SliceResult()
     r = Replayer(report=False)
     if sl.seed is not None:
@@ -335,6 +341,7 @@ def _replay_slice(sl: _Slice, done: Any = None) -> _SliceResult:
         if any(i.input_seq > flushed for i in out.interrupted):  # finish() found outputs still to come
             raise _Unusual(f"outputs pending at the snapshot at seq {sl.end_seq}")
         out.end = _state_print(r)
+    out.cpu = time.process_time() - cpu
     return out
 
 
@@ -401,6 +408,7 @@ def replay_log(
     `split_seqs`: cut at exactly the snapshots with these seqs, whatever the size (for tests). Raises what the
     sequential replay raises (AuditError for a damaged line)."""
     info = info if info is not None else ReplayInfo()
+    cpu = time.process_time()
     files = list(segments) if segments is not None else [p for _, p in resolve_log(path)]
     reason = ""
     if jobs <= 1 and split_seqs is None:
@@ -419,7 +427,7 @@ def replay_log(
         except Exception as exc:  # a damaged log, a worker's error: the sequential replay meets it itself
             reason = f"{type(exc).__name__}: {exc}"
         else:
-            info.mode, info.reason = "parallel", ""
+            info.mode, info.reason, info.cpu_parent = "parallel", "", time.process_time() - cpu
             return result
     info.mode, info.reason, info.slices = "sequential", reason, []
     return _sequential(files, progress, report, info)
@@ -436,7 +444,8 @@ def _sequential(files: list[Path], progress: Callable[[int], None] | None, repor
 
     info.snapshots = info.deltas = 0
     lines = chain.from_iterable(iter_lines(f, progress) for f in files)
-    return replay_lines(counted(lines), Replayer(report=report))
+    # Counted only without the report (verify --full shows the counts; `audit replay` does not).
+    return replay_lines(lines if report else counted(lines), Replayer(report=report))
 
 
 def _context() -> Any:
@@ -493,6 +502,7 @@ def _run(plan: _Plan, files: list[Path], progress: Callable[[int], None] | None,
     if count is not None and (count != sum(r.records for r in results) or last != results[-1].last_seq):
         raise _Unusual("the log changed while it was replayed")
     info.snapshots = sum(r.snapshots for r in results)
+    info.cpu_workers = [r.cpu for r in results]
     info.deltas = sum(r.deltas for r in results)
     return result
 
