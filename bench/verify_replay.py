@@ -21,7 +21,8 @@ the whole `audit replay`.
 With --before DIR (a checkout of an earlier version, e.g. `git archive 0ed788e | tar -x -C DIR`), that version's
 verify_log and replay are timed in the same rounds, in a subprocess (its own imports excluded from the timing).
 
-usage: python bench/verify_replay.py [--log DIR] [--pumps P] [--rounds R] [--jobs J] [--replay-jobs J] [--before DIR]
+usage: python bench/verify_replay.py [--log DIR] [--pumps P] [--rounds R] [--jobs J] [--replay-jobs J]
+                                    [--replay-only] [--before DIR]
 """
 
 from __future__ import annotations
@@ -231,6 +232,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--jobs", type=int, default=default_workers())
     ap.add_argument("--replay-jobs", type=int, default=2, help="worker processes of the parallel replay row")
+    ap.add_argument("--replay-only", action="store_true",
+                    help="only sha256sum and the two replay rows (no verify rows, no anatomies): a short run")
     ap.add_argument("--before", type=Path, help="an earlier checkout to time side by side")
     args = ap.parse_args()
     say("machine:", machine(args.log.parent))
@@ -287,6 +290,8 @@ def main() -> None:
         "`audit replay` (iter_lines + replay_lines)": replay,
         f"`audit replay --jobs {args.replay_jobs}` (replay_log: cut at snapshots)": replay_par,
     }
+    if args.replay_only:
+        contenders = {k: v for k, v in contenders.items() if "replay" in k or k.startswith("sha256sum")}
     walls: dict[str, list[float]] = {k: [] for k in contenders}
     cpus: dict[str, list[float]] = {k: [] for k in contenders}
     before_labels = {"verify": f"before ({args.before}): verify_log", "replay": f"before ({args.before}): replay"}
@@ -329,6 +334,9 @@ def main() -> None:
         f"{', '.join(f'{w:.2f}' for w in workers)} s; sequential {seq_cpu:.2f} s. On {os.cpu_count()} idle cores "
         f"(from the CPU figures, not measured): {ideal:.2f} s = {records / ideal:,.0f} records/s, "
         f"{seq_cpu / ideal:.2f} x the sequential replay's CPU")
+    if args.replay_only:
+        say("\nload at end:", machine())
+        return
     say("\nanatomy of the per-line work (one pass each, cumulative):\n")
     an = anatomy(files)
     say(table(["stage", "seconds", "records/s", "speed vs sha256sum"],
