@@ -188,8 +188,7 @@ class Replayer:
         self._ledger = LedgerBuilder()  # the exposure ledger's builder (checked against snapshots)
         self._accepted: dict[str, dict[str, Any]] = {}  # schedule digest -> its schedule_accepted record
         self._pumps: dict[str, _Pump] = {}
-        # report=False: no per-course report (a parallel replay's workers: the parent builds it, replay_parallel.py)
-        self._summary: ReportBuilder | _NoReport = ReportBuilder() if report else _NoReport()
+        self._summary = ReportBuilder()
         # History rows encoded for the last snapshot checked (History.encoded): the next one reuses them.
         self._rows: dict[int, Any] = {}
         self._rows_next: dict[int, Any] = {}
@@ -202,6 +201,9 @@ class Replayer:
         self._chain = SnapshotChain()
         self._segment = 0  # the segment being read (from its segment_start)
         self._follow = False  # the next record's prev is the line hash of the last snapshot or delta
+        if not report:  # no per-course report: a parallel replay's workers (the parent builds it, replay_parallel.py)
+            self._summary = _NoReport()  # type: ignore[assignment]
+            self.result.report = self._summary.report
 
     def add(self, rec: dict[str, Any]) -> None:
         self._summary.add(rec)
