@@ -125,7 +125,8 @@ def test_parallel_equals_sequential_on_real_logs(logs: dict[str, Path], name: st
 
 
 def test_counts_without_the_report(logs: dict[str, Path]) -> None:
-    """verify --full's use: no report, and the snapshots and deltas replayed counted as one pass counts them."""
+    """verify --full's use: no report, and the snapshots and deltas replayed counted as one pass counts them. Each
+    cut's snapshot is the parent of the state deltas after it: their chain crosses into the next slice."""
     log = logs["demo"]
     want = _sequential(log)
     info = ReplayInfo()
@@ -138,6 +139,7 @@ def test_counts_without_the_report(logs: dict[str, Path]) -> None:
     assert not got.report.courses
     events = [r["event"] for r in iter_records(log)]
     assert (info.snapshots, info.deltas) == (events.count(SNAPSHOT_EVENT), events.count(DELTA_EVENT))
+    assert info.deltas > 50 and len(info.slices) >= 5
 
 
 _WANT: dict[str, ReplayResult] = {}
