@@ -175,6 +175,16 @@ class PumpDriver(abc.ABC):
     async def clear_alarm(self) -> None:
         """Acknowledge the pump's alarm so it accepts data again (does not restart it)."""
 
+    @abc.abstractmethod
+    async def clear_delivered(self) -> Decimal:
+        """Zero the pump's delivered (infused) volume counter and return the counter read back afterwards.
+
+        The caller checks the read-back is 0: a pump that ignored the clear reads back its old count. Only on a
+        stopped pump: a driver that reads the pump infusing refuses without sending (``PumpRejected`` code
+        "NA"), since a counter cleared while running can never read back a clean 0; a latched alarm refuses it
+        like any other write (``PumpAlarm``). Clearing twice is clearing once, so a lost reply may be resent.
+        """
+
     async def probe(self) -> ProbeReport:
         """Identify the pump and read its status and dead-man setting with queries only, on a driver that is
         not connected: opens its own transport and closes it again, never sends a write (no ``connect()``

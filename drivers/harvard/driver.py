@@ -273,6 +273,19 @@ class HarvardDriver(PumpDriver):
             self._latched.clear()
             self._expect_running = raw.running
 
+    async def clear_delivered(self) -> Decimal:
+        """``civolume`` (clear the infused volume), then ``status`` read back. Sent only to a stopped pump with no
+        alarm latched. The counter going back after this ordered clear is not a power-up: the driver forgets the
+        previous reading first, so only a drop it did not order latches POWER_INTERRUPTED."""
+        async with self._lock:
+            raw = await self._check("clear_delivered")
+            if raw.running:
+                raise PumpRejected("clear_delivered: the pump is infusing; stop it first", code="NA")
+            # Forgotten before sending: a civolume whose reply is lost may still have cleared the counter.
+            self._last_volume_fl = None
+            await self._request("civolume", body_lines=0, retry=True)  # clearing twice is clearing once
+            return (await self._status()).infused_ml
+
     # ---- internals -----
 
     async def _check(self, what: str) -> RawStatus:
@@ -294,7 +307,7 @@ class HarvardDriver(PumpDriver):
     def _observe(self, raw: RawStatus) -> None:
         new: set[AlarmKind] = set()
         if self._last_volume_fl is not None and raw.volume_fl < self._last_volume_fl:
-            new.add(AlarmKind.POWER_INTERRUPTED)  # the counters reset only at power-up (this driver never clears)
+            new.add(AlarmKind.POWER_INTERRUPTED)  # the counters reset only at power-up (or an ordered clear)
         self._last_volume_fl = raw.volume_fl
         if raw.stalled:
             new.add(AlarmKind.OCCLUSION)

@@ -349,6 +349,19 @@ class ModbusDriver(PumpDriver):
         if status.state is PumpState.ALARM:
             raise PumpAlarm("alarm still active after acknowledge", alarms=status.alarms)
 
+    async def clear_delivered(self) -> Decimal:
+        """The map's command ``clear_delivered`` (guarded by its magic value), then ``delivered_volume`` read
+        back. Refused here on a running pump or one in alarm (the reference device answers 04 while infusing)."""
+        async with self._lock:
+            status = await self._status()
+            if status.running:
+                raise PumpRejected(f"{self.url.raw}: clear_delivered: the pump is infusing; stop it first", code="NA")
+            if status.state is PumpState.ALARM:
+                raise PumpAlarm(f"clear_delivered: pump in alarm {sorted(a.value for a in status.alarms)}",
+                                alarms=status.alarms)
+            await self._write_value("command", Decimal(self.map.command("clear_delivered")))
+            return await self._read_decimal("delivered_volume")
+
     async def read_status(self) -> PumpStatus:
         async with self._lock:
             return await self._status()
