@@ -363,6 +363,7 @@ class NewEraDriver(PumpDriver):
         async with self._lock:
             self._refuse_if_alarm("clear_delivered")
             status = await self._request("", retry=True)
+            self._refuse_if_alarm("clear_delivered")  # an alarm the status query just acknowledged
             if status.status not in (Status.STOPPED, Status.PAUSED):
                 raise PumpRejected(
                     f"clear_delivered: the pump reports status {status.status.value!r}, not stopped; stop it first",
