@@ -237,7 +237,7 @@ def test_clear_delivered_sends_cld_inf_to_a_stopped_pump_and_reads_dis_back() ->
             assert (await driver.read_status()).delivered_ml == Decimal("100.0")
             mark = len(ep.protocol.requests)
             assert await driver.clear_delivered() == 0
-            sent = [(c.name, c.data) for c in ep.protocol.requests[mark:]]
+            sent = [(c.name, c.data) for c in list(ep.protocol.requests)[mark:]]
             assert ("CLD", "INF") in sent and ("CLD", "WDR") not in sent
             assert sent.index(("CLD", "INF")) < sent.index(("DIS", ""))  # read back after the clear
             assert model.status().delivered_ml == 0
