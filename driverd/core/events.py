@@ -120,7 +120,24 @@ class SyringeLoaded:
     delivered_ml: Decimal
 
 
+@dataclass(frozen=True, slots=True)
+class CounterCleared:
+    """The daemon cleared the pump's delivered-volume counter (a stopped pump: when priming a course and when
+    loading a new syringe) and read it back. ``before_ml``: the counter read just before the clear (None: not
+    read); ``after_ml``: the counter read back after it (None: no valid read-back). The clear is verified only if
+    ``after_ml == 0``; ``error`` says why not (a refusal, a timeout, a malformed reply)."""
+
+    at: datetime
+    before_ml: Decimal | None
+    after_ml: Decimal | None
+    error: str = ""
+
+    @property
+    def verified(self) -> bool:
+        return self.after_ml is not None and self.after_ml == 0 and not self.error
+
+
 Event = (
     ScheduleAccepted | PumpVerified | Tick | PumpReport | SetpointResult | ClinicianCommand | LinkLost | LinkRestored
-    | ClockStepped | SyringeLoaded
+    | ClockStepped | SyringeLoaded | CounterCleared
 )

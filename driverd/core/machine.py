@@ -19,6 +19,7 @@ from driverd.core.events import (
     WARNING_ALARMS,
     ClinicianCommand,
     ClockStepped,
+    CounterCleared,
     Event,
     LinkLost,
     LinkRestored,
@@ -494,6 +495,8 @@ def _resume(state: CourseState, event: ClinicianCommand, protocol: ProtocolSpec)
 
 #: Alarm causes a syringe change deals with (the syringe ran empty): the only alarm a change may acknowledge.
 END_OF_SYRINGE_CAUSES = frozenset({"pump_alarm:end_of_syringe", "syringe_empty"})
+#: ... and a counter clear at the last syringe load that did not read back 0: a new change_syringe retries the load.
+SYRINGE_CHANGE_CAUSES = END_OF_SYRINGE_CAUSES | {"counter_not_cleared"}
 
 
 def _on_change_syringe(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
@@ -515,8 +518,8 @@ def _on_change_syringe(state: CourseState, event: Event, protocol: ProtocolSpec)
         approved = ", ".join(str(c) for c in sorted(sch.approved_concentrations))
         return state, (Refused("clinician", "concentration_not_approved",
                                f"{conc} mg/mL is not approved by the signed schedule ({approved} mg/mL)"),)
-    if state.phase is P.ALARM and not set(state.alarm_causes) <= END_OF_SYRINGE_CAUSES:
-        others = ", ".join(c for c in state.alarm_causes if c not in END_OF_SYRINGE_CAUSES)
+    if state.phase is P.ALARM and not set(state.alarm_causes) <= SYRINGE_CHANGE_CAUSES:
+        others = ", ".join(c for c in state.alarm_causes if c not in SYRINGE_CHANGE_CAUSES)
         return state, (Refused("clinician", "alarm_active", f"a syringe change acknowledges only an end of "
                                                             f"syringe; resolve and resume {others} first"),)
     if state.pending is not None and not state.pending.is_decrease:
@@ -594,6 +597,43 @@ def _on_syringe_loaded(state: CourseState, event: Event, protocol: ProtocolSpec)
     state = evolve(state, alarm_code="", resume_to=None)
     state, t = _goto(state, target, "syringe_changed")
     return state, (done, *cmds, *t)
+
+
+#: The daemon cleared the pump's delivered-volume counter (priming a course, loading a syringe) and it did not read
+#: back 0: nothing starts or resumes on a counter nobody can trust (docs/safety.md, SUP-13).
+COUNTER_NOT_CLEARED = "counter_not_cleared"
+
+
+def _on_counter_cleared(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
+    """An ordered clear of the pump's counter and its read-back. What the counter added up to the clear counts (as
+    at a syringe load); the clear itself is no delivery and no lost count: the read-back is the next report's
+    baseline. A clear that did not read back 0 is an alarm (raised once): before the course runs it stays idle,
+    and the channel feeds no `PumpVerified`; at a syringe load the course alarms with the change waiting, and a
+    clinician gives change_syringe again (which retries the load) or resumes on the syringe in the pump."""
+    assert isinstance(event, CounterCleared)
+    if event.before_ml is not None:
+        prev = state.raw_delivered_ml
+        before = event.before_ml
+        state = _count(state, event.at, Decimal(0) if prev is None or before < prev else before - prev, before)
+    shown_before = "unread" if event.before_ml is None else f"{event.before_ml} mL"
+    if not event.verified:
+        if event.after_ml is not None:
+            state = evolve(state, raw_delivered_ml=event.after_ml)  # what the counter reads now
+        after = "nothing" if event.after_ml is None else f"{event.after_ml} mL"
+        why = f" ({event.error})" if event.error else ""
+        return _alarm(state, COUNTER_NOT_CLEARED,
+                      f"pump's delivered-volume counter not cleared: {shown_before} before, read back {after}{why}")
+    state = evolve(state, raw_delivered_ml=event.after_ml)
+    cmds: tuple[Command, ...] = (Notice("counter_cleared", f"pump's delivered-volume counter cleared "
+                                                           f"({shown_before} before); reads back 0"),)
+    if COUNTER_NOT_CLEARED in state.alarm_causes and state.phase not in ACTIVE:
+        # Before the course runs no drug flowed on the untrusted counter: the cause ends with a verified clear.
+        # In a running course the alarm is acknowledged by a clinician, as every cause.
+        causes = tuple(c for c in state.alarm_causes if c != COUNTER_NOT_CLEARED)
+        code = "" if state.alarm_code == COUNTER_NOT_CLEARED else state.alarm_code
+        state = evolve(state, alarm_causes=causes, alarm_code=code)
+        cmds += (Notice("alarm_cleared", f"{COUNTER_NOT_CLEARED} (cleared and read back 0)"),)
+    return state, cmds
 
 
 def _same_drug(state: CourseState, rate: Decimal, old_conc: Decimal) -> Decimal:
@@ -1010,6 +1050,7 @@ TRANSITIONS: dict[type | str, tuple[frozenset[Phase], Handler]] = {
     "clinician:change_syringe": (frozenset({P.PRIMED, P.TITRATING, P.HOLDING, P.TAPERING, P.PAUSED, P.ALARM}),
                                  _on_change_syringe),
     SyringeLoaded: (frozenset({P.PRIMED, P.PAUSED}), _on_syringe_loaded),
+    CounterCleared: (_ALL, _on_counter_cleared),
 }
 
 
