@@ -125,7 +125,8 @@ class CounterCleared:
     """The daemon cleared the pump's delivered-volume counter (a stopped pump: when priming a course and when
     loading a new syringe) and read it back. ``before_ml``: the counter read just before the clear (None: not
     read); ``after_ml``: the counter read back after it (None: no valid read-back). The clear is verified only if
-    ``after_ml == 0``; ``error`` says why not (a refusal, a timeout, a malformed reply)."""
+    the counter reads back 0; ``error`` is what went wrong on the way (a refusal, a timeout, a malformed reply;
+    a clear whose reply was lost but whose counter then reads 0 is verified: the count is what matters)."""
 
     at: datetime
     before_ml: Decimal | None
@@ -134,7 +135,7 @@ class CounterCleared:
 
     @property
     def verified(self) -> bool:
-        return self.after_ml is not None and self.after_ml == 0 and not self.error
+        return self.after_ml is not None and self.after_ml == 0
 
 
 Event = (
