@@ -15,16 +15,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import timedelta
-from decimal import Decimal
+from decimal import ROUND_DOWN, Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from driverd.runtime.control import request
 from driverd.runtime.demo import START, demo_schedule
 from drivers.base import PumpState
 from simulators.pump import ModelError, PumpModel
-from tests.runtime.e2e import FIRST_STEP, Rig, Timing, audit_ok, events, rig, run
+from tests.runtime.e2e import BOUND_S, FIRST_STEP, Rig, Timing, audit_ok, events, rig, run
 
 NAME = "bed-1"
 H = timedelta(hours=1)
@@ -164,3 +165,56 @@ def test_six_courses_back_to_back_from_a_used_counter_never_raise_a_false_under_
             audit_ok(r)
 
     run(body(), timeout=600)
+
+
+async def _change(r: Rig) -> dict[str, Any]:
+    assert r.socket is not None
+    return await request(r.socket, {"op": "change_syringe", "pump_id": NAME, "fill_volume_ml": "22", "by": "rn-1",
+                                    "reason": "syringe change"}, timeout_s=BOUND_S)
+
+
+@pytest.mark.parametrize("transport", ["newera-pty", "modbus-tcp"])
+def test_a_syringe_load_clears_the_counter_and_a_failed_clear_alarms_until_a_new_change(
+        tmp_path: Path, transport: str) -> None:
+    async def body() -> None:
+        async with rig(transport, tmp_path, control=True) as r:
+            model, ch = r.model(NAME), r.channel(NAME)
+            assert (await r.push(NAME))["ok"] is True
+            await r.advance_to(FIRST_STEP + 2 * H + HALF)
+            assert ch.state.phase.value == "titrating"
+            rate = model.status().rate_ml_per_h
+            # 1. A change that clears: stop, swap, confirm; the new syringe is counted from a verified 0.
+            assert (await _change(r))["phase"] == "paused"
+            model.load_syringe(Decimal(22))
+            used = model.status().delivered_ml
+            assert used > 0
+            reply = await _change(r)
+            assert reply["ok"] is True and reply["phase"] == "titrating", reply
+            assert model.status().delivered_ml == 0 and model.status().state is PumpState.INFUSING
+            loads = [x for x in counter_records(r.records()) if x.get("reason") == "syringe_load"
+                     or x["event"] == "counter_cleared"]
+            assert loads[-2]["event"] == "counter_clear" and loads[-2]["reason"] == "syringe_load"
+            shown = used.quantize(Decimal("0.001"), rounding=ROUND_DOWN)  # both displays, below 10 mL
+            assert loads[-1]["verified"] is True and Decimal(loads[-1]["before_ml"]) == shown
+            # 2. A change whose clear the pump ignores: the course alarms, the pump stays stopped.
+            await r.advance_to(r.clock.now() + 2 * H)
+            assert (await _change(r))["phase"] == "paused"
+            model.load_syringe(Decimal(22))
+            model.clear_delivered = ignores_clear(model)  # type: ignore[method-assign]
+            reply = await _change(r)
+            assert reply["phase"] == "alarm", reply
+            assert ch.state.alarm_causes == ("counter_not_cleared",)
+            await r.advance_to(r.clock.now() + H)
+            assert model.status().state is PumpState.STOPPED and model.status().delivered_ml > 0
+            assert [a["code"] for a in events(r.records(), "alarm", NAME)] == ["counter_not_cleared"]
+            resumes = [x for x in r.model(NAME).rate_history() if x[0] > r.clock.now() - H]
+            assert all(x[1] == 0 for x in resumes)  # nothing ran on the untrusted counter
+            # 3. The pump is fixed; the nurse gives change_syringe again: it acknowledges the alarm and retries.
+            del model.clear_delivered
+            first = await _change(r)
+            assert first["ok"] is True and first["phase"] == "titrating", first
+            assert model.status().delivered_ml == 0 and model.status().state is PumpState.INFUSING
+            assert model.status().rate_ml_per_h == rate
+            audit_ok(r)
+
+    run(body())
