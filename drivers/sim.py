@@ -35,6 +35,7 @@ from drivers.base import (
     PumpRejected,
     PumpState,
     PumpStatus,
+    reading_step,
 )
 from drivers.url import DriverURL
 from simulators.clock import SystemClock
@@ -206,10 +207,12 @@ class SimDriver(PumpDriver):
     async def read_status(self) -> PumpStatus:
         # reading(): status()'s values that a status read carries, without the model's extras (once per poll).
         state, rate, delivered, diameter, alarms = self._call(lambda m: m.reading())
+        shown = self._display(delivered)
         return PumpStatus(
             state=state,
             rate_ml_per_h=rate,
-            delivered_ml=self._display(delivered),
+            delivered_ml=shown,
             diameter_mm=diameter,
             alarms=alarms,
+            delivered_step_ml=reading_step(shown, self.resolution),
         )

@@ -56,13 +56,15 @@ class Tick:
 
 @dataclass(frozen=True, slots=True)
 class PumpReport:
-    """One status read from the pump."""
+    """One status read from the pump. `delivered_step_ml`: the step of this counter reading as the driver knows it
+    (exact; None: not known, the drug library's `counter_resolution_ml` is assumed)."""
 
     at: datetime
     state: PumpStateName
     rate_ml_per_h: Decimal
     delivered_ml: Decimal
     alarms: tuple[str, ...] = ()
+    delivered_step_ml: Decimal | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -600,7 +600,7 @@ def _on_syringe_loaded(state: CourseState, event: Event, protocol: ProtocolSpec)
 
 
 #: The daemon cleared the pump's delivered-volume counter (priming a course, loading a syringe) and it did not read
-#: back 0: nothing starts or resumes on a counter nobody can trust (docs/safety.md, SUP-13).
+#: back 0: nothing starts or resumes on a counter nobody can trust (docs/safety.md, SUP-15).
 COUNTER_NOT_CLEARED = "counter_not_cleared"
 
 
@@ -784,7 +784,7 @@ def _on_report(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
         state, t = _goto(state, P.PAUSED, "stopped_at_pump")
         return state, (*cmds, Notice("stopped_at_pump", f"pump reports {event.state}"), *t)
     state, cmds = _warn_near_empty(state, protocol, event.at, cmds)
-    return _check_deviation(state, protocol, event.at, cmds)
+    return _check_deviation(state, protocol, event.at, cmds, event.delivered_step_ml)
 
 
 def predicted_empty_at(state: CourseState) -> datetime | None:
@@ -895,10 +895,21 @@ def _reported_readback(event: PumpReport) -> Decimal:
     return event.rate_ml_per_h if event.state == "infusing" else Decimal(0)
 
 
-def _check_deviation(state: CourseState, protocol: ProtocolSpec, now: datetime, cmds: tuple[Command, ...]) -> Out:
+def counter_resolution(protocol: ProtocolSpec, step: Decimal | None) -> Decimal:
+    """The counter step the accuracy check allows for: the drug library's `counter_resolution_ml`, or the reading's
+    own step when the driver reports a coarser one (a 4-digit display above 100 mL reads in 0.1 mL steps). Never
+    finer than the library's: with a fine counter the check is exactly as strict as the library says."""
+    res = protocol.counter_resolution_ml
+    return step if step is not None and step > res else res
+
+
+def _check_deviation(state: CourseState, protocol: ProtocolSpec, now: datetime, cmds: tuple[Command, ...],
+                     step: Decimal | None = None) -> Out:
     """Delivered vs commanded volume over a sliding window (GIP 1.2.2-1.2.3): a fault that starts after days of
     correct running is caught within about one window, not diluted by the whole run. The window never reaches
-    back before the first report at the current verified rate (`deviation_base`)."""
+    back before the first report at the current verified rate (`deviation_base`). A difference within two steps
+    of the counter reading (`counter_resolution`: each end of the window is truncated by less than one step) is
+    never a deviation: a coarse display must not raise a false under_infusion."""
     base = state.deviation_base
     if base is None or state.commanded_rate == 0:
         if state.commanded_rate > 0 and state.last_sample is not None:
@@ -908,12 +919,13 @@ def _check_deviation(state: CourseState, protocol: ProtocolSpec, now: datetime, 
     # counter's step while a large one is caught as soon as the configured window has passed.
     if now - base.at < span_minutes(protocol.deviation_window_minutes):
         return state, cmds
-    start = _sample_before(state, now - _deviation_window(protocol, state.commanded_rate))
+    resolution = counter_resolution(protocol, step)
+    start = _sample_before(state, now - _deviation_window(protocol, state.commanded_rate, resolution))
     if start is None or start.at < base.at:
         start = base
     expected = state.commanded_rate * hours_between(start.at, now)
     actual = state.delivered_ml - start.delivered_ml
-    if abs(actual - expected) <= max(expected * protocol.deviation_limit, 2 * protocol.counter_resolution_ml):
+    if abs(actual - expected) <= max(expected * protocol.deviation_limit, 2 * resolution):
         return state, cmds
     code = "over_infusion" if actual > expected else "under_infusion"
     detail = f"delivered {actual} mL vs expected {expected:.4f} mL over {now - start.at}"
@@ -924,11 +936,13 @@ def _check_deviation(state: CourseState, protocol: ProtocolSpec, now: datetime, 
     return state, cmds + more
 
 
-def _deviation_window(protocol: ProtocolSpec, rate: Decimal) -> timedelta:
+def _deviation_window(protocol: ProtocolSpec, rate: Decimal, resolution: Decimal | None = None) -> timedelta:
     """The configured window, stretched at low rates until the counter's display step (read at both ends) is at
     most `deviation_limit` of the expected volume: then a correct pump never alarms and a fault twice the limit
-    always does. At 0.416 mL/h with a 0.01 mL step and 10 % that is 29 min instead of 15."""
-    return _stretched_window(protocol.deviation_window_minutes, protocol.counter_resolution_ml,
+    always does. At 0.416 mL/h with a 0.01 mL step and 10 % that is 29 min instead of 15. `resolution`: the step
+    allowed for (`counter_resolution`); None is the drug library's."""
+    return _stretched_window(protocol.deviation_window_minutes,
+                             protocol.counter_resolution_ml if resolution is None else resolution,
                              protocol.deviation_limit, rate)
 
 
@@ -1142,6 +1156,9 @@ def _quiet_report(state: CourseState, event: PumpReport, protocol: ProtocolSpec)
     rate = state.commanded_rate
     if event.alarms and not _warnings_seen(event.alarms, state.pump_alarms):
         return None
+    step = event.delivered_step_ml
+    if step is not None and step > protocol.counter_resolution_ml:
+        return None  # a coarse counter reading: the general path widens the accuracy check for it
     if (phase not in RUNNING or state.pending is not None or event.state != "infusing"
             or state.deviation_base is None or state.interrupted_at is not None
             or state.commanded_since is None or state.summary_due or state.schedule is None

@@ -198,8 +198,9 @@ def event_to_record(ev: Event) -> tuple[str, dict[str, Any]]:
     if isinstance(ev, Tick):
         return "tick", at
     if isinstance(ev, PumpReport):
+        step = {} if ev.delivered_step_ml is None else {"delivered_step_ml": fmt_dec(ev.delivered_step_ml)}
         return "pump_report", {**at, "state": ev.state, "rate_ml_per_h": fmt_dec(ev.rate_ml_per_h),
-                               "delivered_ml": fmt_dec(ev.delivered_ml), "alarms": list(ev.alarms)}
+                               "delivered_ml": fmt_dec(ev.delivered_ml), "alarms": list(ev.alarms), **step}
     if isinstance(ev, SetpointResult):
         rb = None if ev.readback_ml_per_h is None else fmt_dec(ev.readback_ml_per_h)
         return "setpoint_result", {**at, "setpoint_id": ev.setpoint_id, "readback_ml_per_h": rb, "error": ev.error}
@@ -251,8 +252,11 @@ def event_from_record(record: dict[str, Any]) -> Event:
         alarms = record.get("alarms", [])
         if not isinstance(alarms, list) or not all(isinstance(a, str) for a in alarms):
             raise ValidationError([Problem("alarms", "type", "expected a list of strings")])
+        step = None if record.get("delivered_step_ml") is None else _dec(record, "delivered_step_ml")
+        if step is not None and step <= 0:
+            raise ValidationError([Problem("delivered_step_ml", "range", f"must be > 0, got {step}")])
         return PumpReport(at, state, _dec(record, "rate_ml_per_h"), _dec(record, "delivered_ml"),  # type: ignore[arg-type]
-                          tuple(alarms))
+                          tuple(alarms), step)
     if name == "setpoint_result":
         sid = record.get("setpoint_id")
         if isinstance(sid, bool) or not isinstance(sid, int):

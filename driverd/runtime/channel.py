@@ -300,7 +300,8 @@ class Channel:
 
     def _report(self, status: PumpStatus) -> PumpReport:
         alarms = tuple(sorted(a.value for a in status.alarms)) if status.alarms else ()
-        return PumpReport(self.clock.now(), status.state.value, status.rate_ml_per_h, status.delivered_ml, alarms)
+        return PumpReport(self.clock.now(), status.state.value, status.rate_ml_per_h, status.delivered_ml, alarms,
+                          status.delivered_step_ml)
 
     async def prime(self) -> None:
         """A newly accepted schedule: stop the pump, load the syringe diameter, read it back, tell the core."""

@@ -53,6 +53,7 @@ from drivers.base import (
 )
 from drivers.harvard.codec import (
     ELITE_RATE_RESOLUTION,
+    FL_PER_ML,
     MAX_COMMAND,
     MAX_REPLY,
     Prompt,
@@ -76,6 +77,7 @@ BITS_PER_BYTE: Final = 10  # 8N1
 QUERIES: Final = frozenset({"", "poll", "ver", "version", "status", "irate", "diameter", "address", "ivolume"})
 
 _log = logging.getLogger(__name__)
+_ONE_FL_IN_ML: Final = Decimal(1) / FL_PER_ML
 
 
 def _pump_text(fmt: Callable[[], str], field: str) -> str:
@@ -201,7 +203,8 @@ class HarvardDriver(PumpDriver):
             state = PumpState.INFUSING if running else PumpState.STOPPED
             if (alarms and not running) or (raw.withdraw and raw.running):
                 state = PumpState.ALARM
-            return PumpStatus(state, rate, raw.infused_ml, diameter, alarms)
+            # The status line's volume is an integer in fL: its step is 1 fL.
+            return PumpStatus(state, rate, raw.infused_ml, diameter, alarms, delivered_step_ml=_ONE_FL_IN_ML)
 
     @property
     def latched_alarms(self) -> frozenset[AlarmKind]:

@@ -123,6 +123,8 @@ class ModbusDriver(PumpDriver):
         self.baud = url.int_param("baud", 19200, lo=50, hi=4_000_000) if url.transport == "rtu" else 0
         self.map = regmap or load_map(url.params.get("map") or DEFAULT_MAP)
         self.resolution = self.map.rate_resolution()  # type: ignore[misc]  # per-instance: from the map
+        # The counter's step: one raw unit of an integer point (its scale); a float point's step is not known.
+        self._delivered_step: Decimal | None = self.map["delivered_volume"].scale
         self._alarm_points = tuple(self.map.alarm_points())
         self._status_plan = plan_reads([self.map[n] for n in _STATUS_POINTS] + list(self._alarm_points))
         self._client: AsyncModbusTcpClient | AsyncModbusSerialClient | None = None
@@ -377,7 +379,8 @@ class ModbusDriver(PumpDriver):
             state = PumpState.STOPPED
         rate, delivered, diameter = values["rate_readback"], values["delivered_volume"], values["diameter_readback"]
         assert isinstance(rate, Decimal) and isinstance(delivered, Decimal) and isinstance(diameter, Decimal)
-        return PumpStatus(state=state, rate_ml_per_h=rate, delivered_ml=delivered, diameter_mm=diameter, alarms=alarms)
+        return PumpStatus(state=state, rate_ml_per_h=rate, delivered_ml=delivered, diameter_mm=diameter, alarms=alarms,
+                          delivered_step_ml=self._delivered_step)
 
 
 def _spans(points: Sequence[Point], table: Table) -> list[list[Point]]:

@@ -57,9 +57,11 @@ from drivers.base import (
     PumpRejected,
     PumpState,
     PumpStatus,
+    last_digit_step,
 )
 from drivers.newera.codec import (
     MAX_BASIC_PAYLOAD,
+    VOLUME_TO_ML,
     AlarmCode,
     ErrorCode,
     Frame,
@@ -299,6 +301,8 @@ class NewEraDriver(PumpDriver):
                 delivered_ml=dispensed.infused_ml,
                 diameter_mm=diameter,
                 alarms=frozenset(alarms),
+                # The display's last digit, as sent (4 digits: 0.1 mL steps from 100 mL), in mL.
+                delivered_step_ml=last_digit_step(dispensed.infused) * VOLUME_TO_ML[dispensed.unit],
             )
 
     async def heartbeat(self) -> PumpStatus:
