@@ -12,6 +12,9 @@ time passes in polls, each with a tick and a pump report. After every step the m
   counter allowance plus what a poll or two at the highest rate it ran allows;
 - SUP-2: a decrease or stop the core accepts is on the wire at once while the link is up (the pump then runs at
   most the new rate), unless the pump ignored it, and then after the next poll;
+- SUP-15: the pump's counter may be shown like a display (truncated to a step of 0.001, 0.01 or 0.1 mL, which the
+  report carries, as drivers do); while the pump has done exactly what it was told (no drift, no counter reset, no
+  panel use, no ignored command, no lost link or crash), no `under_infusion` or `over_infusion` is ever raised;
 - RESTART: a restart rebuilds the state through the snapshot encoding (`state_records`, whose decoder re-mints a
   pending setpoint through `kernel.restore_setpoint`, the kernel's one door besides its gate), and from a restart
   with a setpoint unverified until a clinician resumes, nothing goes on the wire above the last verified run rate
@@ -21,10 +24,10 @@ time passes in polls, each with a tick and a pump report. After every step the m
 from __future__ import annotations
 
 from datetime import timedelta
-from decimal import Decimal
+from decimal import ROUND_DOWN, Decimal
 
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from driverd.core.commands import ApplySetpoint, Command, Refused
 from driverd.core.events import (
@@ -58,6 +61,8 @@ class PumpOfItsOwn(RuleBasedStateMachine):
         self.factor = Decimal(1)  # true delivery / programmed rate
         self.true_ml = Decimal(0)
         self.counter = Decimal(0)  # what the pump reports (can reset)
+        self.step: Decimal | None = None  # the counter's display step, reported with it (None: exact, not reported)
+        self.faithful = True  # the pump did exactly what it was told so far (SUP-15 applies)
         self.alarms: tuple[str, ...] = ()
         self.link = True
         self.deaf = False  # ignores the next command
@@ -83,7 +88,9 @@ class PumpOfItsOwn(RuleBasedStateMachine):
 
     def _report(self) -> PumpReport:
         state = "alarm" if self.alarms else ("infusing" if self.infusing else "stopped")
-        return PumpReport(self.now, state, self.programmed, self.counter, self.alarms)  # type: ignore[arg-type]
+        step = self.step
+        shown = self.counter if step is None else (self.counter / step).to_integral_value(ROUND_DOWN) * step
+        return PumpReport(self.now, state, self.programmed, shown, self.alarms, step)  # type: ignore[arg-type]
 
     def _feed(self, event: Event) -> tuple[Command, ...]:
         if self.dead:
@@ -168,6 +175,7 @@ class PumpOfItsOwn(RuleBasedStateMachine):
 
     @rule(rate=st.sampled_from([None, Decimal("0.083"), Decimal("0.5"), Decimal("1.0")]))
     def panel_run(self, rate: Decimal | None) -> None:
+        self.faithful = False
         if self.alarms:
             return
         if rate is not None:
@@ -178,20 +186,24 @@ class PumpOfItsOwn(RuleBasedStateMachine):
 
     @rule()
     def panel_stop(self) -> None:
+        self.faithful = False
         self.infusing = False
 
     @rule(factor=st.sampled_from([Decimal("0.5"), Decimal("0.8"), Decimal(1), Decimal("1.3"), Decimal(2)]))
     def runs_off(self, factor: Decimal) -> None:
+        self.faithful = self.faithful and factor == 1
         self.factor = factor
         if self.infusing:
             self.max_true_rate = max(self.max_true_rate, self.programmed * factor)
 
     @rule()
     def counter_reset(self) -> None:
+        self.faithful = False
         self.counter = Decimal(0)
 
     @rule()
     def occlusion(self) -> None:
+        self.faithful = False
         self.alarms = ("occlusion",)
         self.infusing = False
 
@@ -201,10 +213,12 @@ class PumpOfItsOwn(RuleBasedStateMachine):
 
     @rule()
     def ignores_next_command(self) -> None:
+        self.faithful = False
         self.deaf = True
 
     @rule()
     def link_lost(self) -> None:
+        self.faithful = False
         self.link = False
         self._feed(LinkLost(self.now, "no reply"))
 
@@ -217,6 +231,7 @@ class PumpOfItsOwn(RuleBasedStateMachine):
 
     @rule(taken=st.booleans())
     def crash_after_next_send(self, taken: bool) -> None:
+        self.faithful = False
         self.crash_after_send = taken
 
     @rule()
@@ -229,6 +244,7 @@ class PumpOfItsOwn(RuleBasedStateMachine):
         assert restored == self.state
         self.state = restored
         if self.state.pending is not None:
+            self.faithful = False  # restarted with a setpoint open: the link counts as lost
             self.restart_cap = max(self.state.verified_run_rate, self.state.verified_rate)
             self._feed(LinkLost(self.now, "restart with a setpoint unverified"))
             self.link = False
@@ -253,7 +269,24 @@ class PumpOfItsOwn(RuleBasedStateMachine):
                 self.state.phase is Phase.ALARM and self.programmed <= self.state.commanded_rate
             ), "accepted reduce did not reach the pump"
 
+    @initialize(step=st.sampled_from([None, Decimal("0.001"), Decimal("0.01"), Decimal("0.1")]))
+    def display_from_the_start(self, step: Decimal | None) -> None:
+        self.step = step
+
+    @rule(step=st.sampled_from([None, Decimal("0.001"), Decimal("0.01"), Decimal("0.1")]))
+    def display(self, step: Decimal | None) -> None:
+        """The counter is shown in steps (a 4-digit display coarsens as it grows: 0.1 mL from 100 mL)."""
+        self.step = step
+
     # ------------------------------------------------------------------ invariants
+
+    @invariant()
+    def no_false_accuracy_alarm(self) -> None:
+        """SUP-15: a pump that delivers exactly what it was told is never reported off by the accuracy check, however
+        coarse its counter's display, as long as the report says how coarse."""
+        if self.faithful:
+            wrong = [a for a in self.state.alarms_raised if a in ("under_infusion", "over_infusion")]
+            assert not wrong, f"{wrong} raised on a faithful pump (display step {self.step})"
 
     @invariant()
     def delivered_24h_within_the_ceiling(self) -> None:
