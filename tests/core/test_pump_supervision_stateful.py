@@ -12,8 +12,9 @@ time passes in polls, each with a tick and a pump report. After every step the m
   counter allowance plus what a poll or two at the highest rate it ran allows;
 - SUP-2: a decrease or stop the core accepts is on the wire at once while the link is up (the pump then runs at
   most the new rate), unless the pump ignored it, and then after the next poll;
-- SUP-15: the pump's counter may be shown like a display (truncated to a step of 0.001, 0.01 or 0.1 mL, which the
-  report carries, as drivers do); while the pump has done exactly what it was told (no drift, no counter reset, no
+- SUP-15: the pump's counter may be shown like a display (truncated to a fixed 0.001 mL, or to 4 significant digits
+  as a New Era shows it, from a counter earlier use left at up to 99.9 mL; the report carries the reading's step,
+  as drivers do); while the pump has done exactly what it was told (no drift, no counter reset, no
   panel use, no ignored command, no lost link or crash), no `under_infusion` or `over_infusion` is ever raised;
 - RESTART: a restart rebuilds the state through the snapshot encoding (`state_records`, whose decoder re-mints a
   pending setpoint through `kernel.restore_setpoint`, the kernel's one door besides its gate), and from a restart
@@ -61,7 +62,7 @@ class PumpOfItsOwn(RuleBasedStateMachine):
         self.factor = Decimal(1)  # true delivery / programmed rate
         self.true_ml = Decimal(0)
         self.counter = Decimal(0)  # what the pump reports (can reset)
-        self.step: Decimal | None = None  # the counter's display step, reported with it (None: exact, not reported)
+        self.display = "exact"  # how the counter is shown (the_counters_display)
         self.faithful = True  # the pump did exactly what it was told so far (SUP-15 applies)
         self.alarms: tuple[str, ...] = ()
         self.link = True
@@ -88,8 +89,12 @@ class PumpOfItsOwn(RuleBasedStateMachine):
 
     def _report(self) -> PumpReport:
         state = "alarm" if self.alarms else ("infusing" if self.infusing else "stopped")
-        step = self.step
-        shown = self.counter if step is None else (self.counter / step).to_integral_value(ROUND_DOWN) * step
+        if self.display == "exact":
+            shown, step = self.counter, None
+        else:
+            places = 3 if self.display == "fixed" else min(3, 4 - max(self.counter.adjusted() + 1, 0))
+            step = Decimal(1).scaleb(-places)
+            shown = (self.counter / step).to_integral_value(ROUND_DOWN) * step
         return PumpReport(self.now, state, self.programmed, shown, self.alarms, step)  # type: ignore[arg-type]
 
     def _feed(self, event: Event) -> tuple[Command, ...]:
@@ -269,14 +274,14 @@ class PumpOfItsOwn(RuleBasedStateMachine):
                 self.state.phase is Phase.ALARM and self.programmed <= self.state.commanded_rate
             ), "accepted reduce did not reach the pump"
 
-    @initialize(step=st.sampled_from([None, Decimal("0.001"), Decimal("0.01"), Decimal("0.1")]))
-    def display_from_the_start(self, step: Decimal | None) -> None:
-        self.step = step
-
-    @rule(step=st.sampled_from([None, Decimal("0.001"), Decimal("0.01"), Decimal("0.1")]))
-    def display(self, step: Decimal | None) -> None:
-        """The counter is shown in steps (a 4-digit display coarsens as it grows: 0.1 mL from 100 mL)."""
-        self.step = step
+    # Weighted toward the coarse case (a 4-digit display about to pass 100 mL), which needs hours of faithful running.
+    @initialize(display=st.sampled_from(["digits", "digits", "fixed", "exact"]),
+                used=st.sampled_from([Decimal(0), Decimal("9.99"), Decimal("99.9"), Decimal("99.9")]))
+    def the_counters_display(self, display: str, used: Decimal) -> None:
+        """How the pump shows its counter, and what it holds from earlier use (nobody cleared it): exact with no
+        step reported, a fixed 0.001 mL step, or 4 significant digits (New Era: 0.01 mL from 10 mL, 0.1 mL from
+        100 mL), each reading with its step."""
+        self.display, self.counter = display, used
 
     # ------------------------------------------------------------------ invariants
 
@@ -286,7 +291,7 @@ class PumpOfItsOwn(RuleBasedStateMachine):
         coarse its counter's display, as long as the report says how coarse."""
         if self.faithful:
             wrong = [a for a in self.state.alarms_raised if a in ("under_infusion", "over_infusion")]
-            assert not wrong, f"{wrong} raised on a faithful pump (display step {self.step})"
+            assert not wrong, f"{wrong} raised on a faithful pump ({self.display} display, counter {self.counter})"
 
     @invariant()
     def delivered_24h_within_the_ceiling(self) -> None:
