@@ -621,8 +621,12 @@ def _on_counter_cleared(state: CourseState, event: Event, protocol: ProtocolSpec
             state = evolve(state, raw_delivered_ml=event.after_ml)  # what the counter reads now
         after = "nothing" if event.after_ml is None else f"{event.after_ml} mL"
         why = f" ({event.error})" if event.error else ""
-        return _alarm(state, COUNTER_NOT_CLEARED,
-                      f"pump's delivered-volume counter not cleared: {shown_before} before, read back {after}{why}")
+        detail = f"pump's delivered-volume counter not cleared: {shown_before} before, read back {after}{why}"
+        waiting = state.syringe_change is not None
+        state, raised = _alarm(state, COUNTER_NOT_CLEARED, detail)
+        if waiting:  # the syringe load it belongs to is refused, as a refused read-back of the syringe is
+            raised += (Refused("machine", COUNTER_NOT_CLEARED, detail),)
+        return state, raised
     state = evolve(state, raw_delivered_ml=event.after_ml)
     cmds: tuple[Command, ...] = (Notice("counter_cleared", f"pump's delivered-volume counter cleared "
                                                            f"({shown_before} before); reads back 0"),)

@@ -327,7 +327,7 @@ class Channel:
             return
         # The course's delivered volume is read off this counter: it starts from a verified 0 (a counter run on
         # from earlier courses past 100 mL reads in 0.1 mL steps on a 4-digit display).
-        if not await self.clear_counter(before, "prime"):
+        if not (await self.clear_counter(before, "prime"))[0]:
             self._primed_for = None
             self._clear_retry_at = self.clock.now() + CLEAR_RETRY
             return
@@ -335,8 +335,8 @@ class Channel:
         self._resolved("prime")
         await self.handle(PumpVerified(self.clock.now(), diameter, self.driver.resolution, identity.model))
 
-    async def clear_counter(self, before: Decimal | None, why: str) -> bool:
-        """Clear the stopped pump's delivered-volume counter and read it back; True if it reads 0.
+    async def clear_counter(self, before: Decimal | None, why: str) -> tuple[bool, tuple[Command, ...]]:
+        """Clear the stopped pump's delivered-volume counter and read it back: (it reads 0, the core's commands).
 
         Write-ahead, as a setpoint: the intent (`counter_clear`) is on disk before the command goes on the wire, and
         the outcome is the core input `counter_cleared` (before, read-back, error), which raises the alarm
@@ -353,12 +353,12 @@ class Channel:
             with contextlib.suppress(DriverError, TimeoutError):
                 after = (await self._io(self.driver.read_status())).delivered_ml
         event = CounterCleared(self.clock.now(), before, after, error[:512])
-        await self.handle(event)
+        cmds = await self.handle(event)
         if not event.verified:
             shown = "nothing" if after is None else f"{after} mL"
             text = f"{why}: delivered-volume counter not cleared (reads {shown})" + (f": {error}" if error else "")
             self._error("prime" if why == "prime" else "syringe", text)
-        return event.verified
+        return event.verified, cmds
 
     async def load_syringe(self) -> tuple[Command, ...]:
         """A syringe change in progress, once the core's stop is verified: load the schedule's diameter into the
@@ -379,8 +379,9 @@ class Channel:
             return ()
         # The new syringe's volume is counted from a verified 0 (the pump is stopped: the core's stop is verified).
         # Not cleared: the course alarms (counter_not_cleared) with the change waiting; a new change_syringe retries.
-        if not await self.clear_counter(status.delivered_ml, "syringe_load"):
-            return ()
+        cleared, cmds = await self.clear_counter(status.delivered_ml, "syringe_load")
+        if not cleared:
+            return cmds  # the alarm and the refused load answer the clinician's change_syringe
         try:
             status = await self._io(self.driver.read_status())
         except (DriverError, TimeoutError) as exc:

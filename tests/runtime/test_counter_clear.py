@@ -202,7 +202,8 @@ def test_a_syringe_load_clears_the_counter_and_a_failed_clear_alarms_until_a_new
             model.load_syringe(Decimal(22))
             model.clear_delivered = ignores_clear(model)  # type: ignore[method-assign]
             reply = await _change(r)
-            assert reply["phase"] == "alarm", reply
+            assert reply["ok"] is False and reply["phase"] == "alarm", reply
+            assert [x["reason"] for x in reply["refusals"]] == ["counter_not_cleared"], reply
             assert ch.state.alarm_causes == ("counter_not_cleared",)
             await r.advance_to(r.clock.now() + H)
             assert model.status().state is PumpState.STOPPED and model.status().delivered_ml > 0
