@@ -53,7 +53,16 @@ from driverd.runtime.config import AuditSettings, DaemonConfig, PumpConfig
 from driverd.runtime.daemon import Daemon
 from driverd.runtime.demo import DEMO_TRUST, SYRINGE, demo_schedule
 from driverd.signing import generate_keypair
-from drivers.base import AlarmKind, DriverOptions, Identity, PumpAlarm, PumpDriver, PumpState, PumpStatus
+from drivers.base import (
+    AlarmKind,
+    DriverOptions,
+    Identity,
+    PumpAlarm,
+    PumpDriver,
+    PumpRejected,
+    PumpState,
+    PumpStatus,
+)
 from drivers.url import DriverURL, parse_url
 
 START = datetime(2026, 1, 1, 8, 55, tzinfo=UTC)
@@ -133,13 +142,17 @@ class ModelPump(PumpDriver):
     async def configure_syringe(self, diameter_mm: Decimal) -> Decimal:
         self._accepts()
         self.diameter = diameter_mm
-        if self.state is PumpState.STOPPED:
-            # A new course's syringe (the channel primes a stopped pump): the nurse clears the volume dispensed.
-            # Without this the counter runs on from course to course, and past 100 mL its 4 significant digits
-            # read in 0.1 mL steps: the core's 1-h accuracy window then sees 0.1-0.3 mL for 0.208 mL and raises
-            # under_infusion (what a real New Era pump never cleared between courses would do too).
-            self._base = Decimal(0)
         return diameter_mm
+
+    async def clear_delivered(self) -> Decimal:
+        # The channel clears the counter at every prime and syringe load (a stopped pump), so it never runs on
+        # from course to course into the 0.1 mL steps a 4-significant-digit display shows past 100 mL.
+        self._accepts()
+        if self.state is PumpState.INFUSING:
+            raise PumpRejected("clear_delivered: infusing", code="NA")
+        self._settle(self.state)
+        self._base = Decimal(0)
+        return quantize_down(self._delivered(), self.resolution)
 
     async def set_rate(self, rate_ml_per_h: Decimal) -> Decimal:
         self._accepts()

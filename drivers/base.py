@@ -82,13 +82,19 @@ class Identity:
 
 @dataclass(frozen=True, slots=True)
 class PumpStatus:
-    """One read of the pump. `rate_ml_per_h` is the programmed rate; `delivered_ml` the infused volume."""
+    """One read of the pump. `rate_ml_per_h` is the programmed rate; `delivered_ml` the infused volume.
+
+    `delivered_step_ml`: the step of this counter reading, exact (one unit of the last digit the pump shows: a
+    New Era display of 4 significant digits reads 99.99 mL in 0.01 mL steps and 100.0 mL in 0.1 mL steps). None
+    if the driver cannot tell; the core then assumes the drug library's `counter_resolution_ml`.
+    """
 
     state: PumpState
     rate_ml_per_h: Decimal
     delivered_ml: Decimal
     diameter_mm: Decimal | None = None
     alarms: frozenset[AlarmKind] = frozenset()
+    delivered_step_ml: Decimal | None = None
 
     @property
     def running(self) -> bool:
@@ -124,6 +130,22 @@ class DriverOptions:
     retries: int = 1  # retries for idempotent queries only
     deadman_s: int = 10  # pump stops itself if the host is silent this long (0 disables; never in production)
     world: Any = field(default=None, compare=False)  # simulators.world.World for sim:// (in-process)
+
+
+def reading_step(value: Decimal, resolution: Resolution) -> Decimal:
+    """One unit of the last digit a display of `resolution` shows for `value` (New Era, 4 digits and at most 3
+    decimals: 0.001 below 10, 0.01 below 100, 0.1 below 1000, then 1)."""
+    places = resolution.decimals
+    if resolution.significant is not None:
+        places = min(places, resolution.significant - max(value.adjusted() + 1, 0))
+    return Decimal(1).scaleb(-places)
+
+
+def last_digit_step(shown: Decimal) -> Decimal:
+    """One unit of the last digit of a number as the pump sent it (``100.0`` -> 0.1, ``99.90`` -> 0.01)."""
+    exponent = shown.as_tuple().exponent
+    assert isinstance(exponent, int)  # a finite number
+    return Decimal(1).scaleb(exponent)
 
 
 class PumpDriver(abc.ABC):
@@ -174,6 +196,16 @@ class PumpDriver(abc.ABC):
     @abc.abstractmethod
     async def clear_alarm(self) -> None:
         """Acknowledge the pump's alarm so it accepts data again (does not restart it)."""
+
+    @abc.abstractmethod
+    async def clear_delivered(self) -> Decimal:
+        """Zero the pump's delivered (infused) volume counter and return the counter read back afterwards.
+
+        The caller checks the read-back is 0: a pump that ignored the clear reads back its old count. Only on a
+        stopped pump: a driver that reads the pump infusing refuses without sending (``PumpRejected`` code
+        "NA"), since a counter cleared while running can never read back a clean 0; a latched alarm refuses it
+        like any other write (``PumpAlarm``). Clearing twice is clearing once, so a lost reply may be resent.
+        """
 
     async def probe(self) -> ProbeReport:
         """Identify the pump and read its status and dead-man setting with queries only, on a driver that is

@@ -23,6 +23,7 @@ from typing import ClassVar, TypeVar
 from driverd.core.errors import Problem, ValidationError
 from driverd.core.quantities import NEW_ERA_RESOLUTION, Resolution, quantize_down
 from drivers.base import (
+    WARNING_ALARMS,
     DriverIOError,
     DriverOptions,
     DriverTimeout,
@@ -32,7 +33,9 @@ from drivers.base import (
     PumpAlarm,
     PumpDriver,
     PumpRejected,
+    PumpState,
     PumpStatus,
+    reading_step,
 )
 from drivers.url import DriverURL
 from simulators.clock import SystemClock
@@ -172,6 +175,21 @@ class SimDriver(PumpDriver):
     async def clear_alarm(self) -> None:
         self._call(lambda m: m.clear_alarm())
 
+    async def clear_delivered(self) -> Decimal:
+        """Refused on a running pump or with an alarm unacknowledged (the driver checks: the model itself
+        clears at any time), then cleared and read back like any counter reading."""
+        status = self._call(lambda m: m.status())
+        if status.state is PumpState.INFUSING:
+            raise PumpRejected(f"sim://{self.name}: clear_delivered: the pump is infusing; stop it first", code="NA")
+        blocking = status.unacknowledged - WARNING_ALARMS
+        if blocking:
+            names = ", ".join(sorted(a.value for a in blocking))
+            raise PumpAlarm(f"sim://{self.name}: clear_delivered: pump alarm ({names}) not cleared",
+                            alarms=status.alarms)
+        self._call(lambda m: m.clear_delivered())
+        self._shown = None  # the counter went back: the display cache holds the old magnitude
+        return (await self.read_status()).delivered_ml
+
     def _display(self, delivered: Decimal) -> Decimal:
         """`quantize_down(delivered, resolution)`: what the counter shows. The display changes every few polls
         only, so a reading that shows the same is recognised without quantizing: quantize_down depends on the
@@ -189,10 +207,12 @@ class SimDriver(PumpDriver):
     async def read_status(self) -> PumpStatus:
         # reading(): status()'s values that a status read carries, without the model's extras (once per poll).
         state, rate, delivered, diameter, alarms = self._call(lambda m: m.reading())
+        shown = self._display(delivered)
         return PumpStatus(
             state=state,
             rate_ml_per_h=rate,
-            delivered_ml=self._display(delivered),
+            delivered_ml=shown,
             diameter_mm=diameter,
             alarms=alarms,
+            delivered_step_ml=reading_step(shown, self.resolution),
         )

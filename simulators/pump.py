@@ -509,6 +509,17 @@ class PumpModel:
             self._quiet_until = None  # a command: the next read checks for events in full
             self._clear_mark = self._total
 
+    def preset_delivered(self, ml: Decimal) -> None:
+        """Scenario set-up: the counter reads `ml` as left by earlier use (a pump whose volume dispensed nobody
+        cleared), exactly; nothing is infused and the syringe is untouched."""
+        with self._lock:
+            self._advance()
+            self._quiet_until = None  # a command: the next read checks for events in full
+            v = _require_decimal(ml, "delivered_ml")
+            if v < 0:
+                raise ModelError("OOR", f"delivered_ml: must be >= 0, got {v}")
+            self._clear_mark = _EXACT.subtract(self._total, _EXACT.multiply(v, _US_PER_H))
+
     def load_syringe(self, fill_volume_ml: Decimal, diameter_mm: Decimal | None = None) -> None:
         """A new, full syringe (the delivered counter is not reset: use clear_delivered)."""
         with self._lock:

@@ -15,7 +15,8 @@ Volumes (docs/audit.md, "Reports for auditors"):
   (an occlusion stops the pump although the commanded rate stays); counted when the pump kept infusing, by its
   reports (a link loss with the pump still running). What was left out is reported as `not_counted`.
 - pump-reported: what the pump's counter added, as the core counts it (a counter reset starts a new run, the first
-  report of a course is the baseline), each increment at the concentration of the syringe in the pump.
+  report of a course is the baseline; a clear the daemon ordered, `counter_cleared`, counts up to the clear and
+  its read-back is the new baseline), each increment at the concentration of the syringe in the pump.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ _US: Final = timedelta(microseconds=1)
 INTERRUPTED: Final = frozenset({"alarm", "paused"})
 _OUTPUTS: Final = frozenset({"setpoint", "refused", "transition", "alarm", "notice", "course_summary"})
 _INPUTS: Final = frozenset({"schedule_accepted", "pump_verified", "tick", "pump_report", "setpoint_result",
-                            "clinician_command", "link_lost", "link_restored", "clock_stepped", "syringe_loaded"})
+                            "clinician_command", "link_lost", "link_restored", "clock_stepped", "syringe_loaded",
+                            "counter_cleared"})
 
 
 def _q(d: Decimal) -> Decimal:
@@ -498,6 +500,15 @@ class ReportBuilder:
             raw = _dec(rec.get("delivered_ml"))
             if raw is not None:
                 c.count_reported(at, raw, reset_is_increment=False)  # as the core counts it at a change
+        elif event == "counter_cleared":
+            # An ordered clear, as the core counts it: what the counter added up to the clear, then the read-back is
+            # the baseline (the drop is no new run).
+            before = _dec(rec.get("before_ml"))
+            if before is not None:
+                c.count_reported(at, before, reset_is_increment=False)
+            after = _dec(rec.get("after_ml"))
+            if after is not None:
+                c.raw_prev = after
 
     # ----------------------------------------------------------------------------------------------- outputs
 

@@ -56,13 +56,15 @@ class Tick:
 
 @dataclass(frozen=True, slots=True)
 class PumpReport:
-    """One status read from the pump."""
+    """One status read from the pump. `delivered_step_ml`: the step of this counter reading as the driver knows it
+    (exact; None: not known, the drug library's `counter_resolution_ml` is assumed)."""
 
     at: datetime
     state: PumpStateName
     rate_ml_per_h: Decimal
     delivered_ml: Decimal
     alarms: tuple[str, ...] = ()
+    delivered_step_ml: Decimal | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +122,25 @@ class SyringeLoaded:
     delivered_ml: Decimal
 
 
+@dataclass(frozen=True, slots=True)
+class CounterCleared:
+    """The daemon cleared the pump's delivered-volume counter (a stopped pump: when priming a course and when
+    loading a new syringe) and read it back. ``before_ml``: the counter read just before the clear (None: not
+    read); ``after_ml``: the counter read back after it (None: no valid read-back). The clear is verified only if
+    the counter reads back 0; ``error`` is what went wrong on the way (a refusal, a timeout, a malformed reply;
+    a clear whose reply was lost but whose counter then reads 0 is verified: the count is what matters)."""
+
+    at: datetime
+    before_ml: Decimal | None
+    after_ml: Decimal | None
+    error: str = ""
+
+    @property
+    def verified(self) -> bool:
+        return self.after_ml is not None and self.after_ml == 0
+
+
 Event = (
     ScheduleAccepted | PumpVerified | Tick | PumpReport | SetpointResult | ClinicianCommand | LinkLost | LinkRestored
-    | ClockStepped | SyringeLoaded
+    | ClockStepped | SyringeLoaded | CounterCleared
 )

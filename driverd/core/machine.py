@@ -19,6 +19,7 @@ from driverd.core.events import (
     WARNING_ALARMS,
     ClinicianCommand,
     ClockStepped,
+    CounterCleared,
     Event,
     LinkLost,
     LinkRestored,
@@ -494,6 +495,8 @@ def _resume(state: CourseState, event: ClinicianCommand, protocol: ProtocolSpec)
 
 #: Alarm causes a syringe change deals with (the syringe ran empty): the only alarm a change may acknowledge.
 END_OF_SYRINGE_CAUSES = frozenset({"pump_alarm:end_of_syringe", "syringe_empty"})
+#: ... and a counter clear at the last syringe load that did not read back 0: a new change_syringe retries the load.
+SYRINGE_CHANGE_CAUSES = END_OF_SYRINGE_CAUSES | {"counter_not_cleared"}
 
 
 def _on_change_syringe(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
@@ -515,8 +518,8 @@ def _on_change_syringe(state: CourseState, event: Event, protocol: ProtocolSpec)
         approved = ", ".join(str(c) for c in sorted(sch.approved_concentrations))
         return state, (Refused("clinician", "concentration_not_approved",
                                f"{conc} mg/mL is not approved by the signed schedule ({approved} mg/mL)"),)
-    if state.phase is P.ALARM and not set(state.alarm_causes) <= END_OF_SYRINGE_CAUSES:
-        others = ", ".join(c for c in state.alarm_causes if c not in END_OF_SYRINGE_CAUSES)
+    if state.phase is P.ALARM and not set(state.alarm_causes) <= SYRINGE_CHANGE_CAUSES:
+        others = ", ".join(c for c in state.alarm_causes if c not in SYRINGE_CHANGE_CAUSES)
         return state, (Refused("clinician", "alarm_active", f"a syringe change acknowledges only an end of "
                                                             f"syringe; resolve and resume {others} first"),)
     if state.pending is not None and not state.pending.is_decrease:
@@ -594,6 +597,47 @@ def _on_syringe_loaded(state: CourseState, event: Event, protocol: ProtocolSpec)
     state = evolve(state, alarm_code="", resume_to=None)
     state, t = _goto(state, target, "syringe_changed")
     return state, (done, *cmds, *t)
+
+
+#: The daemon cleared the pump's delivered-volume counter (priming a course, loading a syringe) and it did not read
+#: back 0: nothing starts or resumes on a counter nobody can trust (docs/safety.md, SUP-15).
+COUNTER_NOT_CLEARED = "counter_not_cleared"
+
+
+def _on_counter_cleared(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
+    """An ordered clear of the pump's counter and its read-back. What the counter added up to the clear counts (as
+    at a syringe load); the clear itself is no delivery and no lost count: the read-back is the next report's
+    baseline. A clear that did not read back 0 is an alarm (raised once): before the course runs it stays idle,
+    and the channel feeds no `PumpVerified`; at a syringe load the course alarms with the change waiting, and a
+    clinician gives change_syringe again (which retries the load) or resumes on the syringe in the pump."""
+    assert isinstance(event, CounterCleared)
+    if event.before_ml is not None:
+        prev = state.raw_delivered_ml
+        before = event.before_ml
+        state = _count(state, event.at, Decimal(0) if prev is None or before < prev else before - prev, before)
+    shown_before = "unread" if event.before_ml is None else f"{event.before_ml} mL"
+    if not event.verified:
+        if event.after_ml is not None:
+            state = evolve(state, raw_delivered_ml=event.after_ml)  # what the counter reads now
+        after = "nothing" if event.after_ml is None else f"{event.after_ml} mL"
+        why = f" ({event.error})" if event.error else ""
+        detail = f"pump's delivered-volume counter not cleared: {shown_before} before, read back {after}{why}"
+        waiting = state.syringe_change is not None
+        state, raised = _alarm(state, COUNTER_NOT_CLEARED, detail)
+        if waiting:  # the syringe load it belongs to is refused, as a refused read-back of the syringe is
+            raised += (Refused("machine", COUNTER_NOT_CLEARED, detail),)
+        return state, raised
+    state = evolve(state, raw_delivered_ml=event.after_ml)
+    cmds: tuple[Command, ...] = (Notice("counter_cleared", f"pump's delivered-volume counter cleared "
+                                                           f"({shown_before} before); reads back 0"),)
+    if COUNTER_NOT_CLEARED in state.alarm_causes and state.phase not in ACTIVE:
+        # Before the course runs no drug flowed on the untrusted counter: the cause ends with a verified clear.
+        # In a running course the alarm is acknowledged by a clinician, as every cause.
+        causes = tuple(c for c in state.alarm_causes if c != COUNTER_NOT_CLEARED)
+        code = "" if state.alarm_code == COUNTER_NOT_CLEARED else state.alarm_code
+        state = evolve(state, alarm_causes=causes, alarm_code=code)
+        cmds += (Notice("alarm_cleared", f"{COUNTER_NOT_CLEARED} (cleared and read back 0)"),)
+    return state, cmds
 
 
 def _same_drug(state: CourseState, rate: Decimal, old_conc: Decimal) -> Decimal:
@@ -744,7 +788,7 @@ def _on_report(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
         state, t = _goto(state, P.PAUSED, "stopped_at_pump")
         return state, (*cmds, Notice("stopped_at_pump", f"pump reports {event.state}"), *t)
     state, cmds = _warn_near_empty(state, protocol, event.at, cmds)
-    return _check_deviation(state, protocol, event.at, cmds)
+    return _check_deviation(state, protocol, event.at, cmds, event.delivered_step_ml)
 
 
 def predicted_empty_at(state: CourseState) -> datetime | None:
@@ -855,10 +899,21 @@ def _reported_readback(event: PumpReport) -> Decimal:
     return event.rate_ml_per_h if event.state == "infusing" else Decimal(0)
 
 
-def _check_deviation(state: CourseState, protocol: ProtocolSpec, now: datetime, cmds: tuple[Command, ...]) -> Out:
+def counter_resolution(protocol: ProtocolSpec, step: Decimal | None) -> Decimal:
+    """The counter step the accuracy check allows for: the drug library's `counter_resolution_ml`, or the reading's
+    own step when the driver reports a coarser one (a 4-digit display above 100 mL reads in 0.1 mL steps). Never
+    finer than the library's: with a fine counter the check is exactly as strict as the library says."""
+    res = protocol.counter_resolution_ml
+    return step if step is not None and step > res else res
+
+
+def _check_deviation(state: CourseState, protocol: ProtocolSpec, now: datetime, cmds: tuple[Command, ...],
+                     step: Decimal | None = None) -> Out:
     """Delivered vs commanded volume over a sliding window (GIP 1.2.2-1.2.3): a fault that starts after days of
     correct running is caught within about one window, not diluted by the whole run. The window never reaches
-    back before the first report at the current verified rate (`deviation_base`)."""
+    back before the first report at the current verified rate (`deviation_base`). A difference within two steps
+    of the counter reading (`counter_resolution`: each end of the window is truncated by less than one step) is
+    never a deviation: a coarse display must not raise a false under_infusion."""
     base = state.deviation_base
     if base is None or state.commanded_rate == 0:
         if state.commanded_rate > 0 and state.last_sample is not None:
@@ -868,12 +923,13 @@ def _check_deviation(state: CourseState, protocol: ProtocolSpec, now: datetime, 
     # counter's step while a large one is caught as soon as the configured window has passed.
     if now - base.at < span_minutes(protocol.deviation_window_minutes):
         return state, cmds
-    start = _sample_before(state, now - _deviation_window(protocol, state.commanded_rate))
+    resolution = counter_resolution(protocol, step)
+    start = _sample_before(state, now - _deviation_window(protocol, state.commanded_rate, resolution))
     if start is None or start.at < base.at:
         start = base
     expected = state.commanded_rate * hours_between(start.at, now)
     actual = state.delivered_ml - start.delivered_ml
-    if abs(actual - expected) <= max(expected * protocol.deviation_limit, 2 * protocol.counter_resolution_ml):
+    if abs(actual - expected) <= max(expected * protocol.deviation_limit, 2 * resolution):
         return state, cmds
     code = "over_infusion" if actual > expected else "under_infusion"
     detail = f"delivered {actual} mL vs expected {expected:.4f} mL over {now - start.at}"
@@ -884,11 +940,13 @@ def _check_deviation(state: CourseState, protocol: ProtocolSpec, now: datetime, 
     return state, cmds + more
 
 
-def _deviation_window(protocol: ProtocolSpec, rate: Decimal) -> timedelta:
+def _deviation_window(protocol: ProtocolSpec, rate: Decimal, resolution: Decimal | None = None) -> timedelta:
     """The configured window, stretched at low rates until the counter's display step (read at both ends) is at
     most `deviation_limit` of the expected volume: then a correct pump never alarms and a fault twice the limit
-    always does. At 0.416 mL/h with a 0.01 mL step and 10 % that is 29 min instead of 15."""
-    return _stretched_window(protocol.deviation_window_minutes, protocol.counter_resolution_ml,
+    always does. At 0.416 mL/h with a 0.01 mL step and 10 % that is 29 min instead of 15. `resolution`: the step
+    allowed for (`counter_resolution`); None is the drug library's."""
+    return _stretched_window(protocol.deviation_window_minutes,
+                             protocol.counter_resolution_ml if resolution is None else resolution,
                              protocol.deviation_limit, rate)
 
 
@@ -1010,6 +1068,7 @@ TRANSITIONS: dict[type | str, tuple[frozenset[Phase], Handler]] = {
     "clinician:change_syringe": (frozenset({P.PRIMED, P.TITRATING, P.HOLDING, P.TAPERING, P.PAUSED, P.ALARM}),
                                  _on_change_syringe),
     SyringeLoaded: (frozenset({P.PRIMED, P.PAUSED}), _on_syringe_loaded),
+    CounterCleared: (_ALL, _on_counter_cleared),
 }
 
 
@@ -1101,6 +1160,9 @@ def _quiet_report(state: CourseState, event: PumpReport, protocol: ProtocolSpec)
     rate = state.commanded_rate
     if event.alarms and not _warnings_seen(event.alarms, state.pump_alarms):
         return None
+    step = event.delivered_step_ml
+    if step is not None and step > protocol.counter_resolution_ml:
+        return None  # a coarse counter reading: the general path widens the accuracy check for it
     if (phase not in RUNNING or state.pending is not None or event.state != "infusing"
             or state.deviation_base is None or state.interrupted_at is not None
             or state.commanded_since is None or state.summary_due or state.schedule is None

@@ -16,6 +16,7 @@ from driverd.core.events import (
     CLINICIAN_ACTIONS,
     ClinicianCommand,
     ClockStepped,
+    CounterCleared,
     Event,
     LinkLost,
     LinkRestored,
@@ -40,7 +41,7 @@ from driverd.core.schedule import (
 
 INPUT_EVENTS = frozenset(
     {"schedule_accepted", "pump_verified", "tick", "pump_report", "setpoint_result", "clinician_command",
-     "link_lost", "link_restored", "clock_stepped", "syringe_loaded"}
+     "link_lost", "link_restored", "clock_stepped", "syringe_loaded", "counter_cleared"}
 )
 OUTPUT_EVENTS = frozenset({"setpoint", "refused", "transition", "alarm", "notice", "course_summary"})
 PUMP_STATES = ("stopped", "infusing", "paused", "alarm")
@@ -197,8 +198,9 @@ def event_to_record(ev: Event) -> tuple[str, dict[str, Any]]:
     if isinstance(ev, Tick):
         return "tick", at
     if isinstance(ev, PumpReport):
+        step = {} if ev.delivered_step_ml is None else {"delivered_step_ml": fmt_dec(ev.delivered_step_ml)}
         return "pump_report", {**at, "state": ev.state, "rate_ml_per_h": fmt_dec(ev.rate_ml_per_h),
-                               "delivered_ml": fmt_dec(ev.delivered_ml), "alarms": list(ev.alarms)}
+                               "delivered_ml": fmt_dec(ev.delivered_ml), "alarms": list(ev.alarms), **step}
     if isinstance(ev, SetpointResult):
         rb = None if ev.readback_ml_per_h is None else fmt_dec(ev.readback_ml_per_h)
         return "setpoint_result", {**at, "setpoint_id": ev.setpoint_id, "readback_ml_per_h": rb, "error": ev.error}
@@ -213,6 +215,10 @@ def event_to_record(ev: Event) -> tuple[str, dict[str, Any]]:
     if isinstance(ev, SyringeLoaded):
         return "syringe_loaded", {**at, "diameter_mm": fmt_dec(ev.diameter_mm),
                                   "delivered_ml": fmt_dec(ev.delivered_ml)}
+    if isinstance(ev, CounterCleared):
+        return "counter_cleared", {**at, "before_ml": None if ev.before_ml is None else fmt_dec(ev.before_ml),
+                                   "after_ml": None if ev.after_ml is None else fmt_dec(ev.after_ml),
+                                   "verified": ev.verified, "error": ev.error}
     if isinstance(ev, LinkLost):
         return "link_lost", {**at, "detail": ev.detail}
     if isinstance(ev, ClockStepped):
@@ -246,8 +252,11 @@ def event_from_record(record: dict[str, Any]) -> Event:
         alarms = record.get("alarms", [])
         if not isinstance(alarms, list) or not all(isinstance(a, str) for a in alarms):
             raise ValidationError([Problem("alarms", "type", "expected a list of strings")])
+        step = None if record.get("delivered_step_ml") is None else _dec(record, "delivered_step_ml")
+        if step is not None and step <= 0:
+            raise ValidationError([Problem("delivered_step_ml", "range", f"must be > 0, got {step}")])
         return PumpReport(at, state, _dec(record, "rate_ml_per_h"), _dec(record, "delivered_ml"),  # type: ignore[arg-type]
-                          tuple(alarms))
+                          tuple(alarms), step)
     if name == "setpoint_result":
         sid = record.get("setpoint_id")
         if isinstance(sid, bool) or not isinstance(sid, int):
@@ -264,6 +273,10 @@ def event_from_record(record: dict[str, Any]) -> Event:
         return ClinicianCommand(at, action, _str(record, "by"), _str(record, "reason"), dose, fill, conc)
     if name == "syringe_loaded":
         return SyringeLoaded(at, _dec(record, "diameter_mm"), _dec(record, "delivered_ml"))
+    if name == "counter_cleared":
+        before = None if record.get("before_ml") is None else _dec(record, "before_ml")
+        after = None if record.get("after_ml") is None else _dec(record, "after_ml")
+        return CounterCleared(at, before, after, _str(record, "error"))
     if name == "link_lost":
         return LinkLost(at, _str(record, "detail"))
     if name == "link_restored":

@@ -125,6 +125,7 @@ CAUSE_TEXT: Final[dict[str, str]] = {
     "readback_mismatch": "pump read back a rate other than the one sent",
     "unexpected_infusion": "pump infuses without a command",
     "clock_step": "the wall clock stepped",
+    "counter_not_cleared": "the pump's delivered-volume counter did not read back 0 after a clear",
 }
 
 #: HL7 table 0357 (message error condition codes) used in ERR-3.

@@ -21,6 +21,7 @@ from driverd.core.commands import ApplySetpoint, Command, Refused
 from driverd.core.events import (
     ClinicianCommand,
     ClockStepped,
+    CounterCleared,
     Event,
     LinkLost,
     LinkRestored,
@@ -42,6 +43,10 @@ from driverd.runtime.telemetry import ReportCompactor
 from drivers.base import DriverError, DriverTimeout, PumpAlarm, PumpDriver, PumpRejected, PumpState, PumpStatus
 
 _REQUEST = object()  # what `submit` completes a waiting channel's wake future with (the clock uses None)
+
+#: After a counter clear that did not read back 0 the channel tries again this much later (course time), not on
+#: every poll: each attempt is two durable records, and the alarm is already raised.
+CLEAR_RETRY = timedelta(minutes=1)
 
 # Inputs that must survive a crash the moment they are acted on; telemetry and ticks use group commit.
 _BULK_INPUTS = frozenset({"tick", "pump_report"})
@@ -97,6 +102,7 @@ class Channel:
         self.stopping = False
         self._primed_for: str | None = None
         self._loaded_for: object = None  # the syringe change whose new syringe was read back already
+        self._clear_retry_at: datetime | None = None  # no new priming clear before this (the last one failed)
         self.last_input_seq = 0  # seq of the last input record logged (a reply names its request's record)
         self.last_result: tuple[Setpoint, SetpointResult] | None = None  # the last setpoint applied, its outcome
         self._wake: asyncio.Future[Any] | None = None  # the channel's current wait, if it is waiting
@@ -294,7 +300,8 @@ class Channel:
 
     def _report(self, status: PumpStatus) -> PumpReport:
         alarms = tuple(sorted(a.value for a in status.alarms)) if status.alarms else ()
-        return PumpReport(self.clock.now(), status.state.value, status.rate_ml_per_h, status.delivered_ml, alarms)
+        return PumpReport(self.clock.now(), status.state.value, status.rate_ml_per_h, status.delivered_ml, alarms,
+                          status.delivered_step_ml)
 
     async def prime(self) -> None:
         """A newly accepted schedule: stop the pump, load the syringe diameter, read it back, tell the core."""
@@ -302,6 +309,8 @@ class Channel:
         if self.state.phase is not Phase.IDLE or sched is None or self._primed_for == sched.digest:
             return
         if not self.connected:
+            return
+        if self._clear_retry_at is not None and self.clock.now() < self._clear_retry_at:
             return
         self._primed_for = sched.digest
         try:
@@ -311,12 +320,45 @@ class Channel:
                 await self._io(self.driver.clear_alarm())
             diameter = await self._io(self.driver.configure_syringe(sched.inner_diameter_mm))
             identity = await self._io(self.driver.identify())
+            before = (await self._io(self.driver.read_status())).delivered_ml
         except (DriverError, TimeoutError) as exc:
             self._primed_for = None  # try again on the next poll
             self._error("prime", f"prime: {type(exc).__name__}: {exc}")
             return
+        # The course's delivered volume is read off this counter: it starts from a verified 0 (a counter run on
+        # from earlier courses past 100 mL reads in 0.1 mL steps on a 4-digit display).
+        if not (await self.clear_counter(before, "prime"))[0]:
+            self._primed_for = None
+            self._clear_retry_at = self.clock.now() + CLEAR_RETRY
+            return
+        self._clear_retry_at = None
         self._resolved("prime")
         await self.handle(PumpVerified(self.clock.now(), diameter, self.driver.resolution, identity.model))
+
+    async def clear_counter(self, before: Decimal | None, why: str) -> tuple[bool, tuple[Command, ...]]:
+        """Clear the stopped pump's delivered-volume counter and read it back: (it reads 0, the core's commands).
+
+        Write-ahead, as a setpoint: the intent (`counter_clear`) is on disk before the command goes on the wire, and
+        the outcome is the core input `counter_cleared` (before, read-back, error), which raises the alarm
+        `counter_not_cleared` if the counter does not read 0. A clear whose reply is lost or malformed is judged by
+        a fresh read of the counter."""
+        self.audit.append("counter_clear", pump_id=self.pump_id, course_id=self.state.course_id, durable=True,
+                          reason=why, before_ml=None if before is None else fmt_dec(before))
+        after: Decimal | None
+        error = ""
+        try:
+            after = await self._io(self.driver.clear_delivered())
+        except (DriverError, TimeoutError) as exc:
+            after, error = None, f"{type(exc).__name__}: {exc}"
+            with contextlib.suppress(DriverError, TimeoutError):
+                after = (await self._io(self.driver.read_status())).delivered_ml
+        event = CounterCleared(self.clock.now(), before, after, error[:512])
+        cmds = await self.handle(event)
+        if not event.verified:
+            shown = "nothing" if after is None else f"{after} mL"
+            text = f"{why}: delivered-volume counter not cleared (reads {shown})" + (f": {error}" if error else "")
+            self._error("prime" if why == "prime" else "syringe", text)
+        return event.verified, cmds
 
     async def load_syringe(self) -> tuple[Command, ...]:
         """A syringe change in progress, once the core's stop is verified: load the schedule's diameter into the
@@ -330,6 +372,17 @@ class Channel:
         self._loaded_for = change
         try:
             diameter = await self._io(self.driver.configure_syringe(sched.inner_diameter_mm))
+            status = await self._io(self.driver.read_status())
+        except (DriverError, TimeoutError) as exc:
+            self._loaded_for = None
+            self._error("syringe", f"syringe change: {type(exc).__name__}: {exc}")
+            return ()
+        # The new syringe's volume is counted from a verified 0 (the pump is stopped: the core's stop is verified).
+        # Not cleared: the course alarms (counter_not_cleared) with the change waiting; a new change_syringe retries.
+        cleared, cmds = await self.clear_counter(status.delivered_ml, "syringe_load")
+        if not cleared:
+            return cmds  # the alarm and the refused load answer the clinician's change_syringe
+        try:
             status = await self._io(self.driver.read_status())
         except (DriverError, TimeoutError) as exc:
             self._loaded_for = None

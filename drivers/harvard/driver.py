@@ -53,6 +53,7 @@ from drivers.base import (
 )
 from drivers.harvard.codec import (
     ELITE_RATE_RESOLUTION,
+    FL_PER_ML,
     MAX_COMMAND,
     MAX_REPLY,
     Prompt,
@@ -76,6 +77,7 @@ BITS_PER_BYTE: Final = 10  # 8N1
 QUERIES: Final = frozenset({"", "poll", "ver", "version", "status", "irate", "diameter", "address", "ivolume"})
 
 _log = logging.getLogger(__name__)
+_ONE_FL_IN_ML: Final = Decimal(1) / FL_PER_ML
 
 
 def _pump_text(fmt: Callable[[], str], field: str) -> str:
@@ -201,7 +203,8 @@ class HarvardDriver(PumpDriver):
             state = PumpState.INFUSING if running else PumpState.STOPPED
             if (alarms and not running) or (raw.withdraw and raw.running):
                 state = PumpState.ALARM
-            return PumpStatus(state, rate, raw.infused_ml, diameter, alarms)
+            # The status line's volume is an integer in fL: its step is 1 fL.
+            return PumpStatus(state, rate, raw.infused_ml, diameter, alarms, delivered_step_ml=_ONE_FL_IN_ML)
 
     @property
     def latched_alarms(self) -> frozenset[AlarmKind]:
@@ -273,6 +276,19 @@ class HarvardDriver(PumpDriver):
             self._latched.clear()
             self._expect_running = raw.running
 
+    async def clear_delivered(self) -> Decimal:
+        """``civolume`` (clear the infused volume), then ``status`` read back. Sent only to a stopped pump with no
+        alarm latched. The counter going back after this ordered clear is not a power-up: the driver forgets the
+        previous reading first, so only a drop it did not order latches POWER_INTERRUPTED."""
+        async with self._lock:
+            raw = await self._check("clear_delivered")
+            if raw.running:
+                raise PumpRejected("clear_delivered: the pump is infusing; stop it first", code="NA")
+            # Forgotten before sending: a civolume whose reply is lost may still have cleared the counter.
+            self._last_volume_fl = None
+            await self._request("civolume", body_lines=0, retry=True)  # clearing twice is clearing once
+            return (await self._status()).infused_ml
+
     # ---- internals -----
 
     async def _check(self, what: str) -> RawStatus:
@@ -294,7 +310,7 @@ class HarvardDriver(PumpDriver):
     def _observe(self, raw: RawStatus) -> None:
         new: set[AlarmKind] = set()
         if self._last_volume_fl is not None and raw.volume_fl < self._last_volume_fl:
-            new.add(AlarmKind.POWER_INTERRUPTED)  # the counters reset only at power-up (this driver never clears)
+            new.add(AlarmKind.POWER_INTERRUPTED)  # the counters reset only at power-up (or an ordered clear)
         self._last_volume_fl = raw.volume_fl
         if raw.stalled:
             new.add(AlarmKind.OCCLUSION)

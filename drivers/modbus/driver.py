@@ -123,6 +123,8 @@ class ModbusDriver(PumpDriver):
         self.baud = url.int_param("baud", 19200, lo=50, hi=4_000_000) if url.transport == "rtu" else 0
         self.map = regmap or load_map(url.params.get("map") or DEFAULT_MAP)
         self.resolution = self.map.rate_resolution()  # type: ignore[misc]  # per-instance: from the map
+        # The counter's step: one raw unit of an integer point (its scale); a float point's step is not known.
+        self._delivered_step: Decimal | None = self.map["delivered_volume"].scale
         self._alarm_points = tuple(self.map.alarm_points())
         self._status_plan = plan_reads([self.map[n] for n in _STATUS_POINTS] + list(self._alarm_points))
         self._client: AsyncModbusTcpClient | AsyncModbusSerialClient | None = None
@@ -349,6 +351,19 @@ class ModbusDriver(PumpDriver):
         if status.state is PumpState.ALARM:
             raise PumpAlarm("alarm still active after acknowledge", alarms=status.alarms)
 
+    async def clear_delivered(self) -> Decimal:
+        """The map's command ``clear_delivered`` (guarded by its magic value), then ``delivered_volume`` read
+        back. Refused here on a running pump or one in alarm (the reference device answers 04 while infusing)."""
+        async with self._lock:
+            status = await self._status()
+            if status.running:
+                raise PumpRejected(f"{self.url.raw}: clear_delivered: the pump is infusing; stop it first", code="NA")
+            if status.state is PumpState.ALARM:
+                raise PumpAlarm(f"clear_delivered: pump in alarm {sorted(a.value for a in status.alarms)}",
+                                alarms=status.alarms)
+            await self._write_value("command", Decimal(self.map.command("clear_delivered")))
+            return await self._read_decimal("delivered_volume")
+
     async def read_status(self) -> PumpStatus:
         async with self._lock:
             return await self._status()
@@ -364,7 +379,8 @@ class ModbusDriver(PumpDriver):
             state = PumpState.STOPPED
         rate, delivered, diameter = values["rate_readback"], values["delivered_volume"], values["diameter_readback"]
         assert isinstance(rate, Decimal) and isinstance(delivered, Decimal) and isinstance(diameter, Decimal)
-        return PumpStatus(state=state, rate_ml_per_h=rate, delivered_ml=delivered, diameter_mm=diameter, alarms=alarms)
+        return PumpStatus(state=state, rate_ml_per_h=rate, delivered_ml=delivered, diameter_mm=diameter, alarms=alarms,
+                          delivered_step_ml=self._delivered_step)
 
 
 def _spans(points: Sequence[Point], table: Table) -> list[list[Point]]:

@@ -496,14 +496,17 @@ def _check_required(points: Mapping[str, Point], present: set[str], problems: li
         if req.writable and not point.writable:
             problems.append(Problem(f"{point.path}.access", "required-writable", f"{name} must be writable (rw or w)"))
     command = points.get("command")
-    if command is not None and "acknowledge_alarms" not in command.commands:
-        problems.append(
-            Problem(
-                "holding_registers.command.commands",
-                "missing-command",
-                "the command register needs acknowledge_alarms",
+    # Both are needed: alarms are acknowledged, and the delivered counter is cleared before every course and at
+    # every syringe load (docs/drivers.md).
+    for needed in ("acknowledge_alarms", "clear_delivered"):
+        if command is not None and needed not in command.commands:
+            problems.append(
+                Problem(
+                    "holding_registers.command.commands",
+                    "missing-command",
+                    f"the command register needs {needed}",
+                )
             )
-        )
     mapped = {p.alarm for p in points.values() if p.alarm is not None}
     for kind in sorted(REQUIRED_ALARMS - mapped, key=lambda k: k.value):
         problems.append(Problem("discrete_inputs", "missing-alarm", f"no point has alarm = {kind.value!r}"))

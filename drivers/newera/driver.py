@@ -9,9 +9,10 @@ Policy (see DESIGN.md and the reference file):
   ``PumpRejected("NA")``; a stopped pump simply switches to MH with the next ``set_rate``.
 - Continuous infusion, infuse direction only: ``VOL ML``, ``VOL 0``, ``DIR INF`` at connect while stopped.
   The driver never sends WDR/REV (IEC 60601-2-24: never withdraw).
-- Retries only where repeating is harmless: queries (status, RAT, DIA, DIS, VER), ``STP``, and any request
-  the pump answered ``?COM`` (it did not execute a corrupt packet). A set whose reply is lost is never
-  blindly resent: the driver reads back first and resends only if the pump does not hold the value.
+- Retries only where repeating is harmless: queries (status, RAT, DIA, DIS, VER), ``STP``, ``CLD INF`` on a
+  stopped pump, and any request the pump answered ``?COM`` (it did not execute a corrupt packet). A set whose
+  reply is lost is never blindly resent: the driver reads back first and resends only if the pump does not
+  hold the value.
 - Read-back after every set: ``set_rate``/``configure_syringe`` return what the pump reports afterwards.
 - Safe mode (dead-man): with ``options.deadman_s > 0`` connect() sends ``SAF<n>`` (always in safe framing,
   which the pump accepts in either mode) and uses safe framing from then on. The runtime must call
@@ -56,9 +57,11 @@ from drivers.base import (
     PumpRejected,
     PumpState,
     PumpStatus,
+    last_digit_step,
 )
 from drivers.newera.codec import (
     MAX_BASIC_PAYLOAD,
+    VOLUME_TO_ML,
     AlarmCode,
     ErrorCode,
     Frame,
@@ -298,6 +301,8 @@ class NewEraDriver(PumpDriver):
                 delivered_ml=dispensed.infused_ml,
                 diameter_mm=diameter,
                 alarms=frozenset(alarms),
+                # The display's last digit, as sent (4 digits: 0.1 mL steps from 100 mL), in mL.
+                delivered_step_ml=last_digit_step(dispensed.infused) * VOLUME_TO_ML[dispensed.unit],
             )
 
     async def heartbeat(self) -> PumpStatus:
@@ -354,6 +359,24 @@ class NewEraDriver(PumpDriver):
             # A status query acknowledges any alarm the pump still holds (its reply is the A?x).
             await self._request("", retry=True)
             self._latched.clear()
+
+    async def clear_delivered(self) -> Decimal:
+        """``CLD INF`` (clear the infused volume dispensed), then ``DIS`` read back in mL. The manual's
+        "Volume Dispensed" section states no running restriction for CLD; this driver sends it only to a pump
+        whose status reads stopped or paused (a moving plunger can never read back a clean 0)."""
+        async with self._lock:
+            self._refuse_if_alarm("clear_delivered")
+            status = await self._request("", retry=True)
+            self._refuse_if_alarm("clear_delivered")  # an alarm the status query just acknowledged
+            if status.status not in (Status.STOPPED, Status.PAUSED):
+                raise PumpRejected(
+                    f"clear_delivered: the pump reports status {status.status.value!r}, not stopped; stop it first",
+                    code="NA",
+                )
+            # Clearing twice is clearing once (the pump is stopped): a lost reply may be resent. An alarm reply
+            # means it was not executed: refused, never resent behind the alarm.
+            await self._request("CLD", "INF", retry=True, resend_after_alarm=False)
+            return parse_dispensed((await self._request("DIS", retry=True, expect=parse_dispensed)).data).infused_ml
 
     # ---- internals -----
 

@@ -303,6 +303,55 @@ class DriverContract(_ContractBase):
 
         self.run_with_harness(body)
 
+    # ---- the delivered-volume counter -----
+
+    def test_clear_delivered_zeroes_the_counter_and_returns_the_read_back(self) -> None:
+        async def body(h: Harness) -> None:
+            await self.ready_to_infuse(h, Decimal(36))
+            await self.pass_time(h, min(4, max(self.deadman_s - 1, 1)))
+            await h.driver.stop()
+            assert h.model.status().delivered_ml > 0
+            got = await h.driver.clear_delivered()
+            assert isinstance(got, Decimal) and got == 0
+            assert h.model.status().delivered_ml == 0  # the pump itself, not only what the driver says
+            assert (await h.driver.read_status()).delivered_ml == 0
+            assert await h.driver.clear_delivered() == 0  # clearing twice is clearing once
+            # The counter counts again from 0 afterwards.
+            await h.driver.run()
+            await self.pass_time(h, 1)
+            status = await h.driver.read_status()
+            if isinstance(h.clock, ManualClock):
+                assert status.delivered_ml == Decimal("0.01")  # 36 mL/h for 1 s, from 0: exact in every format
+            else:
+                assert status.delivered_ml > 0
+
+        self.run_with_harness(body)
+
+    def test_clear_delivered_on_a_running_pump_is_refused_and_changes_nothing(self) -> None:
+        async def body(h: Harness) -> None:
+            await self.ready_to_infuse(h, Decimal(36))
+            await self.pass_time(h, 1)
+            before = h.model.status().delivered_ml
+            with pytest.raises(PumpRejected) as info:
+                await h.driver.clear_delivered()
+            assert info.value.code == "NA"
+            after = h.model.status()
+            assert after.state is PumpState.INFUSING and after.delivered_ml >= before > 0
+
+        self.run_with_harness(body)
+
+    def test_clear_delivered_is_refused_while_an_alarm_is_latched(self) -> None:
+        async def body(h: Harness) -> None:
+            await self.ready_to_infuse(h, Decimal(36))
+            await self.pass_time(h, 1)
+            h.model.inject_alarm(AlarmKind.OCCLUSION)
+            before = h.model.status().delivered_ml
+            with pytest.raises(PumpAlarm):
+                await h.driver.clear_delivered()
+            assert h.model.status().delivered_ml == before > 0
+
+        self.run_with_harness(body)
+
     # ---- alarms -----
 
     def test_stop_is_allowed_in_alarm(self) -> None:
@@ -521,6 +570,37 @@ class WireFaultContract(_ContractBase):
             status = await h.driver.read_status()
             assert status.rate_ml_per_h == h.model.status().rate_ml_per_h
             assert status.rate_ml_per_h in (Decimal(1), Decimal(2))
+
+        self.run_with_harness(body)
+
+    def test_clear_delivered_reply_dropped_or_garbled_is_an_error_or_a_clean_clear(self) -> None:
+        async def body(h: Harness) -> None:
+            await self.ready_to_infuse(h, Decimal(36))
+            await self.pass_time(h, 1)
+            await h.driver.stop()
+            for fault in (h.faults.drop_next, h.faults.garble_next):
+                fault(1)
+                try:
+                    got: Decimal | None = await h.driver.clear_delivered()
+                except (DriverTimeout, ProtocolError):
+                    got = None
+                if got is not None:
+                    assert got == 0 and h.model.status().delivered_ml == 0  # a clean retry, never a misread
+            h.faults.clear()
+            assert await h.driver.clear_delivered() == 0
+
+        self.run_with_harness(body)
+
+    def test_persistently_malformed_replies_to_clear_delivered_end_in_an_error(self) -> None:
+        async def body(h: Harness) -> None:
+            await self.ready_to_infuse(h, Decimal(36))
+            await self.pass_time(h, 1)
+            await h.driver.stop()
+            h.faults.garble_next(h.driver.options.retries + 20)
+            with pytest.raises((ProtocolError, DriverTimeout)):
+                await h.driver.clear_delivered()  # never a value read from a malformed reply
+            h.faults.clear()
+            assert await h.driver.clear_delivered() == 0
 
         self.run_with_harness(body)
 

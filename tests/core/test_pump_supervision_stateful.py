@@ -12,6 +12,10 @@ time passes in polls, each with a tick and a pump report. After every step the m
   counter allowance plus what a poll or two at the highest rate it ran allows;
 - SUP-2: a decrease or stop the core accepts is on the wire at once while the link is up (the pump then runs at
   most the new rate), unless the pump ignored it, and then after the next poll;
+- SUP-15: the pump's counter may be shown like a display (truncated to a fixed 0.001 mL, or to 4 significant digits
+  as a New Era shows it, from a counter earlier use left at up to 99.9 mL; the report carries the reading's step,
+  as drivers do); while the pump has done exactly what it was told (no drift, no counter reset, no
+  panel use, no ignored command, no lost link or crash), no `under_infusion` or `over_infusion` is ever raised;
 - RESTART: a restart rebuilds the state through the snapshot encoding (`state_records`, whose decoder re-mints a
   pending setpoint through `kernel.restore_setpoint`, the kernel's one door besides its gate), and from a restart
   with a setpoint unverified until a clinician resumes, nothing goes on the wire above the last verified run rate
@@ -21,10 +25,10 @@ time passes in polls, each with a tick and a pump report. After every step the m
 from __future__ import annotations
 
 from datetime import timedelta
-from decimal import Decimal
+from decimal import ROUND_DOWN, Decimal
 
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from driverd.core.commands import ApplySetpoint, Command, Refused
 from driverd.core.events import (
@@ -58,6 +62,8 @@ class PumpOfItsOwn(RuleBasedStateMachine):
         self.factor = Decimal(1)  # true delivery / programmed rate
         self.true_ml = Decimal(0)
         self.counter = Decimal(0)  # what the pump reports (can reset)
+        self.display = "exact"  # how the counter is shown (the_counters_display)
+        self.faithful = True  # the pump did exactly what it was told so far (SUP-15 applies)
         self.alarms: tuple[str, ...] = ()
         self.link = True
         self.deaf = False  # ignores the next command
@@ -83,7 +89,13 @@ class PumpOfItsOwn(RuleBasedStateMachine):
 
     def _report(self) -> PumpReport:
         state = "alarm" if self.alarms else ("infusing" if self.infusing else "stopped")
-        return PumpReport(self.now, state, self.programmed, self.counter, self.alarms)  # type: ignore[arg-type]
+        if self.display == "exact":
+            shown, step = self.counter, None
+        else:
+            places = 3 if self.display == "fixed" else min(3, 4 - max(self.counter.adjusted() + 1, 0))
+            step = Decimal(1).scaleb(-places)
+            shown = (self.counter / step).to_integral_value(ROUND_DOWN) * step
+        return PumpReport(self.now, state, self.programmed, shown, self.alarms, step)  # type: ignore[arg-type]
 
     def _feed(self, event: Event) -> tuple[Command, ...]:
         if self.dead:
@@ -168,6 +180,7 @@ class PumpOfItsOwn(RuleBasedStateMachine):
 
     @rule(rate=st.sampled_from([None, Decimal("0.083"), Decimal("0.5"), Decimal("1.0")]))
     def panel_run(self, rate: Decimal | None) -> None:
+        self.faithful = False
         if self.alarms:
             return
         if rate is not None:
@@ -178,20 +191,24 @@ class PumpOfItsOwn(RuleBasedStateMachine):
 
     @rule()
     def panel_stop(self) -> None:
+        self.faithful = False
         self.infusing = False
 
     @rule(factor=st.sampled_from([Decimal("0.5"), Decimal("0.8"), Decimal(1), Decimal("1.3"), Decimal(2)]))
     def runs_off(self, factor: Decimal) -> None:
+        self.faithful = self.faithful and factor == 1
         self.factor = factor
         if self.infusing:
             self.max_true_rate = max(self.max_true_rate, self.programmed * factor)
 
     @rule()
     def counter_reset(self) -> None:
+        self.faithful = False
         self.counter = Decimal(0)
 
     @rule()
     def occlusion(self) -> None:
+        self.faithful = False
         self.alarms = ("occlusion",)
         self.infusing = False
 
@@ -201,10 +218,12 @@ class PumpOfItsOwn(RuleBasedStateMachine):
 
     @rule()
     def ignores_next_command(self) -> None:
+        self.faithful = False
         self.deaf = True
 
     @rule()
     def link_lost(self) -> None:
+        self.faithful = False
         self.link = False
         self._feed(LinkLost(self.now, "no reply"))
 
@@ -217,6 +236,7 @@ class PumpOfItsOwn(RuleBasedStateMachine):
 
     @rule(taken=st.booleans())
     def crash_after_next_send(self, taken: bool) -> None:
+        self.faithful = False
         self.crash_after_send = taken
 
     @rule()
@@ -229,6 +249,7 @@ class PumpOfItsOwn(RuleBasedStateMachine):
         assert restored == self.state
         self.state = restored
         if self.state.pending is not None:
+            self.faithful = False  # restarted with a setpoint open: the link counts as lost
             self.restart_cap = max(self.state.verified_run_rate, self.state.verified_rate)
             self._feed(LinkLost(self.now, "restart with a setpoint unverified"))
             self.link = False
@@ -253,7 +274,24 @@ class PumpOfItsOwn(RuleBasedStateMachine):
                 self.state.phase is Phase.ALARM and self.programmed <= self.state.commanded_rate
             ), "accepted reduce did not reach the pump"
 
+    # Weighted toward the coarse case (a 4-digit display about to pass 100 mL), which needs hours of faithful running.
+    @initialize(display=st.sampled_from(["digits", "digits", "fixed", "exact"]),
+                used=st.sampled_from([Decimal(0), Decimal("9.99"), Decimal("99.9"), Decimal("99.9")]))
+    def the_counters_display(self, display: str, used: Decimal) -> None:
+        """How the pump shows its counter, and what it holds from earlier use (nobody cleared it): exact with no
+        step reported, a fixed 0.001 mL step, or 4 significant digits (New Era: 0.01 mL from 10 mL, 0.1 mL from
+        100 mL), each reading with its step."""
+        self.display, self.counter = display, used
+
     # ------------------------------------------------------------------ invariants
+
+    @invariant()
+    def no_false_accuracy_alarm(self) -> None:
+        """SUP-15: a pump that delivers exactly what it was told is never reported off by the accuracy check, however
+        coarse its counter's display, as long as the report says how coarse."""
+        if self.faithful:
+            wrong = [a for a in self.state.alarms_raised if a in ("under_infusion", "over_infusion")]
+            assert not wrong, f"{wrong} raised on a faithful pump ({self.display} display, counter {self.counter})"
 
     @invariant()
     def delivered_24h_within_the_ceiling(self) -> None:

@@ -20,6 +20,8 @@ def test_demo_course_over_the_harvard_driver(tmp_path: Path, caplog: pytest.LogC
     [pump] = result.pumps
     assert pump["phase"] == "stopped" and pump["syringe_changes"] == 2
     # 100 -> 300 -> 500 mg/24h at 100 mg/mL, quantized down to the Elite's 4 digits (0.0416, 0.125, 0.2083 mL/h)
-    assert Decimal(pump["delivered_ml"]) == Decimal("18.996")
+    # Each of the 3 syringes is counted from a cleared counter whose last reading is whole fL (truncated): at most
+    # 1 fL per syringe goes uncounted.
+    assert Decimal("18.996") - 3 * Decimal("1e-12") <= Decimal(pump["delivered_ml"]) <= Decimal("18.996")
     assert pump["url"].endswith("without_deadman=allow")
     assert any("NO DEAD-MAN" in r.getMessage() for r in caplog.records)  # the bench runs it, loudly

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from driverd.core.errors import ValidationError
-from drivers.base import DriverOptions, PumpState
+from drivers.base import AlarmKind, DriverOptions, PumpState
 from drivers.harvard.driver import HarvardDriver
 from drivers.registry import open_driver
 from simulators.clock import ManualClock
@@ -120,3 +120,38 @@ def test_config_check_names_the_missing_deadman(tmp_path: Path) -> None:
     allowed = '[[pumps]]\nid = "bed-1"\nurl = "harvard+socket://127.0.0.1:7002?without_deadman=allow"\n'
     code, body = check_json(write_config(tmp_path, pumps=allowed, name="allowed.toml"))
     assert code == 0 and body["problems"] == []
+
+
+def test_ordered_clear_is_not_a_power_up_but_an_unordered_drop_still_is() -> None:
+    """The Elite resets its infused volume only at power-up (manual p. 27), so the driver reads a counter that went
+    back as POWER_INTERRUPTED. Its own ``civolume`` must not look like that; a drop it did not order still does."""
+
+    async def main() -> None:
+        clock = ManualClock(datetime(2026, 1, 1, tzinfo=UTC))
+        model = elite_model(clock)
+        async with serve_harvard(model, pty=True) as ep:
+            seen: list[str] = []
+            ep.protocol.tap = lambda cmd: seen.append(f"{cmd.name} {cmd.argument}".strip())
+            driver = open_driver(ep.url, DriverOptions(timeout_s=0.5, deadman_s=0))
+            assert isinstance(driver, HarvardDriver)
+            await driver.connect()
+            try:
+                await driver.set_rate(Decimal(36))
+                await driver.run()
+                clock.advance(2)
+                await driver.stop()
+                assert (await driver.read_status()).delivered_ml == Decimal("0.02")
+                assert await driver.clear_delivered() == 0
+                assert "civolume" in seen and model.status().delivered_ml == 0
+                status = await driver.read_status()
+                assert status.state is PumpState.STOPPED and status.alarms == frozenset()
+                await driver.run()
+                clock.advance(1)
+                assert (await driver.read_status()).delivered_ml == Decimal("0.01")
+                model.clear_delivered()  # the counter goes back without the driver asking: not ordered
+                status = await driver.read_status()
+                assert AlarmKind.POWER_INTERRUPTED in status.alarms
+            finally:
+                await driver.close()
+
+    asyncio.run(asyncio.wait_for(main(), 30))

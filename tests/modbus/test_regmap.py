@@ -244,6 +244,16 @@ def test_command_register_needs_the_acknowledge_command() -> None:
     assert rules(info.value) == {("holding_registers.command.commands", "missing-command")}
 
 
+def test_the_command_register_needs_clear_delivered() -> None:
+    """The daemon clears the delivered counter before every course: a map that cannot is refused at load."""
+    data = shipped()
+    data["holding_registers"]["command"]["commands"] = {"acknowledge_alarms": 0x5555}
+    with pytest.raises(ConfigError) as info:
+        parse_map(data)
+    assert rules(info.value) == {("holding_registers.command.commands", "missing-command")}
+    assert "clear_delivered" in str(info.value)
+
+
 def test_duplicate_magic_values() -> None:
     data = shipped()
     data["holding_registers"]["command"]["commands"] = {

@@ -219,3 +219,27 @@ def test_reconnects_after_a_tcp_disconnect() -> None:
             assert (await driver.read_status()).rate_ml_per_h == 4  # the transport reopened the socket
 
     run(body)
+
+
+def test_clear_delivered_sends_cld_inf_to_a_stopped_pump_and_reads_dis_back() -> None:
+    """Manual, "Volume Dispensed": ``CLD INF`` clears the infused volume (``CLD WDR`` the withdrawn one: never
+    needed, this driver never withdraws). Over 100 mL the 4-digit display reads in 0.1 mL steps; cleared, the
+    counter reads 0 and counts in 0.001 mL steps again."""
+
+    async def body() -> None:
+        async with rig(deadman_s=0, pty=False) as (driver, model, clock, ep):
+            model.load_syringe(Decimal(1000))  # a reservoir that does not run empty at 100 mL
+            await driver.configure_syringe(Decimal("26.59"))
+            await driver.set_rate(Decimal(500))
+            await driver.run()
+            clock.advance(720)  # 100 mL at 500 mL/h
+            await driver.stop()
+            assert (await driver.read_status()).delivered_ml == Decimal("100.0")
+            mark = len(ep.protocol.requests)
+            assert await driver.clear_delivered() == 0
+            sent = [(c.name, c.data) for c in list(ep.protocol.requests)[mark:]]
+            assert ("CLD", "INF") in sent and ("CLD", "WDR") not in sent
+            assert sent.index(("CLD", "INF")) < sent.index(("DIS", ""))  # read back after the clear
+            assert model.status().delivered_ml == 0
+
+    run(body)
