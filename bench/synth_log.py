@@ -38,7 +38,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -320,6 +320,7 @@ async def course_events(daemon: Daemon, models: dict[str, ModelPump], plan: Plan
 
 
 def main() -> None:
+    global START  # --start: generate() and label() read it
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path, help="a new directory (the log is OUT/audit)")
     ap.add_argument("--pumps", type=int, default=32)
@@ -328,10 +329,14 @@ def main() -> None:
     ap.add_argument("--faults", type=float, default=0.0, help="probability of an occlusion per course")
     ap.add_argument("--restart-at", type=float, nargs="*", default=[], help="days: clean restart, copies kept")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--start", type=date.fromisoformat, default=START.date(),
+                    help=f"first day, YYYY-MM-DD (default {START.date()}); bench/restart_exec.py needs a log that "
+                    "ends before the wall clock (a daemon started behind its log's last record raises a clock fault)")
     ap.add_argument("--no-sync", action="store_true", help="skip the writer's fdatasync calls (same bytes, faster)")
     args = ap.parse_args()
     if args.out.exists() and any(args.out.iterdir()):
         ap.error(f"{args.out} is not empty")
+    START = datetime.combine(args.start, START.timetz())
     t0, c0 = time.perf_counter(), time.process_time()
     stats = asyncio.run(generate(args.out, args.pumps, args.days, args.poll, args.faults, args.restart_at,
                                  args.seed, progress=True, sync=not args.no_sync))

@@ -11,15 +11,18 @@ shared machine wall time also measures the neighbours.
 
 Rows: sha256sum (the reference); verify_log in this process (workers=1) and with --jobs worker processes (what
 `driverd audit verify` does); the `driverd audit verify` command itself (interpreter start and imports included);
-decoding alone (iter_lines: the parse replay pays); replay (iter_lines + replay_lines). Then an "anatomy" of the
-per-line work of verify: reading lines, SHA-256 per line, parsing, the canonical-form check, the content hash. Last,
-a "replay anatomy" (this checkout, and --before's): CPU per record of decoding, event_from_record, the core's fold,
-the report builder, replay with and without the snapshot checks, and the whole `audit replay`.
+decoding alone (iter_lines: the parse replay pays); replay (iter_lines + replay_lines); parallel replay
+(replay_log with --replay-jobs worker processes, what `driverd audit replay --jobs` runs: the log cut at state
+snapshots). Then an "anatomy" of the per-line work of verify: reading lines, SHA-256 per line, parsing, the
+canonical-form check, the content hash. Last, a "replay anatomy" (this checkout, and --before's): CPU per record of
+decoding, event_from_record, the core's fold, the report builder, replay with and without the snapshot checks, and
+the whole `audit replay`.
 
 With --before DIR (a checkout of an earlier version, e.g. `git archive 0ed788e | tar -x -C DIR`), that version's
 verify_log and replay are timed in the same rounds, in a subprocess (its own imports excluded from the timing).
 
-usage: python bench/verify_replay.py [--log DIR] [--pumps P] [--rounds R] [--jobs J] [--before DIR]
+usage: python bench/verify_replay.py [--log DIR] [--pumps P] [--rounds R] [--jobs J] [--replay-jobs J]
+                                    [--replay-only] [--before DIR]
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from common import machine, median, say, sha256sum_seconds, table, warm
 from driverd.audit.canonical import _FAST_CODEC, _parse, _reference_dumps, line_content_hash, loads_line, record_hash
 from driverd.audit.reader import iter_lines
 from driverd.audit.replay import replay_lines
+from driverd.audit.replay_parallel import ReplayInfo, replay_log
 from driverd.audit.segments import list_segments
 from driverd.audit.verify import default_workers, verify_log
 
@@ -227,6 +231,9 @@ def main() -> None:
     ap.add_argument("--pumps", type=int, default=7)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--jobs", type=int, default=default_workers())
+    ap.add_argument("--replay-jobs", type=int, default=2, help="worker processes of the parallel replay row")
+    ap.add_argument("--replay-only", action="store_true",
+                    help="only sha256sum and the two replay rows (no verify rows, no anatomies): a short run")
     ap.add_argument("--before", type=Path, help="an earlier checkout to time side by side")
     args = ap.parse_args()
     say("machine:", machine(args.log.parent))
@@ -257,6 +264,22 @@ def main() -> None:
     def replay() -> None:
         replay_ok.append(replay_lines(iter_lines(args.log)).ok)
 
+    # The parallel replay must give the sequential result exactly, and run in parallel (not fall back).
+    info = ReplayInfo()
+    par = replay_log(args.log, jobs=args.replay_jobs, info=info)
+    same = par.as_dict() == replay_lines(iter_lines(args.log)).as_dict()
+    say(f"parallel replay, --jobs {args.replay_jobs}: {info.mode} {info.reason}, cut at snapshot seq(s) {info.slices}; "
+        f"result equal to the sequential one: {same}")
+    assert same and info.mode == "parallel", info
+
+    par_cpu: list[tuple[float, list[float]]] = []  # (this process, each worker) per round
+
+    def replay_par() -> None:
+        got = ReplayInfo()
+        replay_ok.append(replay_log(args.log, jobs=args.replay_jobs, info=got).ok)
+        assert got.mode == "parallel", got
+        par_cpu.append((got.cpu_parent, got.cpu_workers))
+
     contenders: dict[str, Any] = {
         "sha256sum (coreutils, whole files)": sha,
         "verify_log, 1 process": ver1,
@@ -265,7 +288,10 @@ def main() -> None:
             lambda: cli_verify(args.log, args.jobs),
         "decode only (iter_lines)": decode,
         "`audit replay` (iter_lines + replay_lines)": replay,
+        f"`audit replay --jobs {args.replay_jobs}` (replay_log: cut at snapshots)": replay_par,
     }
+    if args.replay_only:
+        contenders = {k: v for k, v in contenders.items() if "replay" in k or k.startswith("sha256sum")}
     walls: dict[str, list[float]] = {k: [] for k in contenders}
     cpus: dict[str, list[float]] = {k: [] for k in contenders}
     before_labels = {"verify": f"before ({args.before}): verify_log", "replay": f"before ({args.before}): replay"}
@@ -296,6 +322,21 @@ def main() -> None:
     rows.insert(1, ["hashlib.sha256 (whole files, in-process)", f"{t_hashlib:.3f}", "", f"{records / t_hashlib:,.0f}",
                     f"{mb / t_hashlib:,.0f}", f"{ref / t_hashlib:.3f}"])
     say(table(["", "wall s", "CPU s", "records/s", "MB/s", "speed vs sha256sum"], rows))
+    seq_w = median(walls["`audit replay` (iter_lines + replay_lines)"])
+    par_w = median(walls[f"`audit replay --jobs {args.replay_jobs}` (replay_log: cut at snapshots)"])
+    parent = median([p for p, _ in par_cpu])
+    workers = [median([w[k] for _, w in par_cpu]) for k in range(len(par_cpu[0][1]))]
+    seq_cpu = median(cpus["`audit replay` (iter_lines + replay_lines)"])
+    # With as many idle cores as processes, the wall is the slowest process; on 2 cores, at least half the CPU.
+    ideal = max([parent, *workers, (parent + sum(workers)) / os.cpu_count()])  # type: ignore[operator]
+    say(f"\nparallel replay, --jobs {args.replay_jobs}: wall {par_w / seq_w:.2f} x the sequential replay's in the "
+        f"same rounds; CPU (median) this process {parent:.2f} s (plan, report, merge), workers "
+        f"{', '.join(f'{w:.2f}' for w in workers)} s; sequential {seq_cpu:.2f} s. On {os.cpu_count()} idle cores "
+        f"(from the CPU figures, not measured): {ideal:.2f} s = {records / ideal:,.0f} records/s, "
+        f"{seq_cpu / ideal:.2f} x the sequential replay's CPU")
+    if args.replay_only:
+        say("\nload at end:", machine())
+        return
     say("\nanatomy of the per-line work (one pass each, cumulative):\n")
     an = anatomy(files)
     say(table(["stage", "seconds", "records/s", "speed vs sha256sum"],

@@ -6,7 +6,8 @@ of one driver never breaks the others.
 
 from __future__ import annotations
 
-from importlib.metadata import entry_points
+from functools import cache
+from importlib.metadata import EntryPoint, entry_points
 
 from driverd.core.errors import Problem, ValidationError
 from drivers.base import DriverOptions, PumpDriver
@@ -15,12 +16,20 @@ from drivers.url import DriverURL, parse_url
 GROUP = "driverd.drivers"
 
 
+@cache
+def _entry_points() -> tuple[EntryPoint, ...]:
+    """The group's entry points, read once per process: each read scans every installed distribution's metadata
+    (about 13 ms here), and start-up opens one driver per pump (32 pumps: 0.43 s). A driver installed later is
+    seen at the next start, as with any code change."""
+    return tuple(entry_points(group=GROUP))
+
+
 def available() -> list[str]:
-    return sorted(ep.name for ep in entry_points(group=GROUP))
+    return sorted(ep.name for ep in _entry_points())
 
 
 def driver_class(name: str) -> type[PumpDriver]:
-    matches = [ep for ep in entry_points(group=GROUP) if ep.name == name]
+    matches = [ep for ep in _entry_points() if ep.name == name]
     if not matches:
         raise ValidationError(
             [Problem("url.scheme", "known-driver", f"no driver {name!r}; available: {', '.join(available())}")]

@@ -87,6 +87,11 @@ def canonicalize(value: object, path: str = "") -> JsonValue:
         except AuditFieldError:
             raise AuditFieldError(path, "timezone", "datetime must be timezone-aware") from None
     if isinstance(value, list | tuple):
+        # Lists of ASCII strings (a snapshot's history rows: tens of thousands at start-up) are already in their
+        # JSON form: what the element-wise path returns for each (str(v) of an exact str is v), without a path
+        # built per element.
+        if all(type(v) is str and v.isascii() for v in value):
+            return list(value)
         return [canonicalize(v, f"{path}[{i}]") for i, v in enumerate(value)]
     if isinstance(value, Mapping):
         out: dict[str, JsonValue] = {}

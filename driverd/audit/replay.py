@@ -132,6 +132,16 @@ class ReplayResult:
 Reduce = Callable[[Any, Any, ProtocolSpec], tuple[Any, tuple[Any, ...]]]
 
 
+class _NoReport:
+    """Stands in for the ReportBuilder when replay builds no report (its report stays empty)."""
+
+    def __init__(self) -> None:
+        self.report = Report()
+
+    def add(self, rec: dict[str, Any]) -> None:
+        pass
+
+
 @dataclass(slots=True)
 class _Pump:
     state: Any
@@ -152,6 +162,7 @@ class Replayer:
         command_to_record: Callable[[Any], tuple[str, dict[str, Any]]] | None = None,
         input_events: frozenset[str] | None = None,
         output_events: frozenset[str] | None = None,
+        report: bool = True,
     ) -> None:
         if None in (initial_state, reduce, event_from_record, command_to_record, input_events, output_events):
             from driverd.core import machine, records
@@ -188,6 +199,9 @@ class Replayer:
         self._chain = SnapshotChain(RowMemo())
         self._segment = 0  # the segment being read (from its segment_start)
         self._follow = False  # the next record's prev is the line hash of the last snapshot or delta
+        if not report:  # no per-course report: a parallel replay's workers (the parent builds it, replay_parallel.py)
+            self._summary = _NoReport()  # type: ignore[assignment]
+            self.result.report = self._summary.report
 
     def add(self, rec: dict[str, Any]) -> None:
         self._summary.add(rec)

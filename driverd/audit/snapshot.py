@@ -363,13 +363,14 @@ def _candidates(path: Path) -> tuple[list[tuple[int, int, bytes]], int | None]:
     return found, checkpoint
 
 
-def newest_snapshot(audit_dir: Path) -> Snapshot | None:
+def newest_snapshot(audit_dir: Path, names: list[tuple[int, str]] | None = None) -> Snapshot | None:
     """The newest snapshot or delta sealed by a later checkpoint, as a Snapshot (a delta rebuilt from its chain),
     reading segments from the newest back (so only the segments after it and its own are read). A delta whose
     chain does not resolve (an ancestor missing or not the line its child names) is passed over for an older
-    one. Integrity is not checked here: verify from its segment on."""
+    one. Integrity is not checked here: verify from its segment on. `names`: the directory's `segment_names`, when
+    the caller has listed it already."""
     sealed_after: int | None = None  # seq of the newest checkpoint seen in the segments read so far
-    for number, name in reversed(segment_names(audit_dir)):
+    for number, name in reversed(segment_names(audit_dir) if names is None else names):
         found, checkpoint = _candidates(audit_dir / name)
         sealed_after = checkpoint if checkpoint is not None else sealed_after
         for seq, lineno, raw in reversed(found):

@@ -59,7 +59,8 @@ def verify(
     jobs: Annotated[
         int | None,
         typer.Option("--jobs", min=1, max=64, help="worker processes (default: one per CPU, at most 8; logs under "
-                                                   "4 MiB are verified in this process)"),
+                                                   "4 MiB are verified in this process); --full replays with them "
+                                                   "too"),
     ] = None,
     archive: Annotated[
         list[Path] | None,
@@ -112,7 +113,7 @@ def verify(
                                     workers=workers)
         if store is not None and report.ok:
             schedules = _check_schedules(log, store)
-        replayed = _full_replay(log, archive) if full and report.ok else None
+        replayed = _full_replay(log, archive, workers) if full and report.ok else None
     except DriverdError as exc:
         fail(str(exc), as_json=as_json)
     ok = report.ok and (schedules is None or schedules["ok"]) and (replayed is None or replayed["ok"])
@@ -171,28 +172,22 @@ def _verify_all(log: Path, public: Any, require_sealed: bool, store: Any, trust:
         raise typer.Exit(EXIT_REFUSED)
 
 
-def _full_replay(log: Path, archive: list[Path] | None = None) -> dict[str, Any]:
+def _full_replay(log: Path, archive: list[Path] | None = None, workers: int = 1) -> dict[str, Any]:
     """`--full`: replay from the first record; every state snapshot is compared with replay's own states. With
-    --archive, from the first archived record through the live log."""
-    from driverd.audit.reader import iter_records
-    from driverd.audit.replay import Replayer
-    from driverd.audit.snapshot import DELTA_EVENT, SNAPSHOT_EVENT
+    --archive, from the first archived record through the live log. `workers` > 1: in parallel, cut at state
+    snapshots (driverd/audit/replay_parallel.py; the verdict is the one-process one)."""
+    from driverd.audit.replay_parallel import ReplayInfo, replay_log
 
-    records = iter_records(log)
+    segments = None
     if archive:
         from driverd.audit.archive import whole_chain
 
-        records = (rec for _, seg in whole_chain(log, list(archive)) for rec in iter_records(seg))
-    replayer = Replayer()
-    snapshots = deltas = 0
-    for rec in records:
-        snapshots += rec.get("event") == SNAPSHOT_EVENT
-        deltas += rec.get("event") == DELTA_EVENT
-        replayer.add(rec)
-    result = replayer.finish()
+        segments = [seg for _, seg in whole_chain(log, list(archive))]
+    info = ReplayInfo()
+    result = replay_log(log, jobs=workers, segments=segments, report=False, info=info)
     first = result.divergences[0] if result.divergences else None
-    return {"ok": first is None, "snapshots": snapshots, "deltas": deltas, "outputs": result.outputs_checked,
-            "divergences": len(result.divergences),
+    return {"ok": first is None, "snapshots": info.snapshots, "deltas": info.deltas,
+            "outputs": result.outputs_checked, "divergences": len(result.divergences),
             "failure": None if first is None else f"seq {first.seq} ({first.kind}): {first.detail}"}
 
 
@@ -239,15 +234,26 @@ def _print_verify(report: Any) -> None:
 
 
 @app.command()
-def replay(log: LogArg, as_json: JsonOpt = False) -> None:
+def replay(
+    log: LogArg,
+    jobs: Annotated[
+        int | None,
+        typer.Option("--jobs", min=1, max=64, help="worker processes, each replaying a slice of the log between two "
+                                                   "state snapshots (default: one per CPU, at most 8; logs under 2 "
+                                                   "MiB or without snapshots to cut at are replayed in this process; "
+                                                   "the result is the one-process one)"),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
     """Fold the logged inputs through the pure core; compare every recomputed decision with the log."""
-    from driverd.audit.reader import iter_lines, total_bytes
-    from driverd.audit.replay import replay_lines
+    from driverd.audit.reader import total_bytes
+    from driverd.audit.replay_parallel import replay_log
+    from driverd.audit.verify import default_workers
 
     _need_log(log, as_json)
     try:
         with _progress("replaying", total_bytes(log), as_json) as progress:
-            result = replay_lines(iter_lines(log, progress))
+            result = replay_log(log, jobs=jobs if jobs is not None else default_workers(), progress=progress)
     except DriverdError as exc:
         fail(str(exc), as_json=as_json)
     if as_json:

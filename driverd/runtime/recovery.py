@@ -24,7 +24,7 @@ from driverd.audit.exposure import LedgerBuilder
 from driverd.audit.reader import LineTooLong, bounded_lines
 from driverd.audit.replay import Interrupted, Replayer
 from driverd.audit.schedules import ScheduleChecker
-from driverd.audit.segments import anchor_first_segment, list_segments, segment_names
+from driverd.audit.segments import anchor_first_segment, segment_names
 from driverd.audit.snapshot import newest_snapshot
 from driverd.audit.verify import verify_log
 from driverd.audit.writer import AuditConfig, AuditWriter
@@ -75,11 +75,21 @@ def recover(audit_dir: Path, trust: TrustStore, public_key: Ed25519PublicKey | N
 
 
 def _recover(audit_dir: Path, trust: TrustStore, public_key: Ed25519PublicKey | None) -> Recovered:
-    if not audit_dir.is_dir() or not segment_names(audit_dir):
+    # One listing for all of recovery (nothing writes to the log meanwhile): a year's log holds ~9,000 segments
+    # and each listing costs 10-20 ms (bench/README.md, section 20).
+    names = segment_names(audit_dir) if audit_dir.is_dir() else []
+    if not names:
         return Recovered()
-    snap = newest_snapshot(audit_dir)
+    snap = newest_snapshot(audit_dir, names)
+    # By number, not position: after `audit archive` the directory no longer starts at segment 1.
+    first = snap.segment if snap is not None else anchor_first_segment(audit_dir)
+    segments = [(n, audit_dir / name) for n, name in names if n >= first]
     # From a snapshot, the log before it is not read: the suffix must be signed with the daemon's own key.
-    report = verify_log(audit_dir, public_key=public_key if snap else None, first_segment=snap.segment if snap else 1)
+    if snap is not None and snap.segment > 1:  # what verify_log would list itself (it reads no anchor then)
+        report = verify_log(audit_dir, public_key=public_key, first_segment=snap.segment,
+                            segments=segments or [(names[-1][0], audit_dir / names[-1][1])])
+    else:
+        report = verify_log(audit_dir, public_key=public_key if snap else None, first_segment=1)
     if not report.ok:
         failure = report.failure
         raise AuditError(f"audit log does not verify; refusing to start: {failure}")
@@ -98,9 +108,7 @@ def _recover(audit_dir: Path, trust: TrustStore, public_key: Ed25519PublicKey | 
             schedules.add(rec)
             if isinstance(acc.get("schedule"), dict):
                 out.accepted[str(acc["schedule"].get("digest"))] = rec
-    # By number, not position: after `audit archive` the directory no longer starts at segment 1.
-    first = snap.segment if snap is not None else anchor_first_segment(audit_dir)
-    for number, path in list_segments(audit_dir, first):
+    for number, path in segments:
         # The lines up to the snapshot are not parsed (one is the snapshot itself, up to a few MB).
         skip = snap.line if snap is not None and number == snap.segment else 0
         for rec in _records(path, skip):
