@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
+from functools import lru_cache
 from typing import Any
 
 from driverd.core.errors import Problem, ValidationError
@@ -21,6 +22,11 @@ from driverd.core.state_records import exact_dec
 
 
 def _time(value: object) -> datetime | None:
+    return _parse_time(value) if isinstance(value, str) else None
+
+
+@lru_cache(maxsize=512)  # every record's `at` (the pumps of a ward report at the same instant): parsed once
+def _parse_time(value: str) -> datetime | None:
     try:
         return datetime.fromisoformat(value) if isinstance(value, str) else None
     except ValueError:

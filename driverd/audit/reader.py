@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Final
+from typing import IO, Any, Final, NamedTuple
 
 from driverd.audit.canonical import loads_line
 from driverd.audit.segments import resolve_log
 from driverd.core.errors import AuditError
 
 
-@dataclass(frozen=True, slots=True)
-class Line:
+class Line(NamedTuple):
+    """One record as read (immutable; a named tuple: made for every line replay reads, at a tenth of the cost of a
+    frozen dataclass)."""
+
     file: Path
     lineno: int
     raw: bytes  # exact bytes without the newline
@@ -52,11 +53,12 @@ def iter_lines(path: Path, progress: Callable[[int], None] | None = None) -> Ite
                         progress(len(raw))
                     if not raw.endswith(b"\n"):
                         raise AuditError(f"{seg}:{n}: torn last line (partial write); run `driverd audit verify`")
+                    line = raw[:-1]
                     try:
-                        rec = loads_line(raw[:-1])
+                        rec = loads_line(line)
                     except ValueError as exc:
                         raise AuditError(f"{seg}:{n}: not a canonical audit record: {exc}") from None
-                    yield Line(seg, n, raw[:-1], rec)
+                    yield Line(seg, n, line, rec)
         except LineTooLong as exc:
             raise AuditError(f"{seg}:{n + 1}: {exc}") from None
         except OSError as exc:

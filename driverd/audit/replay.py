@@ -189,16 +189,14 @@ class Replayer:
         self._accepted: dict[str, dict[str, Any]] = {}  # schedule digest -> its schedule_accepted record
         self._pumps: dict[str, _Pump] = {}
         self._summary = ReportBuilder()
-        # History rows encoded for the last snapshot checked (History.encoded): the next one reuses them.
-        self._rows: dict[int, Any] = {}
-        self._rows_next: dict[int, Any] = {}
         self.result = ReplayResult(report=self._summary.report)
         self._suffix: bool | None = None  # the first record added was not seq 1 (None: nothing added yet)
         self._course_data = False  # a record other than the writer's own has been added (or seed() was called)
         # The last snapshot or delta, for checking the next delta (audit/snapshot.py, SnapshotChain).
-        from driverd.audit.snapshot import SnapshotChain
+        # History rows are encoded once for every snapshot and delta that holds them (RowMemo).
+        from driverd.audit.snapshot import RowMemo, SnapshotChain
 
-        self._chain = SnapshotChain()
+        self._chain = SnapshotChain(RowMemo())
         self._segment = 0  # the segment being read (from its segment_start)
         self._follow = False  # the next record's prev is the line hash of the last snapshot or delta
         if not report:  # no per-course report: a parallel replay's workers (the parent builds it, replay_parallel.py)
@@ -294,10 +292,10 @@ class Replayer:
         replayed = {q: (self._pumps[q].state if q in self._pumps else self._initial_state(q)) for q in pumps}
         identical = bool(pumps)
         for pump in pumps:  # every pump encoded (no short cut): the next snapshot reuses the rows
-            encoded = self._encode_state(replayed[pump])
+            encoded = self._encode_state(pump, replayed[pump])
             identical = identical and raw_states.get(pump) == encoded
-        self._rows = self._rows_next
-        self._rows_next = {}
+        assert self._chain.row_memo is not None
+        self._chain.row_memo.round()
         try:
             snap = read_snapshot(rec, decode_states=not identical)
         except DriverdError as exc:
@@ -381,14 +379,12 @@ class Replayer:
         self._chain.mark(cur, {"seq": seq, "segment": self._segment, "line_sha256": None}, full=False)
         self._follow = True
 
-    def _encode_state(self, state: Any) -> Any:
+    def _encode_state(self, pump: str, state: Any) -> Any:
         """state_to_fields(state), with each history sample's row encoded once for all the snapshots that hold it
-        (`History.encoded`: the history is a view of an append-only buffer)."""
-        from driverd.core.state_records import sample_row, state_to_fields
-
-        fields = state_to_fields(state, _no_row)
-        fields["samples"] = state.samples.encoded(sample_row, self._rows, self._rows_next)
-        return fields
+        (the chain's RowMemo, shared with the deltas), and the other fields taken from the
+        chain (encoded there once per state object: the chain's encoding after this snapshot reuses them)."""
+        assert self._chain.row_memo is not None
+        return {**self._chain.fields(pump, state), "samples": self._chain.row_memo.rows(state.samples)}
 
     def states(self) -> dict[str, Any]:
         """Each pump's course state after everything added so far (crash recovery starts from these)."""
@@ -484,13 +480,6 @@ class Replayer:
     ) -> None:
         course = course_id if isinstance(course_id, str) else None
         self.result.divergences.append(Divergence(rec["seq"], pump_id, course, kind, expected, found, detail))
-
-
-_NO_ROW: list[str] = []
-
-
-def _no_row(sample: Any) -> list[str]:
-    return _NO_ROW
 
 
 def _fields(rec: dict[str, Any]) -> dict[str, Any]:

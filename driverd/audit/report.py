@@ -25,6 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Final
 
@@ -46,8 +47,17 @@ def _q(d: Decimal) -> Decimal:
 
 
 def _dec(value: object) -> Decimal | None:
-    if not isinstance(value, str):
-        return None
+    return _parse_dec(value) if isinstance(value, str) else None
+
+
+def _at(value: object) -> datetime | None:
+    return _parse_at(value) if isinstance(value, str) else None
+
+
+# Parsed once per distinct string among the last few hundred (the pumps of a ward report at the same instant, most
+# of them the same rate and volume): the values are immutable, so sharing them is the same as parsing again.
+@lru_cache(maxsize=512)
+def _parse_dec(value: str) -> Decimal | None:
     try:
         d = Decimal(value)
     except ArithmeticError:
@@ -55,9 +65,8 @@ def _dec(value: object) -> Decimal | None:
     return d if d.is_finite() else None
 
 
-def _at(value: object) -> datetime | None:
-    if not isinstance(value, str):
-        return None
+@lru_cache(maxsize=512)
+def _parse_at(value: str) -> datetime | None:
     try:
         t = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
@@ -378,7 +387,9 @@ class ReportBuilder:
                      "detail": f"{rec.get('refused')} refusal(s) not logged one by one: {rec.get('reasons')}",
                      "event": event})
             return
-        p = self._pumps.setdefault(pump_id, _Pump())
+        p = self._pumps.get(pump_id)
+        if p is None:
+            p = self._pumps[pump_id] = _Pump()
         at = _at(rec.get("at"))
         if at is not None:
             p.last_at = at

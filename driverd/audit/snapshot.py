@@ -23,7 +23,6 @@ would write from replay's states: `SnapshotChain`).
 from __future__ import annotations
 
 import hashlib
-from bisect import bisect_left
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +33,9 @@ from driverd.audit.exposure import LedgerBuilder
 from driverd.audit.reader import bounded_lines
 from driverd.audit.segments import segment_name, segment_names
 from driverd.core.errors import AuditError, DriverdError, Problem, ValidationError
+from driverd.core.history import EncodedMemo, History
 from driverd.core.state import CourseState
-from driverd.core.state_records import STATE_FORMAT, sample_row, state_from_fields, state_to_fields
+from driverd.core.state_records import STATE_FORMAT, sample_row, state_fields, state_from_fields, state_to_fields
 
 SNAPSHOT_EVENT = "state_snapshot"
 DELTA_EVENT = "state_delta"
@@ -115,16 +115,30 @@ class Encoded:
     """What a snapshot holds, its state fields encoded as the log holds them (the history as the samples
     themselves: encoded only when written, so the daemon keeps no second copy of every pump's history)."""
 
-    states: dict[str, dict[str, Any]]  # pump -> state fields without "samples"
-    samples: dict[str, list[Any]]  # pump -> the history samples (the states' own objects)
+    states: dict[str, dict[str, Any]]  # pump -> state fields without "samples" (shared, never modified)
+    samples: dict[str, History]  # pump -> the history (the state's own: an immutable view, no copy)
     versions: dict[str, int]
     library: str | None
     ledger: dict[str, Any]
     schedules: list[Any]
 
 
-def _no_row(_sample: Any) -> list[str]:
-    return []
+class RowMemo:
+    """History rows (`sample_row`) encoded once for all the snapshots and deltas that hold them (`History.encoded`:
+    a history is a view of an append-only buffer). Replay keeps one (it checks every snapshot and delta of a log);
+    the daemon does not (it would keep a second copy of every pump's history as rows)."""
+
+    def __init__(self) -> None:
+        self._memo: EncodedMemo[list[str]] = {}
+        self._kept: EncodedMemo[list[str]] = {}
+
+    def rows(self, history: History) -> list[list[str]]:
+        """`[sample_row(x) for x in history]` (a new list; the rows in it are shared: never modify them)."""
+        return history.encoded(sample_row, self._memo, self._kept)
+
+    def round(self) -> None:
+        """A snapshot or delta is done: the buffers no history of it used are forgotten."""
+        self._memo, self._kept = self._kept, {}
 
 
 class SnapshotChain:
@@ -132,22 +146,44 @@ class SnapshotChain:
 
     The daemon and replay share this code, so replay checks a delta by computing the very record the daemon
     would have written from replay's own states and comparing the two. A history shares its samples with the
-    histories it grew from, so the rows a delta adds are found by identity and only they are encoded."""
+    histories it grew from, so the rows a delta adds are found by identity and only they are encoded.
 
-    def __init__(self) -> None:
+    A pump whose state is the very object encoded last time (states are immutable) reuses those fields, and a new
+    state reuses the encoding of every field that holds the same object as the last one (state_fields' `since`):
+    the encoding is a function of the values, so the result is what encoding it afresh gives."""
+
+    def __init__(self, row_memo: RowMemo | None = None) -> None:
+        self.row_memo = row_memo
         self._last: Encoded | Callable[[], Encoded] | None = None
         self.parent: dict[str, Any] | None = None  # {"seq", "segment", "line_sha256"} of the last one
         self.since: int = 0  # deltas since the last full snapshot
+        self._fields: dict[str, tuple[CourseState, dict[str, Any]]] = {}  # pump -> (state, its state_fields)
+
+    def fields(self, pump: str, state: CourseState) -> dict[str, Any]:
+        """`state_fields(state)` (shared: the caller must not modify it), encoded only if `state` is not the
+        object last encoded for `pump`."""
+        hit = self._fields.get(pump)
+        if hit is not None and hit[0] is state:
+            return hit[1]
+        fields = state_fields(state, hit)  # the fields this state shares with the last one are not encoded again
+        self._fields[pump] = (state, fields)
+        return fields
 
     def encode(self, states: Mapping[str, CourseState], versions: Mapping[str, int], library: str | None,
                ledger: dict[str, Any], schedules: list[Any]) -> Encoded:
         enc = Encoded({}, {}, dict(sorted(versions.items())), library, ledger, schedules)
         for pump, state in sorted(states.items()):
-            fields = state_to_fields(state, _no_row)
-            del fields["samples"]
-            enc.states[pump] = fields
-            enc.samples[pump] = list(state.samples)
+            enc.states[pump] = self.fields(pump, state)
+            enc.samples[pump] = state.samples
+        for pump in [p for p in self._fields if p not in states]:
+            del self._fields[pump]  # only the pumps of the last encoding are kept
         return enc
+
+    def _rows(self, history: History, start: int = 0) -> list[list[str]]:
+        """The rows of history[start:]: from the row memo if the chain has one (a slice of the same rows)."""
+        if self.row_memo is None:
+            return [sample_row(x) for x in history[start:]]
+        return self.row_memo.rows(history)[start:]
 
     def last(self) -> Encoded | None:
         if callable(self._last):
@@ -169,10 +205,10 @@ class SnapshotChain:
         for pump, fields in cur.states.items():
             old = prev.states.get(pump)
             if old is None:
-                pumps[pump] = {"state": {**fields, "samples": [sample_row(x) for x in cur.samples[pump]]}}
+                pumps[pump] = {"state": {**fields, "samples": self._rows(cur.samples[pump])}}
                 continue
             patch: dict[str, Any] = {"fields": {k: v for k, v in fields.items() if old.get(k) != v}}
-            history = _history_patch(prev.samples[pump], cur.samples[pump])
+            history = _history_patch(prev.samples[pump], cur.samples[pump], self._rows)
             if patch["fields"] or history != {"drop": 0, "add": []}:
                 pumps[pump] = {**patch, **history}
         out: dict[str, Any] = {"format": DELTA_FORMAT, "parent": dict(self.parent), "pumps": pumps,
@@ -183,20 +219,27 @@ class SnapshotChain:
             out["ledger"] = cur.ledger
         if cur.schedules != prev.schedules:
             out["schedules"] = cur.schedules
+        if self.row_memo is not None:
+            self.row_memo.round()  # every pump's history was encoded above (a patch holds its rows)
         return out
 
 
-def _history_patch(old: list[Any], new: list[Any]) -> dict[str, Any]:
+def _history_patch(old: History, new: History, rows: Callable[[History, int], list[list[str]]]) -> dict[str, Any]:
     """{"drop": k, "add": rows} when `new` is `old` less its first k samples plus those of `rows` (the 24-h window
     slid and grew), else {"samples": rows of new} (the history was restarted: a new course). Samples are compared
-    by identity, else by their rows (exact: a Decimal's exponent counts)."""
+    by identity, else by their rows (exact: a Decimal's exponent counts). Histories that grew from one another
+    share their samples, so the identical run is counted without touching them (History.same_run) and only the
+    samples after it, if any, are compared one by one. `rows(h, i)`: the rows of h[i:] (SnapshotChain._rows)."""
     if not new:
         return {"drop": len(old), "add": []}
-    k = bisect_left([x.at for x in old], new[0].at)  # times strictly increase: the only possible overlap
+    k = old.count_before(new[0].at)  # times strictly increase: the only possible overlap
     kept = len(old) - k
-    if kept <= len(new) and all(a is b or sample_row(a) == sample_row(b) for a, b in zip(old[k:], new, strict=False)):
-        return {"drop": k, "add": [sample_row(x) for x in new[kept:]]}
-    return {"samples": [sample_row(x) for x in new]}
+    if kept <= len(new):
+        same = old.same_run(k, new)  # old[k + i] is new[i] for i < same
+        if same == kept or all(a is b or sample_row(a) == sample_row(b)
+                               for a, b in zip(old[k + same:], new[same:kept], strict=True)):
+            return {"drop": k, "add": rows(new, kept)}
+    return {"samples": rows(new, 0)}
 
 
 def _bad(path: str, rule: str, detail: str) -> ValidationError:

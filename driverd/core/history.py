@@ -59,6 +59,9 @@ class History:
 
     def __getitem__(self, i: int | slice) -> Sample | tuple[Sample, ...]:
         if isinstance(i, slice):
+            start, stop, step = i.indices(self._hi - self._lo)
+            if step == 1:  # the common case, without copying the whole view first
+                return tuple(self._buf[self._lo + start:self._lo + max(start, stop)])
             return tuple(self._buf[self._lo:self._hi][i])
         n = self._hi - self._lo
         if i < 0:
@@ -148,6 +151,28 @@ class History:
             return buf[hi - 1], None
         i = bisect_right(times, at, lo, hi)
         return buf[i - 1], buf[i]
+
+    def count_before(self, at: datetime) -> int:
+        """How many samples are strictly before `at` (bisect_left by time)."""
+        return bisect_left(self._times, at, self._lo, self._hi) - self._lo
+
+    def same_run(self, start: int, other: History) -> int:
+        """How many of this history's samples from index `start` (>= 0) on are, one for one, the very same objects
+        as `other`'s first samples. Views of one buffer at the same slots share them all (no slot is written
+        twice), so that case costs nothing; else the objects are compared one by one up to the first difference."""
+        if start < 0:
+            raise IndexError("history index out of range")
+        i, j = self._lo + start, other._lo
+        n = min(self._hi - i, other._hi - j)
+        if n <= 0:
+            return 0
+        if self._buf is other._buf and i == j:
+            return n
+        a, b = self._buf, other._buf
+        k = 0
+        while k < n and a[i + k] is b[j + k]:
+            k += 1
+        return k
 
     def index_after(self, at: datetime) -> int:
         """How many samples are at or before `at` (bisect_right by time)."""

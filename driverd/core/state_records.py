@@ -61,6 +61,26 @@ def state_to_fields(state: CourseState, row: SampleRow = sample_row) -> dict[str
     return out
 
 
+#: CourseState's fields as state_fields encodes them, in order.
+_STATE_FIELDS = tuple(f.name for f in dataclasses.fields(CourseState) if f.name not in ("token", "samples"))
+
+
+def state_fields(state: CourseState,
+                 since: tuple[CourseState, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """`state_to_fields(state)` less its "samples": the rest of the state, for a caller that encodes the history
+    rows apart (once for many snapshots and deltas). `since`: an earlier state and its state_fields; a field of
+    `state` that holds the very same object as that state's is taken from there instead of encoded again (every
+    value a state holds is immutable: frozen dataclasses, tuples, Decimals, times, strings; _encode refuses any
+    other type), so the result is the same."""
+    if since is None:
+        out = _encode_obj(state)
+        del out["samples"]
+        return out
+    old, old_fields = since
+    return {name: old_fields[name] if getattr(state, name) is getattr(old, name) else _encode(getattr(state, name))
+            for name in _STATE_FIELDS}
+
+
 def state_from_fields(fields: Any, path: str = "state") -> CourseState:
     """Rebuild a CourseState from `state_to_fields` output (as parsed from the log). Raises ValidationError
     naming the field and the rule."""
