@@ -150,14 +150,15 @@ def run_until_ready(argv: list[str], env: dict[str, str], notify: Path | None) -
             sock.close()
 
 
-def restart_once(log: Path, key: Path, pumps: list[str], env: dict[str, str]) -> tuple[float, float, float]:
+def restart_once(log: Path, key: Path, pumps: list[str], env: dict[str, str], driverd: str = DRIVERD,
+                 ) -> tuple[float, float, float]:
     """(wall s to the start-up snapshot, wall s to READY=1, child CPU s)."""
     scratch = Path(tempfile.mkdtemp(prefix="driverd-restart-exec-"))
     try:
         copy_log(log, scratch / "audit")
         last_segment = list_segments(scratch / "audit")[-1][0]
         config = write_config(scratch, key, pumps)
-        argv = [DRIVERD, "run", "--config", str(config), "--json"]
+        argv = [driverd, "run", "--config", str(config), "--json"]
         spawned = datetime.now(UTC)
         ready, cpu = run_until_ready(argv, env, scratch / "notify.sock")
         return (startup_snapshot_at(scratch / "audit", last_segment) - spawned).total_seconds(), ready, cpu
@@ -170,6 +171,8 @@ def main() -> None:
     ap.add_argument("out", type=Path, help="bench/synth_log.py's output directory (with at-<D>d/ copies)")
     ap.add_argument("--days", type=int, nargs="+", default=[5, 365])
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--before", type=Path, help="an earlier checkout with its own .venv (pip install -e DIR): its "
+                    "`driverd run` on the same logs, in the same rounds")
     args = ap.parse_args()
     say(machine())
     key = args.out / "keys" / "audit.key"
@@ -197,14 +200,20 @@ def main() -> None:
     }
     walls: dict[str, list[float]] = {k: [] for k in [*refs, *logs]}
     cpus: dict[str, list[float]] = {k: [] for k in walls}
-    snaps: dict[str, list[float]] = {k: [] for k in logs}
+    drivers = {name: (log, DRIVERD) for name, log in logs.items()}
+    if args.before is not None:
+        theirs = str(args.before / ".venv" / "bin" / "driverd")
+        drivers.update({f"before: {name}": (log, theirs) for name, log in logs.items()})
+        walls.update({f"before: {name}": [] for name in logs})
+        cpus.update({f"before: {name}": [] for name in logs})
+    snaps: dict[str, list[float]] = {k: [] for k in drivers}
     for r in range(args.rounds):  # rounds interleaved: every contender sees the same minutes
         for name, argv in refs.items():
             w, c = run_until_ready(argv, env, None)
             walls[name].append(w)
             cpus[name].append(c)
-        for name, log in logs.items():
-            at, w, c = restart_once(log, key, pumps, env)
+        for name, (log, driverd) in drivers.items():
+            at, w, c = restart_once(log, key, pumps, env, driverd)
             snaps[name].append(at)
             walls[name].append(w)
             cpus[name].append(c)
