@@ -143,6 +143,24 @@ def step(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
         return state, (Refused(source, "invalid_number", f"{type(exc).__name__}: a number is out of range"),)
 
 
+def report_step(state: CourseState, event: PumpReport, protocol: ProtocolSpec) -> tuple[CourseState,
+                                                                                      tuple[Command, ...], bool]:
+    """`step(state, event, protocol)` for a pump report, and whether the quiet path (`_quiet_report`) decided it.
+    When it did, there is no command and the new state is `state` with only the fields `_accumulate` sets replaced
+    (`ACCUMULATED`): every other field holds the very same object (the telemetry compactor relies on this)."""
+    try:  # as in `step`: the same refusals, from the same exceptions
+        if event.__class__ is PumpReport:
+            quiet = _quiet_report(state, event, protocol)
+            if quiet is not None:
+                return quiet, (), True
+        after, cmds = _reduce(state, event, protocol)
+    except IllegalTransition as exc:
+        return state, (Refused("machine", "illegal_transition", str(exc)),), False
+    except ArithmeticError as exc:
+        return state, (Refused("machine", "invalid_number", f"{type(exc).__name__}: a number is out of range"),), False
+    return after, cmds, False
+
+
 def _event_name(event: Event) -> str:
     if isinstance(event, ClinicianCommand):
         return f"clinician:{event.action}"
@@ -698,6 +716,10 @@ def _restart_interval_after_long_stop(state: CourseState, now: datetime) -> Cour
 
 
 # ---------------------------------------------------------------------------------------------- pump
+
+
+#: The fields `_accumulate` sets (all that a quiet report changes: `report_step`).
+ACCUMULATED = frozenset({"samples", "last_sample", "raw_delivered_ml", "pump_alarms", "pump_infusing"})
 
 
 def _accumulate(state: CourseState, event: PumpReport) -> CourseState:
