@@ -97,13 +97,15 @@ class SimDriver(PumpDriver):
             raise DriverIOError(f"sim://{self.name}: not connected")
         return self._model
 
-    def _call(self, op: Callable[[PumpModel], _T]) -> _T:
-        """One 'packet': contact (re-arms the dead-man), then the operation, with refusals mapped."""
+    def _call(self, op: Callable[[PumpModel], _T], *, contacts: bool = False) -> _T:
+        """One 'packet': contact (re-arms the dead-man), then the operation, with refusals mapped. `contacts`: the
+        operation makes the host contact itself, first (`PumpModel.contact_reading`)."""
         model = self.model
         if self._faults is not None and not self._faults.reaches_pump():
             # A cut cable: the request never reaches the pump (no contact, no effect), and nothing answers.
             raise DriverTimeout(f"sim://{self.name}: no reply (link cut)")
-        model.host_contact()
+        if not contacts:
+            model.host_contact()
         try:
             result = op(model)
         except ModelError as exc:
@@ -206,7 +208,7 @@ class SimDriver(PumpDriver):
 
     async def read_status(self) -> PumpStatus:
         # reading(): status()'s values that a status read carries, without the model's extras (once per poll).
-        state, rate, delivered, diameter, alarms = self._call(lambda m: m.reading())
+        state, rate, delivered, diameter, alarms = self._call(PumpModel.contact_reading, contacts=True)
         shown = self._display(delivered)
         return PumpStatus(
             state=state,
