@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from decimal import Decimal
+from operator import methodcaller
 from typing import ClassVar, TypeVar
 
 from driverd.core.errors import Problem, ValidationError
@@ -48,6 +49,10 @@ __all__ = ["SimDriver", "default_world"]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _T = TypeVar("_T")
 _default_world: World | None = None
+
+
+# The poll's one model call (host contact, then the status read's values): not a lambda made per call.
+_CONTACT_READING = methodcaller("contact_reading")
 
 
 def default_world() -> World:
@@ -208,7 +213,7 @@ class SimDriver(PumpDriver):
 
     async def read_status(self) -> PumpStatus:
         # reading(): status()'s values that a status read carries, without the model's extras (once per poll).
-        state, rate, delivered, diameter, alarms = self._call(PumpModel.contact_reading, contacts=True)
+        state, rate, delivered, diameter, alarms = self._call(_CONTACT_READING, contacts=True)
         shown = self._display(delivered)
         return PumpStatus(
             state=state,
