@@ -1162,6 +1162,7 @@ def _cached_cap_times(state: CourseState, protocol: ProtocolSpec) -> tuple[datet
 #: |x| below this many microseconds (about 317 years) and a report dated before year 9000: no datetime arithmetic
 #: of the checks can overflow.
 _FAR_US = Decimal(10) ** 16
+_ZERO = Decimal(0)
 
 
 def _warnings_seen(alarms: tuple[str, ...], before: tuple[str, ...]) -> bool:
@@ -1217,7 +1218,14 @@ def _quiet_report(state: CourseState, event: PumpReport, protocol: ProtocolSpec)
             return None
         # Near empty (once per syringe): predicted_empty_at's arithmetic, compared in microseconds.
         if not new.empty_warned:
-            x = (new.remaining_ml / rate) * 3_600_000_000
+            # CourseState.remaining_ml without its three properties: max(fill - (delivered - started), 0).
+            fill = new.syringe_fill_ml
+            if fill is None:
+                fill = state.schedule.fill_volume_ml  # new's schedule is state's (not None: checked above)
+            remaining = fill - (last.delivered_ml - new.syringe_started_ml)
+            if remaining < _ZERO:  # max(remaining, Decimal(0)), as the property
+                remaining = _ZERO
+            x = (remaining / rate) * 3_600_000_000
             if not q.warn_us + 1 <= x < _FAR_US:
                 return None
         # Delivery accuracy: _check_deviation's arithmetic, its window constants cached.
