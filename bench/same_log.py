@@ -39,7 +39,8 @@ print(r.pumps[0]["phase"], r.pumps[0]["polls"], r.audit_dir)
 """
 
 # Fields that depend on the run's own signing key (a fresh one per demo run), not on what the course did.
-KEYED = {"hash", "prev", "head", "signature", "sig", "key_fingerprint", "public_key", "prev_segment_hash", "line_sha256"}
+KEYED = {"hash", "prev", "head", "signature", "sig", "key_fingerprint", "public_key", "prev_segment_hash",
+         "line_sha256"}
 
 
 def records(audit_dir: Path) -> list[dict[str, Any]]:
