@@ -95,6 +95,8 @@ class SimDriver(PumpDriver):
         self._faults: FaultPlan | None = None
         # The counter as last shown: (shown, the reading's adjusted exponent, shown + one step of its last digit).
         self._shown: tuple[Decimal, int, Decimal] | None = None
+        # The reading step of the last counter shown: (that very Decimal, the resolution, reading_step of them).
+        self._step: tuple[Decimal, Resolution, Decimal] | None = None
 
     @property
     def model(self) -> PumpModel:
@@ -211,6 +213,17 @@ class SimDriver(PumpDriver):
             self._shown = (shown, adjusted, shown + Decimal((0, (1,), shown.as_tuple().exponent)))
         return shown
 
+    def _reading_step(self, shown: Decimal) -> Decimal:
+        """`reading_step(shown, self.resolution)`, once per counter shown: `_display` hands back the very same
+        Decimal while the display does not change (most polls), and the step is a function of it and the
+        resolution."""
+        last, res = self._step, self.resolution
+        if last is not None and last[0] is shown and last[1] is res:
+            return last[2]
+        step = reading_step(shown, res)
+        self._step = (shown, res, step)
+        return step
+
     async def read_status(self) -> PumpStatus:
         # reading(): status()'s values that a status read carries, without the model's extras (once per poll).
         state, rate, delivered, diameter, alarms = self._call(_CONTACT_READING, contacts=True)
@@ -221,5 +234,5 @@ class SimDriver(PumpDriver):
             delivered_ml=shown,
             diameter_mm=diameter,
             alarms=alarms,
-            delivered_step_ml=reading_step(shown, self.resolution),
+            delivered_step_ml=self._reading_step(shown),
         )
