@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from decimal import Decimal
+from operator import methodcaller
 from typing import ClassVar, TypeVar
 
 from driverd.core.errors import Problem, ValidationError
@@ -48,6 +49,10 @@ __all__ = ["SimDriver", "default_world"]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _T = TypeVar("_T")
 _default_world: World | None = None
+
+
+# The poll's one model call (host contact, then the status read's values): not a lambda made per call.
+_CONTACT_READING = methodcaller("contact_reading")
 
 
 def default_world() -> World:
@@ -90,6 +95,8 @@ class SimDriver(PumpDriver):
         self._faults: FaultPlan | None = None
         # The counter as last shown: (shown, the reading's adjusted exponent, shown + one step of its last digit).
         self._shown: tuple[Decimal, int, Decimal] | None = None
+        # The reading step of the last counter shown: (that very Decimal, the resolution, reading_step of them).
+        self._step: tuple[Decimal, Resolution, Decimal] | None = None
 
     @property
     def model(self) -> PumpModel:
@@ -97,13 +104,15 @@ class SimDriver(PumpDriver):
             raise DriverIOError(f"sim://{self.name}: not connected")
         return self._model
 
-    def _call(self, op: Callable[[PumpModel], _T]) -> _T:
-        """One 'packet': contact (re-arms the dead-man), then the operation, with refusals mapped."""
+    def _call(self, op: Callable[[PumpModel], _T], *, contacts: bool = False) -> _T:
+        """One 'packet': contact (re-arms the dead-man), then the operation, with refusals mapped. `contacts`: the
+        operation makes the host contact itself, first (`PumpModel.contact_reading`)."""
         model = self.model
         if self._faults is not None and not self._faults.reaches_pump():
             # A cut cable: the request never reaches the pump (no contact, no effect), and nothing answers.
             raise DriverTimeout(f"sim://{self.name}: no reply (link cut)")
-        model.host_contact()
+        if not contacts:
+            model.host_contact()
         try:
             result = op(model)
         except ModelError as exc:
@@ -204,9 +213,20 @@ class SimDriver(PumpDriver):
             self._shown = (shown, adjusted, shown + Decimal((0, (1,), shown.as_tuple().exponent)))
         return shown
 
+    def _reading_step(self, shown: Decimal) -> Decimal:
+        """`reading_step(shown, self.resolution)`, once per counter shown: `_display` hands back the very same
+        Decimal while the display does not change (most polls), and the step is a function of it and the
+        resolution."""
+        last, res = self._step, self.resolution
+        if last is not None and last[0] is shown and last[1] is res:
+            return last[2]
+        step = reading_step(shown, res)
+        self._step = (shown, res, step)
+        return step
+
     async def read_status(self) -> PumpStatus:
         # reading(): status()'s values that a status read carries, without the model's extras (once per poll).
-        state, rate, delivered, diameter, alarms = self._call(lambda m: m.reading())
+        state, rate, delivered, diameter, alarms = self._call(_CONTACT_READING, contacts=True)
         shown = self._display(delivered)
         return PumpStatus(
             state=state,
@@ -214,5 +234,5 @@ class SimDriver(PumpDriver):
             delivered_ml=shown,
             diameter_mm=diameter,
             alarms=alarms,
-            delivered_step_ml=reading_step(shown, self.resolution),
+            delivered_step_ml=self._reading_step(shown),
         )

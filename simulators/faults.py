@@ -80,6 +80,9 @@ class FaultAction:
     delay_s: float = 0.0
 
 
+_SEND_EMPTY = FaultAction("send", b"")  # what a healthy link does with an empty reply (sim://, once per poll)
+
+
 @dataclass(frozen=True, slots=True)
 class FaultEvent:
     """A fault that fired: ``kind`` is drop | garble | delay | disconnect | alarm | cut | restore | drop_all."""
@@ -289,7 +292,7 @@ class FaultPlan:
             if not (self._scheduled or self._queue or self._drop_all or self._cut):
                 # Nothing planned (every poll of a healthy link): the reply goes out, only the count moves.
                 self._replies += 1
-                return FaultAction("send", reply)
+                return _SEND_EMPTY if reply == b"" else FaultAction("send", reply)
         self._activate()
         sticky = False
         with self._lock:

@@ -345,8 +345,23 @@ class PumpModel:
         `status()` without the model's extras (remaining, plunger travel, ...): the sim:// driver's poll."""
         with self._lock:
             self._advance()
-            return (self._state(), self._rate, self._ml(_EXACT.subtract(self._total, self._clear_mark)),
-                    self._diameter, frozenset(self._alarms))
+            return self._reading()
+
+    def contact_reading(self) -> tuple[PumpState, Decimal, Decimal, Decimal, frozenset[AlarmKind]]:
+        """`host_contact()` then `reading()`, as one operation (the sim:// driver's poll: a packet that reads).
+        When the clock still gives the very reading the contact advanced to (a virtual clock between its jumps),
+        the reading's own advance is left out: at the same instant it could only integrate nothing and compute the
+        next event's bound, which the next advance computes instead, from the same state (no command came in
+        between: every command forgets the bound)."""
+        with self._lock:
+            self.host_contact()
+            if self.clock.now() is not self._read_at or self._t != self._read_us:
+                self._advance()
+            return self._reading()
+
+    def _reading(self) -> tuple[PumpState, Decimal, Decimal, Decimal, frozenset[AlarmKind]]:
+        return (self._state(), self._rate, self._ml(_EXACT.subtract(self._total, self._clear_mark)),
+                self._diameter, frozenset(self._alarms))
 
     def _state(self) -> PumpState:
         if self._state_running:

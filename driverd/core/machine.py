@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from functools import lru_cache
 
@@ -70,6 +70,8 @@ def reduce(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
         quiet = _quiet_report(state, event, protocol)
         if quiet is not None:
             return quiet, ()
+    elif event.__class__ is Tick and _quiet_tick(state, event.at, protocol):
+        return state, ()
     return _reduce(state, event, protocol)
 
 
@@ -141,6 +143,24 @@ def step(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
     except ArithmeticError as exc:
         # A NaN, an infinity or a huge exponent somewhere in the event: refused, the state unchanged.
         return state, (Refused(source, "invalid_number", f"{type(exc).__name__}: a number is out of range"),)
+
+
+def report_step(state: CourseState, event: PumpReport, protocol: ProtocolSpec) -> tuple[CourseState,
+                                                                                      tuple[Command, ...], bool]:
+    """`step(state, event, protocol)` for a pump report, and whether the quiet path (`_quiet_report`) decided it.
+    When it did, there is no command and the new state is `state` with only the fields `_accumulate` sets replaced
+    (`ACCUMULATED`): every other field holds the very same object (the telemetry compactor relies on this)."""
+    try:  # as in `step`: the same refusals, from the same exceptions
+        if event.__class__ is PumpReport:
+            quiet = _quiet_report(state, event, protocol)
+            if quiet is not None:
+                return quiet, (), True
+        after, cmds = _reduce(state, event, protocol)
+    except IllegalTransition as exc:
+        return state, (Refused("machine", "illegal_transition", str(exc)),), False
+    except ArithmeticError as exc:
+        return state, (Refused("machine", "invalid_number", f"{type(exc).__name__}: a number is out of range"),), False
+    return after, cmds, False
 
 
 def _event_name(event: Event) -> str:
@@ -700,6 +720,10 @@ def _restart_interval_after_long_stop(state: CourseState, now: datetime) -> Cour
 # ---------------------------------------------------------------------------------------------- pump
 
 
+#: The fields `_accumulate` sets (all that a quiet report changes: `report_step`).
+ACCUMULATED = frozenset({"samples", "last_sample", "raw_delivered_ml", "pump_alarms", "pump_infusing"})
+
+
 def _accumulate(state: CourseState, event: PumpReport) -> CourseState:
     raw = event.delivered_ml
     prev = state.raw_delivered_ml
@@ -1138,6 +1162,7 @@ def _cached_cap_times(state: CourseState, protocol: ProtocolSpec) -> tuple[datet
 #: |x| below this many microseconds (about 317 years) and a report dated before year 9000: no datetime arithmetic
 #: of the checks can overflow.
 _FAR_US = Decimal(10) ** 16
+_ZERO = Decimal(0)
 
 
 def _warnings_seen(alarms: tuple[str, ...], before: tuple[str, ...]) -> bool:
@@ -1193,7 +1218,14 @@ def _quiet_report(state: CourseState, event: PumpReport, protocol: ProtocolSpec)
             return None
         # Near empty (once per syringe): predicted_empty_at's arithmetic, compared in microseconds.
         if not new.empty_warned:
-            x = (new.remaining_ml / rate) * 3_600_000_000
+            # CourseState.remaining_ml without its three properties: max(fill - (delivered - started), 0).
+            fill = new.syringe_fill_ml
+            if fill is None:
+                fill = state.schedule.fill_volume_ml  # new's schedule is state's (not None: checked above)
+            remaining = fill - (last.delivered_ml - new.syringe_started_ml)
+            if remaining < _ZERO:  # max(remaining, Decimal(0)), as the property
+                remaining = _ZERO
+            x = (remaining / rate) * 3_600_000_000
             if not q.warn_us + 1 <= x < _FAR_US:
                 return None
         # Delivery accuracy: _check_deviation's arithmetic, its window constants cached.
@@ -1211,3 +1243,73 @@ def _quiet_report(state: CourseState, event: PumpReport, protocol: ProtocolSpec)
         return None
     except ArithmeticError:
         return None
+
+
+# ---------------------------------------------------------------------------------------------- the quiet tick
+#
+# Issue 12 (a 1-s poll in virtual time): the channel steps the core with a tick after every poll, and nearly every
+# tick of a running course decides nothing. The general path's tick acts only from an instant that depends on a
+# few fields of the state: the course cap and its taper (`_enforce_cap`), the next step's time (titrating), the end
+# of the hold (holding), the next taper entry (tapering). `_tick_due` computes that instant with the general path's
+# own operations; `_quiet_tick` says the tick changes nothing when it comes earlier, and the rest of the general
+# path (`_track_interruption`, `_track_commanded`) returns the state as it is. Cached per pump, for the inputs
+# `_tick_due` reads. Proved against the general path on generated courses and at each instant's edge
+# (tests/core/test_quiet_tick.py) and against the old core (tests/core/test_oracle_equivalence.py).
+
+_NEVER = datetime.max.replace(tzinfo=UTC)  # later than any tick: nothing of this kind is ever due
+#: pump_id -> (the inputs `_tick_due` read, its answer). Compared by `==` (identical objects short-cut): equal
+#: inputs give the same answer, which comes from comparisons and sums of their values only.
+_TICKS: dict[str, tuple[tuple[object, ...], datetime | None]] = {}
+
+
+def _tick_due(state: CourseState, protocol: ProtocolSpec) -> datetime | None:
+    """The earliest tick time at which the general path's tick may act on a running course (`_NEVER`: no such
+    time), or None: it may act at any time, or the quiet tick does not decide this state."""
+    phase, sch = state.phase, state.schedule
+    if phase not in RUNNING or sch is None:
+        return None
+    times = _cap_times(state, protocol)
+    due = _NEVER
+    if times is not None:  # _enforce_cap: stop at the cap; taper from taper_at while titrating or holding
+        taper_at, cap = times
+        due = cap if phase is P.TAPERING else min(cap, taper_at)
+    if phase is P.TITRATING:  # _on_tick: the next step, when automatic, due, not before its time, nothing pending
+        i = sch.next_step_index(state.level_mg_per_24h)
+        interval = span_hours(protocol.step_interval_hours)
+        if i is None:
+            return None  # the top step: the tick begins the hold
+        nxt = sch.steps[i]
+        if nxt.auto and state.pending is None:
+            at = nxt.not_before if state.last_change_at is None else max(nxt.not_before,
+                                                                        state.last_change_at + interval)
+            due = min(due, at)
+    elif phase is P.HOLDING:  # the end of the hold
+        if state.hold_started_at is None:
+            return None
+        due = min(due, state.hold_started_at + span_days(sch.hold_days))
+    else:  # tapering: the next taper entry, if any is left
+        if state.taper_started_at is None:
+            return None
+        if state.taper_index < len(sch.taper):
+            due = min(due, state.taper_started_at + span_hours(sch.taper[state.taper_index].after_hours))
+    return due
+
+
+def _quiet_tick(state: CourseState, now: datetime, protocol: ProtocolSpec) -> bool:
+    """True only if the general path's tick at `now` returns `state` itself and no command (any doubt: False)."""
+    if state.interrupted_at is not None or state.commanded_since is None or now.tzinfo is None:
+        return False  # _track_interruption or _track_commanded would change the state (or a naive time)
+    key = (protocol, state.schedule, state.phase, state.started_at, state.level_mg_per_24h, state.last_change_at,
+           state.pending, state.hold_started_at, state.taper_started_at, state.taper_index)
+    hit = _TICKS.get(state.pump_id)
+    try:
+        if hit is not None and hit[0] == key:
+            due = hit[1]
+        else:
+            due = _tick_due(state, protocol)
+            if len(_TICKS) >= _CACHE_MAX:
+                _TICKS.clear()
+            _TICKS[state.pump_id] = (key, due)
+        return due is not None and now < due
+    except (ArithmeticError, TypeError):
+        return False  # the general path raises (or refuses) as it does

@@ -33,8 +33,8 @@ from driverd.core.state import CourseState
 
 _FIELDS: tuple[str, ...] = tuple(CourseState.__dataclass_fields__)
 #: What a pump report overwrites from the report alone before the machine reads it (machine._accumulate).
-_SET_BY_REPORT = frozenset({"last_sample", "raw_delivered_ml", "pump_alarms"})
-_others = itemgetter(*(f for f in _FIELDS if f not in _SET_BY_REPORT))
+SET_BY_REPORT = frozenset({"last_sample", "raw_delivered_ml", "pump_alarms"})
+_others = itemgetter(*(f for f in _FIELDS if f not in SET_BY_REPORT))
 
 
 def replay_step_agrees(replayed: CourseState, live: CourseState, report: PumpReport, after: CourseState) -> bool:
@@ -48,6 +48,14 @@ def replay_step_agrees(replayed: CourseState, live: CourseState, report: PumpRep
             return False
     except KeyError:
         return False
+    return replay_sample_agrees(replayed, live, report, after)
+
+
+def replay_sample_agrees(replayed: CourseState, live: CourseState, report: PumpReport, after: CourseState) -> bool:
+    """`replay_step_agrees` without its first check, for a caller that knows it holds already: every field of `live`
+    but `SET_BY_REPORT` is the very same object as in `replayed` (the compactor knows it when `live` came from
+    `replayed` by quiet reports that kept the history and the infusing flag: `driverd.core.machine.report_step`).
+    The rest of the proof (equal alarms, replay's own newest sample) is checked here."""
     if live.pump_alarms != replayed.pump_alarms:
         return False
     last, prev, new = replayed.last_sample, replayed.raw_delivered_ml, after.last_sample

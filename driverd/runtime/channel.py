@@ -26,6 +26,7 @@ from driverd.core.events import (
     LinkLost,
     LinkRestored,
     PumpReport,
+    PumpStateName,
     PumpVerified,
     SetpointResult,
     SyringeLoaded,
@@ -43,6 +44,9 @@ from driverd.runtime.telemetry import ReportCompactor
 from drivers.base import DriverError, DriverTimeout, PumpAlarm, PumpDriver, PumpRejected, PumpState, PumpStatus
 
 _REQUEST = object()  # what `submit` completes a waiting channel's wake future with (the clock uses None)
+# A status's state as the core names it (`PumpState.value`; a dict lookup: the enum's value property is Python code,
+# and this runs once per poll).
+_STATE_NAMES: dict[PumpState, PumpStateName] = {s: s.value for s in PumpState}
 
 #: After a counter clear that did not read back 0 the channel tries again this much later (course time), not on
 #: every poll: each attempt is two durable records, and the alarm is already raised.
@@ -272,9 +276,13 @@ class Channel:
             await self.connect()
         status: PumpStatus | None = None
         if self.connected:
-            started = time.perf_counter()
+            latency = self.on_poll_latency
+            started = time.perf_counter() if latency is not None else 0.0
             try:
-                status = await self._io(self.driver.read_status())
+                if getattr(self.driver, "never_suspends", False):
+                    status = await self.driver.read_status()  # `_io` without its coroutine (see there)
+                else:
+                    status = await self._io(self.driver.read_status())
             except (DriverError, TimeoutError) as exc:
                 self._error("link", f"{type(exc).__name__}: {exc}")
                 if not isinstance(exc, (TimeoutError, DriverTimeout)):
@@ -282,9 +290,9 @@ class Channel:
                     self.connected = False
                     with contextlib.suppress(Exception):
                         await self.driver.close()
-            if self.on_poll_latency is not None:
+            if latency is not None:
                 with contextlib.suppress(Exception):  # metrics never break a channel
-                    self.on_poll_latency(time.perf_counter() - started)
+                    latency(time.perf_counter() - started)
         self.polls += 1
         if status is None:
             self.failing_since = self.failing_since or now
@@ -293,15 +301,18 @@ class Channel:
             return
         self.failing_since = None
         self.last_status = status
-        self._resolved("link")  # the pump answers again
+        if self._error_kind == "link":
+            self._resolved("link")  # the pump answers again
         if self.link_lost:
             await self.handle(LinkRestored(self.clock.now()))
-        await self.handle(self._report(status))
+        cmds = self.feed(self._report(status))  # `handle`, without its coroutine for the usual empty execute
+        if cmds:
+            await self.execute(cmds)
 
     def _report(self, status: PumpStatus) -> PumpReport:
         alarms = tuple(sorted(a.value for a in status.alarms)) if status.alarms else ()
-        return PumpReport(self.clock.now(), status.state.value, status.rate_ml_per_h, status.delivered_ml, alarms,
-                          status.delivered_step_ml)
+        return PumpReport(self.clock.now(), _STATE_NAMES[status.state], status.rate_ml_per_h, status.delivered_ml,
+                          alarms, status.delivered_step_ml)
 
     async def prime(self) -> None:
         """A newly accepted schedule: stop the pump, load the syringe diameter, read it back, tell the core."""
@@ -414,7 +425,9 @@ class Channel:
         if stepped is not None:
             await self.handle(stepped)
         await self.poll()
-        await self.handle(Tick(self.clock.now()))
+        cmds = self.feed(Tick(self.clock.now()))  # `handle`, without its coroutine for the usual empty execute
+        if cmds:
+            await self.execute(cmds)
         if self.state.phase is Phase.IDLE:
             await self.prime()
         if self.state.syringe_change is not None:

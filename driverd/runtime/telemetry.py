@@ -25,9 +25,9 @@ from datetime import datetime, timedelta
 
 from driverd.core.commands import Command
 from driverd.core.events import PumpReport
-from driverd.core.machine import step
+from driverd.core.machine import report_step, step
 from driverd.core.protocol import ProtocolSpec
-from driverd.core.report_replay import replay_step_agrees
+from driverd.core.report_replay import replay_sample_agrees, replay_step_agrees
 from driverd.core.state import CourseState
 
 #: A report is logged at least this often (course time), whatever it shows.
@@ -46,36 +46,62 @@ class ReportCompactor:
         self.replayed = state  # what replay of the log written so far gives for this pump
         self.pending: PumpReport | None = None  # fed to the core, not logged yet
         self.last_logged_at: datetime | None = None  # course time of the last report logged
+        # A live state that holds `replayed`'s very objects in every field except those a pump report sets
+        # (report_replay.SET_BY_REPORT), or None: the shortcut then needs no field-by-field identity check. Known
+        # when it came from `replayed` (or from such a state) by a quiet report (`machine.report_step`: only the
+        # accumulated fields replaced) that kept the history and the infusing flag. Forgotten whenever
+        # `replayed` moves.
+        self._near: CourseState | None = None
 
     def report(
         self, live: CourseState, event: PumpReport
     ) -> tuple[CourseState, tuple[Command, ...], tuple[PumpReport, ...]]:
         """Step the live course with `event`. Returns the new live state, the commands, and the reports to log now,
         in order, before the commands (empty: `event` is held back)."""
-        after, cmds = step(live, event, self.protocol)
+        after, cmds, quiet = report_step(live, event, self.protocol)
         if not cmds:
-            if live is self.replayed:  # nothing held back: replay steps from the same state
+            replayed = self.replayed
+            near = live is replayed or live is self._near
+            if live is replayed:  # nothing held back: replay steps from the same state
                 shadow, shadow_cmds = after, cmds
-            elif self.shortcut and replay_step_agrees(self.replayed, live, event, after):
+            elif self.shortcut and self._agrees(live, event, after, near):
                 # The steady case, proved without a second step (driverd.core.report_replay): replay's step from
                 # its own state gives exactly `after` and no command.
                 shadow, shadow_cmds = after, cmds
             else:
-                shadow, shadow_cmds = step(self.replayed, event, self.protocol)
-            if not shadow_cmds and shadow == after:
+                shadow, shadow_cmds = step(replayed, event, self.protocol)
+            if not shadow_cmds and (shadow is after or shadow == after):
                 # Replay without the held-back report reaches this very state: it is not needed.
                 if not self._due(event):
                     self.pending = event
+                    self._near = after if near and shadow is after and self._keeps(quiet, live, after) else None
                     return shadow, (), ()
                 self.pending = None
                 self._logged(shadow, event)
                 return shadow, (), (event,)
-        out = self._take_pending(live)
+        out = self._take_pending(live)  # replay is at `live` now (it was already if nothing was held back)
         if not cmds and not self._due(event):
             self.pending = event
+            near = live is self.replayed or live is self._near
+            self._near = after if near and self._keeps(quiet, live, after) else None
             return after, cmds, out
         self._logged(after, event)
         return after, cmds, (*out, event)
+
+    @staticmethod
+    def _keeps(quiet: bool, live: CourseState, after: CourseState) -> bool:
+        """`after` holds `live`'s very objects in every field but those a report sets: a quiet report replaces only
+        the accumulated fields (`machine.report_step`), and here the history and the infusing flag among them stayed.
+        So `after` is near `replayed` if `live` was (or was `replayed` itself)."""
+        return quiet and after.samples is live.samples and after.pump_infusing is live.pump_infusing
+
+    def _agrees(self, live: CourseState, event: PumpReport, after: CourseState, near: bool) -> bool:
+        """Whether replay's step from `replayed` with `event` gives exactly `after` and no command (sufficient
+        test: driverd.core.report_replay). `near`: `live` is `replayed` or `self._near`, so every field but those
+        a report sets is known to be the very same object already."""
+        if near:
+            return replay_sample_agrees(self.replayed, live, event, after)
+        return replay_step_agrees(self.replayed, live, event, after)
 
     def before_input(self, live: CourseState) -> PumpReport | None:
         """Another input is about to be logged: the report held back (if any) must precede it in the log."""
@@ -85,6 +111,7 @@ class ReportCompactor:
     def input_logged(self, state: CourseState) -> None:
         """Another input was logged and stepped: replay is at `state` now."""
         self.replayed = state
+        self._near = None
 
     def _take_pending(self, live: CourseState) -> tuple[PumpReport, ...]:
         pending = self.pending
@@ -99,4 +126,5 @@ class ReportCompactor:
 
     def _logged(self, state: CourseState, event: PumpReport) -> None:
         self.replayed = state
+        self._near = None
         self.last_logged_at = event.at

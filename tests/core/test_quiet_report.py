@@ -46,7 +46,24 @@ def both_paths(state: CourseState, ev: PumpReport, protocol: Any = PROTOCOL) -> 
         assert g_cmds == ()
         assert projection(quiet, True) == projection(g_state, True)
         assert quiet == g_state
+    report_step_agrees(state, ev, protocol, quiet)
     return quiet, general
+
+
+def report_step_agrees(state: CourseState, ev: PumpReport, protocol: Any, quiet: CourseState | None) -> None:
+    """`machine.report_step` gives what `step` gives (state by repr, commands), says quiet exactly when the quiet
+    path decides, and then has replaced nothing but the accumulated fields (every other field the same object:
+    the telemetry compactor's shortcut relies on it)."""
+    after, cmds, was_quiet = machine.report_step(state, ev, protocol)
+    s_after, s_cmds = machine.step(state, ev, protocol)
+    assert repr(after) == repr(s_after) and after == s_after
+    assert cmds == s_cmds
+    assert was_quiet == (quiet is not None)
+    if was_quiet:
+        assert cmds == ()
+        changed = {k for k, v in after.__dict__.items() if v is not state.__dict__[k]}
+        assert changed <= machine.ACCUMULATED
+        assert after.__dict__.keys() == state.__dict__.keys()
 
 
 def _to_old(value: Any) -> Any:
@@ -251,3 +268,18 @@ def test_a_report_that_would_act_is_never_quiet() -> None:
         oracle_agrees(warned, replace(again, alarms=alarms))
         assert (quiet is not None) == quiet_expected, alarms
         assert (general[1] == ()) == quiet_expected, alarms
+
+
+def test_report_step_refuses_as_step_does() -> None:
+    """Outside the quiet path `report_step` is `step`, refusals included: a NaN counter (invalid number) and a
+    report of a course that is not running."""
+    state, _ = running_state()
+    assert state.last_sample is not None
+    nan = PumpReport(state.last_sample.at + timedelta(seconds=1), "infusing", state.commanded_rate, D("NaN"), ())
+    after, cmds, quiet = machine.report_step(state, nan, PROTOCOL)
+    assert (after, cmds) == machine.step(state, nan, PROTOCOL) and not quiet
+    assert after is state and cmds[0].reason == "invalid_number"  # type: ignore[attr-defined]
+    stopped = report_after(state, 1)
+    idle = evolve(state, phase=Phase.IDLE)
+    after, cmds, quiet = machine.report_step(idle, stopped, PROTOCOL)
+    assert repr((after, cmds)) == repr(machine.step(idle, stopped, PROTOCOL)) and not quiet

@@ -15,8 +15,9 @@ from simulators.pump import PumpModel
 from simulators.world import World
 
 # What only reads the pump model: sim://'s "queries". host_contact is the packet's arrival (re-arms the dead-man,
-# as any valid packet does on a real pump). Any other model call acts on the pump.
-QUERIES = frozenset({"status", "reading", "identity", "host_contact", "events", "rate_history"})
+# as any valid packet does on a real pump); contact_reading is that arrival and a status read. Any other model call
+# acts on the pump.
+QUERIES = frozenset({"status", "reading", "contact_reading", "identity", "host_contact", "events", "rate_history"})
 
 
 class _RecordingModel:

@@ -1,5 +1,6 @@
 """sim://'s counter display shortcut (`SimDriver._display`) always shows exactly `quantize_down` (value and
-exponent), whatever readings come in, in any order: rising, falling, across powers of ten, zero."""
+exponent), whatever readings come in, in any order: rising, falling, across powers of ten, zero; and the step it
+reports with each reading (`SimDriver._reading_step`, cached per counter shown) is always `reading_step`'s."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from hypothesis import strategies as st
 
 from driverd.core.errors import QuantityError
 from driverd.core.quantities import NEW_ERA_RESOLUTION, Resolution, quantize_down
-from drivers.base import DriverOptions
+from drivers.base import DriverOptions, reading_step
 from drivers.registry import open_driver
 from drivers.sim import SimDriver
 from simulators.clock import ManualClock
@@ -46,4 +47,7 @@ def test_the_shown_counter_is_quantize_down(readings: list[Decimal], resolution:
                 driver._display(reading)
             assert str(raised.value) == str(exc)
             continue
-        assert repr(driver._display(reading)) == expected, reading
+        shown = driver._display(reading)
+        assert repr(shown) == expected, reading
+        # The step of each reading shown, cached per shown counter: always reading_step's (value and exponent).
+        assert repr(driver._reading_step(shown)) == repr(reading_step(shown, resolution)), reading

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -18,7 +19,7 @@ from hypothesis import strategies as st
 from driverd.core.commands import ApplySetpoint
 from driverd.core.events import PumpReport, SetpointResult, Tick
 from driverd.core.machine import step
-from driverd.core.report_replay import replay_step_agrees
+from driverd.core.report_replay import SET_BY_REPORT, replay_step_agrees
 from driverd.core.state import CourseState
 from driverd.runtime.telemetry import ReportCompactor
 from tests.core.factories import PROTOCOL, T0, primed
@@ -174,3 +175,110 @@ def test_the_shortcut_writes_the_same_log_as_the_double_step(steps: list[tuple[i
     assert fast.audit.records == reference.audit.records
     assert repr(fast.channel.state) == repr(reference.channel.state)
     assert repr(fast.channel.telemetry.replayed) == repr(reference.channel.telemetry.replayed)
+
+
+class NearChecked(ReportCompactor):
+    """The compactor, checking every time it skips the field-by-field identity check (`near`) that the check
+    would have passed: every field of the live state but those a report sets is replay's very object."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.near_used = self.asked = 0
+
+    def _agrees(self, live: CourseState, event: PumpReport, after: CourseState, near: bool) -> bool:
+        self.asked += 1
+        if near:
+            self.near_used += 1
+            ld, rd = live.__dict__, self.replayed.__dict__
+            assert ld.keys() == rd.keys()
+            assert all(ld[k] is rd[k] for k in ld if k not in SET_BY_REPORT)
+        said = super()._agrees(live, event, after, near)
+        assert said == replay_step_agrees(self.replayed, live, event, after)
+        return said
+
+
+def _near_checked(r: Any) -> NearChecked:
+    old = r.channel.telemetry
+    r.channel.telemetry = NearChecked(old.replayed, old.protocol, old.heartbeat)
+    return r.channel.telemetry  # type: ignore[no-any-return]
+
+
+@settings(max_examples=60, deadline=None)
+@given(STEPS)
+def test_the_near_state_holds_replays_objects_and_writes_the_same_log(steps: list[tuple[int, str]]) -> None:
+    near, reference = rig(timedelta(seconds=60)), rig(timedelta(seconds=60))
+    _near_checked(near)
+    old = reference.channel.telemetry
+    reference.channel.telemetry = DoubleStep(old.replayed, old.protocol, old.heartbeat)
+    play([near, reference], steps)
+    assert near.fed == reference.fed
+    assert near.audit.records == reference.audit.records
+    assert repr(near.channel.state) == repr(reference.channel.state)
+
+
+def test_a_steady_course_skips_the_identity_check() -> None:
+    """Not vacuous: at a 1-s poll nearly every held-back report is decided without the field-by-field check."""
+    r = rig(timedelta(seconds=60))
+    checked = _near_checked(r)
+    play([r], [(1, "poll")] * 1800)
+    assert checked.asked > 1500
+    assert checked.near_used > 0.8 * checked.asked
+
+
+class LongHeartbeatLater(NearChecked):
+    """A 60-s heartbeat for the first ten minutes, then an hour's."""
+
+    def _due(self, event: PumpReport) -> bool:
+        if event.at >= T0 + timedelta(minutes=10):
+            self.heartbeat = timedelta(hours=1)
+        return super()._due(event)
+
+
+def test_a_held_back_report_that_adds_a_history_sample_ends_the_near_state() -> None:
+    """With a long heartbeat the reports that add a 60-s history sample are held back too: the state after one is
+    not near replay's (its history moved), so the next report is checked field by field (NearChecked fails if
+    it is not), and the log is the double step's."""
+    r, reference = rig(timedelta(seconds=60)), rig(timedelta(seconds=60))
+    old = r.channel.telemetry
+    checked = r.channel.telemetry = LongHeartbeatLater(old.replayed, old.protocol, old.heartbeat)
+
+    class Reference(LongHeartbeatLater):
+        shortcut = False
+
+    reference.channel.telemetry = Reference(old.replayed, old.protocol, old.heartbeat)
+    play([r, reference], [(1, "poll")] * 1800)
+    assert checked.near_used > 1000
+    assert checked.asked >= checked.near_used + 15  # after a held-back report that added a sample: checked in full
+    assert r.audit.records == reference.audit.records
+    assert repr(r.channel.state) == repr(reference.channel.state)
+
+
+
+def test_an_escalation_while_infusing_ends_the_near_state() -> None:
+    """The schedule's next step a day in, the pump infusing throughout: the first report at the new rate sets a
+    deviation base (not a quiet report) and keeps the history and the infusing flag; the state after it, held back,
+    is not near replay's, so the next report is checked field by field (NearChecked fails if not)."""
+    r, reference = rig(timedelta(seconds=60)), rig(timedelta(seconds=60))
+    checked = _near_checked(r)
+    old = reference.channel.telemetry
+    reference.channel.telemetry = DoubleStep(old.replayed, old.protocol, old.heartbeat)
+    play([r, reference], [(300, "poll")] * 289 + [(1, "poll")] * 120)
+    assert any(rec["event"] == "setpoint" and rec["intent"] == "escalate" for rec in r.audit.records)
+    assert checked.near_used > 50
+    assert r.audit.records == reference.audit.records
+    assert repr(r.channel.state) == repr(reference.channel.state)
+
+
+def test_a_new_rate_ends_the_near_state() -> None:
+    """An occlusion, then a resume: the first report at the newly verified rate sets a deviation base (not a quiet
+    report, though the history and the infusing flag stay as they were): the state after it,
+    held back, is not near replay's, so the next report is checked field by field (NearChecked fails if not)."""
+    r, reference = rig(timedelta(seconds=60)), rig(timedelta(seconds=60))
+    checked = _near_checked(r)
+    old = reference.channel.telemetry
+    reference.channel.telemetry = DoubleStep(old.replayed, old.protocol, old.heartbeat)
+    steps = [(1, "poll")] * 300
+    play([r, reference], [*steps, (1, "occlusion"), *steps[:30], (1, "clear_alarms"), (1, "resume"), *steps])
+    assert checked.near_used > 250
+    assert r.audit.records == reference.audit.records
+    assert repr(r.channel.state) == repr(reference.channel.state)
