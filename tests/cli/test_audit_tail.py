@@ -11,12 +11,14 @@ import threading
 from pathlib import Path
 from typing import IO
 
+import pytest
 from typer.testing import CliRunner
 
 from driverd.audit.tail import Follower
 from driverd.audit.writer import AuditWriter
 from driverd.cli.main import app
 from tests.audit.conftest import StepClock, small_config, write_generic_log
+from tests.cli import interrupt
 
 REPO = Path(__file__).resolve().parents[2]
 BOUND_S = 60.0  # the most any single wait may take before the test fails (a bound, not a timing assertion)
@@ -98,7 +100,7 @@ def test_tail_follow_in_a_subprocess_until_interrupted(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "driverd.cli.main", "audit", "tail", str(log), "-f", "-n", "2", "--json",
          "--interval", "0.02"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=interrupt.sigint_deliverable)
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=_reader, args=(proc.stdout, lines), daemon=True).start()
     try:
@@ -113,7 +115,11 @@ def test_tail_follow_in_a_subprocess_until_interrupted(tmp_path: Path) -> None:
         assert [r["seq"] for r in got] == list(range(first_seq, w.seq + 1))
         assert len(list(log.glob("audit-*.jsonl"))) >= 3
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=BOUND_S) == 0
+        try:
+            code = proc.wait(timeout=BOUND_S)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"tail -f did not stop on SIGINT ({interrupt.state()})")
+        assert code == 0
         assert "Traceback" not in proc.stderr.read()  # type: ignore[union-attr]
     finally:
         w.close()

@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 import driverd.runtime.demo as demo_mod
 from driverd.cli.main import app
+from tests.cli import interrupt
 
 DRIVERD = [sys.executable, "-c", "from driverd.cli.main import main; main()"]
 
@@ -142,7 +143,7 @@ def test_the_temp_dir_goes_on_ctrl_c_and_sigterm(tmp_path: Path, sig: signal.Sig
     env = {**os.environ, "TMPDIR": str(tmp_path)}
     # --speed 1: a course in real time, so the demo is surely still running when the signal comes
     proc = subprocess.Popen([*DRIVERD, "demo", "--speed", "1", "--json"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.DEVNULL, preexec_fn=interrupt.sigint_deliverable)
     try:
         give_up = time.monotonic() + 60  # a bound on waiting for start-up, never an assertion on speed
         while not list(tmp_path.glob("driverd-demo-*/audit/*.jsonl")):
@@ -151,7 +152,10 @@ def test_the_temp_dir_goes_on_ctrl_c_and_sigterm(tmp_path: Path, sig: signal.Sig
             time.sleep(0.05)
         assert list(tmp_path.glob("driverd-demo-*/keys/*.key")), "the private demo key is there while it runs"
         proc.send_signal(sig)
-        code = proc.wait(timeout=60)
+        try:
+            code = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the demo did not stop on {sig.name} ({interrupt.state()})")
     finally:
         if proc.poll() is None:
             proc.kill()
