@@ -31,6 +31,7 @@ from typing import Any, Final
 
 from driverd.audit.timezones import UTC_ZONE, Zone
 from driverd.core.errors import AuditError
+from driverd.core.records import finite_dec
 
 HOURS: Final = Decimal(3600)
 _US: Final = timedelta(microseconds=1)
@@ -47,24 +48,15 @@ def _q(d: Decimal) -> Decimal:
 
 
 def _dec(value: object) -> Decimal | None:
-    return _parse_dec(value) if isinstance(value, str) else None
+    return finite_dec(value) if isinstance(value, str) else None
 
 
 def _at(value: object) -> datetime | None:
     return _parse_at(value) if isinstance(value, str) else None
 
 
-# Parsed once per distinct string among the last few hundred (the pumps of a ward report at the same instant, most
-# of them the same rate and volume): the values are immutable, so sharing them is the same as parsing again.
-@lru_cache(maxsize=512)
-def _parse_dec(value: str) -> Decimal | None:
-    try:
-        d = Decimal(value)
-    except ArithmeticError:
-        return None
-    return d if d.is_finite() else None
-
-
+# Parsed once per distinct string among the last few hundred (the pumps of a ward report at the same instant): the
+# value is immutable, so sharing it is the same as parsing again. Decimals share the core's cache (records.finite_dec).
 @lru_cache(maxsize=512)
 def _parse_at(value: str) -> datetime | None:
     try:

@@ -71,7 +71,8 @@ def fmt_dec(d: Decimal) -> str:
 # them the same rate): a Decimal and a datetime are immutable, so sharing one is the same as parsing again. Only a
 # well-formed value is taken from here; anything else is parsed below, which words the error.
 @lru_cache(maxsize=512)
-def _finite_dec(raw: str) -> Decimal | None:
+def finite_dec(raw: str) -> Decimal | None:
+    """The finite Decimal `raw` spells, else None (shared by the audit report's parse: one cache for both)."""
     try:
         d = Decimal(raw)
     except InvalidOperation:
@@ -91,7 +92,7 @@ def _aware_time(raw: str) -> datetime | None:
 def _dec(fields: dict[str, Any], key: str) -> Decimal:
     raw = fields.get(key)
     if isinstance(raw, str):
-        d = _finite_dec(raw)
+        d = finite_dec(raw)
         if d is not None:
             return d
     if not isinstance(raw, str):
