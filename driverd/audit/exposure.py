@@ -5,6 +5,11 @@ A burst is a course that delivered drug: it started at its first non-zero setpoi
 pump's read-backs. The patient is the accepted schedule's `patient_ref`. Because the ledger is a pure function of
 the log, it survives restarts (the daemon rebuilds it at start) and `audit report` rebuilds the same from a copy.
 Times are the event times (`at`) of the inputs the records belong to.
+
+Bounded (issue 12): at every state snapshot and delta the daemon calls `prune`, which leaves out what can never
+again change an exposure check (`core.exposure.LOOKBACK`; the rule and its proof: docs/audit.md, "Bounded
+snapshots"). A pruned builder's fields hold `retired` (course -> first start, kept for a course id that is
+pushed again); a snapshot written before pruning existed has no `retired` and is read and checked as it was.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from functools import lru_cache
 from typing import Any
 
 from driverd.core.errors import Problem, ValidationError
-from driverd.core.exposure import Burst
+from driverd.core.exposure import LOOKBACK, Burst
 from driverd.core.records import fmt_time
 from driverd.core.state_records import exact_dec
 
@@ -42,6 +47,10 @@ class LedgerBuilder:
         self.started: dict[str, datetime] = {}  # course -> its first non-zero setpoint
         self.ended: dict[str, tuple[datetime, Decimal]] = {}  # course -> course_summary (at, delivered mg)
         self.last_at: dict[str, datetime] = {}  # pump ("" for daemon records) -> newest event time seen
+        # Courses whose burst ended before the horizon (prune): course -> its first start. Only a course id that is
+        # accepted again needs it: the full ledger would keep that first start for its next run.
+        self.retired: dict[str, datetime] = {}
+        self.pruned = False  # `prune` has run (or the fields read had `retired`): to_fields writes `retired`
 
     def add(self, rec: dict[str, Any]) -> None:
         pump = rec.get("pump_id")
@@ -58,7 +67,7 @@ class LedgerBuilder:
                 self.patients[sched["schedule_id"]] = str(sched.get("patient_ref"))
         elif not isinstance(course, str) or when is None:
             return
-        elif event == "setpoint" and course not in self.started:
+        elif event == "setpoint" and course not in self.started and course not in self.retired:
             try:
                 if Decimal(str(rec.get("rate_ml_per_h"))) > 0:
                     self.started[course] = when
@@ -78,13 +87,53 @@ class LedgerBuilder:
             end = self.ended.get(course)
             out[course] = Burst(self.patients[course], course, at, end[0] if end else None,
                                 end[1] if end else Decimal(0))
+        for course, at in self.retired.items():
+            # Accepted again and ended again: the burst the full ledger has (its first start, the new end). A
+            # retired course not ended again stands for an old end that can no longer count: left out.
+            end = self.ended.get(course)
+            if course in self.patients and end is not None:
+                out[course] = Burst(self.patients[course], course, at, end[0], end[1])
         return out
 
+    def horizon(self) -> datetime | None:
+        """The newest event time in the ledger (every logged `at` is a reading of the daemon's step-free course
+        clock, which start-up floors at the log's last record: every later check runs at or after it), less
+        LOOKBACK. None: nothing logged yet."""
+        return max(self.last_at.values()) - LOOKBACK if self.last_at else None
+
+    def prune(self, held: Iterable[str]) -> None:
+        """Leave out what can never again change `check_course` for a course checked at or after the newest
+        event time: for every course not `held` (the schedule of no pump's state, so it can come back only
+        through a new `schedule_accepted`), a burst that started and ended at or before `horizon()` is retired
+        (its start kept), the end of a retired course is dropped once it is that old too, and the patient of a
+        course that holds no burst is dropped (a new acceptance sets it again). Deterministic: the daemon and
+        replay call it on equal builders at each snapshot and delta and get equal fields. Idempotent."""
+        self.pruned = True
+        cut = self.horizon()
+        if cut is None:
+            return
+        keep = set(held)
+        for course in [c for c, at in self.started.items() if c not in keep and at <= cut]:
+            end = self.ended.get(course)
+            if end is not None and end[0] <= cut:
+                self.retired[course] = self.started.pop(course)
+        for course in [c for c in self.retired if c not in keep]:
+            end = self.ended.get(course)
+            if end is not None and end[0] <= cut:
+                del self.ended[course]
+            if course not in self.ended:
+                self.patients.pop(course, None)
+        for course in [c for c in self.patients if c not in keep and c not in self.started and c not in self.retired]:
+            del self.patients[course]
+
     def to_fields(self) -> dict[str, Any]:
-        return {"patients": dict(self.patients),
-                "started": {c: fmt_time(t) for c, t in self.started.items()},
-                "ended": {c: [fmt_time(t), exact_dec(mg)] for c, (t, mg) in self.ended.items()},
-                "last_at": {p: fmt_time(t) for p, t in self.last_at.items()}}
+        out = {"patients": dict(self.patients),
+               "started": {c: fmt_time(t) for c, t in self.started.items()},
+               "ended": {c: [fmt_time(t), exact_dec(mg)] for c, (t, mg) in self.ended.items()},
+               "last_at": {p: fmt_time(t) for p, t in self.last_at.items()}}
+        if self.pruned:
+            out["retired"] = {c: fmt_time(t) for c, t in self.retired.items()}
+        return out
 
     @classmethod
     def from_fields(cls, f: Any) -> LedgerBuilder:
@@ -116,6 +165,9 @@ class LedgerBuilder:
                 raise ValidationError([Problem(f"ledger.ended.{c}", "number", f"not a decimal: {v[1]!r}")]) from None
             b.ended[c] = (time(f"ledger.ended.{c}", v[0]), mg)
         b.last_at = {p: time(f"ledger.last_at.{p}", v) for p, v in obj("last_at").items()}
+        if isinstance(f, dict) and "retired" in f:  # absent in snapshots written before pruning (issue 12)
+            b.retired = {c: time(f"ledger.retired.{c}", v) for c, v in obj("retired").items()}
+            b.pruned = True
         return b
 
 

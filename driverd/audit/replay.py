@@ -20,7 +20,7 @@ course carry over); the summary is reported per (pump, course). The drug library
 from __future__ import annotations
 
 import gc
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -314,6 +314,8 @@ class Replayer:
         if unnumbered(snap.schedules) != unnumbered(schedules_in(snap.states, self._accepted)):
             self._diverge(rec, "", None, "snapshot", None, None,
                           "state snapshot's schedules differ from the log's schedule_accepted records")
+        if isinstance(rec.get("ledger"), dict) and "retired" in rec["ledger"]:
+            self._ledger.prune(held(replayed))  # the daemon pruned its ledger as it wrote this snapshot
         if snap.ledger.to_fields() != self._ledger.to_fields():
             self._diverge(rec, "", None, "snapshot", None, None,
                           "state snapshot exposure ledger differs from the log's")
@@ -341,6 +343,8 @@ class Replayer:
         from driverd.audit.snapshot import schedules_in
 
         states = {q: (self._pumps[q].state if q in self._pumps else self._initial_state(q)) for q in pumps}
+        if self._ledger.pruned:  # a daemon that prunes prunes at every snapshot and delta (runtime/daemon.py)
+            self._ledger.prune(held(states))
         return states, dict(self._versions), self._library_text, self._ledger.to_fields(), \
             schedules_in(states, self._accepted)
 
@@ -480,6 +484,11 @@ class Replayer:
     ) -> None:
         course = course_id if isinstance(course_id, str) else None
         self.result.divergences.append(Divergence(rec["seq"], pump_id, course, kind, expected, found, detail))
+
+
+def held(states: Mapping[str, Any]) -> list[str]:
+    """The schedule ids the states hold (the courses `LedgerBuilder.prune` keeps whole)."""
+    return [s.schedule.schedule_id for s in states.values() if s.schedule is not None]
 
 
 def _fields(rec: dict[str, Any]) -> dict[str, Any]:

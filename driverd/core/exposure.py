@@ -28,6 +28,12 @@ CUMULATIVE_CODE: Final = "exposure_cumulative"
 BURSTS_CODE: Final = "exposure_bursts"
 CUMULATIVE_WINDOW: Final = timedelta(days=30)
 BURSTS_WINDOW: Final = timedelta(days=90)
+#: The largest `min_gap_days` a drug library may set (protocol.py refuses more).
+MAX_GAP_DAYS: Final = Decimal(365)
+#: How far back `check_course` can ever look from a course that starts at or after `now`: a burst that ended, and
+#: started, at least this long before `now` can never again change its result, whatever library is loaded later
+#: (proof: docs/audit.md, "Bounded snapshots"). The state snapshots leave such bursts out (audit/exposure.py).
+LOOKBACK: Final = max(timedelta(days=int(MAX_GAP_DAYS)), BURSTS_WINDOW, CUMULATIVE_WINDOW)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,8 +63,10 @@ class Breach:
 def check_course(patient_ref: str, course_id: str, start: datetime, end: datetime, planned_mg: Decimal,
                  bursts: list[Burst] | tuple[Burst, ...], limits: ExposureLimits, now: datetime) -> list[Breach]:
     """Every limit a new course (planned `start`..`end`, `planned_mg`) would break, given the patient's bursts."""
+    # Ties broken by course id: the result is a function of the set of bursts, not of the ledger's dict order
+    # (which differs after a restart, and after a snapshot left out bursts that cannot count).
     mine = sorted((b for b in bursts if b.patient_ref == patient_ref and b.course_id != course_id),
-                  key=lambda b: b.started_at)
+                  key=lambda b: (b.started_at, b.course_id))
     out: list[Breach] = []
     gap = timedelta(days=float(limits.min_gap_days))
     for b in mine:

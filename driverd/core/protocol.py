@@ -11,7 +11,7 @@ from decimal import Decimal
 from typing import Any
 
 from driverd.core.errors import ConfigError, Problem, QuantityError
-from driverd.core.exposure import ExposureLimits
+from driverd.core.exposure import MAX_GAP_DAYS, ExposureLimits
 from driverd.core.quantities import (
     MAX_CONCENTRATION_MG_PER_ML,
     MAX_DIAMETER_MM,
@@ -231,7 +231,7 @@ def _parse_exposure(table: Any, problems: list[Problem]) -> ExposureLimits | Non
     if not isinstance(table, dict):
         problems.append(Problem("exposure", "type", "expected a table"))
         return None
-    keys = {"min_gap_days": Decimal(365), "cumulative_mg_per_30_days": MAX_DOSE_MG_PER_24H * 30,
+    keys = {"min_gap_days": MAX_GAP_DAYS, "cumulative_mg_per_30_days": MAX_DOSE_MG_PER_24H * 30,
             "max_bursts_per_90_days": None}
     for key in table:
         if key not in keys:

@@ -267,6 +267,8 @@ class Daemon:
         assert self.audit is not None
         states = dict(self._other_states)
         states.update({p: ch.telemetry.replayed for p, ch in self.channels.items()})
+        # Bursts that can never count again leave the ledger (in memory too): replay prunes at the same points.
+        self._ledger.prune(s.schedule.schedule_id for s in states.values() if s.schedule is not None)
         enc = self._chain.encode(states, self._seen_versions, self.protocol_text, self._ledger.to_fields(),
                                  schedules_in(states, self._accepted))
         fields = self._chain.delta_fields(enc) if delta else None

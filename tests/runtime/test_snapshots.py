@@ -89,7 +89,9 @@ def test_start_up_from_the_newest_snapshot_gives_the_whole_logs_states(course: P
     ledger = LedgerBuilder()
     for rec in records:
         ledger.add(rec)
-    assert recovered.ledger.to_fields() == ledger.to_fields()  # the exposure ledger as the whole log gives it
+    # The exposure ledger as the whole log gives it (the snapshots prune only bursts a year old: none here).
+    assert recovered.ledger.ledger() == ledger.ledger()
+    assert {k: v for k, v in recovered.ledger.to_fields().items() if k != "retired"} == ledger.to_fields()
 
 
 def test_a_crash_at_every_boundary_of_writing_a_snapshot_recovers(course: Path, tmp_path: Path) -> None:
