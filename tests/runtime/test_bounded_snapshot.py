@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import tarfile
 from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -39,6 +40,8 @@ from simulators.world import World
 from tests.runtime.e2e import run
 
 PUMPS = ("bed-1", "bed-2")
+#: This scenario's log as the code before pruning wrote it (no `retired` in its ledgers), with its audit key.
+PREPRUNING = Path(__file__).resolve().parents[1] / "audit" / "data" / "prepruning-log.tar.gz"
 DAY = timedelta(days=1)
 OFF = timedelta(seconds=30)  # off the 600-s poll grid
 
@@ -71,7 +74,9 @@ class World2:
         self.world = World(self.clock)
         for name in PUMPS:
             self.world.pump(name, diameter_mm=Decimal(SYRINGE["inner_diameter_mm"]), fill_volume_ml=Decimal(20))
-        key, self.pub = generate_keypair(work / "keys", "audit")
+        key, self.pub = work / "keys" / "audit.key", work / "keys" / "audit.pub"
+        if not key.exists():  # a log brought along (the fixture) keeps the key it is signed with
+            key, self.pub = generate_keypair(work / "keys", "audit")
         self.config = DaemonConfig(
             path=work / "driverd.toml", sha256="t", protocol=_library(work), audit_dir=work / "audit",
             audit_key=key, trust_dir=DEMO_TRUST, control_socket=work / "ctl.sock", socket_mode=0o600,
@@ -230,3 +235,44 @@ def test_the_pruned_log_verifies_in_full_and_replays(runs: Any) -> None:
                                    str(DEMO_TRUST), "--key", str(pruned.pub), "--json"])
     assert out.exit_code == 0, out.output
     assert json.loads(out.output)["full"]["ok"] is True
+
+
+def _verify_full(audit: Path, pub: Path) -> dict[str, Any]:
+    out = CliRunner().invoke(app, ["audit", "verify", str(audit), "--full", "--trust", str(DEMO_TRUST), "--key",
+                                   str(pub), "--json"])
+    assert out.exit_code == 0, out.output
+    report: dict[str, Any] = json.loads(out.output)
+    assert report["ok"] is True and report["full"]["ok"] is True, report
+    return report
+
+
+def test_a_log_written_before_pruning_verifies_decides_the_same_and_carries_on(runs: Any, tmp_path: Path) -> None:
+    """prepruning-log.tar.gz: this module's scenario written by the code before pruning (whole ledgers, no
+    `retired`). It verifies in full, its decisions are those of the pruned run, and a daemon of today started on it
+    recovers from its last (unpruned) snapshot, prunes at its own, and the mixed log verifies in full."""
+    _, _, pruned_dir, _ = runs
+    with tarfile.open(PREPRUNING) as tar:
+        tar.extractall(tmp_path, filter="data")
+    audit = tmp_path / "audit"
+    records = [r for _, p in list_segments(audit) for r in iter_records(p)]
+    assert not any("retired" in r["ledger"] for r in records if r["event"] == "state_snapshot")
+    _verify_full(audit, tmp_path / "keys" / "audit.pub")
+    assert _decisions(audit) == _decisions(pruned_dir / "audit")
+
+    async def carry_on() -> None:
+        w = World2(tmp_path)
+        try:
+            await w.start(datetime.fromisoformat(records[-1]["ts"]) + timedelta(minutes=10) + OFF)
+            await w.advance(timedelta(hours=2))
+            await w.push(_course("bed-2", 2, w.clock.now(), sid="p2-after-upgrade"))
+            await w.stop()
+        finally:
+            w.clock.unregister()
+        assert w.replies[0][2] is False and w.replies[0][3][0]["reason"] == "exposure_gap"
+
+    run(carry_on(), timeout=300)
+    report = _verify_full(audit, tmp_path / "keys" / "audit.pub")
+    assert report["full"]["snapshots"] > sum(r["event"] == "state_snapshot" for r in records)
+    ledger = _last_snapshot_ledger(audit)
+    assert set(ledger["retired"]) == {"demo-bed-2-20261201"}  # bed-1 still holds the reused id: kept whole
+    assert "demo-bed-1-20261201" in ledger["started"]
