@@ -108,6 +108,8 @@ def main() -> None:
     for label in labels:
         for kind in ("clean", "crash"):
             audit = args.out / f"at-{label}" / kind
+            if not audit.is_dir():
+                continue  # e.g. bench/upgrade_once.py keeps only the clean copy
             segs = list_segments(audit)
             if not segs:
                 continue

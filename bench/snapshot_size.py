@@ -28,7 +28,7 @@ from driverd.core.canonical import canonical_bytes
 
 def _snapshot_lines(audit: Path) -> list[bytes]:
     out = []
-    for _, path in list_segments(audit):
+    for _, path in list_segments(audit)[-80:]:  # a segment per snapshot or delta: ~25 a day
         with path.open("rb") as f:
             for n, line in enumerate(f):
                 if n > 16:
