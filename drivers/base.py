@@ -219,6 +219,11 @@ class PumpDriver(abc.ABC):
         """Keep the dead-man armed; the default is a status read (any valid packet re-arms it)."""
         return await self.read_status()
 
+    def definition_files(self) -> dict[str, str]:
+        """Data files that define how this driver reads its pump (path -> sha256 of the bytes), recorded in the
+        audit log at daemon start. Most drivers have none."""
+        return {}
+
     async def __aenter__(self) -> PumpDriver:
         await self.connect()
         return self

@@ -129,8 +129,15 @@ class Daemon:
         self._other_states = {p: st for p, st in recovered.states.items() if p not in {c.id for c in cfg.pumps}}
         self.audit.on_append = self._appended
         self.ledger = self._ledger.ledger()
+        # Drivers are built (no I/O: URL and data files) before daemon_start, which records the files that define
+        # how each driver reads its pump (a Modbus register map: path and sha256) next to the config's sha256.
+        drivers = {pump.id: open_driver(pump.url, DriverOptions(timeout_s=cfg.driver_timeout_s, retries=1,
+                                                                deadman_s=cfg.deadman_s, world=self.world))
+                   for pump in cfg.pumps}
+        driver_files = {pid: d.definition_files() for pid, d in drivers.items() if d.definition_files()}
         self.audit.append("daemon_start", pump_id=None, course_id=None, durable=True, version=driverd.__version__,
                           config_sha256=cfg.sha256, pumps=[p.id for p in cfg.pumps],
+                          **({"driver_files": driver_files} if driver_files else {}),
                           recovered_records=recovered.records, trust_keys=sorted(self.trust.keys),
                           interrupted=[{"pump_id": i.pump_id, "input_seq": i.input_seq,
                                         "outputs": [str(o.get("event")) for o in i.outputs]}
@@ -140,9 +147,7 @@ class Daemon:
         self.audit.append("library_loaded", pump_id=None, course_id=None, durable=True,
                           version=self.protocol.library_version, text=self.protocol_text)
         for pump in cfg.pumps:
-            options = DriverOptions(timeout_s=cfg.driver_timeout_s, retries=1, deadman_s=cfg.deadman_s,
-                                    world=self.world)
-            driver = open_driver(pump.url, options)
+            driver = drivers[pump.id]
             state = recovered.states.get(pump.id) or initial_state(pump.id)
             channel = Channel(pump.id, driver, state, self.protocol, self.audit, self.clock,
                               poll_period=timedelta(seconds=cfg.poll_period_s),
