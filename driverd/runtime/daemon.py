@@ -35,7 +35,7 @@ from driverd.core.records import fmt_dec, fmt_time
 from driverd.core.schedule import Schedule
 from driverd.core.schedule_parse import parse_schedule
 from driverd.core.state import CourseState, Phase
-from driverd.core.volume_plan import plan_course
+from driverd.core.volume_plan import UPPER_BOUND_RESOLUTION, plan_course
 from driverd.runtime.channel import Channel, syringe_view
 from driverd.runtime.clock import RuntimeClock, ScaledClock, WallStep
 from driverd.runtime.config import DaemonConfig
@@ -376,10 +376,12 @@ class Daemon:
                 # Accepted on a pump but not started yet: it will be a burst. Counted at its plan (start, whole
                 # dose, not ended), so two courses for one patient cannot both be pushed before either starts.
                 # Only for this check: it enters the ledger when it really starts.
-                other = plan_course(s.schedule)
+                other = plan_course(s.schedule, UPPER_BOUND_RESOLUTION)
                 pending.append(Burst(s.schedule.patient_ref, s.schedule.schedule_id, max(other.start, now), None,
                                      other.total_mg))
-        plan = plan_course(schedule)
+        # Planned at the finest rate grid, not at New Era's: on a pump with a finer resolution (Harvard, Modbus)
+        # a New Era plan under-states the drug by up to 4 % (30 mg/24h at 100 mg/mL: 0.012 vs 0.0125 mL/h).
+        plan = plan_course(schedule, UPPER_BOUND_RESOLUTION)
         shift = max(now - plan.start, timedelta(0))  # a course pushed after its first step starts now
         return check_course(schedule.patient_ref, schedule.schedule_id, plan.start + shift, plan.end + shift,
                             plan.total_mg, [*self.ledger.values(), *pending], limits, now)
