@@ -39,7 +39,7 @@ from driverd.core.quantities import rate_to_dose
 from driverd.core.records import command_to_record, event_to_record, fmt_dec, fmt_time
 from driverd.core.state import CourseState, Phase
 from driverd.runtime import telemetry
-from driverd.runtime.clock import DEFAULT_STEP_TOLERANCE, ClockWatch, RuntimeClock
+from driverd.runtime.clock import DEFAULT_STEP_TOLERANCE, ClockWatch, RuntimeClock, yield_once
 from driverd.runtime.telemetry import ReportCompactor
 from drivers.base import DriverError, DriverTimeout, PumpAlarm, PumpDriver, PumpRejected, PumpState, PumpStatus
 
@@ -439,11 +439,18 @@ class Channel:
         try:
             await self.connect()
             next_poll = self.clock.now()
+            # A virtual clock that would wake this channel's sleep at once (every other participant asleep until
+            # later): `_wait` without its future, heap entry and wake-up, the same turn of the event loop.
+            wake_at_once = getattr(self.clock, "wake_at_once", None)
             while not self.stopping:
                 await self.cycle()
                 next_poll += self.poll_period
                 if next_poll <= self.clock.now():
                     next_poll = self.clock.now() + self.poll_period
+                if (wake_at_once is not None and not self.stopping and self.inbox.empty()
+                        and wake_at_once(next_poll)):
+                    await yield_once()
+                    continue
                 await self._wait(next_poll)
         finally:
             self.clock.unregister()
