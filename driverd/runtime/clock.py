@@ -357,17 +357,25 @@ class ClockWatch:
         self.tolerance = tolerance
         now, wall = _readings(clock)
         self._offset = wall - now
+        # A virtual clock's offset object and the tolerance object last found within the tolerance: the very same
+        # objects give the same answer while `_offset` stays (it moves only with a step found, which clears this).
+        self._within: tuple[timedelta, timedelta] | None = None
 
     def check(self) -> WallStep | None:
         # Once per poll. A virtual clock's wall reading is course time plus its wall offset: compare the offsets.
         clock = self.clock
         if isinstance(clock, VirtualClock):
-            delta = clock.wall_offset - self._offset
+            offset, within = clock.wall_offset, self._within
+            if within is not None and within[0] is offset and within[1] is self.tolerance:
+                return None
+            delta = offset - self._offset
             if abs(delta) <= self.tolerance:
+                self._within = (offset, self.tolerance)
                 return None
         now, wall = _readings(clock)
         delta = (wall - now) - self._offset
         if abs(delta) <= self.tolerance:
             return None
         self._offset = wall - now  # the next step is measured from here
+        self._within = None
         return WallStep(now, delta, wall)

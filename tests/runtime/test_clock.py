@@ -248,3 +248,34 @@ def test_wake_at_once_refuses_while_someone_is_awake_or_due_first() -> None:
         await other
 
     run(body())
+
+
+class _Uncached(ClockWatch):
+    """The check without its memo of the last offset found within the tolerance."""
+
+    def check(self) -> Any:
+        self._within = None
+        return super().check()
+
+
+ops = st.lists(st.one_of(st.tuples(st.just("step"), st.integers(-3_000_000, 3_000_000)),
+                         st.tuples(st.just("tolerance"), st.integers(1, 4_000_000)),
+                         st.tuples(st.just("floor"), st.integers(0, 5_000_000)),
+                         st.tuples(st.just("check"), st.just(0))), max_size=40)
+
+
+@given(ops=ops)
+def test_clock_watch_memo_changes_no_answer(ops: list[tuple[str, int]]) -> None:
+    """The virtual clock's memo (the offset and tolerance objects last found within) answers every check as the
+    full comparison does, across wall steps that add up, tolerance changes (a reload) and floors."""
+    clock = VirtualClock(T0)
+    quick, full = ClockWatch(clock), _Uncached(clock)
+    for op, n in ops:
+        if op == "step":
+            clock.step_wall(timedelta(microseconds=n))
+        elif op == "tolerance":
+            quick.tolerance = full.tolerance = timedelta(microseconds=n)
+        elif op == "floor":
+            clock.floor(clock.now() + timedelta(microseconds=n))
+        a, b = quick.check(), full.check()
+        assert a == b
