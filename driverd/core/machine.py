@@ -1385,3 +1385,10 @@ def _quiet_tick(state: CourseState, now: datetime, protocol: ProtocolSpec) -> bo
         return due is not None and now < due
     except (ArithmeticError, TypeError):
         return False  # the general path raises (or refuses) as it does
+
+
+def tick_changes_nothing(state: CourseState, at: datetime, protocol: ProtocolSpec) -> bool:
+    """True only if `step(state, Tick(at), protocol)` returns `state` itself and no command: the quiet tick, which
+    `reduce` takes first for every tick. The channel asks this after each poll and then neither builds nor steps
+    the tick (it would log nothing). False says nothing: step the tick."""
+    return _quiet_tick(state, at, protocol)

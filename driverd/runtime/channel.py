@@ -33,7 +33,7 @@ from driverd.core.events import (
     Tick,
 )
 from driverd.core.kernel import Setpoint
-from driverd.core.machine import predicted_empty_at, step
+from driverd.core.machine import predicted_empty_at, step, tick_changes_nothing
 from driverd.core.protocol import ProtocolSpec
 from driverd.core.quantities import rate_to_dose
 from driverd.core.records import command_to_record, event_to_record, fmt_dec, fmt_time
@@ -426,9 +426,15 @@ class Channel:
         if stepped is not None:
             await self.handle(stepped)
         await self.poll()
-        cmds = self.feed(Tick(self.clock.now()))  # `handle`, without its coroutine for the usual empty execute
-        if cmds:
-            await self.execute(cmds)
+        now = self.clock.now()
+        try:  # the usual quiet tick changes nothing and is not logged: not even built (the core says so)
+            quiet = tick_changes_nothing(self.state, now, self.protocol)
+        except Exception:
+            quiet = False  # the tick's step below decides, and logs what it choked on
+        if not quiet:
+            cmds = self.feed(Tick(now))  # `handle`, without its coroutine for the usual empty execute
+            if cmds:
+                await self.execute(cmds)
         if self.state.phase is Phase.IDLE:
             await self.prime()
         if self.state.syringe_change is not None:
