@@ -303,3 +303,30 @@ def test_a_reading_step_that_is_no_number_is_doubt_not_a_refusal(bad_step: Decim
     _, general = machine._reduce(s, ev, PROTOCOL)
     _, live = machine.step(s, ev, PROTOCOL)
     assert live == general and any(isinstance(c, ApplySetpoint) and c.setpoint.rate_ml_per_h == 0 for c in live)
+
+
+def test_the_quiet_report_follows_every_input_of_its_memo() -> None:
+    """The quiet report remembers the last course's cache inputs (their very objects: started_at, schedule,
+    protocol, syringe concentration, rate) and what the caches gave. Right after a quiet report primed it, each
+    input replaced alone by one that makes the report act must reach the general path: an earlier start (the cap
+    is due), a schedule with a long taper (the taper is due), a protocol with a lower ceiling, a syringe of a far
+    higher concentration (the ceiling's lookahead), a new rate object of another value (a rate mismatch)."""
+    state, _ = running_state()
+    ev = report_after(state)
+    assert state.started_at is not None and state.schedule is not None
+    variants: list[tuple[str, CourseState, Any]] = [
+        ("started_at", evolve(state, started_at=state.started_at - timedelta(days=30)), PROTOCOL),
+        ("schedule", evolve(state, schedule=replace(state.schedule, taper=(
+            replace(state.schedule.taper[-1], after_hours=D(24 * 60)),) if state.schedule.taper else ())), PROTOCOL),
+        ("protocol", state, replace(PROTOCOL, ceiling_mg_per_24h=D(1))),
+        ("syringe_concentration", evolve(state, syringe_concentration=state.concentration * 10_000), PROTOCOL),
+        ("rate", evolve(state, commanded_rate=state.commanded_rate + D("0.001")), PROTOCOL),
+    ]
+    for name, changed, protocol in variants:
+        quiet, _ = both_paths(state, ev)  # primes the memo with this course's inputs
+        assert quiet is not None
+        if name == "schedule" and not state.schedule.taper:
+            continue
+        quiet, general = both_paths(changed, ev, protocol)
+        assert quiet is None, name
+        assert not isinstance(general, Exception) and general[1], name
