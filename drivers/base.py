@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from driverd.core.errors import DriverdError
 from driverd.core.quantities import Resolution
+from driverd.core.quick_init import quick_init
 
 if TYPE_CHECKING:
     from drivers.url import DriverURL
@@ -80,6 +81,7 @@ class Identity:
     address: str = ""
 
 
+@quick_init  # made once per poll: driverd.core.quick_init
 @dataclass(frozen=True, slots=True)
 class PumpStatus:
     """One read of the pump. `rate_ml_per_h` is the programmed rate; `delivered_ml` the infused volume.

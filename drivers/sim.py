@@ -228,11 +228,5 @@ class SimDriver(PumpDriver):
         # reading(): status()'s values that a status read carries, without the model's extras (once per poll).
         state, rate, delivered, diameter, alarms = self._call(_CONTACT_READING, contacts=True)
         shown = self._display(delivered)
-        return PumpStatus(
-            state=state,
-            rate_ml_per_h=rate,
-            delivered_ml=shown,
-            diameter_mm=diameter,
-            alarms=alarms,
-            delivered_step_ml=self._reading_step(shown),
-        )
+        # Positional (once per poll): state, rate_ml_per_h, delivered_ml, diameter_mm, alarms, delivered_step_ml.
+        return PumpStatus(state, rate, shown, diameter, alarms, self._reading_step(shown))

@@ -11,6 +11,7 @@ from decimal import Decimal
 from typing import Literal
 
 from driverd.core.quantities import Resolution
+from driverd.core.quick_init import quick_init
 from driverd.core.schedule import Schedule
 
 # Pump states and alarm kinds as plain strings so the core does not depend on the drivers package.
@@ -47,6 +48,7 @@ class PumpVerified:
     model: str
 
 
+@quick_init  # made once per poll: driverd.core.quick_init
 @dataclass(frozen=True, slots=True)
 class Tick:
     """Time passed. The machine checks due steps, hold end, taper steps and the course cap."""
@@ -54,6 +56,7 @@ class Tick:
     at: datetime
 
 
+@quick_init  # made once per poll: driverd.core.quick_init
 @dataclass(frozen=True, slots=True)
 class PumpReport:
     """One status read from the pump. `delivered_step_ml`: the step of this counter reading as the driver knows it

@@ -758,8 +758,21 @@ def _accumulate(state: CourseState, event: PumpReport) -> CourseState:
     # The pump's counter can reset (power cycle, new syringe, cleared): count only what it added.
     increment = Decimal(0) if prev is None else (raw - prev if raw >= prev else raw)
     samples, sample = _counted(state, event.at, increment)
-    return evolve(state, samples=samples, last_sample=sample, raw_delivered_ml=raw, pump_alarms=event.alarms,
-                  pump_infusing=event.state == "infusing")
+    # `evolve(state, samples=..., last_sample=..., raw_delivered_ml=..., pump_alarms=..., pump_infusing=...)` with
+    # its field names known (once per poll: no keyword dict, no name check): the same copy, the same keys in the
+    # same order (tests/core/test_accumulate.py).
+    new = _new_object(CourseState)
+    d = new.__dict__
+    d.update(state.__dict__)
+    d["samples"] = samples
+    d["last_sample"] = sample
+    d["raw_delivered_ml"] = raw
+    d["pump_alarms"] = event.alarms
+    d["pump_infusing"] = event.state == "infusing"
+    return new
+
+
+_new_object = object.__new__
 
 
 def _count(state: CourseState, at: datetime, increment: Decimal, raw: Decimal) -> CourseState:
@@ -1169,12 +1182,13 @@ TRANSITIONS: dict[type | str, tuple[frozenset[Phase], Handler]] = {
 _CAPS: dict[tuple[int, int, int], tuple[object, object, object, tuple[datetime, datetime] | None]] = {}
 _LIMITS: dict[tuple[int, int, int], tuple[object, object, object, _QuietLimits]] = {}
 _CACHE_MAX = 4096
+_ZERO = Decimal(0)
 
 
 class _QuietLimits:
     """What the quiet report's checks need for one (protocol, concentration, commanded rate)."""
 
-    __slots__ = ("deviation_min", "deviation_window", "limit", "lookahead", "two_steps_ml", "warn_us")
+    __slots__ = ("bounded", "deviation_min", "deviation_window", "limit", "lookahead", "two_steps_ml", "warn_us")
 
     def __init__(self, protocol: ProtocolSpec, conc: Decimal, rate: Decimal) -> None:
         # _ceiling_breach's limit; its lookahead is event.rate * conc * (1 h in hours): the quiet report requires
@@ -1188,6 +1202,30 @@ class _QuietLimits:
         self.deviation_min = span_minutes(protocol.deviation_window_minutes)
         self.deviation_window = _deviation_window(protocol, rate)
         self.two_steps_ml = 2 * protocol.counter_resolution_ml
+        # The part of the ceiling's bound (_surely_within's range checks) that depends on these constants only.
+        self.bounded = -_BOUNDED < self.limit < _BOUNDED and -_BOUNDED < self.lookahead < _BOUNDED
+
+
+class _LastCourse:
+    """The inputs of the quiet report's two caches last seen (their very objects) and what the caches gave: a
+    course reporting again and again (one pump, or replay of one course) is answered without building the caches'
+    keys. Any of the five objects replaced (a restart of the course, a new schedule, a syringe of another
+    concentration, a new rate, another protocol) goes to the caches."""
+
+    __slots__ = ("conc", "limits", "protocol", "rate", "schedule", "started", "syringe_conc", "times")
+
+    def __init__(self) -> None:
+        self.started: object = _NOTHING
+        self.schedule: object = _NOTHING
+        self.protocol: object = _NOTHING
+        self.syringe_conc: object = _NOTHING
+        self.rate: object = _NOTHING
+        self.times: tuple[datetime, datetime] | None = None
+        self.conc = _ZERO
+        self.limits: _QuietLimits | None = None
+
+
+_NOTHING = object()  # no course seen yet: no field of a state is this object
 
 
 def _quiet_limits(protocol: ProtocolSpec, conc: Decimal, rate: Decimal) -> _QuietLimits:
@@ -1218,7 +1256,7 @@ def _cached_cap_times(state: CourseState, protocol: ProtocolSpec) -> tuple[datet
 #: |x| below this many microseconds (about 317 years) and a report dated before year 9000: no datetime arithmetic
 #: of the checks can overflow.
 _FAR_US = Decimal(10) ** 16
-_ZERO = Decimal(0)
+_LAST = _LastCourse()
 
 
 def _warnings_seen(alarms: tuple[str, ...], before: tuple[str, ...]) -> bool:
@@ -1256,12 +1294,24 @@ def _quiet_report(state: CourseState, event: PumpReport, protocol: ProtocolSpec)
         step = event.delivered_step_ml  # compared inside the try: a NaN step is doubt, not a refused report
         if step is not None and step > protocol.counter_resolution_ml:
             return None  # a coarse counter reading: the general path widens the accuracy check for it
-        times = _cached_cap_times(state, protocol)
+        m = _LAST
+        # The caches' inputs the very objects of the last report seen: _cap_times reads started_at, schedule and
+        # protocol; the concentration is syringe_concentration, else the schedule's; _quiet_limits (protocol,
+        # concentration, rate). _accumulate changes none of them.
+        same = (m.started is state.started_at and m.schedule is state.schedule and m.protocol is protocol
+                and m.syringe_conc is state.syringe_concentration and m.rate is rate)
+        times = m.times if same else _cached_cap_times(state, protocol)
         if times is not None and (now >= times[1] or (now >= times[0] and phase is not P.TAPERING)):
             return None  # the cap stops or tapers the course
         new = _accumulate(state, event)
-        conc = new.concentration
-        q = _quiet_limits(protocol, conc, rate)
+        if same and m.limits is not None:
+            conc, q = m.conc, m.limits
+        else:
+            conc = new.concentration
+            q = _quiet_limits(protocol, conc, rate)
+            m.started, m.schedule, m.protocol, m.syringe_conc, m.rate = (state.started_at, state.schedule, protocol,
+                                                                         state.syringe_concentration, rate)
+            m.times, m.conc, m.limits = times, conc, q
         last = new.last_sample
         assert last is not None and last.at == now
         # The ceiling: _surely_within's bound, else the exact check itself.
@@ -1270,9 +1320,8 @@ def _quiet_report(state: CourseState, event: PumpReport, protocol: ProtocolSpec)
         low0 = cumulative_drug_bounds(new, t0)[0]
         low1 = cumulative_drug_bounds(new, t0 + CEILING_LOOKAHEAD)[0]
         b, limit, lookahead = _BOUNDED, q.limit, q.lookahead
-        surely_within = (-b < cum_now < b and -b < low0 < b and -b < low1 < b and -b < lookahead < b
-                         and -b < limit < b and cum_now - low0 + _SLACK <= limit
-                         and cum_now - low1 + lookahead + _SLACK <= limit)
+        surely_within = (-b < cum_now < b and -b < low0 < b and -b < low1 < b and q.bounded
+                         and cum_now - low0 + _SLACK <= limit and cum_now - low1 + lookahead + _SLACK <= limit)
         if not surely_within and _ceiling_breach(new, protocol, event):
             return None
         # Near empty (once per syringe): predicted_empty_at's arithmetic, compared in microseconds.
@@ -1372,3 +1421,10 @@ def _quiet_tick(state: CourseState, now: datetime, protocol: ProtocolSpec) -> bo
         return due is not None and now < due
     except (ArithmeticError, TypeError):
         return False  # the general path raises (or refuses) as it does
+
+
+def tick_changes_nothing(state: CourseState, at: datetime, protocol: ProtocolSpec) -> bool:
+    """True only if `step(state, Tick(at), protocol)` returns `state` itself and no command: the quiet tick, which
+    `reduce` takes first for every tick. The channel asks this after each poll and then neither builds nor steps
+    the tick (it would log nothing). False says nothing: step the tick."""
+    return _quiet_tick(state, at, protocol)

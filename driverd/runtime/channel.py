@@ -33,13 +33,13 @@ from driverd.core.events import (
     Tick,
 )
 from driverd.core.kernel import Setpoint
-from driverd.core.machine import predicted_empty_at, step
+from driverd.core.machine import predicted_empty_at, step, tick_changes_nothing
 from driverd.core.protocol import ProtocolSpec
 from driverd.core.quantities import rate_to_dose
 from driverd.core.records import command_to_record, event_to_record, fmt_dec, fmt_time
 from driverd.core.state import CourseState, Phase
 from driverd.runtime import telemetry
-from driverd.runtime.clock import DEFAULT_STEP_TOLERANCE, ClockWatch, RuntimeClock
+from driverd.runtime.clock import DEFAULT_STEP_TOLERANCE, ClockWatch, RuntimeClock, yield_once
 from driverd.runtime.telemetry import ReportCompactor
 from drivers.base import DriverError, DriverTimeout, PumpAlarm, PumpDriver, PumpRejected, PumpState, PumpStatus
 
@@ -426,9 +426,15 @@ class Channel:
         if stepped is not None:
             await self.handle(stepped)
         await self.poll()
-        cmds = self.feed(Tick(self.clock.now()))  # `handle`, without its coroutine for the usual empty execute
-        if cmds:
-            await self.execute(cmds)
+        now = self.clock.now()
+        try:  # the usual quiet tick changes nothing and is not logged: not even built (the core says so)
+            quiet = tick_changes_nothing(self.state, now, self.protocol)
+        except Exception:
+            quiet = False  # the tick's step below decides, and logs what it choked on
+        if not quiet:
+            cmds = self.feed(Tick(now))  # `handle`, without its coroutine for the usual empty execute
+            if cmds:
+                await self.execute(cmds)
         if self.state.phase is Phase.IDLE:
             await self.prime()
         if self.state.syringe_change is not None:
@@ -439,11 +445,18 @@ class Channel:
         try:
             await self.connect()
             next_poll = self.clock.now()
+            # A virtual clock that would wake this channel's sleep at once (every other participant asleep until
+            # later): `_wait` without its future, heap entry and wake-up, the same turn of the event loop.
+            wake_at_once = getattr(self.clock, "wake_at_once", None)
             while not self.stopping:
                 await self.cycle()
                 next_poll += self.poll_period
                 if next_poll <= self.clock.now():
                     next_poll = self.clock.now() + self.poll_period
+                if (wake_at_once is not None and not self.stopping and self.inbox.empty()
+                        and wake_at_once(next_poll)):
+                    await yield_once()
+                    continue
                 await self._wait(next_poll)
         finally:
             self.clock.unregister()
