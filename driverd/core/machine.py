@@ -46,8 +46,10 @@ from driverd.core.kernel import (
     span_hours,
     span_minutes,
 )
-from driverd.core.protocol import ProtocolSpec
-from driverd.core.quantities import dose_to_rate, quantize_down, rate_to_dose
+from driverd.core.protocol import ProtocolSpec, SyringeSpec
+from driverd.core.pump_range import PLANNED_RATE, PUMP_RANGE, PumpRange, plan_problem, range_problem
+from driverd.core.quantities import Resolution, dose_to_rate, quantize_down, rate_to_dose
+from driverd.core.schedule import Schedule
 from driverd.core.state import ACTIVE, RUNNING, CourseState, Pending, Phase, Sample, SyringeChange, evolve
 
 Out = tuple[CourseState, tuple[Command, ...]]
@@ -305,8 +307,53 @@ def _on_verified(state: CourseState, event: Event, protocol: ProtocolSpec) -> Ou
         state, t = _goto(evolve(state, pump_diameter_mm=event.diameter_mm), P.IDLE, "syringe_mismatch")
         return state, (Refused("machine", "syringe_mismatch",
                                f"pump reads back {event.diameter_mm} mm; schedule {sch.inner_diameter_mm} mm"), *t)
+    checked: tuple[Command, ...] = ()
+    if event.pump_range is not None:  # None: a log from before the check (replayed as it was decided)
+        failed = _out_of_range(protocol, spec, sch, event.diameter_mm, event.resolution, event.pump_range)
+        if failed is not None:
+            return _prime_refused(evolve(state, pump_diameter_mm=event.diameter_mm), *failed)
+        state, checked = _range_checked(state, spec, event.diameter_mm, event.pump_range, protocol)
     state = evolve(state, pump_diameter_mm=event.diameter_mm, resolution=event.resolution, pump_model=event.model)
-    return _goto(state, P.PRIMED, "pump_verified")
+    state, t = _goto(state, P.PRIMED, "pump_verified")
+    return state, checked + t
+
+
+#: Alarm causes of a pump that cannot run the course (core/pump_range.py): before the course runs they end with a
+#: check that passes; at a syringe load a new change_syringe retries the load (and the check).
+RANGE_CAUSES = frozenset({PUMP_RANGE, PLANNED_RATE})
+
+
+def _out_of_range(protocol: ProtocolSpec, spec: SyringeSpec, sch: Schedule, diameter: Decimal,
+                  resolution: Resolution, pump: PumpRange) -> tuple[str, str] | None:
+    """(code, detail) if the pump cannot run the library's rates for this syringe or the course's planned rates."""
+    problem = range_problem(protocol, spec, pump, diameter)
+    if problem is not None:
+        return PUMP_RANGE, problem
+    problem = plan_problem(protocol, spec, sch, resolution, pump)
+    return None if problem is None else (PLANNED_RATE, problem)
+
+
+def _prime_refused(state: CourseState, code: str, detail: str) -> Out:
+    """The course does not prime: it stays (or goes back to) idle, the pump stopped, and the cause is an alarm."""
+    state, t = _goto(state, P.IDLE, code)
+    state, raised = _alarm(state, code, detail)
+    return state, (Refused("machine", code, detail), *raised, *t)
+
+
+def _range_checked(state: CourseState, spec: SyringeSpec, diameter: Decimal, pump: PumpRange,
+                   protocol: ProtocolSpec) -> Out:
+    """The check passed: say so, and end a range cause raised before the course ran (no drug flowed on it)."""
+    lo, hi = protocol.rate_limits(spec)
+    cmds: tuple[Command, ...] = (Notice(
+        "pump_range_checked", f"syringe {spec.model!r} ({diameter} mm) on {pump.url}: drug library {lo}..{hi} mL/h "
+                              f"inside the pump's {pump.text()}; every planned rate is sent"),)
+    ended = [c for c in state.alarm_causes if c in RANGE_CAUSES]
+    if ended and state.phase not in ACTIVE:
+        causes = tuple(c for c in state.alarm_causes if c not in RANGE_CAUSES)
+        code = "" if state.alarm_code in RANGE_CAUSES else state.alarm_code
+        state = evolve(state, alarm_causes=causes, alarm_code=code)
+        cmds += (Notice("alarm_cleared", f"{', '.join(ended)} (checked again: in range)"),)
+    return state, cmds
 
 
 # ---------------------------------------------------------------------------------------------- time
@@ -480,6 +527,9 @@ def _on_resume(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
         return state, (Refused("clinician", "syringe_empty", "the syringe is empty: change it (change_syringe)"),)
     if "unexpected_infusion" in state.alarm_causes and state.pump_infusing:
         return state, (Refused("clinician", "alarm_active", "the pump still infuses on its own"),)
+    if RANGE_CAUSES & set(state.alarm_causes):
+        return state, (Refused("clinician", PUMP_RANGE, "the pump cannot run this course's rates with the syringe "
+                                                        "loaded; once fixed, give change_syringe again"),)
     resumed, cmds = _resume(evolve(state, alarm_causes=()), event, protocol)
     if any(isinstance(c, Refused) for c in cmds):
         return state, cmds  # refused: every cause stays active
@@ -516,7 +566,7 @@ def _resume(state: CourseState, event: ClinicianCommand, protocol: ProtocolSpec)
 #: Alarm causes a syringe change deals with (the syringe ran empty): the only alarm a change may acknowledge.
 END_OF_SYRINGE_CAUSES = frozenset({"pump_alarm:end_of_syringe", "syringe_empty"})
 #: ... and a counter clear at the last syringe load that did not read back 0: a new change_syringe retries the load.
-SYRINGE_CHANGE_CAUSES = END_OF_SYRINGE_CAUSES | {"counter_not_cleared"}
+SYRINGE_CHANGE_CAUSES = END_OF_SYRINGE_CAUSES | {"counter_not_cleared"} | RANGE_CAUSES
 
 
 def _on_change_syringe(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
@@ -588,6 +638,9 @@ def _on_syringe_loaded(state: CourseState, event: Event, protocol: ProtocolSpec)
     blocking = [a for a in state.pump_alarms if a not in WARNING_ALARMS]
     if blocking:
         return state, (Refused("machine", "alarm_active", f"pump still reports {', '.join(blocking)}"),)
+    failed = _load_out_of_range(state, event, protocol)
+    if failed is not None:
+        return failed
     # Accounting: what the old syringe delivered since the last report counts at its concentration; the new
     # syringe's counter is the baseline from here (a pump that resets it on loading loses nothing).
     prev = state.raw_delivered_ml
@@ -617,6 +670,26 @@ def _on_syringe_loaded(state: CourseState, event: Event, protocol: ProtocolSpec)
     state = evolve(state, alarm_code="", resume_to=None)
     state, t = _goto(state, target, "syringe_changed")
     return state, (done, *cmds, *t)
+
+
+def _load_out_of_range(state: CourseState, event: SyringeLoaded, protocol: ProtocolSpec) -> Out | None:
+    """The range check again at a syringe load (core/pump_range.py): if it fails the load is refused, the pump stays
+    stopped and the course alarms with the change waiting (as for a counter not cleared). None: passed, or not
+    reported (an older log)."""
+    sch, spec, pump = state.schedule, None, event.pump_range
+    if sch is not None:
+        spec = protocol.syringe(sch.syringe_model)
+    if pump is None or sch is None or state.resolution is None:
+        return None
+    if spec is None:
+        detail = f"syringe {sch.syringe_model!r} is not in the drug library"
+        failed: tuple[str, str] | None = (PUMP_RANGE, detail)
+    else:
+        failed = _out_of_range(protocol, spec, sch, event.diameter_mm, state.resolution, pump)
+    if failed is None:
+        return None
+    state, raised = _alarm(state, *failed)
+    return state, (Refused("machine", failed[0], failed[1]), *raised)
 
 
 #: The daemon cleared the pump's delivered-volume counter (priming a course, loading a syringe) and it did not read
