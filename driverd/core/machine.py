@@ -329,7 +329,7 @@ def _out_of_range(protocol: ProtocolSpec, spec: SyringeSpec, sch: Schedule, diam
     problem = range_problem(protocol, spec, pump, diameter)
     if problem is not None:
         return PUMP_RANGE, problem
-    problem = plan_problem(protocol, spec, sch, resolution, pump)
+    problem = plan_problem(protocol, spec, sch, resolution)
     return None if problem is None else (PLANNED_RATE, problem)
 
 

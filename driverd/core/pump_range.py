@@ -10,7 +10,7 @@ syringe load; docs/safety.md, SUP-16):
 - `range_problem`: the library's range for the syringe lies inside the pump's range (and the pump states one);
 - `plan_problem`: every non-zero rate the approved schedule will command (each step and taper dose at each
   concentration the schedule approves, quantized to the pump's resolution toward less drug) is one the kernel
-  will send: not 0, inside the library's range and inside the pump's.
+  will send: not 0 and inside the library's range, so (given the first) inside the pump's.
 
 Before, the commissioning engineer checked the first by hand (docs/simulators.md), and a course whose taper
 step fell below the minimum found out mid-course (`device_min`, or the pump's ``?OOR``).
@@ -80,11 +80,11 @@ def planned_rates(schedule: Schedule, resolution: Resolution) -> Iterator[tuple[
                 yield where, dose, conc, quantize_down(dose_to_rate(dose, conc), resolution)
 
 
-def plan_problem(protocol: ProtocolSpec, spec: SyringeSpec, schedule: Schedule, resolution: Resolution,
-                 pump: PumpRange) -> str | None:
+def plan_problem(protocol: ProtocolSpec, spec: SyringeSpec, schedule: Schedule, resolution: Resolution) -> str | None:
     """None if every planned rate (`planned_rates`) will be sent; otherwise the first that will not, naming the
-    step, its dose and concentration, the rate and the rule (`below_resolution`, `device_min`, `device_max` as the
-    kernel would refuse it mid-course, `pump_min`/`pump_max` for the pump's own range)."""
+    step, its dose and concentration, the rate and the rule the kernel would refuse it by mid-course
+    (`below_resolution`, `device_min`, `device_max`). Checked after `range_problem` passed: a rate inside the
+    library's range is then inside the pump's too."""
     lo, hi = protocol.rate_limits(spec)
     try:
         for where, dose, conc, rate in planned_rates(schedule, resolution):
@@ -95,10 +95,6 @@ def plan_problem(protocol: ProtocolSpec, spec: SyringeSpec, schedule: Schedule, 
                 return f"{what}, below the drug library's minimum {_t(lo)} mL/h for {spec.model!r} (rule device_min)"
             if rate > hi:
                 return f"{what}, above the drug library's maximum {_t(hi)} mL/h for {spec.model!r} (rule device_max)"
-            if pump.min_ml_per_h is not None and rate < pump.min_ml_per_h:
-                return f"{what}, below what {pump.url} runs ({pump.text()}) (rule pump_min)"
-            if pump.max_ml_per_h is not None and rate > pump.max_ml_per_h:
-                return f"{what}, above what {pump.url} runs ({pump.text()}) (rule pump_max)"
     except QuantityError as exc:
         return f"a planned rate cannot be represented at this pump's resolution: {exc}"
     return None
