@@ -856,7 +856,7 @@ def _on_report(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
     blocking = sorted(a for a in event.alarms if a not in WARNING_ALARMS)
     fresh = [a for a in blocking if f"pump_alarm:{a}" not in state.alarm_causes or state.phase is not P.ALARM]
     if fresh:
-        empty = _syringe_empty(state, protocol)
+        empty = _syringe_empty(state, protocol, event.delivered_step_ml)
         for a in fresh:  # each pump alarm is its own cause and record, also during another alarm
             if empty and a in _EMPTY_LOOKALIKES:
                 # The syringe is used up by the read-backs: that is the cause, whatever the pump calls it (a New Era
@@ -884,7 +884,7 @@ def _on_report(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
         state = evolve(state, resume_to=state.phase)
         state, t = _goto(state, P.PAUSED, "stopped_at_pump")
         return state, (*cmds, Notice("stopped_at_pump", f"pump reports {event.state}"), *t)
-    state, cmds = _warn_near_empty(state, protocol, event.at, cmds)
+    state, cmds = _warn_near_empty(state, protocol, event.at, cmds, event.delivered_step_ml)
     return _check_deviation(state, protocol, event.at, cmds, event.delivered_step_ml)
 
 
@@ -897,16 +897,30 @@ def predicted_empty_at(state: CourseState) -> datetime | None:
     return state.last_sample.at + timedelta(microseconds=int(hours * 3_600_000_000))
 
 
-def _warn_near_empty(state: CourseState, protocol: ProtocolSpec, now: datetime, cmds: tuple[Command, ...]) -> Out:
-    """Once per syringe: a warning `syringe_warning_minutes` before it is predicted to run empty."""
+def _warn_near_empty(state: CourseState, protocol: ProtocolSpec, now: datetime, cmds: tuple[Command, ...],
+                     step: Decimal | None = None) -> Out:
+    """Once per syringe: a warning `syringe_warning_minutes` before it is predicted to run empty. A reading coarser
+    than the library's counter step (`step`) may under-read what was used by up to that step: the warning comes
+    earlier by the time the excess takes at the commanded rate (with a 0.1 mL display at 0.04 mL/h, over 2 h),
+    so it still comes before the syringe really runs empty."""
     if state.empty_warned:
         return state, cmds
     empty_at = predicted_empty_at(state)
-    if empty_at is None or now < empty_at - span_minutes(protocol.syringe_warning_minutes):
+    if empty_at is None or now < empty_at - span_minutes(protocol.syringe_warning_minutes) \
+            - _coarse_reading_time(protocol, step, state.commanded_rate):
         return state, cmds
     detail = (f"syringe {state.syringe_changes + 1} predicted empty at {empty_at.isoformat()}: "
               f"{state.remaining_ml:.3f} mL left at {state.commanded_rate} mL/h")
     return evolve(state, empty_warned=True), (*cmds, Notice("syringe_near_empty", detail))
+
+
+def _coarse_reading_time(protocol: ProtocolSpec, step: Decimal | None, rate: Decimal) -> timedelta:
+    """How long the commanded rate takes to deliver what a reading's step adds over the library's (0 when the
+    reading is no coarser: the warning's margin already covers the library's step)."""
+    excess = counter_resolution(protocol, step) - protocol.counter_resolution_ml
+    if excess <= 0 or rate <= 0:
+        return timedelta(0)
+    return timedelta(microseconds=int(excess / rate * 3_600_000_000) + 1)
 
 
 #: Phases in which the course commands no infusion at all: a pump infusing there does so on its own.
@@ -917,13 +931,13 @@ _NO_INFUSION = frozenset({P.IDLE, P.PRIMED, P.PAUSED, P.STOPPED})
 _EMPTY_LOOKALIKES = frozenset({"end_of_syringe", "occlusion"})
 
 
-def _syringe_empty(state: CourseState, protocol: ProtocolSpec) -> str:
+def _syringe_empty(state: CourseState, protocol: ProtocolSpec, step: Decimal | None = None) -> str:
     """Why the syringe in the pump counts as empty by the read-backs ("" if it does not): what it delivered is
-    within two counter steps of its fill."""
+    within two counter steps of its fill (`step`: the last reading's, if known; never finer than the library's)."""
     if state.schedule is None:
         return ""
     used = state.delivered_ml - state.syringe_started_ml
-    if state.fill_ml - used > 2 * protocol.counter_resolution_ml:
+    if state.fill_ml - used > 2 * counter_resolution(protocol, step):
         return ""
     return f"{used} mL of the {state.fill_ml} mL fill delivered"
 
@@ -949,8 +963,9 @@ def _ceiling_breach(state: CourseState, protocol: ProtocolSpec, event: PumpRepor
         return ""
     now = event.at
     conc = state.concentration
-    # The counter's display step, read twice (start and end of the window), is the only slack allowed.
-    limit = protocol.ceiling_mg_per_24h + 2 * protocol.counter_resolution_ml * conc
+    # The counter's display step, read twice (start and end of the window), is the only slack allowed: the
+    # reading's own step when it is coarser than the library's (`counter_resolution`), as the accuracy check.
+    limit = protocol.ceiling_mg_per_24h + 2 * counter_resolution(protocol, event.delivered_step_ml) * conc
     lookahead = event.rate_ml_per_h * conc * hours_between(now, now + CEILING_LOOKAHEAD)
     cum_now = cumulative_drug(state, now)
     if _surely_within(state, now, cum_now, lookahead, limit):

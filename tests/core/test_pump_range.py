@@ -149,12 +149,12 @@ def test_a_later_check_that_passes_ends_the_cause() -> None:
 
 def test_reverifying_a_primed_course_with_a_bad_range_goes_back_to_idle() -> None:
     state, _ = verify(schedule(), NE)
-    state, cmds = step(state, PumpVerified(T0 - timedelta(minutes=4), DIAMETER, NEW_ERA_RESOLUTION, "NE-1000",
-                                           TOO_FAST), PROTOCOL)
+    state, _ = step(state, PumpVerified(T0 - timedelta(minutes=4), DIAMETER, NEW_ERA_RESOLUTION, "NE-1000",
+                                        TOO_FAST), PROTOCOL)
     assert state.phase is Phase.IDLE and PUMP_RANGE in state.alarm_causes
 
 
-def _running_change(pump: PumpRange) -> tuple[Player, tuple]:
+def _running_change(pump: PumpRange | None) -> tuple[Player, tuple]:
     p = play(schedule(), NE)
     p.run_until(T0 + 30 * H)
     assert p.state.phase is Phase.TITRATING and p.pump.infusing
@@ -191,7 +191,7 @@ def test_a_syringe_load_in_range_resumes() -> None:
 
 
 def test_the_load_without_a_range_is_the_old_behaviour() -> None:
-    p, cmds = _running_change(None)  # type: ignore[arg-type]
+    p, _ = _running_change(None)
     assert p.state.phase is Phase.TITRATING and p.pump.infusing
 
 
