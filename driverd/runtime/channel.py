@@ -34,7 +34,7 @@ from driverd.core.events import (
     Tick,
 )
 from driverd.core.kernel import Setpoint
-from driverd.core.machine import predicted_empty_at, step
+from driverd.core.machine import RANGE_CAUSES, predicted_empty_at, step
 from driverd.core.protocol import ProtocolSpec
 from driverd.core.pump_range import PumpRange
 from driverd.core.quantities import rate_to_dose
@@ -346,8 +346,11 @@ class Channel:
             return
         self._clear_retry_at = None
         self._resolved("prime")
-        await self.handle(PumpVerified(self.clock.now(), diameter, self.driver.resolution, identity.model,
-                                       self.pump_range(diameter)))
+        cmds = await self.handle(PumpVerified(self.clock.now(), diameter, self.driver.resolution, identity.model,
+                                              self.pump_range(diameter)))
+        for cmd in cmds:  # the course did not prime on this pump: `status` says why (not retried: a restart does)
+            if isinstance(cmd, Refused) and cmd.reason in RANGE_CAUSES:
+                self._error("prime", f"prime: {cmd.reason}: {cmd.detail}")
 
     def pump_range(self, diameter: Decimal) -> PumpRange:
         """What the driver says the pump runs with this bore, for the core's check (core/pump_range.py). A driver

@@ -82,7 +82,7 @@ def test_a_library_range_the_pump_cannot_run_never_primes_until_fixed(tmp_path: 
             [verified] = events(records, "pump_verified", NAME)
             assert verified["pump_range"]["url"] == url and verified["pump_range"]["min_ml_per_h"] == "0.016"
             status = (await r.status())[NAME]
-            assert "pump_range" in status["alarms"], status
+            assert "pump_range" in status["alarms"] and "prime: pump_range: " in status["last_error"], status
             audit_ok(r)  # replay recomputes the refusal from the logged range
             # The library is corrected and the daemon restarted: the course primes (the cause ends) and runs.
             r.config = replace(r.config, protocol=SHIPPED)
