@@ -311,7 +311,7 @@ def _on_verified(state: CourseState, event: Event, protocol: ProtocolSpec) -> Ou
     if event.pump_range is not None:  # None: a log from before the check (replayed as it was decided)
         failed = _out_of_range(protocol, spec, sch, event.diameter_mm, event.resolution, event.pump_range)
         if failed is not None:
-            return _prime_refused(evolve(state, pump_diameter_mm=event.diameter_mm), *failed)
+            return _prime_refused(evolve(state, pump_diameter_mm=event.diameter_mm), failed)
         state, checked = _range_checked(state, spec, event.diameter_mm, event.pump_range, protocol)
     state = evolve(state, pump_diameter_mm=event.diameter_mm, resolution=event.resolution, pump_model=event.model)
     state, t = _goto(state, P.PRIMED, "pump_verified")
@@ -324,20 +324,20 @@ RANGE_CAUSES = frozenset({PUMP_RANGE, PLANNED_RATE})
 
 
 def _out_of_range(protocol: ProtocolSpec, spec: SyringeSpec, sch: Schedule, diameter: Decimal,
-                  resolution: Resolution, pump: PumpRange) -> tuple[str, str] | None:
-    """(code, detail) if the pump cannot run the library's rates for this syringe or the course's planned rates."""
+                  resolution: Resolution, pump: PumpRange) -> Refused | None:
+    """The refusal if the pump cannot run the library's rates for this syringe or the course's planned rates."""
     problem = range_problem(protocol, spec, pump, diameter)
     if problem is not None:
-        return PUMP_RANGE, problem
+        return Refused("machine", PUMP_RANGE, problem)
     problem = plan_problem(protocol, spec, sch, resolution)
-    return None if problem is None else (PLANNED_RATE, problem)
+    return None if problem is None else Refused("machine", PLANNED_RATE, problem)
 
 
-def _prime_refused(state: CourseState, code: str, detail: str) -> Out:
+def _prime_refused(state: CourseState, refusal: Refused) -> Out:
     """The course does not prime: it stays (or goes back to) idle, the pump stopped, and the cause is an alarm."""
-    state, t = _goto(state, P.IDLE, code)
-    state, raised = _alarm(state, code, detail)
-    return state, (Refused("machine", code, detail), *raised, *t)
+    state, t = _goto(state, P.IDLE, refusal.reason)
+    state, raised = _alarm(state, refusal.reason, refusal.detail)
+    return state, (refusal, *raised, *t)
 
 
 def _range_checked(state: CourseState, spec: SyringeSpec, diameter: Decimal, pump: PumpRange,
@@ -682,14 +682,14 @@ def _load_out_of_range(state: CourseState, event: SyringeLoaded, protocol: Proto
     if pump is None or sch is None or state.resolution is None:
         return None
     if spec is None:
-        detail = f"syringe {sch.syringe_model!r} is not in the drug library"
-        failed: tuple[str, str] | None = (PUMP_RANGE, detail)
+        failed: Refused | None = Refused("machine", PUMP_RANGE, f"syringe {sch.syringe_model!r} is not in the drug "
+                                                                 "library")
     else:
         failed = _out_of_range(protocol, spec, sch, event.diameter_mm, state.resolution, pump)
     if failed is None:
         return None
-    state, raised = _alarm(state, *failed)
-    return state, (Refused("machine", failed[0], failed[1]), *raised)
+    state, raised = _alarm(state, failed.reason, failed.detail)
+    return state, (failed, *raised)
 
 
 #: The daemon cleared the pump's delivered-volume counter (priming a course, loading a syringe) and it did not read
