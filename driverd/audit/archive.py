@@ -641,16 +641,17 @@ def archive_segments(anchor: Anchor, archives: list[Path]) -> list[tuple[int, Pa
     return out
 
 
-def parse_before(text: str) -> datetime:
-    """`--before DATE`: YYYY-MM-DD (midnight UTC) or an RFC 3339 time with a zone. Raises ValueError."""
+def parse_before(text: str, option: str = "--before") -> datetime:
+    """`--before DATE` (or the option named `option`): YYYY-MM-DD (midnight UTC) or an RFC 3339 time with a
+    zone. Raises ValueError."""
     try:
         if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
             return datetime.fromisoformat(text).replace(tzinfo=UTC)
         t = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
-        raise ValueError(f"--before: not a date (YYYY-MM-DD) or an RFC 3339 time: {text!r}") from None
+        raise ValueError(f"{option}: not a date (YYYY-MM-DD) or an RFC 3339 time: {text!r}") from None
     if t.tzinfo is None:
-        raise ValueError(f"--before: give a time zone (e.g. Z) or a plain date: {text!r}")
+        raise ValueError(f"{option}: give a time zone (e.g. Z) or a plain date: {text!r}")
     return t.astimezone(UTC)
 
 

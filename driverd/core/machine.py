@@ -516,6 +516,7 @@ def _on_stop(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
 
 def _on_resume(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
     assert isinstance(event, ClinicianCommand)
+    before = state
     if not state.link_up:
         return state, (Refused("clinician", "link_down", "no link to the pump"),)
     blocking = [a for a in state.pump_alarms if a not in WARNING_ALARMS]
@@ -527,18 +528,36 @@ def _on_resume(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
         return state, (Refused("clinician", "syringe_empty", "the syringe is empty: change it (change_syringe)"),)
     if "unexpected_infusion" in state.alarm_causes and state.pump_infusing:
         return state, (Refused("clinician", "alarm_active", "the pump still infuses on its own"),)
-    if RANGE_CAUSES & set(state.alarm_causes):
-        return state, (Refused("clinician", PUMP_RANGE, "the pump cannot run this course's rates with the syringe "
-                                                        "loaded; once fixed, give change_syringe again"),)
-    resumed, cmds = _resume(evolve(state, alarm_causes=()), event, protocol)
-    if any(isinstance(c, Refused) for c in cmds):
-        return state, cmds  # refused: every cause stays active
     acked: tuple[Command, ...] = (Notice("alarm_cleared", ", ".join(state.alarm_causes)),) if state.alarm_causes \
         else ()
-    if resumed.syringe_change is not None:  # resumed on the syringe in the pump: no change is waiting any more
-        resumed = evolve(resumed, syringe_change=None)
+    change = state.syringe_change
+    if change is not None and change.loaded:
+        return _acknowledge_for_syringe_load(state, change, acked)
+    if change is not None:  # the old syringe is still in (the pump ran at the change): resume on it
+        state = evolve(state, syringe_change=None)
         acked += (Notice("syringe_change_abandoned", "resumed on the syringe in the pump"),)
+    resumed, cmds = _resume(evolve(state, alarm_causes=()), event, protocol)
+    if any(isinstance(c, Refused) for c in cmds):
+        return before, cmds  # refused: every cause stays active, and a change waits on
     return resumed, acked + cmds
+
+
+def _acknowledge_for_syringe_load(state: CourseState, change: SyringeChange, acked: tuple[Command, ...]) -> Out:
+    """A resume while a change's new syringe is in the pump but not verified (its load was refused: a counter that
+    did not clear, a diameter that did not match; or an alarm came first). Which syringe the pump holds is known
+    only from a verified load, so nothing runs: the alarm is acknowledged, the course waits paused (primed before
+    it started) with the change, and the resume is refused, saying how to go on. The course resumes on the new
+    syringe's verified read-back, which the daemon takes when the course is paused or primed; after a refused
+    load, change_syringe again (stating the syringe in the pump) retries it."""
+    detail = (f"the new syringe ({change.fill_ml} mL at {change.concentration_mg_per_ml} mg/mL) is not verified: "
+              "the course resumes on its verified read-back; if its load was refused, give change_syringe again, "
+              "stating the syringe that is in the pump")
+    refused = Refused("clinician", "syringe_change_waiting", detail)
+    if state.phase is not P.ALARM:
+        return state, (refused,)
+    target = P.PRIMED if state.started_at is None else P.PAUSED
+    state, t = _goto(evolve(state, alarm_causes=(), alarm_code=""), target, "alarm_acknowledged")
+    return state, (*acked, *t, refused)
 
 
 def _resume(state: CourseState, event: ClinicianCommand, protocol: ProtocolSpec) -> Out:
@@ -666,8 +685,9 @@ def _on_syringe_loaded(state: CourseState, event: Event, protocol: ProtocolSpec)
     state, verdict, cmds = _propose(state, protocol, event.at, dose, "resume", "clinician", "syringe_change")
     if isinstance(verdict, Refusal):
         return state, (done, *cmds)  # stays paused with the new syringe in: a clinician resumes
-    # Same level, same clocks: the step interval and the hold are not restarted by a syringe change.
-    state = evolve(state, alarm_code="", resume_to=None)
+    # Same level and hold clock; the step interval restarts only after a long stop, as at any resume (a change that
+    # waited hours for its syringe leaves the patient unobserved at the level as long as a stop does).
+    state = _restart_interval_after_long_stop(evolve(state, alarm_code="", resume_to=None), event.at)
     state, t = _goto(state, target, "syringe_changed")
     return state, (done, *cmds, *t)
 
@@ -1273,9 +1293,6 @@ def _quiet_report(state: CourseState, event: PumpReport, protocol: ProtocolSpec)
     rate = state.commanded_rate
     if event.alarms and not _warnings_seen(event.alarms, state.pump_alarms):
         return None
-    step = event.delivered_step_ml
-    if step is not None and step > protocol.counter_resolution_ml:
-        return None  # a coarse counter reading: the general path widens the accuracy check for it
     if (phase not in RUNNING or state.pending is not None or event.state != "infusing"
             or state.deviation_base is None or state.interrupted_at is not None
             or state.commanded_since is None or state.summary_due or state.schedule is None
@@ -1285,6 +1302,9 @@ def _quiet_report(state: CourseState, event: PumpReport, protocol: ProtocolSpec)
     if not 1 < now.year < 9000:
         return None
     try:
+        step = event.delivered_step_ml  # compared inside the try: a NaN step is doubt, not a refused report
+        if step is not None and step > protocol.counter_resolution_ml:
+            return None  # a coarse counter reading: the general path widens the accuracy check for it
         times = _cached_cap_times(state, protocol)
         if times is not None and (now >= times[1] or (now >= times[0] and phase is not P.TAPERING)):
             return None  # the cap stops or tapers the course

@@ -394,8 +394,9 @@ class Channel:
         change = self.state.syringe_change
         sched = self.state.schedule
         if change is None or not change.loaded or sched is None or self._loaded_for is change \
-                or not self.connected or self.state.pending is not None:
-            return ()
+                or not self.connected or self.state.pending is not None \
+                or self.state.phase not in (Phase.PAUSED, Phase.PRIMED):
+            return ()  # the core takes a load only paused or primed: in alarm, a clinician's resume comes first
         self._loaded_for = change
         try:
             diameter = await self._io(self.driver.configure_syringe(sched.inner_diameter_mm))

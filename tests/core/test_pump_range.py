@@ -172,12 +172,19 @@ def test_a_syringe_load_on_a_pump_out_of_range_is_refused_and_the_pump_stays_sto
     assert p.state.phase is Phase.ALARM and p.state.syringe_change is not None  # the change waits
     assert not p.pump.infusing and not any(isinstance(c, ApplySetpoint) and c.setpoint.rate_ml_per_h > 0
                                            for c in cmds)
-    # A resume on the syringe in the pump is refused while the cause stands: the pump stays stopped.
+    # A change_syringe again is allowed in this alarm (it retries the load, and the check).
+    p.feed(ClinicianCommand(T0 + 31 * H, "change_syringe", "nurse-1", "again", None, D(17)))
+    assert p.state.phase is Phase.PAUSED and p.state.syringe_change is not None
+    cmds = p.feed(SyringeLoaded(T0 + 31 * H, DIAMETER, p.pump.delivered, TOO_SLOW))  # still out of range
+    assert [c.reason for c in cmds if isinstance(c, Refused)] == [PUMP_RANGE] and p.state.phase is Phase.ALARM
+    # A resume runs nothing while the unverified load waits (SUP-12): it acknowledges the alarm, the course waits
+    # paused with the change, and the pump stays stopped.
     cmds = p.feed(ClinicianCommand(T0 + 31 * H, "resume", "dr", "try"))
-    assert [c.reason for c in cmds if isinstance(c, Refused)] == [PUMP_RANGE] and not p.pump.infusing
+    assert [c.reason for c in cmds if isinstance(c, Refused)] == ["syringe_change_waiting"]
+    assert not any(isinstance(c, ApplySetpoint) for c in cmds) and p.state.phase is Phase.PAUSED
     p.run_until(T0 + 33 * H)
     assert not p.pump.infusing and p.pump.rate == 0
-    # Once fixed, change_syringe again (allowed in this alarm) retries the load, which passes and resumes.
+    # Fixed: the change given again loads, the check passes, and the course resumes.
     p.feed(ClinicianCommand(T0 + 33 * H, "change_syringe", "nurse-1", "again", None, D(17)))
     assert p.state.phase is Phase.PAUSED
     cmds = p.feed(SyringeLoaded(T0 + 33 * H, DIAMETER, p.pump.delivered, NE))

@@ -283,3 +283,23 @@ def test_report_step_refuses_as_step_does() -> None:
     idle = evolve(state, phase=Phase.IDLE)
     after, cmds, quiet = machine.report_step(idle, stopped, PROTOCOL)
     assert repr((after, cmds)) == repr(machine.step(idle, stopped, PROTOCOL)) and not quiet
+
+
+@pytest.mark.parametrize("bad_step", [D("NaN"), D("sNaN"), D("Infinity")])
+def test_a_reading_step_that_is_no_number_is_doubt_not_a_refusal(bad_step: Decimal) -> None:
+    """Review finding (2026-12-03): the quiet path compared the reading's step before its `try`, so a NaN step (a
+    plug-in driver's; the shipped ones give finite steps) made `step` refuse the whole report, while the general
+    path stops a pump running 10x its rate. Now it is doubt: the general path decides, and stops the pump."""
+    from driverd.core.commands import ApplySetpoint
+    from tests.core.factories import T0, primed
+    from tests.core.harness import ExactPump, Player
+
+    p = Player(primed(), PROTOCOL, ExactPump(at=T0 - timedelta(minutes=10)))
+    p.run_until(T0 + timedelta(hours=30))
+    s = p.state
+    ev = PumpReport(T0 + timedelta(hours=30, minutes=1), "infusing", s.commanded_rate * 10,
+                    s.delivered_ml + D("0.001"), (), bad_step)
+    assert machine._quiet_report(s, ev, PROTOCOL) is None
+    _, general = machine._reduce(s, ev, PROTOCOL)
+    _, live = machine.step(s, ev, PROTOCOL)
+    assert live == general and any(isinstance(c, ApplySetpoint) and c.setpoint.rate_ml_per_h == 0 for c in live)

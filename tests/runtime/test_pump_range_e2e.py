@@ -166,10 +166,12 @@ def test_a_syringe_load_the_pump_cannot_run_is_refused_and_the_pump_stays_stoppe
             await r.advance_to(stopped_at + 2 * H)
             assert model.status().state is PumpState.STOPPED
             assert [rate for at, rate in model.rate_history() if at >= stopped_at and rate > 0] == []
-            # A resume on the syringe in the pump is refused while the cause stands.
+            # A resume runs nothing while the unverified load waits (SUP-12): the course waits paused, pump stopped.
             resumed = await r.command(NAME, "resume")
-            assert [x["reason"] for x in resumed["refusals"]] == ["pump_range"]
-            assert model.status().state is PumpState.STOPPED
+            assert [x["reason"] for x in resumed["refusals"]] == ["syringe_change_waiting"], resumed
+            await r.advance_to(r.clock.now() + H)
+            assert model.status().state is PumpState.STOPPED and ch.state.phase.value == "paused"
+            assert [rate for at, rate in model.rate_history() if at >= stopped_at and rate > 0] == []
             # Fixed: change_syringe again retries the load, which passes and resumes.
             ch.driver.rate_range = honest  # type: ignore[method-assign]
             again = await _change(r)
