@@ -1036,7 +1036,9 @@ def counter_resolution(protocol: ProtocolSpec, step: Decimal | None) -> Decimal:
     own step when the driver reports a coarser one (a 4-digit display above 100 mL reads in 0.1 mL steps). Never
     finer than the library's: with a fine counter the check is exactly as strict as the library says."""
     res = protocol.counter_resolution_ml
-    return step if step is not None and step > res else res
+    if step is None or not step.is_finite():  # a NaN or infinite step is no step (doubt: the library's, stricter)
+        return res
+    return step if step > res else res
 
 
 def _check_deviation(state: CourseState, protocol: ProtocolSpec, now: datetime, cmds: tuple[Command, ...],
