@@ -211,7 +211,7 @@ class PumpDriver(abc.ABC):
         """(min, max) mL/h the pump runs with a syringe of this inner diameter, at the driver's resolution (minimum
         rounded up, maximum down: both are rates the pump accepts). None: the driver cannot tell. The daemon
         checks the drug library's limits and the course's planned rates against it before a course primes and at
-        every syringe load, and refuses both when the range is unknown (docs/safety.md, SUP-16)."""
+        every syringe load, and refuses both when the range is unknown (docs/safety.md, SUP-17)."""
         return None
 
     async def probe(self) -> ProbeReport:

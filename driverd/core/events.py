@@ -70,6 +70,9 @@ class PumpReport:
     delivered_ml: Decimal
     alarms: tuple[str, ...] = ()
     delivered_step_ml: Decimal | None = None
+    # The syringe bore the pump is set to now (None: not read). A pump turns mL/h into plunger speed with it, and
+    # computes its rate and counter read-backs with it too: a bore changed at the panel is seen only here.
+    diameter_mm: Decimal | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -528,6 +528,11 @@ def _on_resume(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
         return state, (Refused("clinician", "syringe_empty", "the syringe is empty: change it (change_syringe)"),)
     if "unexpected_infusion" in state.alarm_causes and state.pump_infusing:
         return state, (Refused("clinician", "alarm_active", "the pump still infuses on its own"),)
+    if SYRINGE_MISMATCH in state.alarm_causes:
+        return state, (Refused("clinician", SYRINGE_MISMATCH, "the pump was set to another syringe bore: its "
+                                                              "read-backs are not to be trusted; give "
+                                                              "change_syringe, which loads and verifies the "
+                                                              "syringe"),)
     acked: tuple[Command, ...] = (Notice("alarm_cleared", ", ".join(state.alarm_causes)),) if state.alarm_causes \
         else ()
     change = state.syringe_change
@@ -585,7 +590,7 @@ def _resume(state: CourseState, event: ClinicianCommand, protocol: ProtocolSpec)
 #: Alarm causes a syringe change deals with (the syringe ran empty): the only alarm a change may acknowledge.
 END_OF_SYRINGE_CAUSES = frozenset({"pump_alarm:end_of_syringe", "syringe_empty"})
 #: ... and a counter clear at the last syringe load that did not read back 0: a new change_syringe retries the load.
-SYRINGE_CHANGE_CAUSES = END_OF_SYRINGE_CAUSES | {"counter_not_cleared"} | RANGE_CAUSES
+SYRINGE_CHANGE_CAUSES = END_OF_SYRINGE_CAUSES | {"counter_not_cleared", "syringe_mismatch"} | RANGE_CAUSES
 
 
 def _on_change_syringe(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
@@ -858,6 +863,13 @@ def _on_report(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
     cmds: tuple[Command, ...] = ()
     new_warnings = sorted(set(event.alarms) & WARNING_ALARMS - set(before.pump_alarms))
     cmds += tuple(Notice(f"pump_warning:{w}", "the pump warns") for w in new_warnings)
+    wrong_bore = _wrong_bore(state, event)
+    if wrong_bore:
+        state, more = _alarm(state, SYRINGE_MISMATCH, wrong_bore)
+        cmds += more
+        if state.commanded_rate > 0 or (event.state == "infusing" and state.pending is None):
+            state, stop = _stop_in_alarm(state, protocol, event.at, SYRINGE_MISMATCH)
+            cmds += stop
     pending = state.pending
     if pending is not None and (pending.uncertain or pending.resend):
         state, more = _check_readback(state, protocol, event.at, _reported_readback(event), from_report=True)
@@ -906,6 +918,20 @@ def _on_report(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
         return state, (*cmds, Notice("stopped_at_pump", f"pump reports {event.state}"), *t)
     state, cmds = _warn_near_empty(state, protocol, event.at, cmds, event.delivered_step_ml)
     return _check_deviation(state, protocol, event.at, cmds, event.delivered_step_ml)
+
+
+#: The pump reports another syringe bore than the schedule's (set at its panel, or another syringe picked): its
+#: rate and counter read-backs are computed with that bore, so they look right while it delivers (d/d')^2 times
+#: the drug. Stop, alarm; only a syringe change (which loads and verifies the bore) goes on (docs/safety.md).
+SYRINGE_MISMATCH = "syringe_mismatch"
+
+
+def _wrong_bore(state: CourseState, event: PumpReport) -> str:
+    bore = event.diameter_mm
+    sch = state.schedule
+    if bore is None or sch is None or state.phase not in ACTIVE or (bore.is_finite() and bore == sch.inner_diameter_mm):
+        return ""  # (is_finite first: comparing a signalling NaN raises)
+    return f"pump is set to a {bore} mm syringe; the schedule's is {sch.inner_diameter_mm} mm ({sch.syringe_model})"
 
 
 def predicted_empty_at(state: CourseState) -> datetime | None:
@@ -1130,7 +1156,7 @@ def _check_readback(
         )
         return state, ()
     if pending.is_decrease and readback > sp.rate_ml_per_h:
-        return _resend_decrease(state, pending, readback, from_report)
+        return _resend_decrease(state, protocol, now, pending, readback, from_report)
     if state.phase is P.ALARM:
         # Reconciling after a fault: the pump did not take it. Never re-send (that could raise the rate in alarm).
         state = evolve(state, pending=None)
@@ -1147,15 +1173,22 @@ def _check_readback(
     return state, cmds
 
 
-def _resend_decrease(state: CourseState, pending: Pending, readback: Decimal, from_report: bool) -> Out:
+def _resend_decrease(state: CourseState, protocol: ProtocolSpec, now: datetime, pending: Pending, readback: Decimal,
+                     from_report: bool) -> Out:
     """A decrease or stop the pump has not taken (it still delivers more): it stays pending and is sent again,
     at once after the first miss and then once per pump report, until a read-back shows it. It is never dropped:
-    giving up on a stop would leave the pump running. After the second miss the course alarms (once)."""
+    giving up on a stop would leave the pump running. After the second miss the course alarms (once), and a
+    decrease that is not a stop becomes a stop: a pump that refuses a lower rate (a New Era infusing in other rate
+    units answers a RAT in mL/h with ?NA) would otherwise run on above it for as long as it is re-sent (review
+    finding, 2026-12-03), and a stop is a command every pump takes (STP)."""
     sp = pending.setpoint
     cmds: tuple[Command, ...] = ()
     if pending.attempts >= 2:
         state, cmds = _alarm(state, "readback_mismatch",
                              f"pump still delivers {readback} mL/h; {sp.rate_ml_per_h} sent {pending.attempts} times")
+        if not sp.is_stop:
+            state, stop = _stop_in_alarm(evolve(state, pending=None), protocol, now, "decrease_not_taken")
+            return state, cmds + stop
     if pending.attempts == 1 or from_report:
         attempt = pending.attempts + 1
         state = evolve(state, pending=Pending(sp, attempts=attempt, resend=True))
@@ -1295,7 +1328,10 @@ def _quiet_report(state: CourseState, event: PumpReport, protocol: ProtocolSpec)
     rate = state.commanded_rate
     if event.alarms and not _warnings_seen(event.alarms, state.pump_alarms):
         return None
-    if (phase not in RUNNING or state.pending is not None or event.state != "infusing"
+    bore = event.diameter_mm
+    if (bore is not None and (state.schedule is None or not bore.is_finite()
+                              or bore != state.schedule.inner_diameter_mm)) or (
+            phase not in RUNNING or state.pending is not None or event.state != "infusing"
             or state.deviation_base is None or state.interrupted_at is not None
             or state.commanded_since is None or state.summary_due or state.schedule is None
             or event.rate_ml_per_h != rate or not rate > 0):

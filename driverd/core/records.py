@@ -241,6 +241,8 @@ def event_to_record(ev: Event) -> tuple[str, dict[str, Any]]:
         return "tick", at
     if isinstance(ev, PumpReport):
         step = {} if ev.delivered_step_ml is None else {"delivered_step_ml": fmt_dec(ev.delivered_step_ml)}
+        if ev.diameter_mm is not None:  # absent in logs written before 2026-12-03: no diameter was read then
+            step["diameter_mm"] = fmt_dec(ev.diameter_mm)
         return "pump_report", {**at, "state": ev.state, "rate_ml_per_h": fmt_dec(ev.rate_ml_per_h),
                                "delivered_ml": fmt_dec(ev.delivered_ml), "alarms": list(ev.alarms), **step}
     if isinstance(ev, SetpointResult):
@@ -297,8 +299,11 @@ def event_from_record(record: dict[str, Any]) -> Event:
         step = None if record.get("delivered_step_ml") is None else _dec(record, "delivered_step_ml")
         if step is not None and step <= 0:
             raise ValidationError([Problem("delivered_step_ml", "range", f"must be > 0, got {step}")])
+        bore = None if record.get("diameter_mm") is None else _dec(record, "diameter_mm")
+        if bore is not None and bore <= 0:
+            raise ValidationError([Problem("diameter_mm", "range", f"must be > 0, got {bore}")])
         return PumpReport(at, state, _dec(record, "rate_ml_per_h"), _dec(record, "delivered_ml"),  # type: ignore[arg-type]
-                          tuple(alarms), step)
+                          tuple(alarms), step, bore)
     if name == "setpoint_result":
         sid = record.get("setpoint_id")
         if isinstance(sid, bool) or not isinstance(sid, int):

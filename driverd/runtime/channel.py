@@ -314,7 +314,7 @@ class Channel:
     def _report(self, status: PumpStatus) -> PumpReport:
         alarms = tuple(sorted(a.value for a in status.alarms)) if status.alarms else ()
         return PumpReport(self.clock.now(), _STATE_NAMES[status.state], status.rate_ml_per_h, status.delivered_ml,
-                          alarms, status.delivered_step_ml)
+                          alarms, status.delivered_step_ml, status.diameter_mm)
 
     async def prime(self) -> None:
         """A newly accepted schedule: stop the pump, load the syringe diameter, read it back, tell the core."""
