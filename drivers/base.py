@@ -211,7 +211,7 @@ class PumpDriver(abc.ABC):
         """(min, max) mL/h the pump runs with a syringe of this inner diameter, at the driver's resolution (minimum
         rounded up, maximum down: both are rates the pump accepts). None: the driver cannot tell. The daemon
         checks the drug library's limits and the course's planned rates against it before a course primes and at
-        every syringe load, and refuses both when the range is unknown (docs/safety.md, SUP-17)."""
+        every syringe load, and refuses both when the range is unknown (docs/safety.md, SUP-19)."""
         return None
 
     async def probe(self) -> ProbeReport:
@@ -225,6 +225,11 @@ class PumpDriver(abc.ABC):
     async def heartbeat(self) -> PumpStatus:
         """Keep the dead-man armed; the default is a status read (any valid packet re-arms it)."""
         return await self.read_status()
+
+    def definition_files(self) -> dict[str, str]:
+        """Data files that define how this driver reads its pump (path -> sha256 of the bytes), recorded in the
+        audit log at daemon start. Most drivers have none."""
+        return {}
 
     async def __aenter__(self) -> PumpDriver:
         await self.connect()

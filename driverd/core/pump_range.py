@@ -5,7 +5,7 @@ A syringe pump runs only rates between its plunger's slowest and fastest speed t
 non-zero rate inside the drug library's limits for the syringe (`ProtocolSpec.rate_limits`), so a pump that can
 run that whole range never has to refuse a rate the kernel approved. Two checks, made by the core when the
 channel reports the pump's range for the loaded bore (`PumpVerified` when priming a course, `SyringeLoaded` at a
-syringe load; docs/safety.md, SUP-17):
+syringe load; docs/safety.md, SUP-19):
 
 - `range_problem`: the library's range for the syringe lies inside the pump's range (and the pump states one);
 - `plan_problem`: every non-zero rate the approved schedule will command (each step and taper dose at each

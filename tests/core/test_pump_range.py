@@ -1,4 +1,4 @@
-"""The pump's rate range against the drug library and the planned course (docs/safety.md, SUP-17), in the pure core.
+"""The pump's rate range against the drug library and the planned course (docs/safety.md, SUP-19), in the pure core.
 
 What is checked is what the pump would be told: a course that fails the check never primes, so no setpoint other
 than a stop ever reaches the (reference) pump, and a refused syringe load leaves the pump stopped.

@@ -147,7 +147,7 @@ def test_delivered_volume_is_read_as_the_display_shows_it(world: World, manual_c
 
 
 def test_rate_range_is_the_models_plunger_range_capped_at_its_maximum(world: World) -> None:
-    """What the daemon checks the drug library against (docs/safety.md, SUP-17): the New Era mechanism by default
+    """What the daemon checks the drug library against (docs/safety.md, SUP-19): the New Era mechanism by default
     (0.013..879.5 mL/h with 19.13 mm, as NewEraDriver reports), capped by the model's maximum rate; None for a model
     without a plunger range. The model refuses a rate just outside it."""
     from simulators.pump import ModelError

@@ -1,5 +1,5 @@
 """The daemon checks the pump's rate range before a course primes and at every syringe load (docs/safety.md,
-SUP-17), on the real driver path (New Era on a PTY, Modbus/TCP on loopback) against the simulated pump.
+SUP-19), on the real driver path (New Era on a PTY, Modbus/TCP on loopback) against the simulated pump.
 
 What is asserted is the pump: a course the check refuses never sends it a non-zero rate (the simulator's rate
 history) and leaves it stopped; the audit record names the syringe, the pump URL and both ranges; the log verifies
