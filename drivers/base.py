@@ -209,6 +209,13 @@ class PumpDriver(abc.ABC):
         like any other write (``PumpAlarm``). Clearing twice is clearing once, so a lost reply may be resent.
         """
 
+    def rate_range(self, diameter_mm: Decimal) -> tuple[Decimal, Decimal] | None:
+        """(min, max) mL/h the pump runs with a syringe of this inner diameter, at the driver's resolution (minimum
+        rounded up, maximum down: both are rates the pump accepts). None: the driver cannot tell. The daemon
+        checks the drug library's limits and the course's planned rates against it before a course primes and at
+        every syringe load, and refuses both when the range is unknown (docs/safety.md, SUP-19)."""
+        return None
+
     async def probe(self) -> ProbeReport:
         """Identify the pump and read its status and dead-man setting with queries only, on a driver that is
         not connected: opens its own transport and closes it again, never sends a write (no ``connect()``

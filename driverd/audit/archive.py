@@ -60,6 +60,17 @@ class ArchiveRefused(AuditError):
         self.reason = reason
         self.detail = message
 
+    @property
+    def nothing_to_archive(self) -> bool:
+        """Nothing is old enough to go yet (a normal outcome for a run from cron), not something wrong."""
+        return self.reason in NOTHING_TO_ARCHIVE
+
+
+#: Refusals that only mean no segment may go yet: the segments are too recent for --before, the live log has too
+#: few closed segments, or a course with records in the oldest segments is still running. A later run archives
+#: them. Every other refusal (unsealed, does_not_verify, key_*, no_snapshot, ...) needs a person.
+NOTHING_TO_ARCHIVE = frozenset({"not_before_date", "live_segment", "course_active"})
+
 
 @dataclass(frozen=True, slots=True)
 class ArchivedSegment:

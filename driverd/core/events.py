@@ -10,6 +10,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Literal
 
+from driverd.core.pump_range import PumpRange
 from driverd.core.quantities import Resolution
 from driverd.core.quick_init import quick_init
 from driverd.core.schedule import Schedule
@@ -46,6 +47,10 @@ class PumpVerified:
     diameter_mm: Decimal
     resolution: Resolution
     model: str
+    # What the pump's driver reports it runs with this bore (core/pump_range.py): the core refuses to prime if the
+    # library's rates or the course's planned rates lie outside it. None: not reported (a log written before the
+    # check existed: replayed without it, as it was decided).
+    pump_range: PumpRange | None = None
 
 
 @quick_init  # made once per poll: driverd.core.quick_init
@@ -126,6 +131,7 @@ class SyringeLoaded:
     at: datetime
     diameter_mm: Decimal
     delivered_ml: Decimal
+    pump_range: PumpRange | None = None  # as in PumpVerified: checked again at every load (None: an older log)
 
 
 @dataclass(frozen=True, slots=True)

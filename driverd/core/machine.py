@@ -46,8 +46,10 @@ from driverd.core.kernel import (
     span_hours,
     span_minutes,
 )
-from driverd.core.protocol import ProtocolSpec
-from driverd.core.quantities import dose_to_rate, quantize_down, rate_to_dose
+from driverd.core.protocol import ProtocolSpec, SyringeSpec
+from driverd.core.pump_range import PLANNED_RATE, PUMP_RANGE, PumpRange, plan_problem, range_problem
+from driverd.core.quantities import Resolution, dose_to_rate, quantize_down, rate_to_dose
+from driverd.core.schedule import Schedule
 from driverd.core.state import ACTIVE, RUNNING, CourseState, Pending, Phase, Sample, SyringeChange, evolve
 
 Out = tuple[CourseState, tuple[Command, ...]]
@@ -305,8 +307,53 @@ def _on_verified(state: CourseState, event: Event, protocol: ProtocolSpec) -> Ou
         state, t = _goto(evolve(state, pump_diameter_mm=event.diameter_mm), P.IDLE, "syringe_mismatch")
         return state, (Refused("machine", "syringe_mismatch",
                                f"pump reads back {event.diameter_mm} mm; schedule {sch.inner_diameter_mm} mm"), *t)
+    checked: tuple[Command, ...] = ()
+    if event.pump_range is not None:  # None: a log from before the check (replayed as it was decided)
+        failed = _out_of_range(protocol, spec, sch, event.diameter_mm, event.resolution, event.pump_range)
+        if failed is not None:
+            return _prime_refused(evolve(state, pump_diameter_mm=event.diameter_mm), failed)
+        state, checked = _range_checked(state, spec, event.diameter_mm, event.pump_range, protocol)
     state = evolve(state, pump_diameter_mm=event.diameter_mm, resolution=event.resolution, pump_model=event.model)
-    return _goto(state, P.PRIMED, "pump_verified")
+    state, t = _goto(state, P.PRIMED, "pump_verified")
+    return state, checked + t
+
+
+#: Alarm causes of a pump that cannot run the course (core/pump_range.py): before the course runs they end with a
+#: check that passes; at a syringe load a new change_syringe retries the load (and the check).
+RANGE_CAUSES = frozenset({PUMP_RANGE, PLANNED_RATE})
+
+
+def _out_of_range(protocol: ProtocolSpec, spec: SyringeSpec, sch: Schedule, diameter: Decimal,
+                  resolution: Resolution, pump: PumpRange) -> Refused | None:
+    """The refusal if the pump cannot run the library's rates for this syringe or the course's planned rates."""
+    problem = range_problem(protocol, spec, pump, diameter)
+    if problem is not None:
+        return Refused("machine", PUMP_RANGE, problem)
+    problem = plan_problem(protocol, spec, sch, resolution)
+    return None if problem is None else Refused("machine", PLANNED_RATE, problem)
+
+
+def _prime_refused(state: CourseState, refusal: Refused) -> Out:
+    """The course does not prime: it stays (or goes back to) idle, the pump stopped, and the cause is an alarm."""
+    state, t = _goto(state, P.IDLE, refusal.reason)
+    state, raised = _alarm(state, refusal.reason, refusal.detail)
+    return state, (refusal, *raised, *t)
+
+
+def _range_checked(state: CourseState, spec: SyringeSpec, diameter: Decimal, pump: PumpRange,
+                   protocol: ProtocolSpec) -> Out:
+    """The check passed: say so, and end a range cause raised before the course ran (no drug flowed on it)."""
+    lo, hi = protocol.rate_limits(spec)
+    cmds: tuple[Command, ...] = (Notice(
+        "pump_range_checked", f"syringe {spec.model!r} ({diameter} mm) on {pump.url}: drug library {lo}..{hi} mL/h "
+                              f"inside the pump's {pump.text()}; every planned rate is sent"),)
+    ended = [c for c in state.alarm_causes if c in RANGE_CAUSES]
+    if ended and state.phase not in ACTIVE:
+        causes = tuple(c for c in state.alarm_causes if c not in RANGE_CAUSES)
+        code = "" if state.alarm_code in RANGE_CAUSES else state.alarm_code
+        state = evolve(state, alarm_causes=causes, alarm_code=code)
+        cmds += (Notice("alarm_cleared", f"{', '.join(ended)} (checked again: in range)"),)
+    return state, cmds
 
 
 # ---------------------------------------------------------------------------------------------- time
@@ -543,7 +590,7 @@ def _resume(state: CourseState, event: ClinicianCommand, protocol: ProtocolSpec)
 #: Alarm causes a syringe change deals with (the syringe ran empty): the only alarm a change may acknowledge.
 END_OF_SYRINGE_CAUSES = frozenset({"pump_alarm:end_of_syringe", "syringe_empty"})
 #: ... and a counter clear at the last syringe load that did not read back 0: a new change_syringe retries the load.
-SYRINGE_CHANGE_CAUSES = END_OF_SYRINGE_CAUSES | {"counter_not_cleared", "syringe_mismatch"}
+SYRINGE_CHANGE_CAUSES = END_OF_SYRINGE_CAUSES | {"counter_not_cleared", "syringe_mismatch"} | RANGE_CAUSES
 
 
 def _on_change_syringe(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
@@ -615,6 +662,9 @@ def _on_syringe_loaded(state: CourseState, event: Event, protocol: ProtocolSpec)
     blocking = [a for a in state.pump_alarms if a not in WARNING_ALARMS]
     if blocking:
         return state, (Refused("machine", "alarm_active", f"pump still reports {', '.join(blocking)}"),)
+    failed = _load_out_of_range(state, event, protocol)
+    if failed is not None:
+        return failed
     # Accounting: what the old syringe delivered since the last report counts at its concentration; the new
     # syringe's counter is the baseline from here (a pump that resets it on loading loses nothing).
     prev = state.raw_delivered_ml
@@ -645,6 +695,26 @@ def _on_syringe_loaded(state: CourseState, event: Event, protocol: ProtocolSpec)
     state = _restart_interval_after_long_stop(evolve(state, alarm_code="", resume_to=None), event.at)
     state, t = _goto(state, target, "syringe_changed")
     return state, (done, *cmds, *t)
+
+
+def _load_out_of_range(state: CourseState, event: SyringeLoaded, protocol: ProtocolSpec) -> Out | None:
+    """The range check again at a syringe load (core/pump_range.py): if it fails the load is refused, the pump stays
+    stopped and the course alarms with the change waiting (as for a counter not cleared). None: passed, or not
+    reported (an older log)."""
+    sch, spec, pump = state.schedule, None, event.pump_range
+    if sch is not None:
+        spec = protocol.syringe(sch.syringe_model)
+    if pump is None or sch is None or state.resolution is None:
+        return None
+    if spec is None:
+        failed: Refused | None = Refused("machine", PUMP_RANGE, f"syringe {sch.syringe_model!r} is not in the drug "
+                                                                 "library")
+    else:
+        failed = _out_of_range(protocol, spec, sch, event.diameter_mm, state.resolution, pump)
+    if failed is None:
+        return None
+    state, raised = _alarm(state, failed.reason, failed.detail)
+    return state, (failed, *raised)
 
 
 #: The daemon cleared the pump's delivered-volume counter (priming a course, loading a syringe) and it did not read
@@ -831,7 +901,7 @@ def _on_report(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
     blocking = sorted(a for a in event.alarms if a not in WARNING_ALARMS)
     fresh = [a for a in blocking if f"pump_alarm:{a}" not in state.alarm_causes or state.phase is not P.ALARM]
     if fresh:
-        empty = _syringe_empty(state, protocol)
+        empty = _syringe_empty(state, protocol, event.delivered_step_ml)
         for a in fresh:  # each pump alarm is its own cause and record, also during another alarm
             if empty and a in _EMPTY_LOOKALIKES:
                 # The syringe is used up by the read-backs: that is the cause, whatever the pump calls it (a New Era
@@ -859,7 +929,7 @@ def _on_report(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
         state = evolve(state, resume_to=state.phase)
         state, t = _goto(state, P.PAUSED, "stopped_at_pump")
         return state, (*cmds, Notice("stopped_at_pump", f"pump reports {event.state}"), *t)
-    state, cmds = _warn_near_empty(state, protocol, event.at, cmds)
+    state, cmds = _warn_near_empty(state, protocol, event.at, cmds, event.delivered_step_ml)
     return _check_deviation(state, protocol, event.at, cmds, event.delivered_step_ml)
 
 
@@ -886,16 +956,30 @@ def predicted_empty_at(state: CourseState) -> datetime | None:
     return state.last_sample.at + timedelta(microseconds=int(hours * 3_600_000_000))
 
 
-def _warn_near_empty(state: CourseState, protocol: ProtocolSpec, now: datetime, cmds: tuple[Command, ...]) -> Out:
-    """Once per syringe: a warning `syringe_warning_minutes` before it is predicted to run empty."""
+def _warn_near_empty(state: CourseState, protocol: ProtocolSpec, now: datetime, cmds: tuple[Command, ...],
+                     step: Decimal | None = None) -> Out:
+    """Once per syringe: a warning `syringe_warning_minutes` before it is predicted to run empty. A reading coarser
+    than the library's counter step (`step`) may under-read what was used by up to that step: the warning comes
+    earlier by the time the excess takes at the commanded rate (with a 0.1 mL display at 0.04 mL/h, over 2 h),
+    so it still comes before the syringe really runs empty."""
     if state.empty_warned:
         return state, cmds
     empty_at = predicted_empty_at(state)
-    if empty_at is None or now < empty_at - span_minutes(protocol.syringe_warning_minutes):
+    if empty_at is None or now < empty_at - span_minutes(protocol.syringe_warning_minutes) \
+            - _coarse_reading_time(protocol, step, state.commanded_rate):
         return state, cmds
     detail = (f"syringe {state.syringe_changes + 1} predicted empty at {empty_at.isoformat()}: "
               f"{state.remaining_ml:.3f} mL left at {state.commanded_rate} mL/h")
     return evolve(state, empty_warned=True), (*cmds, Notice("syringe_near_empty", detail))
+
+
+def _coarse_reading_time(protocol: ProtocolSpec, step: Decimal | None, rate: Decimal) -> timedelta:
+    """How long the commanded rate takes to deliver what a reading's step adds over the library's (0 when the
+    reading is no coarser: the warning's margin already covers the library's step)."""
+    excess = counter_resolution(protocol, step) - protocol.counter_resolution_ml
+    if excess <= 0 or rate <= 0:
+        return timedelta(0)
+    return timedelta(microseconds=int(excess / rate * 3_600_000_000) + 1)
 
 
 #: Phases in which the course commands no infusion at all: a pump infusing there does so on its own.
@@ -906,13 +990,13 @@ _NO_INFUSION = frozenset({P.IDLE, P.PRIMED, P.PAUSED, P.STOPPED})
 _EMPTY_LOOKALIKES = frozenset({"end_of_syringe", "occlusion"})
 
 
-def _syringe_empty(state: CourseState, protocol: ProtocolSpec) -> str:
+def _syringe_empty(state: CourseState, protocol: ProtocolSpec, step: Decimal | None = None) -> str:
     """Why the syringe in the pump counts as empty by the read-backs ("" if it does not): what it delivered is
-    within two counter steps of its fill."""
+    within two counter steps of its fill (`step`: the last reading's, if known; never finer than the library's)."""
     if state.schedule is None:
         return ""
     used = state.delivered_ml - state.syringe_started_ml
-    if state.fill_ml - used > 2 * protocol.counter_resolution_ml:
+    if state.fill_ml - used > 2 * counter_resolution(protocol, step):
         return ""
     return f"{used} mL of the {state.fill_ml} mL fill delivered"
 
@@ -938,8 +1022,9 @@ def _ceiling_breach(state: CourseState, protocol: ProtocolSpec, event: PumpRepor
         return ""
     now = event.at
     conc = state.concentration
-    # The counter's display step, read twice (start and end of the window), is the only slack allowed.
-    limit = protocol.ceiling_mg_per_24h + 2 * protocol.counter_resolution_ml * conc
+    # The counter's display step, read twice (start and end of the window), is the only slack allowed: the
+    # reading's own step when it is coarser than the library's (`counter_resolution`), as the accuracy check.
+    limit = protocol.ceiling_mg_per_24h + 2 * counter_resolution(protocol, event.delivered_step_ml) * conc
     lookahead = event.rate_ml_per_h * conc * hours_between(now, now + CEILING_LOOKAHEAD)
     cum_now = cumulative_drug(state, now)
     if _surely_within(state, now, cum_now, lookahead, limit):
@@ -990,7 +1075,9 @@ def counter_resolution(protocol: ProtocolSpec, step: Decimal | None) -> Decimal:
     own step when the driver reports a coarser one (a 4-digit display above 100 mL reads in 0.1 mL steps). Never
     finer than the library's: with a fine counter the check is exactly as strict as the library says."""
     res = protocol.counter_resolution_ml
-    return step if step is not None and step > res else res
+    if step is None or not step.is_finite():  # a NaN or infinite step is no step (doubt: the library's, stricter)
+        return res
+    return step if step > res else res
 
 
 def _check_deviation(state: CourseState, protocol: ProtocolSpec, now: datetime, cmds: tuple[Command, ...],

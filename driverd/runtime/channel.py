@@ -18,6 +18,7 @@ from typing import Any
 
 from driverd.audit.writer import AuditWriter
 from driverd.core.commands import ApplySetpoint, Command, Refused
+from driverd.core.errors import DriverdError
 from driverd.core.events import (
     ClinicianCommand,
     ClockStepped,
@@ -33,8 +34,9 @@ from driverd.core.events import (
     Tick,
 )
 from driverd.core.kernel import Setpoint
-from driverd.core.machine import predicted_empty_at, step, tick_changes_nothing
+from driverd.core.machine import RANGE_CAUSES, predicted_empty_at, step, tick_changes_nothing
 from driverd.core.protocol import ProtocolSpec
+from driverd.core.pump_range import PumpRange
 from driverd.core.quantities import rate_to_dose
 from driverd.core.records import command_to_record, event_to_record, fmt_dec, fmt_time
 from driverd.core.state import CourseState, Phase
@@ -344,7 +346,21 @@ class Channel:
             return
         self._clear_retry_at = None
         self._resolved("prime")
-        await self.handle(PumpVerified(self.clock.now(), diameter, self.driver.resolution, identity.model))
+        cmds = await self.handle(PumpVerified(self.clock.now(), diameter, self.driver.resolution, identity.model,
+                                              self.pump_range(diameter)))
+        for cmd in cmds:  # the course did not prime on this pump: `status` says why (not retried: a restart does)
+            if isinstance(cmd, Refused) and cmd.reason in RANGE_CAUSES:
+                self._error("prime", f"prime: {cmd.reason}: {cmd.detail}")
+
+    def pump_range(self, diameter: Decimal) -> PumpRange:
+        """What the driver says the pump runs with this bore, for the core's check (core/pump_range.py). A driver
+        that cannot tell, or fails to, reports no range: the core then refuses, naming why."""
+        try:
+            got = self.driver.rate_range(diameter)
+        except (DriverdError, ArithmeticError):
+            got = None
+        lo, hi = got if got is not None else (None, None)
+        return PumpRange(self.driver.url.raw, lo, hi)
 
     async def clear_counter(self, before: Decimal | None, why: str) -> tuple[bool, tuple[Command, ...]]:
         """Clear the stopped pump's delivered-volume counter and read it back: (it reads 0, the core's commands).
@@ -402,7 +418,8 @@ class Channel:
             return ()
         self._resolved("syringe")
         self.last_status = status
-        return await self.handle(SyringeLoaded(self.clock.now(), diameter, status.delivered_ml))
+        return await self.handle(SyringeLoaded(self.clock.now(), diameter, status.delivered_ml,
+                                               self.pump_range(diameter)))
 
     async def check_clock(self) -> None:
         """A wall-clock step is a fault for the core (audit record `clock_stepped` with its size and direction).
