@@ -1,4 +1,4 @@
-"""Bench helper (issue #12, section 21): two synth logs compared record by record, leaving out the snapshots, the
+"""Bench helper (issue #12, section 22): two synth logs compared record by record, leaving out the snapshots, the
 deltas, the writer's own records and the chain fields (prev, hash): what is left is every decision.
 
 usage: python bench/same_decisions.py AUDIT_A AUDIT_B

@@ -48,6 +48,7 @@ from driverd import resources
 from driverd.audit.segments import list_segments
 from driverd.core.quantities import NEW_ERA_RESOLUTION, quantize_down
 from driverd.core.state import Phase
+from driverd.core.syringe_limits import NE1000_PLUNGER
 from driverd.runtime import daemon as daemon_module
 from driverd.runtime.config import AuditSettings, DaemonConfig, PumpConfig
 from driverd.runtime.daemon import Daemon
@@ -143,6 +144,10 @@ class ModelPump(PumpDriver):
         self._accepts()
         self.diameter = diameter_mm
         return diameter_mm
+
+    def rate_range(self, diameter_mm: Decimal) -> tuple[Decimal, Decimal]:
+        # An NE-1000's mechanism (the daemon primes no course on a pump whose driver states no range).
+        return NE1000_PLUNGER.range_ml_per_h(diameter_mm, NEW_ERA_RESOLUTION)
 
     async def clear_delivered(self) -> Decimal:
         # The channel clears the counter at every prime and syringe load (a stopped pump), so it never runs on

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from driverd.core.errors import DriverdError
 from driverd.core.quantities import Resolution
+from driverd.core.quick_init import quick_init
 
 if TYPE_CHECKING:
     from drivers.url import DriverURL
@@ -80,6 +81,7 @@ class Identity:
     address: str = ""
 
 
+@quick_init  # made once per poll: driverd.core.quick_init
 @dataclass(frozen=True, slots=True)
 class PumpStatus:
     """One read of the pump. `rate_ml_per_h` is the programmed rate; `delivered_ml` the infused volume.
@@ -207,6 +209,13 @@ class PumpDriver(abc.ABC):
         like any other write (``PumpAlarm``). Clearing twice is clearing once, so a lost reply may be resent.
         """
 
+    def rate_range(self, diameter_mm: Decimal) -> tuple[Decimal, Decimal] | None:
+        """(min, max) mL/h the pump runs with a syringe of this inner diameter, at the driver's resolution (minimum
+        rounded up, maximum down: both are rates the pump accepts). None: the driver cannot tell. The daemon
+        checks the drug library's limits and the course's planned rates against it before a course primes and at
+        every syringe load, and refuses both when the range is unknown (docs/safety.md, SUP-19)."""
+        return None
+
     async def probe(self) -> ProbeReport:
         """Identify the pump and read its status and dead-man setting with queries only, on a driver that is
         not connected: opens its own transport and closes it again, never sends a write (no ``connect()``
@@ -218,6 +227,11 @@ class PumpDriver(abc.ABC):
     async def heartbeat(self) -> PumpStatus:
         """Keep the dead-man armed; the default is a status read (any valid packet re-arms it)."""
         return await self.read_status()
+
+    def definition_files(self) -> dict[str, str]:
+        """Data files that define how this driver reads its pump (path -> sha256 of the bytes), recorded in the
+        audit log at daemon start. Most drivers have none."""
+        return {}
 
     async def __aenter__(self) -> PumpDriver:
         await self.connect()

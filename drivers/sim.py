@@ -104,6 +104,16 @@ class SimDriver(PumpDriver):
             raise DriverIOError(f"sim://{self.name}: not connected")
         return self._model
 
+    def rate_range(self, diameter_mm: Decimal) -> tuple[Decimal, Decimal] | None:
+        """(min, max) mL/h the simulated pump runs with this bore: its plunger range (the New Era mechanism unless the
+        world's model says otherwise) capped by its maximum rate, at the New Era resolution (minimum rounded up,
+        maximum down). None for a model without a plunger range."""
+        model = self.model
+        if model.plunger is None:
+            return None
+        lo, hi = model.plunger.range_ml_per_h(diameter_mm, self.resolution)
+        return lo, min(hi, quantize_down(model.max_rate_ml_per_h, self.resolution))
+
     def _call(self, op: Callable[[PumpModel], _T], *, contacts: bool = False) -> _T:
         """One 'packet': contact (re-arms the dead-man), then the operation, with refusals mapped. `contacts`: the
         operation makes the host contact itself, first (`PumpModel.contact_reading`)."""
@@ -228,11 +238,5 @@ class SimDriver(PumpDriver):
         # reading(): status()'s values that a status read carries, without the model's extras (once per poll).
         state, rate, delivered, diameter, alarms = self._call(_CONTACT_READING, contacts=True)
         shown = self._display(delivered)
-        return PumpStatus(
-            state=state,
-            rate_ml_per_h=rate,
-            delivered_ml=shown,
-            diameter_mm=diameter,
-            alarms=alarms,
-            delivered_step_ml=self._reading_step(shown),
-        )
+        # Positional (once per poll): state, rate_ml_per_h, delivered_ml, diameter_mm, alarms, delivered_step_ml.
+        return PumpStatus(state, rate, shown, diameter, alarms, self._reading_step(shown))

@@ -60,6 +60,17 @@ class ArchiveRefused(AuditError):
         self.reason = reason
         self.detail = message
 
+    @property
+    def nothing_to_archive(self) -> bool:
+        """Nothing is old enough to go yet (a normal outcome for a run from cron), not something wrong."""
+        return self.reason in NOTHING_TO_ARCHIVE
+
+
+#: Refusals that only mean no segment may go yet: the segments are too recent for --before, the live log has too
+#: few closed segments, or a course with records in the oldest segments is still running. A later run archives
+#: them. Every other refusal (unsealed, does_not_verify, key_*, no_snapshot, ...) needs a person.
+NOTHING_TO_ARCHIVE = frozenset({"not_before_date", "live_segment", "course_active"})
+
 
 @dataclass(frozen=True, slots=True)
 class ArchivedSegment:
@@ -630,16 +641,17 @@ def archive_segments(anchor: Anchor, archives: list[Path]) -> list[tuple[int, Pa
     return out
 
 
-def parse_before(text: str) -> datetime:
-    """`--before DATE`: YYYY-MM-DD (midnight UTC) or an RFC 3339 time with a zone. Raises ValueError."""
+def parse_before(text: str, option: str = "--before") -> datetime:
+    """`--before DATE` (or the option named `option`): YYYY-MM-DD (midnight UTC) or an RFC 3339 time with a
+    zone. Raises ValueError."""
     try:
         if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
             return datetime.fromisoformat(text).replace(tzinfo=UTC)
         t = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
-        raise ValueError(f"--before: not a date (YYYY-MM-DD) or an RFC 3339 time: {text!r}") from None
+        raise ValueError(f"{option}: not a date (YYYY-MM-DD) or an RFC 3339 time: {text!r}") from None
     if t.tzinfo is None:
-        raise ValueError(f"--before: give a time zone (e.g. Z) or a plain date: {text!r}")
+        raise ValueError(f"{option}: give a time zone (e.g. Z) or a plain date: {text!r}")
     return t.astimezone(UTC)
 
 

@@ -243,6 +243,15 @@ def replay(
                                                    "MiB or without snapshots to cut at are replayed in this process; "
                                                    "the result is the one-process one)"),
     ] = None,
+    since: Annotated[
+        str | None,
+        typer.Option("--since", metavar="WHEN",
+                     help="replay only from the newest sealed state snapshot at or before WHEN (YYYY-MM-DD, "
+                          "midnight UTC, or an RFC 3339 time) to the end; the log is verified from that snapshot "
+                          "on first (with --key if given); no per-course report"),
+    ] = None,
+    key: Annotated[Path | None, typer.Option("--key", help="with --since: PEM public key the checkpoints must be "
+                                                           "signed with")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Fold the logged inputs through the pure core; compare every recomputed decision with the log."""
@@ -250,6 +259,11 @@ def replay(
     from driverd.audit.replay_parallel import replay_log
     from driverd.audit.verify import default_workers
 
+    if key is not None and since is None:
+        usage("--key: only with --since (`audit verify --key` checks the whole log)", as_json)
+    if since is not None:
+        _replay_since(log, since, key, as_json)
+        return
     _need_log(log, as_json)
     try:
         with _progress("replaying", total_bytes(log), as_json) as progress:
@@ -260,6 +274,39 @@ def replay(
         emit_json(result.as_dict())
     else:
         for text in result.text_lines():
+            typer.echo(text)
+    if not result.ok:
+        raise typer.Exit(EXIT_REFUSED)
+
+
+def _replay_since(log: Path, since: str, key: Path | None, as_json: bool) -> None:
+    from driverd.audit.archive import parse_before
+    from driverd.audit.replay_window import replay_since
+    from driverd.audit.signing import load_public_pem
+
+    try:
+        when = parse_before(since, "--since")
+    except ValueError as exc:
+        usage(str(exc), as_json)
+    public = None
+    if key is not None:
+        try:
+            public = load_public_pem(key)
+        except DriverdError as exc:
+            usage(f"--key {exc}", as_json)
+    _need_log(log, as_json)
+    try:
+        result, window = replay_since(log, when, public_key=public)
+    except DriverdError as exc:
+        fail(str(exc), as_json=as_json)
+    if as_json:
+        emit_json({**result.as_dict(), "window": window.as_dict()})
+    else:
+        for text in result.text_lines():
+            if text == "":  # the per-course report follows: the window has none
+                break
+            typer.echo(text)
+        for text in window.text_lines():
             typer.echo(text)
     if not result.ok:
         raise typer.Exit(EXIT_REFUSED)

@@ -4,12 +4,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from driverd.cli.output import EXIT_REFUSED, emit_json, fail, usage
 from driverd.core.errors import DriverdError
+
+if TYPE_CHECKING:  # imported when the command runs (the CLI's start-up stays light)
+    from driverd.audit.archive import ArchiveRefused
 
 
 def archive(
@@ -46,6 +49,10 @@ def archive(
     try:
         result = archive_log(log, cut, dest, private)
     except ArchiveRefused as exc:
+        if exc.nothing_to_archive:
+            # Not a failure (cron runs this daily): exit 0, saying why nothing went. Nothing was moved.
+            _nothing(exc, log, as_json)
+            return
         # JSON: error.code is the reason (not_before_date, course_active, ...).
         fail(f"archive refused ({exc.reason}): {exc.detail}", as_json=as_json, code=EXIT_REFUSED,
              error_code=exc.reason)
@@ -61,6 +68,14 @@ def archive(
     typer.echo(f"live log: from segment {result.first_segment} (seq {result.last_seq + 1}), starting from the state "
                f"snapshot at seq {result.snapshot_seq}; anchor {result.as_dict()['anchor']} "
                f"({'signed' if result.signed else 'unsigned: the log has no key'})")
+
+
+def _nothing(exc: ArchiveRefused, log: Path, as_json: bool) -> None:
+    if as_json:
+        emit_json({"ok": True, "log": str(log), "archived": [], "finished": [],
+                   "nothing_to_archive": {"reason": exc.reason, "detail": exc.detail}})
+    else:
+        typer.echo(f"nothing to archive ({exc.reason}): {exc.detail}")
 
 
 def _span(numbers: list[int]) -> str:

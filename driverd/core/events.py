@@ -10,7 +10,9 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Literal
 
+from driverd.core.pump_range import PumpRange
 from driverd.core.quantities import Resolution
+from driverd.core.quick_init import quick_init
 from driverd.core.schedule import Schedule
 
 # Pump states and alarm kinds as plain strings so the core does not depend on the drivers package.
@@ -45,8 +47,13 @@ class PumpVerified:
     diameter_mm: Decimal
     resolution: Resolution
     model: str
+    # What the pump's driver reports it runs with this bore (core/pump_range.py): the core refuses to prime if the
+    # library's rates or the course's planned rates lie outside it. None: not reported (a log written before the
+    # check existed: replayed without it, as it was decided).
+    pump_range: PumpRange | None = None
 
 
+@quick_init  # made once per poll: driverd.core.quick_init
 @dataclass(frozen=True, slots=True)
 class Tick:
     """Time passed. The machine checks due steps, hold end, taper steps and the course cap."""
@@ -54,6 +61,7 @@ class Tick:
     at: datetime
 
 
+@quick_init  # made once per poll: driverd.core.quick_init
 @dataclass(frozen=True, slots=True)
 class PumpReport:
     """One status read from the pump. `delivered_step_ml`: the step of this counter reading as the driver knows it
@@ -65,6 +73,9 @@ class PumpReport:
     delivered_ml: Decimal
     alarms: tuple[str, ...] = ()
     delivered_step_ml: Decimal | None = None
+    # The syringe bore the pump is set to now (None: not read). A pump turns mL/h into plunger speed with it, and
+    # computes its rate and counter read-backs with it too: a bore changed at the panel is seen only here.
+    diameter_mm: Decimal | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +131,7 @@ class SyringeLoaded:
     at: datetime
     diameter_mm: Decimal
     delivered_ml: Decimal
+    pump_range: PumpRange | None = None  # as in PumpVerified: checked again at every load (None: an older log)
 
 
 @dataclass(frozen=True, slots=True)

@@ -131,6 +131,14 @@ def _check_increase(
         return Refusal("alarm", f"no increase while in alarm ({state.alarm_code})")
     if state.pending is not None:
         return Refusal("uncertain", f"setpoint {state.pending.setpoint.id} is not yet verified")
+    change = state.syringe_change
+    if change is not None:
+        # Which syringe is in the pump is not known until the new one is read back and verified: a rate worked out
+        # for the old syringe's concentration could deliver twice the drug from a stronger new one. Only the
+        # verified load (SyringeLoaded, which ends the change first) resumes.
+        return Refusal("syringe_change_waiting",
+                       f"a syringe change ({change.fill_ml} mL at {change.concentration_mg_per_ml} mg/mL) waits for "
+                       "the new syringe's verified read-back")
     if state.taper_lock and (state.lock_ceiling_rate is None or rate > state.lock_ceiling_rate):
         return Refusal("taper_lock", f"taper lock: no rate above {state.lock_ceiling_rate} mL/h")
     if state.started_at is not None and now >= state.started_at + span_days(protocol.max_course_days):

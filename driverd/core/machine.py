@@ -46,8 +46,10 @@ from driverd.core.kernel import (
     span_hours,
     span_minutes,
 )
-from driverd.core.protocol import ProtocolSpec
-from driverd.core.quantities import dose_to_rate, quantize_down, rate_to_dose
+from driverd.core.protocol import ProtocolSpec, SyringeSpec
+from driverd.core.pump_range import PLANNED_RATE, PUMP_RANGE, PumpRange, plan_problem, range_problem
+from driverd.core.quantities import Resolution, dose_to_rate, quantize_down, rate_to_dose
+from driverd.core.schedule import Schedule
 from driverd.core.state import ACTIVE, RUNNING, CourseState, Pending, Phase, Sample, SyringeChange, evolve
 
 Out = tuple[CourseState, tuple[Command, ...]]
@@ -305,8 +307,53 @@ def _on_verified(state: CourseState, event: Event, protocol: ProtocolSpec) -> Ou
         state, t = _goto(evolve(state, pump_diameter_mm=event.diameter_mm), P.IDLE, "syringe_mismatch")
         return state, (Refused("machine", "syringe_mismatch",
                                f"pump reads back {event.diameter_mm} mm; schedule {sch.inner_diameter_mm} mm"), *t)
+    checked: tuple[Command, ...] = ()
+    if event.pump_range is not None:  # None: a log from before the check (replayed as it was decided)
+        failed = _out_of_range(protocol, spec, sch, event.diameter_mm, event.resolution, event.pump_range)
+        if failed is not None:
+            return _prime_refused(evolve(state, pump_diameter_mm=event.diameter_mm), failed)
+        state, checked = _range_checked(state, spec, event.diameter_mm, event.pump_range, protocol)
     state = evolve(state, pump_diameter_mm=event.diameter_mm, resolution=event.resolution, pump_model=event.model)
-    return _goto(state, P.PRIMED, "pump_verified")
+    state, t = _goto(state, P.PRIMED, "pump_verified")
+    return state, checked + t
+
+
+#: Alarm causes of a pump that cannot run the course (core/pump_range.py): before the course runs they end with a
+#: check that passes; at a syringe load a new change_syringe retries the load (and the check).
+RANGE_CAUSES = frozenset({PUMP_RANGE, PLANNED_RATE})
+
+
+def _out_of_range(protocol: ProtocolSpec, spec: SyringeSpec, sch: Schedule, diameter: Decimal,
+                  resolution: Resolution, pump: PumpRange) -> Refused | None:
+    """The refusal if the pump cannot run the library's rates for this syringe or the course's planned rates."""
+    problem = range_problem(protocol, spec, pump, diameter)
+    if problem is not None:
+        return Refused("machine", PUMP_RANGE, problem)
+    problem = plan_problem(protocol, spec, sch, resolution)
+    return None if problem is None else Refused("machine", PLANNED_RATE, problem)
+
+
+def _prime_refused(state: CourseState, refusal: Refused) -> Out:
+    """The course does not prime: it stays (or goes back to) idle, the pump stopped, and the cause is an alarm."""
+    state, t = _goto(state, P.IDLE, refusal.reason)
+    state, raised = _alarm(state, refusal.reason, refusal.detail)
+    return state, (refusal, *raised, *t)
+
+
+def _range_checked(state: CourseState, spec: SyringeSpec, diameter: Decimal, pump: PumpRange,
+                   protocol: ProtocolSpec) -> Out:
+    """The check passed: say so, and end a range cause raised before the course ran (no drug flowed on it)."""
+    lo, hi = protocol.rate_limits(spec)
+    cmds: tuple[Command, ...] = (Notice(
+        "pump_range_checked", f"syringe {spec.model!r} ({diameter} mm) on {pump.url}: drug library {lo}..{hi} mL/h "
+                              f"inside the pump's {pump.text()}; every planned rate is sent"),)
+    ended = [c for c in state.alarm_causes if c in RANGE_CAUSES]
+    if ended and state.phase not in ACTIVE:
+        causes = tuple(c for c in state.alarm_causes if c not in RANGE_CAUSES)
+        code = "" if state.alarm_code in RANGE_CAUSES else state.alarm_code
+        state = evolve(state, alarm_causes=causes, alarm_code=code)
+        cmds += (Notice("alarm_cleared", f"{', '.join(ended)} (checked again: in range)"),)
+    return state, cmds
 
 
 # ---------------------------------------------------------------------------------------------- time
@@ -469,6 +516,7 @@ def _on_stop(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
 
 def _on_resume(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
     assert isinstance(event, ClinicianCommand)
+    before = state
     if not state.link_up:
         return state, (Refused("clinician", "link_down", "no link to the pump"),)
     blocking = [a for a in state.pump_alarms if a not in WARNING_ALARMS]
@@ -480,15 +528,41 @@ def _on_resume(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
         return state, (Refused("clinician", "syringe_empty", "the syringe is empty: change it (change_syringe)"),)
     if "unexpected_infusion" in state.alarm_causes and state.pump_infusing:
         return state, (Refused("clinician", "alarm_active", "the pump still infuses on its own"),)
-    resumed, cmds = _resume(evolve(state, alarm_causes=()), event, protocol)
-    if any(isinstance(c, Refused) for c in cmds):
-        return state, cmds  # refused: every cause stays active
+    if SYRINGE_MISMATCH in state.alarm_causes:
+        return state, (Refused("clinician", SYRINGE_MISMATCH, "the pump was set to another syringe bore: its "
+                                                              "read-backs are not to be trusted; give "
+                                                              "change_syringe, which loads and verifies the "
+                                                              "syringe"),)
     acked: tuple[Command, ...] = (Notice("alarm_cleared", ", ".join(state.alarm_causes)),) if state.alarm_causes \
         else ()
-    if resumed.syringe_change is not None:  # resumed on the syringe in the pump: no change is waiting any more
-        resumed = evolve(resumed, syringe_change=None)
+    change = state.syringe_change
+    if change is not None and change.loaded:
+        return _acknowledge_for_syringe_load(state, change, acked)
+    if change is not None:  # the old syringe is still in (the pump ran at the change): resume on it
+        state = evolve(state, syringe_change=None)
         acked += (Notice("syringe_change_abandoned", "resumed on the syringe in the pump"),)
+    resumed, cmds = _resume(evolve(state, alarm_causes=()), event, protocol)
+    if any(isinstance(c, Refused) for c in cmds):
+        return before, cmds  # refused: every cause stays active, and a change waits on
     return resumed, acked + cmds
+
+
+def _acknowledge_for_syringe_load(state: CourseState, change: SyringeChange, acked: tuple[Command, ...]) -> Out:
+    """A resume while a change's new syringe is in the pump but not verified (its load was refused: a counter that
+    did not clear, a diameter that did not match; or an alarm came first). Which syringe the pump holds is known
+    only from a verified load, so nothing runs: the alarm is acknowledged, the course waits paused (primed before
+    it started) with the change, and the resume is refused, saying how to go on. The course resumes on the new
+    syringe's verified read-back, which the daemon takes when the course is paused or primed; after a refused
+    load, change_syringe again (stating the syringe in the pump) retries it."""
+    detail = (f"the new syringe ({change.fill_ml} mL at {change.concentration_mg_per_ml} mg/mL) is not verified: "
+              "the course resumes on its verified read-back; if its load was refused, give change_syringe again, "
+              "stating the syringe that is in the pump")
+    refused = Refused("clinician", "syringe_change_waiting", detail)
+    if state.phase is not P.ALARM:
+        return state, (refused,)
+    target = P.PRIMED if state.started_at is None else P.PAUSED
+    state, t = _goto(evolve(state, alarm_causes=(), alarm_code=""), target, "alarm_acknowledged")
+    return state, (*acked, *t, refused)
 
 
 def _resume(state: CourseState, event: ClinicianCommand, protocol: ProtocolSpec) -> Out:
@@ -516,7 +590,7 @@ def _resume(state: CourseState, event: ClinicianCommand, protocol: ProtocolSpec)
 #: Alarm causes a syringe change deals with (the syringe ran empty): the only alarm a change may acknowledge.
 END_OF_SYRINGE_CAUSES = frozenset({"pump_alarm:end_of_syringe", "syringe_empty"})
 #: ... and a counter clear at the last syringe load that did not read back 0: a new change_syringe retries the load.
-SYRINGE_CHANGE_CAUSES = END_OF_SYRINGE_CAUSES | {"counter_not_cleared"}
+SYRINGE_CHANGE_CAUSES = END_OF_SYRINGE_CAUSES | {"counter_not_cleared", "syringe_mismatch"} | RANGE_CAUSES
 
 
 def _on_change_syringe(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
@@ -588,6 +662,9 @@ def _on_syringe_loaded(state: CourseState, event: Event, protocol: ProtocolSpec)
     blocking = [a for a in state.pump_alarms if a not in WARNING_ALARMS]
     if blocking:
         return state, (Refused("machine", "alarm_active", f"pump still reports {', '.join(blocking)}"),)
+    failed = _load_out_of_range(state, event, protocol)
+    if failed is not None:
+        return failed
     # Accounting: what the old syringe delivered since the last report counts at its concentration; the new
     # syringe's counter is the baseline from here (a pump that resets it on loading loses nothing).
     prev = state.raw_delivered_ml
@@ -613,10 +690,31 @@ def _on_syringe_loaded(state: CourseState, event: Event, protocol: ProtocolSpec)
     state, verdict, cmds = _propose(state, protocol, event.at, dose, "resume", "clinician", "syringe_change")
     if isinstance(verdict, Refusal):
         return state, (done, *cmds)  # stays paused with the new syringe in: a clinician resumes
-    # Same level, same clocks: the step interval and the hold are not restarted by a syringe change.
-    state = evolve(state, alarm_code="", resume_to=None)
+    # Same level and hold clock; the step interval restarts only after a long stop, as at any resume (a change that
+    # waited hours for its syringe leaves the patient unobserved at the level as long as a stop does).
+    state = _restart_interval_after_long_stop(evolve(state, alarm_code="", resume_to=None), event.at)
     state, t = _goto(state, target, "syringe_changed")
     return state, (done, *cmds, *t)
+
+
+def _load_out_of_range(state: CourseState, event: SyringeLoaded, protocol: ProtocolSpec) -> Out | None:
+    """The range check again at a syringe load (core/pump_range.py): if it fails the load is refused, the pump stays
+    stopped and the course alarms with the change waiting (as for a counter not cleared). None: passed, or not
+    reported (an older log)."""
+    sch, spec, pump = state.schedule, None, event.pump_range
+    if sch is not None:
+        spec = protocol.syringe(sch.syringe_model)
+    if pump is None or sch is None or state.resolution is None:
+        return None
+    if spec is None:
+        failed: Refused | None = Refused("machine", PUMP_RANGE, f"syringe {sch.syringe_model!r} is not in the drug "
+                                                                 "library")
+    else:
+        failed = _out_of_range(protocol, spec, sch, event.diameter_mm, state.resolution, pump)
+    if failed is None:
+        return None
+    state, raised = _alarm(state, failed.reason, failed.detail)
+    return state, (failed, *raised)
 
 
 #: The daemon cleared the pump's delivered-volume counter (priming a course, loading a syringe) and it did not read
@@ -730,8 +828,21 @@ def _accumulate(state: CourseState, event: PumpReport) -> CourseState:
     # The pump's counter can reset (power cycle, new syringe, cleared): count only what it added.
     increment = Decimal(0) if prev is None else (raw - prev if raw >= prev else raw)
     samples, sample = _counted(state, event.at, increment)
-    return evolve(state, samples=samples, last_sample=sample, raw_delivered_ml=raw, pump_alarms=event.alarms,
-                  pump_infusing=event.state == "infusing")
+    # `evolve(state, samples=..., last_sample=..., raw_delivered_ml=..., pump_alarms=..., pump_infusing=...)` with
+    # its field names known (once per poll: no keyword dict, no name check): the same copy, the same keys in the
+    # same order (tests/core/test_accumulate.py).
+    new = _new_object(CourseState)
+    d = new.__dict__
+    d.update(state.__dict__)
+    d["samples"] = samples
+    d["last_sample"] = sample
+    d["raw_delivered_ml"] = raw
+    d["pump_alarms"] = event.alarms
+    d["pump_infusing"] = event.state == "infusing"
+    return new
+
+
+_new_object = object.__new__
 
 
 def _count(state: CourseState, at: datetime, increment: Decimal, raw: Decimal) -> CourseState:
@@ -765,6 +876,13 @@ def _on_report(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
     cmds: tuple[Command, ...] = ()
     new_warnings = sorted(set(event.alarms) & WARNING_ALARMS - set(before.pump_alarms))
     cmds += tuple(Notice(f"pump_warning:{w}", "the pump warns") for w in new_warnings)
+    wrong_bore = _wrong_bore(state, event)
+    if wrong_bore:
+        state, more = _alarm(state, SYRINGE_MISMATCH, wrong_bore)
+        cmds += more
+        if state.commanded_rate > 0 or (event.state == "infusing" and state.pending is None):
+            state, stop = _stop_in_alarm(state, protocol, event.at, SYRINGE_MISMATCH)
+            cmds += stop
     pending = state.pending
     if pending is not None and (pending.uncertain or pending.resend):
         state, more = _check_readback(state, protocol, event.at, _reported_readback(event), from_report=True)
@@ -783,7 +901,7 @@ def _on_report(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
     blocking = sorted(a for a in event.alarms if a not in WARNING_ALARMS)
     fresh = [a for a in blocking if f"pump_alarm:{a}" not in state.alarm_causes or state.phase is not P.ALARM]
     if fresh:
-        empty = _syringe_empty(state, protocol)
+        empty = _syringe_empty(state, protocol, event.delivered_step_ml)
         for a in fresh:  # each pump alarm is its own cause and record, also during another alarm
             if empty and a in _EMPTY_LOOKALIKES:
                 # The syringe is used up by the read-backs: that is the cause, whatever the pump calls it (a New Era
@@ -811,8 +929,22 @@ def _on_report(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
         state = evolve(state, resume_to=state.phase)
         state, t = _goto(state, P.PAUSED, "stopped_at_pump")
         return state, (*cmds, Notice("stopped_at_pump", f"pump reports {event.state}"), *t)
-    state, cmds = _warn_near_empty(state, protocol, event.at, cmds)
+    state, cmds = _warn_near_empty(state, protocol, event.at, cmds, event.delivered_step_ml)
     return _check_deviation(state, protocol, event.at, cmds, event.delivered_step_ml)
+
+
+#: The pump reports another syringe bore than the schedule's (set at its panel, or another syringe picked): its
+#: rate and counter read-backs are computed with that bore, so they look right while it delivers (d/d')^2 times
+#: the drug. Stop, alarm; only a syringe change (which loads and verifies the bore) goes on (docs/safety.md).
+SYRINGE_MISMATCH = "syringe_mismatch"
+
+
+def _wrong_bore(state: CourseState, event: PumpReport) -> str:
+    bore = event.diameter_mm
+    sch = state.schedule
+    if bore is None or sch is None or state.phase not in ACTIVE or (bore.is_finite() and bore == sch.inner_diameter_mm):
+        return ""  # (is_finite first: comparing a signalling NaN raises)
+    return f"pump is set to a {bore} mm syringe; the schedule's is {sch.inner_diameter_mm} mm ({sch.syringe_model})"
 
 
 def predicted_empty_at(state: CourseState) -> datetime | None:
@@ -824,16 +956,30 @@ def predicted_empty_at(state: CourseState) -> datetime | None:
     return state.last_sample.at + timedelta(microseconds=int(hours * 3_600_000_000))
 
 
-def _warn_near_empty(state: CourseState, protocol: ProtocolSpec, now: datetime, cmds: tuple[Command, ...]) -> Out:
-    """Once per syringe: a warning `syringe_warning_minutes` before it is predicted to run empty."""
+def _warn_near_empty(state: CourseState, protocol: ProtocolSpec, now: datetime, cmds: tuple[Command, ...],
+                     step: Decimal | None = None) -> Out:
+    """Once per syringe: a warning `syringe_warning_minutes` before it is predicted to run empty. A reading coarser
+    than the library's counter step (`step`) may under-read what was used by up to that step: the warning comes
+    earlier by the time the excess takes at the commanded rate (with a 0.1 mL display at 0.04 mL/h, over 2 h),
+    so it still comes before the syringe really runs empty."""
     if state.empty_warned:
         return state, cmds
     empty_at = predicted_empty_at(state)
-    if empty_at is None or now < empty_at - span_minutes(protocol.syringe_warning_minutes):
+    if empty_at is None or now < empty_at - span_minutes(protocol.syringe_warning_minutes) \
+            - _coarse_reading_time(protocol, step, state.commanded_rate):
         return state, cmds
     detail = (f"syringe {state.syringe_changes + 1} predicted empty at {empty_at.isoformat()}: "
               f"{state.remaining_ml:.3f} mL left at {state.commanded_rate} mL/h")
     return evolve(state, empty_warned=True), (*cmds, Notice("syringe_near_empty", detail))
+
+
+def _coarse_reading_time(protocol: ProtocolSpec, step: Decimal | None, rate: Decimal) -> timedelta:
+    """How long the commanded rate takes to deliver what a reading's step adds over the library's (0 when the
+    reading is no coarser: the warning's margin already covers the library's step)."""
+    excess = counter_resolution(protocol, step) - protocol.counter_resolution_ml
+    if excess <= 0 or rate <= 0:
+        return timedelta(0)
+    return timedelta(microseconds=int(excess / rate * 3_600_000_000) + 1)
 
 
 #: Phases in which the course commands no infusion at all: a pump infusing there does so on its own.
@@ -844,13 +990,13 @@ _NO_INFUSION = frozenset({P.IDLE, P.PRIMED, P.PAUSED, P.STOPPED})
 _EMPTY_LOOKALIKES = frozenset({"end_of_syringe", "occlusion"})
 
 
-def _syringe_empty(state: CourseState, protocol: ProtocolSpec) -> str:
+def _syringe_empty(state: CourseState, protocol: ProtocolSpec, step: Decimal | None = None) -> str:
     """Why the syringe in the pump counts as empty by the read-backs ("" if it does not): what it delivered is
-    within two counter steps of its fill."""
+    within two counter steps of its fill (`step`: the last reading's, if known; never finer than the library's)."""
     if state.schedule is None:
         return ""
     used = state.delivered_ml - state.syringe_started_ml
-    if state.fill_ml - used > 2 * protocol.counter_resolution_ml:
+    if state.fill_ml - used > 2 * counter_resolution(protocol, step):
         return ""
     return f"{used} mL of the {state.fill_ml} mL fill delivered"
 
@@ -876,8 +1022,9 @@ def _ceiling_breach(state: CourseState, protocol: ProtocolSpec, event: PumpRepor
         return ""
     now = event.at
     conc = state.concentration
-    # The counter's display step, read twice (start and end of the window), is the only slack allowed.
-    limit = protocol.ceiling_mg_per_24h + 2 * protocol.counter_resolution_ml * conc
+    # The counter's display step, read twice (start and end of the window), is the only slack allowed: the
+    # reading's own step when it is coarser than the library's (`counter_resolution`), as the accuracy check.
+    limit = protocol.ceiling_mg_per_24h + 2 * counter_resolution(protocol, event.delivered_step_ml) * conc
     lookahead = event.rate_ml_per_h * conc * hours_between(now, now + CEILING_LOOKAHEAD)
     cum_now = cumulative_drug(state, now)
     if _surely_within(state, now, cum_now, lookahead, limit):
@@ -928,7 +1075,9 @@ def counter_resolution(protocol: ProtocolSpec, step: Decimal | None) -> Decimal:
     own step when the driver reports a coarser one (a 4-digit display above 100 mL reads in 0.1 mL steps). Never
     finer than the library's: with a fine counter the check is exactly as strict as the library says."""
     res = protocol.counter_resolution_ml
-    return step if step is not None and step > res else res
+    if step is None or not step.is_finite():  # a NaN or infinite step is no step (doubt: the library's, stricter)
+        return res
+    return step if step > res else res
 
 
 def _check_deviation(state: CourseState, protocol: ProtocolSpec, now: datetime, cmds: tuple[Command, ...],
@@ -1020,7 +1169,7 @@ def _check_readback(
         )
         return state, ()
     if pending.is_decrease and readback > sp.rate_ml_per_h:
-        return _resend_decrease(state, pending, readback, from_report)
+        return _resend_decrease(state, protocol, now, pending, readback, from_report)
     if state.phase is P.ALARM:
         # Reconciling after a fault: the pump did not take it. Never re-send (that could raise the rate in alarm).
         state = evolve(state, pending=None)
@@ -1037,15 +1186,22 @@ def _check_readback(
     return state, cmds
 
 
-def _resend_decrease(state: CourseState, pending: Pending, readback: Decimal, from_report: bool) -> Out:
+def _resend_decrease(state: CourseState, protocol: ProtocolSpec, now: datetime, pending: Pending, readback: Decimal,
+                     from_report: bool) -> Out:
     """A decrease or stop the pump has not taken (it still delivers more): it stays pending and is sent again,
     at once after the first miss and then once per pump report, until a read-back shows it. It is never dropped:
-    giving up on a stop would leave the pump running. After the second miss the course alarms (once)."""
+    giving up on a stop would leave the pump running. After the second miss the course alarms (once), and a
+    decrease that is not a stop becomes a stop: a pump that refuses a lower rate (a New Era infusing in other rate
+    units answers a RAT in mL/h with ?NA) would otherwise run on above it for as long as it is re-sent (review
+    finding, 2026-12-03), and a stop is a command every pump takes (STP)."""
     sp = pending.setpoint
     cmds: tuple[Command, ...] = ()
     if pending.attempts >= 2:
         state, cmds = _alarm(state, "readback_mismatch",
                              f"pump still delivers {readback} mL/h; {sp.rate_ml_per_h} sent {pending.attempts} times")
+        if not sp.is_stop:
+            state, stop = _stop_in_alarm(evolve(state, pending=None), protocol, now, "decrease_not_taken")
+            return state, cmds + stop
     if pending.attempts == 1 or from_report:
         attempt = pending.attempts + 1
         state = evolve(state, pending=Pending(sp, attempts=attempt, resend=True))
@@ -1113,12 +1269,13 @@ TRANSITIONS: dict[type | str, tuple[frozenset[Phase], Handler]] = {
 _CAPS: dict[tuple[int, int, int], tuple[object, object, object, tuple[datetime, datetime] | None]] = {}
 _LIMITS: dict[tuple[int, int, int], tuple[object, object, object, _QuietLimits]] = {}
 _CACHE_MAX = 4096
+_ZERO = Decimal(0)
 
 
 class _QuietLimits:
     """What the quiet report's checks need for one (protocol, concentration, commanded rate)."""
 
-    __slots__ = ("deviation_min", "deviation_window", "limit", "lookahead", "two_steps_ml", "warn_us")
+    __slots__ = ("bounded", "deviation_min", "deviation_window", "limit", "lookahead", "two_steps_ml", "warn_us")
 
     def __init__(self, protocol: ProtocolSpec, conc: Decimal, rate: Decimal) -> None:
         # _ceiling_breach's limit; its lookahead is event.rate * conc * (1 h in hours): the quiet report requires
@@ -1132,6 +1289,30 @@ class _QuietLimits:
         self.deviation_min = span_minutes(protocol.deviation_window_minutes)
         self.deviation_window = _deviation_window(protocol, rate)
         self.two_steps_ml = 2 * protocol.counter_resolution_ml
+        # The part of the ceiling's bound (_surely_within's range checks) that depends on these constants only.
+        self.bounded = -_BOUNDED < self.limit < _BOUNDED and -_BOUNDED < self.lookahead < _BOUNDED
+
+
+class _LastCourse:
+    """The inputs of the quiet report's two caches last seen (their very objects) and what the caches gave: a
+    course reporting again and again (one pump, or replay of one course) is answered without building the caches'
+    keys. Any of the five objects replaced (a restart of the course, a new schedule, a syringe of another
+    concentration, a new rate, another protocol) goes to the caches."""
+
+    __slots__ = ("conc", "limits", "protocol", "rate", "schedule", "started", "syringe_conc", "times")
+
+    def __init__(self) -> None:
+        self.started: object = _NOTHING
+        self.schedule: object = _NOTHING
+        self.protocol: object = _NOTHING
+        self.syringe_conc: object = _NOTHING
+        self.rate: object = _NOTHING
+        self.times: tuple[datetime, datetime] | None = None
+        self.conc = _ZERO
+        self.limits: _QuietLimits | None = None
+
+
+_NOTHING = object()  # no course seen yet: no field of a state is this object
 
 
 def _quiet_limits(protocol: ProtocolSpec, conc: Decimal, rate: Decimal) -> _QuietLimits:
@@ -1162,7 +1343,7 @@ def _cached_cap_times(state: CourseState, protocol: ProtocolSpec) -> tuple[datet
 #: |x| below this many microseconds (about 317 years) and a report dated before year 9000: no datetime arithmetic
 #: of the checks can overflow.
 _FAR_US = Decimal(10) ** 16
-_ZERO = Decimal(0)
+_LAST = _LastCourse()
 
 
 def _warnings_seen(alarms: tuple[str, ...], before: tuple[str, ...]) -> bool:
@@ -1185,10 +1366,10 @@ def _quiet_report(state: CourseState, event: PumpReport, protocol: ProtocolSpec)
     rate = state.commanded_rate
     if event.alarms and not _warnings_seen(event.alarms, state.pump_alarms):
         return None
-    step = event.delivered_step_ml
-    if step is not None and step > protocol.counter_resolution_ml:
-        return None  # a coarse counter reading: the general path widens the accuracy check for it
-    if (phase not in RUNNING or state.pending is not None or event.state != "infusing"
+    bore = event.diameter_mm
+    if (bore is not None and (state.schedule is None or not bore.is_finite()
+                              or bore != state.schedule.inner_diameter_mm)) or (
+            phase not in RUNNING or state.pending is not None or event.state != "infusing"
             or state.deviation_base is None or state.interrupted_at is not None
             or state.commanded_since is None or state.summary_due or state.schedule is None
             or event.rate_ml_per_h != rate or not rate > 0):
@@ -1197,12 +1378,27 @@ def _quiet_report(state: CourseState, event: PumpReport, protocol: ProtocolSpec)
     if not 1 < now.year < 9000:
         return None
     try:
-        times = _cached_cap_times(state, protocol)
+        step = event.delivered_step_ml  # compared inside the try: a NaN step is doubt, not a refused report
+        if step is not None and step > protocol.counter_resolution_ml:
+            return None  # a coarse counter reading: the general path widens the accuracy check for it
+        m = _LAST
+        # The caches' inputs the very objects of the last report seen: _cap_times reads started_at, schedule and
+        # protocol; the concentration is syringe_concentration, else the schedule's; _quiet_limits (protocol,
+        # concentration, rate). _accumulate changes none of them.
+        same = (m.started is state.started_at and m.schedule is state.schedule and m.protocol is protocol
+                and m.syringe_conc is state.syringe_concentration and m.rate is rate)
+        times = m.times if same else _cached_cap_times(state, protocol)
         if times is not None and (now >= times[1] or (now >= times[0] and phase is not P.TAPERING)):
             return None  # the cap stops or tapers the course
         new = _accumulate(state, event)
-        conc = new.concentration
-        q = _quiet_limits(protocol, conc, rate)
+        if same and m.limits is not None:
+            conc, q = m.conc, m.limits
+        else:
+            conc = new.concentration
+            q = _quiet_limits(protocol, conc, rate)
+            m.started, m.schedule, m.protocol, m.syringe_conc, m.rate = (state.started_at, state.schedule, protocol,
+                                                                         state.syringe_concentration, rate)
+            m.times, m.conc, m.limits = times, conc, q
         last = new.last_sample
         assert last is not None and last.at == now
         # The ceiling: _surely_within's bound, else the exact check itself.
@@ -1211,9 +1407,8 @@ def _quiet_report(state: CourseState, event: PumpReport, protocol: ProtocolSpec)
         low0 = cumulative_drug_bounds(new, t0)[0]
         low1 = cumulative_drug_bounds(new, t0 + CEILING_LOOKAHEAD)[0]
         b, limit, lookahead = _BOUNDED, q.limit, q.lookahead
-        surely_within = (-b < cum_now < b and -b < low0 < b and -b < low1 < b and -b < lookahead < b
-                         and -b < limit < b and cum_now - low0 + _SLACK <= limit
-                         and cum_now - low1 + lookahead + _SLACK <= limit)
+        surely_within = (-b < cum_now < b and -b < low0 < b and -b < low1 < b and q.bounded
+                         and cum_now - low0 + _SLACK <= limit and cum_now - low1 + lookahead + _SLACK <= limit)
         if not surely_within and _ceiling_breach(new, protocol, event):
             return None
         # Near empty (once per syringe): predicted_empty_at's arithmetic, compared in microseconds.
@@ -1313,3 +1508,10 @@ def _quiet_tick(state: CourseState, now: datetime, protocol: ProtocolSpec) -> bo
         return due is not None and now < due
     except (ArithmeticError, TypeError):
         return False  # the general path raises (or refuses) as it does
+
+
+def tick_changes_nothing(state: CourseState, at: datetime, protocol: ProtocolSpec) -> bool:
+    """True only if `step(state, Tick(at), protocol)` returns `state` itself and no command: the quiet tick, which
+    `reduce` takes first for every tick. The channel asks this after each poll and then neither builds nor steps
+    the tick (it would log nothing). False says nothing: step the tick."""
+    return _quiet_tick(state, at, protocol)

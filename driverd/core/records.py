@@ -28,6 +28,7 @@ from driverd.core.events import (
     SyringeLoaded,
     Tick,
 )
+from driverd.core.pump_range import PumpRange
 from driverd.core.quantities import Resolution
 from driverd.core.schedule import (
     Approval,
@@ -234,11 +235,14 @@ def event_to_record(ev: Event) -> tuple[str, dict[str, Any]]:
     if isinstance(ev, PumpVerified):
         return "pump_verified", {**at, "diameter_mm": fmt_dec(ev.diameter_mm), "model": ev.model,
                                  "resolution": {"decimals": ev.resolution.decimals,
-                                                "significant": ev.resolution.significant}}
+                                                "significant": ev.resolution.significant},
+                                 **_range_fields(ev.pump_range)}
     if isinstance(ev, Tick):
         return "tick", at
     if isinstance(ev, PumpReport):
         step = {} if ev.delivered_step_ml is None else {"delivered_step_ml": fmt_dec(ev.delivered_step_ml)}
+        if ev.diameter_mm is not None:  # absent in logs written before 2026-12-03: no diameter was read then
+            step["diameter_mm"] = fmt_dec(ev.diameter_mm)
         return "pump_report", {**at, "state": ev.state, "rate_ml_per_h": fmt_dec(ev.rate_ml_per_h),
                                "delivered_ml": fmt_dec(ev.delivered_ml), "alarms": list(ev.alarms), **step}
     if isinstance(ev, SetpointResult):
@@ -254,7 +258,7 @@ def event_to_record(ev: Event) -> tuple[str, dict[str, Any]]:
                                      "dose_mg_per_24h": dose, **syringe}
     if isinstance(ev, SyringeLoaded):
         return "syringe_loaded", {**at, "diameter_mm": fmt_dec(ev.diameter_mm),
-                                  "delivered_ml": fmt_dec(ev.delivered_ml)}
+                                  "delivered_ml": fmt_dec(ev.delivered_ml), **_range_fields(ev.pump_range)}
     if isinstance(ev, CounterCleared):
         return "counter_cleared", {**at, "before_ml": None if ev.before_ml is None else fmt_dec(ev.before_ml),
                                    "after_ml": None if ev.after_ml is None else fmt_dec(ev.after_ml),
@@ -282,7 +286,7 @@ def event_from_record(record: dict[str, Any]) -> Event:
         if not isinstance(res, dict):
             raise ValidationError([Problem("resolution", "type", "expected an object")])
         return PumpVerified(at, _dec(record, "diameter_mm"), Resolution(int(res["decimals"]), res.get("significant")),
-                            _str(record, "model"))
+                            _str(record, "model"), _range_from(record))
     if name == "tick":
         return Tick(at)
     if name == "pump_report":
@@ -295,8 +299,11 @@ def event_from_record(record: dict[str, Any]) -> Event:
         step = None if record.get("delivered_step_ml") is None else _dec(record, "delivered_step_ml")
         if step is not None and step <= 0:
             raise ValidationError([Problem("delivered_step_ml", "range", f"must be > 0, got {step}")])
+        bore = None if record.get("diameter_mm") is None else _dec(record, "diameter_mm")
+        if bore is not None and bore <= 0:
+            raise ValidationError([Problem("diameter_mm", "range", f"must be > 0, got {bore}")])
         return PumpReport(at, state, _dec(record, "rate_ml_per_h"), _dec(record, "delivered_ml"),  # type: ignore[arg-type]
-                          tuple(alarms), step)
+                          tuple(alarms), step, bore)
     if name == "setpoint_result":
         sid = record.get("setpoint_id")
         if isinstance(sid, bool) or not isinstance(sid, int):
@@ -312,7 +319,7 @@ def event_from_record(record: dict[str, Any]) -> Event:
         conc = None if record.get("concentration_mg_per_ml") is None else _dec(record, "concentration_mg_per_ml")
         return ClinicianCommand(at, action, _str(record, "by"), _str(record, "reason"), dose, fill, conc)
     if name == "syringe_loaded":
-        return SyringeLoaded(at, _dec(record, "diameter_mm"), _dec(record, "delivered_ml"))
+        return SyringeLoaded(at, _dec(record, "diameter_mm"), _dec(record, "delivered_ml"), _range_from(record))
     if name == "counter_cleared":
         before = None if record.get("before_ml") is None else _dec(record, "before_ml")
         after = None if record.get("after_ml") is None else _dec(record, "after_ml")
@@ -324,6 +331,38 @@ def event_from_record(record: dict[str, Any]) -> Event:
     if name == "clock_stepped":
         return ClockStepped(at, _dec(record, "delta_s"), _time(record, "wall_at"))
     raise ValidationError([Problem("event", "enum", f"{name!r} is not a core input")])
+
+
+def _range_fields(r: PumpRange | None) -> dict[str, Any]:
+    """`pump_range` of a pump_verified / syringe_loaded record: written only when reported (older logs lack it)."""
+    if r is None:
+        return {}
+    return {"pump_range": {"url": r.url,
+                           "min_ml_per_h": None if r.min_ml_per_h is None else fmt_dec(r.min_ml_per_h),
+                           "max_ml_per_h": None if r.max_ml_per_h is None else fmt_dec(r.max_ml_per_h)}}
+
+
+def _range_from(record: dict[str, Any]) -> PumpRange | None:
+    raw = record.get("pump_range")
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or set(raw) != {"url", "min_ml_per_h", "max_ml_per_h"}:
+        raise ValidationError([Problem("pump_range", "type", "expected an object of url, min_ml_per_h, max_ml_per_h")])
+    url = raw["url"]
+    if not isinstance(url, str) or not url:
+        raise ValidationError([Problem("pump_range.url", "type", f"expected a non-empty string, got {url!r}")])
+    try:
+        lo = None if raw["min_ml_per_h"] is None else _dec(raw, "min_ml_per_h")
+        hi = None if raw["max_ml_per_h"] is None else _dec(raw, "max_ml_per_h")
+    except ValidationError as exc:  # named as the record's field
+        raise ValidationError([Problem(f"pump_range.{p.path}", p.rule, p.detail) for p in exc.problems]) from None
+    if (lo is None) != (hi is None):
+        raise ValidationError([Problem("pump_range", "both", "min_ml_per_h and max_ml_per_h are both set or both "
+                                                             "null (unknown)")])
+    if lo is not None and hi is not None and not 0 <= lo <= hi:
+        raise ValidationError([Problem("pump_range.min_ml_per_h", "range",
+                                       f"must be >= 0 and <= max_ml_per_h, got {lo}..{hi}")])
+    return PumpRange(url, lo, hi)
 
 
 # ------------------------------------------------------------------------------------------------ commands

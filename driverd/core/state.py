@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from driverd.core.history import History
 from driverd.core.quantities import Resolution
+from driverd.core.quick_init import quick_init
 from driverd.core.schedule import Schedule
 
 if TYPE_CHECKING:
@@ -39,6 +40,7 @@ RUNNING = frozenset({Phase.TITRATING, Phase.HOLDING, Phase.TAPERING})
 ACTIVE = frozenset({Phase.PRIMED, Phase.TITRATING, Phase.HOLDING, Phase.TAPERING, Phase.PAUSED, Phase.ALARM})
 
 
+@quick_init  # made once per poll: driverd.core.quick_init
 @dataclass(frozen=True, slots=True)
 class Sample:
     """Course-cumulative delivered volume at a time (from pump read-backs, corrected for counter resets)."""

@@ -107,6 +107,13 @@ def _us(delta: timedelta) -> int:
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
+#: The finest rate grid a Resolution has. Every pump's rate for a dose is quantized down on a grid of at most 9
+#: decimals, which this grid contains, so a plan at this resolution never plans less drug than any pump runs (New
+#: Era 0.012 mL/h for 30 mg/24h at 100 mg/mL, Harvard 0.0125): for upper bounds such as the patient's cumulative
+#: exposure, never for a pump's own volume plan.
+UPPER_BOUND_RESOLUTION: Final = Resolution(decimals=9)
+
+
 def planned_rate(dose: Decimal, concentration: Decimal, resolution: Resolution) -> Decimal:
     return quantize_down(dose_to_rate(dose, concentration), resolution)
 

@@ -157,6 +157,16 @@ class _Reader:
             raise _reject(name, "length")
         return value
 
+    def single(self, seg: hl7.Segment, name: str, field: int, *, components: bool) -> None:
+        """Refuse a field that holds more than one value where the order needs one (`ambiguous`): a repetition
+        (`300~2.083`), and with `components=False` a component or sub-component too (`300^2.083`). Which one the
+        sender meant is not for driverd to guess (only the first used to be read)."""
+        if field >= len(seg) or isinstance(seg[field], str):
+            return
+        node = seg[field]
+        if len(node) > 1 or (not components and any(sep in str(node) for sep in "^&")):
+            raise _reject(name, "ambiguous")
+
     def components(self, seg: hl7.Segment, name: str, field: int, count: int) -> tuple[str, ...]:
         return tuple(self.value(seg, name, field, comp=i) for i in range(1, count + 1))
 
@@ -202,6 +212,7 @@ def read_header(text: str) -> MessageHeader | None:
 
 
 def _number(reader: _Reader, seg: hl7.Segment, name: str, field: int, maximum: Decimal) -> Decimal | None:
+    reader.single(seg, name, field, components=False)
     text = reader.value(seg, name, field, limit=MAX_NUMBER_CHARS)
     if not text:
         return None
@@ -220,18 +231,20 @@ class _Unit:
     key: str  # the normalised unit
     mdc: str  # MDC code
     refid: str  # MDC reference id
-    spellings: frozenset[str]  # UCUM and common spellings, compared case-insensitively
+    spellings: frozenset[str]  # UCUM and common spellings, compared exactly: UCUM is case-sensitive
 
 
+# Exact spellings only: in UCUM `Mg` is megagram and `ML` is not litre, so `Mg/d` must not read as mg/24h. `l` and
+# `L` are both litre in UCUM, hence `ml/h` and `mL/h`.
 RATE_UNITS: Final = (
-    _Unit("mL/h", "265266", "MDC_DIM_MILLI_L_PER_HR", frozenset({"ml/h", "ml/hr"})),
+    _Unit("mL/h", "265266", "MDC_DIM_MILLI_L_PER_HR", frozenset({"mL/h", "ml/h", "mL/hr", "ml/hr"})),
     _Unit("mg/24h", "265554", "MDC_DIM_MILLI_G_PER_DAY", frozenset({"mg/(24.h)", "mg/24h", "mg/d", "mg/day"})),
 )
 STRENGTH_UNITS: Final = (
-    _Unit("mg/mL", "264306", "MDC_DIM_MILLI_G_PER_ML", frozenset({"mg/ml"})),
+    _Unit("mg/mL", "264306", "MDC_DIM_MILLI_G_PER_ML", frozenset({"mg/mL", "mg/ml"})),
     _Unit("mg", "263890", "MDC_DIM_MILLI_G", frozenset({"mg"})),
 )
-VOLUME_UNITS: Final = (_Unit("mL", "263762", "MDC_DIM_MILLI_L", frozenset({"ml"})),)
+VOLUME_UNITS: Final = (_Unit("mL", "263762", "MDC_DIM_MILLI_L", frozenset({"mL", "ml"})),)
 
 
 def _triplet_unit(code: str, text: str, system: str, units: tuple[_Unit, ...]) -> str | None:
@@ -244,7 +257,7 @@ def _triplet_unit(code: str, text: str, system: str, units: tuple[_Unit, ...]) -
         if system == "MDC":
             match = [u.key for u in units if token in (u.mdc, u.refid)]
         elif system in ("", "UCUM"):
-            match = [u.key for u in units if token.casefold() in u.spellings]
+            match = [u.key for u in units if token in u.spellings]
         else:
             match = []
         if not match:
@@ -257,6 +270,7 @@ def _triplet_unit(code: str, text: str, system: str, units: tuple[_Unit, ...]) -
 
 def _unit(reader: _Reader, seg: hl7.Segment, name: str, field: int, units: tuple[_Unit, ...]) -> str | None:
     """The unit a CWE field names: every non-empty triplet (primary, alternate) must name the same known unit."""
+    reader.single(seg, name, field, components=True)
     parts = reader.components(seg, name, field, 6)
     try:
         named = {u for u in (_triplet_unit(parts[0], parts[1], parts[2], units),
@@ -309,6 +323,7 @@ def _pump_id(reader: _Reader) -> str:
         code, refid = reader.components(obx, "OBX-3", 3, 2)
         if code in PUMP_DEVICES or refid in PUMP_DEVICES or refid.startswith("MDC_DEV_PUMP"):
             device = True
+            reader.single(obx, "OBX-18", 18, components=True)
             pump = reader.value(obx, "OBX-18", 18)
             if pump:
                 ids.add(pump)

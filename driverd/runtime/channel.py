@@ -18,6 +18,7 @@ from typing import Any
 
 from driverd.audit.writer import AuditWriter
 from driverd.core.commands import ApplySetpoint, Command, Refused
+from driverd.core.errors import DriverdError
 from driverd.core.events import (
     ClinicianCommand,
     ClockStepped,
@@ -33,13 +34,14 @@ from driverd.core.events import (
     Tick,
 )
 from driverd.core.kernel import Setpoint
-from driverd.core.machine import predicted_empty_at, step
+from driverd.core.machine import RANGE_CAUSES, predicted_empty_at, step, tick_changes_nothing
 from driverd.core.protocol import ProtocolSpec
+from driverd.core.pump_range import PumpRange
 from driverd.core.quantities import rate_to_dose
 from driverd.core.records import command_to_record, event_to_record, fmt_dec, fmt_time
 from driverd.core.state import CourseState, Phase
 from driverd.runtime import telemetry
-from driverd.runtime.clock import DEFAULT_STEP_TOLERANCE, ClockWatch, RuntimeClock
+from driverd.runtime.clock import DEFAULT_STEP_TOLERANCE, ClockWatch, RuntimeClock, yield_once
 from driverd.runtime.telemetry import ReportCompactor
 from drivers.base import DriverError, DriverTimeout, PumpAlarm, PumpDriver, PumpRejected, PumpState, PumpStatus
 
@@ -312,7 +314,7 @@ class Channel:
     def _report(self, status: PumpStatus) -> PumpReport:
         alarms = tuple(sorted(a.value for a in status.alarms)) if status.alarms else ()
         return PumpReport(self.clock.now(), _STATE_NAMES[status.state], status.rate_ml_per_h, status.delivered_ml,
-                          alarms, status.delivered_step_ml)
+                          alarms, status.delivered_step_ml, status.diameter_mm)
 
     async def prime(self) -> None:
         """A newly accepted schedule: stop the pump, load the syringe diameter, read it back, tell the core."""
@@ -344,7 +346,21 @@ class Channel:
             return
         self._clear_retry_at = None
         self._resolved("prime")
-        await self.handle(PumpVerified(self.clock.now(), diameter, self.driver.resolution, identity.model))
+        cmds = await self.handle(PumpVerified(self.clock.now(), diameter, self.driver.resolution, identity.model,
+                                              self.pump_range(diameter)))
+        for cmd in cmds:  # the course did not prime on this pump: `status` says why (not retried: a restart does)
+            if isinstance(cmd, Refused) and cmd.reason in RANGE_CAUSES:
+                self._error("prime", f"prime: {cmd.reason}: {cmd.detail}")
+
+    def pump_range(self, diameter: Decimal) -> PumpRange:
+        """What the driver says the pump runs with this bore, for the core's check (core/pump_range.py). A driver
+        that cannot tell, or fails to, reports no range: the core then refuses, naming why."""
+        try:
+            got = self.driver.rate_range(diameter)
+        except (DriverdError, ArithmeticError):
+            got = None
+        lo, hi = got if got is not None else (None, None)
+        return PumpRange(self.driver.url.raw, lo, hi)
 
     async def clear_counter(self, before: Decimal | None, why: str) -> tuple[bool, tuple[Command, ...]]:
         """Clear the stopped pump's delivered-volume counter and read it back: (it reads 0, the core's commands).
@@ -378,8 +394,9 @@ class Channel:
         change = self.state.syringe_change
         sched = self.state.schedule
         if change is None or not change.loaded or sched is None or self._loaded_for is change \
-                or not self.connected or self.state.pending is not None:
-            return ()
+                or not self.connected or self.state.pending is not None \
+                or self.state.phase not in (Phase.PAUSED, Phase.PRIMED):
+            return ()  # the core takes a load only paused or primed: in alarm, a clinician's resume comes first
         self._loaded_for = change
         try:
             diameter = await self._io(self.driver.configure_syringe(sched.inner_diameter_mm))
@@ -401,7 +418,8 @@ class Channel:
             return ()
         self._resolved("syringe")
         self.last_status = status
-        return await self.handle(SyringeLoaded(self.clock.now(), diameter, status.delivered_ml))
+        return await self.handle(SyringeLoaded(self.clock.now(), diameter, status.delivered_ml,
+                                               self.pump_range(diameter)))
 
     async def check_clock(self) -> None:
         """A wall-clock step is a fault for the core (audit record `clock_stepped` with its size and direction).
@@ -425,9 +443,15 @@ class Channel:
         if stepped is not None:
             await self.handle(stepped)
         await self.poll()
-        cmds = self.feed(Tick(self.clock.now()))  # `handle`, without its coroutine for the usual empty execute
-        if cmds:
-            await self.execute(cmds)
+        now = self.clock.now()
+        try:  # the usual quiet tick changes nothing and is not logged: not even built (the core says so)
+            quiet = tick_changes_nothing(self.state, now, self.protocol)
+        except Exception:
+            quiet = False  # the tick's step below decides, and logs what it choked on
+        if not quiet:
+            cmds = self.feed(Tick(now))  # `handle`, without its coroutine for the usual empty execute
+            if cmds:
+                await self.execute(cmds)
         if self.state.phase is Phase.IDLE:
             await self.prime()
         if self.state.syringe_change is not None:
@@ -438,11 +462,18 @@ class Channel:
         try:
             await self.connect()
             next_poll = self.clock.now()
+            # A virtual clock that would wake this channel's sleep at once (every other participant asleep until
+            # later): `_wait` without its future, heap entry and wake-up, the same turn of the event loop.
+            wake_at_once = getattr(self.clock, "wake_at_once", None)
             while not self.stopping:
                 await self.cycle()
                 next_poll += self.poll_period
                 if next_poll <= self.clock.now():
                     next_poll = self.clock.now() + self.poll_period
+                if (wake_at_once is not None and not self.stopping and self.inbox.empty()
+                        and wake_at_once(next_poll)):
+                    await yield_once()
+                    continue
                 await self._wait(next_poll)
         finally:
             self.clock.unregister()

@@ -61,7 +61,7 @@ async def _sleep_real(delay_s: float, wake: asyncio.Future[Any] | None) -> None:
 
 
 @types.coroutine
-def _yield_once() -> Generator[None, None, None]:
+def yield_once() -> Generator[None, None, None]:
     """One turn of the event loop: what `asyncio.sleep(0)` does, without its coroutine around it."""
     yield
 
@@ -211,7 +211,7 @@ class VirtualClock:
         try:
             if fut.done():
                 # Woken at once (a lone participant): still yield, or this task would starve the event loop.
-                await _yield_once()
+                await yield_once()
             await fut
         finally:
             if not fut.done():  # cancelled: forget the wake-up
@@ -219,6 +219,21 @@ class VirtualClock:
             # Woken by the clock, its entry is already popped. Woken otherwise (a request, a cancel), the entry stays
             # until it reaches the heap's top: a done entry never counts as asleep and _maybe_advance drops it
             # there (no rebuild of the heap per wake-up, once per poll per pump).
+
+    def wake_at_once(self, when: datetime) -> bool:
+        """Whether `sleep_until(when)` by a participant would be woken at once and alone by its own wake-up: every
+        other participant asleep, and the earliest other wake-up (not yet woken) strictly later. Then time moves as
+        that sleep would move it and True is returned; the caller must still yield once to the event loop, as that
+        sleep does, and then counts as woken. Else nothing changes (the caller sleeps as usual). The channel's
+        per-poll wait: no future, heap entry or wake-up for the usual case of a virtual clock."""
+        at = when if when > self._now else self._now  # the time its heap entry would carry (max(when, now))
+        waiters = self._waiters
+        if waiters and not at < waiters[0][0]:
+            return False  # another wake-up at or before it (a tie: the earlier entry wakes first)
+        if self._sleeping() + 1 < self._participants:
+            return False  # someone is awake: time holds still, the caller would really sleep
+        self._now = at
+        return True
 
     def _sleeping(self) -> int:
         n = 0
@@ -287,6 +302,9 @@ class PacedClock(VirtualClock):
                     return
         super()._maybe_advance()
 
+    def wake_at_once(self, when: datetime) -> bool:
+        return False  # the pace may hold the jump: always the general path
+
     def _wait_for_pace(self, delay_s: float) -> None:
         # One timer at a time: an earlier wake-up that arrives meanwhile re-plans it.
         if self._timer is not None:
@@ -339,17 +357,25 @@ class ClockWatch:
         self.tolerance = tolerance
         now, wall = _readings(clock)
         self._offset = wall - now
+        # A virtual clock's offset object and the tolerance object last found within the tolerance: the very same
+        # objects give the same answer while `_offset` stays (it moves only with a step found, which clears this).
+        self._within: tuple[timedelta, timedelta] | None = None
 
     def check(self) -> WallStep | None:
         # Once per poll. A virtual clock's wall reading is course time plus its wall offset: compare the offsets.
         clock = self.clock
         if isinstance(clock, VirtualClock):
-            delta = clock.wall_offset - self._offset
+            offset, within = clock.wall_offset, self._within
+            if within is not None and within[0] is offset and within[1] is self.tolerance:
+                return None
+            delta = offset - self._offset
             if abs(delta) <= self.tolerance:
+                self._within = (offset, self.tolerance)
                 return None
         now, wall = _readings(clock)
         delta = (wall - now) - self._offset
         if abs(delta) <= self.tolerance:
             return None
         self._offset = wall - now  # the next step is measured from here
+        self._within = None
         return WallStep(now, delta, wall)

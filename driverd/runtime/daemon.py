@@ -35,7 +35,7 @@ from driverd.core.records import fmt_dec, fmt_time
 from driverd.core.schedule import Schedule
 from driverd.core.schedule_parse import parse_schedule
 from driverd.core.state import CourseState, Phase
-from driverd.core.volume_plan import plan_course
+from driverd.core.volume_plan import UPPER_BOUND_RESOLUTION, plan_course
 from driverd.runtime.channel import Channel, syringe_view
 from driverd.runtime.clock import RuntimeClock, ScaledClock, WallStep
 from driverd.runtime.config import DaemonConfig
@@ -129,8 +129,15 @@ class Daemon:
         self._other_states = {p: st for p, st in recovered.states.items() if p not in {c.id for c in cfg.pumps}}
         self.audit.on_append = self._appended
         self.ledger = self._ledger.ledger()
+        # Drivers are built (no I/O: URL and data files) before daemon_start, which records the files that define
+        # how each driver reads its pump (a Modbus register map: path and sha256) next to the config's sha256.
+        drivers = {pump.id: open_driver(pump.url, DriverOptions(timeout_s=cfg.driver_timeout_s, retries=1,
+                                                                deadman_s=cfg.deadman_s, world=self.world))
+                   for pump in cfg.pumps}
+        driver_files = {pid: d.definition_files() for pid, d in drivers.items() if d.definition_files()}
         self.audit.append("daemon_start", pump_id=None, course_id=None, durable=True, version=driverd.__version__,
                           config_sha256=cfg.sha256, pumps=[p.id for p in cfg.pumps],
+                          **({"driver_files": driver_files} if driver_files else {}),
                           recovered_records=recovered.records, trust_keys=sorted(self.trust.keys),
                           interrupted=[{"pump_id": i.pump_id, "input_seq": i.input_seq,
                                         "outputs": [str(o.get("event")) for o in i.outputs]}
@@ -140,9 +147,7 @@ class Daemon:
         self.audit.append("library_loaded", pump_id=None, course_id=None, durable=True,
                           version=self.protocol.library_version, text=self.protocol_text)
         for pump in cfg.pumps:
-            options = DriverOptions(timeout_s=cfg.driver_timeout_s, retries=1, deadman_s=cfg.deadman_s,
-                                    world=self.world)
-            driver = open_driver(pump.url, options)
+            driver = drivers[pump.id]
             state = recovered.states.get(pump.id) or initial_state(pump.id)
             channel = Channel(pump.id, driver, state, self.protocol, self.audit, self.clock,
                               poll_period=timedelta(seconds=cfg.poll_period_s),
@@ -373,10 +378,12 @@ class Daemon:
                 # Accepted on a pump but not started yet: it will be a burst. Counted at its plan (start, whole
                 # dose, not ended), so two courses for one patient cannot both be pushed before either starts.
                 # Only for this check: it enters the ledger when it really starts.
-                other = plan_course(s.schedule)
+                other = plan_course(s.schedule, UPPER_BOUND_RESOLUTION)
                 pending.append(Burst(s.schedule.patient_ref, s.schedule.schedule_id, max(other.start, now), None,
                                      other.total_mg))
-        plan = plan_course(schedule)
+        # Planned at the finest rate grid, not at New Era's: on a pump with a finer resolution (Harvard, Modbus)
+        # a New Era plan under-states the drug by up to 4 % (30 mg/24h at 100 mg/mL: 0.012 vs 0.0125 mL/h).
+        plan = plan_course(schedule, UPPER_BOUND_RESOLUTION)
         shift = max(now - plan.start, timedelta(0))  # a course pushed after its first step starts now
         return check_course(schedule.patient_ref, schedule.schedule_id, plan.start + shift, plan.end + shift,
                             plan.total_mg, [*self.ledger.values(), *pending], limits, now)

@@ -123,8 +123,9 @@ class ModbusDriver(PumpDriver):
         self.baud = url.int_param("baud", 19200, lo=50, hi=4_000_000) if url.transport == "rtu" else 0
         self.map = regmap or load_map(url.params.get("map") or DEFAULT_MAP)
         self.resolution = self.map.rate_resolution()  # type: ignore[misc]  # per-instance: from the map
-        # The counter's step: one raw unit of an integer point (its scale); a float point's step is not known.
-        self._delivered_step: Decimal | None = self.map["delivered_volume"].scale
+        # The counter's step: one raw unit of an integer point (at most 0.01 mL by map validation); a float
+        # point's step is not known.
+        self._delivered_step: Decimal | None = self.map.delivered_step()
         self._alarm_points = tuple(self.map.alarm_points())
         self._status_plan = plan_reads([self.map[n] for n in _STATUS_POINTS] + list(self._alarm_points))
         self._client: AsyncModbusTcpClient | AsyncModbusSerialClient | None = None
@@ -162,6 +163,15 @@ class ModbusDriver(PumpDriver):
             raise ProtocolError(
                 f"{self.url.raw}: device implements map version {version}, ours is {self.map.map_version}"
             )
+        if self.map.product_code:
+            # A map written for another device (other scales at the same addresses) must not drive this one: the
+            # device's model register must name the product the map declares.
+            model = await self._read_value("model")
+            if model != self.map.product_code:
+                raise ProtocolError(
+                    f"{self.url.raw}: device model {model!r} is not the map's product_code "
+                    f"{self.map.product_code!r} ({self.map.source})"
+                )
 
     async def connect(self) -> None:
         async with self._lock:
@@ -171,6 +181,10 @@ class ModbusDriver(PumpDriver):
             got = await self._read_value("watchdog_timeout")
             if got != deadman:
                 raise DriverError(f"watchdog read back {got} s after writing {deadman} s")
+
+    def definition_files(self) -> dict[str, str]:
+        """The register map this driver reads the device through: its path and sha256, for the audit log."""
+        return {self.map.source: self.map.sha256} if self.map.sha256 else {}
 
     async def close(self) -> None:
         if self._client is not None:

@@ -8,6 +8,7 @@ all at once.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
@@ -89,6 +90,30 @@ REQUIRED: Final[dict[str, Requirement]] = {
     "firmware": Requirement("input_registers", frozenset({"ascii"}), False),
     "map_version": Requirement("input_registers", frozenset({"uint16"}), False),
 }
+#: The engineering unit the driver assumes for each point it converts, as exact text (case matters: "mL" is not
+#: "ML"). A map whose rate says "uL/h" is refused rather than read as mL/h (a 1000x error). remaining_volume is
+#: optional; when present it is held to the same rule.
+REQUIRED_UNITS: Final[dict[str, str]] = {
+    "rate_setpoint": "mL/h",
+    "rate_readback": "mL/h",
+    "diameter_setpoint": "mm",
+    "diameter_readback": "mm",
+    "target_volume": "mL",
+    "delivered_volume": "mL",
+    "remaining_volume": "mL",
+    "watchdog_timeout": "s",
+}
+#: Each setpoint and the read-back that verifies it: they must be encoded alike (type, scale, word order), or a
+#: read-back could "verify" a value the pump holds at another scale.
+READBACK_PAIRS: Final = (("rate_setpoint", "rate_readback"), ("diameter_setpoint", "diameter_readback"))
+#: The coarsest delivered-volume step (one raw unit of an integer counter) a map may have. The accuracy check
+#: allows two steps of a reading's counter step when that is coarser than the drug library's
+#: counter_resolution_ml (0.01 mL in the shipped library): a map with scale "1" would have widened it to +-2 mL.
+#: A Modbus counter is a register, not a 4-digit display, so nothing needs it coarser than the library's step.
+MAX_DELIVERED_STEP_ML: Final = Decimal("0.01")
+#: The finest rate scale: the rate resolution is the scale's decimals, and a Resolution has at most 9.
+MIN_RATE_SCALE_EXPONENT: Final = -9
+
 #: Alarms every map must expose as a bit (warnings included: the daemon must see near-end and low battery).
 REQUIRED_ALARMS: Final = frozenset(
     {
@@ -149,6 +174,7 @@ class RegisterMap:
     product_code: str = ""  # FC43 object 0x01 ProductCode
     revision: str = ""  # FC43 object 0x02 MajorMinorRevision
     plunger: PlungerLimits | None = None  # None: the map states no rate range
+    sha256: str = ""  # of the map file's bytes (of the text for parse_map_text): logged at daemon start
     # Derived once (the map is immutable): the driver asks for these on every status poll, the simulator on
     # every request, and sorting them each time was a measurable share of a poll (bench/scale.py).
     _tables: Mapping[Table, tuple[Point, ...]] = field(init=False, repr=False, compare=False)
@@ -186,6 +212,14 @@ class RegisterMap:
         assert isinstance(exponent, int)  # finite by validation
         return Resolution(decimals=max(0, -exponent))
 
+    def delivered_step(self) -> Decimal | None:
+        """The delivered-volume counter's step in mL: one raw unit of an integer point (its scale, 1 without
+        one); None for a float32 counter, whose step is not known."""
+        point = self.points["delivered_volume"]
+        if point.type == "float32":
+            return None
+        return Decimal(1) if point.scale is None else point.scale
+
 
 def load_map(path: str | Path = DEFAULT_MAP) -> RegisterMap:
     """Read and validate a map file. A file that is missing or not TOML is a ConfigError too."""
@@ -194,15 +228,15 @@ def load_map(path: str | Path = DEFAULT_MAP) -> RegisterMap:
         data = p.read_bytes()
     except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
         raise ConfigError([Problem(str(p), "readable", f"cannot read register map: {exc}")]) from None
-    return parse_map(load_toml(data, str(p)), source=str(p))
+    return parse_map(load_toml(data, str(p)), source=str(p), sha256=hashlib.sha256(data).hexdigest())
 
 
 def parse_map_text(text: str, *, source: str = "<string>") -> RegisterMap:
     data = load_toml(text, source)
-    return parse_map(data, source=source)
+    return parse_map(data, source=source, sha256=hashlib.sha256(text.encode("utf-8")).hexdigest())
 
 
-def parse_map(data: Mapping[str, object], *, source: str = "<data>") -> RegisterMap:
+def parse_map(data: Mapping[str, object], *, source: str = "<data>", sha256: str = "") -> RegisterMap:
     """Validate a decoded map; raise ConfigError (a ValidationError) listing every problem."""
     problems: list[Problem] = []
     for key in data:
@@ -280,6 +314,7 @@ def parse_map(data: Mapping[str, object], *, source: str = "<data>") -> Register
 
     _check_overlaps(points, problems)
     _check_required(points, present, problems)
+    _check_units_and_scales(points, problems)
     if problems:
         raise ConfigError(problems)
     return RegisterMap(
@@ -293,6 +328,7 @@ def parse_map(data: Mapping[str, object], *, source: str = "<data>") -> Register
         product_code=ident.get("product_code", ""),
         revision=ident.get("revision", ""),
         plunger=plunger,
+        sha256=sha256,
     )
 
 
@@ -518,3 +554,56 @@ def _check_required(points: Mapping[str, Point], present: set[str], problems: li
                     Problem(f"{p.path}.alarm", "unique-alarm", f"alarm {p.alarm.value!r} also on {seen[p.alarm]}")
                 )
             seen[p.alarm] = p.name
+
+
+def _check_units_and_scales(points: Mapping[str, Point], problems: list[Problem]) -> None:
+    """The rules that tie the map's numbers to what the driver assumes: exact units, a setpoint encoded like its
+    read-back, a rate scale that is a power of ten, a delivered-volume step no coarser than 0.01 mL."""
+    for name, unit in REQUIRED_UNITS.items():
+        point = points.get(name)
+        if point is not None and point.units != unit:
+            problems.append(
+                Problem(f"{point.path}.units", "units", f'{name} must have units exactly "{unit}", got {point.units!r}')
+            )
+    for setpoint, readback in READBACK_PAIRS:
+        sp, rb = points.get(setpoint), points.get(readback)
+        if sp is None or rb is None:
+            continue
+        for key in ("type", "scale", "word_order"):
+            if getattr(sp, key) != getattr(rb, key):
+                problems.append(
+                    Problem(
+                        f"{rb.path}.{key}",
+                        "readback-encoding",
+                        f"{readback} must have the same {key} as {setpoint} ({_shown(getattr(sp, key))}), "
+                        f"got {_shown(getattr(rb, key))}",
+                    )
+                )
+    rate = points.get("rate_setpoint")
+    if rate is not None and rate.scale is not None:
+        _sign, digits, exponent = rate.scale.normalize().as_tuple()
+        if digits != (1,) or not isinstance(exponent, int) or not MIN_RATE_SCALE_EXPONENT <= exponent <= 0:
+            problems.append(
+                Problem(
+                    f"{rate.path}.scale",
+                    "scale-power-of-ten",
+                    f"the rate scale must be 1, 0.1, 0.01, ... down to 1E{MIN_RATE_SCALE_EXPONENT} mL/h "
+                    f"(the pump's rate resolution), got {rate.scale}",
+                )
+            )
+    delivered = points.get("delivered_volume")
+    if delivered is not None and delivered.type != "float32":
+        step = Decimal(1) if delivered.scale is None else delivered.scale
+        if step > MAX_DELIVERED_STEP_ML:
+            problems.append(
+                Problem(
+                    f"{delivered.path}.scale",
+                    "counter-step",
+                    f"the delivered-volume step (one raw unit) must be at most {MAX_DELIVERED_STEP_ML} mL, "
+                    f"got {step} mL",
+                )
+            )
+
+
+def _shown(value: object) -> str:
+    return "none" if value is None else str(value)

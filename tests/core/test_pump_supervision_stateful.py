@@ -15,7 +15,8 @@ time passes in polls, each with a tick and a pump report. After every step the m
 - SUP-15: the pump's counter may be shown like a display (truncated to a fixed 0.001 mL, or to 4 significant digits
   as a New Era shows it, from a counter earlier use left at up to 99.9 mL; the report carries the reading's step,
   as drivers do); while the pump has done exactly what it was told (no drift, no counter reset, no
-  panel use, no ignored command, no lost link or crash), no `under_infusion` or `over_infusion` is ever raised;
+  panel use, no ignored command, no lost link or crash), no `under_infusion`, `over_infusion` or `dose_ceiling` is
+  ever raised; the ceiling's allowance is two steps of the coarsest reading (never finer than the library's);
 - RESTART: a restart rebuilds the state through the snapshot encoding (`state_records`, whose decoder re-mints a
   pending setpoint through `kernel.restore_setpoint`, the kernel's one door besides its gate), and from a restart
   with a setpoint unverified until a clinician resumes, nothing goes on the wire above the last verified run rate
@@ -70,6 +71,7 @@ class PumpOfItsOwn(RuleBasedStateMachine):
         self.ignored = False  # it ignored a command since the last poll
         self.history: list[tuple[object, Decimal]] = [(self.now, Decimal(0))]  # (time, true cumulative mL)
         self.max_true_rate = Decimal(0)
+        self.max_step = PROTOCOL.counter_resolution_ml  # the coarsest counter step the core was told (never finer)
         self.uncommanded_polls = 0
         self.unobserved_until = self.now  # the pump ran unobserved (link down) until here: no supervision then
         self.restart_cap: Decimal | None = None  # after a restart with a setpoint open: the highest rate allowed
@@ -95,6 +97,7 @@ class PumpOfItsOwn(RuleBasedStateMachine):
             places = 3 if self.display == "fixed" else min(3, 4 - max(self.counter.adjusted() + 1, 0))
             step = Decimal(1).scaleb(-places)
             shown = (self.counter / step).to_integral_value(ROUND_DOWN) * step
+            self.max_step = max(self.max_step, step)
         return PumpReport(self.now, state, self.programmed, shown, self.alarms, step)  # type: ignore[arg-type]
 
     def _feed(self, event: Event) -> tuple[Command, ...]:
@@ -290,7 +293,7 @@ class PumpOfItsOwn(RuleBasedStateMachine):
         """SUP-15: a pump that delivers exactly what it was told is never reported off by the accuracy check, however
         coarse its counter's display, as long as the report says how coarse."""
         if self.faithful:
-            wrong = [a for a in self.state.alarms_raised if a in ("under_infusion", "over_infusion")]
+            wrong = [a for a in self.state.alarms_raised if a in ("under_infusion", "over_infusion", "dose_ceiling")]
             assert not wrong, f"{wrong} raised on a faithful pump ({self.display} display, counter {self.counter})"
 
     @invariant()
@@ -301,7 +304,8 @@ class PumpOfItsOwn(RuleBasedStateMachine):
             return  # nobody can see (or stop) a pump without a link: its own dead-man is the control then
         before = [ml for t, ml in self.history if t <= start]  # type: ignore[operator]
         window = self.true_ml - (before[-1] if before else Decimal(0))
-        allowance = 2 * PROTOCOL.counter_resolution_ml + 3 * self.max_true_rate * hours_between(start, start + POLL)
+        # Two counter steps (the coarsest reading's, never finer than the library's: SUP-15), plus the polls.
+        allowance = 2 * self.max_step + 3 * self.max_true_rate * hours_between(start, start + POLL)
         assert window <= CEILING_ML + allowance, f"{window} mL in 24 h"
 
 

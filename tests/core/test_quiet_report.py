@@ -24,6 +24,7 @@ from driverd.core import machine
 from driverd.core.events import Event, PumpReport
 from driverd.core.history import History
 from driverd.core.kernel import cumulative_drug, hours_between, span_minutes
+from driverd.core.schedule import TaperStep
 from driverd.core.state import RUNNING, CourseState, Phase, Sample, evolve
 from tests.core.factories import PROTOCOL
 from tests.core.oracle_v1 import machine as old_machine
@@ -283,3 +284,63 @@ def test_report_step_refuses_as_step_does() -> None:
     idle = evolve(state, phase=Phase.IDLE)
     after, cmds, quiet = machine.report_step(idle, stopped, PROTOCOL)
     assert repr((after, cmds)) == repr(machine.step(idle, stopped, PROTOCOL)) and not quiet
+
+
+@pytest.mark.parametrize("bad_step", [D("NaN"), D("sNaN"), D("Infinity")])
+def test_a_reading_step_that_is_no_number_is_doubt_not_a_refusal(bad_step: Decimal) -> None:
+    """Review finding (2026-12-03): the quiet path compared the reading's step before its `try`, so a NaN step (a
+    plug-in driver's; the shipped ones give finite steps) made `step` refuse the whole report, while the general
+    path stops a pump running 10x its rate. Now it is doubt: the general path decides, and stops the pump."""
+    from driverd.core.commands import ApplySetpoint
+    from tests.core.factories import T0, primed
+    from tests.core.harness import ExactPump, Player
+
+    p = Player(primed(), PROTOCOL, ExactPump(at=T0 - timedelta(minutes=10)))
+    p.run_until(T0 + timedelta(hours=30))
+    s = p.state
+    ev = PumpReport(T0 + timedelta(hours=30, minutes=1), "infusing", s.commanded_rate * 10,
+                    s.delivered_ml + D("0.001"), (), bad_step)
+    assert machine._quiet_report(s, ev, PROTOCOL) is None
+    _, general = machine._reduce(s, ev, PROTOCOL)
+    _, live = machine.step(s, ev, PROTOCOL)
+    assert live == general and any(isinstance(c, ApplySetpoint) and c.setpoint.rate_ml_per_h == 0 for c in live)
+
+
+def test_the_quiet_report_follows_every_input_of_its_memo() -> None:
+    """The quiet report remembers the last course's cache inputs (their very objects: started_at, schedule,
+    protocol, syringe concentration, rate) and what the caches gave. Right after a quiet report primed it, each
+    input replaced alone by one that makes the report act must reach the general path: an earlier start (the cap
+    is due), a schedule with a long taper (the taper is due), a protocol with a lower ceiling, a syringe of a far
+    higher concentration and a far higher rate (each: the ceiling's lookahead, with the counter unchanged so that
+    only the cached constants can see it; near-empty warned already and the accuracy window not reached, so that
+    nothing else declines first)."""
+    state, _ = running_state()
+    ev = report_after(state)
+    assert state.started_at is not None and state.schedule is not None and state.last_sample is not None
+    still = replace(ev, delivered_ml=state.raw_delivered_ml)  # the counter did not move: no new mg
+    calm = evolve(state, empty_warned=True, deviation_base=state.last_sample)
+    fast = calm.commanded_rate * 1000
+    variants: list[tuple[str, CourseState, Any, PumpReport]] = [
+        ("started_at", evolve(state, started_at=state.started_at - timedelta(days=30)), PROTOCOL, ev),
+        ("schedule", evolve(state, schedule=replace(state.schedule, taper=(TaperStep(D(0), D(24 * 365)),))),
+         PROTOCOL, ev),
+        ("protocol", state, replace(PROTOCOL, ceiling_mg_per_24h=D(1)), ev),
+        ("syringe_concentration", evolve(calm, syringe_concentration=calm.concentration * 10_000), PROTOCOL, still),
+        ("rate", evolve(calm, commanded_rate=fast), PROTOCOL, replace(still, rate_ml_per_h=fast)),
+    ]
+    for name, changed, protocol, report in variants:
+        base = calm if name in ("syringe_concentration", "rate") else state
+        quiet, _ = both_paths(base, still if base is calm else ev)  # primes the memo with this course's inputs
+        assert quiet is not None, name
+        quiet, general = both_paths(changed, report, protocol)
+        assert quiet is None, name
+        assert not isinstance(general, Exception) and general[1], name
+
+
+def test_the_ceiling_range_check_of_the_limits_is_the_general_expression() -> None:
+    """_QuietLimits.bounded is the ceiling bound's range checks on its two constants, computed once."""
+    b = machine._BOUNDED
+    for ceiling in (D(1), D("999999999999"), D("1E12"), D("1E15")):
+        for rate in (D("0.1"), D("1E11"), D("1E13")):
+            q = machine._QuietLimits(replace(PROTOCOL, ceiling_mg_per_24h=ceiling), D(10), rate)
+            assert q.bounded == (-b < q.limit < b and -b < q.lookahead < b), (ceiling, rate)

@@ -41,10 +41,13 @@ def general(state: CourseState, at: datetime) -> Any:
 def check_tick(state: CourseState, at: datetime) -> bool:
     """Both paths from the same state: a quiet tick is the general path's unchanged state, without a command."""
     quiet = machine._quiet_tick(state, at, PROTOCOL)
+    assert machine.tick_changes_nothing(state, at, PROTOCOL) is quiet
     if quiet:
         g = general(state, at)
         assert not isinstance(g, Exception), g
         assert g[0] is state and g[1] == ()
+        stepped = machine.step(state, Tick(at), PROTOCOL)  # what the channel skips when the core says so
+        assert stepped[0] is state and stepped[1] == ()
     return quiet
 
 

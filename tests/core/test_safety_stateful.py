@@ -91,7 +91,15 @@ class CourseSafety(RuleBasedStateMachine):
     def _feed(self, event: Event) -> None:
         self._advance(event.at)
         before_phase = self.state.phase
+        change = self.state.syringe_change
+        # A change whose new syringe is (said to be) in the pump and not yet verified: nothing may raise the rate
+        # but the verified load itself (SyringeLoaded); the syringe in the pump is unknown (review, 2026-12-03).
+        loaded_waiting = change is not None and change.loaded and not isinstance(event, SyringeLoaded)
         self.state, cmds = step(self.state, event, PROTOCOL)
+        for cmd in cmds:
+            if isinstance(cmd, ApplySetpoint) and cmd.attempt == 1 and cmd.setpoint.rate_ml_per_h > 0:
+                assert not (loaded_waiting and cmd.setpoint.intent in ("start", "escalate", "resume")), \
+                    f"{cmd.setpoint.intent} while a loaded syringe change waits for its read-back"
         if self.state.phase is Phase.TAPERING and before_phase is not Phase.TAPERING and self.lock_rate is None:
             self.lock_rate = min(self.rate, self._rate(self.state.level_mg_per_24h)) if before_phase in (
                 Phase.TITRATING, Phase.HOLDING) else self._rate(self.state.level_mg_per_24h)

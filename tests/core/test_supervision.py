@@ -86,6 +86,25 @@ def test_a_stop_the_pump_ignores_is_resent_on_every_report_until_read_back() -> 
     assert p.state.pending is None and not p.pump.infusing
 
 
+def test_a_reduce_the_pump_refuses_becomes_a_stop_after_the_second_miss() -> None:
+    """Review finding (2026-12-03): a decrease the pump refuses (a New Era in other rate units answers ?NA) was
+    re-sent on every report while the pump ran on above it. After the second miss the course alarms and sends a
+    stop instead; the stop is then re-sent until read back, like any stop."""
+    p = play()
+    p.run_until(T0 + 25 * H)  # 300 mg/24h: 0.250 mL/h
+    p.feed(ClinicianCommand(T0 + 25 * H, "reduce", "dr", "drowsy", D(100)), ack=False)
+    sid = p.state.pending.setpoint.id if p.state.pending else -1
+    cmds = p.feed(SetpointResult(T0 + 25 * H, sid, D("0.250")), ack=False)  # first miss: the reduce again
+    assert [c.setpoint.rate_ml_per_h for c in cmds if isinstance(c, ApplySetpoint)] == [D("0.083")]
+    cmds = p.feed(SetpointResult(T0 + 25 * H, sid, D("0.250")), ack=False)  # second miss: alarm and a stop
+    sent = [c.setpoint for c in cmds if isinstance(c, ApplySetpoint)]
+    assert alarms(cmds) == ["readback_mismatch"] and [(s.intent, s.rate_ml_per_h) for s in sent] == [("stop", D(0))]
+    assert p.state.phase is Phase.ALARM and p.state.commanded_rate == 0
+    p.feed(SetpointResult(T0 + 25 * H, sent[0].id, D(0)), ack=False)  # the pump takes a stop (STP)
+    cmds = p.feed(p.pump.report())
+    assert p.state.pending is None and not p.pump.infusing and cmds == ()
+
+
 def test_reduce_in_alarm_reaches_a_pump_that_still_infuses() -> None:
     p = play()
     p.run_until(T0 + 25 * H)  # 300 mg/24h

@@ -81,15 +81,125 @@ def test_change_in_hold_stops_then_resumes_at_the_same_level_and_clocks() -> Non
     assert p.state.phase is Phase.STOPPED
 
 
-def test_change_does_not_restart_the_step_interval_even_after_a_long_stop() -> None:
+def test_a_short_change_keeps_the_step_interval() -> None:
     p = play()
     p.run_until(T0 + 2 * H)
     change(p, T0 + 2 * H)
-    p.run_until(T0 + 5 * H)  # three hours without a syringe: longer than the 2-h "long stop"
-    loaded(p, T0 + 5 * H)
+    p.run_until(T0 + 3 * H)  # one hour without a syringe: shorter than the 2-h "long stop"
+    loaded(p, T0 + 3 * H)
     assert p.state.phase is Phase.TITRATING and p.state.last_change_at == T0
     p.run_until(T0 + 24 * H + 10 * timedelta(minutes=1))
     assert p.state.level_mg_per_24h == D(300)  # escalated on time, 24 h after the start
+
+
+def test_a_long_change_restarts_the_step_interval_as_any_resume() -> None:
+    """A change that waited longer than LONG_STOP for its syringe (here 28 h, across the step that was due) leaves
+    the patient unobserved at the level as a stop does: no escalation one minute after the new syringe runs."""
+    p = play()
+    p.run_until(T0 + 2 * H)
+    change(p, T0 + 2 * H)
+    p.run_until(T0 + 30 * H)
+    cmds = loaded(p, T0 + 30 * H)
+    assert rates(cmds) == [D("0.083")] and p.state.last_change_at == T0 + 30 * H
+    p.run_until(T0 + 53 * H)
+    assert p.state.level_mg_per_24h == D(100)  # not before a full interval at the level
+    p.run_until(T0 + 54 * H + 10 * timedelta(minutes=1))
+    assert p.state.level_mg_per_24h == D(300)
+
+
+def _failed_load_of_a_stronger_syringe(p: Player, at) -> None:
+    """Holding at 500 mg/24h on 50 mg/mL (0.416 mL/h); the nurse puts in an approved 100 mg/mL syringe; the
+    daemon's counter clear at the load does not read back 0: the load is refused, the course alarms."""
+    from driverd.core.events import CounterCleared
+
+    p.run_until(at)
+    assert p.state.phase is Phase.HOLDING and p.state.commanded_rate == D("0.416")
+    change(p, at, conc="100")
+    assert p.state.syringe_change is not None and p.state.syringe_change.loaded
+    cmds = p.feed(CounterCleared(at, p.pump.delivered, p.pump.delivered, ""))
+    assert refusals(cmds) == ["counter_not_cleared"] and p.state.phase is Phase.ALARM
+
+
+def test_a_resume_never_runs_the_old_rate_on_a_new_unverified_syringe() -> None:
+    """Review finding (2026-12-03): a resume after a refused load dropped the change and ran 0.250/0.416 mL/h (the
+    50 mg/mL rates) from the 100 mg/mL syringe in the pump: up to 998 mg/24h. Now the resume acknowledges the
+    alarm, sends nothing, and the course waits paused with the change; the pump stays stopped. The verified load
+    that follows resumes at the new concentration's rate, within the ceiling."""
+    from driverd.core.events import CounterCleared
+
+    p = play(with_fills(schedule(), ("17", "100")))
+    at = T0 + 60 * H
+    _failed_load_of_a_stronger_syringe(p, at)
+    cmds = p.feed(ClinicianCommand(at + H, "resume", "dr-a", "resume on the syringe in the pump"))
+    assert rates(cmds) == [] and refusals(cmds) == ["syringe_change_waiting"]
+    assert p.state.phase is Phase.PAUSED and p.state.syringe_change is not None and not p.pump.infusing
+    assert not p.state.alarm_causes and any(isinstance(c, Notice) and c.code == "alarm_cleared" for c in cmds)
+    p.run_until(at + 30 * H)  # the hold's end and the taper come and go: nothing runs
+    assert not p.pump.infusing and p.state.phase is Phase.PAUSED
+    assert refusals(p.feed(ClinicianCommand(at + 30 * H, "resume", "dr-a", "again"))) == ["syringe_change_waiting"]
+    # The load retried (change_syringe again, the counter now clears): the new syringe runs at its own rate.
+    command(p, at + 30 * H, conc="100")
+    before = p.pump.delivered
+    p.pump.delivered = D(0)  # the simulated pump's counter is cleared
+    assert "counter_cleared" in [c.code for c in p.feed(CounterCleared(at + 30 * H, before, D(0), ""))
+                                 if isinstance(c, Notice)]
+    cmds = loaded(p, at + 30 * H, counter=D(0))
+    assert p.state.concentration == D(100) and p.pump.infusing
+    assert all(r * 24 * 100 <= PROTOCOL.ceiling_mg_per_24h for r in rates(cmds)) and rates(cmds)
+
+
+def test_an_alarm_while_a_loaded_change_waits_cannot_force_the_old_rate() -> None:
+    """A lost link while the new syringe waits for its read-back: change_syringe is refused (another alarm), and
+    the resume that used to be the only way on ran the old rate. Now it acknowledges into paused, and the load
+    (which the daemon takes in paused) resumes at the new rate."""
+    from driverd.core.events import LinkLost, LinkRestored
+
+    p = play(with_fills(schedule(), ("17", "100")))
+    at = T0 + 60 * H
+    p.run_until(at)
+    change(p, at, conc="100")
+    assert p.state.syringe_change.loaded
+    p.feed(LinkLost(at, "cable"))
+    p.feed(LinkRestored(at + H))
+    assert refusals(command(p, at + H, conc="100")) == ["alarm_active"]
+    cmds = p.feed(ClinicianCommand(at + H, "resume", "dr-a", "link back"))
+    assert rates(cmds) == [] and refusals(cmds) == ["syringe_change_waiting"] and p.state.phase is Phase.PAUSED
+    cmds = loaded(p, at + H)
+    assert p.state.concentration == D(100) and rates(cmds) == [D("0.208")]
+
+
+def test_a_course_does_not_start_while_a_loaded_change_waits() -> None:
+    """Primed; a change to a 100 mg/mL syringe given 5 minutes before the start, its read-back not yet in (the
+    daemon loads it on its next poll; a slow or lost link delays that): at the start time the kernel refuses the
+    start at 50 mg/mL (logged once), the pump stays stopped. The verified load lets the next tick start at the new
+    concentration."""
+    p = Player(primed(with_fills(schedule(), ("17", "100"))), PROTOCOL, ExactPump(at=T0 - timedelta(minutes=10)))
+    command(p, T0 - timedelta(minutes=5), conc="100")
+    assert p.state.phase is Phase.PRIMED and p.state.syringe_change.loaded
+    seen = []
+    for minute in range(0, 30):
+        seen += refusals(p.feed(Tick(T0 + minute * timedelta(minutes=1))))
+    assert seen == ["syringe_change_waiting"] and not p.pump.infusing and p.state.phase is Phase.PRIMED
+    loaded(p, T0 + 30 * timedelta(minutes=1))
+    assert p.state.concentration == D(100) and not p.pump.infusing and p.state.syringe_change is None
+    cmds = p.feed(Tick(T0 + 31 * timedelta(minutes=1)))
+    assert rates(cmds) == [D("0.041")]  # 100 mg/24h at 100 mg/mL, toward less drug
+
+
+@pytest.mark.parametrize("intent", ["start", "escalate", "resume"])
+def test_the_kernel_refuses_every_increase_while_a_change_waits(intent: str) -> None:
+    from driverd.core.kernel import Proposal, Refusal, Setpoint, gate
+    from driverd.core.state import SyringeChange
+
+    p = play()
+    p.run_until(T0 + 30 * H)
+    waiting = replace(p.state, syringe_change=SyringeChange(D(17), D(50), "n", "r", T0 + 30 * H, True))
+    verdict = gate(waiting, PROTOCOL, Proposal(D(300), intent, "clinician", "r"), T0 + 30 * H)
+    assert isinstance(verdict, Refusal) and verdict.reason == "syringe_change_waiting"
+    for decrease in ("reduce", "stop", "taper"):
+        dose = D(0) if decrease == "stop" else D(100)
+        assert isinstance(gate(waiting, PROTOCOL, Proposal(dose, decrease, "clinician", "r"), T0 + 30 * H),
+                          Setpoint), decrease  # decreases and stop are always allowed
 
 
 def test_concentration_change_recomputes_the_rate_down_and_counts_drug_in_mg() -> None:

@@ -14,9 +14,9 @@ from fractions import Fraction
 from hypothesis import given
 from hypothesis import strategies as st
 
-from driverd.core.quantities import NEW_ERA_RESOLUTION, dose_to_rate, quantize_down
+from driverd.core.quantities import NEW_ERA_RESOLUTION, Resolution, dose_to_rate, quantize_down
 from driverd.core.schedule import Schedule, SyringeFill, SyringeSupply, TaperStep
-from driverd.core.volume_plan import plan_course, segments
+from driverd.core.volume_plan import UPPER_BOUND_RESOLUTION, plan_course, segments
 
 from .factories import T0, schedule
 
@@ -143,3 +143,36 @@ def test_taper_segments_follow_the_hold() -> None:
     sched = replace(sched, taper=(TaperStep(D(50), D(6)), TaperStep(D(0), D(12))))
     assert [(s.dose_mg_per_24h, s.end - s.start) for s in segments(sched)] == [
         (D(100), timedelta(days=1)), (D(100), timedelta(hours=6)), (D(50), timedelta(hours=6))]
+
+
+# ---- review 2026-12-03 item 3: the exposure check's plan is an upper bound for every pump ---------------------
+
+PUMP_RESOLUTIONS = (NEW_ERA_RESOLUTION, Resolution(decimals=4, significant=4), Resolution(decimals=3),
+                    Resolution(decimals=4), Resolution(decimals=6))  # New Era, Harvard Elite, Modbus maps
+
+
+@given(schedules(), st.one_of(st.none(), st.integers(min_value=1, max_value=48)))
+def test_the_upper_bound_plan_never_plans_less_drug_than_any_pump_runs(sched: Schedule, every: int | None) -> None:
+    if every is not None:
+        sched = replace(sched, syringes=SyringeSupply(change_every_hours=D(every)))
+    bound = plan_course(sched, UPPER_BOUND_RESOLUTION)
+    for resolution in PUMP_RESOLUTIONS:
+        pump = plan_course(sched, resolution)
+        assert bound.total_mg >= pump.total_mg, resolution
+    if not bound.problems:  # and it is the exact dose, rounded up to whole µg-ish steps only
+        exact = Fraction(0)
+        for seg in segments(sched):
+            hours = Fraction((seg.end - seg.start) // timedelta(microseconds=1), 3_600_000_000)
+            exact += Fraction(dose_to_rate(seg.dose_mg_per_24h, sched.concentration_mg_per_ml)) * hours * Fraction(
+                sched.concentration_mg_per_ml)
+        assert Fraction(bound.total_mg) <= exact + Fraction(1, 1000) * (len(bound.days) + 1)
+
+
+def test_new_era_plan_understates_a_harvard_course_and_the_bound_does_not() -> None:
+    """30 mg/24h at 100 mg/mL: New Era runs 0.012 mL/h, a Harvard Elite 0.0125 (the exact rate)."""
+    sched = schedule(doses=(30,), conc="100", hold_days="1")
+    new_era = plan_course(sched).total_mg
+    harvard = plan_course(sched, Resolution(decimals=4, significant=4)).total_mg
+    bound = plan_course(sched, UPPER_BOUND_RESOLUTION).total_mg
+    assert new_era < harvard <= bound
+    assert harvard == D(30) * D(1) and bound == harvard  # 1 day at exactly 30 mg/24h

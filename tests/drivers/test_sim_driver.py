@@ -144,3 +144,21 @@ def test_delivered_volume_is_read_as_the_display_shows_it(world: World, manual_c
             assert model.status().delivered_ml > status.delivered_ml
 
     run(body())
+
+
+def test_rate_range_is_the_models_plunger_range_capped_at_its_maximum(world: World) -> None:
+    """What the daemon checks the drug library against (docs/safety.md, SUP-19): the New Era mechanism by default
+    (0.013..879.5 mL/h with 19.13 mm, as NewEraDriver reports), capped by the model's maximum rate; None for a model
+    without a plunger range. The model refuses a rate just outside it."""
+    from simulators.pump import ModelError
+
+    d = open_driver("sim://bed-r", DriverOptions(world=world))
+    assert isinstance(d, SimDriver)
+    run(d.connect())
+    assert d.rate_range(Decimal("19.13")) == (Decimal("0.013"), Decimal("879.5"))
+    assert d.rate_range(Decimal("26.59")) == (Decimal("0.024"), Decimal(1000))  # the model's 1000 mL/h maximum
+    with pytest.raises(ModelError):
+        d.model.set_rate(Decimal("0.012"))
+    d.model.plunger = None
+    assert d.rate_range(Decimal("19.13")) is None
+    run(d.close())

@@ -15,6 +15,7 @@ import pytest
 from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.core import Message as ApyMessage
 from hl7apy.exceptions import ValidationError
+from hl7apy.parser import parse_message
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -172,7 +173,7 @@ def test_orders_without_rate_do_not_read_it(control: str) -> None:
 
 
 @pytest.mark.parametrize("unit", [
-    "ml/h", "mL/h", "ML/H", "mL/h^mL/h^UCUM", "ml/hr^ml/hr^UCUM", ML_H, "^MDC_DIM_MILLI_L_PER_HR^MDC",
+    "ml/h", "mL/h", "mL/hr", "mL/h^mL/h^UCUM", "ml/hr^ml/hr^UCUM", ML_H, "^MDC_DIM_MILLI_L_PER_HR^MDC",
     "265266^^MDC", "mL/h^mL/h^UCUM^265266^MDC_DIM_MILLI_L_PER_HR^MDC", "^^^265266^MDC_DIM_MILLI_L_PER_HR^MDC",
 ])
 def test_rate_unit_spellings_ml_per_h(unit: str) -> None:
@@ -180,7 +181,7 @@ def test_rate_unit_spellings_ml_per_h(unit: str) -> None:
 
 
 @pytest.mark.parametrize("unit", [
-    "mg/(24.h)", "mg/d", "mg/24h", "MG/D", "mg/d^mg/d^UCUM", "mg/(24.h)^mg/(24.h)^UCUM",
+    "mg/(24.h)", "mg/d", "mg/24h", "mg/day", "mg/d^mg/d^UCUM", "mg/(24.h)^mg/(24.h)^UCUM",
     "265554^MDC_DIM_MILLI_G_PER_DAY^MDC", "mg/d^mg/d^UCUM^265554^MDC_DIM_MILLI_G_PER_DAY^MDC",
 ])
 def test_rate_unit_spellings_mg_per_24h(unit: str) -> None:
@@ -540,3 +541,90 @@ def test_plan_never_escalates_at_or_below_level_nor_moves_an_inactive_course(
 
 def test_rate_units_table() -> None:
     assert {u.key for u in RATE_UNITS} == {"mL/h", "mg/24h"}
+
+
+# ---- review 2026-12-03 item 2: repeated values and UCUM case -------------------------------------------------
+
+
+@pytest.mark.parametrize(("rate", "unit", "field"), [
+    ("300~2.083", "mg/d^mg/d^UCUM~mL/h^mL/h^UCUM", "RXG-16"),  # two rates, two units: which one?
+    ("300", "mg/d^mg/d^UCUM~mL/h^mL/h^UCUM", "RXG-16"),
+    ("300", "mg/d^mg/d^UCUM~", "RXG-16"),  # an empty second repetition is still a repetition
+    ("300~2.083", "mg/d^mg/d^UCUM", "RXG-15"),
+    ("300~300", "mg/d^mg/d^UCUM", "RXG-15"),  # even the same value twice: one field, one value
+    ("300^2.083", "mg/d^mg/d^UCUM", "RXG-15"),
+    ("300&2", "mg/d^mg/d^UCUM", "RXG-15"),
+])
+def test_a_repeated_rate_or_unit_is_ambiguous(rate: str, unit: str, field: str) -> None:
+    text = swap(swap(build(rate="4321", unit="mg/d"), "|4321|", f"|{rate}|"), "|mg/d|", f"|{unit}|")
+    with pytest.raises(OrderRejected) as caught:
+        parse_order(text)
+    assert (caught.value.field, caught.value.rule) == (field, "ambiguous")
+    assert rejection_text(caught.value) == f"{field}: conflicting values"
+
+
+@pytest.mark.parametrize(("strength", "unit", "field"), [
+    ("10~100", MG_ML, "RXG-17"),
+    ("10^100", MG_ML, "RXG-17"),
+    ("10", f"{MG_ML}~mg^mg^UCUM", "RXG-18"),
+])
+def test_a_repeated_strength_or_its_unit_is_ambiguous(strength: str, unit: str, field: str) -> None:
+    text = swap(swap(build(strength="4321"), "|4321|", f"|{strength}|"), f"|{MG_ML}", f"|{unit}")
+    with pytest.raises(OrderRejected) as caught:
+        parse_order(text)
+    assert (caught.value.field, caught.value.rule) == (field, "ambiguous")
+
+
+def test_a_repeated_volume_and_pump_id_are_ambiguous() -> None:
+    text = swap(build(strength="500", strength_unit="mg", volume="4321", volume_unit="mL"), "|4321|", "|10~50|")
+    with pytest.raises(OrderRejected) as caught:
+        parse_order(text)
+    assert (caught.value.field, caught.value.rule) == ("RXG-23", "ambiguous")
+    text = swap(build(pump="pump-9"), "|pump-9", "|pump-1~pump-2")
+    with pytest.raises(OrderRejected) as caught:
+        parse_order(text)
+    assert (caught.value.field, caught.value.rule) == ("OBX-18", "ambiguous")
+
+
+def test_hl7apy_reads_the_repeated_rate_as_two_values() -> None:
+    """Independent check: hl7apy parses the same RXG-15/16 as two repetitions each, so the message really carries
+    two rates in two units (the first alone used to be read as 300 mg/24h)."""
+    text = swap(swap(build(rate="4321", unit="mg/d"), "|4321|", "|300~2.083|"),
+                "|mg/d|", "|mg/(24.h)^mg/(24.h)^UCUM~mL/h^mL/h^UCUM|")
+    msg = parse_message(text.replace("\n", "\r"), validation_level=VALIDATION_LEVEL.TOLERANT)
+    rxg = msg.children.get("RGV_O15_ORDER")[0].children.get("RGV_O15_GIVE")[0].rxg
+    assert [r.value for r in rxg.children.get("RXG_15")] == ["300", "2.083"]
+    assert [r.children[0].value for r in rxg.children.get("RXG_16")] == ["mg/(24.h)", "mL/h"]
+    with pytest.raises(OrderRejected):
+        parse_order(text)
+
+
+@pytest.mark.parametrize(("field", "unit"), [
+    ("RXG-16", "Mg/d^Mg/d^UCUM"),  # megagram per day in UCUM
+    ("RXG-16", "MG/D"),
+    ("RXG-16", "ML/H"),
+    ("RXG-16", "Ml/h"),
+    ("RXG-16", "mL/H"),
+    ("RXG-16", "MG/(24.H)^MG/(24.H)^UCUM"),
+])
+def test_ucum_spellings_are_case_sensitive(field: str, unit: str) -> None:
+    with pytest.raises(OrderRejected) as caught:
+        parse_order(build(rate="300", unit=unit))
+    assert (caught.value.field, caught.value.rule) == (field, "unit")
+
+
+@pytest.mark.parametrize(("unit", "field"), [("MG/ML^MG/ML^UCUM", "RXG-18"), ("Mg", "RXG-18")])
+def test_strength_units_are_case_sensitive(unit: str, field: str) -> None:
+    with pytest.raises(OrderRejected) as caught:
+        parse_order(build(strength="500", strength_unit=unit, volume="10", volume_unit="mL"))
+    assert (caught.value.field, caught.value.rule) == (field, "unit")
+
+
+def test_volume_units_are_case_sensitive_and_mdc_codes_still_count() -> None:
+    with pytest.raises(OrderRejected) as caught:
+        parse_order(build(strength="500", strength_unit="mg", volume="10", volume_unit="ML"))
+    assert (caught.value.field, caught.value.rule) == ("RXG-24", "unit")
+    order = parse_order(build(strength="500", strength_unit="263890^MDC_DIM_MILLI_G^MDC", volume="10",
+                              volume_unit="263762^MDC_DIM_MILLI_L^MDC"))
+    assert order.concentration_mg_per_ml == D(50)
+    assert parse_order(build(rate="300", unit="265554^MDC_DIM_MILLI_G_PER_DAY^MDC")).rate_unit == "mg/24h"

@@ -242,6 +242,34 @@ def test_not_a_valid_order_or_an_unknown_pump_is_ar_and_changes_nothing(tmp_path
     with_order_port(t, tmp_path)
 
 
+def test_repeated_rates_and_megagram_units_are_ar_and_the_pump_keeps_its_rate(tmp_path: Path) -> None:
+    """Review 2026-12-03 item 2, over MLLP: step 2 (300 mg/24h) is due, so an order read as 300 mg/24h would raise
+    the rate. `300~2.083` in `mg/(24.h)~mL/h` and `300 Mg/d` (megagram/day in UCUM) are refused (AR) naming the
+    field; the pump keeps infusing at the step-1 rate; then a plain 300 mg/d order escalates as usual."""
+    async def t(r: Rig, port: int) -> None:
+        await r.advance_to(DAY2)
+        before = r.wire_rates("bed-1")
+        running = delivering(r)
+        cases = (
+            ("AMB1", rgv_o15("AMB1", rate="300~2.083", rate_units="mg/(24.h)^mg/(24.h)^UCUM~mL/h^mL/h^UCUM"),
+             "RXG-16", "ambiguous"),
+            ("AMB2", rgv_o15("AMB2", rate="300~300"), "RXG-15", "ambiguous"),
+            ("MEGA", rgv_o15("MEGA", rate="300", rate_units="Mg/d^Mg/d^UCUM"), "RXG-16", "unit"),
+        )
+        for cid, text, field, rule in cases:
+            _, reply = await exchange(port, text)
+            assert msa(reply) == ("AR", cid), (cid, reply)
+            assert err_code(reply) == rule and field in reply, reply
+            assert_valid(reply)
+        assert r.wire_rates("bed-1") == before and delivering(r) == running > 0
+        assert not events(r.records(), "clinician_command")
+        _, reply = await exchange(port, rgv_o15("OK1", rate="300", rate_units="mg/d^mg/d^UCUM"))
+        assert msa(reply)[0] == "AA", reply
+        assert r.wire_rates("bed-1")[-1] == r.rate(300) > running
+
+    with_order_port(t, tmp_path)
+
+
 # ---------------------------------------------------------------------------------------------- idempotency
 
 

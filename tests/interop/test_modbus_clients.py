@@ -22,11 +22,12 @@ from socketserver import ThreadingTCPServer
 from typing import Any, ClassVar
 
 import minimalmodbus  # type: ignore[import-untyped]
+import pytest
 from umodbus.client import tcp as umodbus_tcp  # type: ignore[import-untyped]
 from umodbus.exceptions import IllegalDataAddressError  # type: ignore[import-untyped]
 from umodbus.server.tcp import RequestHandler, get_server  # type: ignore[import-untyped]
 
-from drivers.base import DriverOptions, PumpState
+from drivers.base import DriverOptions, ProtocolError, PumpState
 from drivers.modbus.driver import ModbusDriver
 from drivers.modbus.regmap import load_map
 from drivers.registry import open_driver
@@ -130,7 +131,7 @@ class PlainMap:
 
     MIRROR: ClassVar[dict[str, str]] = {"rate_setpoint": "rate_readback", "diameter_setpoint": "diameter_readback"}
 
-    def __init__(self) -> None:
+    def __init__(self, model: str = MAP.product_code) -> None:
         self.tables: dict[str, dict[int, int]] = {t: {} for t in ("coils", "di", "hr", "ir")}
         table_of = {"coils": "coils", "discrete_inputs": "di", "holding_registers": "hr", "input_registers": "ir"}
         for name, p in MAP.points.items():
@@ -138,7 +139,7 @@ class PlainMap:
                 self.tables[table_of[p.table]][a] = 0
             del name
         self.tables["ir"][MAP["map_version"].address] = MAP.map_version
-        self._ascii("model", "PLAIN-MAP")
+        self._ascii("model", model)  # the driver refuses a device whose model is not the map's product_code
         self._ascii("firmware", "umodbus")
         self.tables["hr"][MAP["diameter_setpoint"].address] = 1913
         self.tables["ir"][MAP["diameter_readback"].address] = 1913
@@ -201,7 +202,7 @@ def test_our_modbus_driver_against_a_umodbus_responder() -> None:
             await driver.connect()
             try:
                 ident = await driver.identify()
-                assert (ident.model, ident.firmware) == ("PLAIN-MAP", "umodbus")
+                assert (ident.model, ident.firmware) == ("DRV-MB1", "umodbus")
                 assert await driver.set_rate(D("2.083")) == D("2.083")
                 await driver.run()
                 status = await driver.read_status()
@@ -222,3 +223,21 @@ def test_our_modbus_driver_against_a_umodbus_responder() -> None:
         (16, rate + 1, 2083),
     ]
     assert [(fc, v) for fc, a, v in data.writes if a == MAP["run"].address and fc == 5] == [(5, 1), (5, 0)]
+
+
+def test_our_driver_refuses_an_independent_responder_of_another_model() -> None:
+    """The map declares product_code DRV-MB1; a device whose model register reads PLAIN-MAP is refused at
+    connect, before the watchdog or anything else is written."""
+    data = PlainMap(model="PLAIN-MAP")
+
+    async def main() -> None:
+        with umodbus_responder(data) as port:
+            driver = open_driver(f"modbus+tcp://127.0.0.1:{port}?unit=1", DriverOptions(timeout_s=2, deadman_s=9))
+            try:
+                with pytest.raises(ProtocolError, match="PLAIN-MAP"):
+                    await driver.connect()
+            finally:
+                await driver.close()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+    assert data.writes == []

@@ -296,9 +296,11 @@ def test_a_second_device_is_a_new_file_not_new_code(tmp_path: Path) -> None:
         "meaning": "flow setpoint",
     }
     hr["diameter_setpoint"]["scale"] = "0.1"
+    ir["diameter_readback"]["scale"] = "0.1"  # a read-back is encoded like its setpoint
     ir["rate_readback"] = {
         "address": 72,
         "type": "float32",
+        "word_order": "little",
         "access": "r",
         "units": "mL/h",
         "meaning": "flow",

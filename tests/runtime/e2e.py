@@ -257,7 +257,10 @@ async def rig(
     fill_ml: Decimal | None = None,
     audit: AuditSettings | None = None,
     hl7: Any = None,
+    protocol: Path | None = None,
+    url_params: str = "",
 ) -> AsyncIterator[Rig]:
+    """`protocol`: a drug library other than the shipped one; `url_params`: appended to every pump URL (`&k=v`)."""
     names = list(names)
     dead_set = set(dead)
     sock_dir = Path(tempfile.mkdtemp(prefix="dde2e", dir="/tmp"))  # short: Unix socket paths are <= 107 bytes
@@ -270,12 +273,13 @@ async def rig(
         async with contextlib.AsyncExitStack() as stack:
             urls, endpoints = await _serve(stack, transport, world, names, dead_set)
             config = DaemonConfig(
-                path=work / "driverd.toml", sha256="e2e", protocol=CONFIG_DIR / "protocols" / "ketamine-burst.toml",
+                path=work / "driverd.toml", sha256="e2e",
+                protocol=protocol or CONFIG_DIR / "protocols" / "ketamine-burst.toml",
                 audit_dir=work / "audit", audit_key=key, trust_dir=DEMO_TRUST, control_socket=sock_dir / "ctl.sock",
                 socket_mode=0o600, poll_period_s=float(timing.poll_s),
                 link_timeout_s=float(timing.link_timeout_s or 2 * timing.poll_s),
                 deadman_s=timing.deadman_s, driver_timeout_s=timing.driver_timeout_s,
-                pumps=tuple(PumpConfig(n, urls[n]) for n in names),
+                pumps=tuple(PumpConfig(n, urls[n] + url_params) for n in names),
                 audit=audit or AuditSettings(checkpoint_every_records=500, checkpoint_every_s=3600,
                                              group_commit_ms=200, group_commit_records=512),
                 hl7=hl7,

@@ -174,3 +174,108 @@ def test_a_fast_scaled_clock_never_shows_a_phantom_wall_step() -> None:
     clock.step_wall(timedelta(hours=1))  # a real step is still seen
     step = watch.check()
     assert step is not None and timedelta(minutes=59) < step.delta < timedelta(minutes=61)
+
+
+# ---- wake_at_once: the channel's per-poll wait without a future (issue 12 item 4) ----
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from driverd.runtime.clock import yield_once  # noqa: E402
+
+# Per participant, the offsets (seconds) it sleeps to from the current time, one after another: past times, 0 and
+# ties included.
+plans = st.lists(st.lists(st.integers(-2, 5), min_size=1, max_size=12), min_size=1, max_size=4)
+
+
+def _trace(plan: list[list[int]], quick: frozenset[int], early: dict[int, int]) -> list[tuple[int, int, datetime]]:
+    """Who woke when, in order: participants in `quick` wait like the channel (wake_at_once, else sleep_until);
+    `early`: participant -> step at which an outsider completes its wake future before it sleeps (a request)."""
+    trace: list[tuple[int, int, datetime]] = []
+
+    async def body() -> None:
+        clock = VirtualClock(T0)
+
+        async def participant(i: int, offsets: list[int]) -> None:
+            try:
+                for k, off in enumerate(offsets):
+                    until = clock.now() + timedelta(seconds=off)
+                    if i in quick and clock.wake_at_once(until):
+                        await yield_once()
+                    else:
+                        wake = asyncio.get_running_loop().create_future()
+                        if early.get(i) == k:
+                            asyncio.get_running_loop().call_soon(lambda w=wake: w.done() or w.set_result("req"))
+                        await clock.sleep_until(until, wake=wake)
+                    trace.append((i, k, clock.now()))
+            finally:
+                clock.unregister()
+
+        for _ in plan:
+            clock.register()
+        await asyncio.gather(*(participant(i, p) for i, p in enumerate(plan)))
+
+    run(body())
+    return trace
+
+
+@settings(max_examples=300, deadline=None)
+@given(plan=plans, quick=st.frozensets(st.integers(0, 3)), early=st.dictionaries(st.integers(0, 3), st.integers(0, 11)))
+def test_wake_at_once_wakes_as_sleep_until_does(plan: list[list[int]], quick: frozenset[int],
+                                                early: dict[int, int]) -> None:
+    """Any mix of participants waiting through `wake_at_once` gives the very same wake-ups, in the same order and
+    at the same times, as all of them sleeping with `sleep_until`: ties, zero sleeps, a participant leaving, a wake
+    future completed early by someone else (a done entry left in the heap)."""
+    assert _trace(plan, quick, early) == _trace(plan, frozenset(), early)
+
+
+def test_wake_at_once_refuses_while_someone_is_awake_or_due_first() -> None:
+    async def body() -> None:
+        clock = VirtualClock(T0)
+        clock.register()
+        clock.register()  # a second participant, awake: time holds still
+        assert not clock.wake_at_once(T0 + timedelta(seconds=1))
+        assert clock.now() == T0
+        other = asyncio.create_task(clock.sleep_until(T0 + timedelta(seconds=5)))
+        await asyncio.sleep(0)  # asleep now, its wake-up at +5 s
+        assert not clock.wake_at_once(T0 + timedelta(seconds=5)), "a tie: the earlier sleeper wakes first"
+        assert clock.now() == T0
+        assert clock.wake_at_once(T0 + timedelta(seconds=4))
+        assert clock.now() == T0 + timedelta(seconds=4)
+        assert not other.done()
+        assert not clock.wake_at_once(T0 + timedelta(seconds=6))
+        clock.unregister()
+        await other
+
+    run(body())
+
+
+class _Uncached(ClockWatch):
+    """The check without its memo of the last offset found within the tolerance."""
+
+    def check(self) -> Any:
+        self._within = None
+        return super().check()
+
+
+ops = st.lists(st.one_of(st.tuples(st.just("step"), st.integers(-3_000_000, 3_000_000)),
+                         st.tuples(st.just("tolerance"), st.integers(1, 4_000_000)),
+                         st.tuples(st.just("floor"), st.integers(0, 5_000_000)),
+                         st.tuples(st.just("check"), st.just(0))), max_size=40)
+
+
+@given(ops=ops)
+def test_clock_watch_memo_changes_no_answer(ops: list[tuple[str, int]]) -> None:
+    """The virtual clock's memo (the offset and tolerance objects last found within) answers every check as the
+    full comparison does, across wall steps that add up, tolerance changes (a reload) and floors."""
+    clock = VirtualClock(T0)
+    quick, full = ClockWatch(clock), _Uncached(clock)
+    for op, n in ops:
+        if op == "step":
+            clock.step_wall(timedelta(microseconds=n))
+        elif op == "tolerance":
+            quick.tolerance = full.tolerance = timedelta(microseconds=n)
+        elif op == "floor":
+            clock.floor(clock.now() + timedelta(microseconds=n))
+        a, b = quick.check(), full.check()
+        assert a == b

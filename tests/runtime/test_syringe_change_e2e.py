@@ -199,3 +199,43 @@ def test_control_request_shape() -> None:
         with pytest.raises(RequestError) as info:
             parse_request(bad)
         assert info.value.field == field
+
+
+@pytest.mark.parametrize("transport", ["newera-pty", "modbus-tcp"])
+def test_a_resume_after_a_refused_load_of_a_stronger_syringe_runs_nothing(tmp_path: Path, transport: str) -> None:
+    """Review finding (2026-12-03), over the real driver path: the nurse puts in an approved 100 mg/mL syringe, the
+    pump ignores the counter clear at the load (counter_not_cleared, the load refused), and a clinician resumes
+    "on the syringe in the pump". That used to run the 50 mg/mL rate from the 100 mg/mL syringe (600, then 998
+    mg/24h). Now the resume is refused (`syringe_change_waiting`) with the alarm acknowledged, the course waits
+    paused and the pump stays STOPPED through the hours that follow, whatever the schedule says; the load retried
+    once the pump clears resumes at the 100 mg/mL rate."""
+    async def body() -> None:
+        async with rig(transport, tmp_path, timing=Timing(POLL_S, 0, 3 * POLL_S, 1.0), control=True,
+                       fill_ml=FILL) as r:
+            assert (await r.push(NAME, schedule_doc()))["ok"] is True
+            ch, model = r.channel(NAME), r.model(NAME)
+            await r.advance_to(FIRST_STEP + 44 * H)
+            assert ch.state.level_mg_per_24h == 300 and ch.state.phase.value == "titrating"
+            assert (await change(r, "100"))["phase"] == "paused"
+            model.load_syringe(FILL)  # the 100 mg/mL syringe goes in
+            model.clear_delivered = lambda: None  # type: ignore[method-assign]  # firmware ignores the clear
+            reply = await change(r, "100")
+            assert reply["ok"] is False and reply["phase"] == "alarm", reply
+            assert r.socket is not None
+            reply = await request(r.socket, {"op": "command", "pump_id": NAME, "action": "resume", "by": "dr-a",
+                                             "reason": "resume on the syringe in the pump"}, timeout_s=BOUND_S)
+            assert reply["ok"] is False and reply["phase"] == "paused", reply
+            assert [x["reason"] for x in reply["refusals"]] == ["syringe_change_waiting"], reply
+            since = r.clock.now()
+            await r.advance_to(FIRST_STEP + 52 * H)  # the 500 step would have been due at +48 h
+            assert model.status().state is PumpState.STOPPED and ch.state.phase.value == "paused"
+            assert all(x[1] == 0 for x in model.rate_history() if x[0] >= since)  # nothing ran meanwhile
+            del model.clear_delivered
+            reply = await change(r, "100")
+            assert reply["ok"] is True and reply["phase"] == "titrating", reply
+            running = model.status()
+            assert running.state is PumpState.INFUSING and ch.state.concentration == 100
+            assert running.rate_ml_per_h == rate(300, 100, transport)  # 300 mg/24h from the 100 mg/mL syringe
+            audit_ok(r)
+
+    run(body(), timeout=300)
