@@ -524,7 +524,10 @@ def _on_resume(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
         return state, (Refused("clinician", "alarm_active", f"pump still reports {', '.join(blocking)}"),)
     if state.pending is not None:
         return state, (Refused("clinician", "uncertain", "a setpoint is still unverified"),)
-    if "syringe_empty" in state.alarm_causes and _syringe_empty(state, protocol):
+    # The cause alone refuses: it was raised with the reading's counter step, which the state does not keep, and
+    # only a syringe change (new fill) ends it (review, 2026-12-03: re-judged at the library's finer step, an
+    # empty syringe read on a 0.1 mL display was resumed as a cleared occlusion).
+    if "syringe_empty" in state.alarm_causes:
         return state, (Refused("clinician", "syringe_empty", "the syringe is empty: change it (change_syringe)"),)
     if "unexpected_infusion" in state.alarm_causes and state.pump_infusing:
         return state, (Refused("clinician", "alarm_active", "the pump still infuses on its own"),)

@@ -122,3 +122,33 @@ def test_the_near_empty_warning_comes_before_the_syringe_really_runs_empty(offse
     slack = timedelta(hours=float(PROTOCOL.counter_resolution_ml / rate)) + M  # the library's step, one poll
     margin = true_empty - warned[0]
     assert margin >= timedelta(minutes=float(PROTOCOL.syringe_warning_minutes)) - slack, margin
+
+
+def test_a_syringe_called_empty_on_a_coarse_reading_is_not_resumed() -> None:
+    """Review (2026-12-03): the alarm `syringe_empty` was raised with the reading's 0.1 mL step, but the resume
+    re-judged it at the library's 0.01 mL and went ahead (0.083 mL/h on an empty syringe, the SUP-13 hazard). The
+    cause alone now refuses; a syringe change ends it."""
+    from dataclasses import replace as _replace
+    from datetime import timedelta as _td
+    from decimal import Decimal as _D
+
+    from driverd.core import machine as _m
+    from driverd.core.commands import ApplySetpoint as _Apply
+    from driverd.core.commands import Refused as _Refused
+    from driverd.core.events import ClinicianCommand as _Cmd
+    from driverd.core.events import PumpReport as _Report
+    from driverd.core.state import evolve as _evolve
+    from tests.core.factories import PROTOCOL as _P
+    from tests.core.test_quiet_report import running_state
+
+    state, _ = running_state()
+    used = state.delivered_ml - state.syringe_started_ml
+    state = _evolve(state, syringe_fill_ml=used + _D("0.1"), empty_warned=True)  # 0.1 mL left by the read-backs
+    ev = _Report(state.last_sample.at + _td(seconds=60), "stopped", state.commanded_rate, state.raw_delivered_ml,
+                 ("occlusion",), _D("0.1"), state.schedule.inner_diameter_mm)
+    state, _ = _m.step(state, ev, _P)
+    assert "syringe_empty" in state.alarm_causes
+    state, _ = _m.step(state, _replace(ev, at=ev.at + _td(seconds=60), alarms=()), _P)  # the stall cleared
+    state, cmds = _m.step(state, _Cmd(ev.at + _td(seconds=65), "resume", "dr", "try"), _P)
+    assert [c.reason for c in cmds if isinstance(c, _Refused)] == ["syringe_empty"]
+    assert not [c for c in cmds if isinstance(c, _Apply)] and "syringe_empty" in state.alarm_causes
