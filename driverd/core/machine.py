@@ -1369,9 +1369,7 @@ def _quiet_report(state: CourseState, event: PumpReport, protocol: ProtocolSpec)
     rate = state.commanded_rate
     if event.alarms and not _warnings_seen(event.alarms, state.pump_alarms):
         return None
-    bore = event.diameter_mm
-    if (bore is not None and (state.schedule is None or not bore.is_finite()
-                              or bore != state.schedule.inner_diameter_mm)) or (
+    if _wrong_bore(state, event) or (
             phase not in RUNNING or state.pending is not None or event.state != "infusing"
             or state.deviation_base is None or state.interrupted_at is not None
             or state.commanded_since is None or state.summary_due or state.schedule is None

@@ -107,6 +107,16 @@ def _dec(fields: dict[str, Any], key: str) -> Decimal:
     return d
 
 
+def _positive_or_none(fields: dict[str, Any], key: str) -> Decimal | None:
+    """An optional field that, when present, is a decimal above 0 (absent or null: None)."""
+    if fields.get(key) is None:
+        return None
+    d = _dec(fields, key)
+    if d <= 0:
+        raise ValidationError([Problem(key, "range", f"must be > 0, got {d}")])
+    return d
+
+
 def _time(fields: dict[str, Any], key: str) -> datetime:
     raw = fields.get(key)
     if isinstance(raw, str):
@@ -296,14 +306,9 @@ def event_from_record(record: dict[str, Any]) -> Event:
         alarms = record.get("alarms", [])
         if not isinstance(alarms, list) or not all(isinstance(a, str) for a in alarms):
             raise ValidationError([Problem("alarms", "type", "expected a list of strings")])
-        step = None if record.get("delivered_step_ml") is None else _dec(record, "delivered_step_ml")
-        if step is not None and step <= 0:
-            raise ValidationError([Problem("delivered_step_ml", "range", f"must be > 0, got {step}")])
-        bore = None if record.get("diameter_mm") is None else _dec(record, "diameter_mm")
-        if bore is not None and bore <= 0:
-            raise ValidationError([Problem("diameter_mm", "range", f"must be > 0, got {bore}")])
         return PumpReport(at, state, _dec(record, "rate_ml_per_h"), _dec(record, "delivered_ml"),  # type: ignore[arg-type]
-                          tuple(alarms), step, bore)
+                          tuple(alarms), _positive_or_none(record, "delivered_step_ml"),
+                          _positive_or_none(record, "diameter_mm"))
     if name == "setpoint_result":
         sid = record.get("setpoint_id")
         if isinstance(sid, bool) or not isinstance(sid, int):
