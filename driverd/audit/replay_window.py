@@ -25,15 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from driverd.audit.canonical import parse_ts
-from driverd.audit.replay import Replayer, ReplayResult, replay_records
+from driverd.audit.replay import ReplayResult
 from driverd.audit.replay_parallel import (
     _Hit,
-    _records,
-    _resume,
+    _replay_slice,
     _scan,
     _segment_of,
     _Slice,
-    _SliceResult,
     _snapshot_at,
     _Unusual,
 )
@@ -130,19 +128,12 @@ def replay_since(path: Path, since: datetime, *, public_key: Any = None) -> tupl
         raise AuditError(f"the state snapshot at seq {rec['seq']} does not read: {exc}") from None
     ranges = tuple((str(files[i]), hit.end if i == index else 0, None) for i in range(index, len(files)))
     sl = _Slice(0, ranges, (str(files[index]), hit.start, hit.end), rec["seq"], segment, None, accepted)
-    replayer = Replayer(report=False)
-    try:
-        _resume(replayer, rec, sl)
-    except _Unusual as exc:
-        raise AuditError(str(exc)) from None
-    if replayer.result.divergences:
-        raise AuditError(f"the state snapshot at seq {rec['seq']} does not seed a replay: "
-                         f"{replayer.result.divergences[0].detail}")
-    out = _SliceResult()
-    try:
-        result = replay_records(_records(sl, out, None), replayer)
-    except _Unusual as exc:  # seqs out of order, a torn last line: verify passed, so the log changed meanwhile
-        raise AuditError(f"{exc} (the log changed while it was replayed?)") from None
+    try:  # seeded and replayed as a parallel replay's last slice is (it reads and checks the seed line itself)
+        out = _replay_slice(sl)
+    except _Unusual as exc:  # a seed that does not seed, seqs out of order, a torn last line: the log changed?
+        raise AuditError(f"{exc}; not replayed") from None
+    result = ReplayResult(divergences=out.divergences, interrupted=out.interrupted, inputs=out.inputs,
+                          outputs_checked=out.outputs_checked)
     # Not `seeded_from`: that says the log before the snapshot was archived; the window says what it is.
     window.snapshot_seq, window.snapshot_ts, window.segment = rec["seq"], rec.get("ts"), number
     window.records = out.records
