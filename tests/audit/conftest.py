@@ -80,6 +80,20 @@ def write_generic_log(directory: Path, key: Ed25519PrivateKey | None, n: int = 2
     return directory
 
 
+def append_snapshot_segments(w: AuditWriter, segments: int) -> None:
+    """A small log in an open writer: `segments` segments, each after the first opening with an (empty) state
+    snapshot (the segments `audit archive` may cut at), then closed."""
+    for _ in range(4):  # a segment rotates only once it holds more than its own start
+        w.append("daemon_start", pump_id=None, course_id=None, durable=True)
+    for _ in range(segments - 1):
+        w.rotate()
+        w.append("state_snapshot", pump_id=None, course_id=None, durable=True, format=1, states={}, versions={},
+                 library=None, ledger={"patients": {}, "started": {}, "ended": {}, "last_at": {}}, schedules=[])
+        for _ in range(3):
+            w.append("daemon_stop", pump_id=None, course_id=None, durable=True)
+    w.close()
+
+
 @pytest.fixture
 def generic_log(tmp_path: Path, key: Ed25519PrivateKey) -> Path:
     return write_generic_log(tmp_path / "log", key)

@@ -163,18 +163,9 @@ def test_archive_runs_again_later_and_keeps_one_anchor(made: ArchiveLog, log: Pa
 
 def test_an_unsigned_log_is_never_archived(tmp_path: Path) -> None:
     from driverd.audit.writer import AuditWriter
-    from tests.audit.conftest import StepClock, small_config
+    from tests.audit.conftest import StepClock, append_snapshot_segments, small_config
 
-    w = AuditWriter.open(tmp_path / "log", small_config(), None, StepClock())
-    for _ in range(4):
-        w.append("daemon_start", pump_id=None, course_id=None, durable=True)
-    for _ in range(2):
-        w.rotate()
-        w.append("state_snapshot", pump_id=None, course_id=None, durable=True, format=1, states={}, versions={},
-                 library=None, ledger={"patients": {}, "started": {}, "ended": {}, "last_at": {}}, schedules=[])
-        for _ in range(3):
-            w.append("daemon_stop", pump_id=None, course_id=None, durable=True)
-    w.close()
+    append_snapshot_segments(AuditWriter.open(tmp_path / "log", small_config(), None, StepClock()), 3)
     assert len(list_segments(tmp_path / "log")) == 3
     with pytest.raises(ArchiveRefused) as refused:  # an unsigned log has no checkpoint: nothing is sealed
         archive_log(tmp_path / "log", FAR, tmp_path / "arch", None)

@@ -15,6 +15,7 @@ from driverd.audit.segments import ANCHOR_NAME, list_segments
 from driverd.audit.writer import AuditConfig, AuditWriter
 from driverd.cli.main import app
 from driverd.signing import generate_keypair, load_private_key
+from tests.audit.conftest import append_snapshot_segments
 
 T0 = datetime(2026, 12, 1, tzinfo=UTC)
 
@@ -35,16 +36,7 @@ def _cli(*args: object) -> Any:
 def _log(directory: Path, key_path: Path | None, *, segments: int) -> Path:
     """A closed log of `segments` segments, each after the first opening with a (empty) state snapshot."""
     key = None if key_path is None else load_private_key(key_path)
-    w = AuditWriter.open(directory, AuditConfig(), key, _Clock())
-    for _ in range(4):  # a segment rotates only once it holds more than its own start
-        w.append("daemon_start", pump_id=None, course_id=None, durable=True)
-    for _ in range(segments - 1):
-        w.rotate()
-        w.append("state_snapshot", pump_id=None, course_id=None, durable=True, format=1, states={}, versions={},
-                 library=None, ledger={"patients": {}, "started": {}, "ended": {}, "last_at": {}}, schedules=[])
-        for _ in range(3):
-            w.append("daemon_stop", pump_id=None, course_id=None, durable=True)
-    w.close()
+    append_snapshot_segments(AuditWriter.open(directory, AuditConfig(), key, _Clock()), segments)
     assert len(list_segments(directory)) == segments
     return directory
 
