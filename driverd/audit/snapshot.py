@@ -229,8 +229,11 @@ class SnapshotChain:
         if cur.library != prev.library:
             out["library"] = cur.library
         if cur.ledger != prev.ledger:
-            patch = ledger_patch(prev.ledger, cur.ledger) if fmt == 2 else None
-            out["ledger" if patch is None else "ledger_patch"] = cur.ledger if patch is None else patch
+            lpatch = ledger_patch(prev.ledger, cur.ledger) if fmt == 2 else None
+            if lpatch is None:
+                out["ledger"] = cur.ledger
+            else:
+                out["ledger_patch"] = lpatch
         if cur.schedules != prev.schedules:
             out["schedules"] = cur.schedules
         if self.row_memo is not None:
