@@ -25,7 +25,6 @@ from driverd.audit.reader import MAX_LINE_BYTES
 from driverd.audit.segments import list_segments, segment_number
 from driverd.core.errors import AuditError
 
-
 _KEEP = 4096
 
 

@@ -1,9 +1,10 @@
 """Crash recovery: rebuild every pump's course state by replaying the audit log through the pure core.
 
 Start-up opens the writer first (`open_log`): that cuts a torn last line (or unsynced pages a power cut lost) back
-to the last whole record and logs the cut, so a crash never blocks the next start. Then the log is verified (chain, seqs, checkpoint
-signatures) and replayed. Decisions a crash cut off after their input are recomputed by the core (`interrupted`:
-never sent, see replay.py). A log that does not verify, whose replay really diverges from what was logged, or
+to the last whole record and logs the cut, so a crash never blocks the next start. Then the log is verified (chain,
+seqs, checkpoint signatures) and replayed; only then does the writer log `log_reopened` and sign a checkpoint.
+Decisions a crash cut off after their input are recomputed by the core (`interrupted`: never sent, see
+replay.py). A log that does not verify, whose replay really diverges from what was logged, or
 that holds a schedule not signed by a key in the trust store stops the daemon from starting (fail loudly: never
 guess a state).
 """

@@ -5,6 +5,7 @@ fdatasync'd) and within what can be unsynced; any other damage is left untouched
 from __future__ import annotations
 
 import base64
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -201,8 +202,6 @@ def test_every_page_boundary_class(tmp_path_factory: pytest.TempPathFactory, dat
 def _readable(seg: Path) -> list[dict]:
     out = []
     for x in seg.read_bytes().split(b"\n")[:-1]:
-        try:
+        with contextlib.suppress(ValueError):
             out.append(loads_line(x))
-        except ValueError:
-            pass
     return out
