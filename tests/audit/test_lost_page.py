@@ -205,3 +205,24 @@ def _readable(seg: Path) -> list[dict]:
         with contextlib.suppress(ValueError):
             out.append(loads_line(x))
     return out
+
+
+def test_a_writer_opened_without_announcing_appends_nothing_until_told(tmp_path: Path, key: Ed25519PrivateKey) -> None:
+    """What start-up relies on: open(announce=False) writes nothing on an undamaged log; reopened() (or the first
+    append) writes log_reopened and the open checkpoint, once."""
+    d = tmp_path / "log"
+    w = AuditWriter.open(d, CFG, key, StepClock())
+    w.append("x", pump_id=None, course_id=None, durable=True)
+    w.close()
+    seg = d / "audit-000001.jsonl"
+    before = seg.read_bytes()
+    w = AuditWriter.open(d, CFG, key, StepClock(), announce=False)
+    w.abandon()  # a refused start
+    assert seg.read_bytes() == before
+    w = AuditWriter.open(d, CFG, key, StepClock(), announce=False)
+    w.append("y", pump_id=None, course_id=None, durable=True)
+    w.reopened()  # already done by the append: nothing more
+    w.close()
+    events = [r["event"] for r in lines_of(seg)[len(before.split(b"\n")) - 1 :]]
+    assert events == ["log_reopened", "checkpoint", "y", "checkpoint"]
+    assert verify_log(d).ok
