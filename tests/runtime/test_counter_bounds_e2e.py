@@ -2,8 +2,9 @@
 on a PTY and Modbus/TCP against the simulated pump, whose state is read from the simulator, not from the log.
 
 - SUP-21: the counter cleared at the pump's panel while it infuses (no clear driverd ordered) is the alarm
-  `counter_drop`, and the pump is stopped within one poll; it stays stopped until a clinician resumes, and the
-  resumed course counts on from the lower reading without another alarm. Before, only the Harvard driver noticed.
+  `counter_drop`, and the pump is stopped within one poll; it stays stopped, a resume is refused (the syringe may
+  have been swapped), and a syringe change (stating the syringe in the pump) loads and verifies it and resumes the
+  course without another alarm. Before, only the Harvard driver noticed.
 - SUP-20: a reading in 1 mL steps (a New Era display from 1000 mL: `DIS` answers `1000.`) is coarser than the drug
   library's `max_counter_step_ml` (0.1 mL): the alarm `counter_step`, and the pump is stopped. Before, the 1 mL
   step widened the 24-h ceiling's allowance by 2 mL of drug. (A counter cleared per course and per syringe cannot
@@ -21,8 +22,9 @@ from pathlib import Path
 
 import pytest
 
+from driverd.runtime.control import request
 from drivers.base import PumpState
-from tests.runtime.e2e import PUMP, audit_ok, events, rig, run, setpoints, start_running
+from tests.runtime.e2e import BOUND_S, PUMP, audit_ok, events, rig, run, setpoints, start_running
 
 
 def _alarms(records: list[dict[str, object]]) -> list[object]:
@@ -30,7 +32,7 @@ def _alarms(records: list[dict[str, object]]) -> list[object]:
 
 
 @pytest.mark.parametrize("transport", ["newera-pty", "modbus-tcp"])
-def test_a_counter_cleared_at_the_panel_stops_the_pump_until_a_clinician_resumes(tmp_path: Path,
+def test_a_counter_cleared_at_the_panel_stops_the_pump_until_a_syringe_load(tmp_path: Path,
                                                                                  transport: str) -> None:
     async def body() -> None:
         async with rig(transport, tmp_path, control=True) as r:
@@ -48,7 +50,14 @@ def test_a_counter_cleared_at_the_panel_stops_the_pump_until_a_clinician_resumes
             await r.advance_to(r.clock.now() + 5 * r.poll)
             assert model.status().state is PumpState.STOPPED
             assert all(x[1] == 0 for x in model.rate_history() if x[0] >= since)
+            # A resume would run the old syringe's rate on whatever is in (a swap between two polls is possible):
+            # refused; change_syringe, stating the syringe in the pump, loads and verifies it (review 2026-12-03).
             reply = await r.command(PUMP, "resume")
+            assert reply["ok"] is False and "counter_drop" in str(reply), reply
+            assert model.status().state is PumpState.STOPPED
+            assert r.socket is not None
+            reply = await request(r.socket, {"op": "change_syringe", "pump_id": PUMP, "fill_volume_ml": "10",
+                                             "by": "rn-1", "reason": "the syringe in the pump"}, timeout_s=BOUND_S)
             assert reply["ok"] is True, reply
             await r.advance_to(r.clock.now() + 60 * r.poll)
             status = model.status()
