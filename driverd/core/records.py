@@ -107,14 +107,38 @@ def _dec(fields: dict[str, Any], key: str) -> Decimal:
     return d
 
 
-def _positive_or_none(fields: dict[str, Any], key: str) -> Decimal | None:
-    """An optional field that, when present, is a decimal above 0 (absent or null: None)."""
-    if fields.get(key) is None:
-        return None
-    d = _dec(fields, key)
-    if d <= 0:
-        raise ValidationError([Problem(key, "range", f"must be > 0, got {d}")])
-    return d
+def exact_dec(d: Decimal) -> str:
+    """The text of a value a pump reported, from which `Decimal` rebuilds that very value: sign, digits, exponent,
+    and a NaN's kind, sign and payload. `fmt_dec`'s plain notation, except for a positive exponent, which plain
+    notation drops ("1E+1" would read back as 10, "0E+2" as 0): the core words its alarms with the value it got
+    (a bore of 1E+1 mm), so a replay folding "10" would word them otherwise and diverge."""
+    exponent = d.as_tuple().exponent  # "n", "N", "F" for a NaN, an sNaN, an infinity
+    if isinstance(exponent, int) and exponent > 0:
+        return str(d)
+    return fmt_dec(d)  # exact for the rest: "NaN", "-sNaN12", "Infinity", "-0", "0.000", "0.0000001"
+
+
+def _reported_dec(fields: dict[str, Any], key: str) -> Decimal:
+    """A value the pump reported, as read: any decimal, NaN and the infinities included. The core judges such a
+    reading (a counter step of NaN or 0 is the alarm `counter_step`, a NaN bore `syringe_mismatch`, a NaN rate a
+    refused report), and the channel logs it as it was folded: a replay must fold it too, or the log no longer
+    replays and the daemon refuses to start on it (review, 2026-12-03)."""
+    raw = fields.get(key)
+    if isinstance(raw, str):
+        d = finite_dec(raw)
+        if d is not None:
+            return d
+    if not isinstance(raw, str):
+        raise ValidationError([Problem(key, "type", f"expected a decimal string, got {raw!r}")])
+    try:
+        return Decimal(raw)
+    except InvalidOperation:
+        raise ValidationError([Problem(key, "number", f"not a decimal: {raw!r}")]) from None
+
+
+def _reported_or_none(fields: dict[str, Any], key: str) -> Decimal | None:
+    """An optional reported value (absent or null: None, not read); else as `_reported_dec`."""
+    return None if fields.get(key) is None else _reported_dec(fields, key)
 
 
 def _time(fields: dict[str, Any], key: str) -> datetime:
@@ -250,11 +274,12 @@ def event_to_record(ev: Event) -> tuple[str, dict[str, Any]]:
     if isinstance(ev, Tick):
         return "tick", at
     if isinstance(ev, PumpReport):
-        step = {} if ev.delivered_step_ml is None else {"delivered_step_ml": fmt_dec(ev.delivered_step_ml)}
+        # Every value as the pump reported it, exactly (`exact_dec`): the core judges it, the replay folds it.
+        step = {} if ev.delivered_step_ml is None else {"delivered_step_ml": exact_dec(ev.delivered_step_ml)}
         if ev.diameter_mm is not None:  # absent in logs written before 2026-12-03: no diameter was read then
-            step["diameter_mm"] = fmt_dec(ev.diameter_mm)
-        return "pump_report", {**at, "state": ev.state, "rate_ml_per_h": fmt_dec(ev.rate_ml_per_h),
-                               "delivered_ml": fmt_dec(ev.delivered_ml), "alarms": list(ev.alarms), **step}
+            step["diameter_mm"] = exact_dec(ev.diameter_mm)
+        return "pump_report", {**at, "state": ev.state, "rate_ml_per_h": exact_dec(ev.rate_ml_per_h),
+                               "delivered_ml": exact_dec(ev.delivered_ml), "alarms": list(ev.alarms), **step}
     if isinstance(ev, SetpointResult):
         rb = None if ev.readback_ml_per_h is None else fmt_dec(ev.readback_ml_per_h)
         return "setpoint_result", {**at, "setpoint_id": ev.setpoint_id, "readback_ml_per_h": rb, "error": ev.error}
@@ -306,9 +331,9 @@ def event_from_record(record: dict[str, Any]) -> Event:
         alarms = record.get("alarms", [])
         if not isinstance(alarms, list) or not all(isinstance(a, str) for a in alarms):
             raise ValidationError([Problem("alarms", "type", "expected a list of strings")])
-        return PumpReport(at, state, _dec(record, "rate_ml_per_h"), _dec(record, "delivered_ml"),  # type: ignore[arg-type]
-                          tuple(alarms), _positive_or_none(record, "delivered_step_ml"),
-                          _positive_or_none(record, "diameter_mm"))
+        return PumpReport(at, state, _reported_dec(record, "rate_ml_per_h"),  # type: ignore[arg-type]
+                          _reported_dec(record, "delivered_ml"), tuple(alarms),
+                          _reported_or_none(record, "delivered_step_ml"), _reported_or_none(record, "diameter_mm"))
     if name == "setpoint_result":
         sid = record.get("setpoint_id")
         if isinstance(sid, bool) or not isinstance(sid, int):
