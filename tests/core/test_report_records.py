@@ -1,0 +1,144 @@
+"""A pump report's record holds every reading the channel logs, exactly, and the replay folds it (SUP-20, SUP-16).
+
+The core judges what a pump reports: a counter step of 0, negative, NaN or infinite is the alarm `counter_step`, a
+bore that is no number `syringe_mismatch`, a NaN rate or counter a refused report, an infinite one the ceiling.
+The channel logs the report as it was folded. Before (review, 2026-12-03) the record decoder refused such a
+`delivered_step_ml` or `diameter_mm` (and any non-finite rate or counter), so `audit replay`, `verify --full` and the
+start-up after a crash failed on that log for good. And a value with a positive exponent (a bore of 1E+1 mm) was
+written "10": the replay worded the alarm otherwise than the daemon had and diverged. Now every Decimal a report can
+hold is written so that it reads back as the very same value (sign, digits, exponent; a NaN's kind, sign and
+payload), and folding the read-back gives the core's live outputs, word for word. A field that is not a decimal at
+all is still refused, naming the field and the rule.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from datetime import timedelta
+from decimal import Decimal as D
+from functools import cache
+from typing import Any
+
+import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from driverd.core import machine
+from driverd.core.errors import ValidationError
+from driverd.core.events import PumpReport
+from driverd.core.records import command_to_record, event_from_record, event_to_record, exact_dec, fmt_dec
+from driverd.core.state import CourseState, Phase
+from tests.core.factories import PROTOCOL, T0, primed, schedule
+from tests.core.harness import ExactPump, Player
+
+FIELDS = ("delivered_step_ml", "diameter_mm", "rate_ml_per_h", "delivered_ml")
+REPORT = PumpReport(T0, "infusing", D("0.083"), D("1.500"), (), D("0.001"), D("21.59"))
+
+# The value a driver hands the channel, and the text its record holds: plain notation as before, except where that
+# would lose the exponent.
+WRITTEN = [
+    ("NaN", "NaN"), ("-NaN", "-NaN"), ("NaN123", "NaN123"), ("sNaN", "sNaN"), ("-sNaN7", "-sNaN7"),
+    ("Infinity", "Infinity"), ("-Infinity", "-Infinity"),
+    ("0", "0"), ("-0", "-0"), ("0.000", "0.000"), ("-0E-3", "-0.000"), ("0E+2", "0E+2"),
+    ("-1", "-1"), ("-0.01", "-0.01"), ("1E+1", "1E+1"), ("1.00E+3", "1.00E+3"), ("-2E+1", "-2E+1"),
+    ("0.001", "0.001"), ("1E-7", "0.0000001"), ("21.59", "21.59"), ("1000", "1000"),
+]
+
+
+def through_the_log(ev: PumpReport) -> PumpReport:
+    """Encode, as JSON text and back (the log's own form), and decode."""
+    name, fields = event_to_record(ev)
+    decoded = event_from_record(json.loads(json.dumps({"event": name, **fields})))
+    assert isinstance(decoded, PumpReport)
+    return decoded
+
+
+def exactly(a: D | None, b: D | None) -> bool:
+    """The same Decimal: sign, digits, exponent, or a NaN's kind and payload (a NaN equals nothing)."""
+    return (a is None) == (b is None) and (a is None or b is None or a.as_tuple() == b.as_tuple())
+
+
+@pytest.mark.parametrize("field", FIELDS)
+@pytest.mark.parametrize(("value", "text"), WRITTEN)
+def test_each_reading_is_written_as_its_exact_text_and_read_back_as_itself(field: str, value: str, text: str) -> None:
+    ev = replace(REPORT, **{field: D(value)})
+    assert event_to_record(ev)[1][field] == text
+    assert exactly(getattr(through_the_log(ev), field), D(value))
+
+
+FINITE = st.builds(lambda sign, digits, exponent: D((sign, tuple(digits), exponent)),
+                   st.integers(0, 1), st.lists(st.integers(0, 9), min_size=1, max_size=30), st.integers(-40, 40))
+SPECIAL = st.builds(lambda sign, kind: D(f"{'-' if sign else ''}{kind}"), st.booleans(),
+                    st.sampled_from(["Infinity", "NaN", "NaN0", "NaN123456789", "sNaN", "sNaN1", "sNaN987"]))
+VALUES = st.one_of(FINITE, SPECIAL, st.decimals(allow_nan=True, allow_infinity=True))
+
+
+@given(VALUES, st.sampled_from(FIELDS))
+@example(D("0E+2"), "delivered_step_ml")
+@example(D("-sNaN12"), "diameter_mm")
+def test_every_decimal_round_trips_exactly(value: D, field: str) -> None:
+    ev = replace(REPORT, **{field: value})
+    text = event_to_record(ev)[1][field]
+    assert exactly(getattr(through_the_log(ev), field), value)
+    exponent = value.as_tuple().exponent
+    if not (isinstance(exponent, int) and exponent > 0):
+        assert text == fmt_dec(value)  # what every log held before: plain notation, unchanged
+    assert exact_dec(value) == text
+
+
+@pytest.mark.parametrize("field", FIELDS)
+@pytest.mark.parametrize(("value", "rule"), [
+    ("x", "number"), ("", "number"), ("0x10", "number"), ("1,5", "number"), ("NaN NaN", "number"),
+    (1, "type"), (1.5, "type"), (True, "type"), ([], "type"), ({"v": "1"}, "type"),
+])
+def test_what_is_not_a_decimal_is_still_refused_naming_the_field(field: str, value: Any, rule: str) -> None:
+    _, fields = event_to_record(REPORT)
+    with pytest.raises(ValidationError) as info:
+        event_from_record({"event": "pump_report", **fields, field: value})
+    assert [(p.path, p.rule) for p in info.value.problems] == [(field, rule)]
+
+
+@pytest.mark.parametrize("field", ["delivered_step_ml", "diameter_mm"])
+def test_an_unread_step_or_bore_is_still_none(field: str) -> None:
+    _, fields = event_to_record(REPORT)
+    for record in ({k: v for k, v in fields.items() if k != field}, {**fields, field: None}):
+        ev = event_from_record({"event": "pump_report", **record})
+        assert isinstance(ev, PumpReport) and getattr(ev, field) is None
+
+
+@cache
+def _running() -> tuple[CourseState, PumpReport]:
+    """A course titrating 30 h in, and the pump's next report (built once: every example starts from it)."""
+    p = Player(primed(schedule()), PROTOCOL, ExactPump(at=T0 - timedelta(minutes=10)))
+    p.run_until(T0 + timedelta(hours=30))
+    assert p.state.phase is Phase.TITRATING and p.pump.infusing
+    p.pump.advance(T0 + timedelta(hours=30, minutes=1))
+    bore = p.state.schedule.inner_diameter_mm  # type: ignore[union-attr]
+    return p.state, replace(p.pump.report(), delivered_step_ml=D("0.001"), diameter_mm=bore)
+
+
+def outputs(cmds: tuple[Any, ...]) -> list[tuple[str, dict[str, Any]]]:
+    return [command_to_record(c) for c in cmds]
+
+
+@given(st.one_of(VALUES, st.sampled_from([D(0), D("-0.01"), D("NaN"), D("1E+1"), D("0E+2")])),
+       st.sampled_from(FIELDS))
+@example(D(0), "delivered_step_ml")
+@example(D("NaN"), "delivered_step_ml")
+@example(D("NaN"), "diameter_mm")
+@example(D("1E+1"), "diameter_mm")
+@example(D("sNaN"), "rate_ml_per_h")
+@example(D("Infinity"), "delivered_ml")
+def test_the_replay_folds_the_logged_report_to_the_daemons_own_outputs(value: D, field: str) -> None:
+    state, report = _running()
+    live = replace(report, **{field: value})
+    _, live_cmds, _ = machine.report_step(state, live, PROTOCOL)  # the channel's entry point
+    _, replayed = machine.step(state, through_the_log(live), PROTOCOL)  # the replay's
+    assert outputs(replayed) == outputs(live_cmds)
+    codes = [f.get("code") for name, f in outputs(live_cmds) if name == "alarm"]
+    if field == "delivered_step_ml":  # doubt unless a positive number up to the library's bound: alarm (and stop)
+        assert codes == ([] if value.is_finite() and 0 < value <= PROTOCOL.max_counter_step_ml else ["counter_step"])
+    if field == "diameter_mm":  # any other bore than the schedule's, a NaN too
+        assert codes == ([] if value.is_finite() and value == state.schedule.inner_diameter_mm  # type: ignore[union-attr]
+                         else ["syringe_mismatch"])
