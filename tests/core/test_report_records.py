@@ -9,6 +9,11 @@ written "10": the replay worded the alarm otherwise than the daemon had and dive
 hold is written so that it reads back as the very same value (sign, digits, exponent; a NaN's kind, sign and
 payload), and folding the read-back gives the core's live outputs, word for word. A field that is not a decimal at
 all is still refused, naming the field and the rule.
+
+The other records that hold what a pump read back had the same hole and have the same rule: a setpoint's read-back
+(`setpoint_result.readback_ml_per_h`: a NaN was a refused result the replay could not fold), the bore read back at
+prime and at a syringe load (`pump_verified`, `syringe_loaded`: a NaN bore refused the course live and made the
+log unstartable), the counter at a load and around a clear (`syringe_loaded.delivered_ml`, `counter_cleared`).
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ from hypothesis import strategies as st
 
 from driverd.core import machine
 from driverd.core.errors import ValidationError
-from driverd.core.events import PumpReport
+from driverd.core.events import CounterCleared, Event, PumpReport, PumpVerified, SetpointResult, SyringeLoaded
+from driverd.core.pump_range import PumpRange
+from driverd.core.quantities import NEW_ERA_RESOLUTION
 from driverd.core.records import command_to_record, event_from_record, event_to_record, exact_dec, fmt_dec
 from driverd.core.state import CourseState, Phase
 from tests.core.factories import PROTOCOL, T0, primed, schedule
@@ -142,3 +149,51 @@ def test_the_replay_folds_the_logged_report_to_the_daemons_own_outputs(value: D,
     if field == "diameter_mm":  # any other bore than the schedule's, a NaN too
         assert codes == ([] if value.is_finite() and value == state.schedule.inner_diameter_mm  # type: ignore[union-attr]
                          else ["syringe_mismatch"])
+
+
+# Every other input record holding a value the pump read back: (event, its field).
+READ_BACKS: list[tuple[Event, str]] = [
+    (SetpointResult(T0, 7, D("0.083")), "readback_ml_per_h"),
+    (PumpVerified(T0, D("19.13"), NEW_ERA_RESOLUTION, "NE-1000", PumpRange("sim://p", D("0.01"), D("900"))),
+     "diameter_mm"),
+    (SyringeLoaded(T0, D("19.13"), D("0.000")), "diameter_mm"),
+    (SyringeLoaded(T0, D("19.13"), D("0.000")), "delivered_ml"),
+    (CounterCleared(T0, D("99.9"), D("0")), "before_ml"),
+    (CounterCleared(T0, D("99.9"), D("0")), "after_ml"),
+]
+
+
+def _read_back(event: Event, field: str) -> D:
+    name, fields = event_to_record(event)
+    back = event_from_record(json.loads(json.dumps({"event": name, **fields})))
+    assert type(back) is type(event)
+    value = getattr(back, field)
+    assert isinstance(value, D)
+    return value
+
+
+@given(VALUES, st.sampled_from(READ_BACKS))
+@example(D("NaN"), READ_BACKS[0])
+@example(D("NaN"), READ_BACKS[1])
+@example(D("1E+1"), READ_BACKS[1])
+def test_every_read_back_round_trips_exactly(value: D, case: tuple[Event, str]) -> None:
+    event, field = case
+    assert exactly(_read_back(replace(event, **{field: value}), field), value)  # type: ignore[type-var]
+
+
+@pytest.mark.parametrize(("event", "field"), READ_BACKS)
+@pytest.mark.parametrize(("value", "rule"), [("x", "number"), ("", "number"), (1, "type"), ([], "type")])
+def test_a_read_back_that_is_not_a_decimal_is_still_refused(event: Event, field: str, value: Any, rule: str) -> None:
+    name, fields = event_to_record(event)
+    with pytest.raises(ValidationError) as info:
+        event_from_record({"event": name, **fields, field: value})
+    assert [(p.path, p.rule) for p in info.value.problems] == [(field, rule)]
+
+
+@pytest.mark.parametrize(("after", "verified"), [("0", True), ("-0", True), ("0.000", True), ("0E+2", True),
+                                                  ("0.001", False), ("NaN", False), ("sNaN", False), (None, False)])
+def test_a_clear_is_verified_only_by_a_zero_read_back_and_a_nan_raises_nothing(after: str | None,
+                                                                              verified: bool) -> None:
+    event = CounterCleared(T0, D("99.9"), None if after is None else D(after))
+    assert event.verified is verified
+    assert event_to_record(event)[1]["verified"] is verified  # (an sNaN raised here, out of the channel's clear)
