@@ -725,6 +725,8 @@ def _recover_tail(
             cut = len(data) - len(last) - 1
     else:
         cut = data.rfind(b"\n") + 1
+    if cut is not None and not _torn_line_is_unsynced(data[cut:], bulk_events):
+        return None
     body_end = len(data) if cut is None else cut
     seqs: tuple[int, ...] = ()
     if data.find(b"\x00", 0, body_end) >= 0:
@@ -840,11 +842,8 @@ def _lost_page_start(
         if b"\x00" in line:
             # A lost page (its sectors checked above). What is left of the records it held must be bulk events':
             # a durable one was fdatasync'd before anything after it was written.
-            if _SIG_KEY in line:
+            if not _remains_are_bulk(line, bulk_events):
                 return None
-            for m in _EVENT_KEY.finditer(line):
-                if not m.group(2) or m.group(1).decode("ascii", "replace") not in bulk_events:
-                    return None
             continue
         try:
             rec = loads_line(line)
@@ -857,6 +856,26 @@ def _lost_page_start(
             return None
         seqs.append(seq)
     return start, tuple(seqs)
+
+
+def _remains_are_bulk(line: bytes, bulk_events: frozenset[str]) -> bool:
+    """Whether what is left of a zeroed line names only bulk events: no other event name, none cut short by the
+    zeros, and no checkpoint signature (the one writer record whose name may be lost to the zeros)."""
+    if _SIG_KEY in line:
+        return False
+    return all(m.group(2) and m.group(1).decode("ascii", "replace") in bulk_events for m in _EVENT_KEY.finditer(line))
+
+
+def _torn_line_is_unsynced(tail: bytes, bulk_events: frozenset[str]) -> bool:
+    """Whether a torn last line can be cut: the record the crash interrupted (its append never returned, so it was
+    never acted on). Zeros that run to the end of the file are that record's lost end. Bytes after zeros, though,
+    may be later records whose newlines the zeros hid, i.e. the line may hold several records, and then the first
+    was followed by writes (a durable one had been fdatasync'd): only bulk events may show in it, as for a lost page
+    (`_lost_page_start`). A stray zero in the line refuses too, unless the line names only bulk events."""
+    first_nul = tail.find(b"\x00")
+    if first_nul < 0 or not tail[first_nul:].strip(b"\x00"):
+        return True
+    return _remains_are_bulk(tail, bulk_events)
 
 
 def _nul_runs_are_sectors(data: bytes, first_nul: int, end: int) -> bool:
