@@ -67,8 +67,6 @@ SEGMENT_MODE: Final = 0o640
 WRITER_EVENTS: Final = frozenset({"segment_start", "checkpoint", "torn_tail_truncated", "log_reopened"})
 
 TORN_KEEP_BYTES: Final = 64 * 1024  # how much of a torn tail its record keeps (base64); the hash covers all of it
-# Side files holding what a cut removed: not a segment name (segments.SEGMENT_RE), so every listing ignores them.
-CUT_FILE_RE: Final = re.compile(r"^cut-(\d{6,})-(\d+)-([0-9a-f]{16})\.bin$")
 
 EventDict = MutableMapping[str, Any]
 
@@ -790,14 +788,18 @@ def _lost_page_start(
 
     The rule on syncs, exactly: the writer is single-threaded and writes each record as it is appended; an
     fdatasync covers every byte written before it. A durable record (a writer record, or append(durable=True))
-    is fdatasync'd before its append returns, so before any later byte is written. Hence once any byte follows a
-    durable record (or its fdatasync may simply have returned: a power cut during it cannot be told apart), every
-    byte up to its end may have been on disk and acted on (a setpoint goes on the wire only then). That includes
-    the non-durable records written before it since the last sync: its fdatasync synced them too. Only records
-    written after the last durable one can be unsynced, and of those only bulk events (`bulk_events`, which the
-    owner never writes durably and append refuses to) are told apart by name in the log. Bulk records may also
-    have been synced by a group commit (every `group_commit_records`, bounded below; or on time, which the log does
-    not record): a cut may then take records that were on disk, but never one a caller waited for.
+    is fdatasync'd before its append returns, so before any later byte is written. So:
+    - a durable record with anything after it was fdatasync'd, and every byte up to its end was on disk (and may
+      have been acted on: a setpoint goes on the wire only then); a durable last record may have been too (a
+      power cut during its fdatasync cannot be told apart). Zeros before either are real damage;
+    - that fdatasync also synced the non-durable records written before it since the last sync (they lie before
+      it in the file, so the rule above covers them);
+    - a non-durable record written after a durable one is NOT covered by it: that fdatasync returned before the
+      record was written. Only such records, after the last durable one, can have been lost unsynced.
+    The log does not mark durability, so the writer goes by name: only `bulk_events` (which the owner never writes
+    durably, and append refuses to) may follow the damage. Bulk records may also have been synced by a group
+    commit (every `group_commit_records`, bounded below; or on time, which the log does not record): a cut may
+    then take bulk records that were on disk, but never one a caller waited for.
 
     So a loss is accepted only if:
     - every run of NULs from the first one on (up to the torn last line, if any) looks like a lost page
