@@ -136,3 +136,30 @@ def test_refused_starts_append_nothing(made: Path, tmp_path: Path, torn_tail: bo
         with pytest.raises(AuditError, match="does not verify"):
             _start(audit, key)
         assert _files(audit) == after_first
+
+
+def test_the_daemon_itself_cuts_a_lost_page_of_telemetry(made: Path, tmp_path: Path) -> None:
+    """Daemon.start gives the writer the channel's bulk events (else it would make no lost-page cut and refuse)."""
+    synth = _module()
+    out = tmp_path / "run"
+    out.mkdir()
+    audit, key = _copy(made, out)
+    before = recover(audit, TRUST)
+    seg, data = _power_cut(audit, key)
+    line_start = bytes(data).find(b"\x00")
+    config = synth.config_for(out, ["bed-1"], 60, key)
+    clock = synth.StepClock(LATER)
+
+    async def run() -> None:
+        with synth.model_pumps(clock, {}):
+            daemon = synth.Daemon(config, clock)
+            await daemon.start()
+            assert daemon.audit is not None
+            await daemon.stop()
+
+    asyncio.run(run())
+    recs = [loads_line(x) for x in seg.read_bytes().split(b"\n")[:-1]]
+    torn = [r for r in recs if r["event"] == "torn_tail_truncated"]
+    assert len(torn) == 1 and torn[0]["reason"] == "lost_unsynced_page" and torn[0]["offset"] == line_start
+    assert recover(audit, TRUST).states.keys() == before.states.keys()
+    assert verify_log(audit).ok
