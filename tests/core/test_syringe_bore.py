@@ -121,7 +121,7 @@ def test_the_record_carries_the_bore_and_old_records_parse() -> None:
     assert event_from_record({"event": name, **old}) == replace(ev, diameter_mm=None)
 
 
-@pytest.mark.parametrize("value", ["0", "-19.13", "x", "NaN", 19])
+@pytest.mark.parametrize("value", ["x", "", "19,13", 19, 19.13])  # not decimals (0, -19.13, NaN: the core judges)
 def test_a_malformed_bore_in_a_record_names_the_field(value: object) -> None:
     fields = {"event": "pump_report", "at": "2026-11-23T09:00:00Z", "state": "infusing", "rate_ml_per_h": "1",
               "delivered_ml": "1", "alarms": [], "diameter_mm": value}
