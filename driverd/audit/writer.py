@@ -80,7 +80,7 @@ class AuditConfig:
     checkpoint_every_s: int | Decimal = 60
     group_commit_ms: int = 200
     group_commit_records: int = 256
-    # Events the owner only ever appends with durable=False (the daemon: channel.BULK_INPUTS). A lost-page cut at
+    # Events the owner only ever appends with durable=False (the daemon: channel.BULK_EVENTS). A lost-page cut at
     # open may remove only these (`_lost_page_start`); append refuses one of them with durable=True. Empty (the
     # default): the writer cannot tell which records may have been unsynced, so it makes no lost-page cut at all.
     bulk_events: frozenset[str] = frozenset()

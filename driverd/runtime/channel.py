@@ -54,9 +54,14 @@ _STATE_NAMES: dict[PumpState, PumpStateName] = {s: s.value for s in PumpState}
 #: every poll: each attempt is two durable records, and the alarm is already raised.
 CLEAR_RETRY = timedelta(minutes=1)
 
-# Inputs that must survive a crash the moment they are acted on; telemetry and ticks use group commit. The daemon
-# gives the writer this same set (AuditConfig.bulk_events): the only records a lost-page cut at open may remove.
+# Inputs that must survive a crash the moment they are acted on; telemetry and ticks use group commit.
 BULK_INPUTS: Final = frozenset({"tick", "pump_report"})
+# The core's outputs written without fdatasync: all but a setpoint (write-ahead of the wire) and an alarm. They are
+# recomputed by replay from their input, so one lost with an unsynced page is only an interrupted output.
+BULK_OUTPUTS: Final = frozenset({"transition", "notice", "refused", "course_summary"})
+# Every record the channel only ever appends with durable=False. The daemon gives the writer this set
+# (AuditConfig.bulk_events): the only records a lost-page cut at open may remove.
+BULK_EVENTS: Final = BULK_INPUTS | BULK_OUTPUTS
 
 
 @dataclass
@@ -180,7 +185,7 @@ class Channel:
             cname, cfields = command_to_record(cmd)
             # Write-ahead: a setpoint is on disk (fdatasync) before the driver is called.
             self.audit.append(cname, pump_id=self.pump_id, course_id=self.state.course_id,
-                              durable=isinstance(cmd, ApplySetpoint) or cname == "alarm", **cfields)
+                              durable=cname not in BULK_OUTPUTS, **cfields)
         if self._on_change is not None:
             self._on_change(self)
         return cmds

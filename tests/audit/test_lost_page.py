@@ -21,13 +21,13 @@ from driverd.audit.segments import segment_names
 from driverd.audit.verify import verify_log
 from driverd.audit.writer import TORN_KEEP_BYTES, AuditConfig, AuditWriter
 from driverd.core.errors import AuditError, ConfigError
-from driverd.runtime.channel import BULK_INPUTS
+from driverd.runtime.channel import BULK_EVENTS
 
 from .conftest import StepClock
 
 PAGE = 4096
 CFG = AuditConfig(segment_max_records=10_000, checkpoint_every_records=10_000, checkpoint_every_s=10**6,
-                  group_commit_ms=10**9, group_commit_records=64, bulk_events=BULK_INPUTS)  # the daemon's set
+                  group_commit_ms=10**9, group_commit_records=64, bulk_events=BULK_EVENTS)  # the daemon's set
 
 
 def crashed_log(d: Path, key: Ed25519PrivateKey, unsynced: int = 40, checkpoint: bool = True) -> tuple[Path, int]:
@@ -315,15 +315,17 @@ def test_a_durable_record_torn_with_zeros_to_the_end_is_still_cut(tmp_path: Path
 
 
 def test_only_bulk_events_after_the_damage_are_cut(tmp_path: Path, key: Ed25519PrivateKey) -> None:
-    """The same log with the records after the damage all bulk (ticks and pump reports): cut, every byte kept."""
+    """The same log with the records after the damage all bulk (ticks, pump reports and the core's outputs other
+    than setpoints and alarms): cut, every byte kept."""
     d = tmp_path / "log"
     w = AuditWriter.open(d, CFG, key, StepClock())
     w.append("setpoint", pump_id="bed-1", course_id=None, durable=True, pad="s" * 300)
     seg = d / "audit-000001.jsonl"
     synced = seg.stat().st_size
+    outputs = ["transition", "notice", "refused", "course_summary"]  # the core's non-durable outputs: bulk too
     for i in range(30):
-        w.append("tick" if i % 3 else "pump_report", pump_id="bed-1", course_id=None, durable=False, i=i,
-                 pad="x" * 200)
+        name = outputs[i // 3 % 4] if i % 3 == 2 else ("tick" if i % 3 else "pump_report")
+        w.append(name, pump_id="bed-1", course_id=None, durable=False, i=i, pad="x" * 200)
     w._release()
     page = (synced // PAGE + 1) * PAGE
     damaged = zero(seg, page, page + PAGE)
@@ -420,7 +422,7 @@ def test_a_cut_larger_than_the_record_keeps_is_kept_whole(tmp_path: Path, key: E
     """More than TORN_KEEP_BYTES of readable telemetry after a lost page: the record keeps the first 64 KiB, the
     side file all of it."""
     cfg = AuditConfig(segment_max_records=10_000, checkpoint_every_records=10_000, checkpoint_every_s=10**6,
-                      group_commit_ms=10**9, group_commit_records=256, bulk_events=BULK_INPUTS)
+                      group_commit_ms=10**9, group_commit_records=256, bulk_events=BULK_EVENTS)
     d = tmp_path / "log"
     w = AuditWriter.open(d, cfg, key, StepClock())
     w.checkpoint()

@@ -20,7 +20,7 @@ from driverd.audit.segments import list_segments
 from driverd.audit.verify import verify_log
 from driverd.audit.writer import AuditConfig, AuditWriter
 from driverd.core.errors import AuditError
-from driverd.runtime.channel import BULK_INPUTS
+from driverd.runtime.channel import BULK_EVENTS
 from driverd.runtime.demo import DEMO_TRUST, START
 from driverd.runtime.recovery import open_log, recover
 from driverd.signing import TrustStore, load_private_key
@@ -58,7 +58,7 @@ def _files(audit: Path) -> dict[str, bytes]:
 
 def _start(audit: Path, key: Path) -> tuple[AuditWriter, object]:
     # The daemon's writer settings as Daemon.start passes them (bulk_events: the channel's own set).
-    return open_log(audit, AuditConfig(bulk_events=BULK_INPUTS), load_private_key(key), lambda: LATER, TRUST)
+    return open_log(audit, AuditConfig(bulk_events=BULK_EVENTS), load_private_key(key), lambda: LATER, TRUST)
 
 
 def _power_cut(audit: Path, key: Path, then: str | None = None) -> tuple[Path, bytearray]:
