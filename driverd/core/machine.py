@@ -532,7 +532,7 @@ def _on_resume(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
     if "unexpected_infusion" in state.alarm_causes and state.pump_infusing:
         return state, (Refused("clinician", "alarm_active", "the pump still infuses on its own"),)
     if SYRINGE_MISMATCH in state.alarm_causes:
-        return _acknowledge_but(state, {SYRINGE_MISMATCH}, Refused(
+        return _acknowledge_but(state, Refused(
             "clinician", SYRINGE_MISMATCH, "the pump was set to another syringe bore: its read-backs are not to be "
                                            "trusted; give change_syringe, which loads and verifies the syringe"))
     change = state.syringe_change
@@ -543,7 +543,7 @@ def _on_resume(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
                                                               "in, which loads and verifies the bore"),)
     ranged = [c for c in state.alarm_causes if c in RANGE_CAUSES]
     if ranged and (change is None or not change.loaded):  # (a loaded change waiting: acknowledged for its load)
-        return _acknowledge_but(state, RANGE_CAUSES, Refused(
+        return _acknowledge_but(state, Refused(
             "clinician", ranged[0], "the pump cannot run this course (see the alarm): give change_syringe, stating "
                                     "the syringe in the pump, which loads its bore and checks the pump's range again"))
     acked: tuple[Command, ...] = (Notice("alarm_cleared", ", ".join(state.alarm_causes)),) if state.alarm_causes \
@@ -559,16 +559,16 @@ def _on_resume(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
     return resumed, acked + cmds
 
 
-def _acknowledge_but(state: CourseState, keep: set[str] | frozenset[str], refused: Refused) -> Out:
-    """A resume refused for a cause only a syringe change ends (`keep`): every other cause is acknowledged, as a
-    resume would (the checks before passed: link up, no pump alarm, nothing unverified), and the course stays in
-    alarm. Else a lost link that is back, raised with it, left the course stuck: change_syringe acknowledges only
-    syringe causes ("resolve and resume link_lost first") and the resume was refused."""
-    rest = [c for c in state.alarm_causes if c not in keep]
+def _acknowledge_but(state: CourseState, refused: Refused) -> Out:
+    """A resume refused for a cause only a syringe change ends: the causes a change does not acknowledge are
+    acknowledged, as a resume would (the checks before passed: link up, no pump alarm, nothing unverified), the
+    others stay and the course stays in alarm. Else a lost link that is back, raised with it, left the course stuck:
+    change_syringe acknowledges only SYRINGE_CHANGE_CAUSES ("resolve and resume link_lost first"), resume refused."""
+    rest = [c for c in state.alarm_causes if c not in SYRINGE_CHANGE_CAUSES]
     if not rest:
         return state, (refused,)
-    kept = tuple(c for c in state.alarm_causes if c in keep)
-    code = state.alarm_code if state.alarm_code in keep else kept[-1]
+    kept = tuple(c for c in state.alarm_causes if c in SYRINGE_CHANGE_CAUSES)
+    code = state.alarm_code if state.alarm_code in SYRINGE_CHANGE_CAUSES else kept[-1]
     return evolve(state, alarm_causes=kept, alarm_code=code), (Notice("alarm_cleared", ", ".join(rest)), refused)
 
 

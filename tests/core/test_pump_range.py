@@ -352,3 +352,19 @@ def test_link_restored_records_round_trip_with_and_without_the_check() -> None:
     with pytest.raises(ValidationError) as exc:
         event_from_record({"event": name, **fields, "diameter_mm": "-1"})
     assert exc.value.problems[0].path == "diameter_mm"
+
+
+def test_a_resume_refused_for_the_bore_keeps_the_range_cause_too() -> None:
+    """The bore changed while the link was down: both change-only causes stay through the refused resume (only the
+    lost link is acknowledged), so the change that follows clears them by loading and checking the bore."""
+    p = _running_then_lost()
+    bore = D("1.913")
+    p.feed(LinkRestored(T0 + 31 * H, bore, PumpRange(URL, *NE1000_PLUNGER.range_ml_per_h(bore, NEW_ERA_RESOLUTION))))
+    p.feed(replace(p.pump.report(), diameter_mm=bore))
+    assert p.state.alarm_causes == ("link_lost", PUMP_RANGE, "syringe_mismatch") and not p.pump.infusing
+    cmds = p.feed(ClinicianCommand(T0 + 31 * H, "resume", "dr", "link back"))
+    assert [c.reason for c in cmds if isinstance(c, Refused)] == ["syringe_mismatch"]
+    assert p.state.alarm_causes == (PUMP_RANGE, "syringe_mismatch") and p.state.phase is Phase.ALARM
+    p.feed(ClinicianCommand(T0 + 31 * H, "change_syringe", "nurse-1", "bore set back", None, D(17)))
+    p.feed(SyringeLoaded(T0 + 31 * H, DIAMETER, p.pump.delivered, NE))
+    assert p.state.phase is Phase.TITRATING and p.pump.infusing and not p.state.alarm_causes

@@ -166,7 +166,7 @@ def test_a_load_that_reads_back_the_wrong_bore_keeps_the_change_waiting_without_
     _mismatch_then_change(p)
     cmds = p.feed(SyringeLoaded(p.pump.at, D("14.43"), p.pump.delivered))
     assert [c.reason for c in cmds if isinstance(c, Refused)] == ["syringe_mismatch"]
-    for k in range(1, 4):
+    for _ in range(3):
         p.pump.advance(p.pump.at + M)
         assert p.feed(report(p, D("14.43"))) == () and p.state.phase is Phase.PAUSED
     cmds = p.feed(ClinicianCommand(p.pump.at, "resume", "dr-a", "resume"))
