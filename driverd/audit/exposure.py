@@ -51,6 +51,11 @@ class LedgerBuilder:
         # accepted again needs it: the full ledger would keep that first start for its next run.
         self.retired: dict[str, datetime] = {}
         self.pruned = False  # `prune` has run (or the fields read had `retired`): to_fields writes `retired`
+        # `to_fields`' encodings of started, ended and retired, kept beside them as they change (a course at a
+        # time), so a snapshot or delta does not encode a year of courses again (replay computes one per delta).
+        self._enc_started: dict[str, str] = {}
+        self._enc_ended: dict[str, list[str]] = {}
+        self._enc_retired: dict[str, str] = {}
 
     def add(self, rec: dict[str, Any]) -> None:
         pump = rec.get("pump_id")
@@ -71,13 +76,18 @@ class LedgerBuilder:
             try:
                 if Decimal(str(rec.get("rate_ml_per_h"))) > 0:
                     self.started[course] = when
+                    self._enc_started[course] = fmt_time(when)
             except InvalidOperation:
                 return
         elif event == "course_summary":
             try:
-                self.ended[course] = (when, Decimal(str(rec.get("delivered_mg"))))
+                self._set_ended(course, when, Decimal(str(rec.get("delivered_mg"))))
             except InvalidOperation:
                 return
+
+    def _set_ended(self, course: str, at: datetime, mg: Decimal) -> None:
+        self.ended[course] = (at, mg)
+        self._enc_ended[course] = [fmt_time(at), exact_dec(mg)]
 
     def ledger(self) -> dict[str, Burst]:
         out: dict[str, Burst] = {}
@@ -117,22 +127,24 @@ class LedgerBuilder:
             end = self.ended.get(course)
             if end is not None and end[0] <= cut:
                 self.retired[course] = self.started.pop(course)
+                self._enc_retired[course] = self._enc_started.pop(course)
         for course in [c for c in self.retired if c not in keep]:
             end = self.ended.get(course)
             if end is not None and end[0] <= cut:
-                del self.ended[course]
+                del self.ended[course], self._enc_ended[course]
             if course not in self.ended:
                 self.patients.pop(course, None)
         for course in [c for c in self.patients if c not in keep and c not in self.started and c not in self.retired]:
             del self.patients[course]
 
     def to_fields(self) -> dict[str, Any]:
-        out = {"patients": dict(self.patients),
-               "started": {c: fmt_time(t) for c, t in self.started.items()},
-               "ended": {c: [fmt_time(t), exact_dec(mg)] for c, (t, mg) in self.ended.items()},
-               "last_at": {p: fmt_time(t) for p, t in self.last_at.items()}}
+        """The builder's state as a snapshot holds it: new dicts (the caller may keep them), whose `ended` pairs
+        are shared (never modify them). `last_at` (a few pumps, changed by nearly every record) is encoded here."""
+        out: dict[str, Any] = {"patients": dict(self.patients), "started": dict(self._enc_started),
+                               "ended": dict(self._enc_ended),
+                               "last_at": {p: fmt_time(t) for p, t in self.last_at.items()}}
         if self.pruned:
-            out["retired"] = {c: fmt_time(t) for c, t in self.retired.items()}
+            out["retired"] = dict(self._enc_retired)
         return out
 
     @classmethod
@@ -163,11 +175,14 @@ class LedgerBuilder:
                 mg = Decimal(v[1])
             except InvalidOperation:
                 raise ValidationError([Problem(f"ledger.ended.{c}", "number", f"not a decimal: {v[1]!r}")]) from None
-            b.ended[c] = (time(f"ledger.ended.{c}", v[0]), mg)
+            b._set_ended(c, time(f"ledger.ended.{c}", v[0]), mg)
         b.last_at = {p: time(f"ledger.last_at.{p}", v) for p, v in obj("last_at").items()}
         if isinstance(f, dict) and "retired" in f:  # absent in snapshots written before pruning (issue 12)
             b.retired = {c: time(f"ledger.retired.{c}", v) for c, v in obj("retired").items()}
             b.pruned = True
+        # Encoded afresh from the values read (as to_fields did before it kept them): exact whatever the text read.
+        b._enc_started = {c: fmt_time(t) for c, t in b.started.items()}
+        b._enc_retired = {c: fmt_time(t) for c, t in b.retired.items()}
         return b
 
 

@@ -361,11 +361,13 @@ class Replayer:
     def _check_delta(self, rec: dict[str, Any]) -> None:
         """A delta must be exactly the record the daemon writes from replay's states against the previous snapshot
         or delta (the same code: SnapshotChain). Judged like a snapshot (divergence kind `snapshot`)."""
-        from driverd.audit.snapshot import apply_delta, delta_body, full_fields
+        from driverd.audit.snapshot import DELTA_FORMAT, DELTA_FORMATS, apply_delta, delta_body, full_fields
 
         prev = self._chain.last()
         cur = self._chain.encode(*self._chain_view(sorted(set(prev.states if prev else ()) | set(self._pumps))))
-        expected = self._chain.delta_fields(cur)
+        fmt = rec.get("format")  # each delta is checked in the format it was written in (older logs: format 1)
+        expected = self._chain.delta_fields(cur, fmt if fmt in DELTA_FORMATS and not isinstance(fmt, bool)
+                                            else DELTA_FORMAT)
         found = delta_body(rec)
         if expected is None:
             self._diverge(rec, "", None, "snapshot", None, None,

@@ -5,10 +5,14 @@ log up to it gives (`core/state_records.py`, exact), the highest schedule versio
 library in force (its text: replay needs it), and the exposure ledger's builder state. The writer follows it
 with a checkpoint (reason `snapshot`), whose signature seals it like every record before it.
 
-A `state_delta` record (format 1 of its own; written between full snapshots, every DELTA_RECORDS records or
-DELTA_EVERY, see runtime/daemon.py) holds only what changed since the previous snapshot or delta, its `parent`:
-per pump, the encoded fields that differ and the history rows added (and how many old rows the 24-h window
-dropped), plus the versions, and the library, ledger and schedules when they changed. The parent is named by its
+A `state_delta` record (a format of its own, DELTA_FORMAT; written between full snapshots, every DELTA_RECORDS
+records or DELTA_EVERY, see runtime/daemon.py) holds only what changed since the previous snapshot or delta, its
+`parent`: per pump, the encoded fields that differ and the history rows added (and how many old rows the 24-h
+window dropped), and the library and schedules when they changed. The schedule versions seen and the exposure
+ledger grow with the log's history (every schedule ever pushed, every burst of the lookback year), so format 2
+writes them as patches (`versions_patch`, `ledger_patch`: the entries set and the keys deleted) when they changed;
+format 1 (logs written before) held the versions whole in every delta and the ledger whole when it changed. Both
+are read, and replay checks each delta in its own format. The parent is named by its
 seq, its segment and the SHA-256 of its exact line (the next record's `prev`), so a delta sealed by a checkpoint
 also seals its ancestors: start-up rebuilds the state from the full snapshot at the root of the chain and the
 deltas after it, checking each ancestor line's hash, without reading or verifying the records in between.
@@ -39,8 +43,10 @@ from driverd.core.state_records import STATE_FORMAT, sample_row, state_fields, s
 
 SNAPSHOT_EVENT = "state_snapshot"
 DELTA_EVENT = "state_delta"
-#: Version of the delta record (a reader refuses versions it does not know). Full snapshots keep STATE_FORMAT.
-DELTA_FORMAT = 1
+#: Version of the delta record written (a reader refuses versions it does not know: DELTA_FORMATS). Full snapshots
+#: keep STATE_FORMAT.
+DELTA_FORMAT = 2
+DELTA_FORMATS = (1, 2)
 #: A parent is among the first lines of its segment (a snapshot or delta opens its segment: writer.rotate).
 PARENT_WITHIN_LINES = 16
 
@@ -196,8 +202,11 @@ class SnapshotChain:
         self._last, self.parent = last, parent
         self.since = 0 if full else self.since + 1
 
-    def delta_fields(self, cur: Encoded) -> dict[str, Any] | None:
-        """The `state_delta` fields taking the last snapshot to `cur`, or None when there is no last one."""
+    def delta_fields(self, cur: Encoded, fmt: int = DELTA_FORMAT) -> dict[str, Any] | None:
+        """The `state_delta` fields taking the last snapshot to `cur`, or None when there is no last one. `fmt`:
+        one of DELTA_FORMATS (replay checks an older log's deltas in the format they were written in)."""
+        if fmt not in DELTA_FORMATS:
+            raise ValueError(f"unknown state delta format {fmt!r}")
         prev = self.last()
         if prev is None or self.parent is None or self.parent.get("line_sha256") is None:
             return None
@@ -211,17 +220,42 @@ class SnapshotChain:
             history = _history_patch(prev.samples[pump], cur.samples[pump], self._rows)
             if patch["fields"] or history != {"drop": 0, "add": []}:
                 pumps[pump] = {**patch, **history}
-        out: dict[str, Any] = {"format": DELTA_FORMAT, "parent": dict(self.parent), "pumps": pumps,
-                               "gone": sorted(set(prev.states) - set(cur.states)), "versions": cur.versions}
+        out: dict[str, Any] = {"format": fmt, "parent": dict(self.parent), "pumps": pumps,
+                               "gone": sorted(set(prev.states) - set(cur.states))}
+        if fmt == 1:
+            out["versions"] = cur.versions
+        elif cur.versions != prev.versions:
+            out["versions_patch"] = dict_patch(prev.versions, cur.versions)
         if cur.library != prev.library:
             out["library"] = cur.library
         if cur.ledger != prev.ledger:
-            out["ledger"] = cur.ledger
+            lpatch = ledger_patch(prev.ledger, cur.ledger) if fmt == 2 else None
+            if lpatch is None:
+                out["ledger"] = cur.ledger
+            else:
+                out["ledger_patch"] = lpatch
         if cur.schedules != prev.schedules:
             out["schedules"] = cur.schedules
         if self.row_memo is not None:
             self.row_memo.round()  # every pump's history was encoded above (a patch holds its rows)
         return out
+
+
+def dict_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """{"set": the entries of `new` that `old` lacks or holds another value for, "del": the keys of `old` that `new`
+    lacks, sorted}: `apply_dict_patch(old, it)` gives `new` (values compared by ==: the encoded values are JSON
+    strings, integers and lists of strings, for which == is exact)."""
+    return {"set": {k: v for k, v in new.items() if k not in old or old[k] != v},
+            "del": sorted(k for k in old if k not in new)}
+
+
+def ledger_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The ledger's fields (LedgerBuilder.to_fields: an object of objects) as a `dict_patch` per object that
+    changed (an object `old` lacks is patched from empty: `retired` appears when pruning starts); None when that
+    cannot say it (an object `new` lacks, or one that is not an object): the ledger is then written whole."""
+    if not set(old) <= set(new) or not all(isinstance(v, dict) for v in (*old.values(), *new.values())):
+        return None
+    return {k: dict_patch(old.get(k, {}), v) for k, v in new.items() if old.get(k) != v}
 
 
 def _history_patch(old: History, new: History, rows: Callable[[History, int], list[list[str]]]) -> dict[str, Any]:
@@ -260,16 +294,19 @@ def parent_ref(rec: Mapping[str, Any]) -> dict[str, Any]:
     return ref
 
 
-_DELTA_KEYS = frozenset({"format", "parent", "pumps", "gone", "versions", "library", "ledger", "schedules"})
+_DELTA_KEYS = {1: frozenset({"format", "parent", "pumps", "gone", "versions", "library", "ledger", "schedules"}),
+               2: frozenset({"format", "parent", "pumps", "gone", "versions_patch", "library", "ledger",
+                             "ledger_patch", "schedules"})}
 
 
 def apply_delta(base: dict[str, Any], rec: Mapping[str, Any]) -> dict[str, Any]:
     """The snapshot fields (`states` with rows, `versions`, `library`, `ledger`, `schedules`) after `rec`, a
-    `state_delta`, from `base`, those of its parent (not modified). Raises ValidationError naming the field and
-    the rule; the states themselves are checked when the result is read (`read_snapshot`)."""
-    if rec.get("format") != DELTA_FORMAT:
-        raise _bad("format", "version", f"unknown state delta format {rec.get('format')!r}")
-    unknown = sorted(k for k in rec if k not in _DELTA_KEYS and k not in _ENVELOPE)
+    `state_delta` of any of DELTA_FORMATS, from `base`, those of its parent (not modified). Raises ValidationError
+    naming the field and the rule; the states themselves are checked when the result is read (`read_snapshot`)."""
+    fmt = rec.get("format")
+    if isinstance(fmt, bool) or fmt not in DELTA_FORMATS:
+        raise _bad("format", "version", f"unknown state delta format {fmt!r}")
+    unknown = sorted(k for k in rec if k not in _DELTA_KEYS[fmt] and k not in _ENVELOPE)
     if unknown:
         raise _bad(unknown[0], "unknown", "not a field of a state delta")
     pumps, gone = rec.get("pumps"), rec.get("gone")
@@ -288,7 +325,48 @@ def apply_delta(base: dict[str, Any], rec: Mapping[str, Any]) -> dict[str, Any]:
     for key in ("library", "ledger", "schedules"):
         if key in rec:
             out[key] = rec[key]
+    if fmt == 1:
+        return out
+    out["versions"] = base.get("versions")  # format 2: unchanged unless patched
+    if "versions_patch" in rec:
+        out["versions"] = apply_dict_patch(base.get("versions"), rec["versions_patch"], "versions_patch")
+    if "ledger_patch" in rec:
+        if "ledger" in rec:
+            raise _bad("ledger_patch", "conflict", "a delta holds the ledger whole or as a patch, not both")
+        out["ledger"] = _apply_ledger_patch(base.get("ledger"), rec["ledger_patch"])
     return out
+
+
+def apply_dict_patch(old: Any, patch: Any, path: str) -> dict[str, Any]:
+    """`old` with `patch` ({"set": {...}, "del": [keys of old]}, `dict_patch`) applied, keys sorted as a record
+    holds them. Raises ValidationError naming the field and the rule; the values are checked when read."""
+    if not isinstance(patch, dict) or set(patch) != {"set", "del"}:
+        raise _bad(path, "type", "expected an object with set and del")
+    if not isinstance(patch["set"], dict):
+        raise _bad(f"{path}.set", "type", "expected an object")
+    dels = patch["del"]
+    if not isinstance(dels, list) or not all(isinstance(k, str) for k in dels):
+        raise _bad(f"{path}.del", "type", "expected a list of keys")
+    if not isinstance(old, dict):
+        raise _bad(path, "unknown", "a patch for an object the parent does not hold")
+    for key in dels:
+        if key not in old or key in patch["set"]:
+            raise _bad(f"{path}.del.{key}", "unknown", "not a key of the parent's object, or also set")
+    if len(set(dels)) != len(dels):
+        raise _bad(f"{path}.del", "unique", "a key deleted twice")
+    gone = set(dels)
+    return dict(sorted({**{k: v for k, v in old.items() if k not in gone}, **patch["set"]}.items()))
+
+
+def _apply_ledger_patch(old: Any, patch: Any) -> dict[str, Any]:
+    if not isinstance(patch, dict):
+        raise _bad("ledger_patch", "type", "expected an object")
+    if not isinstance(old, dict):
+        raise _bad("ledger_patch", "unknown", "a patch for a ledger the parent does not hold")
+    out = dict(old)
+    for key, sub in patch.items():
+        out[key] = apply_dict_patch(old.get(key, {}), sub, f"ledger_patch.{key}")
+    return dict(sorted(out.items()))
 
 
 def _apply_patch(old: Any, patch: Any, path: str) -> dict[str, Any]:

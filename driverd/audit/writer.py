@@ -134,6 +134,7 @@ class AuditWriter:
         self._segment_records = 0
         self._seq = 0
         self._prev = ZERO_HASH
+        self._appended_head = ZERO_HASH
         self._last_event = ""
         self._pending = 0
         self._pending_since_ns = 0
@@ -275,6 +276,13 @@ class AuditWriter:
         return self._prev
 
     @property
+    def appended_head(self) -> str:
+        """SHA-256 of the line of the last record `append` wrote: not `head`, which after an append may be the line
+        of a checkpoint the append wrote after it (every N records, or every interval). A state delta names its
+        parent by this hash."""
+        return self._appended_head
+
+    @property
     def segment(self) -> int:
         return self._segment
 
@@ -347,6 +355,7 @@ class AuditWriter:
 
     def _commit_user(self, line: bytes, record: dict[str, Any], durable: bool) -> dict[str, Any]:
         self._commit(line, record, durable)
+        self._appended_head = self._prev  # before a checkpoint below moves `head` on
         self._since_checkpoint += 1
         if not durable:
             now_ns = time.monotonic_ns()

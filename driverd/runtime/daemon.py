@@ -286,8 +286,9 @@ class Daemon:
             self._last_snapshot_at = self.clock.now()
         else:
             rec = self.audit.append(DELTA_EVENT, pump_id=None, course_id=None, durable=True, **fields)
-        self._chain.mark(enc, {"seq": rec["seq"], "segment": self.audit.segment, "line_sha256": self.audit.head},
-                         full=fields is None)
+        # Its own line's hash: the append may have written a checkpoint after it (every N records or every interval).
+        self._chain.mark(enc, {"seq": rec["seq"], "segment": self.audit.segment,
+                               "line_sha256": self.audit.appended_head}, full=fields is None)
         self.audit.checkpoint("snapshot")
         self._last_delta_at = self.clock.now()
         self._last_delta_seq = self.audit.seq

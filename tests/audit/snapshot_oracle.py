@@ -1,6 +1,7 @@
 """The state-delta encoding as it was before it became incremental (driverd/audit/snapshot.py at d780b49, verbatim
 but for the names): every delta re-encodes every pump's whole state and copies its history. The oracle that
-tests/audit/test_incremental_snapshot.py holds the incremental SnapshotChain to."""
+tests/audit/test_incremental_snapshot.py holds the incremental SnapshotChain to, in delta format 1 (the format it
+wrote; format 2 is held to format 1 there by what applying each gives)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from driverd.audit.snapshot import DELTA_FORMAT
 from driverd.core.state import CourseState
 from driverd.core.state_records import STATE_FORMAT, sample_row, state_to_fields
 
@@ -66,7 +66,7 @@ class OracleChain:
             history = _history_patch(prev.samples[pump], cur.samples[pump])
             if patch["fields"] or history != {"drop": 0, "add": []}:
                 pumps[pump] = {**patch, **history}
-        out: dict[str, Any] = {"format": DELTA_FORMAT, "parent": dict(self.parent), "pumps": pumps,
+        out: dict[str, Any] = {"format": 1, "parent": dict(self.parent), "pumps": pumps,
                                "gone": sorted(set(prev.states) - set(cur.states)), "versions": cur.versions}
         if cur.library != prev.library:
             out["library"] = cur.library

@@ -44,7 +44,8 @@ def _run(courses: dict[str, list[CourseState]], walk: list[tuple[str, dict[str, 
     chain and the oracle, checking that all three give the same fields; returns how many deltas were compared."""
     replay, daemon, oracle = SnapshotChain(RowMemo()), SnapshotChain(), OracleChain()
     assert replay.row_memo is not None
-    versions, library, ledger, schedules = {"s": 1}, "library", {"bursts": []}, []
+    versions, library, schedules = {"s": 1}, "library", []
+    ledger: dict[str, Any] = {"patients": {}, "started": {}, "ended": {}, "last_at": {}}
     last_full: dict[str, Any] | None = None
     deltas = 0
     for seq, (kind, picks, rebuild) in enumerate(walk, start=1):
@@ -61,14 +62,21 @@ def _run(courses: dict[str, list[CourseState]], walk: list[tuple[str, dict[str, 
         want = oracle_full_fields(ref)
         assert want["states"] == {p: state_to_fields(s) for p, s in states.items()}
         assert all(full_fields(e) == want for e in encs)
-        found = [c.delta_fields(e) for c, e in zip((replay, daemon), encs, strict=True)]
+        found = [c.delta_fields(e, 1) for c, e in zip((replay, daemon), encs, strict=True)]
         expected = oracle.delta_fields(ref)
         assert found == [expected, expected]
+        now = [c.delta_fields(e) for c, e in zip((replay, daemon), encs, strict=True)]  # format 2
+        assert now[0] == now[1]
         if expected is not None:
             deltas += 1
-            assert last_full is not None
+            assert last_full is not None and now[0] is not None
             rebuilt = apply_delta(last_full, {"event": "state_delta", **expected})
             assert {"format": want["format"], **rebuilt} == want
+            assert {"format": want["format"], **apply_delta(last_full, {"event": "state_delta", **now[0]})} == want
+            # Format 2 differs from format 1 only in how it says the versions and the ledger.
+            same = {k: v for k, v in expected.items() if k not in ("format", "versions", "ledger")}
+            assert {k: v for k, v in now[0].items() if k not in ("format", "versions_patch", "ledger_patch")} == same
+            assert ("versions_patch" in now[0]) == (last_full["versions"] != want["versions"])
         parent = {"seq": seq, "segment": 1, "line_sha256": f"{seq:064x}"}
         full = kind != "delta"
         for c, e in zip((replay, daemon), encs, strict=True):
@@ -131,3 +139,34 @@ def test_a_pump_silent_for_a_day_drops_its_whole_window() -> None:
     assert _run({"bed-1": course}, walk) >= 3
 
 
+
+
+KEYS = st.sampled_from(["a", "b", "c", "sched-1", "bed-1", ""])
+LEDGERS = st.dictionaries(st.sampled_from(["patients", "started", "ended", "last_at", "retired"]),
+                          st.dictionaries(KEYS, st.one_of(st.text(max_size=3), st.lists(st.text(max_size=2),
+                                                                                         max_size=2))),
+                          min_size=3)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.dictionaries(KEYS, st.integers(1, 3)), LEDGERS), min_size=2, max_size=6))
+def test_versions_and_ledger_patches_give_what_format_1_gives(marks: list[tuple[dict[str, int], dict[str, Any]]]) \
+        -> None:
+    """Format 2 says the versions and the ledger as patches: applied to the parent they give exactly the versions
+    and ledger format 1 holds whole (keys set, changed, deleted; a ledger object that appears, such as `retired`;
+    a ledger object that disappears, which a patch cannot say: then the ledger is written whole). Unchanged
+    versions and ledger are not written at all."""
+    chain = SnapshotChain()
+    last: dict[str, Any] | None = None
+    for seq, (versions, ledger) in enumerate(marks, start=1):
+        enc = chain.encode({}, versions, None, ledger, [])
+        new, old = chain.delta_fields(enc), chain.delta_fields(enc, 1)
+        if last is not None:
+            assert new is not None and old is not None
+            assert apply_delta(last, {"event": "state_delta", **new}) == apply_delta(last, {"event": "state_delta",
+                                                                                           **old})
+            assert ("versions_patch" in new) == (versions != last["versions"])
+            assert ("ledger_patch" in new or "ledger" in new) == (ledger != last["ledger"])
+            assert ("ledger" in new) == (ledger != last["ledger"] and not set(last["ledger"]) <= set(ledger))
+        last = full_fields(enc)
+        chain.mark(enc, {"seq": seq, "segment": 1, "line_sha256": f"{seq:064x}"}, full=seq == 1)

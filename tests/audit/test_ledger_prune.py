@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from driverd.audit.exposure import LedgerBuilder
 from driverd.core.exposure import LOOKBACK, MAX_GAP_DAYS, Burst, ExposureLimits, check_course
 from driverd.core.records import fmt_time
+from driverd.core.state_records import exact_dec
 
 T0 = datetime(2027, 1, 1, tzinfo=UTC)
 COURSES = ("c1", "c2", "c3")
@@ -53,6 +54,16 @@ def _ops(rounds: list[Any]) -> list[Any]:
         if snap != "none":
             out.append(("snapshot", snap == "restart"))
         out.append(("check", *check))
+    return out
+
+
+def fields_afresh(b: LedgerBuilder) -> dict[str, Any]:
+    """LedgerBuilder.to_fields as it was before it kept its encodings: every value encoded from the builder's."""
+    out = {"patients": dict(b.patients), "started": {c: fmt_time(t) for c, t in b.started.items()},
+           "ended": {c: [fmt_time(t), exact_dec(mg)] for c, (t, mg) in b.ended.items()},
+           "last_at": {p: fmt_time(t) for p, t in b.last_at.items()}}
+    if b.pruned:
+        out["retired"] = {c: fmt_time(t) for c, t in b.retired.items()}
     return out
 
 
@@ -120,6 +131,7 @@ def test_pruned_ledger_answers_every_later_check_as_the_whole_ledger(rounds: lis
             add({"event": "pump_report", "pump_id": "bed-1", "course_id": pumps["bed-1"], "at": fmt_time(t)})
         elif kind == "snapshot":
             pruned.prune(c for c in pumps.values() if c is not None)
+            assert pruned.to_fields() == fields_afresh(pruned) and full.to_fields() == fields_afresh(full)
             if op[1]:  # a restart from the snapshot
                 pruned = LedgerBuilder.from_fields(pruned.to_fields())
         else:
@@ -186,3 +198,16 @@ def test_a_retired_course_run_again_keeps_its_first_start() -> None:
         pruned.add(r)
     assert pruned.ledger() == full.ledger()
     assert pruned.ledger()["c1"].started_at == datetime(2024, 1, 1, tzinfo=UTC)
+
+
+def test_fields_read_in_another_time_form_are_written_as_the_builder_encodes_them() -> None:
+    """A snapshot's times in another RFC 3339 form than fmt_time's (an offset instead of Z, fewer digits) are
+    written back as the builder encodes the values read, as before it kept its encodings."""
+    f = {"patients": {"c1": "P1", "c2": "P2"}, "started": {"c1": "2027-01-01T00:00:00+00:00"},
+         "ended": {"c1": ["2027-01-05T10:00:00.5+00:00", "1900.0"]}, "last_at": {"bed-1": "2027-01-06T00:00:00Z"},
+         "retired": {"c2": "2026-01-01T00:00:00+00:00"}}
+    b = LedgerBuilder.from_fields(f)
+    assert b.to_fields() == fields_afresh(b)
+    b.add({"event": "course_summary", "pump_id": "bed-1", "course_id": "c1", "at": "2027-01-07T00:00:00+01:00",
+           "delivered_mg": "1800"})
+    assert b.to_fields() == fields_afresh(b)

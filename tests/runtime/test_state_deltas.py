@@ -148,7 +148,7 @@ def test_a_delta_whose_chain_does_not_resolve_is_passed_over(course: Path, tmp_p
     lines_of = data.splitlines(keepends=True)
     for i, line in enumerate(lines_of):
         if json.loads(line)["seq"] == parent["seq"]:
-            lines_of[i] = line.replace(b'"format":1', b'"format":1 ', 1)
+            lines_of[i] = line.replace(b'"format":', b'"format": ', 1)
     seg.write_bytes(b"".join(lines_of))
     older = newest_snapshot(dest)
     assert older is not None and older.seq < parent["seq"]
@@ -174,14 +174,16 @@ def test_replay_refuses_a_delta_that_differs_from_the_log(course: Path) -> None:
     assert "differs from the replayed states" in result.divergences[0].detail
     # A row dropped from its history, a version claimed, a parent named that is not the previous one.
     for change in ({"pumps": {**records[i]["pumps"], pump: {**patch, "add": patch["add"][1:]}}},
-                   {"versions": {**records[i]["versions"], "x": 9}},
+                   {"versions_patch": {"set": {"x": 9}, "del": []}},
+                   {"ledger_patch": {"patients": {"set": {"x": "someone"}, "del": []}}},
                    {"parent": {**records[i]["parent"], "seq": records[i]["parent"]["seq"] - 1}}):
         assert [d.kind for d in replay_records(_forge(records, i, change)).divergences] == ["snapshot"], change
     assert replay_records(records).ok
 
 
 @pytest.mark.parametrize(("change", "path", "rule"), [
-    ({"format": 2}, "format", "version"),
+    ({"format": 3}, "format", "version"),
+    ({"format": True}, "format", "version"),
     ({"pumps": []}, "pumps", "type"),
     ({"gone": "bed-1"}, "gone", "type"),
     ({"gone": ["bed-9"]}, "gone.bed-9", "unknown"),
@@ -194,6 +196,17 @@ def test_replay_refuses_a_delta_that_differs_from_the_log(course: Path) -> None:
     ({"pumps": {"bed-1": {"fields": [], "samples": []}}}, "pumps.bed-1.fields", "type"),
     ({"pumps": {"bed-9": {"fields": {}, "drop": 0, "add": []}}}, "pumps.bed-9", "unknown"),
     ({"pumps": {"bed-1": {"state": 3}}}, "pumps.bed-1.state", "type"),
+    ({"versions_patch": 3}, "versions_patch", "type"),
+    ({"versions_patch": {"set": {}}}, "versions_patch", "type"),
+    ({"versions_patch": {"set": [], "del": []}}, "versions_patch.set", "type"),
+    ({"versions_patch": {"set": {}, "del": "x"}}, "versions_patch.del", "type"),
+    ({"versions_patch": {"set": {}, "del": ["nope"]}}, "versions_patch.del.nope", "unknown"),
+    ({"ledger_patch": []}, "ledger_patch", "type"),
+    ({"ledger_patch": {"patients": []}}, "ledger_patch.patients", "type"),
+    ({"ledger_patch": {"started": {"set": {}, "del": ["nope"]}}}, "ledger_patch.started.del.nope", "unknown"),
+    ({"ledger_patch": {}, "ledger": {}}, "ledger_patch", "conflict"),
+    ({"format": 1}, "ledger_patch", "unknown"),  # a format-2 field in a format-1 delta
+    ({"versions": {}}, "versions", "unknown"),  # and a format-1 field in a format-2 one
 ])
 def test_a_malformed_delta_is_refused_naming_the_field(course: Path, change: dict[str, Any], path: str,
                                                       rule: str) -> None:
