@@ -901,12 +901,10 @@ def _on_report(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
     cmds: tuple[Command, ...] = ()
     new_warnings = sorted(set(event.alarms) & WARNING_ALARMS - set(before.pump_alarms))
     cmds += tuple(Notice(f"pump_warning:{w}", "the pump warns") for w in new_warnings)
+    if _bore_change_waiting(state, event) and event.diameter_mm != state.pump_diameter_mm:
+        state = evolve(state, pump_diameter_mm=event.diameter_mm)  # the pump's bore: resume refused until a load
     wrong_bore = _wrong_bore(state, event)
-    if wrong_bore and _bore_change_waiting(state, event):
-        # Not raised again: kept as the pump's bore, so a resume stays refused until a load verifies one.
-        state = state if event.diameter_mm == state.pump_diameter_mm else evolve(state,
-                                                                                 pump_diameter_mm=event.diameter_mm)
-    elif wrong_bore:
+    if wrong_bore:
         state, more = _alarm(state, SYRINGE_MISMATCH, wrong_bore)
         cmds += more
         if state.commanded_rate > 0 or (event.state == "infusing" and state.pending is None):
@@ -973,6 +971,8 @@ def _wrong_bore(state: CourseState, event: PumpReport) -> str:
     sch = state.schedule
     if bore is None or sch is None or state.phase not in ACTIVE or (bore.is_finite() and bore == sch.inner_diameter_mm):
         return ""  # (is_finite first: comparing a signalling NaN raises)
+    if _bore_change_waiting(state, event):
+        return ""  # what the waiting syringe change deals with: not raised again
     return f"pump is set to a {bore} mm syringe; the schedule's is {sch.inner_diameter_mm} mm ({sch.syringe_model})"
 
 
@@ -982,9 +982,11 @@ def _bore_change_waiting(state: CourseState, event: PumpReport) -> bool:
     new syringe, or the one a syringe_mismatch alarm was raised for) is what the change deals with, not a new alarm;
     raised again it also held the load back (the channel loads only paused or primed). A resume stays refused until
     the load (`_on_resume`). A pump that infuses, a rate commanded, or a bore that is not a number: alarm, stop."""
+    if state.syringe_change is None:
+        return False
     bore = event.diameter_mm
-    return state.syringe_change is not None and state.phase in (P.PAUSED, P.PRIMED) and state.commanded_rate == 0 \
-        and event.state != "infusing" and bore is not None and bore.is_finite() and bore > 0
+    return state.phase in (P.PAUSED, P.PRIMED) and state.commanded_rate == 0 and event.state != "infusing" \
+        and bore is not None and bore.is_finite() and bore > 0
 
 
 def predicted_empty_at(state: CourseState) -> datetime | None:
