@@ -541,11 +541,12 @@ def _on_resume(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
         return state, (Refused("clinician", SYRINGE_MISMATCH, f"the pump is set to a {state.pump_diameter_mm} mm "
                                                               "syringe: give change_syringe once the new syringe is "
                                                               "in, which loads and verifies the bore"),)
-    ranged = [c for c in state.alarm_causes if c in RANGE_CAUSES]
+    ranged = RANGE_CAUSES.intersection(state.alarm_causes)
     if ranged and (change is None or not change.loaded):  # (a loaded change waiting: acknowledged for its load)
-        return _acknowledge_but(state, Refused(
-            "clinician", ranged[0], "the pump cannot run this course (see the alarm): give change_syringe, stating "
-                                    "the syringe in the pump, which loads its bore and checks the pump's range again"))
+        why = ("the pump cannot run this course (see the alarm): give change_syringe, stating the syringe in the "
+               "pump, which loads its bore and checks the pump's range again")
+        return _acknowledge_but(state, Refused("clinician", PUMP_RANGE, why) if PUMP_RANGE in ranged
+                                else Refused("clinician", PLANNED_RATE, why))
     acked: tuple[Command, ...] = (Notice("alarm_cleared", ", ".join(state.alarm_causes)),) if state.alarm_causes \
         else ()
     if change is not None and change.loaded:
