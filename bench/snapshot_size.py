@@ -50,10 +50,16 @@ def measure(copy: Path) -> dict[str, Any]:
             "ledger": {k: len(v) for k, v in ledger.items()}, "versions": len(rec["versions"]),
             "last_24h": {"records": len(day), "bytes": sum(len(x) for x in day),
                          "deltas": sum(b'"event":"state_delta"' in x for x in day),
-                         "delta_ledger_bytes": sum(len(canonical_bytes(json.loads(x).get("ledger", {})))
-                                                   for x in day if b'"event":"state_delta"' in x),
-                         "delta_versions_bytes": sum(len(canonical_bytes(json.loads(x).get("versions", {})))
-                                                     for x in day if b'"event":"state_delta"' in x)}}
+                         "delta_bytes": sum(len(x) for x in day if b'"event":"state_delta"' in x),
+                         # format 1: `ledger` and `versions` whole; format 2: `ledger_patch`, `versions_patch`
+                         "delta_ledger_bytes": _field_bytes(day, "ledger", "ledger_patch"),
+                         "delta_versions_bytes": _field_bytes(day, "versions", "versions_patch")}}
+
+
+def _field_bytes(lines: list[bytes], *names: str) -> int:
+    """Bytes of the named fields (canonical JSON, as logged) in the delta lines."""
+    recs = [json.loads(x) for x in lines if b'"event":"state_delta"' in x]
+    return sum(len(canonical_bytes(r[n])) for r in recs for n in names if n in r)
 
 
 def main() -> None:

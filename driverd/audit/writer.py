@@ -13,8 +13,9 @@ Durability contract:
   so the owner can make the pumps safe at once whichever caller happened to hit the error.
 - Files are created with fixed modes whatever the umask: the directory 0750 (the daemon's group may read
   the log), segments 0640.
-- On open, a torn last line (crash mid-write) is truncated and a `torn_tail_truncated` record is appended;
-  nothing before it is touched.
+- On open, what a crash can leave at the end of the newest segment is cut and a `torn_tail_truncated` record
+  is appended: a torn last line (crash mid-write), or unsynced pages a power cut lost (zeros) after the last
+  writer record (`_lost_page_start`). Nothing before that is touched; any other damage is left for verify.
 
 The writer is synchronous and single-threaded; one process may hold a log directory at a time (flock).
 """
@@ -25,6 +26,7 @@ import base64
 import contextlib
 import fcntl
 import os
+import re
 import time
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
@@ -143,6 +145,7 @@ class AuditWriter:
         self._last_ts: datetime | None = None
         self._dead: AuditError | None = None
         self._closed = False
+        self._reopen_pending = False  # log_reopened not yet written (AuditWriter.open(announce=False))
         self.on_dead: Callable[[AuditError], None] | None = None
         # Called with every record a caller appended, as written (the daemon keeps its exposure ledger with it).
         self.on_append: Callable[[dict[str, Any]], None] | None = None
@@ -171,8 +174,13 @@ class AuditWriter:
         config: AuditConfig,
         signing_key: Ed25519PrivateKey | None,
         clock: Callable[[], datetime],
+        *,
+        announce: bool = True,
     ) -> AuditWriter:
-        """Open (creating if needed) the log directory, recover a torn tail, and start appending."""
+        """Open (creating if needed) the log directory, recover a torn tail, and start appending.
+
+        Reopening an existing log writes `log_reopened` and a checkpoint, at once, or with `announce=False` only
+        when `reopened()` is called (start-up calls it after the log verified)."""
         path_dir = Path(path_dir)
         try:
             make_dirs(path_dir, DIR_MODE)
@@ -186,7 +194,7 @@ class AuditWriter:
             raise AuditError(f"{path_dir}: audit log is in use by another writer") from None
         writer = cls(path_dir, config, signing_key, clock, dir_fd)
         try:
-            writer._start()
+            writer._start(announce)
         except BaseException:
             writer._release()
             raise
@@ -200,6 +208,8 @@ class AuditWriter:
         bad = sorted(set(fields) & _RESERVED)
         if bad:
             raise AuditFieldError(bad[0], "reserved", f"field name {bad[0]!r} is reserved for the record envelope")
+        if self._reopen_pending:  # opened with announce=False: the restart comes before anything new
+            self.reopened()
         result: dict[str, Any] = self._logger.info(
             event, pump_id=pump_id, course_id=course_id, **{_DURABLE_KEY: durable}, **fields
         )
@@ -482,7 +492,7 @@ class AuditWriter:
 
     # ----------------------------------------------------------------------------------- open/recover
 
-    def _start(self) -> None:
+    def _start(self, announce: bool) -> None:
         # Names, not Paths: a year's log has ~9,000 segments and only the first and last two are opened here.
         segs = segment_names(self.directory)
         if not segs:
@@ -493,7 +503,7 @@ class AuditWriter:
             raise AuditError(f"{self.directory}: segment numbers are not consecutive: {numbers}")
         self._check_key(self.directory / segs[0][1], len(segs) == 1)
         number, path = segs[-1][0], self.directory / segs[-1][1]
-        torn = _recover_tail(path)
+        torn = _recover_tail(path, self.config.group_commit_records)
         data = _read(path)
         if not data:
             # The crash tore this segment's very first line: restart the segment from the previous one.
@@ -521,19 +531,33 @@ class AuditWriter:
             self._segment = number
             self._segment_records = data.count(b"\n")
         if torn is not None:
-            offset, removed = torn
             self._pipeline_internal(
                 "torn_tail_truncated",
                 {
                     "segment": number,
-                    "offset": offset,
-                    "removed_bytes": len(removed),
-                    "removed_sha256": sha256_hex(removed),
-                    # What was cut, for the auditor (a torn record is at most one line; bounded all the same).
-                    "removed_b64": base64.b64encode(removed[:TORN_KEEP_BYTES]).decode("ascii"),
+                    "offset": torn.offset,
+                    "reason": torn.reason,
+                    "removed_bytes": len(torn.removed),
+                    "removed_lines": torn.lines,
+                    "removed_seqs": list(torn.seqs),
+                    "removed_sha256": sha256_hex(torn.removed),
+                    # What was cut, for the auditor (bounded; the hash covers all of it).
+                    "removed_b64": base64.b64encode(torn.removed[:TORN_KEEP_BYTES]).decode("ascii"),
                 },
             )
-        self._pipeline_internal("log_reopened", {"segment": number, "recovered_seq": self._seq})
+        self._reopen_pending = True
+        if announce:
+            self.reopened()
+
+    def reopened(self) -> None:
+        """Log `log_reopened` and a signed checkpoint for a writer opened with `announce=False`, once start-up
+        has verified the log: a refused start then leaves the log as it found it (bar a tail repair, logged once).
+        Does nothing if there is nothing to announce (a new log, or already announced)."""
+        self._check_usable()
+        if not self._reopen_pending:
+            return
+        self._reopen_pending = False
+        self._pipeline_internal("log_reopened", {"segment": self._segment, "recovered_seq": self._seq})
         self._last_checkpoint_at = self._last_ts
         self._write_checkpoint("open")
 
@@ -633,19 +657,45 @@ def _line_parses(line: bytes) -> bool:
     return True
 
 
-def _recover_tail(path: Path) -> tuple[int, bytes] | None:
-    """Truncate a torn last line (no newline, or not parseable). Returns (offset, removed bytes) or None."""
+@dataclass(frozen=True, slots=True)
+class TailCut:
+    """What `_recover_tail` cut from the newest segment (logged as `torn_tail_truncated`)."""
+
+    offset: int
+    removed: bytes
+    reason: str  # "torn_last_line" or "lost_unsynced_page"
+    lines: int  # lines removed (a partial last line counts as one)
+    seqs: tuple[int, ...]  # seqs of the whole, readable records that were cut with the damage
+
+
+def _recover_tail(path: Path, max_unsynced: int) -> TailCut | None:
+    """Repair what a crash can leave at the end of the newest segment, and nothing else:
+
+    - a torn last line (no newline, or not parseable): cut;
+    - lost unsynced pages (`_lost_page_start`): cut from the first damaged line.
+
+    Anything else is left untouched (verify then refuses the start). Returns what was cut, or None."""
     data = _read(path)
     if not data:
         return None
+    cut: int | None = None
+    reason = "torn_last_line"
     if data.endswith(b"\n"):
         last = _last_line(data)
         assert last is not None
-        if _line_parses(last):
-            return None
-        cut = len(data) - len(last) - 1
+        if not _line_parses(last):
+            cut = len(data) - len(last) - 1
     else:
         cut = data.rfind(b"\n") + 1
+    body_end = len(data) if cut is None else cut
+    seqs: tuple[int, ...] = ()
+    if data.find(b"\x00", 0, body_end) >= 0:
+        lost = _lost_page_start(data, body_end, max_unsynced)
+        if lost is not None:
+            cut, seqs = lost
+            reason = "lost_unsynced_page"
+    if cut is None:
+        return None
     removed = data[cut:]
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
@@ -656,4 +706,83 @@ def _recover_tail(path: Path) -> tuple[int, bytes] | None:
             os.close(fd)
     except OSError as exc:
         raise AuditError(f"{path}: cannot truncate torn tail: {exc.strerror}") from None
-    return cut, removed
+    lines = removed.count(b"\n") + (0 if removed.endswith(b"\n") else 1)
+    return TailCut(cut, removed, reason, lines, seqs)
+
+
+_NUL_RUN: Final = re.compile(rb"\x00+")
+# Bytes only a writer record's line holds (its event; a checkpoint's signature), to spot one in a damaged line.
+_WRITER_MARKS: Final = (*(b'"event":"' + e.encode() + b'"' for e in sorted(WRITER_EVENTS)), b'"sig":"')
+SECTOR: Final = 512  # the smallest unit a disk or page cache loses: a lost page is whole sectors of zeros
+
+
+def _lost_page_start(data: bytes, body_end: int, max_unsynced: int) -> tuple[int, tuple[int, ...]] | None:
+    """Where to cut if the NUL bytes before `body_end` can only be unsynced pages a power cut lost, else None.
+
+    With delayed allocation (ext4, xfs) a crash can lose page N of the unsynced tail while page N+1 reached the
+    disk; page N reads back as zeros and the later records read fine. Such a loss is accepted only if:
+    - every run of NULs from the first one on (up to the torn last line, if any) looks like a lost page
+      (`_nul_runs_are_sectors`), which a stray zero byte does not;
+    - the damaged line is not the segment's first (segment_start is fdatasync'd before anything follows it) and
+      the line before it is a readable record;
+    - no writer record (segment_start, checkpoint, torn_tail_truncated, log_reopened) follows the damage or shows
+      in what is left of the damaged lines: each is fdatasync'd before anything after it is written, and an
+      fdatasync that returned means every earlier byte was on disk, so zeros before one are real damage. (The
+      log does not say which caller records were fdatasync'd; the writer records are the bound it does give.
+      A record wholly inside the zeroed bytes cannot be seen: see docs/audit.md, "Lost unsynced pages".)
+    - every other line after the damage is a readable record or itself holds a lost page, and at most
+      `max_unsynced` (group_commit_records) records follow the last one before the damage: the writer never
+      has more than that many records written and not yet synced.
+    """
+    first_nul = data.find(b"\x00", 0, body_end)
+    start = data.rfind(b"\n", 0, first_nul) + 1
+    if start == 0:
+        return None
+    prev_start = data.rfind(b"\n", 0, start - 1) + 1
+    try:
+        before = loads_line(data[prev_start : start - 1])
+    except ValueError:
+        return None
+    base = before.get("seq")
+    if isinstance(base, bool) or not isinstance(base, int):
+        return None
+    if not _nul_runs_are_sectors(data, first_nul, body_end):
+        return None
+    seqs: list[int] = []
+    lines = 0
+    pos = start
+    while pos < body_end:
+        end = data.find(b"\n", pos, body_end)
+        if end < 0:
+            return None  # cannot happen: body_end follows a newline
+        line = data[pos:end]
+        pos = end + 1
+        lines += 1
+        if lines > max_unsynced:
+            return None
+        if b"\x00" in line:
+            # A lost page (its sectors checked above). What is left of the records it held must not be a writer
+            # record's: that one was fdatasync'd before anything after it was written.
+            if any(mark in line for mark in _WRITER_MARKS):
+                return None
+            continue
+        try:
+            rec = loads_line(line)
+        except ValueError:
+            return None  # damage that is not a lost page
+        seq = rec.get("seq")
+        if rec.get("event") in WRITER_EVENTS or isinstance(seq, bool) or not isinstance(seq, int):
+            return None
+        if seq <= (seqs[-1] if seqs else base) or seq - base > max_unsynced:
+            return None
+        seqs.append(seq)
+    return start, tuple(seqs)
+
+
+def _nul_runs_are_sectors(data: bytes, first_nul: int, end: int) -> bool:
+    """Each run of zeros ends on a sector boundary and starts on one (a lost new page) or at a line start (a lost
+    rewrite of the page holding the last synced bytes: it reads back as it was then, zeros after the old end)."""
+    return all(
+        m.end() % SECTOR == 0 and (m.start() % SECTOR == 0 or data[m.start() - 1] == 0x0A)
+        for m in _NUL_RUN.finditer(data, first_nul, end)
+    )

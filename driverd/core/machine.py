@@ -906,11 +906,18 @@ def _on_report(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
         state = evolve(state, pump_diameter_mm=event.diameter_mm)  # the pump's bore: resume refused until a load
     wrong_bore = _wrong_bore(state, event)
     if wrong_bore:
-        state, more = _alarm(state, SYRINGE_MISMATCH, wrong_bore)
+        state, more = _alarm_and_stop(state, protocol, event, SYRINGE_MISMATCH, wrong_bore)
         cmds += more
-        if state.commanded_rate > 0 or (event.state == "infusing" and state.pending is None):
-            state, stop = _stop_in_alarm(state, protocol, event.at, SYRINGE_MISMATCH)
-            cmds += stop
+    # The counter itself (SUP-20, SUP-21): a reading no check can judge, or counts lost. Judged on every report of
+    # a live course, before anything may return early (a re-sent decrease, a pump alarm).
+    dropped = _counter_drop(before, event)
+    if dropped:
+        state, more = _alarm_and_stop(state, protocol, event, COUNTER_DROP, dropped)
+        cmds += more
+    coarse = counter_step_problem(protocol, event.delivered_step_ml) if state.phase in ACTIVE else ""
+    if coarse:
+        state, more = _alarm_and_stop(state, protocol, event, COUNTER_STEP, coarse)
+        cmds += more
     pending = state.pending
     if pending is not None and (pending.uncertain or pending.resend):
         state, more = _check_readback(state, protocol, event.at, _reported_readback(event), from_report=True)
@@ -965,6 +972,51 @@ def _on_report(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
 #: rate and counter read-backs are computed with that bore, so they look right while it delivers (d/d')^2 times
 #: the drug. Stop, alarm; only a syringe change (which loads and verifies the bore) goes on (docs/safety.md).
 SYRINGE_MISMATCH = "syringe_mismatch"
+
+
+def _alarm_and_stop(state: CourseState, protocol: ProtocolSpec, event: PumpReport, code: str, detail: str) -> Out:
+    """Alarm `code` (raised once while active) and stop the pump through the kernel: at once if the course commands
+    a rate, and again on a report of the pump infusing with no stop still open (a stop is always allowed)."""
+    state, cmds = _alarm(state, code, detail)
+    if state.commanded_rate > 0 or (event.state == "infusing" and state.pending is None):
+        state, stop = _stop_in_alarm(state, protocol, event.at, code)
+        cmds += stop
+    return state, cmds
+
+
+#: The pump's counter reads less than at the last report, and driverd ordered no clear (SUP-21): what the pump
+#: delivered between the last count and the drop is lost to the course's totals and the 24-h ceiling.
+COUNTER_DROP = "counter_drop"
+#: A counter reading whose step is not a positive number or is coarser than the drug library's
+#: `max_counter_step_ml` (SUP-20): it would widen every allowance that follows the reading's step without bound,
+#: and it under-reads delivery by up to that step.
+COUNTER_STEP = "counter_step"
+
+
+def _counter_drop(before: CourseState, event: PumpReport) -> str:
+    """Why this report's counter is an unordered drop ("" if it is not): in a live course, below the last reading
+    (`before` is the state before the report). driverd's own clears never show here: `CounterCleared` and
+    `SyringeLoaded` re-baseline on their read-back. Only while a loaded syringe change waits with the pump stopped
+    (now and at the last report) is a lower reading no alarm: that load clears the counter, nothing was delivered
+    since the last count, and a crash between the clear and its logged outcome must not alarm at the restart."""
+    prev = before.raw_delivered_ml
+    if prev is None or before.phase not in ACTIVE or not event.delivered_ml < prev:
+        return ""
+    change = before.syringe_change
+    if change is not None and change.loaded and not before.pump_infusing and event.state != "infusing":
+        return ""
+    return (f"pump's delivered-volume counter went back from {prev} mL to {event.delivered_ml} mL without a clear "
+            "ordered by driverd: what it delivered before the drop may not be counted")
+
+
+def counter_step_problem(protocol: ProtocolSpec, step: Decimal | None) -> str:
+    """Why a reading's counter step cannot be used ("" if it can): None (not known: the library's is assumed) and
+    positive steps up to the library's `max_counter_step_ml` can. `counter_resolution` never widens an allowance
+    with a step this rejects."""
+    if step is None or (step.is_finite() and 0 < step <= protocol.max_counter_step_ml):
+        return ""  # (is_finite first: ordering a NaN raises)
+    return (f"counter reading's step is {step} mL, not a positive number up to {protocol.max_counter_step_ml} mL "
+            "(drug library): the delivered volume cannot be judged on it")
 
 
 def _wrong_bore(state: CourseState, event: PumpReport) -> str:
@@ -1118,7 +1170,9 @@ def counter_resolution(protocol: ProtocolSpec, step: Decimal | None) -> Decimal:
     own step when the driver reports a coarser one (a 4-digit display above 100 mL reads in 0.1 mL steps). Never
     finer than the library's: with a fine counter the check is exactly as strict as the library says."""
     res = protocol.counter_resolution_ml
-    if step is None or not step.is_finite():  # a NaN or infinite step is no step (doubt: the library's, stricter)
+    if counter_step_problem(protocol, step) or step is None:
+        # Doubt (NaN, infinite, not positive, coarser than the library's max_counter_step_ml): the library's step,
+        # the strictest; such a reading is the alarm `counter_step` in a live course (SUP-20).
         return res
     return step if step > res else res
 
@@ -1432,7 +1486,8 @@ def _quiet_report(state: CourseState, event: PumpReport, protocol: ProtocolSpec)
 
     The general path for a report in a running phase, with nothing pending, the pump infusing at the commanded
     rate and no pump alarm other than warnings the previous report showed already, runs: the course cap
-    (`_enforce_cap`), `_accumulate`, no new warning and no blocking alarm, no read-back (nothing pending), no
+    (`_enforce_cap`), `_accumulate`, no new warning and no blocking alarm, the bore, the counter (no drop, a step
+    within the library's: `_counter_drop`, `counter_step_problem`), no read-back (nothing pending), no
     unexpected infusion (a running phase), the ceiling (`_ceiling_breach`), no rate mismatch, `_warn_near_empty`,
     `_check_deviation` (with a deviation base), then `_track_interruption` and `_track_commanded`, which return the
     state as it is when it is running and `commanded_since` is set (the rate and the phase did not change). Each
@@ -1452,8 +1507,11 @@ def _quiet_report(state: CourseState, event: PumpReport, protocol: ProtocolSpec)
         return None
     try:
         step = event.delivered_step_ml  # compared inside the try: a NaN step is doubt, not a refused report
-        if step is not None and step > protocol.counter_resolution_ml:
-            return None  # a coarse counter reading: the general path widens the accuracy check for it
+        if step is not None and not _ZERO < step <= protocol.counter_resolution_ml:
+            return None  # a coarse counter reading (the general path widens the checks for it) or doubt (an alarm)
+        prev = state.raw_delivered_ml
+        if prev is not None and event.delivered_ml < prev:
+            return None  # the counter went back: the general path alarms (counter_drop)
         m = _LAST
         # The caches' inputs the very objects of the last report seen: _cap_times reads started_at, schedule and
         # protocol; the concentration is syringe_concentration, else the schedule's; _quiet_limits (protocol,

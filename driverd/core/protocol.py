@@ -22,6 +22,9 @@ from driverd.core.quantities import (
 )
 from driverd.core.toml_text import load_toml
 
+#: The coarsest counter step any drug library may allow (docs/safety.md, SUP-20).
+MAX_COUNTER_STEP_ML = Decimal("0.1")
+
 
 @dataclass(frozen=True, slots=True)
 class SyringeSpec:
@@ -60,6 +63,9 @@ class ProtocolSpec:
     deviation_window_minutes: Decimal = Decimal(15)  # over/under-infusion must persist this long
     deviation_limit: Decimal = Decimal("0.10")  # relative error that counts as over/under-infusion
     counter_resolution_ml: Decimal = Decimal("0.01")  # the pump's delivered-volume display step (noise allowance)
+    # The coarsest counter step a reading may have and still be judged: a coarser one (or one that is no positive
+    # number) widens no allowance; it is the alarm `counter_step` (machine.counter_step_problem, SUP-20).
+    max_counter_step_ml: Decimal = MAX_COUNTER_STEP_ML
     syringe_warning_minutes: Decimal = Decimal(60)  # warn this long before the syringe is predicted to run empty
     # [exposure] (optional): limits across the courses of one patient (driverd.core.exposure). None: not enforced.
     exposure: ExposureLimits | None = None
@@ -260,6 +266,9 @@ _SUPERVISION: dict[str, tuple[Decimal, Decimal]] = {  # key -> (maximum, default
     "deviation_window_minutes": (Decimal(240), Decimal(15)),
     "deviation_limit": (Decimal("0.5"), Decimal("0.10")),
     "counter_resolution_ml": (Decimal(1), Decimal("0.01")),
+    # At most 0.1 mL (a New Era display's step from 100 mL; Modbus maps are held to 0.01): a library may lower it,
+    # never widen the ceiling's allowance beyond two such steps. counter_resolution_ml is held to it too.
+    "max_counter_step_ml": (MAX_COUNTER_STEP_ML, MAX_COUNTER_STEP_ML),
     "syringe_warning_minutes": (Decimal(1440), Decimal(60)),
 }
 
@@ -279,6 +288,9 @@ def _parse_supervision(table: Any, problems: list[Problem]) -> dict[str, Decimal
             out[key] = parse_decimal(value, f"supervision.{key}", maximum=_SUPERVISION[key][0], allow_zero=False)
         except QuantityError as exc:
             problems.extend(exc.problems)
+    if out["counter_resolution_ml"] > out["max_counter_step_ml"]:
+        problems.append(Problem("supervision.counter_resolution_ml", "range",
+                                f"must be at most supervision.max_counter_step_ml ({out['max_counter_step_ml']} mL)"))
     return out
 
 

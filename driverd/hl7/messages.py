@@ -126,6 +126,8 @@ CAUSE_TEXT: Final[dict[str, str]] = {
     "unexpected_infusion": "pump infuses without a command",
     "clock_step": "the wall clock stepped",
     "counter_not_cleared": "the pump's delivered-volume counter did not read back 0 after a clear",
+    "counter_drop": "the pump's delivered-volume counter went back without a clear driverd ordered",
+    "counter_step": "the pump's delivered-volume reading is too coarse (or not a number) to be judged",
     "pump_range": "the pump cannot run the drug library's rates with this syringe (or states no rate range)",
     "planned_rate": "a rate of the approved course is outside the drug library's limits for the syringe",
 }

@@ -105,8 +105,11 @@ async def run_demo(opts: DemoOptions, progress: Callable[[float, str], None] | N
     resolution_kw: dict[str, Any] = {}
     if opts.driver == "modbus":
         from drivers.modbus.regmap import load_map
+        from simulators.modbus import SIM_FIRMWARE, SIM_MODEL
 
-        resolution_kw["rate_resolution"] = load_map().rate_resolution()
+        # The simulated device the shipped map names (the driver checks its model register against the map's
+        # product_code): serve_modbus takes these pumps as they are made here.
+        resolution_kw.update(rate_resolution=load_map().rate_resolution(), model=SIM_MODEL, firmware=SIM_FIRMWARE)
     if opts.driver == "harvard":
         from simulators.harvard import elite_model_kwargs
 

@@ -1,9 +1,10 @@
 """Crash recovery: rebuild every pump's course state by replaying the audit log through the pure core.
 
-Start-up opens the writer first (`open_log`): that cuts a torn last line back to the last whole record and logs the
-cut, so a crash mid-write never blocks the next start. Then the log is verified (chain, seqs, checkpoint
-signatures) and replayed. Decisions a crash cut off after their input are recomputed by the core (`interrupted`:
-never sent, see replay.py). A log that does not verify, whose replay really diverges from what was logged, or
+Start-up opens the writer first (`open_log`): that cuts a torn last line (or unsynced pages a power cut lost) back
+to the last whole record and logs the cut, so a crash never blocks the next start. Then the log is verified (chain,
+seqs, checkpoint signatures) and replayed; only then does the writer log `log_reopened` and sign a checkpoint.
+Decisions a crash cut off after their input are recomputed by the core (`interrupted`: never sent, see
+replay.py). A log that does not verify, whose replay really diverges from what was logged, or
 that holds a schedule not signed by a key in the trust store stops the daemon from starting (fail loudly: never
 guess a state).
 """
@@ -49,10 +50,14 @@ def open_log(
     audit_dir: Path, config: AuditConfig, key: Ed25519PrivateKey | None, clock: Callable[[], datetime],
     trust: TrustStore,
 ) -> tuple[AuditWriter, Recovered]:
-    """Start-up: open the writer (torn-tail repair, logged), then rebuild every course from the log."""
-    writer = AuditWriter.open(audit_dir, config, key, clock)
+    """Start-up: open the writer (torn-tail repair, logged), then rebuild every course from the log. The writer
+    logs `log_reopened` (and its checkpoint) only once the log verified and replayed: a refused start appends
+    nothing, so a daemon restarted in a loop on a damaged log does not grow it or sign checkpoints over it."""
+    writer = AuditWriter.open(audit_dir, config, key, clock, announce=False)
     try:
-        return writer, recover(audit_dir, trust, key.public_key() if key is not None else None)
+        recovered = recover(audit_dir, trust, key.public_key() if key is not None else None)
+        writer.reopened()
+        return writer, recovered
     except BaseException:
         writer.abandon()
         raise

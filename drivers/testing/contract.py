@@ -61,6 +61,7 @@ from typing import Any, ClassVar
 import pytest
 
 from driverd.core.errors import DriverdError
+from driverd.core.protocol import MAX_COUNTER_STEP_ML
 from driverd.core.quantities import quantize_down
 from drivers.base import (
     AlarmKind,
@@ -304,6 +305,28 @@ class DriverContract(_ContractBase):
         self.run_with_harness(body)
 
     # ---- the delivered-volume counter -----
+
+    def test_each_counter_reading_states_its_step_within_the_cores_bound(self) -> None:
+        """`PumpStatus.delivered_step_ml` is None (not known) or the exact step of that reading: a positive, finite
+        Decimal of which the reading is a whole number, and (below 1000 mL) at most the core's bound, 0.1 mL.
+        The core alarms `counter_step` and stops the pump on any other step (docs/safety.md, SUP-20), so a driver
+        that gets this wrong stops every course it runs."""
+        async def body(h: Harness) -> None:
+            await self.ready_to_infuse(h, Decimal(36))
+            await self.pass_time(h, min(4, max(self.deadman_s - 1, 1)))
+            await h.driver.stop()
+            readings = [await h.driver.read_status()]
+            for preset in ("9.9999", "99.999", "150.05", "999.99"):  # each display range of a 4-digit counter
+                h.model.preset_delivered(Decimal(preset))
+                readings.append(await h.driver.read_status())
+            for status in readings:
+                got = status.delivered_step_ml
+                if got is None:
+                    continue
+                assert isinstance(got, Decimal) and got.is_finite() and 0 < got <= MAX_COUNTER_STEP_ML, got
+                assert status.delivered_ml % got == 0, (status.delivered_ml, got)
+
+        self.run_with_harness(body)
 
     def test_clear_delivered_zeroes_the_counter_and_returns_the_read_back(self) -> None:
         async def body(h: Harness) -> None:

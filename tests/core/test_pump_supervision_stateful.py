@@ -17,6 +17,9 @@ time passes in polls, each with a tick and a pump report. After every step the m
   as drivers do); while the pump has done exactly what it was told (no drift, no counter reset, no
   panel use, no ignored command, no lost link or crash), no `under_infusion`, `over_infusion` or `dose_ceiling` is
   ever raised; the ceiling's allowance is two steps of the coarsest reading (never finer than the library's);
+- SUP-21: a counter that reads lower than the last report (the `counter_reset` rule: no clear driverd ordered), in a
+  live course, is the alarm `counter_drop` after that very report, and the pump is not left infusing (unless it
+  ignored the stop);
 - RESTART: a restart rebuilds the state through the snapshot encoding (`state_records`, whose decoder re-mints a
   pending setpoint through `kernel.restore_setpoint`, the kernel's one door besides its gate), and from a restart
   with a setpoint unverified until a clinician resumes, nothing goes on the wire above the last verified run rate
@@ -43,7 +46,7 @@ from driverd.core.events import (
 )
 from driverd.core.kernel import hours_between, pump_rate
 from driverd.core.machine import step
-from driverd.core.state import Phase
+from driverd.core.state import ACTIVE, Phase
 from driverd.core.state_records import state_from_fields, state_to_fields
 from tests.core.factories import PROTOCOL, T0, primed, schedule
 
@@ -172,7 +175,13 @@ class PumpOfItsOwn(RuleBasedStateMachine):
             if not self.link:
                 continue
             self.ignored = False
-            self._feed(self._report())
+            report, before = self._report(), self.state
+            self._feed(report)
+            if (before.phase in ACTIVE and before.raw_delivered_ml is not None
+                    and report.delivered_ml < before.raw_delivered_ml and not self.dead):
+                # SUP-21 (no syringe change happens here: no exemption applies).
+                assert "counter_drop" in self.state.alarm_causes, "a counter drop raised no alarm"
+                assert not self.infusing or self.ignored or not self.link, "pump left infusing after a counter drop"
             if self._uncommanded():
                 self.uncommanded_polls += 1
                 # SUP-1: stopped within one poll of being seen (one more if the pump ignored that stop).

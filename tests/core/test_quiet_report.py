@@ -290,7 +290,8 @@ def test_report_step_refuses_as_step_does() -> None:
 def test_a_reading_step_that_is_no_number_is_doubt_not_a_refusal(bad_step: Decimal) -> None:
     """Review finding (2026-12-03): the quiet path compared the reading's step before its `try`, so a NaN step (a
     plug-in driver's; the shipped ones give finite steps) made `step` refuse the whole report, while the general
-    path stops a pump running 10x its rate. Now it is doubt: the general path decides, and stops the pump."""
+    path stops a pump running 10x its rate. Now it is doubt: the general path decides, and stops the pump (since
+    SUP-20 such a step is itself the alarm `counter_step`: tests/core/test_counter_step.py)."""
     from driverd.core.commands import ApplySetpoint
     from tests.core.factories import T0, primed
     from tests.core.harness import ExactPump, Player
