@@ -22,8 +22,7 @@ from typing import Any
 
 from driverd.core.errors import Problem, ValidationError
 from driverd.core.exposure import LOOKBACK, Burst
-from driverd.core.records import fmt_time
-from driverd.core.state_records import exact_dec
+from driverd.core.records import exact_dec, fmt_time
 
 
 def _time(value: object) -> datetime | None:

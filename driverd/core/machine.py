@@ -535,25 +535,26 @@ def _on_resume(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
         return _acknowledge_but(state, Refused(
             "clinician", SYRINGE_MISMATCH, "the pump was set to another syringe bore: its read-backs are not to be "
                                            "trusted; give change_syringe, which loads and verifies the syringe"))
+    if COUNTER_DROP in state.alarm_causes:
+        return state, (Refused("clinician", COUNTER_DROP, "the pump's counter went back without a clear driverd "
+                                                          "ordered: the syringe may have been swapped; give "
+                                                          "change_syringe, stating the syringe in the pump, which "
+                                                          "loads and verifies it"),)
     change = state.syringe_change
-    if change is not None and not change.loaded and state.schedule is not None \
-            and state.pump_diameter_mm != state.schedule.inner_diameter_mm:  # resumed, it would run on that bore
-        return state, (Refused("clinician", SYRINGE_MISMATCH, f"the pump is set to a {state.pump_diameter_mm} mm "
-                                                              "syringe: give change_syringe once the new syringe is "
-                                                              "in, which loads and verifies the bore"),)
     ranged = RANGE_CAUSES.intersection(state.alarm_causes)
-    if ranged and (change is None or not change.loaded):  # (a loaded change waiting: acknowledged for its load)
+    if ranged and change is None:  # (a change waiting: acknowledged for its load, which checks the range again)
         why = ("the pump cannot run this course (see the alarm): give change_syringe, stating the syringe in the "
                "pump, which loads its bore and checks the pump's range again")
         return _acknowledge_but(state, Refused("clinician", PUMP_RANGE, why) if PUMP_RANGE in ranged
                                 else Refused("clinician", PLANNED_RATE, why))
     acked: tuple[Command, ...] = (Notice("alarm_cleared", ", ".join(state.alarm_causes)),) if state.alarm_causes \
         else ()
-    if change is not None and change.loaded:
+    if change is not None:
+        # Loaded or not, which syringe the pump holds is known only from a verified load. A change asked while the
+        # pump infused was once abandoned by a resume ("the old syringe is still in"), but the nurse may have
+        # swapped it as told (review, 2026-12-03: 5x the drug from a stronger syringe); change_syringe, stating the
+        # syringe in the pump (the old one, if no change is wanted), loads and verifies it.
         return _acknowledge_for_syringe_load(state, change, acked)
-    if change is not None:  # the old syringe is still in (the pump ran at the change): resume on it
-        state = evolve(state, syringe_change=None)
-        acked += (Notice("syringe_change_abandoned", "resumed on the syringe in the pump"),)
     resumed, cmds = _resume(evolve(state, alarm_causes=()), event, protocol)
     if any(isinstance(c, Refused) for c in cmds):
         return before, cmds  # refused: every cause stays active, and a change waits on
@@ -580,9 +581,14 @@ def _acknowledge_for_syringe_load(state: CourseState, change: SyringeChange, ack
     it started) with the change, and the resume is refused, saying how to go on. The course resumes on the new
     syringe's verified read-back, which the daemon takes when the course is paused or primed; after a refused
     load, change_syringe again (stating the syringe in the pump) retries it."""
-    detail = (f"the new syringe ({change.fill_ml} mL at {change.concentration_mg_per_ml} mg/mL) is not verified: "
-              "the course resumes on its verified read-back; if its load was refused, give change_syringe again, "
-              "stating the syringe that is in the pump")
+    if change.loaded:
+        detail = (f"the new syringe ({change.fill_ml} mL at {change.concentration_mg_per_ml} mg/mL) is not verified: "
+                  "the course resumes on its verified read-back; if its load was refused, give change_syringe "
+                  "again, stating the syringe that is in the pump")
+    else:
+        detail = ("a syringe change waits (the pump was infusing when it was asked): once the syringe is in, give "
+                  "change_syringe again, stating the syringe that is in the pump (the old one, if no change is "
+                  "wanted); the course resumes on its verified read-back")
     refused = Refused("clinician", "syringe_change_waiting", detail)
     if state.phase is not P.ALARM:
         return state, (refused,)
@@ -615,8 +621,11 @@ def _resume(state: CourseState, event: ClinicianCommand, protocol: ProtocolSpec)
 
 #: Alarm causes a syringe change deals with (the syringe ran empty): the only alarm a change may acknowledge.
 END_OF_SYRINGE_CAUSES = frozenset({"pump_alarm:end_of_syringe", "syringe_empty"})
-#: ... and a counter clear at the last syringe load that did not read back 0: a new change_syringe retries the load.
-SYRINGE_CHANGE_CAUSES = END_OF_SYRINGE_CAUSES | {"counter_not_cleared", "syringe_mismatch"} | RANGE_CAUSES
+#: ... and a counter clear at the last syringe load that did not read back 0: a new change_syringe retries the load;
+#: and a counter that went back without an ordered clear (the syringe may have been swapped at the panel: a change
+#: loads and verifies whichever syringe is in).
+SYRINGE_CHANGE_CAUSES = END_OF_SYRINGE_CAUSES | {"counter_not_cleared", "syringe_mismatch", "counter_drop"} | \
+    RANGE_CAUSES
 
 
 def _on_change_syringe(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
@@ -902,8 +911,6 @@ def _on_report(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
     cmds: tuple[Command, ...] = ()
     new_warnings = sorted(set(event.alarms) & WARNING_ALARMS - set(before.pump_alarms))
     cmds += tuple(Notice(f"pump_warning:{w}", "the pump warns") for w in new_warnings)
-    if _bore_change_waiting(state, event) and event.diameter_mm != state.pump_diameter_mm:
-        state = evolve(state, pump_diameter_mm=event.diameter_mm)  # the pump's bore: resume refused until a load
     wrong_bore = _wrong_bore(state, event)
     if wrong_bore:
         state, more = _alarm_and_stop(state, protocol, event, SYRINGE_MISMATCH, wrong_bore)
@@ -986,6 +993,9 @@ def _alarm_and_stop(state: CourseState, protocol: ProtocolSpec, event: PumpRepor
 
 #: The pump's counter reads less than at the last report, and driverd ordered no clear (SUP-21): what the pump
 #: delivered between the last count and the drop is lost to the course's totals and the 24-h ceiling.
+#: A resume does not acknowledge it: between two polls a nurse may stop the pump, swap the syringe, clear the volume
+#: and even run it again, so which syringe is in is known only from a verified load (change_syringe), which it
+#: acknowledges (review, 2026-12-03: a resume ran the old syringe's rate on a stronger one).
 COUNTER_DROP = "counter_drop"
 #: A counter reading whose step is not a positive number or is coarser than the drug library's
 #: `max_counter_step_ml` (SUP-20): it would widen every allowance that follows the reading's step without bound,
@@ -996,15 +1006,19 @@ COUNTER_STEP = "counter_step"
 def _counter_drop(before: CourseState, event: PumpReport) -> str:
     """Why this report's counter is an unordered drop ("" if it is not): in a live course, below the last reading
     (`before` is the state before the report). driverd's own clears never show here: `CounterCleared` and
-    `SyringeLoaded` re-baseline on their read-back. Only while a loaded syringe change waits with the pump stopped
-    (now and at the last report) is a lower reading no alarm: that load clears the counter, nothing was delivered
-    since the last count, and a crash between the clear and its logged outcome must not alarm at the restart."""
+    `SyringeLoaded` re-baseline on their read-back. Only while a syringe change waits (loaded or not) with the pump
+    stopped now, and stopped at the last report or its stop verified since (the channel reads the pump just before
+    every change command, so nothing went uncounted), is a lower reading no alarm: the nurse may clear the counter
+    at the panel while swapping (as told), a loaded change's load clears it (a crash between that clear and its
+    logged outcome must not alarm at the restart), and the change's verified load is what the course goes on from:
+    a resume cannot skip it (`_on_resume`)."""
     prev = before.raw_delivered_ml
     if prev is None or before.phase not in ACTIVE or not event.delivered_ml < prev:
         return ""
     change = before.syringe_change
-    if change is not None and change.loaded and not before.pump_infusing and event.state != "infusing":
-        return ""
+    if change is not None and event.state != "infusing" and (
+            not before.pump_infusing or (before.commanded_rate == 0 and before.pending is None)):
+        return ""  # a swap (loaded or not) on a stopped pump: the change's verified load re-baselines
     return (f"pump's delivered-volume counter went back from {prev} mL to {event.delivered_ml} mL without a clear "
             "ordered by driverd: what it delivered before the drop may not be counted")
 

@@ -107,14 +107,41 @@ def _dec(fields: dict[str, Any], key: str) -> Decimal:
     return d
 
 
-def _positive_or_none(fields: dict[str, Any], key: str) -> Decimal | None:
-    """An optional field that, when present, is a decimal above 0 (absent or null: None)."""
-    if fields.get(key) is None:
-        return None
-    d = _dec(fields, key)
-    if d <= 0:
-        raise ValidationError([Problem(key, "range", f"must be > 0, got {d}")])
-    return d
+def exact_dec(d: Decimal) -> str:
+    """A Decimal as a string that `Decimal()` parses back with the same sign, digits and exponent (and a NaN's
+    kind, sign and payload): plain notation (`fmt_dec`) when the exponent is <= 0, as everywhere in the log, else
+    scientific ("1E+1"; plain notation would read back as 10, "0E+2" as 0). For what a pump read back and for
+    state snapshots: the core words its outputs with the value it got (a bore of 1E+1 mm), so a replay folding
+    "10" would word them otherwise and diverge."""
+    text = str(d)
+    if "E" not in text:
+        return text  # plain notation: str gives it only for exponents <= 0, where it is format(d, "f")
+    exp = d.as_tuple().exponent
+    return format(d, "f") if isinstance(exp, int) and exp <= 0 else text
+
+
+def _reported_dec(fields: dict[str, Any], key: str) -> Decimal:
+    """A value the pump read back (a report, a setpoint's or a clear's read-back, the bore at prime or a load), as
+    read: any decimal, NaN and the infinities included. The core judges such a reading (a counter step of NaN or 0
+    is the alarm `counter_step`, a NaN bore `syringe_mismatch`, a NaN rate a refused report), and the channel logs
+    it as it was folded: a replay must fold it too, or the log no longer replays and the daemon refuses to start on
+    it (review, 2026-12-03). Written by `exact_dec`."""
+    raw = fields.get(key)
+    if isinstance(raw, str):
+        d = finite_dec(raw)
+        if d is not None:
+            return d
+    if not isinstance(raw, str):
+        raise ValidationError([Problem(key, "type", f"expected a decimal string, got {raw!r}")])
+    try:
+        return Decimal(raw)
+    except InvalidOperation:
+        raise ValidationError([Problem(key, "number", f"not a decimal: {raw!r}")]) from None
+
+
+def _reported_or_none(fields: dict[str, Any], key: str) -> Decimal | None:
+    """An optional reported value (absent or null: None, not read); else as `_reported_dec`."""
+    return None if fields.get(key) is None else _reported_dec(fields, key)
 
 
 def _time(fields: dict[str, Any], key: str) -> datetime:
@@ -243,20 +270,21 @@ def event_to_record(ev: Event) -> tuple[str, dict[str, Any]]:
         doc = {} if ev.document is None else {"document": ev.document}
         return "schedule_accepted", {**at, "schedule": schedule_to_fields(ev.schedule), **doc}
     if isinstance(ev, PumpVerified):
-        return "pump_verified", {**at, "diameter_mm": fmt_dec(ev.diameter_mm), "model": ev.model,
+        return "pump_verified", {**at, "diameter_mm": exact_dec(ev.diameter_mm), "model": ev.model,
                                  "resolution": {"decimals": ev.resolution.decimals,
                                                 "significant": ev.resolution.significant},
                                  **_range_fields(ev.pump_range)}
     if isinstance(ev, Tick):
         return "tick", at
     if isinstance(ev, PumpReport):
-        step = {} if ev.delivered_step_ml is None else {"delivered_step_ml": fmt_dec(ev.delivered_step_ml)}
+        # Every value as the pump reported it, exactly (`exact_dec`): the core judges it, the replay folds it.
+        step = {} if ev.delivered_step_ml is None else {"delivered_step_ml": exact_dec(ev.delivered_step_ml)}
         if ev.diameter_mm is not None:  # absent in logs written before 2026-12-03: no diameter was read then
-            step["diameter_mm"] = fmt_dec(ev.diameter_mm)
-        return "pump_report", {**at, "state": ev.state, "rate_ml_per_h": fmt_dec(ev.rate_ml_per_h),
-                               "delivered_ml": fmt_dec(ev.delivered_ml), "alarms": list(ev.alarms), **step}
+            step["diameter_mm"] = exact_dec(ev.diameter_mm)
+        return "pump_report", {**at, "state": ev.state, "rate_ml_per_h": exact_dec(ev.rate_ml_per_h),
+                               "delivered_ml": exact_dec(ev.delivered_ml), "alarms": list(ev.alarms), **step}
     if isinstance(ev, SetpointResult):
-        rb = None if ev.readback_ml_per_h is None else fmt_dec(ev.readback_ml_per_h)
+        rb = None if ev.readback_ml_per_h is None else exact_dec(ev.readback_ml_per_h)
         return "setpoint_result", {**at, "setpoint_id": ev.setpoint_id, "readback_ml_per_h": rb, "error": ev.error}
     if isinstance(ev, ClinicianCommand):
         dose = None if ev.dose_mg_per_24h is None else fmt_dec(ev.dose_mg_per_24h)
@@ -267,11 +295,11 @@ def event_to_record(ev: Event) -> tuple[str, dict[str, Any]]:
         return "clinician_command", {**at, "action": ev.action, "by": ev.by, "reason": ev.reason,
                                      "dose_mg_per_24h": dose, **syringe}
     if isinstance(ev, SyringeLoaded):
-        return "syringe_loaded", {**at, "diameter_mm": fmt_dec(ev.diameter_mm),
-                                  "delivered_ml": fmt_dec(ev.delivered_ml), **_range_fields(ev.pump_range)}
+        return "syringe_loaded", {**at, "diameter_mm": exact_dec(ev.diameter_mm),
+                                  "delivered_ml": exact_dec(ev.delivered_ml), **_range_fields(ev.pump_range)}
     if isinstance(ev, CounterCleared):
-        return "counter_cleared", {**at, "before_ml": None if ev.before_ml is None else fmt_dec(ev.before_ml),
-                                   "after_ml": None if ev.after_ml is None else fmt_dec(ev.after_ml),
+        return "counter_cleared", {**at, "before_ml": None if ev.before_ml is None else exact_dec(ev.before_ml),
+                                   "after_ml": None if ev.after_ml is None else exact_dec(ev.after_ml),
                                    "verified": ev.verified, "error": ev.error}
     if isinstance(ev, LinkLost):
         return "link_lost", {**at, "detail": ev.detail}
@@ -279,7 +307,7 @@ def event_to_record(ev: Event) -> tuple[str, dict[str, Any]]:
         return "clock_stepped", {**at, "delta_s": fmt_dec(ev.delta_s), "wall_at": fmt_time(ev.wall_at),
                                  "direction": "forward" if ev.delta_s > 0 else "backward"}
     assert isinstance(ev, LinkRestored)
-    bore = {} if ev.diameter_mm is None else {"diameter_mm": fmt_dec(ev.diameter_mm)}
+    bore = {} if ev.diameter_mm is None else {"diameter_mm": exact_dec(ev.diameter_mm)}  # as read back
     return "link_restored", {**at, **bore, **_range_fields(ev.pump_range)}  # older logs: `at` only
 
 
@@ -297,8 +325,9 @@ def event_from_record(record: dict[str, Any]) -> Event:
         res = record.get("resolution")
         if not isinstance(res, dict):
             raise ValidationError([Problem("resolution", "type", "expected an object")])
-        return PumpVerified(at, _dec(record, "diameter_mm"), Resolution(int(res["decimals"]), res.get("significant")),
-                            _str(record, "model"), _range_from(record))
+        return PumpVerified(at, _reported_dec(record, "diameter_mm"),
+                            Resolution(int(res["decimals"]), res.get("significant")), _str(record, "model"),
+                            _range_from(record))
     if name == "tick":
         return Tick(at)
     if name == "pump_report":
@@ -308,14 +337,14 @@ def event_from_record(record: dict[str, Any]) -> Event:
         alarms = record.get("alarms", [])
         if not isinstance(alarms, list) or not all(isinstance(a, str) for a in alarms):
             raise ValidationError([Problem("alarms", "type", "expected a list of strings")])
-        return PumpReport(at, state, _dec(record, "rate_ml_per_h"), _dec(record, "delivered_ml"),  # type: ignore[arg-type]
-                          tuple(alarms), _positive_or_none(record, "delivered_step_ml"),
-                          _positive_or_none(record, "diameter_mm"))
+        return PumpReport(at, state, _reported_dec(record, "rate_ml_per_h"),  # type: ignore[arg-type]
+                          _reported_dec(record, "delivered_ml"), tuple(alarms),
+                          _reported_or_none(record, "delivered_step_ml"), _reported_or_none(record, "diameter_mm"))
     if name == "setpoint_result":
         sid = record.get("setpoint_id")
         if isinstance(sid, bool) or not isinstance(sid, int):
             raise ValidationError([Problem("setpoint_id", "type", "expected an integer")])
-        rb = None if record.get("readback_ml_per_h") is None else _dec(record, "readback_ml_per_h")
+        rb = _reported_or_none(record, "readback_ml_per_h")
         return SetpointResult(at, sid, rb, str(record.get("error", "")))
     if name == "clinician_command":
         action = _str(record, "action")
@@ -326,15 +355,19 @@ def event_from_record(record: dict[str, Any]) -> Event:
         conc = None if record.get("concentration_mg_per_ml") is None else _dec(record, "concentration_mg_per_ml")
         return ClinicianCommand(at, action, _str(record, "by"), _str(record, "reason"), dose, fill, conc)
     if name == "syringe_loaded":
-        return SyringeLoaded(at, _dec(record, "diameter_mm"), _dec(record, "delivered_ml"), _range_from(record))
+        return SyringeLoaded(at, _reported_dec(record, "diameter_mm"), _reported_dec(record, "delivered_ml"),
+                             _range_from(record))
     if name == "counter_cleared":
-        before = None if record.get("before_ml") is None else _dec(record, "before_ml")
-        after = None if record.get("after_ml") is None else _dec(record, "after_ml")
+        before = _reported_or_none(record, "before_ml")
+        after = _reported_or_none(record, "after_ml")
         return CounterCleared(at, before, after, _str(record, "error"))
     if name == "link_lost":
         return LinkLost(at, _str(record, "detail"))
     if name == "link_restored":
-        return LinkRestored(at, _positive_or_none(record, "diameter_mm"), _range_from(record))
+        bore = _reported_or_none(record, "diameter_mm")  # the channel sends only a finite bore above 0
+        if bore is not None and not (bore.is_finite() and bore > 0):
+            raise ValidationError([Problem("diameter_mm", "range", f"must be a finite decimal > 0, got {bore}")])
+        return LinkRestored(at, bore, _range_from(record))
     if name == "clock_stepped":
         return ClockStepped(at, _dec(record, "delta_s"), _time(record, "wall_at"))
     raise ValidationError([Problem("event", "enum", f"{name!r} is not a core input")])

@@ -23,7 +23,7 @@ from driverd.core.errors import DriverdError, Problem, ValidationError
 from driverd.core.history import History
 from driverd.core.kernel import Setpoint, restore_setpoint
 from driverd.core.quantities import Resolution
-from driverd.core.records import fmt_time, schedule_from_fields, schedule_to_fields
+from driverd.core.records import exact_dec, fmt_time, schedule_from_fields, schedule_to_fields
 from driverd.core.schedule import Schedule
 from driverd.core.state import CourseState, Pending, Phase, Sample, SyringeChange
 
@@ -34,15 +34,6 @@ _NESTED = (Resolution, Sample, Pending, SyringeChange, Setpoint)
 _HINTS: dict[type, dict[str, Any]] = {
     cls: typing.get_type_hints(cls, localns={"Setpoint": Setpoint}) for cls in (CourseState, *_NESTED)
 }
-
-
-def exact_dec(d: Decimal) -> str:
-    """A Decimal as a string that `Decimal()` parses back with the same sign, digits and exponent."""
-    text = str(d)
-    if "E" not in text:
-        return text  # plain notation: str gives it only for exponents <= 0, where it is format(d, "f")
-    exp = d.as_tuple().exponent
-    return format(d, "f") if isinstance(exp, int) and exp <= 0 else text
 
 
 SampleRow = Callable[[Sample], list[str]]

@@ -20,8 +20,7 @@ from hypothesis import strategies as st
 
 from driverd.audit.exposure import LedgerBuilder
 from driverd.core.exposure import LOOKBACK, MAX_GAP_DAYS, Burst, ExposureLimits, check_course
-from driverd.core.records import fmt_time
-from driverd.core.state_records import exact_dec
+from driverd.core.records import exact_dec, fmt_time
 
 T0 = datetime(2027, 1, 1, tzinfo=UTC)
 COURSES = ("c1", "c2", "c3")

@@ -19,7 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from driverd.core import machine
-from driverd.core.commands import ApplySetpoint, RaiseAlarm
+from driverd.core.commands import ApplySetpoint, RaiseAlarm, Refused
 from driverd.core.events import ClinicianCommand, CounterCleared, PumpReport, SyringeLoaded
 from driverd.core.state import Phase, evolve
 from tests.core.factories import PROTOCOL, T0, primed
@@ -62,12 +62,23 @@ def test_a_counter_that_goes_back_while_infusing_alarms_and_stops_the_pump(to: D
     assert p.state.raw_delivered_ml == to
 
 
-def test_a_resume_acknowledges_it_and_the_next_drop_alarms_again() -> None:
+def test_only_a_verified_syringe_load_acknowledges_it_and_the_next_drop_alarms_again() -> None:
+    """Between two polls a nurse may stop, swap, clear and run again: a resume would run the old syringe's rate on
+    whatever is in (review, 2026-12-03). It is refused; change_syringe (stating the syringe in the pump) loads and
+    verifies it, and the course resumes on it."""
     p = running()
     p.pump.advance(T0 + 30 * H + M)
     p.pump.delivered = D(0)
     p.feed(p.pump.report())
     cmds = p.feed(ClinicianCommand(p.pump.at, "resume", "dr-a", "counter cleared at the panel by mistake"))
+    assert [c.reason for c in cmds if isinstance(c, Refused)] == ["counter_drop"] and not p.pump.infusing
+    assert p.state.phase is Phase.ALARM
+    conc = p.state.concentration
+    p.feed(p.pump.report())  # the channel reads the pump before every change command: stopped
+    p.feed(ClinicianCommand(p.pump.at, "change_syringe", "rn-1", "the syringe in the pump", None, D(10), conc))
+    assert p.state.syringe_change is not None and p.state.syringe_change.loaded and not p.pump.infusing
+    diameter = p.state.schedule.inner_diameter_mm if p.state.schedule is not None else D(0)
+    cmds = p.feed(SyringeLoaded(p.pump.at, diameter, p.pump.delivered))
     assert p.state.phase is Phase.TITRATING and p.pump.infusing and stops(cmds) != []
     p.run_until(T0 + 32 * H)
     assert p.state.phase is Phase.TITRATING  # counting on from the new baseline: no false alarm
@@ -88,6 +99,9 @@ def test_a_drop_on_a_stopped_pump_in_a_live_course_alarms() -> None:
     p.pump.delivered = D(0)
     cmds = p.feed(p.pump.report())
     assert alarms(cmds) == ["counter_drop"] and p.state.phase is Phase.ALARM and not p.pump.infusing
+    # The syringe may have been swapped while the pump stood: a resume is refused (change_syringe verifies it).
+    cmds = p.feed(ClinicianCommand(p.pump.at, "resume", "dr-a", "counter cleared at the panel"))
+    assert [c.reason for c in cmds if isinstance(c, Refused)] == ["counter_drop"] and not p.pump.infusing
 
 
 def test_a_harvard_power_cut_is_also_driverds_own_alarm_and_a_stop() -> None:

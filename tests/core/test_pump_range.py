@@ -349,9 +349,10 @@ def test_link_restored_records_round_trip_with_and_without_the_check() -> None:
         assert event_from_record({"event": name, **fields}) == ev
     assert event_to_record(LinkRestored(T0))[1] == {"at": "2026-11-23T09:00:00Z"}  # as older logs wrote it
     name, fields = event_to_record(LinkRestored(T0, DIAMETER, NE))
-    with pytest.raises(ValidationError) as exc:
-        event_from_record({"event": name, **fields, "diameter_mm": "-1"})
-    assert exc.value.problems[0].path == "diameter_mm"
+    for bad in ("-1", "0", "NaN", "x", 19):  # the channel sends only a finite bore above 0
+        with pytest.raises(ValidationError) as exc:
+            event_from_record({"event": name, **fields, "diameter_mm": bad})
+        assert exc.value.problems[0].path == "diameter_mm"
 
 
 def test_a_resume_refused_for_the_bore_keeps_the_range_cause_too() -> None:

@@ -25,18 +25,16 @@ REPORT = {"event": "pump_report", "at": "2026-12-01T10:55:00Z", "state": "infusi
           "delivered_ml": "0.078", "alarms": []}
 
 
-def reference_dec(fields: dict[str, Any], key: str) -> Decimal:
-    """records._dec before its cache (verbatim)."""
+def reference_reported(fields: dict[str, Any], key: str) -> Decimal:
+    """A pump report's value: records._dec before its cache, less the finite rule (a NaN or an infinite reading
+    is the core's to judge, and the replay's to fold: review, 2026-12-03)."""
     raw = fields.get(key)
     if not isinstance(raw, str):
         raise ValidationError([Problem(key, "type", f"expected a decimal string, got {raw!r}")])
     try:
-        d = Decimal(raw)
+        return Decimal(raw)
     except InvalidOperation:
         raise ValidationError([Problem(key, "number", f"not a decimal: {raw!r}")]) from None
-    if not d.is_finite():
-        raise ValidationError([Problem(key, "finite", f"not finite: {raw!r}")])
-    return d
 
 
 def reference_time(fields: dict[str, Any], key: str) -> datetime:
@@ -60,7 +58,10 @@ def outcome(fn: Any, *args: Any) -> tuple[str, Any]:
 
 
 def same(a: Any, b: Any) -> bool:
-    """Equal and written alike: a Decimal's exponent, a time's offset and microseconds."""
+    """Equal and written alike: a Decimal's exponent, a time's offset and microseconds. (Decimals by their tuple:
+    sign, digits, exponent, or a NaN's kind and payload; a NaN equals nothing, an sNaN raises on ==.)"""
+    if isinstance(a, Decimal) and isinstance(b, Decimal):
+        return a.as_tuple() == b.as_tuple()
     return bool(a == b) and repr(a) == repr(b) and type(a) is type(b)
 
 
@@ -86,8 +87,8 @@ def test_a_report_parses_as_before_however_often_its_strings_were_seen(rate: str
     rec = {**REPORT, "rate_ml_per_h": rate, "delivered_ml": delivered, "at": at}
 
     def reference(r: dict[str, Any]) -> PumpReport:
-        return PumpReport(reference_time(r, "at"), "infusing", reference_dec(r, "rate_ml_per_h"),
-                          reference_dec(r, "delivered_ml"), ())
+        return PumpReport(reference_time(r, "at"), "infusing", reference_reported(r, "rate_ml_per_h"),
+                          reference_reported(r, "delivered_ml"), ())
 
     want = outcome(reference, rec)
     for _ in range(2):  # the second time from the cache, where it holds the strings
@@ -102,8 +103,8 @@ def test_a_report_parses_as_before_however_often_its_strings_were_seen(rate: str
 
 @pytest.mark.parametrize(("key", "value", "rule"), [
     ("at", "2026-12-01T10:55:00", "format"), ("at", "yesterday", "format"), ("at", None, "format"),
-    ("rate_ml_per_h", "NaN", "finite"), ("rate_ml_per_h", "fast", "number"), ("rate_ml_per_h", 1, "type"),
-    ("delivered_ml", "Infinity", "finite"), ("delivered_ml", "", "number"), ("delivered_ml", [], "type"),
+    ("rate_ml_per_h", "fast", "number"), ("rate_ml_per_h", 1, "type"), ("rate_ml_per_h", None, "type"),
+    ("delivered_ml", "0x10", "number"), ("delivered_ml", "", "number"), ("delivered_ml", [], "type"),
 ])
 def test_a_malformed_report_is_refused_after_good_ones(key: str, value: Any, rule: str) -> None:
     for _ in range(3):

@@ -26,8 +26,9 @@ from driverd.core.events import (
 from driverd.core.kernel import hours_between
 from driverd.core.machine import initial_state, step
 from driverd.core.quantities import NEW_ERA_RESOLUTION
+from driverd.core.records import exact_dec
 from driverd.core.state import CourseState
-from driverd.core.state_records import exact_dec, state_from_fields, state_to_fields
+from driverd.core.state_records import state_from_fields, state_to_fields
 from tests.core.factories import PROTOCOL, T0, schedule
 
 D = Decimal

@@ -121,7 +121,7 @@ def test_the_record_carries_the_bore_and_old_records_parse() -> None:
     assert event_from_record({"event": name, **old}) == replace(ev, diameter_mm=None)
 
 
-@pytest.mark.parametrize("value", ["0", "-19.13", "x", "NaN", 19])
+@pytest.mark.parametrize("value", ["x", "", "19,13", 19, 19.13])  # not decimals (0, -19.13, NaN: the core judges)
 def test_a_malformed_bore_in_a_record_names_the_field(value: object) -> None:
     fields = {"event": "pump_report", "at": "2026-11-23T09:00:00Z", "state": "infusing", "rate_ml_per_h": "1",
               "delivered_ml": "1", "alarms": [], "diameter_mm": value}
@@ -186,10 +186,10 @@ def test_a_pump_that_infuses_on_a_wrong_bore_while_the_change_waits_still_alarms
     assert p.state.phase is Phase.ALARM
 
 
-def test_a_change_given_while_the_old_syringe_ran_is_not_resumed_on_a_wrong_bore() -> None:
+def test_a_change_given_while_the_old_syringe_ran_is_not_resumed_on_the_wrong_bore() -> None:
     """The change was given with the pump running (the daemon stops it; the nurse swaps the syringe, picks its
-    type in the pump's menu and gives change_syringe again). A wrong bore meanwhile is not an alarm, but the resume
-    that would abandon the change and run on the old syringe is refused: it would run on that bore."""
+    type in the pump's menu and gives change_syringe again). A wrong bore meanwhile is not an alarm, and a resume is
+    refused: nothing runs before the load verifies the bore."""
     p = running()
     p.pump.advance(T0 + 30 * H + M)
     p.feed(ClinicianCommand(p.pump.at, "change_syringe", "rn-1", "daily", None, D(17)))
@@ -197,7 +197,7 @@ def test_a_change_given_while_the_old_syringe_ran_is_not_resumed_on_a_wrong_bore
     p.pump.advance(p.pump.at + M)
     assert p.feed(report(p, D("14.43"))) == () and p.state.phase is Phase.PAUSED
     cmds = p.feed(ClinicianCommand(p.pump.at, "resume", "dr-a", "resume"))
-    assert [c.reason for c in cmds if isinstance(c, Refused)] == ["syringe_mismatch"] and stops(cmds) == []
+    assert [c.reason for c in cmds if isinstance(c, Refused)] == ["syringe_change_waiting"] and stops(cmds) == []
     assert p.state.syringe_change is not None and not p.pump.infusing
     p.feed(ClinicianCommand(p.pump.at, "change_syringe", "rn-1", "new syringe in", None, D(17)))
     p.feed(SyringeLoaded(p.pump.at, RIGHT, p.pump.delivered))
