@@ -14,8 +14,10 @@ Durability contract:
 - Files are created with fixed modes whatever the umask: the directory 0750 (the daemon's group may read
   the log), segments 0640.
 - On open, what a crash can leave at the end of the newest segment is cut and a `torn_tail_truncated` record
-  is appended: a torn last line (crash mid-write), or unsynced pages a power cut lost (zeros) after the last
-  writer record (`_lost_page_start`). Nothing before that is touched; any other damage is left for verify.
+  is appended: a torn last line (crash mid-write), or unsynced pages a power cut lost (zeros) followed only by
+  records of `AuditConfig.bulk_events` (`_lost_page_start`). Nothing before that is touched; any other damage is
+  left for verify. A cut that removes whole records, or more than the record keeps, is first saved whole to a
+  side file (`cut_file_name`) in the log directory.
 
 The writer is synchronous and single-threaded; one process may hold a log directory at a time (flock).
 """
@@ -78,9 +80,20 @@ class AuditConfig:
     checkpoint_every_s: int | Decimal = 60
     group_commit_ms: int = 200
     group_commit_records: int = 256
+    # Events the owner only ever appends with durable=False (the daemon: channel.BULK_INPUTS). A lost-page cut at
+    # open may remove only these (`_lost_page_start`); append refuses one of them with durable=True. Empty (the
+    # default): the writer cannot tell which records may have been unsynced, so it makes no lost-page cut at all.
+    bulk_events: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         problems: list[Problem] = []
+        bulk = self.bulk_events
+        if not isinstance(bulk, frozenset) or not all(isinstance(e, str) and e for e in bulk):
+            problems.append(Problem("audit.bulk_events", "type", "must be a frozenset of non-empty event names"))
+        elif bulk & WRITER_EVENTS:
+            name = sorted(bulk & WRITER_EVENTS)[0]
+            problems.append(Problem("audit.bulk_events", "writer-event",
+                                    f"{name!r} is a writer record, always fdatasync'd: it cannot be bulk"))
         for name in ("segment_max_records", "checkpoint_every_records", "group_commit_records"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -208,8 +221,7 @@ class AuditWriter:
         bad = sorted(set(fields) & _RESERVED)
         if bad:
             raise AuditFieldError(bad[0], "reserved", f"field name {bad[0]!r} is reserved for the record envelope")
-        if self._reopen_pending:  # opened with announce=False: the restart comes before anything new
-            self.reopened()
+        self._announce_pending()
         result: dict[str, Any] = self._logger.info(
             event, pump_id=pump_id, course_id=course_id, **{_DURABLE_KEY: durable}, **fields
         )
@@ -236,12 +248,14 @@ class AuditWriter:
         """Start a new segment now, unless the current one holds hardly more than its own start (a state snapshot
         opens a segment, so start-up reads and verifies only from there)."""
         self._check_usable()
+        self._announce_pending()
         if self._segment_records > 3:
             self._rotate()
 
     def checkpoint(self, reason: str = "manual") -> dict[str, Any] | None:
         """Force a signed checkpoint (None without a signing key: there is nothing to sign with)."""
         self._check_usable()
+        self._announce_pending()
         return self._write_checkpoint(reason)
 
     def close(self) -> None:
@@ -252,6 +266,7 @@ class AuditWriter:
             self._release()
             raise AuditError(f"audit writer is dead: {self._dead}") from self._dead
         try:
+            self._announce_pending()
             if self._last_event != "checkpoint":
                 self._write_checkpoint("close")
             self._sync()
@@ -332,6 +347,10 @@ class AuditWriter:
         durable = event_dict.pop(_DURABLE_KEY, True)
         if not isinstance(durable, bool):
             raise AuditFieldError("durable", "type", "durable must be true or false")
+        if durable and event_dict["event"] in self.config.bulk_events:
+            # A lost-page cut may remove a bulk event: one that was fdatasync'd (and maybe acted on) must not be.
+            raise AuditFieldError("durable", "bulk", f"event {event_dict['event']!r} is in audit.bulk_events: "
+                                  "it is never written durably (take it out of bulk_events to write it so)")
         record = {}
         for k, v in event_dict.items():
             # Fast path for the common already-canonical scalars (ASCII text, None, plain int); the rest, and
@@ -503,7 +522,7 @@ class AuditWriter:
             raise AuditError(f"{self.directory}: segment numbers are not consecutive: {numbers}")
         self._check_key(self.directory / segs[0][1], len(segs) == 1)
         number, path = segs[-1][0], self.directory / segs[-1][1]
-        torn = _recover_tail(path, self.config.group_commit_records)
+        torn = _recover_tail(path, number, self.config.group_commit_records, self.config.bulk_events, self._dir_fd)
         data = _read(path)
         if not data:
             # The crash tore this segment's very first line: restart the segment from the previous one.
@@ -531,20 +550,20 @@ class AuditWriter:
             self._segment = number
             self._segment_records = data.count(b"\n")
         if torn is not None:
-            self._pipeline_internal(
-                "torn_tail_truncated",
-                {
-                    "segment": number,
-                    "offset": torn.offset,
-                    "reason": torn.reason,
-                    "removed_bytes": len(torn.removed),
-                    "removed_lines": torn.lines,
-                    "removed_seqs": list(torn.seqs),
-                    "removed_sha256": sha256_hex(torn.removed),
-                    # What was cut, for the auditor (bounded; the hash covers all of it).
-                    "removed_b64": base64.b64encode(torn.removed[:TORN_KEEP_BYTES]).decode("ascii"),
-                },
-            )
+            fields: dict[str, Any] = {
+                "segment": number,
+                "offset": torn.offset,
+                "reason": torn.reason,
+                "removed_bytes": len(torn.removed),
+                "removed_lines": torn.lines,
+                "removed_seqs": list(torn.seqs),
+                "removed_sha256": sha256_hex(torn.removed),
+                # What was cut, for the auditor (bounded; the hash covers all of it).
+                "removed_b64": base64.b64encode(torn.removed[:TORN_KEEP_BYTES]).decode("ascii"),
+            }
+            if torn.file is not None:
+                fields["removed_file"] = torn.file  # all of it (its sha256 is removed_sha256)
+            self._pipeline_internal("torn_tail_truncated", fields)
         self._reopen_pending = True
         if announce:
             self.reopened()
@@ -560,6 +579,12 @@ class AuditWriter:
         self._pipeline_internal("log_reopened", {"segment": self._segment, "recovered_seq": self._seq})
         self._last_checkpoint_at = self._last_ts
         self._write_checkpoint("open")
+
+    def _announce_pending(self) -> None:
+        # Opened with announce=False: the restart is logged before anything new (a record, a checkpoint, a
+        # rotation, the close), so no record of this run reads as the previous run's.
+        if self._reopen_pending:
+            self.reopened()
 
     def _adopt_last_line(self, line: bytes, path: Path) -> None:
         try:
@@ -666,15 +691,26 @@ class TailCut:
     reason: str  # "torn_last_line" or "lost_unsynced_page"
     lines: int  # lines removed (a partial last line counts as one)
     seqs: tuple[int, ...]  # seqs of the whole, readable records that were cut with the damage
+    file: str | None  # the side file in the log directory holding all of `removed` (None: the record keeps it all)
 
 
-def _recover_tail(path: Path, max_unsynced: int) -> TailCut | None:
+def cut_file_name(segment: int, offset: int, removed: bytes) -> str:
+    """The side file a cut's bytes are saved to: `cut-<segment>-<offset>-<sha256 prefix>.bin`. Never a segment
+    name (segments.SEGMENT_RE), so the writer, verify, fsck, recovery, tail and archive all leave it alone."""
+    return f"cut-{segment:06d}-{offset}-{sha256_hex(removed)[:16]}.bin"
+
+
+def _recover_tail(
+    path: Path, segment: int, max_unsynced: int, bulk_events: frozenset[str], dir_fd: int
+) -> TailCut | None:
     """Repair what a crash can leave at the end of the newest segment, and nothing else:
 
     - a torn last line (no newline, or not parseable): cut;
     - lost unsynced pages (`_lost_page_start`): cut from the first damaged line.
 
-    Anything else is left untouched (verify then refuses the start). Returns what was cut, or None."""
+    Anything else is left untouched (verify then refuses the start). Before truncating, a lost-page cut (it removes
+    readable records) or any cut larger than the record keeps (TORN_KEEP_BYTES) is written whole to a side file
+    (`cut_file_name`), fsynced with its directory: nothing readable is destroyed. Returns what was cut, or None."""
     data = _read(path)
     if not data:
         return None
@@ -687,16 +723,22 @@ def _recover_tail(path: Path, max_unsynced: int) -> TailCut | None:
             cut = len(data) - len(last) - 1
     else:
         cut = data.rfind(b"\n") + 1
+    if cut is not None and not _torn_line_is_unsynced(data[cut:], bulk_events):
+        return None
     body_end = len(data) if cut is None else cut
     seqs: tuple[int, ...] = ()
     if data.find(b"\x00", 0, body_end) >= 0:
-        lost = _lost_page_start(data, body_end, max_unsynced)
+        lost = _lost_page_start(data, body_end, max_unsynced, bulk_events)
         if lost is not None:
             cut, seqs = lost
             reason = "lost_unsynced_page"
     if cut is None:
         return None
     removed = data[cut:]
+    side: str | None = None
+    if reason == "lost_unsynced_page" or len(removed) > TORN_KEEP_BYTES:
+        side = cut_file_name(segment, cut, removed)
+        _save_cut(path.parent / side, removed, dir_fd)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
         try:
@@ -707,33 +749,72 @@ def _recover_tail(path: Path, max_unsynced: int) -> TailCut | None:
     except OSError as exc:
         raise AuditError(f"{path}: cannot truncate torn tail: {exc.strerror}") from None
     lines = removed.count(b"\n") + (0 if removed.endswith(b"\n") else 1)
-    return TailCut(cut, removed, reason, lines, seqs)
+    return TailCut(cut, removed, reason, lines, seqs, side)
+
+
+def _save_cut(path: Path, removed: bytes, dir_fd: int) -> None:
+    """Write `removed` to `path` and make it durable (file and name) before the segment is truncated. A crash in
+    between leaves the segment as it was: the next open makes the same cut and rewrites the same file whole."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, SEGMENT_MODE)
+        try:
+            os.fchmod(fd, SEGMENT_MODE)  # whatever the umask, like a segment: the daemon's group may read it
+            view = memoryview(removed)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.fsync(dir_fd)
+    except OSError as exc:
+        raise AuditError(f"{path}: cannot save the bytes of a tail cut: {exc.strerror}; nothing cut") from None
 
 
 _NUL_RUN: Final = re.compile(rb"\x00+")
-# Bytes only a writer record's line holds (its event; a checkpoint's signature), to spot one in a damaged line.
-_WRITER_MARKS: Final = (*(b'"event":"' + e.encode() + b'"' for e in sorted(WRITER_EVENTS)), b'"sig":"')
+# In what is left of a damaged line: a record's event name (canonical JSON escapes a quote inside a string, so this
+# is a key), or a checkpoint's signature (the one writer record whose event name may be lost to the zeros).
+_EVENT_KEY: Final = re.compile(rb'"event":"([^"\x00]*)("?)')
+_SIG_KEY: Final = b'"sig":"'
 SECTOR: Final = 512  # the smallest unit a disk or page cache loses: a lost page is whole sectors of zeros
 
 
-def _lost_page_start(data: bytes, body_end: int, max_unsynced: int) -> tuple[int, tuple[int, ...]] | None:
+def _lost_page_start(
+    data: bytes, body_end: int, max_unsynced: int, bulk_events: frozenset[str]
+) -> tuple[int, tuple[int, ...]] | None:
     """Where to cut if the NUL bytes before `body_end` can only be unsynced pages a power cut lost, else None.
 
     With delayed allocation (ext4, xfs) a crash can lose page N of the unsynced tail while page N+1 reached the
-    disk; page N reads back as zeros and the later records read fine. Such a loss is accepted only if:
+    disk; page N reads back as zeros and the later records read fine.
+
+    The rule on syncs, exactly: the writer is single-threaded and writes each record as it is appended; an
+    fdatasync covers every byte written before it. A durable record (a writer record, or append(durable=True))
+    is fdatasync'd before its append returns, so before any later byte is written. So:
+    - a durable record with anything after it was fdatasync'd, and every byte up to its end was on disk (and may
+      have been acted on: a setpoint goes on the wire only then); a durable last record may have been too (a
+      power cut during its fdatasync cannot be told apart). Zeros before either are real damage;
+    - that fdatasync also synced the non-durable records written before it since the last sync (they lie before
+      it in the file, so the rule above covers them);
+    - a non-durable record written after a durable one is NOT covered by it: that fdatasync returned before the
+      record was written. Only such records, after the last durable one, can have been lost unsynced.
+    The log does not mark durability, so the writer goes by name: only `bulk_events` (which the owner never writes
+    durably, and append refuses to) may follow the damage. Bulk records may also have been synced by a group
+    commit (every `group_commit_records`, bounded below; or on time, which the log does not record): a cut may
+    then take bulk records that were on disk, but never one a caller waited for.
+
+    So a loss is accepted only if:
     - every run of NULs from the first one on (up to the torn last line, if any) looks like a lost page
       (`_nul_runs_are_sectors`), which a stray zero byte does not;
     - the damaged line is not the segment's first (segment_start is fdatasync'd before anything follows it) and
       the line before it is a readable record;
-    - no writer record (segment_start, checkpoint, torn_tail_truncated, log_reopened) follows the damage or shows
-      in what is left of the damaged lines: each is fdatasync'd before anything after it is written, and an
-      fdatasync that returned means every earlier byte was on disk, so zeros before one are real damage. (The
-      log does not say which caller records were fdatasync'd; the writer records are the bound it does give.
-      A record wholly inside the zeroed bytes cannot be seen: see docs/audit.md, "Lost unsynced pages".)
-    - every other line after the damage is a readable record or itself holds a lost page, and at most
-      `max_unsynced` (group_commit_records) records follow the last one before the damage: the writer never
-      has more than that many records written and not yet synced.
+    - every readable record after the damage is a bulk event with a rising seq, and every other line holds a
+      lost page whose remains name only bulk events (a name cut short by the zeros, or a checkpoint's signature,
+      refuses). A record wholly inside the zeroed bytes cannot be seen: see docs/audit.md, "Lost unsynced pages";
+    - at most `max_unsynced` (group_commit_records) lines follow the damaged line's start, and at most that many
+      seqs follow the last record before it: the writer never has more than that many records unsynced.
+    With no bulk events configured nothing qualifies: the writer cannot tell what may have been unsynced.
     """
+    if not bulk_events:
+        return None
     first_nul = data.find(b"\x00", 0, body_end)
     start = data.rfind(b"\n", 0, first_nul) + 1
     if start == 0:
@@ -761,9 +842,9 @@ def _lost_page_start(data: bytes, body_end: int, max_unsynced: int) -> tuple[int
         if lines > max_unsynced:
             return None
         if b"\x00" in line:
-            # A lost page (its sectors checked above). What is left of the records it held must not be a writer
-            # record's: that one was fdatasync'd before anything after it was written.
-            if any(mark in line for mark in _WRITER_MARKS):
+            # A lost page (its sectors checked above). What is left of the records it held must be bulk events':
+            # a durable one was fdatasync'd before anything after it was written.
+            if not _remains_are_bulk(line, bulk_events):
                 return None
             continue
         try:
@@ -771,12 +852,32 @@ def _lost_page_start(data: bytes, body_end: int, max_unsynced: int) -> tuple[int
         except ValueError:
             return None  # damage that is not a lost page
         seq = rec.get("seq")
-        if rec.get("event") in WRITER_EVENTS or isinstance(seq, bool) or not isinstance(seq, int):
+        if rec.get("event") not in bulk_events or isinstance(seq, bool) or not isinstance(seq, int):
             return None
         if seq <= (seqs[-1] if seqs else base) or seq - base > max_unsynced:
             return None
         seqs.append(seq)
     return start, tuple(seqs)
+
+
+def _remains_are_bulk(line: bytes, bulk_events: frozenset[str]) -> bool:
+    """Whether what is left of a zeroed line names only bulk events: no other event name, none cut short by the
+    zeros, and no checkpoint signature (the one writer record whose name may be lost to the zeros)."""
+    if _SIG_KEY in line:
+        return False
+    return all(m.group(2) and m.group(1).decode("ascii", "replace") in bulk_events for m in _EVENT_KEY.finditer(line))
+
+
+def _torn_line_is_unsynced(tail: bytes, bulk_events: frozenset[str]) -> bool:
+    """Whether a torn last line can be cut: the record the crash interrupted (its append never returned, so it was
+    never acted on). Zeros that run to the end of the file are that record's lost end. Bytes after zeros, though,
+    may be later records whose newlines the zeros hid, i.e. the line may hold several records, and then the first
+    was followed by writes (a durable one had been fdatasync'd): only bulk events may show in it, as for a lost page
+    (`_lost_page_start`). A stray zero in the line refuses too, unless the line names only bulk events."""
+    first_nul = tail.find(b"\x00")
+    if first_nul < 0 or not tail[first_nul:].strip(b"\x00"):
+        return True
+    return _remains_are_bulk(tail, bulk_events)
 
 
 def _nul_runs_are_sectors(data: bytes, first_nul: int, end: int) -> bool:

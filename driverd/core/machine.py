@@ -906,6 +906,9 @@ def _on_report(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
     """What the pump really does, checked on every report and in every phase: reconcile a setpoint still open,
     stop infusion nobody commanded, record every new pump alarm, watch the 24-h dose and the delivery accuracy."""
     assert isinstance(event, PumpReport)
+    unreadable = _unreadable(event)
+    if unreadable:
+        return _on_unreadable_report(state, protocol, event, unreadable)
     before = state
     state = _accumulate(state, event)
     cmds: tuple[Command, ...] = ()
@@ -979,6 +982,28 @@ def _on_report(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
 #: rate and counter read-backs are computed with that bore, so they look right while it delivers (d/d')^2 times
 #: the drug. Stop, alarm; only a syringe change (which loads and verifies the bore) goes on (docs/safety.md).
 SYRINGE_MISMATCH = "syringe_mismatch"
+
+
+#: A pump report whose rate or counter is not a finite number (NaN, infinity: a driver or pump fault). Nothing in it
+#: can be judged, and a refusal that leaves the state as it was would leave a running pump unsupervised for as long
+#: as its reports stay so (review, 2026-12-03): in a live course it is doubt, the alarm and a stop.
+REPORT_UNREADABLE = "report_unreadable"
+
+
+def _unreadable(event: PumpReport) -> str:
+    """Why the report's rate or counter cannot be read as a number ("" if both can)."""
+    bad = [name for name, v in (("rate_ml_per_h", event.rate_ml_per_h), ("delivered_ml", event.delivered_ml))
+           if not v.is_finite()]
+    return f"pump report's {' and '.join(bad)} not a finite number" if bad else ""
+
+
+def _on_unreadable_report(state: CourseState, protocol: ProtocolSpec, event: PumpReport, why: str) -> Out:
+    """Nothing of the report is taken (not its counter, its alarms or its bore). In a live course: the alarm
+    `report_unreadable` and a stop (always allowed), again on every such report of a pump still infusing; outside
+    one, refused as an invalid number (nothing runs there)."""
+    if state.phase not in ACTIVE:
+        return state, (Refused("machine", "invalid_number", why),)
+    return _alarm_and_stop(state, protocol, event, REPORT_UNREADABLE, why)
 
 
 def _alarm_and_stop(state: CourseState, protocol: ProtocolSpec, event: PumpReport, code: str, detail: str) -> Out:
@@ -1258,7 +1283,8 @@ def _on_result(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
     pending = state.pending
     if pending is None or pending.setpoint.id != event.setpoint_id:
         return state, (Notice("stale_result", f"result for setpoint {event.setpoint_id} not pending"),)
-    if event.readback_ml_per_h is None:
+    if event.readback_ml_per_h is None or not event.readback_ml_per_h.is_finite():
+        # No read-back, or none that is a number (NaN, infinity): the setpoint is uncertain, never taken as applied.
         state = evolve(state, pending=replace(pending, uncertain=True))
         return state, (Notice("setpoint_uncertain", f"setpoint {event.setpoint_id} unacknowledged: {event.error}"),)
     return _check_readback(state, protocol, event.at, event.readback_ml_per_h)
@@ -1506,6 +1532,8 @@ def _quiet_report(state: CourseState, event: PumpReport, protocol: ProtocolSpec)
     `_check_deviation` (with a deviation base), then `_track_interruption` and `_track_commanded`, which return the
     state as it is when it is running and `commanded_since` is set (the rate and the phase did not change). Each
     check is repeated here with the same operands, or decided by a bound that implies its answer."""
+    if not (event.rate_ml_per_h.is_finite() and event.delivered_ml.is_finite()):
+        return None  # an unreadable report (sNaN would even raise in a comparison): the general path alarms
     phase = state.phase
     rate = state.commanded_rate
     if event.alarms and not _warnings_seen(event.alarms, state.pump_alarms):

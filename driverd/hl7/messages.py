@@ -128,6 +128,7 @@ CAUSE_TEXT: Final[dict[str, str]] = {
     "counter_not_cleared": "the pump's delivered-volume counter did not read back 0 after a clear",
     "counter_drop": "the pump's delivered-volume counter went back without a clear driverd ordered",
     "counter_step": "the pump's delivered-volume reading is too coarse (or not a number) to be judged",
+    "report_unreadable": "the pump's rate or delivered-volume reading is not a number",
     "pump_range": "the pump cannot run the drug library's rates with this syringe (or states no rate range)",
     "planned_rate": "a rate of the approved course is outside the drug library's limits for the syringe",
 }

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, Final
 
 from driverd.audit.writer import AuditWriter
 from driverd.core.commands import ApplySetpoint, Command, Refused
@@ -54,8 +54,9 @@ _STATE_NAMES: dict[PumpState, PumpStateName] = {s: s.value for s in PumpState}
 #: every poll: each attempt is two durable records, and the alarm is already raised.
 CLEAR_RETRY = timedelta(minutes=1)
 
-# Inputs that must survive a crash the moment they are acted on; telemetry and ticks use group commit.
-_BULK_INPUTS = frozenset({"tick", "pump_report"})
+# Inputs that must survive a crash the moment they are acted on; telemetry and ticks use group commit. The daemon
+# gives the writer this same set (AuditConfig.bulk_events): the only records a lost-page cut at open may remove.
+BULK_INPUTS: Final = frozenset({"tick", "pump_report"})
 
 
 @dataclass
@@ -196,7 +197,7 @@ class Channel:
     def _log_input(self, event: Event) -> None:
         name, fields = event_to_record(event)
         record = self.audit.append(name, pump_id=self.pump_id, course_id=self.state.course_id,
-                                   durable=name not in _BULK_INPUTS, **fields)
+                                   durable=name not in BULK_INPUTS, **fields)
         self.last_input_seq = int(record["seq"])
 
     async def handle(self, event: Event) -> tuple[Command, ...]:

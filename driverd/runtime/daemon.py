@@ -36,7 +36,7 @@ from driverd.core.schedule import Schedule
 from driverd.core.schedule_parse import parse_schedule
 from driverd.core.state import CourseState, Phase
 from driverd.core.volume_plan import UPPER_BOUND_RESOLUTION, plan_course
-from driverd.runtime.channel import Channel, syringe_view
+from driverd.runtime.channel import BULK_INPUTS, Channel, syringe_view
 from driverd.runtime.clock import RuntimeClock, ScaledClock, WallStep
 from driverd.runtime.config import DaemonConfig
 from driverd.runtime.failsafe import FailSafe, left_running, safe_log
@@ -117,7 +117,7 @@ class Daemon:
             cfg.audit_dir,
             AuditConfig(segment_max_records=a.segment_max_records, checkpoint_every_records=a.checkpoint_every_records,
                         checkpoint_every_s=a.checkpoint_every_s, group_commit_ms=a.group_commit_ms,
-                        group_commit_records=a.group_commit_records),
+                        group_commit_records=a.group_commit_records, bulk_events=BULK_INPUTS),
             key,
             self.clock.now,
             self.trust,  # adopted schedules are re-verified against the trust store

@@ -148,6 +148,18 @@ def test_archive_leaves_a_live_log_that_verifies_replays_and_recovers(made: Arch
     assert _cli("audit", "verify", log, "--archive", dest, "--full").exit_code == 0
 
 
+def test_a_tail_cut_side_file_stays_in_the_live_log(made: ArchiveLog, log: Path, tmp_path: Path) -> None:
+    """The bytes a start-up tail cut saved (writer.cut_file_name) are not a segment: archive neither moves nor
+    refuses over them; they stay in the live log directory, which still verifies and recovers."""
+    want = _state(log, made)
+    side = log / "cut-000001-1234-0123456789abcdef.bin"
+    side.write_bytes(b'{"course_id":null,"event":"pump_report"\x00\x00\n')
+    res = _archive(log, tmp_path / "archive", made)
+    assert res.archived and side.read_bytes().startswith(b'{"course_id"')
+    assert not (tmp_path / "archive" / side.name).exists()
+    _assert_live_log_works(log, made, want)
+
+
 def test_archive_runs_again_later_and_keeps_one_anchor(made: ArchiveLog, log: Path, tmp_path: Path) -> None:
     want = _state(log, made)
     dest = tmp_path / "archive"

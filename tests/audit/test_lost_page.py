@@ -1,11 +1,14 @@
 """A power cut that loses an unsynced page in the middle of the newest segment's tail (delayed allocation: page N
-lost, page N+1 on disk, page N reads back as zeros). The writer cuts it only after the last writer record (each is
-fdatasync'd) and within what can be unsynced; any other damage is left untouched for verify to refuse."""
+lost, page N+1 on disk, page N reads back as zeros). The writer cuts it only when nothing after it can have been
+fdatasync'd (only bulk events, AuditConfig.bulk_events, follow) and within what can be unsynced, and saves what it
+cut whole in a side file; any other damage is left untouched for verify to refuse."""
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -14,15 +17,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from driverd.audit.canonical import loads_line, sha256_hex
+from driverd.audit.segments import segment_names
 from driverd.audit.verify import verify_log
-from driverd.audit.writer import AuditConfig, AuditWriter
-from driverd.core.errors import AuditError
+from driverd.audit.writer import TORN_KEEP_BYTES, AuditConfig, AuditWriter
+from driverd.core.errors import AuditError, ConfigError
+from driverd.runtime.channel import BULK_INPUTS
 
 from .conftest import StepClock
 
 PAGE = 4096
 CFG = AuditConfig(segment_max_records=10_000, checkpoint_every_records=10_000, checkpoint_every_s=10**6,
-                  group_commit_ms=10**9, group_commit_records=64)
+                  group_commit_ms=10**9, group_commit_records=64, bulk_events=BULK_INPUTS)  # the daemon's set
 
 
 def crashed_log(d: Path, key: Ed25519PrivateKey, unsynced: int = 40, checkpoint: bool = True) -> tuple[Path, int]:
@@ -52,10 +57,10 @@ def lines_of(seg: Path) -> list[dict]:
     return [loads_line(x) for x in seg.read_bytes().split(b"\n")[:-1]]
 
 
-def reopen(d: Path, key: Ed25519PrivateKey) -> bool:
+def reopen(d: Path, key: Ed25519PrivateKey, cfg: AuditConfig = CFG) -> bool:
     """Open the log as start-up does (and close it); False if the writer itself refused."""
     try:
-        AuditWriter.open(d, CFG, key, StepClock(start=StepClock().now.replace(year=2027))).close()
+        AuditWriter.open(d, cfg, key, StepClock(start=StepClock().now.replace(year=2027))).close()
     except AuditError:
         return False
     return True
@@ -80,6 +85,7 @@ def test_lost_page_in_unsynced_tail_is_cut_and_logged(tmp_path: Path, key: Ed255
     assert t["reason"] == "lost_unsynced_page" and t["offset"] == line_start
     assert t["removed_bytes"] == len(removed) and t["removed_sha256"] == sha256_hex(removed)
     assert base64.b64decode(t["removed_b64"]) == removed
+    assert (d / t["removed_file"]).read_bytes() == removed  # every cut byte kept, beside the log
     assert t["removed_seqs"] == [r["seq"] for r in after]
     assert t["removed_lines"] == removed.count(b"\n")
     assert [r["event"] for r in recs[-3:]] == ["torn_tail_truncated", "log_reopened", "checkpoint"]
@@ -188,7 +194,12 @@ def test_every_page_boundary_class(tmp_path_factory: pytest.TempPathFactory, dat
     last_line = damaged.find(b"\n", end) in (-1, len(damaged) - 1)  # the damage is in the last line
     opened = reopen(d, key)
     out = seg.read_bytes()
-    if first >= synced:  # after the checkpoint line: a lost unsynced page (or the torn last line)
+    if first >= synced and end < len(damaged) and _name_cut_short(damaged, line_start, end):
+        # The zeros begin inside a record's event name, and bytes follow them (the line may hold several records):
+        # it cannot be told to be a bulk event, so nothing is cut.
+        assert out.startswith(damaged)
+        assert not (opened and verify_log(d).ok)
+    elif first >= synced:  # after the checkpoint line: a lost unsynced page (or the torn last line)
         torn = [r for r in lines_of(seg) if r["event"] == "torn_tail_truncated"]
         assert len(torn) == 1 and torn[0]["offset"] == line_start
         assert torn[0]["reason"] == ("torn_last_line" if last_line else "lost_unsynced_page")
@@ -197,6 +208,12 @@ def test_every_page_boundary_class(tmp_path_factory: pytest.TempPathFactory, dat
     else:  # before a readable checkpoint: real damage
         assert out.startswith(damaged)
         assert not (opened and verify_log(d).ok)
+
+
+def _name_cut_short(data: bytes, line_start: int, end: int) -> bool:
+    """Whether a damaged line (from line_start to the line holding byte end-1) shows an event name the zeros cut."""
+    stop = data.find(b"\n", max(end - 1, line_start))
+    return any(not m.group(2) for m in re.finditer(rb'"event":"([^"\x00]*)("?)', data[line_start:stop]))
 
 
 def _readable(seg: Path) -> list[dict]:
@@ -225,4 +242,234 @@ def test_a_writer_opened_without_announcing_appends_nothing_until_told(tmp_path:
     w.close()
     events = [r["event"] for r in lines_of(seg)[len(before.split(b"\n")) - 1 :]]
     assert events == ["log_reopened", "checkpoint", "y", "checkpoint"]
+    assert verify_log(d).ok
+
+
+# ------------------------------------------------------------------ only bulk events may be cut (review5 F3)
+
+
+def _tail_with(d: Path, key: Ed25519PrivateKey, last: str, durable: bool) -> tuple[Path, int, int]:
+    """A checkpoint, 20 telemetry records (unsynced), then `last` (durable: fdatasync'd, so every byte before it
+    was on disk when it returned) and one more telemetry record. Returns the segment, where `last`'s line starts
+    and its seq."""
+    w = AuditWriter.open(d, CFG, key, StepClock())
+    w.checkpoint()
+    checkpointed = (d / "audit-000001.jsonl").stat().st_size
+    for i in range(20):
+        w.append("pump_report", pump_id="bed-1", course_id=None, durable=False, i=i, pad="x" * 200)
+    rec = w.append(last, pump_id="bed-1", course_id=None, durable=durable, setpoint_id=7, rate_ml_per_h="1.250",
+                   pad="s" * 600)  # a line longer than a sector
+    w.append("pump_report", pump_id="bed-1", course_id=None, durable=False, i=99, pad="x" * 200)
+    w._release()  # power cut
+    seg = d / "audit-000001.jsonl"
+    data = seg.read_bytes()
+    at = data.rfind(b"\n", 0, data.find(f'"seq":{rec["seq"]},'.encode())) + 1
+    assert checkpointed < at - 2 * 512  # the damage below lies after the last writer record
+    return seg, at, rec["seq"]
+
+
+@pytest.mark.parametrize(("last", "durable"), [("setpoint", True), ("alarm", True), ("hl7_in", False)])
+def test_a_record_that_is_not_bulk_after_the_damage_refuses_the_cut(
+    tmp_path: Path, key: Ed25519PrivateKey, last: str, durable: bool
+) -> None:
+    """A setpoint is fdatasync'd before it goes on the wire: zeros before it were on disk, i.e. real damage, and the
+    setpoint must not be cut. A record outside bulk_events that happens to be non-durable (hl7_in without an order
+    log) cannot be told from a durable one by its name: refused the same."""
+    d = tmp_path / "log"
+    seg, at, _ = _tail_with(d, key, last, durable)
+    sector = ((at - 600) // 512) * 512  # a whole sector before the record's line, after the checkpoint
+    assert sector + 512 <= at
+    damaged = zero(seg, sector, sector + 512)
+    assert not reopen(d, key) or not verify_log(d).ok
+    assert seg.read_bytes().startswith(damaged)
+    assert "torn_tail_truncated" not in [r["event"] for r in _readable(seg)]
+    assert [p.name for p in d.iterdir() if p.name.startswith("cut-")] == []
+
+
+def test_a_durable_record_named_in_the_damaged_line_refuses_the_cut(tmp_path: Path, key: Ed25519PrivateKey) -> None:
+    """The zeros start inside the setpoint's own line, after its event name: it was fdatasync'd all the same."""
+    d = tmp_path / "log"
+    seg, at, _ = _tail_with(d, key, "setpoint", True)
+    data = seg.read_bytes()
+    sector = ((data.find(b'"event":"setpoint"', at) + 18) // 512 + 1) * 512
+    assert sector < data.find(b"\n", at)  # the zeros begin inside the setpoint line, after its name
+    damaged = zero(seg, sector, sector + 512)
+    assert not reopen(d, key) or not verify_log(d).ok
+    assert seg.read_bytes().startswith(damaged)
+
+
+def test_a_durable_record_torn_with_zeros_to_the_end_is_still_cut(tmp_path: Path, key: Ed25519PrivateKey) -> None:
+    """The record the power cut interrupted (its fdatasync never returned, so it never went on the wire), its end
+    lost as zeros up to the file's end: one record's torn end, cut as before, whatever its event."""
+    d = tmp_path / "log"
+    seg, at, _ = _tail_with(d, key, "setpoint", True)
+    data = seg.read_bytes()
+    end = data.find(b"\n", at) + 1
+    sector = ((data.find(b'"event":"setpoint"', at) + 18) // 512 + 1) * 512
+    assert sector < end
+    seg.write_bytes(data[:sector] + bytes(-(-end // 512) * 512 - sector))  # its size reached the disk, not its data
+    assert reopen(d, key)
+    t = next(r for r in lines_of(seg) if r["event"] == "torn_tail_truncated")
+    assert t["reason"] == "torn_last_line" and t["offset"] == at
+    assert verify_log(d).ok
+
+
+def test_only_bulk_events_after_the_damage_are_cut(tmp_path: Path, key: Ed25519PrivateKey) -> None:
+    """The same log with the records after the damage all bulk (ticks and pump reports): cut, every byte kept."""
+    d = tmp_path / "log"
+    w = AuditWriter.open(d, CFG, key, StepClock())
+    w.append("setpoint", pump_id="bed-1", course_id=None, durable=True, pad="s" * 300)
+    seg = d / "audit-000001.jsonl"
+    synced = seg.stat().st_size
+    for i in range(30):
+        w.append("tick" if i % 3 else "pump_report", pump_id="bed-1", course_id=None, durable=False, i=i,
+                 pad="x" * 200)
+    w._release()
+    page = (synced // PAGE + 1) * PAGE
+    damaged = zero(seg, page, page + PAGE)
+    line_start = damaged.rfind(b"\n", 0, page) + 1
+    assert reopen(d, key)
+    t = next(r for r in lines_of(seg) if r["event"] == "torn_tail_truncated")
+    assert t["reason"] == "lost_unsynced_page" and t["offset"] == line_start and t["removed_seqs"]
+    assert (d / t["removed_file"]).read_bytes() == damaged[line_start:]
+    assert verify_log(d).ok
+
+
+def test_without_bulk_events_nothing_is_taken_for_a_lost_page(tmp_path: Path, key: Ed25519PrivateKey) -> None:
+    """The writer alone does not know which records were unsynced (the default config): no lost-page cut."""
+    d = tmp_path / "log"
+    seg, synced = crashed_log(d, key)
+    page = (synced // PAGE + 1) * PAGE
+    damaged = zero(seg, page, page + PAGE)
+    assert not reopen(d, key, AuditConfig(group_commit_records=64)) or not verify_log(d).ok
+    assert seg.read_bytes().startswith(damaged)
+
+
+def test_a_bulk_event_cannot_be_written_durably(tmp_path: Path, key: Ed25519PrivateKey) -> None:
+    """Else a lost-page cut could take a record whose fdatasync returned."""
+    w = AuditWriter.open(tmp_path / "log", CFG, key, StepClock())
+    seq = w.seq
+    with pytest.raises(AuditError, match=r"durable.*bulk_events"):
+        w.append("pump_report", pump_id="bed-1", course_id=None, durable=True)
+    assert w.seq == seq and not w.dead
+    w.append("pump_report", pump_id="bed-1", course_id=None, durable=False)
+    w.close()
+
+
+@pytest.mark.parametrize("bulk", [frozenset({"checkpoint"}), frozenset({""}), {"tick"}])
+def test_bulk_events_config_is_checked(bulk: object) -> None:
+    with pytest.raises(ConfigError, match=r"audit\.bulk_events"):
+        AuditConfig(bulk_events=bulk)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------ every cut byte kept (review5 F5)
+
+
+def test_the_cut_is_saved_and_synced_before_the_segment_is_truncated(
+    tmp_path: Path, key: Ed25519PrivateKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    d = tmp_path / "log"
+    seg, synced = crashed_log(d, key)
+    page = (synced // PAGE + 1) * PAGE
+    damaged = zero(seg, page, page + PAGE)
+    line_start = damaged.rfind(b"\n", 0, page) + 1
+    calls: list[tuple[str, str]] = []
+    real_fsync, real_truncate = os.fsync, os.ftruncate
+
+    def fsync(fd: int) -> None:
+        calls.append(("fsync", os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))))
+        real_fsync(fd)
+
+    def ftruncate(fd: int, n: int) -> None:
+        calls.append(("ftruncate", os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))))
+        real_truncate(fd, n)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "ftruncate", ftruncate)
+    assert reopen(d, key)
+    monkeypatch.undo()
+    t = next(r for r in lines_of(seg) if r["event"] == "torn_tail_truncated")
+    side = d / t["removed_file"]
+    assert calls[:3] == [("fsync", side.name), ("fsync", "log"), ("ftruncate", seg.name)]
+    assert side.read_bytes() == damaged[line_start:] and sha256_hex(side.read_bytes()) == t["removed_sha256"]
+    assert side.stat().st_mode & 0o777 == 0o640
+    # Not a segment: listing, verify, fsck and the next start leave it alone.
+    assert [name for _, name in segment_names(d)] == [seg.name]
+    from driverd.audit.fsck import check_all
+    assert verify_log(d).ok and check_all(d).count == 0
+    assert reopen(d, key) and side.read_bytes() == damaged[line_start:] and verify_log(d).ok
+
+
+def test_a_crash_before_the_truncate_redoes_the_same_cut(tmp_path: Path, key: Ed25519PrivateKey) -> None:
+    """A side file left half written (the crash came before the segment was cut) is rewritten whole."""
+    from driverd.audit.writer import cut_file_name
+
+    d = tmp_path / "log"
+    seg, synced = crashed_log(d, key)
+    page = (synced // PAGE + 1) * PAGE
+    damaged = zero(seg, page, page + PAGE)
+    line_start = damaged.rfind(b"\n", 0, page) + 1
+    side = d / cut_file_name(1, line_start, damaged[line_start:])
+    side.write_bytes(damaged[line_start : line_start + 10])
+    assert reopen(d, key)
+    t = next(r for r in lines_of(seg) if r["event"] == "torn_tail_truncated")
+    assert t["removed_file"] == side.name and side.read_bytes() == damaged[line_start:]
+
+
+def test_a_cut_larger_than_the_record_keeps_is_kept_whole(tmp_path: Path, key: Ed25519PrivateKey) -> None:
+    """More than TORN_KEEP_BYTES of readable telemetry after a lost page: the record keeps the first 64 KiB, the
+    side file all of it."""
+    cfg = AuditConfig(segment_max_records=10_000, checkpoint_every_records=10_000, checkpoint_every_s=10**6,
+                      group_commit_ms=10**9, group_commit_records=256, bulk_events=BULK_INPUTS)
+    d = tmp_path / "log"
+    w = AuditWriter.open(d, cfg, key, StepClock())
+    w.checkpoint()
+    seg = d / "audit-000001.jsonl"
+    synced = seg.stat().st_size
+    for i in range(250):
+        w.append("pump_report", pump_id="bed-1", course_id=None, durable=False, i=i, pad="x" * 300)
+    w._release()
+    page = (synced // PAGE + 1) * PAGE
+    damaged = zero(seg, page, page + PAGE)
+    line_start = damaged.rfind(b"\n", 0, page) + 1
+    assert reopen(d, key, cfg)
+    t = next(r for r in lines_of(seg) if r["event"] == "torn_tail_truncated")
+    removed = damaged[line_start:]
+    assert t["removed_bytes"] == len(removed) > TORN_KEEP_BYTES
+    assert base64.b64decode(t["removed_b64"]) == removed[:TORN_KEEP_BYTES]
+    assert (d / t["removed_file"]).read_bytes() == removed
+    assert verify_log(d).ok
+
+
+def test_a_torn_last_line_within_the_keep_size_needs_no_side_file(tmp_path: Path, key: Ed25519PrivateKey) -> None:
+    d = tmp_path / "log"
+    seg, _ = crashed_log(d, key)
+    seg.write_bytes(seg.read_bytes()[:-30])
+    assert reopen(d, key)
+    t = next(r for r in lines_of(seg) if r["event"] == "torn_tail_truncated")
+    assert t["reason"] == "torn_last_line" and "removed_file" not in t
+    assert [p.name for p in d.iterdir() if p.name.startswith("cut-")] == []
+
+
+# ------------------------------------------------------------------ announce=False: the restart comes first
+
+
+@pytest.mark.parametrize("call", ["checkpoint", "rotate", "close"])
+def test_every_write_of_an_unannounced_writer_logs_the_restart_first(
+    tmp_path: Path, key: Ed25519PrivateKey, call: str
+) -> None:
+    d = tmp_path / "log"
+    w = AuditWriter.open(d, CFG, key, StepClock())
+    for i in range(5):
+        w.append("x", pump_id=None, course_id=None, durable=True, i=i)
+    w.close()
+    seg = d / "audit-000001.jsonl"
+    n = len(lines_of(seg))
+    w = AuditWriter.open(d, CFG, key, StepClock(), announce=False)
+    getattr(w, call)()
+    if call != "close":
+        w.close()
+    after = [r["event"] for r in lines_of(seg)[n:]]
+    assert after[:2] == ["log_reopened", "checkpoint"]
+    assert after.count("log_reopened") == 1
     assert verify_log(d).ok

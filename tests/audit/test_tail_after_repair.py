@@ -18,7 +18,7 @@ from .conftest import StepClock
 
 PAGE = 4096
 CFG = AuditConfig(segment_max_records=10_000, checkpoint_every_records=10_000, checkpoint_every_s=10**6,
-                  group_commit_ms=10**9, group_commit_records=64)
+                  group_commit_ms=10**9, group_commit_records=64, bulk_events=frozenset({"telemetry"}))
 
 
 def _records(seg: Path) -> list[dict]:

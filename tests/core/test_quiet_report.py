@@ -272,14 +272,19 @@ def test_a_report_that_would_act_is_never_quiet() -> None:
 
 
 def test_report_step_refuses_as_step_does() -> None:
-    """Outside the quiet path `report_step` is `step`, refusals included: a NaN counter (invalid number) and a
-    report of a course that is not running."""
+    """Outside the quiet path `report_step` is `step`, refusals included: a NaN counter (in a live course the alarm
+    `report_unreadable` and a stop, SUP-22; outside one an invalid number) and a report of a course that is not
+    running."""
     state, _ = running_state()
     assert state.last_sample is not None
     nan = PumpReport(state.last_sample.at + timedelta(seconds=1), "infusing", state.commanded_rate, D("NaN"), ())
     after, cmds, quiet = machine.report_step(state, nan, PROTOCOL)
-    assert (after, cmds) == machine.step(state, nan, PROTOCOL) and not quiet
-    assert after is state and cmds[0].reason == "invalid_number"  # type: ignore[attr-defined]
+    assert repr((after, cmds)) == repr(machine.step(state, nan, PROTOCOL)) and not quiet
+    assert after.phase is Phase.ALARM and "report_unreadable" in after.alarm_causes
+    idle = evolve(state, phase=Phase.IDLE)
+    after, cmds, quiet = machine.report_step(idle, nan, PROTOCOL)
+    assert (after, cmds) == machine.step(idle, nan, PROTOCOL) and not quiet
+    assert after is idle and cmds[0].reason == "invalid_number"  # type: ignore[attr-defined]
     stopped = report_after(state, 1)
     idle = evolve(state, phase=Phase.IDLE)
     after, cmds, quiet = machine.report_step(idle, stopped, PROTOCOL)

@@ -114,6 +114,11 @@ def test_a_reading_in_1_ml_steps_stops_the_pump(tmp_path: Path) -> None:
     ("delivered_step_ml", "0", "counter_step"),
     ("delivered_step_ml", "NaN", "counter_step"),
     ("diameter_mm", "NaN", "syringe_mismatch"),
+    # A rate or counter that is no number: the report cannot be judged at all (report_unreadable, review
+    # 2026-12-03: it was refused with the state unchanged, and the pump ran on unsupervised).
+    ("rate_ml_per_h", "NaN", "report_unreadable"),
+    ("rate_ml_per_h", "sNaN", "report_unreadable"),
+    ("delivered_ml", "Infinity", "report_unreadable"),
 ])
 def test_a_reading_that_is_no_positive_number_stops_the_pump_and_the_log_still_replays_and_starts(
         tmp_path: Path, monkeypatch: Any, field: str, value: str, code: str) -> None:

@@ -20,6 +20,7 @@ from driverd.audit.segments import list_segments
 from driverd.audit.verify import verify_log
 from driverd.audit.writer import AuditConfig, AuditWriter
 from driverd.core.errors import AuditError
+from driverd.runtime.channel import BULK_INPUTS
 from driverd.runtime.demo import DEMO_TRUST, START
 from driverd.runtime.recovery import open_log, recover
 from driverd.signing import TrustStore, load_private_key
@@ -56,26 +57,36 @@ def _files(audit: Path) -> dict[str, bytes]:
 
 
 def _start(audit: Path, key: Path) -> tuple[AuditWriter, object]:
-    return open_log(audit, AuditConfig(), load_private_key(key), lambda: LATER, TRUST)
+    # The daemon's writer settings as Daemon.start passes them (bulk_events: the channel's own set).
+    return open_log(audit, AuditConfig(bulk_events=BULK_INPUTS), load_private_key(key), lambda: LATER, TRUST)
 
 
-def test_a_lost_unsynced_page_starts_and_restarts(made: Path, tmp_path: Path) -> None:
-    audit, key = _copy(made, tmp_path)
-    before = recover(audit, TRUST)
-    # The daemon restarts and logs telemetry it has not synced yet (group commit not due) when the power goes.
+def _power_cut(audit: Path, key: Path, then: str | None = None) -> tuple[Path, bytearray]:
+    """The daemon restarts and logs telemetry it has not synced yet (group commit not due) when the power goes
+    (`then`: a durable record after it). The rewrite of the last synced page is lost: it reads back as it was,
+    zeros after the synced end, and every record written since lies at or after the zeros."""
     w = AuditWriter.open(audit, AuditConfig(group_commit_ms=10**9, checkpoint_every_s=10**6), load_private_key(key),
                          lambda: LATER)
     seg = list_segments(audit)[-1][1]
     synced = seg.stat().st_size
     for i in range(40):
-        w.append("hl7_in", pump_id=None, course_id=None, durable=False, control_id=f"m{i}", detail="x" * 200)
+        w.append("pump_report", pump_id="bed-1", course_id=None, durable=False, i=i, detail="x" * 200)
+    if then is not None:
+        w.append(then, pump_id=None, course_id=None, durable=True, control_id="m1")
     w._release()
     data = bytearray(seg.read_bytes())
     page = (synced // PAGE + 1) * PAGE
-    assert page + PAGE < len(data)
-    data[page : page + PAGE] = bytes(PAGE)  # page N lost, page N+1 on disk
+    assert page + PAGE < len(data) and synced % 512
+    data[synced:page] = bytes(page - synced)
     seg.write_bytes(bytes(data))
-    line_start = bytes(data).rfind(b"\n", 0, page) + 1
+    return seg, data
+
+
+def test_a_lost_unsynced_page_starts_and_restarts(made: Path, tmp_path: Path) -> None:
+    audit, key = _copy(made, tmp_path)
+    before = recover(audit, TRUST)
+    seg, data = _power_cut(audit, key)
+    line_start = bytes(data).find(b"\x00")
 
     writer, recovered = _start(audit, key)
     writer.close()
@@ -84,12 +95,25 @@ def test_a_lost_unsynced_page_starts_and_restarts(made: Path, tmp_path: Path) ->
     recs = [loads_line(x) for x in seg.read_bytes().split(b"\n")[:-1]]
     torn = [r for r in recs if r["event"] == "torn_tail_truncated"]
     assert len(torn) == 1 and torn[0]["reason"] == "lost_unsynced_page" and torn[0]["offset"] == line_start
+    assert (audit / torn[0]["removed_file"]).read_bytes() == bytes(data[line_start:])
     assert verify_log(audit).ok
 
     writer, again = _start(audit, key)  # and the next start verifies and replays as usual
     writer.close()
     assert again.states == before.states
     assert verify_log(audit).ok
+
+
+def test_a_durable_record_after_the_lost_page_refuses_the_start_untouched(made: Path, tmp_path: Path) -> None:
+    """A durable record (an HL7 order's hl7_in) after the zeros was fdatasync'd: the zeros are real damage, and
+    start-up must not cut the record it may have acted on."""
+    audit, key = _copy(made, tmp_path)
+    seg, data = _power_cut(audit, key, then="hl7_in")
+    for _ in range(2):
+        with pytest.raises(AuditError, match="does not verify"):
+            _start(audit, key)
+        assert seg.read_bytes() == bytes(data)
+    assert [p.name for p in audit.iterdir() if p.name.startswith("cut-")] == []
 
 
 @pytest.mark.parametrize("torn_tail", [False, True])
@@ -112,3 +136,30 @@ def test_refused_starts_append_nothing(made: Path, tmp_path: Path, torn_tail: bo
         with pytest.raises(AuditError, match="does not verify"):
             _start(audit, key)
         assert _files(audit) == after_first
+
+
+def test_the_daemon_itself_cuts_a_lost_page_of_telemetry(made: Path, tmp_path: Path) -> None:
+    """Daemon.start gives the writer the channel's bulk events (else it would make no lost-page cut and refuse)."""
+    synth = _module()
+    out = tmp_path / "run"
+    out.mkdir()
+    audit, key = _copy(made, out)
+    before = recover(audit, TRUST)
+    seg, data = _power_cut(audit, key)
+    line_start = bytes(data).find(b"\x00")
+    config = synth.config_for(out, ["bed-1"], 60, key)
+    clock = synth.StepClock(LATER)
+
+    async def run() -> None:
+        with synth.model_pumps(clock, {}):
+            daemon = synth.Daemon(config, clock)
+            await daemon.start()
+            assert daemon.audit is not None
+            await daemon.stop()
+
+    asyncio.run(run())
+    recs = [loads_line(x) for x in seg.read_bytes().split(b"\n")[:-1]]
+    torn = [r for r in recs if r["event"] == "torn_tail_truncated"]
+    assert len(torn) == 1 and torn[0]["reason"] == "lost_unsynced_page" and torn[0]["offset"] == line_start
+    assert recover(audit, TRUST).states.keys() == before.states.keys()
+    assert verify_log(audit).ok
