@@ -532,18 +532,23 @@ def _on_resume(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
     if "unexpected_infusion" in state.alarm_causes and state.pump_infusing:
         return state, (Refused("clinician", "alarm_active", "the pump still infuses on its own"),)
     if SYRINGE_MISMATCH in state.alarm_causes:
-        return state, (Refused("clinician", SYRINGE_MISMATCH, "the pump was set to another syringe bore: its "
-                                                              "read-backs are not to be trusted; give "
-                                                              "change_syringe, which loads and verifies the "
-                                                              "syringe"),)
+        return _acknowledge_but(state, Refused(
+            "clinician", SYRINGE_MISMATCH, "the pump was set to another syringe bore: its read-backs are not to be "
+                                           "trusted; give change_syringe, which loads and verifies the syringe"))
     if COUNTER_DROP in state.alarm_causes:
         return state, (Refused("clinician", COUNTER_DROP, "the pump's counter went back without a clear driverd "
                                                           "ordered: the syringe may have been swapped; give "
                                                           "change_syringe, stating the syringe in the pump, which "
                                                           "loads and verifies it"),)
+    change = state.syringe_change
+    ranged = RANGE_CAUSES.intersection(state.alarm_causes)
+    if ranged and change is None:  # (a change waiting: acknowledged for its load, which checks the range again)
+        why = ("the pump cannot run this course (see the alarm): give change_syringe, stating the syringe in the "
+               "pump, which loads its bore and checks the pump's range again")
+        return _acknowledge_but(state, Refused("clinician", PUMP_RANGE, why) if PUMP_RANGE in ranged
+                                else Refused("clinician", PLANNED_RATE, why))
     acked: tuple[Command, ...] = (Notice("alarm_cleared", ", ".join(state.alarm_causes)),) if state.alarm_causes \
         else ()
-    change = state.syringe_change
     if change is not None:
         # Loaded or not, which syringe the pump holds is known only from a verified load. A change asked while the
         # pump infused was once abandoned by a resume ("the old syringe is still in"), but the nurse may have
@@ -554,6 +559,19 @@ def _on_resume(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
     if any(isinstance(c, Refused) for c in cmds):
         return before, cmds  # refused: every cause stays active, and a change waits on
     return resumed, acked + cmds
+
+
+def _acknowledge_but(state: CourseState, refused: Refused) -> Out:
+    """A resume refused for a cause only a syringe change ends: the causes a change does not acknowledge are
+    acknowledged, as a resume would (the checks before passed: link up, no pump alarm, nothing unverified), the
+    others stay and the course stays in alarm. Else a lost link that is back, raised with it, left the course stuck:
+    change_syringe acknowledges only SYRINGE_CHANGE_CAUSES ("resolve and resume link_lost first"), resume refused."""
+    rest = [c for c in state.alarm_causes if c not in SYRINGE_CHANGE_CAUSES]
+    if not rest:
+        return state, (refused,)
+    kept = tuple(c for c in state.alarm_causes if c in SYRINGE_CHANGE_CAUSES)
+    code = state.alarm_code if state.alarm_code in SYRINGE_CHANGE_CAUSES else kept[-1]
+    return evolve(state, alarm_causes=kept, alarm_code=code), (Notice("alarm_cleared", ", ".join(rest)), refused)
 
 
 def _acknowledge_for_syringe_load(state: CourseState, change: SyringeChange, acked: tuple[Command, ...]) -> Out:
@@ -1045,7 +1063,22 @@ def _wrong_bore(state: CourseState, event: PumpReport) -> str:
     sch = state.schedule
     if bore is None or sch is None or state.phase not in ACTIVE or (bore.is_finite() and bore == sch.inner_diameter_mm):
         return ""  # (is_finite first: comparing a signalling NaN raises)
+    if _bore_change_waiting(state, event):
+        return ""  # what the waiting syringe change deals with: not raised again
     return f"pump is set to a {bore} mm syringe; the schedule's is {sch.inner_diameter_mm} mm ({sch.syringe_model})"
+
+
+def _bore_change_waiting(state: CourseState, event: PumpReport) -> bool:
+    """A syringe change waits (paused or primed) with the pump stopped and nothing commanded: its load sets the
+    schedule's bore and verifies it before anything runs, so another bore now (picked in the pump's menu with the
+    new syringe, or the one a syringe_mismatch alarm was raised for) is what the change deals with, not a new alarm;
+    raised again it also held the load back (the channel loads only paused or primed). A resume stays refused until
+    the load (`_on_resume`). A pump that infuses, a rate commanded, or a bore that is not a number: alarm, stop."""
+    if state.syringe_change is None:
+        return False
+    bore = event.diameter_mm
+    return state.phase in (P.PAUSED, P.PRIMED) and state.commanded_rate == 0 and event.state != "infusing" \
+        and bore is not None and bore.is_finite() and bore > 0
 
 
 def predicted_empty_at(state: CourseState) -> datetime | None:
@@ -1325,7 +1358,39 @@ def _on_link_lost(state: CourseState, event: Event, protocol: ProtocolSpec) -> O
 
 
 def _on_link_restored(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
-    return evolve(state, link_up=True), (Notice("link_restored", "pump answers again; clinician must resume"),)
+    assert isinstance(event, LinkRestored)
+    # (The link is up already at the first contact after a daemon start: no outage for a clinician to resume.)
+    note = "pump answers again; clinician must resume" if not state.link_up else "pump answers on a new connection"
+    state, cmds = evolve(state, link_up=True), (Notice("link_restored", note),)
+    if event.pump_range is None or event.diameter_mm is None:
+        return state, cmds  # no primed course, or a log from before the check (replayed as it was decided)
+    return _reconnect_range(state, event.diameter_mm, event.pump_range, protocol, event.at, cmds)
+
+
+def _reconnect_range(state: CourseState, diameter: Decimal, pump: PumpRange, protocol: ProtocolSpec, now: datetime,
+                     cmds: tuple[Command, ...]) -> Out:
+    """SUP-19 at a reconnect: the pump answering may be another pump, or reconfigured, since the course was checked.
+    A live course whose pump cannot run it alarms (the range cause), the pump is stopped, and a resume is refused
+    while the cause stands (`_on_resume`); change_syringe retries (it loads the bore and checks the range again)."""
+    sch = state.schedule
+    if sch is None or state.phase not in ACTIVE or state.resolution is None:
+        return state, cmds
+    spec = protocol.syringe(sch.syringe_model)
+    if spec is None:
+        failed: Refused | None = Refused("machine", PUMP_RANGE, f"syringe {sch.syringe_model!r} is not in the drug "
+                                                                 "library")
+    else:
+        failed = _out_of_range(protocol, spec, sch, diameter, state.resolution, pump)
+    if failed is None:
+        assert spec is not None
+        state, checked = _range_checked(state, spec, diameter, pump, protocol)
+        return state, cmds + checked
+    state, raised = _alarm(state, failed.reason, failed.detail)
+    cmds += (failed, *raised)
+    if state.commanded_rate > 0 or state.pump_infusing:
+        state, stop = _stop_in_alarm(state, protocol, now, failed.reason)
+        cmds += stop
+    return state, cmds
 
 
 # ---------------------------------------------------------------------------------------------- the table

@@ -306,7 +306,9 @@ def event_to_record(ev: Event) -> tuple[str, dict[str, Any]]:
     if isinstance(ev, ClockStepped):
         return "clock_stepped", {**at, "delta_s": fmt_dec(ev.delta_s), "wall_at": fmt_time(ev.wall_at),
                                  "direction": "forward" if ev.delta_s > 0 else "backward"}
-    return "link_restored", at
+    assert isinstance(ev, LinkRestored)
+    bore = {} if ev.diameter_mm is None else {"diameter_mm": exact_dec(ev.diameter_mm)}  # as read back
+    return "link_restored", {**at, **bore, **_range_fields(ev.pump_range)}  # older logs: `at` only
 
 
 def event_from_record(record: dict[str, Any]) -> Event:
@@ -362,14 +364,18 @@ def event_from_record(record: dict[str, Any]) -> Event:
     if name == "link_lost":
         return LinkLost(at, _str(record, "detail"))
     if name == "link_restored":
-        return LinkRestored(at)
+        bore = _reported_or_none(record, "diameter_mm")  # the channel sends only a finite bore above 0
+        if bore is not None and not (bore.is_finite() and bore > 0):
+            raise ValidationError([Problem("diameter_mm", "range", f"must be a finite decimal > 0, got {bore}")])
+        return LinkRestored(at, bore, _range_from(record))
     if name == "clock_stepped":
         return ClockStepped(at, _dec(record, "delta_s"), _time(record, "wall_at"))
     raise ValidationError([Problem("event", "enum", f"{name!r} is not a core input")])
 
 
 def _range_fields(r: PumpRange | None) -> dict[str, Any]:
-    """`pump_range` of a pump_verified / syringe_loaded record: written only when reported (older logs lack it)."""
+    """`pump_range` of a pump_verified / syringe_loaded / link_restored record: written only when reported (older
+    logs lack it)."""
     if r is None:
         return {}
     return {"pump_range": {"url": r.url,

@@ -39,7 +39,7 @@ from driverd.core.protocol import ProtocolSpec
 from driverd.core.pump_range import PumpRange
 from driverd.core.quantities import rate_to_dose
 from driverd.core.records import command_to_record, event_to_record, fmt_dec, fmt_time
-from driverd.core.state import CourseState, Phase
+from driverd.core.state import ACTIVE, CourseState, Phase
 from driverd.runtime import telemetry
 from driverd.runtime.clock import DEFAULT_STEP_TOLERANCE, ClockWatch, RuntimeClock, yield_once
 from driverd.runtime.telemetry import ReportCompactor
@@ -109,10 +109,13 @@ class Channel:
         self.last_status: PumpStatus | None = None
         self.last_error = ""  # the newest unresolved error (status shows it; cleared once what failed works again)
         self.last_error_at: datetime | None = None
-        self._error_kind = ""  # which operation set last_error: "link" (connect/poll/setpoint), "prime", "syringe"
+        self._error_kind = ""  # which operation set last_error: "link" (connect/poll/setpoint), "prime", "syringe",
+        # "range" (a reconnect's range check)
         self.polls = 0
         self.stopping = False
         self._primed_for: str | None = None
+        # The next status read is the first since the daemon started: it is checked as a reconnect (`_restored`).
+        self._first_contact = True
         self._loaded_for: object = None  # the syringe change whose new syringe was read back already
         self._clear_retry_at: datetime | None = None  # no new priming clear before this (the last one failed)
         self.last_input_seq = 0  # seq of the last input record logged (a reply names its request's record)
@@ -311,11 +314,39 @@ class Channel:
         self.last_status = status
         if self._error_kind == "link":
             self._resolved("link")  # the pump answers again
-        if self.link_lost:
-            await self.handle(LinkRestored(self.clock.now()))
+        if self.link_lost or self._first_contact:
+            self._first_contact = False
+            restored = self._restored(status)
+            if restored is not None and any(isinstance(c, ApplySetpoint) for c in await self._reconnected(restored)):
+                return  # the pump was stopped after this read: the next poll reports it
         cmds = self.feed(self._report(status))  # `handle`, without its coroutine for the usual empty execute
         if cmds:
             await self.execute(cmds)
+
+    def _restored(self, status: PumpStatus) -> LinkRestored | None:
+        """The input for a pump answering after a lost link, or for the first time since the daemon started (None:
+        nothing to tell the core). A primed course gets the bore the pump reads back now (else the one verified)
+        and the range its driver reports for it: the pump may have been swapped or reconfigured meanwhile, and the
+        core checks the range again (SUP-19), from the logged range as at priming and at a syringe load."""
+        s, now = self.state, self.clock.now()
+        if s.phase is Phase.IDLE and RANGE_CAUSES.intersection(s.alarm_causes):
+            self._primed_for = None  # refused priming on this pump: prime again, the pump may be another one now
+        sched = s.schedule
+        if sched is None or s.phase not in ACTIVE or s.resolution is None:
+            return LinkRestored(now) if self.link_lost else None
+        bore = status.diameter_mm
+        if bore is None or not bore.is_finite() or bore <= 0:
+            bore = s.pump_diameter_mm or sched.inner_diameter_mm  # not read: the bore verified (a wrong one alarms)
+        return LinkRestored(now, bore, self.pump_range(bore))
+
+    async def _reconnected(self, event: LinkRestored) -> tuple[Command, ...]:
+        cmds = await self.handle(event)
+        failed = [c for c in cmds if isinstance(c, Refused) and c.reason in RANGE_CAUSES]
+        if failed:  # `status` says why the course stopped
+            self._error("range", f"reconnect: {failed[0].reason}: {failed[0].detail}")
+        elif event.pump_range is not None:
+            self._resolved("range")
+        return cmds
 
     def _report(self, status: PumpStatus) -> PumpReport:
         alarms = tuple(sorted(a.value for a in status.alarms)) if status.alarms else ()
@@ -424,8 +455,11 @@ class Channel:
             return ()
         self._resolved("syringe")
         self.last_status = status
-        return await self.handle(SyringeLoaded(self.clock.now(), diameter, status.delivered_ml,
+        cmds = await self.handle(SyringeLoaded(self.clock.now(), diameter, status.delivered_ml,
                                                self.pump_range(diameter)))
+        if not any(isinstance(c, Refused) and c.reason in RANGE_CAUSES for c in cmds):
+            self._resolved("range")  # checked again by this load (a reconnect's refusal is retried so)
+        return cmds
 
     async def check_clock(self) -> None:
         """A wall-clock step is a fault for the core (audit record `clock_stepped` with its size and direction).

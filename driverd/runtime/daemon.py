@@ -90,6 +90,8 @@ class Daemon:
         self.ledger: dict[str, Burst] = {}
         self._ledger = LedgerBuilder()
         self._seen_versions: dict[str, int] = {}
+        # schedule digest -> its schedule_accepted record, for the snapshots' `schedules_in` (its one reader): only
+        # the schedules of the courses a snapshot encodes, and one just logged (`_prune_accepted`).
         self._accepted: dict[str, dict[str, Any]] = {}
         self._other_states: dict[str, CourseState] = {}
         self._last_snapshot_at: datetime | None = None  # the last full snapshot
@@ -162,6 +164,7 @@ class Daemon:
             if behind is not None:
                 channel.feed(ClockStepped(behind.at, behind.delta_s, behind.wall_at))
             self.channels[pump.id] = channel
+        self._prune_accepted()  # recovery read every schedule since its snapshot
         self.write_snapshot()  # a restart from here replays nothing before this point
         self.audit.flush()
         if cfg.hl7 is not None:
@@ -295,10 +298,28 @@ class Daemon:
             self.oplog.record(rec)  # never raises
         self._ledger.add(rec)
         if rec.get("event") == "schedule_accepted" and isinstance(rec.get("schedule"), dict):
-            self._accepted[str(rec["schedule"].get("digest"))] = rec
+            digest = str(rec["schedule"].get("digest"))
+            self._accepted[digest] = rec
+            self._prune_accepted(keep=digest)
             sid, ver = rec["schedule"].get("schedule_id"), rec["schedule"].get("version")
             if isinstance(sid, str) and isinstance(ver, int):
                 self._seen_versions[sid] = max(self._seen_versions.get(sid, 0), ver)
+
+    def _prune_accepted(self, keep: str | None = None) -> None:
+        """Bound `_accepted` (it grew by every schedule ever accepted) to what a snapshot can still read: the schedule
+        of each course it encodes (each channel's live and replay-side state, and the recovered courses of pumps no
+        longer configured) and `keep`, the one just logged, which reaches its course next (the core steps it right
+        after it is logged, with no await between). A schedule no course holds is never read again: a course takes a
+        schedule only from its own `schedule_accepted` record, which re-enters it here."""
+        live = {st.schedule.digest for st in self._other_states.values() if st.schedule is not None}
+        for ch in self.channels.values():
+            for st in (ch.state, ch.telemetry.replayed):
+                if st.schedule is not None:
+                    live.add(st.schedule.digest)
+        if keep is not None:
+            live.add(keep)
+        if not live.issuperset(self._accepted):
+            self._accepted = {d: rec for d, rec in self._accepted.items() if d in live}
 
     # ------------------------------------------------------------------------------------------ requests
 

@@ -16,7 +16,15 @@ from hypothesis import strategies as st
 
 from driverd.core.commands import ApplySetpoint, Notice, RaiseAlarm, Refused
 from driverd.core.errors import ValidationError
-from driverd.core.events import ClinicianCommand, PumpVerified, ScheduleAccepted, SyringeLoaded, Tick
+from driverd.core.events import (
+    ClinicianCommand,
+    LinkLost,
+    LinkRestored,
+    PumpVerified,
+    ScheduleAccepted,
+    SyringeLoaded,
+    Tick,
+)
 from driverd.core.machine import initial_state, step
 from driverd.core.pump_range import PLANNED_RATE, PUMP_RANGE, PumpRange, plan_problem, range_problem
 from driverd.core.quantities import NEW_ERA_RESOLUTION, Resolution
@@ -237,3 +245,127 @@ def test_ticks_never_start_a_course_refused_at_prime() -> None:
         state, cmds = step(state, Tick(T0 + h * H), PROTOCOL)
         assert not any(isinstance(c, ApplySetpoint) for c in cmds)
     assert state.phase is Phase.IDLE
+
+
+# ---- at a reconnect (the link lost and back, or the first contact after a daemon start): the pump answering may be
+# another one, or reconfigured, since the course was checked at priming or at its last syringe load.
+
+
+def _running_then_lost() -> Player:
+    p = play(schedule(), NE)
+    p.run_until(T0 + 30 * H)
+    assert p.state.phase is Phase.TITRATING and p.pump.infusing
+    p.feed(LinkLost(T0 + 30 * H, "cable"))
+    assert p.state.phase is Phase.ALARM and p.state.alarm_causes == ("link_lost",)
+    return p
+
+
+@pytest.mark.parametrize("pump", [TOO_SLOW, TOO_FAST, UNKNOWN])
+def test_a_reconnect_to_a_pump_that_cannot_run_the_course_alarms_stops_and_refuses_resume(pump: PumpRange) -> None:
+    p = _running_then_lost()
+    cmds = p.feed(LinkRestored(T0 + 31 * H, DIAMETER, pump))
+    assert [c.reason for c in cmds if isinstance(c, Refused)] == [PUMP_RANGE]
+    assert [c.code for c in cmds if isinstance(c, RaiseAlarm)] == [PUMP_RANGE]
+    assert [c.setpoint.rate_ml_per_h for c in cmds if isinstance(c, ApplySetpoint)] == [D(0)]
+    assert p.state.phase is Phase.ALARM and not p.pump.infusing and p.state.link_up
+    # A resume acknowledges the lost link but not the range: refused, nothing runs, and the course stays in alarm.
+    cmds = p.feed(ClinicianCommand(T0 + 31 * H, "resume", "dr", "link back"))
+    assert [c.reason for c in cmds if isinstance(c, Refused)] == [PUMP_RANGE]
+    assert [c.detail for c in cmds if isinstance(c, Notice) and c.code == "alarm_cleared"] == ["link_lost"]
+    assert not any(isinstance(c, ApplySetpoint) for c in cmds)
+    assert p.state.phase is Phase.ALARM and p.state.alarm_causes == (PUMP_RANGE,)
+    for h in range(31, 40):  # no tick or report runs it (no escalation in alarm either)
+        p.run_until(T0 + h * H)
+        assert not p.pump.infusing and p.pump.rate == 0
+    assert [c.reason for c in p.feed(ClinicianCommand(T0 + 40 * H, "escalate", "dr", "more"))
+            if isinstance(c, Refused)] == ["illegal_transition"]
+    # The clinician's retry: change_syringe (stating the syringe in the pump) acknowledges it, the load checks the
+    # range again; still out of range, the load is refused and nothing runs.
+    p.feed(ClinicianCommand(T0 + 40 * H, "change_syringe", "nurse-1", "pump swapped back", None, D(17)))
+    assert p.state.phase is Phase.PAUSED and p.state.syringe_change is not None
+    cmds = p.feed(SyringeLoaded(T0 + 40 * H, DIAMETER, p.pump.delivered, pump))
+    assert [c.reason for c in cmds if isinstance(c, Refused)] == [PUMP_RANGE] and not p.pump.infusing
+    # Fixed (the right pump back): the change again loads, the check passes, and the course resumes at its level.
+    p.feed(ClinicianCommand(T0 + 41 * H, "change_syringe", "nurse-1", "right pump", None, D(17)))
+    cmds = p.feed(SyringeLoaded(T0 + 41 * H, DIAMETER, p.pump.delivered, NE))
+    assert p.state.phase is Phase.TITRATING and p.pump.infusing and p.pump.rate == D("0.25")  # 300 mg/24h
+
+
+def test_a_reconnect_in_range_says_so_and_the_resume_runs() -> None:
+    p = _running_then_lost()
+    cmds = p.feed(LinkRestored(T0 + 31 * H, DIAMETER, NE))
+    assert [c.code for c in cmds if isinstance(c, Notice)] == ["link_restored", "pump_range_checked"]
+    assert not any(isinstance(c, (Refused, RaiseAlarm, ApplySetpoint)) for c in cmds)
+    p.feed(ClinicianCommand(T0 + 31 * H, "resume", "dr", "link back"))
+    assert p.state.phase is Phase.TITRATING and p.pump.infusing
+
+
+def test_the_range_is_checked_for_the_bore_read_back() -> None:
+    """A pump set to a tenth of the bore runs at most a tenth squared of its plunger range: out of the library's."""
+    p = _running_then_lost()
+    bore = D("1.913")
+    cmds = p.feed(LinkRestored(T0 + 31 * H, bore, PumpRange(URL, *NE1000_PLUNGER.range_ml_per_h(bore,
+                                                                                               NEW_ERA_RESOLUTION))))
+    [refusal] = [c for c in cmds if isinstance(c, Refused)]
+    assert refusal.reason == PUMP_RANGE and "(1.913 mm)" in refusal.detail and "maximum" in refusal.detail
+
+
+def test_the_first_contact_after_a_start_checks_a_running_course_and_stops_it() -> None:
+    """A daemon restart resumes a running course with its link up: the first status read is checked the same way."""
+    p = play(schedule(), NE)
+    p.run_until(T0 + 30 * H)
+    cmds = p.feed(LinkRestored(T0 + 30 * H, DIAMETER, TOO_FAST))
+    notes = [c.detail for c in cmds if isinstance(c, Notice) and c.code == "link_restored"]
+    assert notes == ["pump answers on a new connection"]
+    assert [c.code for c in cmds if isinstance(c, RaiseAlarm)] == [PUMP_RANGE] and not p.pump.infusing
+    assert p.state.phase is Phase.ALARM and p.state.alarm_causes == (PUMP_RANGE,)
+
+
+@pytest.mark.parametrize("phase", ["idle", "stopped"])
+def test_no_check_without_a_live_course(phase: str) -> None:
+    """Idle: the prime checks (the channel primes again after a reconnect); stopped: nothing runs any more."""
+    if phase == "idle":
+        state, _ = verify(schedule(), TOO_SLOW)
+    else:
+        p = play(schedule(), NE)
+        p.run_until(T0 + 2 * H)
+        p.feed(ClinicianCommand(T0 + 2 * H, "stop", "dr", "done"))
+        state = p.state
+    assert state.phase.value == phase
+    after, cmds = step(state, LinkRestored(T0 + 3 * H, DIAMETER, TOO_FAST), PROTOCOL)
+    assert [type(c) for c in cmds] == [Notice] and after.alarm_causes == state.alarm_causes
+
+
+def test_an_older_link_restored_record_replays_unchecked() -> None:
+    p = _running_then_lost()
+    cmds = p.feed(LinkRestored(T0 + 31 * H))
+    assert [c.code for c in cmds if isinstance(c, Notice)] == ["link_restored"] and len(cmds) == 1
+
+
+def test_link_restored_records_round_trip_with_and_without_the_check() -> None:
+    for ev in (LinkRestored(T0), LinkRestored(T0, DIAMETER, NE), LinkRestored(T0, DIAMETER, UNKNOWN)):
+        name, fields = event_to_record(ev)
+        assert name == "link_restored" and ("pump_range" in fields) == (ev.pump_range is not None)
+        assert event_from_record({"event": name, **fields}) == ev
+    assert event_to_record(LinkRestored(T0))[1] == {"at": "2026-11-23T09:00:00Z"}  # as older logs wrote it
+    name, fields = event_to_record(LinkRestored(T0, DIAMETER, NE))
+    for bad in ("-1", "0", "NaN", "x", 19):  # the channel sends only a finite bore above 0
+        with pytest.raises(ValidationError) as exc:
+            event_from_record({"event": name, **fields, "diameter_mm": bad})
+        assert exc.value.problems[0].path == "diameter_mm"
+
+
+def test_a_resume_refused_for_the_bore_keeps_the_range_cause_too() -> None:
+    """The bore changed while the link was down: both change-only causes stay through the refused resume (only the
+    lost link is acknowledged), so the change that follows clears them by loading and checking the bore."""
+    p = _running_then_lost()
+    bore = D("1.913")
+    p.feed(LinkRestored(T0 + 31 * H, bore, PumpRange(URL, *NE1000_PLUNGER.range_ml_per_h(bore, NEW_ERA_RESOLUTION))))
+    p.feed(replace(p.pump.report(), diameter_mm=bore))
+    assert p.state.alarm_causes == ("link_lost", PUMP_RANGE, "syringe_mismatch") and not p.pump.infusing
+    cmds = p.feed(ClinicianCommand(T0 + 31 * H, "resume", "dr", "link back"))
+    assert [c.reason for c in cmds if isinstance(c, Refused)] == ["syringe_mismatch"]
+    assert p.state.alarm_causes == (PUMP_RANGE, "syringe_mismatch") and p.state.phase is Phase.ALARM
+    p.feed(ClinicianCommand(T0 + 31 * H, "change_syringe", "nurse-1", "bore set back", None, D(17)))
+    p.feed(SyringeLoaded(T0 + 31 * H, DIAMETER, p.pump.delivered, NE))
+    assert p.state.phase is Phase.TITRATING and p.pump.infusing and not p.state.alarm_causes

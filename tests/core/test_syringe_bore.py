@@ -128,3 +128,108 @@ def test_a_malformed_bore_in_a_record_names_the_field(value: object) -> None:
     with pytest.raises(ValidationError) as info:
         event_from_record(fields)
     assert info.value.problems[0].path == "diameter_mm"
+
+
+# ---- while a syringe change waits for its load (review of 2026-12-03: the nuisance re-alarm). The change loads the
+# schedule's bore and verifies it before anything runs; a wrong bore reported meanwhile is what it deals with.
+
+
+def _mismatch_then_change(p: Player, bore: D = D("14.43")) -> None:
+    p.pump.advance(T0 + 30 * H + M)
+    p.feed(report(p, bore))
+    assert p.state.phase is Phase.ALARM and not p.pump.infusing
+    p.pump.advance(p.pump.at + M)
+    assert p.feed(report(p, bore)) == ()  # the poll before the command (the channel acknowledges and reads first)
+    p.feed(ClinicianCommand(p.pump.at, "change_syringe", "rn-1", "bore set wrong", None, D(17)))
+    assert p.state.phase is Phase.PAUSED and p.state.syringe_change.loaded and not p.state.alarm_causes
+
+
+@given(bores=st.lists(st.decimals(min_value=D("0.1"), max_value=D("40"), places=2), min_size=1, max_size=8))
+def test_a_wrong_bore_while_the_change_waits_is_not_raised_again_and_nothing_runs(bores: list[D]) -> None:
+    p = running()
+    _mismatch_then_change(p)
+    for bore in bores:  # the pump still shows a wrong (or by now the right) bore on every poll before the load
+        p.pump.advance(p.pump.at + M)
+        assert p.feed(report(p, bore)) == ()
+        assert p.state.phase is Phase.PAUSED and not p.state.alarm_causes and not p.pump.infusing
+        for action in ("resume", "resume"):  # refused until the load: the pump stays stopped
+            cmds = p.feed(ClinicianCommand(p.pump.at, action, "dr-a", "resume"))
+            assert [c.reason for c in cmds if isinstance(c, Refused)] == ["syringe_change_waiting"]
+            assert stops(cmds) == [] and p.state.phase is Phase.PAUSED
+    assert alarms([c for _, c in p.log]) == ["syringe_mismatch"]  # the one raised at the panel change
+    cmds = p.feed(SyringeLoaded(p.pump.at, RIGHT, p.pump.delivered))
+    assert p.state.phase is Phase.TITRATING and stops(cmds) == [D("0.250")] and p.pump.infusing
+
+
+def test_a_load_that_reads_back_the_wrong_bore_keeps_the_change_waiting_without_new_alarms() -> None:
+    p = running()
+    _mismatch_then_change(p)
+    cmds = p.feed(SyringeLoaded(p.pump.at, D("14.43"), p.pump.delivered))
+    assert [c.reason for c in cmds if isinstance(c, Refused)] == ["syringe_mismatch"]
+    for _ in range(3):
+        p.pump.advance(p.pump.at + M)
+        assert p.feed(report(p, D("14.43"))) == () and p.state.phase is Phase.PAUSED
+    cmds = p.feed(ClinicianCommand(p.pump.at, "resume", "dr-a", "resume"))
+    assert [c.reason for c in cmds if isinstance(c, Refused)] == ["syringe_change_waiting"] and stops(cmds) == []
+    p.feed(ClinicianCommand(p.pump.at, "change_syringe", "rn-1", "again", None, D(17)))
+    p.feed(SyringeLoaded(p.pump.at, RIGHT, p.pump.delivered))
+    assert p.state.phase is Phase.TITRATING and p.pump.infusing
+
+
+def test_a_pump_that_infuses_on_a_wrong_bore_while_the_change_waits_still_alarms_and_stops() -> None:
+    p = running()
+    _mismatch_then_change(p)
+    p.pump.advance(p.pump.at + M)
+    p.pump.apply(D("0.5"))  # someone pressed RUN at the panel
+    cmds = p.feed(report(p, D("14.43")))
+    assert "syringe_mismatch" in alarms(cmds) and stops(cmds) == [D(0)] and not p.pump.infusing
+    assert p.state.phase is Phase.ALARM
+
+
+def test_a_change_given_while_the_old_syringe_ran_is_not_resumed_on_the_wrong_bore() -> None:
+    """The change was given with the pump running (the daemon stops it; the nurse swaps the syringe, picks its
+    type in the pump's menu and gives change_syringe again). A wrong bore meanwhile is not an alarm, and a resume is
+    refused: nothing runs before the load verifies the bore."""
+    p = running()
+    p.pump.advance(T0 + 30 * H + M)
+    p.feed(ClinicianCommand(p.pump.at, "change_syringe", "rn-1", "daily", None, D(17)))
+    assert p.state.phase is Phase.PAUSED and not p.state.syringe_change.loaded and not p.pump.infusing
+    p.pump.advance(p.pump.at + M)
+    assert p.feed(report(p, D("14.43"))) == () and p.state.phase is Phase.PAUSED
+    cmds = p.feed(ClinicianCommand(p.pump.at, "resume", "dr-a", "resume"))
+    assert [c.reason for c in cmds if isinstance(c, Refused)] == ["syringe_change_waiting"] and stops(cmds) == []
+    assert p.state.syringe_change is not None and not p.pump.infusing
+    p.feed(ClinicianCommand(p.pump.at, "change_syringe", "rn-1", "new syringe in", None, D(17)))
+    p.feed(SyringeLoaded(p.pump.at, RIGHT, p.pump.delivered))
+    assert p.state.phase is Phase.TITRATING and p.pump.infusing and p.state.pump_diameter_mm == RIGHT
+
+
+@pytest.mark.parametrize("bore", [D("NaN"), D("sNaN")])
+def test_a_bore_that_is_not_a_number_while_the_change_waits_still_alarms(bore: D) -> None:
+    p = running()
+    _mismatch_then_change(p)
+    p.pump.advance(p.pump.at + M)
+    assert alarms(p.feed(report(p, bore))) == ["syringe_mismatch"] and not p.pump.infusing
+
+
+def test_a_resume_refused_for_the_bore_acknowledges_a_lost_link_that_is_back() -> None:
+    """The link lost and the bore changed meanwhile: resume (refused for the bore) and change_syringe (refused for the
+    lost link) each blocked the other. The resume now acknowledges the lost link, and the change goes on."""
+    from driverd.core.events import LinkLost, LinkRestored
+
+    p = running()
+    p.pump.advance(T0 + 30 * H + M)
+    p.feed(LinkLost(p.pump.at, "cable"))
+    p.pump.advance(p.pump.at + M)
+    p.feed(LinkRestored(p.pump.at))
+    p.feed(report(p, D("14.43")))
+    assert p.state.alarm_causes == ("link_lost", "syringe_mismatch") and not p.pump.infusing
+    p.pump.advance(p.pump.at + M)
+    assert p.feed(report(p, D("14.43"))) == ()
+    cmds = p.feed(ClinicianCommand(p.pump.at, "resume", "dr-a", "link back"))
+    assert [c.reason for c in cmds if isinstance(c, Refused)] == ["syringe_mismatch"] and stops(cmds) == []
+    assert p.state.phase is Phase.ALARM and p.state.alarm_causes == ("syringe_mismatch",)
+    cmds = p.feed(ClinicianCommand(p.pump.at, "change_syringe", "rn-1", "bore set wrong", None, D(17)))
+    assert not [c for c in cmds if isinstance(c, Refused)] and p.state.phase is Phase.PAUSED
+    p.feed(SyringeLoaded(p.pump.at, RIGHT, p.pump.delivered))
+    assert p.state.phase is Phase.TITRATING and p.pump.infusing
