@@ -524,22 +524,24 @@ def _on_resume(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
         return state, (Refused("clinician", "alarm_active", f"pump still reports {', '.join(blocking)}"),)
     if state.pending is not None:
         return state, (Refused("clinician", "uncertain", "a setpoint is still unverified"),)
+    if "unexpected_infusion" in state.alarm_causes and state.pump_infusing:
+        return state, (Refused("clinician", "alarm_active", "the pump still infuses on its own"),)
     # The cause alone refuses: it was raised with the reading's counter step, which the state does not keep, and
     # only a syringe change (new fill) ends it (review, 2026-12-03: re-judged at the library's finer step, an
     # empty syringe read on a 0.1 mL display was resumed as a cleared occlusion).
     if "syringe_empty" in state.alarm_causes:
-        return state, (Refused("clinician", "syringe_empty", "the syringe is empty: change it (change_syringe)"),)
-    if "unexpected_infusion" in state.alarm_causes and state.pump_infusing:
-        return state, (Refused("clinician", "alarm_active", "the pump still infuses on its own"),)
+        return _acknowledge_but(state, Refused("clinician", "syringe_empty",
+                                               "the syringe is empty: change it (change_syringe)"))
     if SYRINGE_MISMATCH in state.alarm_causes:
         return _acknowledge_but(state, Refused(
             "clinician", SYRINGE_MISMATCH, "the pump was set to another syringe bore: its read-backs are not to be "
                                            "trusted; give change_syringe, which loads and verifies the syringe"))
     if COUNTER_DROP in state.alarm_causes:
-        return state, (Refused("clinician", COUNTER_DROP, "the pump's counter went back without a clear driverd "
-                                                          "ordered: the syringe may have been swapped; give "
-                                                          "change_syringe, stating the syringe in the pump, which "
-                                                          "loads and verifies it"),)
+        return _acknowledge_but(state, Refused("clinician", COUNTER_DROP, "the pump's counter went back without a "
+                                                                         "clear driverd ordered: the syringe may "
+                                                                         "have been swapped; give change_syringe, "
+                                                                         "stating the syringe in the pump, which "
+                                                                         "loads and verifies it"))
     change = state.syringe_change
     ranged = RANGE_CAUSES.intersection(state.alarm_causes)
     if ranged and change is None:  # (a change waiting: acknowledged for its load, which checks the range again)

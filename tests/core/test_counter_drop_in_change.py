@@ -105,3 +105,30 @@ def test_a_drop_while_a_change_waits_but_the_pump_runs_still_alarms() -> None:
     cmds = p.feed(p.pump.report())
     assert [c.code for c in cmds if isinstance(c, RaiseAlarm)] == ["counter_drop"]
     assert _rates(cmds) == [D(0)] and not p.pump.infusing and p.state.phase is Phase.ALARM
+
+
+def test_a_lost_link_that_is_back_does_not_lock_a_counter_drop_or_an_empty_syringe() -> None:
+    """A cause only a syringe change ends (counter_drop, syringe_empty) with a lost link raised beside it: the
+    resume refused for the first acknowledged nothing, and change_syringe refused for the second ("resolve and
+    resume link_lost first"): locked (found by helper reconnect). The resume now acknowledges the lost link."""
+    from driverd.core.events import LinkLost, LinkRestored
+
+    p = _course()
+    at = T0 + 30 * H + M
+    p.pump.advance(at)
+    p.feed(LinkLost(at, "cable"))
+    p.pump.advance(at + M)
+    p.feed(LinkRestored(at + M))
+    p.pump.delivered = D(0)  # cleared at the panel while the link was down
+    p.feed(p.pump.report())
+    assert set(p.state.alarm_causes) == {"link_lost", "counter_drop"} and not p.pump.infusing
+    cmds = p.feed(ClinicianCommand(at + 2 * M, "resume", "dr-a", "link back"))
+    assert [c.reason for c in cmds if isinstance(c, Refused)] == ["counter_drop"] and _rates(cmds) == []
+    assert p.state.alarm_causes == ("counter_drop",) and p.state.phase is Phase.ALARM
+    p.pump.advance(at + 3 * M)
+    p.feed(p.pump.report())  # the channel reads the pump before every change command: stopped
+    cmds = p.feed(ClinicianCommand(at + 3 * M, "change_syringe", "rn-1", "the syringe in the pump", None, D(17),
+                                   D(10)))
+    assert not [c for c in cmds if isinstance(c, Refused)] and p.state.phase is Phase.PAUSED
+    _load(p, at + 4 * M)
+    assert p.state.phase is Phase.TITRATING and p.pump.infusing
