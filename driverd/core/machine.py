@@ -521,7 +521,12 @@ def _on_resume(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
         return state, (Refused("clinician", "link_down", "no link to the pump"),)
     blocking = [a for a in state.pump_alarms if a not in WARNING_ALARMS]
     if blocking:
-        return state, (Refused("clinician", "alarm_active", f"pump still reports {', '.join(blocking)}"),)
+        refused = Refused("clinician", "alarm_active", f"pump still reports {', '.join(blocking)}")
+        if set(blocking) <= {"end_of_syringe"} and state.pending is None:
+            # change_syringe is the way on (it acknowledges the pump's end of syringe): what a change does not
+            # acknowledge (a lost link that is back) is, else the two refusals lock the course (review 2026-12-03).
+            return _acknowledge_but(state, refused)
+        return state, (refused,)
     if state.pending is not None:
         return state, (Refused("clinician", "uncertain", "a setpoint is still unverified"),)
     if "unexpected_infusion" in state.alarm_causes and state.pump_infusing:
@@ -529,7 +534,10 @@ def _on_resume(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
     # The cause alone refuses: it was raised with the reading's counter step, which the state does not keep, and
     # only a syringe change (new fill) ends it (review, 2026-12-03: re-judged at the library's finer step, an
     # empty syringe read on a 0.1 mL display was resumed as a cleared occlusion).
-    if "syringe_empty" in state.alarm_causes:
+    # The same for the pump's own end of syringe, once it no longer reports it: a syringe swapped at the panel is
+    # not verified until a change loads it (review, 2026-12-03: a resume ran the old syringe's rate on it).
+    empty = [c for c in state.alarm_causes if c in END_OF_SYRINGE_CAUSES]
+    if empty:
         return _acknowledge_but(state, Refused("clinician", "syringe_empty",
                                                "the syringe is empty: change it (change_syringe)"))
     if SYRINGE_MISMATCH in state.alarm_causes:
@@ -699,6 +707,10 @@ def _on_syringe_loaded(state: CourseState, event: Event, protocol: ProtocolSpec)
     blocking = [a for a in state.pump_alarms if a not in WARNING_ALARMS]
     if blocking:
         return state, (Refused("machine", "alarm_active", f"pump still reports {', '.join(blocking)}"),)
+    if not (event.delivered_ml.is_finite() and event.delivered_ml >= 0):
+        # (is_finite first: ordering a NaN raises) A counter that is no count: nothing can be carried over.
+        return state, (Refused("machine", "counter_not_cleared",
+                               f"the new syringe's counter reads back {event.delivered_ml} mL"),)
     failed = _load_out_of_range(state, event, protocol)
     if failed is not None:
         return failed
@@ -1003,7 +1015,18 @@ def _on_unreadable_report(state: CourseState, protocol: ProtocolSpec, event: Pum
     """Nothing of the report is taken (not its counter, its alarms or its bore). In a live course: the alarm
     `report_unreadable` and a stop (always allowed), again on every such report of a pump still infusing; outside
     one, refused as an invalid number (nothing runs there)."""
+    pending = state.pending
+    if pending is not None and pending.is_decrease and event.state == "infusing":
+        # A stop or decrease not yet read back and the pump says it infuses (in any phase: a clinician's stop ends
+        # the course first): sent again, as a readable report's read-back check does (review, 2026-12-03: else a
+        # pump that missed its stop ran on unsupervised).
+        state, cmds = _alarm(state, REPORT_UNREADABLE, why)
+        state, more = _resend_decrease(state, protocol, event.at, pending, event.rate_ml_per_h, from_report=True)
+        return state, cmds + more
     if state.phase not in ACTIVE:
+        if event.state == "infusing" and state.schedule is not None:
+            # A course that ended, its pump infusing: what a readable report would make of it (unexpected_infusion).
+            return _alarm_and_stop(state, protocol, event, "unexpected_infusion", f"pump infuses; {why}")
         return state, (Refused("machine", "invalid_number", why),)
     return _alarm_and_stop(state, protocol, event, REPORT_UNREADABLE, why)
 
@@ -1038,12 +1061,13 @@ def _counter_drop(before: CourseState, event: PumpReport) -> str:
     every change command, so nothing went uncounted), is a lower reading no alarm: the nurse may clear the counter
     at the panel while swapping (as told), a loaded change's load clears it (a crash between that clear and its
     logged outcome must not alarm at the restart), and the change's verified load is what the course goes on from:
-    a resume cannot skip it (`_on_resume`)."""
+    a resume cannot skip it (`_on_resume`). Not across a lost link not yet acknowledged: the pump may have run
+    at its panel meanwhile, and those counts must not go uncounted (review, 2026-12-03)."""
     prev = before.raw_delivered_ml
     if prev is None or before.phase not in ACTIVE or not event.delivered_ml < prev:
         return ""
     change = before.syringe_change
-    if change is not None and event.state != "infusing" and (
+    if change is not None and event.state != "infusing" and "link_lost" not in before.alarm_causes and (
             not before.pump_infusing or (before.commanded_rate == 0 and before.pending is None)):
         return ""  # a swap (loaded or not) on a stopped pump: the change's verified load re-baselines
     return (f"pump's delivered-volume counter went back from {prev} mL to {event.delivered_ml} mL without a clear "

@@ -282,6 +282,7 @@ def test_report_step_refuses_as_step_does() -> None:
     assert repr((after, cmds)) == repr(machine.step(state, nan, PROTOCOL)) and not quiet
     assert after.phase is Phase.ALARM and "report_unreadable" in after.alarm_causes
     idle = evolve(state, phase=Phase.IDLE)
+    nan = replace(nan, state="stopped")  # (an infusing pump outside a live course is unexpected_infusion)
     after, cmds, quiet = machine.report_step(idle, nan, PROTOCOL)
     assert (after, cmds) == machine.step(idle, nan, PROTOCOL) and not quiet
     assert after is idle and cmds[0].reason == "invalid_number"  # type: ignore[attr-defined]

@@ -19,11 +19,13 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from driverd.runtime.control import request
 from driverd.runtime.demo import DEMO_KEY, START, demo_schedule
 from driverd.signing import sign_document
 from drivers.base import AlarmKind, PumpState
 from simulators.faults import ScheduledFault
 from tests.runtime.e2e import (
+    BOUND_S,
     FIRST_STEP,
     RUNNING_AT,
     Rig,
@@ -327,7 +329,7 @@ def test_a_pump_alarm_just_before_a_setpoint_is_reported_not_acknowledged(tmp_pa
 
 async def _end_of_syringe(tmp_path: Path, transport: str) -> None:
     # 0.1 mL at 0.041 mL/h empties about 2.4 h into the first step.
-    async with rig(transport, tmp_path, fill_ml=Decimal("0.1"), timing=FAST) as r:
+    async with rig(transport, tmp_path, fill_ml=Decimal("0.1"), timing=FAST, control=True) as r:
         verified = await start_running(r)
         fault_at = r.clock.now()
         await until_phase(r, "alarm", timedelta(hours=3))
@@ -354,7 +356,20 @@ async def _end_of_syringe(tmp_path: Path, transport: str) -> None:
         _no_escalation(r, fault_at)
         r.model(NAME).load_syringe(Decimal("20"))  # a new, full syringe
         await r.advance_to(r.clock.now() + timedelta(minutes=2))
-        await _resume_ok(r, verified)
+        if transport.startswith("modbus"):
+            # The pump's end of syringe is ended only by a verified load (review, 2026-12-03): a syringe swapped at
+            # the panel is not known to the course. A resume is refused and the pump stays stopped; the change runs.
+            await _refused(r, "resume", "syringe_empty")
+            assert r.model(NAME).status().state is not PumpState.INFUSING
+            assert r.socket is not None
+            reply = await request(r.socket, {"op": "change_syringe", "pump_id": NAME, "fill_volume_ml": "17",
+                                             "by": "rn-1", "reason": "new syringe"}, timeout_s=BOUND_S)
+            assert reply["ok"] is True, reply
+            ch = r.channel(NAME)
+            assert ch.state.phase.value == "titrating" and ch.state.commanded_rate <= verified
+            assert r.model(NAME).status().state is PumpState.INFUSING
+        else:
+            await _resume_ok(r, verified)
         never_above(r, fault_at, verified)
     audit_ok(r)
 
