@@ -136,6 +136,7 @@ class PumpOfItsOwn(RuleBasedStateMachine):
             return self._feed(SetpointResult(self.now, sp.id, None, "timeout"))
         if self.crash_after_send is not None:  # on the wire, then the daemon dies before the read-back
             taken, self.crash_after_send, self.dead = self.crash_after_send, None, True
+            self.ignored = self.ignored or not taken  # on the wire but not taken: as a pump that ignored it
             if taken and sp.is_stop:
                 self.infusing = False
             elif taken:
