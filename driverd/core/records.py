@@ -91,19 +91,10 @@ def _aware_time(raw: str) -> datetime | None:
 
 
 def _dec(fields: dict[str, Any], key: str) -> Decimal:
-    raw = fields.get(key)
-    if isinstance(raw, str):
-        d = finite_dec(raw)
-        if d is not None:
-            return d
-    if not isinstance(raw, str):
-        raise ValidationError([Problem(key, "type", f"expected a decimal string, got {raw!r}")])
-    try:
-        d = Decimal(raw)
-    except InvalidOperation:
-        raise ValidationError([Problem(key, "number", f"not a decimal: {raw!r}")]) from None
+    """A finite decimal (`_reported_dec`, the same type and number errors, and NaN or an infinity refused)."""
+    d = _reported_dec(fields, key)
     if not d.is_finite():
-        raise ValidationError([Problem(key, "finite", f"not finite: {raw!r}")])
+        raise ValidationError([Problem(key, "finite", f"not finite: {fields.get(key)!r}")])
     return d
 
 
@@ -123,7 +114,7 @@ def exact_dec(d: Decimal) -> str:
 def _reported_dec(fields: dict[str, Any], key: str) -> Decimal:
     """A value the pump read back (a report, a setpoint's or a clear's read-back, the bore at prime or a load), as
     read: any decimal, NaN and the infinities included. The core judges such a reading (a counter step of NaN or 0
-    is the alarm `counter_step`, a NaN bore `syringe_mismatch`, a NaN rate a refused report), and the channel logs
+    is the alarm `counter_step`, a NaN bore `syringe_mismatch`, a NaN rate `report_unreadable`), and the channel logs
     it as it was folded: a replay must fold it too, or the log no longer replays and the daemon refuses to start on
     it (review, 2026-12-03). Written by `exact_dec`."""
     raw = fields.get(key)
