@@ -8,16 +8,15 @@ does not acknowledge (a swap between two polls is possible): only a change does.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from datetime import timedelta
 from decimal import Decimal as D
 
 from driverd.core.commands import ApplySetpoint, RaiseAlarm, Refused
 from driverd.core.events import ClinicianCommand, SyringeLoaded
-from driverd.core.schedule import SyringeFill, SyringeSupply
 from driverd.core.state import Phase
-from tests.core.factories import PROTOCOL, T0, primed, schedule
-from tests.core.harness import ExactPump, Player
+from tests.core.factories import T0
+from tests.core.harness import Player
+from tests.core.test_resume_and_doubt_edges import running
 from tests.core.test_syringe_change import DIAMETER
 
 H = timedelta(hours=1)
@@ -25,11 +24,7 @@ M = timedelta(minutes=1)
 
 
 def _course() -> Player:
-    sched = replace(schedule(conc="10"), syringes=SyringeSupply(fills=(SyringeFill(D(17), D(50)),)))
-    p = Player(primed(sched), PROTOCOL, ExactPump(at=T0 - 10 * M))
-    p.run_until(T0 + 30 * H)
-    assert p.state.phase is Phase.TITRATING and p.pump.infusing
-    return p
+    return running("10")  # a 10 mg/mL course with 50 mg/mL syringes approved
 
 
 def _rates(cmds: tuple[object, ...]) -> list[D]:
