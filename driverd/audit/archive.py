@@ -480,7 +480,7 @@ def _archive(log: Path, before: datetime, dest: Path, key: Ed25519PrivateKey | N
     if divergences:
         d = divergences[0]
         raise ArchiveRefused("replay_diverges", f"replay up to the snapshot at seq {snap_seq} diverges at seq {d.seq} "
-                                                f"({d.kind}: {d.detail})")
+                                                f"({d.kind}: {replayer.result.detail(d)})")
     # 1. Copy into DIR, durably, and read every copy back.
     try:
         _make_archive_dir(dest)

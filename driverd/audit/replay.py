@@ -31,6 +31,7 @@ from driverd.audit.reader import Line
 from driverd.audit.report import Report, ReportBuilder, report_lines
 from driverd.core.errors import DriverdError
 from driverd.core.protocol import ProtocolSpec, parse_protocol
+from driverd.core.rules import RULES_VERSION
 
 if TYPE_CHECKING:
     from driverd.audit.snapshot import Snapshot
@@ -88,6 +89,29 @@ class ReplayResult:
     # The log did not start at seq 1 (the segments before were archived, or one segment was given) and its first
     # record with course data was a state snapshot: replay started from that snapshot's states (its seq).
     seeded_from: int | None = None
+    # Each daemon start in the log and the decision rules it recorded (None: a release before rules were recorded),
+    # in log order: a stretch decided by other rules than this replay's may diverge where the rules changed.
+    rules: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def other_rules(self) -> list[dict[str, Any]]:
+        """The daemon starts whose rules differ from this replay's (RULES_VERSION)."""
+        return [r for r in self.rules if r["rules"] != RULES_VERSION]
+
+    def rules_at(self, seq: int) -> int | None:
+        """The decision rules of the daemon that wrote record `seq` (the last daemon_start at or before it; None:
+        a release that did not record them). Before any daemon_start replayed (a window of the log): ours."""
+        at = [r["rules"] for r in self.rules if isinstance(r["seq"], int) and r["seq"] <= seq]
+        return at[-1] if at else RULES_VERSION
+
+    def detail(self, d: Divergence) -> str:
+        """A divergence's detail, with the rules that decided its stretch of the log when they are not ours."""
+        rules = self.rules_at(d.seq)
+        if rules == RULES_VERSION:
+            return d.detail
+        return (f"{d.detail + ' ' if d.detail else ''}[this stretch was decided by {_rules_name(rules)}, this replay "
+                f"runs decision rules {RULES_VERSION}: where the rules changed, a divergence is not a wrong "
+                "decision; replay it with the driverd release that wrote it]")
 
     @property
     def ok(self) -> bool:
@@ -98,10 +122,13 @@ class ReplayResult:
             "ok": self.ok,
             "inputs": self.inputs,
             "outputs_checked": self.outputs_checked,
-            "divergences": [d.as_dict() for d in self.divergences],
+            "divergences": [{**d.as_dict(), "detail": self.detail(d), "rules": self.rules_at(d.seq)}
+                            for d in self.divergences],
             "interrupted": [i.as_dict() for i in self.interrupted],
             **self.report.as_dict(),
             "seeded_from": self.seeded_from,
+            "rules": self.rules,
+            "replay_rules": RULES_VERSION,
         }
 
     def text_lines(self) -> list[str]:
@@ -114,14 +141,17 @@ class ReplayResult:
         if self.seeded_from is not None:
             out.append(f"  started from the state snapshot at seq {self.seeded_from}: the log before it is not here "
                        "(archived: see its archive anchor); decisions from there on are checked")
+        for r in self.other_rules:
+            out.append(f"  the log from seq {r['seq']} was decided by {_rules_name(r['rules'])}; this replay runs "
+                       f"decision rules {RULES_VERSION}: it may diverge there where the rules changed")
         for i in self.interrupted:
             names = ", ".join(str(o.get("event")) for o in i.outputs)
             out.append(f"  interrupted by a crash after input seq {i.input_seq} (pump {i.pump_id}): {names} "
                        "recomputed, never logged (so never sent)")
         for d in self.divergences:
             out.append(f"  DIVERGENCE at seq {d.seq} (pump {d.pump_id}, course {d.course_id or '-'}): {d.kind}")
-            if d.detail:
-                out.append(f"    {d.detail}")
+            if d.detail or self.rules_at(d.seq) != RULES_VERSION:
+                out.append(f"    {self.detail(d)}")
             if d.expected is not None:
                 out.append(f"    expected: {d.expected}")
             if d.found is not None:
@@ -217,6 +247,11 @@ class Replayer:
             return
         if event not in WRITER_RECORDS:
             self._course_data = True
+        if event == "daemon_start":
+            rules = rec.get("rules")
+            self.result.rules.append({"seq": rec.get("seq"),
+                                      "rules": rules if isinstance(rules, int) and not isinstance(rules, bool)
+                                      else None})
         if event == "library_loaded":
             self._load_library(rec)
             return
@@ -486,6 +521,10 @@ class Replayer:
     ) -> None:
         course = course_id if isinstance(course_id, str) else None
         self.result.divergences.append(Divergence(rec["seq"], pump_id, course, kind, expected, found, detail))
+
+
+def _rules_name(rules: int | None) -> str:
+    return f"decision rules {rules}" if rules is not None else "a release that did not record its decision rules"
 
 
 def held(states: Mapping[str, Any]) -> list[str]:

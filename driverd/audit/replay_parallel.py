@@ -274,6 +274,7 @@ class _SliceResult:
     interrupted: list[Interrupted] = field(default_factory=list)
     crash_seqs: list[int] = field(default_factory=list)  # the crash boundaries read (interrupted outputs' groups)
     seeded_from: int | None = None
+    rules: list[dict[str, Any]] = field(default_factory=list)  # the daemon starts read (ReplayResult.rules)
     start: str | None = None  # the replayer's state after the seed (compared with the slice before's end)
     end: str | None = None  # ... after the snapshot the slice ends with
     pumps: list[str] = field(default_factory=list)  # the replayer's pumps at the end, in its order
@@ -331,6 +332,7 @@ def _replay_slice(sl: _Slice, done: Any = None) -> _SliceResult:
     res = replay_records(_records(sl, out, done), r)
     out.inputs, out.outputs_checked = res.inputs, res.outputs_checked
     out.divergences, out.interrupted, out.seeded_from = res.divergences, res.interrupted, res.seeded_from
+    out.rules = res.rules
     out.pumps = list(r._pumps)
     if sl.end_seq is not None:
         if out.last_seq != sl.end_seq:
@@ -547,6 +549,7 @@ def _merge(plan: _Plan, results: list[_SliceResult], rep: Report) -> ReplayResul
         else:
             order = list(res.pumps)
         out.divergences.extend(res.divergences)
+        out.rules.extend(res.rules)  # the slices are disjoint and in log order: every daemon start, in order
         out.interrupted.extend(interrupted)
         out.inputs += res.inputs
         out.outputs_checked += res.outputs_checked

@@ -351,6 +351,10 @@ class AuditWriter:
             # A lost-page cut may remove a bulk event: one that was fdatasync'd (and maybe acted on) must not be.
             raise AuditFieldError("durable", "bulk", f"event {event_dict['event']!r} is in audit.bulk_events: "
                                   "it is never written durably (take it out of bulk_events to write it so)")
+        if not durable and self.config.bulk_events and event_dict["event"] not in self.config.bulk_events:
+            # ... and the cut goes by name, so a name must say how its records are written: never both ways.
+            raise AuditFieldError("durable", "not-bulk", f"event {event_dict['event']!r} is not in "
+                                  "audit.bulk_events: it is always written durably (or add it to bulk_events)")
         record = {}
         for k, v in event_dict.items():
             # Fast path for the common already-canonical scalars (ASCII text, None, plain int); the rest, and

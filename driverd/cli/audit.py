@@ -188,7 +188,7 @@ def _full_replay(log: Path, archive: list[Path] | None = None, workers: int = 1)
     first = result.divergences[0] if result.divergences else None
     return {"ok": first is None, "snapshots": info.snapshots, "deltas": info.deltas,
             "outputs": result.outputs_checked, "divergences": len(result.divergences),
-            "failure": None if first is None else f"seq {first.seq} ({first.kind}): {first.detail}"}
+            "failure": None if first is None else f"seq {first.seq} ({first.kind}): {result.detail(first)}"}
 
 
 def _check_schedules(log: Path, store: Any) -> dict[str, Any]:

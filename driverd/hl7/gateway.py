@@ -28,6 +28,7 @@ import structlog
 from driverd.core.errors import DriverdError
 from driverd.core.state import Phase
 from driverd.hl7 import messages, orders
+from driverd.hl7.audit_events import HL7_BULK_EVENTS
 from driverd.hl7.messages import MessageHeader
 from driverd.hl7.model import Alert, Endpoint, Observation, Order, OrderRejected, Priority
 from driverd.hl7.orderlog import OrderLog, Prior
@@ -425,14 +426,15 @@ class Gateway:
                                      condition=outcome.condition)
         replies.append(reply)
         if logged:
-            # Recorded (order log and audit, both durable) before the reply leaves: what was answered is never lost.
+            # Recorded (order log and audit, both durable) before the reply leaves: what was answered is never lost
+            # (a message refused before the order log has its durable hl7_in below, before its reply too).
             try:
                 assert self.orderlog is not None
                 self.orderlog.finish(header.control_id, replies)
             except DriverdError as exc:
                 log.critical("hl7_orderlog_failed", control_id=header.control_id, error=str(exc))
         o = outcome.order
-        self._audit("hl7_in", outcome.pump_id, durable=logged, control_id=header.control_id,
+        self._audit("hl7_in", outcome.pump_id, control_id=header.control_id,
                     message_type=_type(header), sender=f"{header.sender.application}^{header.sender.facility}",
                     order_control=o.order_control if o else None, by=o.by if o else None,
                     outcome=outcome.code, code=outcome.error_code or None, detail=outcome.error_text[:500] or None)
@@ -479,12 +481,12 @@ class Gateway:
                                          error_code="duplicate_control_id",
                                          error_text="this MSH-10 was already used for a different message",
                                          error_field="MSH-10", condition="205")
-            self._audit("hl7_in", None, durable=True, control_id=header.control_id, message_type=_type(header),
+            self._audit("hl7_in", None, control_id=header.control_id, message_type=_type(header),
                         outcome="AR", code="duplicate_control_id", detail=None)
             await self._send(send, reply)
             return
         if prior.finished:
-            self._audit("hl7_in", None, durable=True, control_id=header.control_id, message_type=_type(header),
+            self._audit("hl7_in", None, control_id=header.control_id, message_type=_type(header),
                         outcome="repeat", code=None, detail="answered with the original replies; not applied again")
             for text in prior.replies:
                 await self._send(send, text)
@@ -498,7 +500,7 @@ class Gateway:
             self.orderlog.finish(header.control_id, [reply])
         except DriverdError as exc:
             log.critical("hl7_orderlog_failed", control_id=header.control_id, error=str(exc))
-        self._audit("hl7_in", None, durable=True, control_id=header.control_id, message_type=_type(header),
+        self._audit("hl7_in", None, control_id=header.control_id, message_type=_type(header),
                     outcome="AE", code="outcome_unknown", detail="received before a restart; not applied again")
         await self._send(send, reply)
 
@@ -508,7 +510,9 @@ class Gateway:
 
     # ------------------------------------------------------------------------------------------ audit
 
-    def _audit(self, event: str, pump_id: str | None, *, durable: bool = False, **fields: Any) -> None:
+    def _audit(self, event: str, pump_id: str | None, **fields: Any) -> None:
+        """Durable unless the event is one of HL7_BULK_EVENTS (one list: the writer's lost-page cut reads it too)."""
+        durable = event not in HL7_BULK_EVENTS
         audit = self.daemon.audit
         if audit is None or audit.dead:
             return

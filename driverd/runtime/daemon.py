@@ -32,10 +32,12 @@ from driverd.core.machine import initial_state
 from driverd.core.next_step import next_step
 from driverd.core.protocol import ProtocolSpec, parse_protocol
 from driverd.core.records import fmt_dec, fmt_time
+from driverd.core.rules import RULES_VERSION
 from driverd.core.schedule import Schedule
 from driverd.core.schedule_parse import parse_schedule
 from driverd.core.state import CourseState, Phase
 from driverd.core.volume_plan import UPPER_BOUND_RESOLUTION, plan_course
+from driverd.hl7.audit_events import HL7_BULK_EVENTS
 from driverd.runtime.channel import BULK_EVENTS, Channel, syringe_view
 from driverd.runtime.clock import RuntimeClock, ScaledClock, WallStep
 from driverd.runtime.config import DaemonConfig
@@ -117,7 +119,8 @@ class Daemon:
             cfg.audit_dir,
             AuditConfig(segment_max_records=a.segment_max_records, checkpoint_every_records=a.checkpoint_every_records,
                         checkpoint_every_s=a.checkpoint_every_s, group_commit_ms=a.group_commit_ms,
-                        group_commit_records=a.group_commit_records, bulk_events=BULK_EVENTS),
+                        group_commit_records=a.group_commit_records,
+                        bulk_events=BULK_EVENTS | HL7_BULK_EVENTS),
             key,
             self.clock.now,
             self.trust,  # adopted schedules are re-verified against the trust store
@@ -138,7 +141,7 @@ class Daemon:
                    for pump in cfg.pumps}
         driver_files = {pid: d.definition_files() for pid, d in drivers.items() if d.definition_files()}
         self.audit.append("daemon_start", pump_id=None, course_id=None, durable=True, version=driverd.__version__,
-                          config_sha256=cfg.sha256, pumps=[p.id for p in cfg.pumps],
+                          rules=RULES_VERSION, config_sha256=cfg.sha256, pumps=[p.id for p in cfg.pumps],
                           **({"driver_files": driver_files} if driver_files else {}),
                           recovered_records=recovered.records, trust_keys=sorted(self.trust.keys),
                           interrupted=[{"pump_id": i.pump_id, "input_seq": i.input_seq,

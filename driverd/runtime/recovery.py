@@ -132,7 +132,8 @@ def _recover(audit_dir: Path, trust: TrustStore, public_key: Ed25519PublicKey | 
     result = replayer.finish()
     if result.divergences:
         bad = result.divergences[0]
-        raise AuditError(f"audit replay diverges at seq {bad.seq} ({bad.kind}: {bad.detail}); refusing to start")
+        raise AuditError(f"audit replay diverges at seq {bad.seq} ({bad.kind}: {result.detail(bad)}); refusing to "
+                         "start")
     out.states = replayer.states()
     out.interrupted = list(result.interrupted)
     out.library = replayer.library_text

@@ -16,6 +16,7 @@ from driverd.audit.reader import iter_lines, iter_records
 from driverd.audit.replay import Replayer, replay_lines, replay_records
 from driverd.audit.verify import verify_log
 from driverd.cli.main import app
+from driverd.core.rules import RULES_VERSION
 
 from .conftest import rechain
 from .course import write_course_log
@@ -133,3 +134,43 @@ def test_comparison_logic_with_a_fake_core() -> None:
     assert [(d.seq, d.kind) for d in result.divergences] == [(5, "different"), (6, "missing")]
     assert [(i.input_seq, i.outputs) for i in result.interrupted] == [(9, ({"event": "out", "v": 18},)),
                                                                       (11, ({"event": "out", "v": 20},))]
+
+
+def _toy_replayer() -> Replayer:
+    return Replayer(
+        initial_state=lambda pump: 0,
+        reduce=lambda s, ev, proto: (s + 1, (ev * 2,)),
+        event_from_record=lambda r: r["v"],
+        command_to_record=lambda c: ("out", {"v": c}),
+        input_events=frozenset({"in"}),
+        output_events=frozenset({"out"}),
+    )
+
+
+@pytest.mark.parametrize("rules", ["absent", RULES_VERSION - 1, RULES_VERSION])
+def test_a_divergence_names_the_rules_that_decided_its_stretch(rules: object) -> None:
+    """A log written by a release with other decision rules (or one that did not record them) diverges where the
+    rules changed: the divergence stays a divergence (replay fails), and says which rules decided that stretch;
+    under this replay's own rules it says nothing more."""
+    lib = {"seq": 1, "event": "library_loaded", "pump_id": None, "course_id": None,
+           "text": (Path(__file__).resolve().parents[2] / "config/protocols/ketamine-burst.toml").read_text()}
+    start = {"seq": 2, "event": "daemon_start", "pump_id": None, "course_id": None, "version": "0.1.0",
+             **({} if rules == "absent" else {"rules": rules})}
+    recs = [lib, start,
+            {"seq": 3, "event": "in", "pump_id": "p", "course_id": "c", "v": 1},
+            {"seq": 4, "event": "out", "pump_id": "p", "course_id": "c", "v": 3},  # the toy core says 2
+            {"seq": 5, "event": "in", "pump_id": "p", "course_id": "c", "v": 4}]  # and 8 is missing after it
+    result = replay_records(recs, _toy_replayer())
+    assert [(d.seq, d.kind) for d in result.divergences] == [(4, "different")]
+    assert result.rules == [{"seq": 2, "rules": None if rules == "absent" else rules}]
+    detail = result.detail(result.divergences[0])
+    assert result.as_dict()["divergences"][0]["detail"] == detail
+    text = "\n".join(result.text_lines())
+    if rules == RULES_VERSION:
+        assert "decided by" not in detail and "decided by" not in text and result.other_rules == []
+    else:
+        named = "did not record" if rules == "absent" else f"decision rules {rules},"
+        assert named in detail and f"this replay runs decision rules {RULES_VERSION}" in detail
+        assert "the log from seq 2 was decided by" in text
+    assert result.as_dict()["replay_rules"] == RULES_VERSION and not result.ok
+

@@ -61,7 +61,8 @@ def _start(audit: Path, key: Path) -> tuple[AuditWriter, object]:
     return open_log(audit, AuditConfig(bulk_events=BULK_EVENTS), load_private_key(key), lambda: LATER, TRUST)
 
 
-def _power_cut(audit: Path, key: Path, then: str | None = None) -> tuple[Path, bytearray]:
+def _power_cut(audit: Path, key: Path, then: str | None = None,
+               bulk: tuple[str, ...] = ("pump_report",)) -> tuple[Path, bytearray]:
     """The daemon restarts and logs telemetry it has not synced yet (group commit not due) when the power goes
     (`then`: a durable record after it). The rewrite of the last synced page is lost: it reads back as it was,
     zeros after the synced end, and every record written since lies at or after the zeros."""
@@ -70,7 +71,7 @@ def _power_cut(audit: Path, key: Path, then: str | None = None) -> tuple[Path, b
     seg = list_segments(audit)[-1][1]
     synced = seg.stat().st_size
     for i in range(40):
-        w.append("pump_report", pump_id="bed-1", course_id=None, durable=False, i=i, detail="x" * 200)
+        w.append(bulk[i % len(bulk)], pump_id="bed-1", course_id=None, durable=False, i=i, detail="x" * 200)
     if then is not None:
         w.append(then, pump_id=None, course_id=None, durable=True, control_id="m1")
     w._release()
@@ -138,14 +139,16 @@ def test_refused_starts_append_nothing(made: Path, tmp_path: Path, torn_tail: bo
         assert _files(audit) == after_first
 
 
-def test_the_daemon_itself_cuts_a_lost_page_of_telemetry(made: Path, tmp_path: Path) -> None:
-    """Daemon.start gives the writer the channel's bulk events (else it would make no lost-page cut and refuse)."""
+@pytest.mark.parametrize("bulk", [("pump_report",), ("pump_report", "hl7_out", "hl7_acked")])
+def test_the_daemon_itself_cuts_a_lost_page_of_telemetry(made: Path, tmp_path: Path, bulk: tuple[str, ...]) -> None:
+    """Daemon.start gives the writer the channel's bulk events and the HL7 gateway's (else it would make no
+    lost-page cut and refuse every start): a lost page of telemetry and HL7 traffic records is cut."""
     synth = _module()
     out = tmp_path / "run"
     out.mkdir()
     audit, key = _copy(made, out)
     before = recover(audit, TRUST)
-    seg, data = _power_cut(audit, key)
+    seg, data = _power_cut(audit, key, bulk=bulk)
     line_start = bytes(data).find(b"\x00")
     config = synth.config_for(out, ["bed-1"], 60, key)
     clock = synth.StepClock(LATER)

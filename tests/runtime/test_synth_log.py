@@ -24,6 +24,7 @@ from driverd.audit.reader import iter_records
 from driverd.audit.replay import Replayer
 from driverd.audit.segments import list_segments
 from driverd.cli.main import app
+from driverd.core.rules import RULES_VERSION
 from driverd.core.state import Phase
 from driverd.runtime.demo import DEMO_TRUST
 from driverd.runtime.recovery import recover
@@ -77,6 +78,8 @@ def test_the_log_verifies_in_full_and_replays(generated: tuple[Path, Any]) -> No
     assert res.exit_code == 0, res.output
     replay = json.loads(res.output)
     assert replay["ok"] and not replay["divergences"]
+    # Each daemon start records the decision rules it decided by: this replay's own (docs/audit.md).
+    assert [r["rules"] for r in replay["rules"]] == [RULES_VERSION] * 2 and replay["replay_rules"] == RULES_VERSION
 
 
 def test_what_the_log_holds(generated: tuple[Path, Any]) -> None:
