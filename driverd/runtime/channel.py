@@ -120,6 +120,7 @@ class Channel:
         # pump, or the same one reconfigured, whether or not the link was declared lost meanwhile.
         self._answered_on: int | None = None
         self._connects = 0  # successful `connect()` calls
+        self._opens_at_connect = 0  # the driver's `transport_opens` after the last of them
         self._loaded_for: object = None  # the syringe change whose new syringe was read back already
         self._clear_retry_at: datetime | None = None  # no new priming clear before this (the last one failed)
         self.last_input_seq = 0  # seq of the last input record logged (a reply names its request's record)
@@ -308,6 +309,7 @@ class Channel:
         try:
             await self._io(self.driver.connect())
             self._connects += 1
+            self._opens_at_connect = self.driver.transport_opens
             self.connected = True
         except (DriverError, TimeoutError) as exc:
             self.connected = False
@@ -317,6 +319,12 @@ class Channel:
 
     async def poll(self) -> None:
         now = self.clock.now()
+        if self.connected and self.driver.transport_opens != self._opens_at_connect:
+            # The driver reopened its port by itself after an I/O error (New Era, Harvard): the device behind it may
+            # be another pump, which never got `connect()`'s set-up (its dead-man). A new connection goes through it.
+            self.connected = False
+            with contextlib.suppress(Exception):
+                await self.driver.close()
         if not self.connected:
             await self.connect()
         status: PumpStatus | None = None

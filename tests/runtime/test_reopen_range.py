@@ -129,6 +129,9 @@ def test_a_setpoint_across_a_port_the_driver_reopened_waits_for_the_check(tmp_pa
             assert ch.state.pending is not None and ch.state.pending.uncertain
 
             await r.advance_to(r.clock.now() + r.poll)
+            # The poll reconnected through connect(): the pump behind the new port got its set-up (safe mode, the
+            # dead-man) again, then the check.
+            assert ("SAF", "240") in [(c.name, c.data) for c in r.endpoints[PUMP].protocol.requests]
             [restored] = events(r.records(), "link_restored", PUMP)
             checked_at = datetime.fromisoformat(restored["ts"])
             if reconfigured:
