@@ -15,13 +15,17 @@ points the link at a new one. Modbus/TCP: the gateway closes the connection at i
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+import json
+from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
+from typer.testing import CliRunner
 
+from driverd.cli.main import app
+from driverd.runtime.demo import DEMO_TRUST
 from drivers.base import PumpState
 from tests.runtime.e2e import PUMP, Rig, audit_ok, events, rig, run, start_running
 from tests.runtime.test_reconnect_range import TIMING, TINY, alarm_codes, no_rate_since
@@ -61,6 +65,16 @@ def notices(r: Rig, code: str) -> list[dict[str, Any]]:
     return [n for n in events(r.records(), "notice", PUMP) if n["code"] == code]
 
 
+def log_checks(r: Rig) -> None:
+    """The log verifies and replays with no divergence (`audit_ok`), and `audit verify --full` passes."""
+    audit_ok(r)
+    r.records()  # group-committed records onto disk first
+    out = CliRunner().invoke(app, ["audit", "verify", str(r.audit_dir), "--full", "--trust", str(DEMO_TRUST),
+                                   "--key", str(r.audit_pub), "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output)["full"]["ok"] is True
+
+
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_a_transport_reopened_within_the_link_timeout_checks_the_pump_again(tmp_path: Path, transport: str) -> None:
     async def body() -> None:
@@ -97,7 +111,7 @@ def test_a_transport_reopened_within_the_link_timeout_checks_the_pump_again(tmp_
             assert set(ch.state.alarm_causes) == {"pump_range", "syringe_mismatch"}  # the bore and the range stand
             await r.advance_to(r.clock.now() + 2 * r.poll)
             no_rate_since(r, back)
-            audit_ok(r)  # replay recomputes both checks from the logged ranges, with no divergence
+            log_checks(r)  # replay recomputes both checks from the logged ranges, with no divergence
 
     run(body())
 
@@ -143,6 +157,6 @@ def test_a_setpoint_across_a_port_the_driver_reopened_waits_for_the_check(tmp_pa
                 assert ch.state.verified_rate == r.rate(50) and ch.state.level_mg_per_24h == 50
                 assert model.status().state is PumpState.INFUSING and model.status().rate_ml_per_h == r.rate(50)
                 assert [(at >= checked_at, x) for at, x in model.rate_history()[sent_before:]] == [(True, r.rate(50))]
-            audit_ok(r)
+            log_checks(r)
 
     run(body())
