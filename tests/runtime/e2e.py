@@ -117,6 +117,7 @@ class Rig:
         ep = await self.stack.enter_async_context(serve_newera(self.model(name), self.faults(name), pty=True))
         link = self.links[name]
         fresh = link.with_name(link.name + ".new")
+        assert ep.device is not None
         fresh.symlink_to(ep.device)
         os.replace(fresh, link)  # atomically: the driver never finds no link
         self.endpoints[name] = ep
@@ -250,6 +251,7 @@ async def _serve(stack: contextlib.AsyncExitStack, transport: str, world: World,
                 ep = await stack.enter_async_context(serve_newera(world.pump(n), world.faults(n), tcp_port=0))
             urls[n], endpoints[n] = ep.url, ep
             if links is not None and n in links:
+                assert ep.device is not None
                 links[n].symlink_to(ep.device)
                 urls[n] = ep.url.replace(ep.device, str(links[n]), 1)
         for n in dead:
