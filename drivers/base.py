@@ -209,6 +209,16 @@ class PumpDriver(abc.ABC):
         like any other write (``PumpAlarm``). Clearing twice is clearing once, so a lost reply may be resent.
         """
 
+    @property
+    def transport_opens(self) -> int:
+        """How many times this driver has opened its transport (port, connection): at ``connect()``, and again
+        whenever it reopened it by itself after an I/O error. The daemon takes a change as a new connection, on
+        which the device answering may be another pump (a cable moved, an adapter renumbered, a gateway routing to
+        another unit) or the same one reconfigured: it checks the pump again before any rate goes to it
+        (docs/drivers.md, "A reopened transport"). A driver that reopens behind ``connect()`` must count it here;
+        the default counts nothing (the daemon counts its own ``connect()`` calls)."""
+        return 0
+
     def rate_range(self, diameter_mm: Decimal) -> tuple[Decimal, Decimal] | None:
         """(min, max) mL/h the pump runs with a syringe of this inner diameter, at the driver's resolution (minimum
         rounded up, maximum down: both are rates the pump accepts). None: the driver cannot tell. The daemon

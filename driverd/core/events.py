@@ -107,8 +107,9 @@ class LinkLost:
 
 @dataclass(frozen=True, slots=True)
 class LinkRestored:
-    """The pump answers again after a lost link, or for the first time since the daemon started (a course recovered
-    from the log). For a primed course the channel adds the bore the pump reads back now and the rate range its
+    """The pump answers again after a lost link, for the first time since the daemon started (a course recovered
+    from the log), or for the first time on a reopened transport (also within the link timeout: it may be another
+    pump behind it). For a primed course the channel adds the bore the pump reads back now and the rate range its
     driver reports for that bore: the pump may have been swapped or reconfigured meanwhile, so the core checks the
     range again (SUP-19). Both None: no check (no primed course, or a log written before the check)."""
 

@@ -1385,7 +1385,8 @@ def _on_link_lost(state: CourseState, event: Event, protocol: ProtocolSpec) -> O
 
 def _on_link_restored(state: CourseState, event: Event, protocol: ProtocolSpec) -> Out:
     assert isinstance(event, LinkRestored)
-    # (The link is up already at the first contact after a daemon start: no outage for a clinician to resume.)
+    # (The link is up already at the first contact after a daemon start and on a transport reopened within the link
+    # timeout: no outage for a clinician to resume.)
     note = "pump answers again; clinician must resume" if not state.link_up else "pump answers on a new connection"
     state, cmds = evolve(state, link_up=True), (Notice("link_restored", note),)
     if event.pump_range is None or event.diameter_mm is None:

@@ -114,8 +114,13 @@ class Channel:
         self.polls = 0
         self.stopping = False
         self._primed_for: str | None = None
-        # The next status read is the first since the daemon started: it is checked as a reconnect (`_restored`).
-        self._first_contact = True
+        # Which connection the pump last answered on (`_connection`); None: it has not answered since the daemon
+        # started. A read on another one (the first since the start, or after any reopen of the transport, by the
+        # channel or inside the driver) is checked as a reconnect (`_restored`): the device answering may be another
+        # pump, or the same one reconfigured, whether or not the link was declared lost meanwhile.
+        self._answered_on: int | None = None
+        self._connects = 0  # successful `connect()` calls
+        self._opens_at_connect = 0  # the driver's `transport_opens` after the last of them
         self._loaded_for: object = None  # the syringe change whose new syringe was read back already
         self._clear_retry_at: datetime | None = None  # no new priming clear before this (the last one failed)
         self.last_input_seq = 0  # seq of the last input record logged (a reply names its request's record)
@@ -230,13 +235,33 @@ class Channel:
             return await op
 
     async def _apply(self, cmd: ApplySetpoint) -> SetpointResult:
+        result = await self._apply_once(cmd)
+        if result.readback_ml_per_h is not None and self._unchecked():
+            # Read back over a transport reopened during the exchange (or before it, not yet checked): it may be
+            # another pump's answer. Uncertain (write-ahead: unacknowledged until reconciled): the next poll checks
+            # the pump on this connection (`_restored`) before its report reconciles the setpoint.
+            return SetpointResult(result.at, result.setpoint_id, None,
+                                  f"read back {result.readback_ml_per_h} mL/h on a reopened transport, not yet "
+                                  f"checked{'; ' + result.error if result.error else ''}"[:512])
+        return result
+
+    async def _apply_once(self, cmd: ApplySetpoint) -> SetpointResult:
         sp = cmd.setpoint
         try:
             if sp.is_stop:
+                # Sent whatever answers (a stop is always allowed, and on a pump the course cannot run on it is
+                # what the check would do); its read-back is judged above.
                 await self._io(self.driver.stop())
                 readback = (await self._io(self.driver.read_status())).delivering_ml_per_h
             else:
                 status = await self._io(self.driver.read_status())
+                if self._unchecked():
+                    # The transport was reopened since the pump last answered a poll (the driver reopens its port
+                    # by itself after an I/O error): the device may be another pump. No rate goes to it before the
+                    # next poll has checked it; the setpoint is uncertain until then and reconciled from that
+                    # poll's report (sent again if the check passes). Not its report either: the check comes first.
+                    return SetpointResult(self.clock.now(), sp.id, None,
+                                          "transport reopened since the pump was last checked: not sent")
                 if status.state is PumpState.ALARM:
                     # Never acknowledge a pump alarm on the way to a setpoint: one that struck since the last poll
                     # (an occlusion) would be swallowed and the pump restarted. Report it to the core instead
@@ -271,9 +296,20 @@ class Channel:
             return SetpointResult(self.clock.now(), sp.id, None, f"{error}; then {type(exc).__name__}: {exc}")
         return SetpointResult(self.clock.now(), sp.id, status.delivering_ml_per_h, error)
 
+    def _connection(self) -> int:
+        """Which transport connection the driver talks on now: changes with every (re)open, whether the channel
+        reconnected or the driver reopened its port by itself after an I/O error (`PumpDriver.transport_opens`)."""
+        return self._connects + self.driver.transport_opens
+
+    def _unchecked(self) -> bool:
+        """The driver talks on a connection the pump has not been checked on (no answered poll on it yet)."""
+        return self._connection() != self._answered_on
+
     async def connect(self) -> None:
         try:
             await self._io(self.driver.connect())
+            self._connects += 1
+            self._opens_at_connect = self.driver.transport_opens
             self.connected = True
         except (DriverError, TimeoutError) as exc:
             self.connected = False
@@ -283,6 +319,12 @@ class Channel:
 
     async def poll(self) -> None:
         now = self.clock.now()
+        if self.connected and self.driver.transport_opens != self._opens_at_connect:
+            # The driver reopened its port by itself after an I/O error (New Era, Harvard): the device behind it may
+            # be another pump, which never got `connect()`'s set-up (its dead-man). A new connection goes through it.
+            self.connected = False
+            with contextlib.suppress(Exception):
+                await self.driver.close()
         if not self.connected:
             await self.connect()
         status: PumpStatus | None = None
@@ -314,8 +356,9 @@ class Channel:
         self.last_status = status
         if self._error_kind == "link":
             self._resolved("link")  # the pump answers again
-        if self.link_lost or self._first_contact:
-            self._first_contact = False
+        connection = self._connection()
+        if self.link_lost or connection != self._answered_on:
+            self._answered_on = connection
             restored = self._restored(status)
             if restored is not None and any(isinstance(c, ApplySetpoint) for c in await self._reconnected(restored)):
                 return  # the pump was stopped after this read: the next poll reports it
@@ -324,10 +367,11 @@ class Channel:
             await self.execute(cmds)
 
     def _restored(self, status: PumpStatus) -> LinkRestored | None:
-        """The input for a pump answering after a lost link, or for the first time since the daemon started (None:
-        nothing to tell the core). A primed course gets the bore the pump reads back now (else the one verified)
-        and the range its driver reports for it: the pump may have been swapped or reconfigured meanwhile, and the
-        core checks the range again (SUP-19), from the logged range as at priming and at a syringe load."""
+        """The input for a pump answering after a lost link, for the first time since the daemon started, or on a
+        reopened transport (within the link timeout too: a reopen is a new connection; None: nothing to tell the
+        core). A primed course gets the bore the pump reads back now (else the one verified) and the range its
+        driver reports for it: the pump may have been swapped or reconfigured meanwhile, and the core checks the
+        range again (SUP-19), from the logged range as at priming and at a syringe load."""
         s, now = self.state, self.clock.now()
         if s.phase is Phase.IDLE and RANGE_CAUSES.intersection(s.alarm_causes):
             self._primed_for = None  # refused priming on this pump: prime again, the pump may be another one now

@@ -165,6 +165,11 @@ class HarvardDriver(PumpDriver):
     async def close(self) -> None:
         await self.transport.close()
 
+    @property
+    def transport_opens(self) -> int:
+        """The transport reopens its port by itself on the next request after an I/O error: counted there."""
+        return self.transport.opens
+
     def rate_range(self, diameter_mm: Decimal) -> tuple[Decimal, Decimal]:
         """(min, max) mL/h a Pump 11 Elite runs with this bore, at the driver's resolution (min up, max down)."""
         return ELITE11_PLUNGER.range_ml_per_h(diameter_mm, ELITE_RATE_RESOLUTION)

@@ -40,6 +40,9 @@ class SerialTransport:
         self._serial: serial.SerialBase | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self.sent: deque[bytes] = deque(maxlen=1024)  # recent requests (tests check what was never sent)
+        # Ports opened so far: at `open`, and again by a transaction after an I/O error closed the port
+        # (`PumpDriver.transport_opens`: the daemon checks the pump again on a reopened port).
+        self.opens = 0
 
     @property
     def is_open(self) -> bool:
@@ -97,6 +100,7 @@ class SerialTransport:
                 self.port_url, baudrate=self.baudrate, bytesize=8, parity="N", stopbits=1,
                 timeout=READ_SLICE_S, write_timeout=1.0, xonxoff=False,
             )
+            self.opens += 1
         except (serial.SerialException, OSError, termios.error, ValueError) as exc:
             raise DriverIOError(f"{self.port_url}: cannot open: {exc}") from None
 

@@ -131,6 +131,7 @@ class ModbusDriver(PumpDriver):
         self._client: AsyncModbusTcpClient | AsyncModbusSerialClient | None = None
         self._lock = asyncio.Lock()
         self._disconnects = 0  # bumped by the client's connection callback: tells a lost link from silence
+        self._opens = 0  # clients connected (`transport_opens`); the client never reconnects by itself
 
     # ---- transport -----------------------------------------------------------------------------------------
 
@@ -158,6 +159,7 @@ class ModbusDriver(PumpDriver):
             raise DriverIOError(f"{self.url.raw}: cannot connect: {exc}") from None
         if not ok:
             raise DriverIOError(f"{self.url.raw}: cannot connect")
+        self._opens += 1
         version = await self._read_value("map_version")
         if version != self.map.map_version:
             raise ProtocolError(
@@ -181,6 +183,10 @@ class ModbusDriver(PumpDriver):
             got = await self._read_value("watchdog_timeout")
             if got != deadman:
                 raise DriverError(f"watchdog read back {got} s after writing {deadman} s")
+
+    @property
+    def transport_opens(self) -> int:
+        return self._opens
 
     def definition_files(self) -> dict[str, str]:
         """The register map this driver reads the device through: its path and sha256, for the audit log."""

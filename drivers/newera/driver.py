@@ -224,6 +224,11 @@ class NewEraDriver(PumpDriver):
     async def close(self) -> None:
         await self.transport.close()
 
+    @property
+    def transport_opens(self) -> int:
+        """The transport reopens its port by itself on the next request after an I/O error: counted there."""
+        return self.transport.opens
+
     def rate_range(self, diameter_mm: Decimal) -> tuple[Decimal, Decimal]:
         """(min, max) mL/h an NE-1000/NE-500 runs with this syringe bore, at the pump's resolution (min rounded
         up, max down). The pump answers ``?OOR`` outside it; the drug library's per-syringe limits must lie

@@ -49,6 +49,9 @@ class SerialTransport:
         # reply): handed to this callback (from the I/O thread) before the next request is written.
         self.on_unsolicited: Callable[[Frame], None] | None = None
         self._partial = b""  # the start of a frame still arriving when the line was drained
+        # Ports opened so far: at `open`, and again by a transaction after an I/O error closed the port
+        # (`PumpDriver.transport_opens`: the daemon checks the pump again on a reopened port).
+        self.opens = 0
 
     @property
     def is_open(self) -> bool:
@@ -110,6 +113,7 @@ class SerialTransport:
                 timeout=READ_SLICE_S,
                 write_timeout=1.0,
             )
+            self.opens += 1
         except (serial.SerialException, OSError, termios.error, ValueError) as exc:
             raise DriverIOError(f"{self.port_url}: cannot open: {exc}") from None
 

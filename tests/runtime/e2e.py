@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import socket
 import tempfile
@@ -90,6 +91,8 @@ class Rig:
     endpoints: dict[str, Any] = field(default_factory=dict)  # pump -> newera Endpoint | ModbusEndpoint
     stopped: bool = False  # the daemon has stopped (its audit log is closed)
     config: DaemonConfig | None = None
+    links: dict[str, Path] = field(default_factory=dict)  # pump -> the symlink its URL names (serial_links)
+    stack: contextlib.AsyncExitStack | None = None  # what serves the simulators (replug adds to it)
 
     # ---- the pumps -----
 
@@ -101,6 +104,23 @@ class Rig:
 
     def channel(self, name: str) -> Channel:
         return self.daemon.channels[name]
+
+    async def replug(self, name: str) -> None:
+        """New Era over a PTY with `serial_links`: the line of `name` is pulled (its PTY hangs up) and plugged into a
+        new PTY serving the same simulated pump, which the pump's link (the path its URL names, as a udev
+        /dev/serial/by-id link does) now points to. The driver's open port fails at its next request; reopened, it
+        is the new PTY."""
+        from simulators.newera import serve_newera
+
+        assert self.stack is not None and name in self.links, "rig(..., serial_links=True) on newera-pty"
+        self.endpoints[name].hang_up()
+        ep = await self.stack.enter_async_context(serve_newera(self.model(name), self.faults(name), pty=True))
+        link = self.links[name]
+        fresh = link.with_name(link.name + ".new")
+        assert ep.device is not None
+        fresh.symlink_to(ep.device)
+        os.replace(fresh, link)  # atomically: the driver never finds no link
+        self.endpoints[name] = ep
 
     def wire_rates(self, name: str) -> list[Decimal]:
         """Every rate the simulated pump accepted, in order."""
@@ -214,9 +234,12 @@ def build_world(clock: VirtualClock, transport: str, names: Iterable[str], fill_
 
 
 async def _serve(stack: contextlib.AsyncExitStack, transport: str, world: World, names: list[str],
-                 dead: set[str]) -> tuple[dict[str, str], dict[str, Any]]:
+                 dead: set[str], links: dict[str, Path] | None = None) -> tuple[dict[str, str], dict[str, Any]]:
+    """`links` (newera-pty only; pump -> a path): each pump's URL names that path, a symlink to its PTY."""
     urls: dict[str, str] = {}
     endpoints: dict[str, Any] = {}
+    if links and transport != "newera-pty":
+        raise ValueError("serial links are for newera-pty")
     live = [n for n in names if n not in dead]
     if transport.startswith("newera"):
         from simulators.newera import serve_newera
@@ -227,6 +250,10 @@ async def _serve(stack: contextlib.AsyncExitStack, transport: str, world: World,
             else:
                 ep = await stack.enter_async_context(serve_newera(world.pump(n), world.faults(n), tcp_port=0))
             urls[n], endpoints[n] = ep.url, ep
+            if links is not None and n in links:
+                assert ep.device is not None
+                links[n].symlink_to(ep.device)
+                urls[n] = ep.url.replace(ep.device, str(links[n]), 1)
         for n in dead:
             urls[n] = f"newera+socket://127.0.0.1:{closed_port()}?address=0"
     elif transport == "modbus-tcp":
@@ -259,8 +286,10 @@ async def rig(
     hl7: Any = None,
     protocol: Path | None = None,
     url_params: str = "",
+    serial_links: bool = False,
 ) -> AsyncIterator[Rig]:
-    """`protocol`: a drug library other than the shipped one; `url_params`: appended to every pump URL (`&k=v`)."""
+    """`protocol`: a drug library other than the shipped one; `url_params`: appended to every pump URL (`&k=v`);
+    `serial_links` (newera-pty): each pump's URL names a symlink to its PTY, for `Rig.replug`."""
     names = list(names)
     dead_set = set(dead)
     sock_dir = Path(tempfile.mkdtemp(prefix="dde2e", dir="/tmp"))  # short: Unix socket paths are <= 107 bytes
@@ -271,7 +300,8 @@ async def rig(
     key, pub = generate_keypair(work / "keys", "audit")
     try:
         async with contextlib.AsyncExitStack() as stack:
-            urls, endpoints = await _serve(stack, transport, world, names, dead_set)
+            links = {n: work / f"tty-{n}" for n in names} if serial_links else None
+            urls, endpoints = await _serve(stack, transport, world, names, dead_set, links)
             config = DaemonConfig(
                 path=work / "driverd.toml", sha256="e2e",
                 protocol=protocol or CONFIG_DIR / "protocols" / "ketamine-burst.toml",
@@ -293,7 +323,7 @@ async def rig(
                     await server.start()
                 the_rig = Rig(clock, world, daemon, transport, names, timedelta(seconds=timing.poll_s),
                               config.audit_dir, pub, config.control_socket if control else None, endpoints,
-                              config=config)
+                              config=config, links=links or {}, stack=stack)
                 yield the_rig
             finally:
                 clock.unregister()
